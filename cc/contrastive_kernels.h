@@ -1,0 +1,44 @@
+// Kernel entry points on raw pointers. No TensorFlow types: the TF OpKernels,
+// the pybind11 module and the benchmarks all call these same functions.
+#ifndef FUSED_CONTRASTIVE_CONTRASTIVE_KERNELS_H_
+#define FUSED_CONTRASTIVE_CONTRASTIVE_KERNELS_H_
+
+#include <cmath>
+#include <cstdint>
+#include <functional>
+
+#include "dtypes.h"
+
+namespace fused_contrastive {
+
+// Per-element cost of a kernel, the unit TensorFlow's and Eigen's thread pools
+// use to decide how many shards are worth their overhead (small inputs stay on
+// the calling thread).
+struct ElementCost {
+  double bytes_loaded;
+  double bytes_stored;
+  double compute_cycles;
+};
+
+// Calls work(begin, end) on disjoint ranges covering [0, n), possibly in
+// parallel, and returns when all are done. Each caller brings its own pool.
+using ShardFn = std::function<void(int64_t begin, int64_t end)>;
+using ParallelFor = std::function<void(int64_t n, const ElementCost& cost, const ShardFn& work)>;
+
+// Margins the loss is defined for (every entry point checks the same rule).
+inline bool IsValidMargin(double margin) { return std::isfinite(margin) && margin >= 0; }
+
+// Runs everything on the calling thread.
+void SerialFor(int64_t n, const ElementCost& cost, const ShardFn& work);
+
+// One pass over n labels and distances writes the per-sample loss and
+// d(loss)/d(distance), both of the distance dtype. loss/grad may alias
+// distances/labels when the element types match: each element is read before
+// it is written. Returns false (and does nothing) for an unsupported dtype pair.
+bool ContrastiveLossCpu(DType label_type, DType distance_type, const void* labels,
+                        const void* distances, int64_t n, double margin, void* loss, void* grad,
+                        const ParallelFor& parallel_for);
+
+}  // namespace fused_contrastive
+
+#endif  // FUSED_CONTRASTIVE_CONTRASTIVE_KERNELS_H_

@@ -1,0 +1,128 @@
+"""Loads the compiled op library (or the reference fallback) and registers the
+op's gradient. Imported once, by the package."""
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import tensorflow as tf
+
+from fused_contrastive import reference
+
+OP_NAME = "FusedContrastive>ContrastiveLoss"
+USE_REFERENCE_ENV = "FUSED_CONTRASTIVE_USE_REFERENCE"
+_PACKAGE_DIR = Path(__file__).resolve().parent
+_LIBRARY_NAME = "_fused_contrastive_ops.so"
+
+
+def _read_build_info():
+    path = _PACKAGE_DIR / "_build_info.json"
+    if not path.exists():
+        return None
+    return json.loads(path.read_text())
+
+
+def rebuild_command(source_dir):
+    return f"pip install --force-reinstall --no-deps --no-build-isolation {source_dir}"
+
+
+def check_tensorflow_version(built, installed, source_dir):
+    """Raises ImportError when the library was built against another TensorFlow:
+    custom-op libraries have no stable ABI across TensorFlow releases."""
+    if built != installed:
+        raise ImportError(
+            f"fused_contrastive was built against TensorFlow {built}, but TensorFlow "
+            f"{installed} is installed. Rebuild it with: {rebuild_command(source_dir)}  "
+            f"(or set {USE_REFERENCE_ENV}=1 to use the slower pure-TensorFlow implementation)")
+
+
+def _env_flag(name):
+    return os.environ.get(name, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def _load():
+    if _env_flag(USE_REFERENCE_ENV):
+        warnings.warn(
+            f"{USE_REFERENCE_ENV} is set: fused_contrastive uses its pure-TensorFlow "
+            "implementation instead of the compiled op (same results, slower).",
+            RuntimeWarning, stacklevel=3)
+        return None
+    info = _read_build_info()
+    if info is None or not (_PACKAGE_DIR / _LIBRARY_NAME).exists():
+        raise ImportError(
+            f"fused_contrastive's compiled op library is missing from {_PACKAGE_DIR}. Install the "
+            f"package with 'pip install .' from its source tree (or set {USE_REFERENCE_ENV}=1 to "
+            "use the pure-TensorFlow implementation)")
+    check_tensorflow_version(info["tensorflow_version"], tf.__version__, info["source_dir"])
+    return tf.load_op_library(str(_PACKAGE_DIR / _LIBRARY_NAME))
+
+
+_library = _load()
+
+
+def using_reference():
+    """True when the pure-TensorFlow fallback is in use instead of the compiled op."""
+    return _library is None
+
+
+def build_info():
+    """How the compiled library was built (TensorFlow version, compiler, CUDA)."""
+    info = dict(_read_build_info() or {})
+    info["using_reference"] = using_reference()
+    return info
+
+
+_margin_cache = {}
+
+
+def _margin_tensor(margin):
+    if tf.is_tensor(margin):
+        return margin
+    if not tf.executing_eagerly():
+        return tf.constant(margin, tf.float64)  # a Const node in the graph
+    # Eager calls reuse one host tensor per margin instead of building one per step.
+    tensor = _margin_cache.get(margin)
+    if tensor is None:
+        with tf.device("/cpu:0"):
+            tensor = _margin_cache[margin] = tf.constant(margin, tf.float64)
+    return tensor
+
+
+def loss_and_grad(labels, distances, margin):
+    """Runs the fused op on prepared inputs: (per-sample loss, d(loss)/d(distance))."""
+    return _library.fused_contrastive_contrastive_loss(labels, distances, _margin_tensor(margin))
+
+
+def _is_known_zero(grad):
+    """True when a gradient is the zero tensor TensorFlow's tape makes up for an
+    op output nothing depends on.
+
+    The tape fills unconnected outputs with zeros instead of passing None (a
+    list of exempt ops is compiled into TensorFlow), so without this check every
+    first-order backward pass would also compute the second-order term.
+    """
+    if grad is None:
+        return True
+    if tf.executing_eagerly():
+        return not bool(tf.reduce_any(tf.not_equal(grad, 0)))
+    if grad.op.type == "ZerosLike":
+        return True
+    if grad.op.type == "Fill":  # zeros of a shape known only at run time
+        value = tf.get_static_value(grad.op.inputs[1])
+        return value is not None and value == 0
+    value = tf.get_static_value(grad)  # small zeros are a Const
+    return value is not None and not value.any()
+
+
+@tf.RegisterGradient(OP_NAME)
+def _contrastive_loss_grad(op, grad_loss, grad_dloss):
+    # First order reuses the derivative the forward pass saved. A gradient
+    # flowing into that derivative output (second-order autodiff, e.g. a
+    # Hessian) needs d2(loss)/d(distance)2, which only then touches the inputs.
+    labels, distances, margin = op.inputs
+    grad = grad_loss * op.outputs[1]
+    if not _is_known_zero(grad_dloss):
+        grad += grad_dloss * reference.reference_second_derivative(labels, distances, margin)
+    # Labels and margin get no gradient (as documented in README).
+    return [None, grad, None]

@@ -1,0 +1,67 @@
+"""The public loss: a function and a Keras 3 Loss class."""
+
+import keras
+import tensorflow as tf
+
+from fused_contrastive import _ops
+from fused_contrastive._inputs import prepare_inputs, validate_margin
+from fused_contrastive.reference import reference_loss
+
+
+def contrastive_loss(y_true, y_pred, margin=1.0):
+    """Per-sample contrastive loss `y*d^2 + (1-y)*max(margin-d, 0)^2`.
+
+    Args:
+      y_true: labels, 1 for similar pairs and 0 for dissimilar ones (bool, int32,
+        int64 or float; soft labels in [0, 1] are used linearly).
+      y_pred: distances between the two embeddings of each pair (float16,
+        bfloat16, float32 or float64), the same shape as `y_true`. A trailing
+        axis of size 1 on either side is squeezed, so a model's [B, 1] output
+        pairs with [B] labels.
+      margin: non-negative, finite number (or scalar tensor) that dissimilar
+        pairs should exceed.
+
+    Returns:
+      The per-sample loss, with the shape and dtype of `y_pred`. Its gradient
+      flows to `y_pred` only; labels and margin get none.
+    """
+    margin = validate_margin(margin)
+    labels, distances = prepare_inputs(y_true, y_pred)
+    if _ops.using_reference():
+        return reference_loss(labels, distances, margin)
+    loss, _ = _ops.loss_and_grad(labels, distances, margin)
+    return loss
+
+
+@keras.saving.register_keras_serializable(package="fused_contrastive")
+class ContrastiveLoss(keras.losses.Loss):
+    """Contrastive loss (Hadsell, Chopra & LeCun 2006) as a Keras 3 loss.
+
+    A drop-in for `tfa.losses.ContrastiveLoss`: `y_true` are pair labels (1 =
+    similar), `y_pred` the distances between the pair's embeddings.
+
+    Args:
+      margin: non-negative, finite number; dissimilar pairs closer than it are
+        penalised.
+      reduction: any Keras 3 reduction: "sum_over_batch_size" (default), "sum",
+        "mean", "mean_with_sample_weight", "none" or None.
+      name: name of the loss.
+      dtype: dtype the loss computes in; defaults to `keras.backend.floatx()`.
+    """
+
+    def __init__(self, margin=1.0, reduction="sum_over_batch_size", name="contrastive_loss",
+                 dtype=None):
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        margin = validate_margin(margin)
+        if tf.is_tensor(margin):
+            raise TypeError("ContrastiveLoss needs a number margin (it is saved in the config); "
+                            "use fused_contrastive.contrastive_loss for tensor margins")
+        self.margin = margin
+
+    def call(self, y_true, y_pred):
+        return contrastive_loss(y_true, y_pred, self.margin)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(margin=self.margin, dtype=self._dtype_policy.name)
+        return config

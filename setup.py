@@ -1,0 +1,78 @@
+"""Builds the op library and the pybind11 kernel module with CMake.
+
+`pip install .` and `pip install -e .` both run CMake against the TensorFlow of
+the Python doing the build; the wheel then requires exactly that TensorFlow.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = Path(__file__).resolve().parent
+VERSION = re.search(r'^__version__ = "([^"]+)"$',
+                    (ROOT / "python/fused_contrastive/__init__.py").read_text(), re.M).group(1)
+
+
+def tensorflow_requirement():
+    try:
+        return f"tensorflow=={metadata.version('tensorflow')}"
+    except metadata.PackageNotFoundError:
+        return "tensorflow>=2.16"
+
+
+def cmake_executable():
+    found = shutil.which("cmake")
+    if found:
+        return found
+    import cmake  # the PyPI package, when its script is not on PATH
+    return str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
+
+
+# What CMake writes beside the pybind11 module (see CMakeLists.txt).
+CMAKE_OUTPUTS = ("_fused_contrastive_ops.so", "_build_info.json")
+
+
+class CMakeBuild(build_ext):
+    def build_extension(self, ext):
+        # Everything CMake builds lands next to the pybind11 module; for an
+        # editable install that is python/fused_contrastive itself.
+        out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
+        build_dir = Path(self.build_temp).resolve() / "cmake"
+        build_dir.mkdir(parents=True, exist_ok=True)
+        configure = [cmake_executable(), "-S", str(ROOT), "-B", str(build_dir),
+                     f"-DPython3_EXECUTABLE={sys.executable}", f"-DFC_OUTPUT_DIR={out_dir}",
+                     "-DCMAKE_BUILD_TYPE=Release"]
+        configure += os.environ.get("FUSED_CONTRASTIVE_CMAKE_ARGS", "").split()
+        subprocess.run(configure, check=True)
+        jobs = str(os.cpu_count() or 2)
+        subprocess.run([cmake_executable(), "--build", str(build_dir), "-j", jobs], check=True)
+        if self.inplace or getattr(self, "editable_mode", False):
+            # setuptools copies only the declared extension into the source
+            # tree; the op library and build info must sit beside it.
+            for name in CMAKE_OUTPUTS:
+                shutil.copy2(out_dir / name, ROOT / "python/fused_contrastive" / name)
+
+
+setup(
+    name="fused-contrastive",
+    version=VERSION,
+    description="Fused contrastive loss for TensorFlow and Keras 3: one compiled pass for "
+                "loss and gradient on CPU and GPU",
+    long_description=(ROOT / "README.md").read_text(),
+    long_description_content_type="text/markdown",
+    package_dir={"": "python"},
+    packages=find_packages("python"),
+    ext_modules=[Extension("fused_contrastive._kernels", sources=[])],
+    cmdclass={"build_ext": CMakeBuild},
+    python_requires=">=3.9",
+    install_requires=[tensorflow_requirement(), "numpy"],
+    extras_require={"test": ["pytest>=7"]},
+    zip_safe=False,
+)
