@@ -39,6 +39,20 @@ bool ContrastiveLossCpu(DType label_type, DType distance_type, const void* label
                         const void* distances, int64_t n, double margin, void* loss, void* grad,
                         const ParallelFor& parallel_for);
 
+// Outcome of a GPU launch: error is null on success, else CUDA's message
+// (static storage, never freed).
+struct GpuStatus {
+  const char* error = nullptr;
+  bool ok() const { return error == nullptr; }
+};
+
+// The same computation as ContrastiveLossCpu on device pointers, enqueued on
+// `stream` (a cudaStream_t; null is the legacy default stream). Returns after
+// the launch, not after the kernel. Only in builds with CUDA.
+GpuStatus ContrastiveLossGpu(DType label_type, DType distance_type, const void* labels,
+                             const void* distances, int64_t n, double margin, void* loss,
+                             void* grad, void* stream);
+
 }  // namespace fused_contrastive
 
 #endif  // FUSED_CONTRASTIVE_CONTRASTIVE_KERNELS_H_

@@ -1,8 +1,12 @@
 // TensorFlow glue: the op definition, and an OpKernel that only validates,
 // allocates and dispatches to the raw-pointer kernels.
 
-// Eigen's ThreadPoolDevice (the op's intra-op pool) is only declared with this.
+// Eigen's ThreadPoolDevice (the op's intra-op pool) and GpuDevice (its CUDA
+// stream) are only declared with these.
 #define EIGEN_USE_THREADS
+#if FC_WITH_CUDA
+#define EIGEN_USE_GPU
+#endif
 
 #include "absl/strings/str_cat.h"
 #include "contrastive_kernels.h"
@@ -95,13 +99,20 @@ derivative with respect to the distances d, from one pass over the inputs.
 Labels are used linearly (soft labels in [0, 1] work) and get no gradient.
 )doc");
 
+absl::Status UnsupportedPair(DataType labels, DataType distances) {
+  return absl::InvalidArgumentError(absl::StrCat(
+      "contrastive loss: unsupported dtypes labels=", tensorflow::DataTypeString(labels),
+      " distances=", tensorflow::DataTypeString(distances)));
+}
+
 template <typename Device>
 struct LaunchContrastiveLoss;
 
 template <>
 struct LaunchContrastiveLoss<Eigen::ThreadPoolDevice> {
-  static bool Run(OpKernelContext* ctx, DType label_type, DType distance_type, const void* labels,
-                  const void* distances, int64_t n, double margin, void* loss, void* grad) {
+  static absl::Status Run(OpKernelContext* ctx, DType label_type, DType distance_type,
+                          const void* labels, const void* distances, int64_t n, double margin,
+                          void* loss, void* grad) {
     const Eigen::ThreadPoolDevice& device = ctx->eigen_cpu_device();
     const ParallelFor pool = [&device](int64_t size, const ElementCost& cost, const ShardFn& work) {
       device.parallelFor(size,
@@ -109,10 +120,31 @@ struct LaunchContrastiveLoss<Eigen::ThreadPoolDevice> {
                                              cost.compute_cycles),
                          [&work](Eigen::Index begin, Eigen::Index end) { work(begin, end); });
     };
-    return ContrastiveLossCpu(label_type, distance_type, labels, distances, n, margin, loss, grad,
-                              pool);
+    if (!ContrastiveLossCpu(label_type, distance_type, labels, distances, n, margin, loss, grad,
+                            pool)) {
+      return UnsupportedPair(ToTf(label_type), ToTf(distance_type));
+    }
+    return absl::OkStatus();
   }
 };
+
+#if FC_WITH_CUDA
+template <>
+struct LaunchContrastiveLoss<Eigen::GpuDevice> {
+  static absl::Status Run(OpKernelContext* ctx, DType label_type, DType distance_type,
+                          const void* labels, const void* distances, int64_t n, double margin,
+                          void* loss, void* grad) {
+    const GpuStatus status =
+        ContrastiveLossGpu(label_type, distance_type, labels, distances, n, margin, loss, grad,
+                           ctx->eigen_gpu_device().stream());
+    if (!status.ok()) {
+      return absl::InternalError(
+          absl::StrCat("contrastive loss: CUDA kernel launch failed: ", status.error));
+    }
+    return absl::OkStatus();
+  }
+};
+#endif
 
 template <typename Device>
 class ContrastiveLossOp : public OpKernel {
@@ -128,7 +160,7 @@ class ContrastiveLossOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ReadMargin(ctx->input(2), &margin));
     DType label_type, distance_type;
     OP_REQUIRES(ctx, FromTf(labels.dtype(), &label_type) && FromTf(distances.dtype(), &distance_type),
-                absl::InvalidArgumentError("contrastive loss: unsupported dtype"));
+                UnsupportedPair(labels.dtype(), distances.dtype()));
 
     // Reuse an input buffer for an output when nothing else holds it.
     Tensor* loss = nullptr;
@@ -136,15 +168,10 @@ class ContrastiveLossOp : public OpKernel {
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({1}, 0, distances.shape(), &loss));
     OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 1, distances.shape(), &grad));
 
-    const bool ok = LaunchContrastiveLoss<Device>::Run(
-        ctx, label_type, distance_type, labels.data(), distances.data(), distances.NumElements(),
-        margin, loss->data(), grad->data());
-    OP_REQUIRES(ctx, ok,
-                absl::InvalidArgumentError(absl::StrCat(
-                    "contrastive loss: unsupported dtypes labels=", DTypeName(label_type),
-                    " distances=", DTypeName(distance_type))));
+    OP_REQUIRES_OK(ctx, LaunchContrastiveLoss<Device>::Run(
+                            ctx, label_type, distance_type, labels.data(), distances.data(),
+                            distances.NumElements(), margin, loss->data(), grad->data()));
   }
-
 };
 
 // One kernel class serves every dtype pair; registering each pair explicitly
@@ -168,7 +195,12 @@ void RegisterKernels(const char* device_type) {
   }
 }
 
-static const bool kCpuKernelsRegistered =
-    (RegisterKernels<Eigen::ThreadPoolDevice>(tensorflow::DEVICE_CPU), true);
+static const bool kKernelsRegistered = [] {
+  RegisterKernels<Eigen::ThreadPoolDevice>(tensorflow::DEVICE_CPU);
+#if FC_WITH_CUDA
+  RegisterKernels<Eigen::GpuDevice>(tensorflow::DEVICE_GPU);
+#endif
+  return true;
+}();
 
 }  // namespace fused_contrastive
