@@ -73,6 +73,9 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.9",
     install_requires=[tensorflow_requirement(), "numpy"],
-    extras_require={"test": ["pytest>=7"]},
+    # cmake and pybind11 rebuild variants in the tests; cuobjdump reads the
+    # device code of CUDA builds.
+    extras_require={"test": ["pytest>=7", "cmake>=3.18", "pybind11>=2.10",
+                             "nvidia-cuda-cuobjdump; platform_system == 'Linux'"]},
     zip_safe=False,
 )

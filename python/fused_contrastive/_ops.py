@@ -12,12 +12,20 @@ from fused_contrastive import reference
 
 OP_NAME = "FusedContrastive>ContrastiveLoss"
 USE_REFERENCE_ENV = "FUSED_CONTRASTIVE_USE_REFERENCE"
-_PACKAGE_DIR = Path(__file__).resolve().parent
-_LIBRARY_NAME = "_fused_contrastive_ops.so"
+# Another build of the op library to load instead of the packaged one (a CMake
+# build directory's copy, the Bazel-built one); its _build_info.json sits beside it.
+LIBRARY_ENV = "FUSED_CONTRASTIVE_LIBRARY"
+
+
+def _library_path():
+    override = os.environ.get(LIBRARY_ENV)
+    if override:
+        return Path(override).resolve()
+    return Path(__file__).resolve().parent / "_fused_contrastive_ops.so"
 
 
 def _read_build_info():
-    path = _PACKAGE_DIR / "_build_info.json"
+    path = _library_path().parent / "_build_info.json"
     if not path.exists():
         return None
     return json.loads(path.read_text())
@@ -48,14 +56,15 @@ def _load():
             "implementation instead of the compiled op (same results, slower).",
             RuntimeWarning, stacklevel=3)
         return None
+    path = _library_path()
     info = _read_build_info()
-    if info is None or not (_PACKAGE_DIR / _LIBRARY_NAME).exists():
+    if info is None or not path.exists():
         raise ImportError(
-            f"fused_contrastive's compiled op library is missing from {_PACKAGE_DIR}. Install the "
-            f"package with 'pip install .' from its source tree (or set {USE_REFERENCE_ENV}=1 to "
-            "use the pure-TensorFlow implementation)")
+            f"fused_contrastive's compiled op library or its _build_info.json is missing: {path}. "
+            "Install the package with 'pip install .' from its source tree (or set "
+            f"{USE_REFERENCE_ENV}=1 to use the pure-TensorFlow implementation)")
     check_tensorflow_version(info["tensorflow_version"], tf.__version__, info["source_dir"])
-    return tf.load_op_library(str(_PACKAGE_DIR / _LIBRARY_NAME))
+    return tf.load_op_library(str(path))
 
 
 _library = _load()
@@ -67,8 +76,10 @@ def using_reference():
 
 
 def build_info():
-    """How the compiled library was built (TensorFlow version, compiler, CUDA)."""
+    """How the compiled library was built (TensorFlow version, compilers, CUDA
+    architectures), where it was loaded from, and whether the fallback is in use."""
     info = dict(_read_build_info() or {})
+    info["library"] = None if using_reference() else str(_library_path())
     info["using_reference"] = using_reference()
     return info
 

@@ -1,0 +1,102 @@
+"""How the library was built: CUDA kernels registered and compiled for the right
+GPUs, and a CPU-only build that loads and passes the core tests."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tensorflow as tf
+from tensorflow.core.framework import types_pb2
+from tensorflow.python.framework import kernels
+
+import fused_contrastive
+from fused_contrastive import _ops
+
+ROOT = Path(__file__).resolve().parents[1]
+ALL_PAIRS = {(label, distance)
+             for label in ("DT_BOOL", "DT_INT32", "DT_INT64", "DT_HALF", "DT_BFLOAT16", "DT_FLOAT",
+                           "DT_DOUBLE")
+             for distance in ("DT_HALF", "DT_BFLOAT16", "DT_FLOAT", "DT_DOUBLE")}
+
+
+def registered_pairs(device_type):
+    """(labels dtype, distances dtype) of every kernel TensorFlow has for the op."""
+    pairs = set()
+    for kernel in kernels.get_registered_kernels_for_op(_ops.OP_NAME).kernel:
+        if kernel.device_type == device_type:
+            assert list(kernel.host_memory_arg) == ["margin"]
+            types = {c.name: types_pb2.DataType.Name(c.allowed_values.list.type[0])
+                     for c in kernel.constraint}
+            pairs.add((types["Tlabels"], types["T"]))
+    return pairs
+
+
+def test_cpu_kernels_for_every_dtype_pair():
+    assert registered_pairs("CPU") == ALL_PAIRS
+
+
+def test_gpu_kernels_exactly_when_built_with_cuda():
+    expected = ALL_PAIRS if fused_contrastive.build_info()["cuda"] else set()
+    assert registered_pairs("GPU") == expected
+
+
+def _cuobjdump():
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    import nvidia  # PyPI's nvidia-cuda-cuobjdump, a test dependency
+    return str(Path(list(nvidia.__path__)[0]) / "cu13" / "bin" / "cuobjdump")
+
+
+def test_device_code_matches_the_recorded_architectures():
+    info = fused_contrastive.build_info()
+    library = info["library"]
+    if not info["cuda"]:
+        sections = subprocess.run(["readelf", "-S", library], capture_output=True, text=True,
+                                  check=True).stdout
+        assert ".nv_fatbin" not in sections
+        return
+    assert info["cuda_architectures"] == "80-real,90"
+    elf = subprocess.run([_cuobjdump(), "--list-elf", library], capture_output=True, text=True,
+                         check=True).stdout
+    ptx = subprocess.run([_cuobjdump(), "--list-ptx", library], capture_output=True, text=True,
+                         check=True).stdout
+    assert "sm_80.cubin" in elf and "sm_90.cubin" in elf
+    assert "sm_90.ptx" in ptx  # compute_90 PTX for GPUs newer than sm_90
+
+
+def run_core_tests_against(library, tmp_path):
+    """Runs the op's core tests in a fresh process that loads `library`."""
+    env = {**os.environ, _ops.LIBRARY_ENV: str(library)}
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "--rootdir", str(tmp_path), str(ROOT / "tests/test_op.py"),
+         str(ROOT / "tests/test_tfa_cases.py")],
+        capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+
+
+def test_cpu_only_build_loads_and_passes_core_tests(tmp_path):
+    out = tmp_path / "out"
+    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path / "build"),
+                    f"-DPython3_EXECUTABLE={sys.executable}", f"-DFC_OUTPUT_DIR={out}",
+                    "-DFC_CUDA=OFF"], check=True, capture_output=True)
+    subprocess.run(["cmake", "--build", str(tmp_path / "build"), "-j", "2",
+                    "--target", "_fused_contrastive_ops"], check=True, capture_output=True)
+    info = json.loads((out / "_build_info.json").read_text())
+    assert info["cuda"] is False and info["tensorflow_version"] == tf.__version__
+    check = subprocess.run(
+        [sys.executable, "-c", "import fused_contrastive as fc; "
+         "from tensorflow.python.framework import kernels; "
+         "ks = kernels.get_registered_kernels_for_op('FusedContrastive>ContrastiveLoss').kernel; "
+         "assert not any(k.device_type == 'GPU' for k in ks); print(fc.build_info()['library'])"],
+        capture_output=True, text=True,
+        env={**os.environ, _ops.LIBRARY_ENV: str(out / "_fused_contrastive_ops.so")})
+    assert check.returncode == 0, check.stderr
+    assert check.stdout.strip().endswith(str(out / "_fused_contrastive_ops.so"))
+    result = run_core_tests_against(out / "_fused_contrastive_ops.so", tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert " passed" in result.stdout and "failed" not in result.stdout
