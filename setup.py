@@ -39,6 +39,19 @@ def cmake_executable():
 CMAKE_OUTPUTS = ("_fused_contrastive_ops.so", "_build_info.json")
 
 
+def cmake_args_from_environment():
+    """FUSED_CONTRASTIVE_CUDA=auto|on|off, FUSED_CONTRASTIVE_CUDA_ARCHS=<CMake list>,
+    FUSED_CONTRASTIVE_CMAKE_ARGS=<anything else for CMake> (see README)."""
+    args = []
+    cuda = os.environ.get("FUSED_CONTRASTIVE_CUDA", "auto").strip().upper()
+    if cuda not in ("AUTO", "ON", "OFF", "1", "0"):
+        raise SystemExit(f"FUSED_CONTRASTIVE_CUDA must be auto, on or off, got {cuda!r}")
+    args.append("-DFC_CUDA=" + {"1": "ON", "0": "OFF"}.get(cuda, cuda))
+    if os.environ.get("FUSED_CONTRASTIVE_CUDA_ARCHS"):
+        args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['FUSED_CONTRASTIVE_CUDA_ARCHS']}")
+    return args + os.environ.get("FUSED_CONTRASTIVE_CMAKE_ARGS", "").split()
+
+
 class CMakeBuild(build_ext):
     def build_extension(self, ext):
         # Everything CMake builds lands next to the pybind11 module; for an
@@ -49,7 +62,7 @@ class CMakeBuild(build_ext):
         configure = [cmake_executable(), "-S", str(ROOT), "-B", str(build_dir),
                      f"-DPython3_EXECUTABLE={sys.executable}", f"-DFC_OUTPUT_DIR={out_dir}",
                      "-DCMAKE_BUILD_TYPE=Release"]
-        configure += os.environ.get("FUSED_CONTRASTIVE_CMAKE_ARGS", "").split()
+        configure += cmake_args_from_environment()
         subprocess.run(configure, check=True)
         jobs = str(os.cpu_count() or 2)
         subprocess.run([cmake_executable(), "--build", str(build_dir), "-j", jobs], check=True)
