@@ -10,6 +10,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "contrastive_kernels.h"
+#include "tf_dtypes.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
@@ -23,31 +24,6 @@ using ::tensorflow::OpKernel;
 using ::tensorflow::OpKernelConstruction;
 using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
-
-constexpr char kOpName[] = "FusedContrastive>ContrastiveLoss";
-
-DataType ToTf(DType t) {
-  switch (t) {
-    case DType::kBool: return tensorflow::DT_BOOL;
-    case DType::kInt32: return tensorflow::DT_INT32;
-    case DType::kInt64: return tensorflow::DT_INT64;
-    case DType::kFloat16: return tensorflow::DT_HALF;
-    case DType::kBFloat16: return tensorflow::DT_BFLOAT16;
-    case DType::kFloat32: return tensorflow::DT_FLOAT;
-    case DType::kFloat64: return tensorflow::DT_DOUBLE;
-  }
-  return tensorflow::DT_INVALID;
-}
-
-bool FromTf(DataType tf_type, DType* out) {
-  for (DType t : kAllDTypes) {
-    if (ToTf(t) == tf_type) {
-      *out = t;
-      return true;
-    }
-  }
-  return false;
-}
 
 absl::Status ShapeMismatch(const std::string& labels, const std::string& distances) {
   return absl::InvalidArgumentError(absl::StrCat(
@@ -74,7 +50,7 @@ absl::Status ReadMargin(const Tensor& t, double* margin) {
 
 }  // namespace
 
-REGISTER_OP("FusedContrastive>ContrastiveLoss")
+REGISTER_OP(kOpName)
     .Input("labels: Tlabels")
     .Input("distances: T")
     .Input("margin: double")

@@ -1,0 +1,2 @@
+// See highwayhash.h in this directory.
+#include "highwayhash/highwayhash.h"
