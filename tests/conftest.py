@@ -1,4 +1,7 @@
 import os
+import subprocess
+import sys
+import textwrap
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -32,3 +35,9 @@ def random_labels(rng, shape, dtype):
 
 def random_distances(rng, shape, dtype, high=2.0):
     return tf.cast(tf.constant(rng.uniform(0.0, high, size=shape)), dtype)
+
+
+def run_python(code, timeout=600, **env):
+    """Runs `code` in a fresh Python process with extra environment variables."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
+                          text=True, env={**os.environ, **env}, timeout=timeout)

@@ -1,15 +1,10 @@
 """Build metadata, the version guard, the reference fallback and the pybind11 kernels."""
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import DISTANCE_DTYPES, LABEL_DTYPES, random_distances, random_labels
+from conftest import DISTANCE_DTYPES, LABEL_DTYPES, random_distances, random_labels, run_python
 
 import fused_contrastive
 from fused_contrastive import _kernels, _ops, contrastive_loss
@@ -33,13 +28,8 @@ def test_tensorflow_mismatch_names_both_versions_and_the_fix():
     _ops.check_tensorflow_version("2.21.0", "2.21.0", "/src")  # a match passes
 
 
-def _run_python(code, **env):
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env={**os.environ, **env}, timeout=300)
-
-
 def test_reference_fallback_by_environment_variable():
-    result = _run_python("""
+    result = run_python("""
         import warnings
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

@@ -1,13 +1,9 @@
 """XLA: the op lowers to HLO (no fallback), under tf.function and Keras."""
 
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import DISTANCE_DTYPES, LABEL_DTYPES, random_distances, random_labels
+from conftest import DISTANCE_DTYPES, LABEL_DTYPES, random_distances, random_labels, run_python
 
 import keras
 from fused_contrastive import ContrastiveLoss, contrastive_loss
@@ -74,7 +70,7 @@ def test_keras_trains_with_jit_compile(rng, jit_compile):
 def test_xla_works_when_imported_after_the_first_xla_compilation():
     # TensorFlow builds its XLA kernel table at the first compilation; the
     # library registers itself late in that case.
-    code = textwrap.dedent("""
+    result = run_python("""
         import tensorflow as tf
         tf.function(lambda x: x * 2, jit_compile=True)(tf.constant(1.0))
         import fused_contrastive as fc
@@ -82,7 +78,5 @@ def test_xla_works_when_imported_after_the_first_xla_compilation():
         print(float(f(tf.constant([0., 0., 1., 1., 0., 1.]),
                       tf.constant([0.1, 0.3, 1.3, 0.7, 1.1, 0.5]))))
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert abs(float(result.stdout.split()[-1]) - 3.73) < 1e-5

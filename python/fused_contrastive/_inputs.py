@@ -31,6 +31,15 @@ def validate_margin(margin):
     return margin
 
 
+def number_margin(margin, owner):
+    """validate_margin for a margin that must be a number (it is saved in a config)."""
+    margin = validate_margin(margin)
+    if tf.is_tensor(margin):
+        raise TypeError(f"{owner} needs a number margin (it is saved in its config); use "
+                        "fused_contrastive.contrastive_loss for tensor margins")
+    return margin
+
+
 def _squeeze_last(x):
     return tf.squeeze(x, axis=-1)
 

@@ -1,10 +1,9 @@
 """The public loss: a function and a Keras 3 Loss class."""
 
 import keras
-import tensorflow as tf
 
 from fused_contrastive import _ops
-from fused_contrastive._inputs import prepare_inputs, validate_margin
+from fused_contrastive._inputs import number_margin, prepare_inputs, validate_margin
 from fused_contrastive.reference import reference_loss
 
 
@@ -44,19 +43,18 @@ class ContrastiveLoss(keras.losses.Loss):
       margin: non-negative, finite number; dissimilar pairs closer than it are
         penalised.
       reduction: any Keras 3 reduction: "sum_over_batch_size" (default), "sum",
-        "mean", "mean_with_sample_weight", "none" or None.
+        "mean", "mean_with_sample_weight", "none" or None. Keras 2's "auto" (what
+        TF Addons code may pass) means "sum_over_batch_size".
       name: name of the loss.
       dtype: dtype the loss computes in; defaults to `keras.backend.floatx()`.
     """
 
     def __init__(self, margin=1.0, reduction="sum_over_batch_size", name="contrastive_loss",
                  dtype=None):
+        if reduction == "auto":
+            reduction = "sum_over_batch_size"
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        margin = validate_margin(margin)
-        if tf.is_tensor(margin):
-            raise TypeError("ContrastiveLoss needs a number margin (it is saved in the config); "
-                            "use fused_contrastive.contrastive_loss for tensor margins")
-        self.margin = margin
+        self.margin = number_margin(margin, type(self).__name__)
 
     def call(self, y_true, y_pred):
         return contrastive_loss(y_true, y_pred, self.margin)

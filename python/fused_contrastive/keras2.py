@@ -1,0 +1,32 @@
+"""`ContrastiveLoss` for Keras 2 (`tf_keras`), for TensorFlow >= 2.16 users who
+set TF_USE_LEGACY_KERAS=1. Importing this module needs the optional `tf_keras`
+package; `fused_contrastive.ContrastiveLoss` is this class when that variable is
+set, as `tf.keras` is then tf_keras."""
+
+import tf_keras
+
+from fused_contrastive._inputs import number_margin
+from fused_contrastive.losses import contrastive_loss
+
+
+@tf_keras.utils.register_keras_serializable(package="fused_contrastive")
+class ContrastiveLoss(tf_keras.losses.Loss):
+    """Contrastive loss as a Keras 2 loss; see `fused_contrastive.losses.ContrastiveLoss`.
+
+    Args:
+      margin: non-negative, finite number.
+      reduction: a `tf.keras.losses.Reduction` value, `AUTO` included. Defaults
+        to `SUM_OVER_BATCH_SIZE`, as in TF Addons.
+      name: name of the loss.
+    """
+
+    def __init__(self, margin=1.0, reduction=tf_keras.losses.Reduction.SUM_OVER_BATCH_SIZE,
+                 name="contrastive_loss"):
+        super().__init__(reduction=reduction, name=name)
+        self.margin = number_margin(margin, type(self).__name__)
+
+    def call(self, y_true, y_pred):
+        return contrastive_loss(y_true, y_pred, self.margin)
+
+    def get_config(self):
+        return {**super().get_config(), "margin": self.margin}
