@@ -1,3 +1,6 @@
+#include <algorithm>
+#include <vector>
+
 #include "contrastive_kernels.h"
 #include "contrastive_math.h"
 
@@ -17,6 +20,51 @@ void LossAndGradRange(const L* labels, const D* distances, int64_t begin, int64_
     loss[i] = Store<D>::to(l);
     grad[i] = Store<D>::to(g);
   }
+}
+
+// Elements per block of a reduction. Fixed, so block sums, and the order they
+// are added in, do not depend on how many threads run them.
+constexpr int64_t kReductionBlock = 1 << 15;
+
+// Sum over [0, n) of block_sum(begin, end) on fixed blocks, added in order.
+template <typename BlockSum>
+double BlockedSum(int64_t n, const ElementCost& element_cost, const ParallelFor& parallel_for,
+                  const BlockSum& block_sum) {
+  const int64_t blocks = (n + kReductionBlock - 1) / kReductionBlock;
+  std::vector<double> sums(blocks);
+  const double scale = static_cast<double>(kReductionBlock);
+  const ElementCost block_cost{element_cost.bytes_loaded * scale, element_cost.bytes_stored * scale,
+                               element_cost.compute_cycles * scale};
+  parallel_for(blocks, block_cost, [&](int64_t first, int64_t last) {
+    for (int64_t b = first; b < last; ++b) {
+      sums[b] = block_sum(b * kReductionBlock, std::min(n, (b + 1) * kReductionBlock));
+    }
+  });
+  double total = 0;
+  for (double partial : sums) total += partial;
+  return total;
+}
+
+// Sum of w*loss over [begin, end), writing grad = dloss * w * grad_scale.
+// `omp simd` lets the double accumulation vectorise (its lane-wise order is
+// fixed for a given binary, so results stay deterministic).
+template <bool kScalarWeight, typename L, typename D>
+double WeightedLossAndGradRange(const L* labels, const D* distances, const D* weights,
+                                int64_t begin, int64_t end, ComputeType<D> margin,
+                                ComputeType<D> grad_scale, D* grad) {
+  using C = ComputeType<D>;
+  const C scalar_weight = kScalarWeight ? Convert<C>::from(weights[0]) : C(0);
+  double sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = begin; i < end; ++i) {
+    C l, g;
+    contrastive_loss_and_grad(Convert<C>::from(labels[i]), Convert<C>::from(distances[i]), margin,
+                              &l, &g);
+    const C w = kScalarWeight ? scalar_weight : Convert<C>::from(weights[i]);
+    grad[i] = Store<D>::to(g * (w * grad_scale));
+    sum += static_cast<double>(l) * static_cast<double>(w);
+  }
+  return sum;
 }
 
 }  // namespace
@@ -39,6 +87,61 @@ bool ContrastiveLossCpu(DType label_type, DType distance_type, const void* label
     const ElementCost cost{double(sizeof(L) + sizeof(D)), double(2 * sizeof(D)), 12.0};
     parallel_for(n, cost, [=](int64_t begin, int64_t end) {
       LossAndGradRange(y, d, begin, end, m, out_loss, out_grad);
+    });
+  });
+}
+
+bool ContrastiveLossReducedCpu(const ReducedLossArgs& a, const ParallelFor& parallel_for) {
+  return VisitLabelAndDistance(a.label_type, a.distance_type, [&](auto l_tag, auto d_tag) {
+    using L = typename decltype(l_tag)::type;
+    using D = typename decltype(d_tag)::type;
+    using C = ComputeType<D>;
+    const auto* y = static_cast<const L*>(a.labels);
+    const auto* d = static_cast<const D*>(a.distances);
+    const auto* w = static_cast<const D*>(a.weights);
+    auto* grad = static_cast<D*>(a.grad);
+
+    double divisor = 1;
+    if (a.reduction == Reduction::kMean) {
+      divisor = static_cast<double>(a.n);
+    } else if (a.reduction == Reduction::kWeightedMean) {
+      divisor = a.scalar_weight
+                    ? Convert<double>::from(w[0])
+                    : BlockedSum(a.n, ElementCost{sizeof(D), 0, 1}, parallel_for,
+                                 [w](int64_t begin, int64_t end) {
+                                   double sum = 0;
+#pragma omp simd reduction(+ : sum)
+                                   for (int64_t i = begin; i < end; ++i) {
+                                     sum += Convert<double>::from(w[i]);
+                                   }
+                                   return sum;
+                                 });
+    }
+    const double inverse = divisor == 0 ? 0 : a.loss_scale / divisor;
+    *static_cast<double*>(a.gradient_scale) = inverse;
+    const C m = static_cast<C>(a.margin);
+    const C grad_scale = static_cast<C>(inverse);
+    const ElementCost cost{double(sizeof(L) + sizeof(D) * (a.scalar_weight ? 1 : 2)),
+                           double(sizeof(D)), 14.0};
+    const double sum = BlockedSum(a.n, cost, parallel_for, [&](int64_t begin, int64_t end) {
+      return a.scalar_weight
+                 ? WeightedLossAndGradRange<true>(y, d, w, begin, end, m, grad_scale, grad)
+                 : WeightedLossAndGradRange<false>(y, d, w, begin, end, m, grad_scale, grad);
+    });
+    *static_cast<D*>(a.loss) = Store<D>::to(static_cast<C>(sum * inverse));
+  });
+}
+
+bool ScaleCpu(DType type, const void* in, double scale, int64_t n, void* out,
+              const ParallelFor& parallel_for) {
+  return VisitDistanceDType(type, [&](auto tag) {
+    using D = typename decltype(tag)::type;
+    using C = ComputeType<D>;
+    const auto* x = static_cast<const D*>(in);
+    auto* y = static_cast<D*>(out);
+    const C s = static_cast<C>(scale);
+    parallel_for(n, ElementCost{sizeof(D), sizeof(D), 1}, [=](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) y[i] = Store<D>::to(Convert<C>::from(x[i]) * s);
     });
   });
 }

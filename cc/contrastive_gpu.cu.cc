@@ -54,6 +54,105 @@ __global__ void ContrastiveLossKernel(const L* __restrict__ labels, const D* __r
   }
 }
 
+// Reductions run on a grid whose size depends on n only, and every sum is
+// combined in a fixed order, so results do not vary between runs or GPUs.
+constexpr int kReduceThreads = 256;
+constexpr int64_t kMaxReduceBlocks = 1024;
+
+int64_t ReduceBlocks(int64_t n) {
+  return std::max<int64_t>(1, std::min(kMaxReduceBlocks, (n + kReduceThreads - 1) / kReduceThreads));
+}
+
+// Tree sum of one value per thread of the block; thread 0 gets the total.
+__device__ double BlockSum(double value) {
+  __shared__ double shared[kReduceThreads];
+  shared[threadIdx.x] = value;
+  __syncthreads();
+  for (int width = kReduceThreads / 2; width > 0; width /= 2) {
+    if (threadIdx.x < width) shared[threadIdx.x] += shared[threadIdx.x + width];
+    __syncthreads();
+  }
+  return shared[0];
+}
+
+template <typename D>
+__global__ void WeightSumKernel(const D* __restrict__ weights, int64_t n, double* block_sums) {
+  double sum = 0;
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    sum += Convert<double>::from(weights[i]);
+  }
+  const double total = BlockSum(sum);
+  if (threadIdx.x == 0) block_sums[blockIdx.x] = total;
+}
+
+// Writes loss_scale / divisor (0 for a zero divisor) for the main kernel.
+template <typename D>
+__global__ void InverseDivisorKernel(Reduction reduction, const D* weights, bool scalar_weight,
+                                     int64_t n, const double* weight_block_sums, int blocks,
+                                     double loss_scale, double* inverse) {
+  double partial = 0;
+  for (int b = threadIdx.x; b < blocks; b += blockDim.x) partial += weight_block_sums[b];
+  const double weight_sum = BlockSum(partial);
+  if (threadIdx.x != 0) return;
+  double divisor = 1;
+  if (reduction == Reduction::kMean) {
+    divisor = static_cast<double>(n);
+  } else if (reduction == Reduction::kWeightedMean) {
+    divisor = scalar_weight ? Convert<double>::from(weights[0]) : weight_sum;
+  }
+  *inverse = divisor == 0 ? 0 : loss_scale / divisor;
+}
+
+template <typename L, typename D>
+__global__ void ReducedLossKernel(const L* __restrict__ labels, const D* __restrict__ distances,
+                                  const D* __restrict__ weights, bool scalar_weight, int64_t n,
+                                  ComputeType<D> margin, const double* inverse, D* grad,
+                                  double* block_sums) {
+  using C = ComputeType<D>;
+  const C grad_scale = static_cast<C>(*inverse);
+  const C scalar = scalar_weight ? Convert<C>::from(weights[0]) : C(0);
+  double sum = 0;
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    C l, g;
+    contrastive_loss_and_grad(Convert<C>::from(labels[i]), Convert<C>::from(distances[i]), margin,
+                              &l, &g);
+    const C w = scalar_weight ? scalar : Convert<C>::from(weights[i]);
+    grad[i] = Store<D>::to(g * (w * grad_scale));
+    sum += static_cast<double>(l) * static_cast<double>(w);
+  }
+  const double total = BlockSum(sum);
+  if (threadIdx.x == 0) block_sums[blockIdx.x] = total;
+}
+
+template <typename D>
+__global__ void FinishLossKernel(const double* block_sums, int blocks, const double* inverse,
+                                 D* loss) {
+  double partial = 0;
+  for (int b = threadIdx.x; b < blocks; b += blockDim.x) partial += block_sums[b];
+  const double total = BlockSum(partial);
+  if (threadIdx.x == 0) *loss = Store<D>::to(static_cast<ComputeType<D>>(total * *inverse));
+}
+
+template <typename D>
+__global__ void ScaleKernel(const D* in, const D* scale, int64_t n, D* out) {
+  using C = ComputeType<D>;
+  const C s = Convert<C>::from(*scale);
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += stride) {
+    out[i] = Store<D>::to(Convert<C>::from(in[i]) * s);
+  }
+}
+
+GpuStatus LastError() {
+  const cudaError_t error = cudaGetLastError();
+  return error == cudaSuccess ? GpuStatus{} : GpuStatus{cudaGetErrorString(error)};
+}
+
 bool Aligned(const void* p, size_t bytes) {
   return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
@@ -92,8 +191,51 @@ GpuStatus ContrastiveLossGpu(DType label_type, DType distance_type, const void* 
     }
   });
   if (!supported) return GpuStatus{"unsupported dtype pair"};
-  const cudaError_t error = cudaGetLastError();
-  return error == cudaSuccess ? GpuStatus{} : GpuStatus{cudaGetErrorString(error)};
+  return LastError();
+}
+
+int64_t ContrastiveLossReducedGpuWorkspace(int64_t) {
+  // Block sums of the loss and of the weights.
+  return static_cast<int64_t>(2 * kMaxReduceBlocks * sizeof(double));
+}
+
+GpuStatus ContrastiveLossReducedGpu(const ReducedLossArgs& a, void* workspace, void* stream) {
+  const int blocks = static_cast<int>(ReduceBlocks(a.n));
+  double* loss_sums = static_cast<double*>(workspace);
+  double* weight_sums = loss_sums + kMaxReduceBlocks;
+  auto* inverse = static_cast<double*>(a.gradient_scale);
+  auto s = static_cast<cudaStream_t>(stream);
+  const bool supported = VisitLabelAndDistance(a.label_type, a.distance_type, [&](auto l_tag,
+                                                                                   auto d_tag) {
+    using L = typename decltype(l_tag)::type;
+    using D = typename decltype(d_tag)::type;
+    const auto* w = static_cast<const D*>(a.weights);
+    const bool weight_pass = a.reduction == Reduction::kWeightedMean && !a.scalar_weight;
+    if (weight_pass) WeightSumKernel<<<blocks, kReduceThreads, 0, s>>>(w, a.n, weight_sums);
+    InverseDivisorKernel<<<1, kReduceThreads, 0, s>>>(a.reduction, w, a.scalar_weight, a.n,
+                                                      weight_sums, weight_pass ? blocks : 0,
+                                                      a.loss_scale, inverse);
+    ReducedLossKernel<<<blocks, kReduceThreads, 0, s>>>(
+        static_cast<const L*>(a.labels), static_cast<const D*>(a.distances), w, a.scalar_weight,
+        a.n, static_cast<ComputeType<D>>(a.margin), inverse, static_cast<D*>(a.grad), loss_sums);
+    FinishLossKernel<<<1, kReduceThreads, 0, s>>>(loss_sums, blocks, inverse,
+                                                  static_cast<D*>(a.loss));
+  });
+  if (!supported) return GpuStatus{"unsupported dtype pair"};
+  return LastError();
+}
+
+GpuStatus ScaleGpu(DType type, const void* in, const void* scale, int64_t n, void* out,
+                   void* stream) {
+  if (n == 0) return GpuStatus{};
+  const bool supported = VisitDistanceDType(type, [&](auto tag) {
+    using D = typename decltype(tag)::type;
+    const int64_t blocks = std::min(kMaxBlocks, (n + kThreadsPerBlock - 1) / kThreadsPerBlock);
+    ScaleKernel<<<static_cast<int>(blocks), kThreadsPerBlock, 0, static_cast<cudaStream_t>(stream)>>>(
+        static_cast<const D*>(in), static_cast<const D*>(scale), n, static_cast<D*>(out));
+  });
+  if (!supported) return GpuStatus{"unsupported dtype"};
+  return LastError();
 }
 
 }  // namespace fused_contrastive

@@ -39,6 +39,39 @@ bool ContrastiveLossCpu(DType label_type, DType distance_type, const void* label
                         const void* distances, int64_t n, double margin, void* loss, void* grad,
                         const ParallelFor& parallel_for);
 
+// The Keras reductions the fused-reduction kernels implement, divisor included:
+// kSum divides by 1, kMean by n, kWeightedMean by the sum of the weights (by
+// the weight itself when it is a single scalar, as Keras does). A zero divisor
+// gives a zero loss and gradient (Keras' divide_no_nan).
+enum class Reduction : int { kSum, kMean, kWeightedMean };
+
+struct ReducedLossArgs {
+  DType label_type;
+  DType distance_type;
+  const void* labels;
+  const void* distances;
+  const void* weights;  // distance_type: n values, or one when scalar_weight
+  bool scalar_weight;
+  int64_t n;
+  double margin;
+  Reduction reduction;
+  double loss_scale;  // multiplies loss and gradient (Keras: 1/replicas for means)
+  void* loss;            // out: one value of distance_type
+  void* grad;            // out: n values, d(loss)/d(distance) with weight and divisor applied
+  void* gradient_scale;  // out: one double, loss_scale / divisor (0 for a zero divisor)
+};
+
+// One pass over labels, distances and weights (plus one over the weights alone
+// for kWeightedMean with per-element weights) gives the reduced loss and the
+// fully scaled per-sample gradient. Sums accumulate in double, in fixed-size
+// blocks added in a fixed order: the same inputs give the same bits whatever
+// the thread count. False for an unsupported dtype pair.
+bool ContrastiveLossReducedCpu(const ReducedLossArgs& args, const ParallelFor& parallel_for);
+
+// out = in * scale (n values of `type`, computed as ComputeType); out may be in.
+bool ScaleCpu(DType type, const void* in, double scale, int64_t n, void* out,
+              const ParallelFor& parallel_for);
+
 // Outcome of a GPU launch: error is null on success, else CUDA's message
 // (static storage, never freed).
 struct GpuStatus {
@@ -52,6 +85,19 @@ struct GpuStatus {
 GpuStatus ContrastiveLossGpu(DType label_type, DType distance_type, const void* labels,
                              const void* distances, int64_t n, double margin, void* loss,
                              void* grad, void* stream);
+
+// Device scratch bytes ContrastiveLossReducedGpu needs for n elements. All of
+// args' pointers are device pointers there, gradient_scale included.
+int64_t ContrastiveLossReducedGpuWorkspace(int64_t n);
+
+// ContrastiveLossReducedCpu on device pointers (args' weights, loss and grad
+// included). Block sums are reduced in a fixed order: deterministic, though
+// not bit-equal to the CPU's sums for kWeightedMean.
+GpuStatus ContrastiveLossReducedGpu(const ReducedLossArgs& args, void* workspace, void* stream);
+
+// out = in * scale[0], with the scalar scale in device memory.
+GpuStatus ScaleGpu(DType type, const void* in, const void* scale, int64_t n, void* out,
+                   void* stream);
 
 }  // namespace fused_contrastive
 

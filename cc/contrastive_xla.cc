@@ -8,6 +8,7 @@
 #include "contrastive_math.h"
 #include "tensorflow/compiler/tf2xla/xla_op_kernel.h"
 #include "tensorflow/compiler/tf2xla/xla_op_registry.h"
+#include "xla/hlo/builder/lib/arithmetic.h"
 #include "xla/hlo/builder/lib/constants.h"
 #include "tensorflow/core/framework/kernel_def_builder.h"
 #include "tensorflow/core/framework/node_def.pb.h"
@@ -29,41 +30,116 @@ struct ElementOps<xla::XlaOp> {
 
 namespace {
 
+// Both loss ops' inputs in the compute type: labels, distances, margin.
+struct ComputeInputs {
+  xla::PrimitiveType out_type;
+  xla::PrimitiveType compute;
+  xla::XlaOp y, d, margin;
+};
+
+// Shapes and a constant margin are checked here: XLA programs cannot fail at
+// run time (the Python layer has already checked a number margin).
+absl::Status ShapeMismatch(const char* what, const tensorflow::TensorShape& labels,
+                           const tensorflow::TensorShape& other) {
+  return absl::InvalidArgumentError(absl::StrCat(
+      "contrastive loss: labels and ", what, " must have the same shape, got labels ",
+      labels.DebugString(), " and ", what, " ", other.DebugString()));
+}
+
+absl::Status ReadInputs(tensorflow::XlaOpKernelContext* ctx, int margin_input,
+                        ComputeInputs* in) {
+  if (ctx->InputShape(0) != ctx->InputShape(1)) {
+    return ShapeMismatch("distances", ctx->InputShape(0), ctx->InputShape(1));
+  }
+  double margin_value;
+  if (ctx->ConstantInputAsFloatScalar(margin_input, &margin_value).ok() &&
+      !IsValidMargin(margin_value)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "contrastive loss: margin must be finite and non-negative, got ", margin_value));
+  }
+  in->out_type = ctx->input_xla_type(1);
+  in->compute =
+      (in->out_type == xla::F16 || in->out_type == xla::BF16) ? xla::F32 : in->out_type;
+  in->y = xla::ConvertElementType(ctx->Input(0), in->compute);
+  in->d = xla::ConvertElementType(ctx->Input(1), in->compute);
+  in->margin = xla::ConvertElementType(ctx->Input(margin_input), in->compute);
+  return absl::OkStatus();
+}
+
 class ContrastiveLossXlaOp : public tensorflow::XlaOpKernel {
  public:
   explicit ContrastiveLossXlaOp(tensorflow::OpKernelConstruction* ctx) : XlaOpKernel(ctx) {}
 
   void Compile(tensorflow::XlaOpKernelContext* ctx) override {
-    const tensorflow::TensorShape labels_shape = ctx->InputShape(0);
-    const tensorflow::TensorShape distances_shape = ctx->InputShape(1);
-    OP_REQUIRES(ctx, labels_shape == distances_shape,
-                absl::InvalidArgumentError(absl::StrCat(
-                    "contrastive loss: labels and distances must have the same shape, got labels ",
-                    labels_shape.DebugString(), " and distances ", distances_shape.DebugString())));
-    // XLA programs cannot fail at run time, so the margin is checked here when
-    // it is a compile-time constant (the usual case: a number in Python, which
-    // the Python layer has checked already).
-    double margin_value;
-    if (ctx->ConstantInputAsFloatScalar(2, &margin_value).ok()) {
-      OP_REQUIRES(ctx, IsValidMargin(margin_value),
-                  absl::InvalidArgumentError(absl::StrCat(
-                      "contrastive loss: margin must be finite and non-negative, got ",
-                      margin_value)));
-    }
-    const xla::PrimitiveType out_type = ctx->input_xla_type(1);
-    const xla::PrimitiveType compute =
-        (out_type == xla::F16 || out_type == xla::BF16) ? xla::F32 : out_type;
-    const xla::XlaOp y = xla::ConvertElementType(ctx->Input(0), compute);
-    const xla::XlaOp d = xla::ConvertElementType(ctx->Input(1), compute);
-    const xla::XlaOp margin = xla::ConvertElementType(ctx->Input(2), compute);
+    ComputeInputs in;
+    OP_REQUIRES_OK(ctx, ReadInputs(ctx, 2, &in));
     xla::XlaOp loss, grad;
-    contrastive_loss_and_grad(y, d, margin, &loss, &grad);
-    ctx->SetOutput(0, xla::ConvertElementType(loss, out_type));
-    ctx->SetOutput(1, xla::ConvertElementType(grad, out_type));
+    contrastive_loss_and_grad(in.y, in.d, in.margin, &loss, &grad);
+    ctx->SetOutput(0, xla::ConvertElementType(loss, in.out_type));
+    ctx->SetOutput(1, xla::ConvertElementType(grad, in.out_type));
+  }
+};
+
+// The reduced op, with its sums in float64 like the CPU and GPU kernels.
+class ContrastiveLossReducedXlaOp : public tensorflow::XlaOpKernel {
+ public:
+  explicit ContrastiveLossReducedXlaOp(tensorflow::OpKernelConstruction* ctx)
+      : XlaOpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("reduction", &reduction_));
+  }
+
+  void Compile(tensorflow::XlaOpKernelContext* ctx) override {
+    ComputeInputs in;
+    OP_REQUIRES_OK(ctx, ReadInputs(ctx, 3, &in));
+    const tensorflow::TensorShape weight_shape = ctx->InputShape(2);
+    const bool scalar_weight = weight_shape.dims() == 0;
+    OP_REQUIRES(ctx, scalar_weight || weight_shape == ctx->InputShape(1),
+                ShapeMismatch("sample_weight", ctx->InputShape(0), weight_shape));
+    xla::XlaBuilder* builder = ctx->builder();
+    const xla::XlaComputation add = xla::CreateScalarAddComputation(xla::F64, builder);
+    const auto sum = [&](xla::XlaOp x) {
+      return xla::ReduceAll(xla::ConvertElementType(x, xla::F64), xla::ScalarLike(x, 0.0), add);
+    };
+    const xla::XlaOp w = xla::ConvertElementType(ctx->Input(2), in.compute);
+    const xla::XlaOp w64 = xla::ConvertElementType(w, xla::F64);
+
+    xla::XlaOp divisor = xla::ConstantR0<double>(builder, 1.0);
+    if (reduction_ == "mean") {
+      divisor = xla::ConstantR0<double>(builder, ctx->InputShape(1).num_elements());
+    } else if (reduction_ == "weighted_mean") {
+      divisor = scalar_weight ? w64 : sum(w);
+    }
+    const xla::XlaOp zero = xla::ConstantR0<double>(builder, 0.0);
+    const xla::XlaOp inverse =
+        xla::Select(xla::Eq(divisor, zero), zero, xla::Div(ctx->Input(4), divisor));
+
+    xla::XlaOp loss, grad;
+    contrastive_loss_and_grad(in.y, in.d, in.margin, &loss, &grad);
+    const xla::XlaOp total =
+        xla::ReduceAll(xla::ConvertElementType(loss, xla::F64) * w64, zero, add);
+    ctx->SetOutput(0, xla::ConvertElementType(
+                          xla::ConvertElementType(total * inverse, in.compute), in.out_type));
+    const xla::XlaOp grad_scale = xla::ConvertElementType(inverse, in.compute);
+    ctx->SetOutput(1, xla::ConvertElementType(grad * (w * grad_scale), in.out_type));
+    ctx->SetOutput(2, inverse);
+  }
+
+ private:
+  std::string reduction_;
+};
+
+class ScaleGradientXlaOp : public tensorflow::XlaOpKernel {
+ public:
+  explicit ScaleGradientXlaOp(tensorflow::OpKernelConstruction* ctx) : XlaOpKernel(ctx) {}
+
+  void Compile(tensorflow::XlaOpKernelContext* ctx) override {
+    ctx->SetOutput(0, ctx->Input(0) * ctx->Input(1));
   }
 };
 
 REGISTER_XLA_OP(Name(kOpName), ContrastiveLossXlaOp);
+REGISTER_XLA_OP(Name(kReducedOpName), ContrastiveLossReducedXlaOp);
+REGISTER_XLA_OP(Name(kScaleOpName), ScaleGradientXlaOp);
 
 // TensorFlow turns XLA registrations into kernels for its JIT devices once, at
 // the first XLA compilation in the process, and ignores later ones. When this
@@ -77,6 +153,11 @@ bool JitKernelsRegistered(const std::string& backend) {
   return tensorflow::KernelDefAvailable(tensorflow::DeviceType(backend), probe);
 }
 
+template <typename Op>
+tensorflow::OpKernel* CreateXla(tensorflow::OpKernelConstruction* ctx) {
+  return new Op(ctx);
+}
+
 const bool kLateJitKernelsRegistered = [] {
   std::vector<tensorflow::DataType> labels, distances;
   for (DType t : kAllDTypes) {
@@ -85,16 +166,19 @@ const bool kLateJitKernelsRegistered = [] {
   }
   for (const std::string& backend : tensorflow::XlaOpRegistry::BackendNames()) {
     if (!JitKernelsRegistered(backend)) continue;
-    tensorflow::kernel_factory::OpKernelRegistrar(
-        tensorflow::KernelDefBuilder(kOpName)
-            .Device(backend.c_str())
-            .TypeConstraint("Tlabels", labels)
-            .TypeConstraint("T", distances)
-            .Build(),
-        "ContrastiveLossXlaOp",
-        [](tensorflow::OpKernelConstruction* ctx) -> tensorflow::OpKernel* {
-          return new ContrastiveLossXlaOp(ctx);
-        });
+    const auto builder = [&](const char* op) {
+      tensorflow::KernelDefBuilder b(op);
+      b.Device(backend.c_str()).TypeConstraint("T", distances);
+      if (op != kScaleOpName) b.TypeConstraint("Tlabels", labels);
+      return b.Build();
+    };
+    tensorflow::kernel_factory::OpKernelRegistrar(builder(kOpName), "ContrastiveLossXlaOp",
+                                                  CreateXla<ContrastiveLossXlaOp>);
+    tensorflow::kernel_factory::OpKernelRegistrar(builder(kReducedOpName),
+                                                  "ContrastiveLossReducedXlaOp",
+                                                  CreateXla<ContrastiveLossReducedXlaOp>);
+    tensorflow::kernel_factory::OpKernelRegistrar(builder(kScaleOpName), "ScaleGradientXlaOp",
+                                                  CreateXla<ScaleGradientXlaOp>);
   }
   return true;
 }();

@@ -1,4 +1,4 @@
-// The op's name and the mapping between our DType and TensorFlow's DataType,
+// The ops' names and the mapping between our DType and TensorFlow's DataType,
 // shared by the OpKernels and the XLA lowering.
 #ifndef FUSED_CONTRASTIVE_TF_DTYPES_H_
 #define FUSED_CONTRASTIVE_TF_DTYPES_H_
@@ -9,6 +9,8 @@
 namespace fused_contrastive {
 
 inline constexpr char kOpName[] = "FusedContrastive>ContrastiveLoss";
+inline constexpr char kReducedOpName[] = "FusedContrastive>ContrastiveLossReduced";
+inline constexpr char kScaleOpName[] = "FusedContrastive>ScaleGradient";
 
 inline tensorflow::DataType ToTf(DType t) {
   switch (t) {

@@ -11,6 +11,8 @@ import tensorflow as tf
 from fused_contrastive import reference
 
 OP_NAME = "FusedContrastive>ContrastiveLoss"
+REDUCED_OP_NAME = "FusedContrastive>ContrastiveLossReduced"
+SCALE_OP_NAME = "FusedContrastive>ScaleGradient"
 USE_REFERENCE_ENV = "FUSED_CONTRASTIVE_USE_REFERENCE"
 # Another build of the op library to load instead of the packaged one (a CMake
 # build directory's copy, the Bazel-built one); its _build_info.json sits beside it.
@@ -84,25 +86,38 @@ def build_info():
     return info
 
 
-_margin_cache = {}
+_float64_cache = {}
 
 
-def _margin_tensor(margin):
-    if tf.is_tensor(margin):
-        return margin
+def _float64_scalar(value):
+    """A float64 scalar for the ops' host-memory inputs (margin, loss_scale)."""
+    if tf.is_tensor(value):
+        return value
     if not tf.executing_eagerly():
-        return tf.constant(margin, tf.float64)  # a Const node in the graph
-    # Eager calls reuse one host tensor per margin instead of building one per step.
-    tensor = _margin_cache.get(margin)
+        return tf.constant(value, tf.float64)  # a Const node in the graph
+    # Eager calls reuse one host tensor per value instead of building one per step.
+    tensor = _float64_cache.get(value)
     if tensor is None:
         with tf.device("/cpu:0"):
-            tensor = _margin_cache[margin] = tf.constant(margin, tf.float64)
+            tensor = _float64_cache[value] = tf.constant(value, tf.float64)
     return tensor
 
 
 def loss_and_grad(labels, distances, margin):
     """Runs the fused op on prepared inputs: (per-sample loss, d(loss)/d(distance))."""
-    return _library.fused_contrastive_contrastive_loss(labels, distances, _margin_tensor(margin))
+    return _library.fused_contrastive_contrastive_loss(labels, distances, _float64_scalar(margin))
+
+
+def reduced_loss(labels, distances, sample_weight, margin, reduction, loss_scale):
+    """Runs the fused-reduction op on prepared inputs and returns the reduced loss.
+
+    reduction is "sum", "mean" or "weighted_mean"; sample_weight a scalar or a
+    tensor of the distances' shape and dtype; loss_scale multiplies the result.
+    """
+    loss, _, _ = _library.fused_contrastive_contrastive_loss_reduced(
+        labels, distances, sample_weight, _float64_scalar(margin), _float64_scalar(loss_scale),
+        reduction=reduction)
+    return loss
 
 
 def _is_known_zero(grad):
@@ -137,3 +152,26 @@ def _contrastive_loss_grad(op, grad_loss, grad_dloss):
         grad += grad_dloss * reference.reference_second_derivative(labels, distances, margin)
     # Labels and margin get no gradient (as documented in README).
     return [None, grad, None]
+
+
+@tf.RegisterGradient(REDUCED_OP_NAME)
+def _reduced_loss_grad(op, grad_loss, grad_dloss, _):
+    # The forward pass wrote the fully scaled per-sample gradient; backward only
+    # multiplies it by the upstream scalar (skipped on CPU when that is 1).
+    labels, distances, weights, margin, _ = op.inputs
+    grad = _library.fused_contrastive_scale_gradient(op.outputs[1], grad_loss)
+    if not _is_known_zero(grad_dloss):
+        # dloss_ddistances = w * gradient_scale * dloss/dd: its derivative.
+        scale = weights * tf.cast(op.outputs[2], weights.dtype)
+        grad += grad_dloss * scale * reference.reference_second_derivative(labels, distances,
+                                                                           margin)
+    # Labels, sample weights, margin and loss scale get no gradient.
+    return [None, grad, None, None, None]
+
+
+@tf.RegisterGradient(SCALE_OP_NAME)
+def _scale_gradient_grad(op, upstream):
+    # Reached only by higher-order differentiation through the reduced op.
+    gradient, scale = op.inputs
+    return [_library.fused_contrastive_scale_gradient(upstream, scale),
+            tf.reduce_sum(upstream * gradient)]

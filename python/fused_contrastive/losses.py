@@ -1,6 +1,7 @@
 """The public loss: a function and a Keras 3 Loss class."""
 
 import keras
+import tensorflow as tf
 
 from fused_contrastive import _ops
 from fused_contrastive._inputs import number_margin, prepare_inputs, validate_margin
@@ -32,6 +33,23 @@ def contrastive_loss(y_true, y_pred, margin=1.0):
     return loss
 
 
+# Keras reduction -> the fused op's (None: Keras reduces the per-sample losses).
+_FUSED_REDUCTIONS = {"sum": "sum", "sum_over_batch_size": "mean", "mean": "mean",
+                     "mean_with_sample_weight": "weighted_mean"}
+
+
+def _align_weights(weights, distances):
+    """sample_weight as the fused op takes it (a scalar, or the shape of the
+    distances after Keras' squeeze of a trailing unit axis), else None."""
+    if weights.shape.rank == 0:
+        return weights
+    if (weights.shape.rank == distances.shape.rank + 1 and weights.shape[-1] == 1):
+        weights = tf.squeeze(weights, -1)
+    if weights.shape.is_fully_defined() and weights.shape == distances.shape:
+        return weights
+    return None
+
+
 @keras.saving.register_keras_serializable(package="fused_contrastive")
 class ContrastiveLoss(keras.losses.Loss):
     """Contrastive loss (Hadsell, Chopra & LeCun 2006) as a Keras 3 loss.
@@ -56,8 +74,43 @@ class ContrastiveLoss(keras.losses.Loss):
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.margin = number_margin(margin, type(self).__name__)
 
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        reduced = self._fused_reduction(y_true, y_pred, sample_weight)
+        if reduced is None:
+            return super().__call__(y_true, y_pred, sample_weight)
+        return reduced
+
     def call(self, y_true, y_pred):
         return contrastive_loss(y_true, y_pred, self.margin)
+
+    def _fused_reduction(self, y_true, y_pred, sample_weight):
+        """The reduced loss from the fused-reduction op, or None where Keras' own
+        reduction must run: reduction "none", masks, weights that need
+        broadcasting, scalar or statically empty losses (which Keras returns
+        unreduced), and the pure-TensorFlow fallback."""
+        mode = _FUSED_REDUCTIONS.get(self.reduction)
+        if (mode is None or _ops.using_reference()
+                or getattr(y_pred, "_keras_mask", None) is not None):
+            return None
+        with tf.name_scope(self.name):
+            # Converted as Keras' own __call__ converts them.
+            labels, distances = prepare_inputs(keras.ops.convert_to_tensor(y_true, self.dtype),
+                                               keras.ops.convert_to_tensor(y_pred, self.dtype))
+            if distances.shape.rank in (None, 0) or distances.shape.as_list() == [0]:
+                return None
+            if sample_weight is None:
+                weights = tf.ones([], distances.dtype)
+                if mode == "weighted_mean":  # Keras divides by the count then
+                    mode = "mean"
+            else:
+                weights = _align_weights(keras.ops.convert_to_tensor(sample_weight, self.dtype),
+                                         distances)
+                if weights is None:
+                    return None
+            loss_scale = 1.0
+            if mode != "sum":  # Keras' scale_loss_for_distribution
+                loss_scale /= tf.distribute.get_strategy().num_replicas_in_sync
+            return _ops.reduced_loss(labels, distances, weights, self.margin, mode, loss_scale)
 
     def get_config(self):
         config = super().get_config()
