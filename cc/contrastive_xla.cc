@@ -97,8 +97,9 @@ class ContrastiveLossReducedXlaOp : public tensorflow::XlaOpKernel {
                 ShapeMismatch("sample_weight", ctx->InputShape(0), weight_shape));
     xla::XlaBuilder* builder = ctx->builder();
     const xla::XlaComputation add = xla::CreateScalarAddComputation(xla::F64, builder);
+    const xla::XlaOp zero = xla::ConstantR0<double>(builder, 0.0);
     const auto sum = [&](xla::XlaOp x) {
-      return xla::ReduceAll(xla::ConvertElementType(x, xla::F64), xla::ScalarLike(x, 0.0), add);
+      return xla::ReduceAll(xla::ConvertElementType(x, xla::F64), zero, add);
     };
     const xla::XlaOp w = xla::ConvertElementType(ctx->Input(2), in.compute);
     const xla::XlaOp w64 = xla::ConvertElementType(w, xla::F64);
@@ -109,14 +110,12 @@ class ContrastiveLossReducedXlaOp : public tensorflow::XlaOpKernel {
     } else if (reduction_ == "weighted_mean") {
       divisor = scalar_weight ? w64 : sum(w);
     }
-    const xla::XlaOp zero = xla::ConstantR0<double>(builder, 0.0);
     const xla::XlaOp inverse =
         xla::Select(xla::Eq(divisor, zero), zero, xla::Div(ctx->Input(4), divisor));
 
     xla::XlaOp loss, grad;
     contrastive_loss_and_grad(in.y, in.d, in.margin, &loss, &grad);
-    const xla::XlaOp total =
-        xla::ReduceAll(xla::ConvertElementType(loss, xla::F64) * w64, zero, add);
+    const xla::XlaOp total = sum(xla::ConvertElementType(loss, xla::F64) * w64);
     ctx->SetOutput(0, xla::ConvertElementType(
                           xla::ConvertElementType(total * inverse, in.compute), in.out_type));
     const xla::XlaOp grad_scale = xla::ConvertElementType(inverse, in.compute);
