@@ -6,6 +6,7 @@
 #include <cmath>
 #include <cstdint>
 #include <functional>
+#include <string>
 
 #include "dtypes.h"
 
@@ -44,6 +45,20 @@ bool ContrastiveLossCpu(DType label_type, DType distance_type, const void* label
 // the weight itself when it is a single scalar, as Keras does). A zero divisor
 // gives a zero loss and gradient (Keras' divide_no_nan).
 enum class Reduction : int { kSum, kMean, kWeightedMean };
+
+// The names the TF op's attr and the pybind11 module use.
+inline bool ParseReduction(const std::string& name, Reduction* out) {
+  if (name == "sum") {
+    *out = Reduction::kSum;
+  } else if (name == "mean") {
+    *out = Reduction::kMean;
+  } else if (name == "weighted_mean") {
+    *out = Reduction::kWeightedMean;
+  } else {
+    return false;
+  }
+  return true;
+}
 
 struct ReducedLossArgs {
   DType label_type;

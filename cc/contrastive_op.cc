@@ -290,9 +290,8 @@ class ContrastiveLossReducedOp : public OpKernel {
   explicit ContrastiveLossReducedOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     std::string reduction;
     OP_REQUIRES_OK(ctx, ctx->GetAttr("reduction", &reduction));
-    reduction_ = reduction == "sum"    ? Reduction::kSum
-                 : reduction == "mean" ? Reduction::kMean
-                                       : Reduction::kWeightedMean;
+    OP_REQUIRES(ctx, ParseReduction(reduction, &reduction_),
+                absl::InvalidArgumentError(absl::StrCat("unknown reduction ", reduction)));
   }
 
   void Compute(OpKernelContext* ctx) override {

@@ -78,42 +78,88 @@ py::tuple ContrastiveLossCpuNumpy(py::array labels, py::array distances, double 
   return py::make_tuple(loss, grad);
 }
 
+Reduction ReductionFromName(const std::string& name) {
+  Reduction reduction;
+  if (!ParseReduction(name, &reduction)) {
+    throw py::value_error("reduction must be 'sum', 'mean' or 'weighted_mean', got " + name);
+  }
+  return reduction;
+}
+
+py::tuple ContrastiveLossReducedCpuNumpy(py::array labels, py::array distances,
+                                         py::object sample_weight, double margin,
+                                         const std::string& reduction, double loss_scale) {
+  CheckMargin(margin);
+  labels = py::array::ensure(labels, py::array::c_style);
+  distances = py::array::ensure(distances, py::array::c_style);
+  ReducedLossArgs args;
+  args.label_type = DTypeOfArray(labels, "labels");
+  args.distance_type = DTypeOfArray(distances, "distances");
+  CheckDistanceDType(args.distance_type);
+  const std::vector<int64_t> shape = ShapeOf(distances);
+  CheckSameShape("distances", shape, "labels", ShapeOf(labels));
+  // No weights means a scalar weight of 1.
+  const py::array weights =
+      sample_weight.is_none()
+          ? py::array(py::module_::import("numpy").attr("ones")(py::tuple(), distances.dtype()))
+          : py::array::ensure(sample_weight, py::array::c_style);
+  if (!weights.dtype().is(distances.dtype())) {
+    throw py::type_error("sample_weight must have the dtype of distances");
+  }
+  args.scalar_weight = weights.ndim() == 0;
+  if (!args.scalar_weight) CheckSameShape("sample_weight", ShapeOf(weights), "labels", ShapeOf(labels));
+  py::array loss(distances.dtype(), std::vector<int64_t>{});
+  py::array grad(distances.dtype(), shape);
+  double gradient_scale = 0;
+  args.labels = labels.data();
+  args.distances = distances.data();
+  args.weights = weights.data();
+  args.n = distances.size();
+  args.margin = margin;
+  args.reduction = ReductionFromName(reduction);
+  args.loss_scale = loss_scale;
+  args.loss = loss.mutable_data();
+  args.grad = grad.mutable_data();
+  args.gradient_scale = &gradient_scale;
+  {
+    py::gil_scoped_release release;
+    ContrastiveLossReducedCpu(args, SerialFor);
+  }
+  return py::make_tuple(loss, grad, gradient_scale);
+}
+
 #if FC_WITH_CUDA
 // A device buffer described by the __cuda_array_interface__ protocol (CuPy,
 // PyTorch, Numba, JAX...). 16-bit brain floats have no typestr of their own:
 // pass them as uint16 arrays with dtype="bfloat16".
-struct DeviceArray {
+struct DeviceBuffer {
   void* data;
   bool readonly;
   std::vector<int64_t> shape;
-  DType dtype;
+  py::dtype dtype;  // as the array describes itself (typestr)
+  int64_t bytes;
 };
 
-DeviceArray FromCudaArrayInterface(const py::object& obj, const char* what,
-                                   const py::object& dtype_override) {
+struct DeviceArray : DeviceBuffer {
+  DType type;  // what the kernels read it as
+};
+
+// Any C-contiguous CUDA array, untyped.
+DeviceBuffer DeviceBufferOf(const py::object& obj, const char* what) {
   if (!py::hasattr(obj, "__cuda_array_interface__")) {
     throw py::type_error(std::string(what) + " must expose __cuda_array_interface__ (a CUDA array)");
   }
   const py::dict cai = obj.attr("__cuda_array_interface__");
   const py::tuple data = cai["data"];
-  DeviceArray out;
-  out.data = reinterpret_cast<void*>(data[0].cast<uintptr_t>());
-  out.readonly = data[1].cast<bool>();
-  out.shape = cai["shape"].cast<std::vector<int64_t>>();
-  const std::string name = dtype_override.is_none()
-                               ? std::string(py::str(py::dtype(cai["typestr"].cast<std::string>())
-                                                         .attr("name")))
-                               : dtype_override.cast<std::string>();
-  out.dtype = DTypeFromName(name, what);
-  if (!dtype_override.is_none() && py::dtype(cai["typestr"].cast<std::string>()).itemsize() !=
-                                       py::dtype(name == "bfloat16" ? "uint16" : name).itemsize()) {
-    throw py::type_error(std::string(what) + ": dtype override " + name +
-                         " does not match the element size of the array");
-  }
+  DeviceBuffer out{reinterpret_cast<void*>(data[0].cast<uintptr_t>()), data[1].cast<bool>(),
+                   cai["shape"].cast<std::vector<int64_t>>(),
+                   py::dtype(cai["typestr"].cast<std::string>()), 0};
+  out.bytes = out.dtype.itemsize();
+  for (int64_t extent : out.shape) out.bytes *= extent;
   // Strides, when given, must describe the C-contiguous layout.
   if (cai.contains("strides") && !cai["strides"].is_none()) {
     const auto strides = cai["strides"].cast<std::vector<int64_t>>();
-    int64_t expected = py::dtype(cai["typestr"].cast<std::string>()).itemsize();
+    int64_t expected = out.dtype.itemsize();
     for (size_t k = out.shape.size(); k-- > 0;) {
       if (out.shape[k] > 1 && strides[k] != expected) {
         throw py::value_error(std::string(what) + " must be C-contiguous");
@@ -124,6 +170,22 @@ DeviceArray FromCudaArrayInterface(const py::object& obj, const char* what,
   return out;
 }
 
+DeviceArray FromCudaArrayInterface(const py::object& obj, const char* what,
+                                   const py::object& dtype_override) {
+  DeviceArray out{DeviceBufferOf(obj, what), DType::kBool};
+  const std::string name = dtype_override.is_none() ? std::string(py::str(out.dtype.attr("name")))
+                                                    : dtype_override.cast<std::string>();
+  out.type = DTypeFromName(name, what);
+  if (!dtype_override.is_none() &&
+      out.dtype.itemsize() != py::dtype(name == "bfloat16" ? "uint16" : name).itemsize()) {
+    throw py::type_error(std::string(what) + ": dtype override " + name +
+                         " does not match the element size of the array");
+  }
+  return out;
+}
+
+int64_t ElementCount(const DeviceBuffer& a) { return a.bytes / a.dtype.itemsize(); }
+
 void ContrastiveLossCuda(const py::object& labels, const py::object& distances,
                          const py::object& loss, const py::object& grad, double margin,
                          uintptr_t stream, const py::object& labels_dtype,
@@ -133,18 +195,79 @@ void ContrastiveLossCuda(const py::object& labels, const py::object& distances,
   const DeviceArray d = FromCudaArrayInterface(distances, "distances", distances_dtype);
   const DeviceArray l = FromCudaArrayInterface(loss, "loss", distances_dtype);
   const DeviceArray g = FromCudaArrayInterface(grad, "grad", distances_dtype);
-  CheckDistanceDType(d.dtype);
+  CheckDistanceDType(d.type);
   CheckSameShape("distances", d.shape, "labels", y.shape);
   CheckSameShape("loss", l.shape, "distances", d.shape);
   CheckSameShape("grad", g.shape, "distances", d.shape);
-  if (l.dtype != d.dtype || g.dtype != d.dtype) {
+  if (l.type != d.type || g.type != d.type) {
     throw py::type_error("loss and grad must have the dtype of distances");
   }
   if (l.readonly || g.readonly) throw py::value_error("loss and grad must be writable");
-  int64_t n = 1;
-  for (int64_t extent : d.shape) n *= extent;
-  const GpuStatus status = ContrastiveLossGpu(y.dtype, d.dtype, y.data, d.data, n, margin, l.data,
-                                              g.data, reinterpret_cast<void*>(stream));
+  const GpuStatus status =
+      ContrastiveLossGpu(y.type, d.type, y.data, d.data, ElementCount(d), margin, l.data, g.data,
+                         reinterpret_cast<void*>(stream));
+  if (!status.ok()) throw std::runtime_error(std::string("CUDA launch failed: ") + status.error);
+}
+
+void ContrastiveLossReducedCuda(const py::object& labels, const py::object& distances,
+                                const py::object& sample_weight, const py::object& loss,
+                                const py::object& grad, const py::object& gradient_scale,
+                                const py::object& workspace, double margin,
+                                const std::string& reduction, double loss_scale, uintptr_t stream,
+                                const py::object& labels_dtype,
+                                const py::object& distances_dtype) {
+  CheckMargin(margin);
+  const DeviceArray y = FromCudaArrayInterface(labels, "labels", labels_dtype);
+  const DeviceArray d = FromCudaArrayInterface(distances, "distances", distances_dtype);
+  const DeviceArray w = FromCudaArrayInterface(sample_weight, "sample_weight", distances_dtype);
+  const DeviceArray l = FromCudaArrayInterface(loss, "loss", distances_dtype);
+  const DeviceArray g = FromCudaArrayInterface(grad, "grad", distances_dtype);
+  const DeviceArray s = FromCudaArrayInterface(gradient_scale, "gradient_scale", py::none());
+  const DeviceBuffer ws = DeviceBufferOf(workspace, "workspace");
+  CheckDistanceDType(d.type);
+  CheckSameShape("distances", d.shape, "labels", y.shape);
+  CheckSameShape("grad", g.shape, "distances", d.shape);
+  if (!w.shape.empty()) CheckSameShape("sample_weight", w.shape, "distances", d.shape);
+  if (w.type != d.type || l.type != d.type || g.type != d.type) {
+    throw py::type_error("sample_weight, loss and grad must have the dtype of distances");
+  }
+  if (s.type != DType::kFloat64 || ElementCount(s) != 1 || ElementCount(l) != 1) {
+    throw py::value_error("loss must hold one value and gradient_scale one float64");
+  }
+  const int64_t n = ElementCount(d);
+  if (ws.bytes < ContrastiveLossReducedGpuWorkspace(n)) {
+    throw py::value_error("workspace is smaller than reduced_workspace_bytes(n)");
+  }
+  ReducedLossArgs args;
+  args.label_type = y.type;
+  args.distance_type = d.type;
+  args.labels = y.data;
+  args.distances = d.data;
+  args.weights = w.data;
+  args.scalar_weight = w.shape.empty();
+  args.n = n;
+  args.margin = margin;
+  args.reduction = ReductionFromName(reduction);
+  args.loss_scale = loss_scale;
+  args.loss = l.data;
+  args.grad = g.data;
+  args.gradient_scale = s.data;
+  const GpuStatus status = ContrastiveLossReducedGpu(args, ws.data, reinterpret_cast<void*>(stream));
+  if (!status.ok()) throw std::runtime_error(std::string("CUDA launch failed: ") + status.error);
+}
+
+void ScaleCuda(const py::object& gradient, const py::object& scale, const py::object& out,
+               uintptr_t stream, const py::object& dtype) {
+  const DeviceArray g = FromCudaArrayInterface(gradient, "gradient", dtype);
+  const DeviceArray s = FromCudaArrayInterface(scale, "scale", dtype);
+  const DeviceArray o = FromCudaArrayInterface(out, "out", dtype);
+  CheckDistanceDType(g.type);
+  CheckSameShape("out", o.shape, "gradient", g.shape);
+  if (ElementCount(s) != 1 || s.type != g.type || o.type != g.type) {
+    throw py::value_error("scale must be one value of the gradient's dtype, out that dtype");
+  }
+  const GpuStatus status =
+      ScaleGpu(g.type, g.data, s.data, ElementCount(g), o.data, reinterpret_cast<void*>(stream));
   if (!status.ok()) throw std::runtime_error(std::string("CUDA launch failed: ") + status.error);
 }
 #endif
@@ -157,8 +280,26 @@ PYBIND11_MODULE(_kernels, m) {
   m.def("contrastive_loss_cpu", &fused_contrastive::ContrastiveLossCpuNumpy, py::arg("labels"),
         py::arg("distances"), py::arg("margin") = 1.0,
         "Per-sample loss and d(loss)/d(distance) on the CPU, single-threaded; returns (loss, grad).");
+  m.def("contrastive_loss_reduced_cpu", &fused_contrastive::ContrastiveLossReducedCpuNumpy,
+        py::arg("labels"), py::arg("distances"), py::arg("sample_weight") = py::none(),
+        py::arg("margin") = 1.0, py::arg("reduction") = "mean", py::arg("loss_scale") = 1.0,
+        "The fused-reduction kernel on the CPU, single-threaded; returns (loss, grad, "
+        "gradient_scale). reduction: 'sum', 'mean' or 'weighted_mean'; sample_weight: None, a "
+        "scalar array or one weight per element, of the distances' dtype.");
 #if FC_WITH_CUDA
   m.attr("has_cuda") = true;
+  m.def("reduced_workspace_bytes", &fused_contrastive::ContrastiveLossReducedGpuWorkspace,
+        py::arg("n"), "Device scratch bytes contrastive_loss_reduced_cuda needs for n elements.");
+  m.def("contrastive_loss_reduced_cuda", &fused_contrastive::ContrastiveLossReducedCuda,
+        py::arg("labels"), py::arg("distances"), py::arg("sample_weight"), py::arg("loss"),
+        py::arg("grad"), py::arg("gradient_scale"), py::arg("workspace"), py::arg("margin") = 1.0,
+        py::arg("reduction") = "mean", py::arg("loss_scale") = 1.0, py::arg("stream") = 0,
+        py::arg("labels_dtype") = py::none(), py::arg("distances_dtype") = py::none(),
+        "The fused-reduction kernel on CUDA arrays; writes loss (one value), grad and "
+        "gradient_scale (one float64). sample_weight: a 0-d array or one weight per element.");
+  m.def("scale_cuda", &fused_contrastive::ScaleCuda, py::arg("gradient"), py::arg("scale"),
+        py::arg("out"), py::arg("stream") = 0, py::arg("dtype") = py::none(),
+        "out = gradient * scale[0] on CUDA arrays (the reduced op's backward).");
   m.def("contrastive_loss_cuda", &fused_contrastive::ContrastiveLossCuda, py::arg("labels"),
         py::arg("distances"), py::arg("loss"), py::arg("grad"), py::arg("margin") = 1.0,
         py::arg("stream") = 0, py::arg("labels_dtype") = py::none(),

@@ -14,5 +14,6 @@ def test_gpu_check_script_self_test():
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "200 aligned cases compared" in out and "60 misaligned cases compared" in out
+    assert "153 reduced cases compared" in out
     assert "fused kernel reaches" in out
     assert "PASSED: 0 mismatches" in out

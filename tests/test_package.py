@@ -94,3 +94,21 @@ def test_pybind_kernel_accepts_non_contiguous_arrays(rng):
     d = rng.uniform(0, 2, size=(10, 4)).astype(np.float32)
     loss, _ = _kernels.contrastive_loss_cpu(y.T, d.T, 1.0)
     np.testing.assert_array_equal(loss, contrastive_loss(y.T, d.T).numpy())
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean", "weighted_mean"])
+@pytest.mark.parametrize("weights", ["none", "scalar", "vector"])
+def test_pybind_reduced_kernel_equals_tf_op_bit_for_bit(rng, reduction, weights):
+    y = random_labels(rng, (70_001,), "int64")
+    d = random_distances(rng, (70_001,), "float32")
+    w = {"none": None, "scalar": np.float32(0.6),
+         "vector": rng.uniform(0, 2, 70_001).astype(np.float32)}[weights]
+    op_loss, op_grad, op_scale = _ops._library.fused_contrastive_contrastive_loss_reduced(
+        y, d, tf.ones([]) if w is None else w, tf.constant(0.8, tf.float64),
+        tf.constant(0.5, tf.float64), reduction=reduction)
+    loss, grad, scale = _kernels.contrastive_loss_reduced_cpu(
+        y.numpy(), d.numpy(), None if w is None else np.asarray(w), 0.8, reduction, 0.5)
+    assert loss.shape == () and loss.dtype == np.float32
+    assert loss.tobytes() == op_loss.numpy().tobytes()
+    assert grad.tobytes() == op_grad.numpy().tobytes()
+    assert scale == float(op_scale)

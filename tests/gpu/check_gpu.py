@@ -9,9 +9,13 @@ Builds the pybind11 kernel module with CMake (FC_WITH_TENSORFLOW=OFF), then:
      (labels, distances) dtype pair at sizes 0, 1, odd sizes and 1e6, and for a
      few pairs at 1e8;
   2. repeats with misaligned (offset) labels, distances and outputs;
-  3. times the kernel at N=1e8 float32 and prints its effective bandwidth next
-     to a device-to-device copy of the same bytes and an unfused CuPy version of
-     the formula (one kernel per array operation).
+  3. checks the fused-reduction kernel (every reduction, no/scalar/per-element
+     weights) against the CPU kernel: gradients bit for bit where the divisor
+     is the same, losses to rounding; and that it is deterministic (two runs,
+     same bits); and the backward scale kernel;
+  4. times both kernels at N=1e8 float32 and prints their effective bandwidth
+     next to a device-to-device copy of the same bytes and an unfused CuPy
+     version of the formula (one kernel per array operation).
 Exits non-zero on any mismatch. Meant to finish well under 4 minutes.
 """
 
@@ -74,16 +78,28 @@ class CpuStandIn:
         distances = _offset_copy(np, distances, offsets[1])
         return self.kernels.contrastive_loss_cpu(labels, distances, MARGIN)
 
+    def run_reduced(self, labels, distances, weights, reduction):
+        return self.kernels.contrastive_loss_reduced_cpu(labels, distances, weights, MARGIN,
+                                                         reduction)
+
+    def scale(self, gradient, scale):
+        return _cpu_scale(gradient, scale)
+
     def bandwidth(self, n):
         labels, distances = host_inputs(np.random.default_rng(0), n, "float32", "float32")
-        kernel = _median_seconds(lambda: self.kernels.contrastive_loss_cpu(labels, distances, MARGIN),
-                                 lambda: None, repeats=5)
-        source = np.concatenate([labels, distances])
-        target = np.empty_like(source)
-        copy = _median_seconds(lambda: np.copyto(target, source), lambda: None, repeats=5)
-        unfused = _median_seconds(lambda: _unfused_formula(np, labels, distances), lambda: None,
-                                  repeats=5)
-        return kernel, copy, unfused
+        sync = lambda: None  # noqa: E731
+        times = {
+            "fused loss+grad": _median_seconds(
+                lambda: self.kernels.contrastive_loss_cpu(labels, distances, MARGIN), sync, 5),
+            "fused reduced": _median_seconds(
+                lambda: self.kernels.contrastive_loss_reduced_cpu(labels, distances, None, MARGIN),
+                sync, 5),
+            "unfused loss+grad": _median_seconds(
+                lambda: _unfused_formula(np, labels, distances), sync, 5),
+            "unfused reduced": _median_seconds(
+                lambda: _unfused_reduced(np, labels, distances), sync, 5),
+        }
+        return times, _copy_seconds(np, n, sync, lambda t, s: np.copyto(t, s), repeats=5)
 
 
 class CudaDevice:
@@ -116,26 +132,68 @@ class CudaDevice:
         out_dtype = distances.dtype
         return loss.get().view(out_dtype), grad.get().view(out_dtype)
 
+    def _bf16(self, array):
+        return "bfloat16" if array.dtype == ml_dtypes.bfloat16 else None
+
+    def run_reduced(self, labels, distances, weights, reduction):
+        cp = self.cp
+        d_labels = self._device(labels, 0)
+        d_distances = self._device(distances, 0)
+        host_weights = np.ones((), distances.dtype) if weights is None else np.asarray(weights)
+        d_weights = self._device(host_weights, 0)
+        loss = cp.empty((), d_distances.dtype)
+        grad = cp.empty_like(d_distances)
+        scale = cp.empty((), cp.float64)
+        workspace = cp.empty(self.kernels.reduced_workspace_bytes(distances.size), cp.uint8)
+        stream = cp.cuda.get_current_stream()
+        self.kernels.contrastive_loss_reduced_cuda(
+            d_labels, d_distances, d_weights, loss, grad, scale, workspace, MARGIN, reduction,
+            stream=stream.ptr, labels_dtype=self._bf16(labels), distances_dtype=self._bf16(distances))
+        stream.synchronize()
+        return (loss.get().view(distances.dtype), grad.get().view(distances.dtype),
+                float(scale.get()))
+
+    def scale(self, gradient, scale):
+        cp = self.cp
+        raw = gradient.view(np.uint16) if gradient.dtype == ml_dtypes.bfloat16 else gradient
+        d_gradient = cp.asarray(raw)
+        d_scale = cp.asarray(np.asarray(scale, gradient.dtype).view(raw.dtype))
+        out = cp.empty_like(d_gradient)
+        stream = cp.cuda.get_current_stream()
+        self.kernels.scale_cuda(d_gradient, d_scale, out, stream=stream.ptr,
+                                dtype=self._bf16(gradient))
+        stream.synchronize()
+        return out.get().view(gradient.dtype)
+
     def bandwidth(self, n):
         cp = self.cp
         labels = (cp.random.random(n, dtype=cp.float32) < 0.5).astype(cp.float32)
         distances = 2 * MARGIN * cp.random.random(n, dtype=cp.float32)
         loss, grad = cp.empty_like(distances), cp.empty_like(distances)
+        ones = cp.ones((), cp.float32)
+        reduced, scale = cp.empty((), cp.float32), cp.empty((), cp.float64)
+        workspace = cp.empty(self.kernels.reduced_workspace_bytes(n), cp.uint8)
         stream = cp.cuda.get_current_stream()
-        source = cp.empty(2 * n, cp.float32)
-        target = cp.empty_like(source)
+        sync = stream.synchronize
+        times = {
+            "fused loss+grad": _median_seconds(
+                lambda: self.kernels.contrastive_loss_cuda(labels, distances, loss, grad, MARGIN,
+                                                           stream=stream.ptr), sync),
+            "fused reduced": _median_seconds(
+                lambda: self.kernels.contrastive_loss_reduced_cuda(
+                    labels, distances, ones, reduced, grad, scale, workspace, MARGIN, "mean",
+                    stream=stream.ptr), sync),
+            "unfused loss+grad": _median_seconds(
+                lambda: _unfused_formula(cp, labels, distances), sync),
+            "unfused reduced": _median_seconds(
+                lambda: _unfused_reduced(cp, labels, distances), sync),
+        }
 
-        def kernel():
-            self.kernels.contrastive_loss_cuda(labels, distances, loss, grad, MARGIN,
-                                               stream=stream.ptr)
-
-        def copy():
+        def copy(target, source):
             cp.cuda.runtime.memcpyAsync(target.data.ptr, source.data.ptr, source.nbytes,
                                         cp.cuda.runtime.memcpyDeviceToDevice, stream.ptr)
 
-        sync = stream.synchronize
-        return (_median_seconds(kernel, sync), _median_seconds(copy, sync),
-                _median_seconds(lambda: _unfused_formula(cp, labels, distances), sync))
+        return times, _copy_seconds(cp, n, sync, copy)
 
 
 def _offset_copy(xp, array, offset):
@@ -153,6 +211,20 @@ def _unfused_formula(xp, labels, distances):
     loss = labels * distances * distances + (1 - labels) * hinge * hinge
     grad = 2 * (labels * distances - (1 - labels) * hinge)
     return loss, grad
+
+
+def _unfused_reduced(xp, labels, distances):
+    """Mean loss and its gradient as separate array operations (the baseline)."""
+    loss, grad = _unfused_formula(xp, labels, distances)
+    return loss.mean(), grad / labels.size
+
+
+def _copy_seconds(xp, n, sync, copy, repeats=20):
+    """Time to copy 4N float32 elements: they move the 16N bytes the loss+grad
+    kernel moves (read + write), so its times compare directly."""
+    source = xp.ones(2 * n, xp.float32)
+    target = xp.empty_like(source)
+    return _median_seconds(lambda: copy(target, source), sync, repeats)
 
 
 def _median_seconds(fn, sync, repeats=20):
@@ -185,6 +257,51 @@ def compare(device, kernels, rng, cases, offsets=(0, 0, 0, 0)):
     return failures
 
 
+def compare_reduced(device, kernels, rng, cases):
+    """Fused-reduction kernel against the CPU kernel, for every reduction and
+    weight form; the gradient must match bit for bit unless the divisor is a
+    sum of per-element weights (its summation order differs)."""
+    failures = 0
+    tolerance = {"float16": 2e-3, "bfloat16": 2e-2, "float32": 2e-6, "float64": 1e-12}
+    for label_dtype, distance_dtype, n in cases:
+        labels, distances = host_inputs(rng, n, label_dtype, distance_dtype)
+        vector = rng.uniform(0, 2, n).astype(numpy_dtype(distance_dtype))
+        for weights in (None, np.asarray(0.7, numpy_dtype(distance_dtype)), vector):
+            for reduction in ("sum", "mean", "weighted_mean"):
+                want = kernels.contrastive_loss_reduced_cpu(labels, distances, weights, MARGIN,
+                                                            reduction)
+                got = device.run_reduced(labels, distances, weights, reduction)
+                again = device.run_reduced(labels, distances, weights, reduction)
+                exact = not (reduction == "weighted_mean" and weights is vector)
+                tol = tolerance[distance_dtype]
+                ok = (same_bits(got[1], again[1]) and same_bits(got[0], again[0])
+                      and np.allclose(np.float64(got[0]), np.float64(want[0]), rtol=tol, atol=0)
+                      and (same_bits(got[1], want[1]) if exact else np.allclose(
+                          got[1].astype(np.float64), want[1].astype(np.float64), rtol=tol,
+                          atol=1e-30))
+                      and np.isclose(got[2], want[2], rtol=1e-15, atol=0))
+                failures += not ok
+                if not ok or n >= 10**6:
+                    kind = "none" if weights is None else "scalar" if weights.ndim == 0 else "vector"
+                    print(f"  {'ok  ' if ok else 'FAIL'} reduced {reduction:13s} weights={kind:6s} "
+                          f"labels={label_dtype:8s} distances={distance_dtype:8s} n={n:>11,d}",
+                          flush=True)
+        gradient = (rng.standard_normal(max(n, 1)) * 3).astype(numpy_dtype(distance_dtype))
+        for factor in (1.0, 0.37):
+            ok = same_bits(device.scale(gradient, factor), _cpu_scale(gradient, factor))
+            failures += not ok
+            if not ok:
+                print(f"  FAIL scale {distance_dtype} n={n} factor={factor}", flush=True)
+    return failures
+
+
+def _cpu_scale(gradient, factor):
+    """What the kernels compute: the product in the compute type, rounded once."""
+    compute = np.float64 if gradient.dtype == np.float64 else np.float32
+    scale = compute(np.asarray(factor, gradient.dtype).astype(compute))
+    return (gradient.astype(compute) * scale).astype(gradient.dtype)
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--self-test", action="store_true",
@@ -215,14 +332,28 @@ def main(argv=None):
             failures += compare(device, _kernels, rng, misaligned, offsets)
         print(f"{len(misaligned) * 5} misaligned cases compared", flush=True)
 
+        reduced_cases = [(l, d, n) for l, d in [("float32", "float32"), ("int32", "float16"),
+                                                 ("bool", "bfloat16"), ("float64", "float64")]
+                         for n in (0, 1, 17, 10**6 + 3)]
+        reduced_cases.append(("float32", "float32", big))
+        failures += compare_reduced(device, _kernels, rng, reduced_cases)
+        print(f"{len(reduced_cases) * 9} reduced cases compared", flush=True)
+
         n = big
-        kernel, copy, unfused = device.bandwidth(n)
-        moved = 16 * n  # float32: labels and distances read, loss and grad written
-        print(f"bandwidth at N={n:,} float32 ({moved / 1e9:.2f} GB moved per call, median):")
-        print(f"  fused kernel      {kernel * 1e3:8.3f} ms  {moved / kernel / 1e9:8.1f} GB/s")
-        print(f"  same-bytes copy   {copy * 1e3:8.3f} ms  {moved / copy / 1e9:8.1f} GB/s")
-        print(f"  unfused formula   {unfused * 1e3:8.3f} ms  ({unfused / kernel:.1f}x the fused time)")
-        print(f"  fused kernel reaches {copy / kernel:.0%} of copy bandwidth")
+        times, copy = device.bandwidth(n)
+        # float32 bytes each must move: labels and distances read, then loss
+        # and grad written (loss+grad) or grad written (reduced).
+        moved = {"fused loss+grad": 16 * n, "fused reduced": 12 * n,
+                 "unfused loss+grad": 16 * n, "unfused reduced": 12 * n}
+        print(f"bandwidth at N={n:,} float32 (median; copy: 16N bytes read+written):")
+        print(f"  same-bytes copy      {copy * 1e3:8.3f} ms  {16 * n / copy / 1e9:8.1f} GB/s")
+        for name, seconds in times.items():
+            gbps = moved[name] / seconds / 1e9
+            print(f"  {name:20s} {seconds * 1e3:8.3f} ms  {gbps:8.1f} GB/s  "
+                  f"{gbps / (16 * n / copy / 1e9):5.0%} of copy")
+        for kind in ("loss+grad", "reduced"):
+            print(f"  unfused/fused time, {kind}: "
+                  f"{times['unfused ' + kind] / times['fused ' + kind]:.1f}x")
 
     print(f"{'FAILED' if failures else 'PASSED'}: {failures} mismatches, "
           f"{time.perf_counter() - started:.0f} s total")
