@@ -87,8 +87,9 @@ setup(
     python_requires=">=3.9",
     install_requires=[tensorflow_requirement(), "numpy"],
     # cmake and pybind11 rebuild variants in the tests; cuobjdump reads the
-    # device code of CUDA builds; tf_keras is for the Keras 2 class.
-    extras_require={"keras2": ["tf_keras"],
+    # device code of CUDA builds; tf_keras is for the Keras 2 class;
+    # matplotlib draws the benchmark's plot.
+    extras_require={"keras2": ["tf_keras"], "bench": ["matplotlib"],
                     "test": ["pytest>=7", "cmake>=3.18", "pybind11>=2.10", "tf_keras",
                              "nvidia-cuda-cuobjdump; platform_system == 'Linux'"]},
     zip_safe=False,

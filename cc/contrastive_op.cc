@@ -268,9 +268,9 @@ class ContrastiveLossOp : public OpKernel {
   explicit ContrastiveLossOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
 
   void Compute(OpKernelContext* ctx) override {
-    DType label_type, distance_type;
+    DType label_type = DType::kFloat32, distance_type = DType::kFloat32;
     OP_REQUIRES_OK(ctx, CheckInputs(ctx, &label_type, &distance_type));
-    double margin;
+    double margin = 0;
     OP_REQUIRES_OK(ctx, ReadMargin(ctx->input(2), &margin));
     const Tensor& distances = ctx->input(1);
     // Reuse an input buffer for an output when nothing else holds it.

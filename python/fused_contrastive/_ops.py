@@ -86,26 +86,29 @@ def build_info():
     return info
 
 
-_float64_cache = {}
+_scalar_cache = {}
 
 
-def _float64_scalar(value):
-    """A float64 scalar for the ops' host-memory inputs (margin, loss_scale)."""
-    if tf.is_tensor(value):
+def scalar(value, dtype=tf.float64):
+    """A scalar constant: margin and loss_scale (float64, host memory), or a
+    sample weight of 1."""
+    if not isinstance(value, (int, float)):  # a tensor already (tf.is_tensor is slow)
         return value
     if not tf.executing_eagerly():
-        return tf.constant(value, tf.float64)  # a Const node in the graph
-    # Eager calls reuse one host tensor per value instead of building one per step.
-    tensor = _float64_cache.get(value)
+        return tf.constant(value, dtype)  # a Const node in the graph
+    # Eager calls reuse one tensor per value instead of building one per step
+    # (which costs more than the op itself on small inputs).
+    key = (value, dtype)
+    tensor = _scalar_cache.get(key)
     if tensor is None:
         with tf.device("/cpu:0"):
-            tensor = _float64_cache[value] = tf.constant(value, tf.float64)
+            tensor = _scalar_cache[key] = tf.constant(value, dtype)
     return tensor
 
 
 def loss_and_grad(labels, distances, margin):
     """Runs the fused op on prepared inputs: (per-sample loss, d(loss)/d(distance))."""
-    return _library.fused_contrastive_contrastive_loss(labels, distances, _float64_scalar(margin))
+    return _library.fused_contrastive_contrastive_loss(labels, distances, scalar(margin))
 
 
 def reduced_loss(labels, distances, sample_weight, margin, reduction, loss_scale):
@@ -115,7 +118,7 @@ def reduced_loss(labels, distances, sample_weight, margin, reduction, loss_scale
     tensor of the distances' shape and dtype; loss_scale multiplies the result.
     """
     loss, _, _ = _library.fused_contrastive_contrastive_loss_reduced(
-        labels, distances, sample_weight, _float64_scalar(margin), _float64_scalar(loss_scale),
+        labels, distances, sample_weight, scalar(margin), scalar(loss_scale),
         reduction=reduction)
     return loss
 
@@ -131,6 +134,8 @@ def _is_known_zero(grad):
     if grad is None:
         return True
     if tf.executing_eagerly():
+        if grad.device.endswith("CPU:0"):  # zero-copy view: cheaper than two TF ops
+            return not grad.numpy().any()
         return not bool(tf.reduce_any(tf.not_equal(grad, 0)))
     if grad.op.type == "ZerosLike":
         return True

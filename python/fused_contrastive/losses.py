@@ -99,7 +99,7 @@ class ContrastiveLoss(keras.losses.Loss):
             if distances.shape.rank in (None, 0) or distances.shape.as_list() == [0]:
                 return None
             if sample_weight is None:
-                weights = tf.ones([], distances.dtype)
+                weights = _ops.scalar(1.0, distances.dtype)
                 if mode == "weighted_mean":  # Keras divides by the count then
                     mode = "mean"
             else:
