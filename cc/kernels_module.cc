@@ -186,27 +186,50 @@ DeviceArray FromCudaArrayInterface(const py::object& obj, const char* what,
 
 int64_t ElementCount(const DeviceBuffer& a) { return a.bytes / a.dtype.itemsize(); }
 
+// The arrays both CUDA entry points take, checked: labels and distances of one
+// shape, grad like distances, loss like distances (per-sample) or one value
+// (reduced), outputs of the distances' dtype and writable.
+struct CudaLossArrays {
+  DeviceArray labels, distances, loss, grad;
+};
+
+CudaLossArrays ReadCudaLossArrays(const py::object& labels, const py::object& distances,
+                                  const py::object& loss, const py::object& grad,
+                                  const py::object& labels_dtype,
+                                  const py::object& distances_dtype, bool reduced) {
+  CudaLossArrays a{FromCudaArrayInterface(labels, "labels", labels_dtype),
+                   FromCudaArrayInterface(distances, "distances", distances_dtype),
+                   FromCudaArrayInterface(loss, "loss", distances_dtype),
+                   FromCudaArrayInterface(grad, "grad", distances_dtype)};
+  CheckDistanceDType(a.distances.type);
+  CheckSameShape("distances", a.distances.shape, "labels", a.labels.shape);
+  CheckSameShape("grad", a.grad.shape, "distances", a.distances.shape);
+  if (reduced) {
+    if (ElementCount(a.loss) != 1) throw py::value_error("loss must hold one value");
+  } else {
+    CheckSameShape("loss", a.loss.shape, "distances", a.distances.shape);
+  }
+  if (a.loss.type != a.distances.type || a.grad.type != a.distances.type) {
+    throw py::type_error("loss and grad must have the dtype of distances");
+  }
+  if (a.loss.readonly || a.grad.readonly) throw py::value_error("loss and grad must be writable");
+  return a;
+}
+
+void ThrowIfFailed(const GpuStatus& status) {
+  if (!status.ok()) throw std::runtime_error(std::string("CUDA launch failed: ") + status.error);
+}
+
 void ContrastiveLossCuda(const py::object& labels, const py::object& distances,
                          const py::object& loss, const py::object& grad, double margin,
                          uintptr_t stream, const py::object& labels_dtype,
                          const py::object& distances_dtype) {
   CheckMargin(margin);
-  const DeviceArray y = FromCudaArrayInterface(labels, "labels", labels_dtype);
-  const DeviceArray d = FromCudaArrayInterface(distances, "distances", distances_dtype);
-  const DeviceArray l = FromCudaArrayInterface(loss, "loss", distances_dtype);
-  const DeviceArray g = FromCudaArrayInterface(grad, "grad", distances_dtype);
-  CheckDistanceDType(d.type);
-  CheckSameShape("distances", d.shape, "labels", y.shape);
-  CheckSameShape("loss", l.shape, "distances", d.shape);
-  CheckSameShape("grad", g.shape, "distances", d.shape);
-  if (l.type != d.type || g.type != d.type) {
-    throw py::type_error("loss and grad must have the dtype of distances");
-  }
-  if (l.readonly || g.readonly) throw py::value_error("loss and grad must be writable");
-  const GpuStatus status =
-      ContrastiveLossGpu(y.type, d.type, y.data, d.data, ElementCount(d), margin, l.data, g.data,
-                         reinterpret_cast<void*>(stream));
-  if (!status.ok()) throw std::runtime_error(std::string("CUDA launch failed: ") + status.error);
+  const CudaLossArrays a =
+      ReadCudaLossArrays(labels, distances, loss, grad, labels_dtype, distances_dtype, false);
+  ThrowIfFailed(ContrastiveLossGpu(a.labels.type, a.distances.type, a.labels.data,
+                                   a.distances.data, ElementCount(a.distances), margin,
+                                   a.loss.data, a.grad.data, reinterpret_cast<void*>(stream)));
 }
 
 void ContrastiveLossReducedCuda(const py::object& labels, const py::object& distances,
@@ -217,43 +240,37 @@ void ContrastiveLossReducedCuda(const py::object& labels, const py::object& dist
                                 const py::object& labels_dtype,
                                 const py::object& distances_dtype) {
   CheckMargin(margin);
-  const DeviceArray y = FromCudaArrayInterface(labels, "labels", labels_dtype);
-  const DeviceArray d = FromCudaArrayInterface(distances, "distances", distances_dtype);
+  const CudaLossArrays a =
+      ReadCudaLossArrays(labels, distances, loss, grad, labels_dtype, distances_dtype, true);
   const DeviceArray w = FromCudaArrayInterface(sample_weight, "sample_weight", distances_dtype);
-  const DeviceArray l = FromCudaArrayInterface(loss, "loss", distances_dtype);
-  const DeviceArray g = FromCudaArrayInterface(grad, "grad", distances_dtype);
   const DeviceArray s = FromCudaArrayInterface(gradient_scale, "gradient_scale", py::none());
   const DeviceBuffer ws = DeviceBufferOf(workspace, "workspace");
-  CheckDistanceDType(d.type);
-  CheckSameShape("distances", d.shape, "labels", y.shape);
-  CheckSameShape("grad", g.shape, "distances", d.shape);
-  if (!w.shape.empty()) CheckSameShape("sample_weight", w.shape, "distances", d.shape);
-  if (w.type != d.type || l.type != d.type || g.type != d.type) {
-    throw py::type_error("sample_weight, loss and grad must have the dtype of distances");
+  if (!w.shape.empty()) CheckSameShape("sample_weight", w.shape, "distances", a.distances.shape);
+  if (w.type != a.distances.type) {
+    throw py::type_error("sample_weight must have the dtype of distances");
   }
-  if (s.type != DType::kFloat64 || ElementCount(s) != 1 || ElementCount(l) != 1) {
-    throw py::value_error("loss must hold one value and gradient_scale one float64");
+  if (s.type != DType::kFloat64 || ElementCount(s) != 1) {
+    throw py::value_error("gradient_scale must hold one float64");
   }
-  const int64_t n = ElementCount(d);
+  const int64_t n = ElementCount(a.distances);
   if (ws.bytes < ContrastiveLossReducedGpuWorkspace(n)) {
     throw py::value_error("workspace is smaller than reduced_workspace_bytes(n)");
   }
   ReducedLossArgs args;
-  args.label_type = y.type;
-  args.distance_type = d.type;
-  args.labels = y.data;
-  args.distances = d.data;
+  args.label_type = a.labels.type;
+  args.distance_type = a.distances.type;
+  args.labels = a.labels.data;
+  args.distances = a.distances.data;
   args.weights = w.data;
   args.scalar_weight = w.shape.empty();
   args.n = n;
   args.margin = margin;
   args.reduction = ReductionFromName(reduction);
   args.loss_scale = loss_scale;
-  args.loss = l.data;
-  args.grad = g.data;
+  args.loss = a.loss.data;
+  args.grad = a.grad.data;
   args.gradient_scale = s.data;
-  const GpuStatus status = ContrastiveLossReducedGpu(args, ws.data, reinterpret_cast<void*>(stream));
-  if (!status.ok()) throw std::runtime_error(std::string("CUDA launch failed: ") + status.error);
+  ThrowIfFailed(ContrastiveLossReducedGpu(args, ws.data, reinterpret_cast<void*>(stream)));
 }
 
 void ScaleCuda(const py::object& gradient, const py::object& scale, const py::object& out,
@@ -266,9 +283,9 @@ void ScaleCuda(const py::object& gradient, const py::object& scale, const py::ob
   if (ElementCount(s) != 1 || s.type != g.type || o.type != g.type) {
     throw py::value_error("scale must be one value of the gradient's dtype, out that dtype");
   }
-  const GpuStatus status =
-      ScaleGpu(g.type, g.data, s.data, ElementCount(g), o.data, reinterpret_cast<void*>(stream));
-  if (!status.ok()) throw std::runtime_error(std::string("CUDA launch failed: ") + status.error);
+  if (o.readonly) throw py::value_error("out must be writable");
+  ThrowIfFailed(
+      ScaleGpu(g.type, g.data, s.data, ElementCount(g), o.data, reinterpret_cast<void*>(stream)));
 }
 #endif
 

@@ -37,6 +37,21 @@ def random_distances(rng, shape, dtype, high=2.0):
     return tf.cast(tf.constant(rng.uniform(0.0, high, size=shape)), dtype)
 
 
+def pair_data(rng, n=256, features=6):
+    """Inputs and 0/1 labels that a small model can learn: "similar" pairs have
+    a positive first feature."""
+    x = rng.normal(size=(n, features)).astype("float32")
+    return x, (x[:, 0] > 0).astype("float32")
+
+
+def distance_model(features=6):
+    """A small Keras model whose [B, 1] output is a non-negative distance."""
+    import keras
+
+    return keras.Sequential([keras.Input((features,)), keras.layers.Dense(8, activation="relu"),
+                             keras.layers.Dense(1, activation="softplus")])
+
+
 def run_python(code, timeout=600, **env):
     """Runs `code` in a fresh Python process with extra environment variables."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,

@@ -4,27 +4,16 @@ loading in another, mixed precision, and TF Addons' documented usage."""
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_python
+from conftest import distance_model, pair_data, run_python
 
 import keras
 from fused_contrastive import ContrastiveLoss, contrastive_loss_reference
 
 
-def _data(rng, n=256, features=6):
-    x = rng.normal(size=(n, features)).astype("float32")
-    y = (x[:, 0] > 0).astype("float32")  # "similar" pairs have a positive first feature
-    return x, y
-
-
-def _model(features=6, output_dtype=None):
-    return keras.Sequential([keras.Input((features,)), keras.layers.Dense(8, activation="relu"),
-                             keras.layers.Dense(1, activation="softplus", dtype=output_dtype)])
-
-
 def test_fit_evaluate_predict(rng):
     keras.utils.set_random_seed(4)
-    x, y = _data(rng)
-    model = _model()
+    x, y = pair_data(rng)
+    model = distance_model()
     model.compile(optimizer=keras.optimizers.Adam(0.02), loss=ContrastiveLoss(margin=1.0),
                   jit_compile=False)
     losses = model.fit(x, y, epochs=5, batch_size=32, verbose=0).history["loss"]
@@ -69,12 +58,12 @@ def test_lookup_by_registered_name(rng):
     # Keras 3's compile() resolves plain strings among its built-in losses only
     # (and reads a dict as one loss per output), so the registered name goes
     # through Keras' deserialisation instead.
-    x, y = _data(rng, n=32)
+    x, y = pair_data(rng, n=32)
     loss = keras.losses.deserialize({"class_name": "fused_contrastive>ContrastiveLoss",
                                      "config": {"margin": 2.0}})
     assert isinstance(loss, ContrastiveLoss) and loss.margin == 2.0
     assert keras.saving.get_registered_object("fused_contrastive>ContrastiveLoss") is ContrastiveLoss
-    model = _model()
+    model = distance_model()
     model.compile(loss=loss)
     expected = tf.reduce_mean(contrastive_loss_reference(y, model.predict(x, verbose=0), 2.0))
     np.testing.assert_allclose(model.evaluate(x, y, batch_size=32, verbose=0), expected,
@@ -83,8 +72,8 @@ def test_lookup_by_registered_name(rng):
 
 def test_keras_file_loads_in_a_fresh_process(rng, tmp_path):
     keras.utils.set_random_seed(6)
-    x, y = _data(rng, n=64)
-    model = _model()
+    x, y = pair_data(rng, n=64)
+    model = distance_model()
     model.compile(optimizer="adam", loss=ContrastiveLoss(margin=1.7, reduction="sum"))
     model.fit(x, y, epochs=1, verbose=0)
     np.savez(tmp_path / "data.npz", x=x, y=y)
@@ -106,10 +95,10 @@ def test_keras_file_loads_in_a_fresh_process(rng, tmp_path):
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_trains_with_the_loss_in_float32(rng, policy):
     keras.utils.set_random_seed(7)
-    x, y = _data(rng)
+    x, y = pair_data(rng)
     keras.mixed_precision.set_global_policy(policy)
     try:
-        model = _model()
+        model = distance_model()
         assert model(x[:2]).dtype == ("float16" if policy == "mixed_float16" else "bfloat16")
         loss = ContrastiveLoss()
         assert loss.dtype == "float32"
@@ -125,8 +114,8 @@ def test_mixed_precision_trains_with_the_loss_in_float32(rng, policy):
 
 def test_explicit_loss_scale_optimizer(rng):
     keras.utils.set_random_seed(8)
-    x, y = _data(rng)
-    model = _model()
+    x, y = pair_data(rng)
+    model = distance_model()
     optimizer = keras.optimizers.LossScaleOptimizer(keras.optimizers.Adam(0.02))
     model.compile(optimizer=optimizer, loss=ContrastiveLoss(), jit_compile=False)
     losses = model.fit(x, y, epochs=4, batch_size=32, verbose=0).history["loss"]

@@ -9,7 +9,7 @@ import textwrap
 
 import numpy as np
 import tensorflow as tf
-from conftest import run_python
+from conftest import distance_model, pair_data, run_python
 
 import keras
 from fused_contrastive import ContrastiveLoss
@@ -38,10 +38,8 @@ class Exported(tf.Module):
 
 def test_saved_model_round_trip_in_a_fresh_process(rng, tmp_path):
     keras.utils.set_random_seed(9)
-    x = rng.normal(size=(64, 6)).astype("float32")
-    y = (x[:, 0] > 0).astype("float32")
-    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
-                              keras.layers.Dense(1, activation="softplus")])
+    x, y = pair_data(rng, n=64)
+    model = distance_model()
     model.compile(optimizer="adam", loss=ContrastiveLoss(margin=1.2), jit_compile=False)
     model.fit(x, y, epochs=2, verbose=0)
     exported = Exported(model)

@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import DISTANCE_DTYPES, LABEL_DTYPES, random_distances, random_labels, run_python
+from conftest import (DISTANCE_DTYPES, LABEL_DTYPES, distance_model, pair_data, random_distances,
+                      random_labels, run_python)
 
 import keras
 from fused_contrastive import ContrastiveLoss, contrastive_loss
@@ -57,10 +58,8 @@ def test_xla_shape_mismatch_names_both_shapes():
 @pytest.mark.parametrize("jit_compile", [True, "auto"])
 def test_keras_trains_with_jit_compile(rng, jit_compile):
     keras.utils.set_random_seed(3)
-    x = rng.normal(size=(256, 6)).astype("float32")
-    y = (x[:, 0] > 0).astype("float32")
-    model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8, activation="relu"),
-                              keras.layers.Dense(1, activation="softplus")])
+    x, y = pair_data(rng)
+    model = distance_model()
     model.compile(optimizer=keras.optimizers.Adam(0.02), loss=ContrastiveLoss(margin=1.0),
                   jit_compile=jit_compile)
     losses = model.fit(x, y, epochs=6, batch_size=32, verbose=0).history["loss"]
