@@ -22,7 +22,7 @@
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
-#include "tf_dtypes.h"
+#include "tf_shared.h"
 #include "unsupported/Eigen/CXX11/Tensor"
 
 namespace fused_contrastive {
@@ -35,13 +35,6 @@ using ::tensorflow::OpKernelContext;
 using ::tensorflow::Tensor;
 using ::tensorflow::shape_inference::InferenceContext;
 using ::tensorflow::shape_inference::ShapeHandle;
-
-absl::Status ShapeMismatch(const char* what, const std::string& labels,
-                           const std::string& other) {
-  return absl::InvalidArgumentError(absl::StrCat("contrastive loss: labels and ", what,
-                                                 " must have the same shape, got labels ", labels,
-                                                 " and ", what, " ", other));
-}
 
 absl::Status UnsupportedPair(DataType labels, DataType distances) {
   return absl::InvalidArgumentError(absl::StrCat(
@@ -65,11 +58,7 @@ absl::Status ReadScalar(const Tensor& t, const char* what, double* value) {
 // be a variable (a margin schedule). It lives in host memory on every device.
 absl::Status ReadMargin(const Tensor& t, double* margin) {
   TF_RETURN_IF_ERROR(ReadScalar(t, "margin", margin));
-  if (!IsValidMargin(*margin)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "contrastive loss: margin must be finite and non-negative, got ", *margin));
-  }
-  return absl::OkStatus();
+  return CheckMargin(*margin);
 }
 
 // Labels and distances, merged; shared by both loss ops' shape functions.
@@ -288,10 +277,7 @@ template <typename Device>
 class ContrastiveLossReducedOp : public OpKernel {
  public:
   explicit ContrastiveLossReducedOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
-    std::string reduction;
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("reduction", &reduction));
-    OP_REQUIRES(ctx, ParseReduction(reduction, &reduction_),
-                absl::InvalidArgumentError(absl::StrCat("unknown reduction ", reduction)));
+    OP_REQUIRES_OK(ctx, ReadReduction(ctx, &reduction_));
   }
 
   void Compute(OpKernelContext* ctx) override {

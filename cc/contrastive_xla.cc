@@ -13,7 +13,7 @@
 #include "tensorflow/core/framework/kernel_def_builder.h"
 #include "tensorflow/core/framework/node_def.pb.h"
 #include "tensorflow/core/framework/op_kernel.h"
-#include "tf_dtypes.h"
+#include "tf_shared.h"
 #include "xla/hlo/builder/xla_builder.h"
 
 namespace fused_contrastive {
@@ -39,23 +39,15 @@ struct ComputeInputs {
 
 // Shapes and a constant margin are checked here: XLA programs cannot fail at
 // run time (the Python layer has already checked a number margin).
-absl::Status ShapeMismatch(const char* what, const tensorflow::TensorShape& labels,
-                           const tensorflow::TensorShape& other) {
-  return absl::InvalidArgumentError(absl::StrCat(
-      "contrastive loss: labels and ", what, " must have the same shape, got labels ",
-      labels.DebugString(), " and ", what, " ", other.DebugString()));
-}
-
 absl::Status ReadInputs(tensorflow::XlaOpKernelContext* ctx, int margin_input,
                         ComputeInputs* in) {
   if (ctx->InputShape(0) != ctx->InputShape(1)) {
-    return ShapeMismatch("distances", ctx->InputShape(0), ctx->InputShape(1));
+    return ShapeMismatch("distances", ctx->InputShape(0).DebugString(),
+                         ctx->InputShape(1).DebugString());
   }
   double margin_value;
-  if (ctx->ConstantInputAsFloatScalar(margin_input, &margin_value).ok() &&
-      !IsValidMargin(margin_value)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "contrastive loss: margin must be finite and non-negative, got ", margin_value));
+  if (ctx->ConstantInputAsFloatScalar(margin_input, &margin_value).ok()) {
+    TF_RETURN_IF_ERROR(CheckMargin(margin_value));
   }
   in->out_type = ctx->input_xla_type(1);
   in->compute =
@@ -85,7 +77,7 @@ class ContrastiveLossReducedXlaOp : public tensorflow::XlaOpKernel {
  public:
   explicit ContrastiveLossReducedXlaOp(tensorflow::OpKernelConstruction* ctx)
       : XlaOpKernel(ctx) {
-    OP_REQUIRES_OK(ctx, ctx->GetAttr("reduction", &reduction_));
+    OP_REQUIRES_OK(ctx, ReadReduction(ctx, &reduction_));
   }
 
   void Compile(tensorflow::XlaOpKernelContext* ctx) override {
@@ -94,7 +86,8 @@ class ContrastiveLossReducedXlaOp : public tensorflow::XlaOpKernel {
     const tensorflow::TensorShape weight_shape = ctx->InputShape(2);
     const bool scalar_weight = weight_shape.dims() == 0;
     OP_REQUIRES(ctx, scalar_weight || weight_shape == ctx->InputShape(1),
-                ShapeMismatch("sample_weight", ctx->InputShape(0), weight_shape));
+                ShapeMismatch("sample_weight", ctx->InputShape(0).DebugString(),
+                              weight_shape.DebugString()));
     xla::XlaBuilder* builder = ctx->builder();
     const xla::XlaComputation add = xla::CreateScalarAddComputation(xla::F64, builder);
     const xla::XlaOp zero = xla::ConstantR0<double>(builder, 0.0);
@@ -105,9 +98,9 @@ class ContrastiveLossReducedXlaOp : public tensorflow::XlaOpKernel {
     const xla::XlaOp w64 = xla::ConvertElementType(w, xla::F64);
 
     xla::XlaOp divisor = xla::ConstantR0<double>(builder, 1.0);
-    if (reduction_ == "mean") {
+    if (reduction_ == Reduction::kMean) {
       divisor = xla::ConstantR0<double>(builder, ctx->InputShape(1).num_elements());
-    } else if (reduction_ == "weighted_mean") {
+    } else if (reduction_ == Reduction::kWeightedMean) {
       divisor = scalar_weight ? w64 : sum(w);
     }
     const xla::XlaOp inverse =
@@ -124,7 +117,7 @@ class ContrastiveLossReducedXlaOp : public tensorflow::XlaOpKernel {
   }
 
  private:
-  std::string reduction_;
+  Reduction reduction_;
 };
 
 class ScaleGradientXlaOp : public tensorflow::XlaOpKernel {
