@@ -2,7 +2,7 @@
 
 The object needs no TensorFlow headers and no cudart of its own: the op
 library resolves the CUDA runtime calls against the cudart that
-libtensorflow_framework exports (see BUILD_NOTES / CMakeLists.txt).
+libtensorflow_framework exports (see the CUDA section of CMakeLists.txt).
 """
 
 load("@local_cuda//:config.bzl", "NVCC")

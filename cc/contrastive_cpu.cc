@@ -9,14 +9,15 @@ namespace {
 
 template <typename L, typename D>
 void LossAndGradRange(const L* labels, const D* distances, int64_t begin, int64_t end,
-                      ComputeType<D> margin, D* loss, D* grad) {
+                      ComputeType<D> margin, int similar_label, D* loss, D* grad) {
   using C = ComputeType<D>;
   // Straight-line body over plain arrays: GCC vectorises it for the 32/64-bit
-  // types; the 16-bit conversions are integer bit work.
+  // types (similar_label is loop-invariant and gets unswitched); the 16-bit
+  // conversions are integer bit work.
   for (int64_t i = begin; i < end; ++i) {
     C l, g;
     contrastive_loss_and_grad(Convert<C>::from(labels[i]), Convert<C>::from(distances[i]), margin,
-                              &l, &g);
+                              similar_label, &l, &g);
     loss[i] = Store<D>::to(l);
     grad[i] = Store<D>::to(g);
   }
@@ -45,33 +46,27 @@ double BlockedSum(int64_t n, const ElementCost& element_cost, const ParallelFor&
   return total;
 }
 
-// Elements summed in the compute type before the running sum takes them in
-// double: short enough that float rounding stays far below the 1e-6 relative
-// accuracy the reduced loss must have (the bound for 32 non-negative terms is
-// 31 ulp; typical error is far smaller), long enough that the double additions
-// no longer dominate the loop.
-constexpr int64_t kChunk = 32;
 
-// Sum of w*loss over [begin, end), writing grad = dloss * w * grad_scale.
+// Sum of w*loss over [begin, end), writing grad = dloss * w * scale.
 // `omp simd` lets the chunk sums vectorise; their lane-wise order is fixed for
 // a given binary, so results stay deterministic.
 template <bool kScalarWeight, typename L, typename D>
 double WeightedLossAndGradRange(const L* labels, const D* distances, const D* weights,
                                 int64_t begin, int64_t end, ComputeType<D> margin,
-                                ComputeType<D> grad_scale, D* grad) {
+                                int similar_label, ComputeType<D> scale, D* grad) {
   using C = ComputeType<D>;
   const C scalar_weight = kScalarWeight ? Convert<C>::from(weights[0]) : C(0);
   double sum = 0;
-  for (int64_t chunk = begin; chunk < end; chunk += kChunk) {
-    const int64_t stop = std::min(end, chunk + kChunk);
+  for (int64_t chunk = begin; chunk < end; chunk += kFloatSumChunk) {
+    const int64_t stop = std::min(end, chunk + kFloatSumChunk);
     C chunk_sum = 0;
 #pragma omp simd reduction(+ : chunk_sum)
     for (int64_t i = chunk; i < stop; ++i) {
       C l, g;
       contrastive_loss_and_grad(Convert<C>::from(labels[i]), Convert<C>::from(distances[i]),
-                                margin, &l, &g);
+                                margin, similar_label, &l, &g);
       const C w = kScalarWeight ? scalar_weight : Convert<C>::from(weights[i]);
-      grad[i] = Store<D>::to(g * (w * grad_scale));
+      grad[i] = Store<D>::to(g * (w * scale));
       chunk_sum += l * w;
     }
     sum += static_cast<double>(chunk_sum);
@@ -85,62 +80,64 @@ void SerialFor(int64_t n, const ElementCost&, const ShardFn& work) {
   if (n > 0) work(0, n);
 }
 
-bool ContrastiveLossCpu(DType label_type, DType distance_type, const void* labels,
-                        const void* distances, int64_t n, double margin, void* loss, void* grad,
+bool ContrastiveLossCpu(const LossInputs& in, void* loss, void* grad,
                         const ParallelFor& parallel_for) {
-  return VisitLabelAndDistance(label_type, distance_type, [&](auto l_tag, auto d_tag) {
+  return VisitLabelAndDistance(in.label_type, in.distance_type, [&](auto l_tag, auto d_tag) {
     using L = typename decltype(l_tag)::type;
     using D = typename decltype(d_tag)::type;
-    const auto* y = static_cast<const L*>(labels);
-    const auto* d = static_cast<const D*>(distances);
+    const auto* y = static_cast<const L*>(in.labels);
+    const auto* d = static_cast<const D*>(in.distances);
     auto* out_loss = static_cast<D*>(loss);
     auto* out_grad = static_cast<D*>(grad);
-    const auto m = static_cast<ComputeType<D>>(margin);
+    const auto m = static_cast<ComputeType<D>>(in.margin);
+    const int similar_label = in.similar_label;
     const ElementCost cost{double(sizeof(L) + sizeof(D)), double(2 * sizeof(D)), 12.0};
-    parallel_for(n, cost, [=](int64_t begin, int64_t end) {
-      LossAndGradRange(y, d, begin, end, m, out_loss, out_grad);
+    parallel_for(in.n, cost, [=](int64_t begin, int64_t end) {
+      LossAndGradRange(y, d, begin, end, m, similar_label, out_loss, out_grad);
     });
   });
 }
 
 bool ContrastiveLossReducedCpu(const ReducedLossArgs& a, const ParallelFor& parallel_for) {
-  return VisitLabelAndDistance(a.label_type, a.distance_type, [&](auto l_tag, auto d_tag) {
+  const LossInputs& in = a.in;
+  return VisitLabelAndDistance(in.label_type, in.distance_type, [&](auto l_tag, auto d_tag) {
     using L = typename decltype(l_tag)::type;
     using D = typename decltype(d_tag)::type;
     using C = ComputeType<D>;
-    const auto* y = static_cast<const L*>(a.labels);
-    const auto* d = static_cast<const D*>(a.distances);
+    const auto* y = static_cast<const L*>(in.labels);
+    const auto* d = static_cast<const D*>(in.distances);
     const auto* w = static_cast<const D*>(a.weights);
     auto* grad = static_cast<D*>(a.grad);
 
-    double divisor = 1;
-    if (a.reduction == Reduction::kMean) {
-      divisor = static_cast<double>(a.n);
-    } else if (a.reduction == Reduction::kWeightedMean) {
-      divisor = a.scalar_weight
-                    ? Convert<double>::from(w[0])
-                    : BlockedSum(a.n, ElementCost{sizeof(D), 0, 1}, parallel_for,
-                                 [w](int64_t begin, int64_t end) {
-                                   double sum = 0;
+    double weight_total = 0;
+    if (a.reduction == Reduction::kWeightedMean) {
+      weight_total = a.scalar_weight
+                         ? Convert<double>::from(w[0])
+                         : BlockedSum(in.n, ElementCost{sizeof(D), 0, 1}, parallel_for,
+                                      [w](int64_t begin, int64_t end) {
+                                        double sum = 0;
 #pragma omp simd reduction(+ : sum)
-                                   for (int64_t i = begin; i < end; ++i) {
-                                     sum += Convert<double>::from(w[i]);
-                                   }
-                                   return sum;
-                                 });
+                                        for (int64_t i = begin; i < end; ++i) {
+                                          sum += Convert<double>::from(w[i]);
+                                        }
+                                        return sum;
+                                      });
     }
-    const double inverse = divisor == 0 ? 0 : a.loss_scale / divisor;
-    *static_cast<double*>(a.gradient_scale) = inverse;
-    const C m = static_cast<C>(a.margin);
-    const C grad_scale = static_cast<C>(inverse);
+    const double scale = reduction_scale(a.reduction, static_cast<double>(in.n), weight_total,
+                                         a.loss_scale);
+    *a.reduction_scale = scale;
+    const C m = static_cast<C>(in.margin);
+    const C scale_c = static_cast<C>(scale);
+    const int similar_label = in.similar_label;
     const ElementCost cost{double(sizeof(L) + sizeof(D) * (a.scalar_weight ? 1 : 2)),
                            double(sizeof(D)), 14.0};
-    const double sum = BlockedSum(a.n, cost, parallel_for, [&](int64_t begin, int64_t end) {
-      return a.scalar_weight
-                 ? WeightedLossAndGradRange<true>(y, d, w, begin, end, m, grad_scale, grad)
-                 : WeightedLossAndGradRange<false>(y, d, w, begin, end, m, grad_scale, grad);
+    const double sum = BlockedSum(in.n, cost, parallel_for, [&](int64_t begin, int64_t end) {
+      return a.scalar_weight ? WeightedLossAndGradRange<true>(y, d, w, begin, end, m,
+                                                              similar_label, scale_c, grad)
+                             : WeightedLossAndGradRange<false>(y, d, w, begin, end, m,
+                                                               similar_label, scale_c, grad);
     });
-    *static_cast<D*>(a.loss) = Store<D>::to(static_cast<C>(sum * inverse));
+    *static_cast<D*>(a.loss) = Store<D>::to(static_cast<C>(sum * scale));
   });
 }
 

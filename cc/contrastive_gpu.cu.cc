@@ -25,7 +25,8 @@ struct alignas(sizeof(T) * V) Pack {
 
 template <int V, typename L, typename D>
 __global__ void ContrastiveLossKernel(const L* __restrict__ labels, const D* __restrict__ distances,
-                                      int64_t n, ComputeType<D> margin, D* loss, D* grad) {
+                                      int64_t n, ComputeType<D> margin, int similar_label,
+                                      D* loss, D* grad) {
   using C = ComputeType<D>;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -37,7 +38,8 @@ __global__ void ContrastiveLossKernel(const L* __restrict__ labels, const D* __r
 #pragma unroll
     for (int k = 0; k < V; ++k) {
       C l, g;
-      contrastive_loss_and_grad(Convert<C>::from(y.v[k]), Convert<C>::from(d.v[k]), margin, &l, &g);
+      contrastive_loss_and_grad(Convert<C>::from(y.v[k]), Convert<C>::from(d.v[k]), margin,
+                                similar_label, &l, &g);
       out_loss.v[k] = Store<D>::to(l);
       out_grad.v[k] = Store<D>::to(g);
     }
@@ -48,7 +50,7 @@ __global__ void ContrastiveLossKernel(const L* __restrict__ labels, const D* __r
   for (int64_t i = packs * V + first; i < n; i += stride) {
     C l, g;
     contrastive_loss_and_grad(Convert<C>::from(labels[i]), Convert<C>::from(distances[i]), margin,
-                              &l, &g);
+                              similar_label, &l, &g);
     loss[i] = Store<D>::to(l);
     grad[i] = Store<D>::to(g);
   }
@@ -87,31 +89,26 @@ __global__ void WeightSumKernel(const D* __restrict__ weights, int64_t n, double
   if (threadIdx.x == 0) block_sums[blockIdx.x] = total;
 }
 
-// Writes loss_scale / divisor (0 for a zero divisor) for the main kernel.
+// Writes reduction_scale() for the main kernel.
 template <typename D>
-__global__ void InverseDivisorKernel(Reduction reduction, const D* weights, bool scalar_weight,
+__global__ void ReductionScaleKernel(Reduction reduction, const D* weights, bool scalar_weight,
                                      int64_t n, const double* weight_block_sums, int blocks,
-                                     double loss_scale, double* inverse) {
+                                     double loss_scale, double* scale) {
   double partial = 0;
   for (int b = threadIdx.x; b < blocks; b += blockDim.x) partial += weight_block_sums[b];
   const double weight_sum = BlockSum(partial);
   if (threadIdx.x != 0) return;
-  double divisor = 1;
-  if (reduction == Reduction::kMean) {
-    divisor = static_cast<double>(n);
-  } else if (reduction == Reduction::kWeightedMean) {
-    divisor = scalar_weight ? Convert<double>::from(weights[0]) : weight_sum;
-  }
-  *inverse = divisor == 0 ? 0 : loss_scale / divisor;
+  const double weight_total = scalar_weight ? Convert<double>::from(weights[0]) : weight_sum;
+  *scale = reduction_scale(reduction, static_cast<double>(n), weight_total, loss_scale);
 }
 
 template <typename L, typename D>
 __global__ void ReducedLossKernel(const L* __restrict__ labels, const D* __restrict__ distances,
                                   const D* __restrict__ weights, bool scalar_weight, int64_t n,
-                                  ComputeType<D> margin, const double* inverse, D* grad,
-                                  double* block_sums) {
+                                  ComputeType<D> margin, int similar_label, const double* scale,
+                                  D* grad, double* block_sums) {
   using C = ComputeType<D>;
-  const C grad_scale = static_cast<C>(*inverse);
+  const C scale_c = static_cast<C>(*scale);
   const C scalar = scalar_weight ? Convert<C>::from(weights[0]) : C(0);
   double sum = 0;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
@@ -119,9 +116,9 @@ __global__ void ReducedLossKernel(const L* __restrict__ labels, const D* __restr
        i += stride) {
     C l, g;
     contrastive_loss_and_grad(Convert<C>::from(labels[i]), Convert<C>::from(distances[i]), margin,
-                              &l, &g);
+                              similar_label, &l, &g);
     const C w = scalar_weight ? scalar : Convert<C>::from(weights[i]);
-    grad[i] = Store<D>::to(g * (w * grad_scale));
+    grad[i] = Store<D>::to(g * (w * scale_c));
     sum += static_cast<double>(l) * static_cast<double>(w);
   }
   const double total = BlockSum(sum);
@@ -129,12 +126,12 @@ __global__ void ReducedLossKernel(const L* __restrict__ labels, const D* __restr
 }
 
 template <typename D>
-__global__ void FinishLossKernel(const double* block_sums, int blocks, const double* inverse,
+__global__ void FinishLossKernel(const double* block_sums, int blocks, const double* scale,
                                  D* loss) {
   double partial = 0;
   for (int b = threadIdx.x; b < blocks; b += blockDim.x) partial += block_sums[b];
   const double total = BlockSum(partial);
-  if (threadIdx.x == 0) *loss = Store<D>::to(static_cast<ComputeType<D>>(total * *inverse));
+  if (threadIdx.x == 0) *loss = Store<D>::to(static_cast<ComputeType<D>>(total * *scale));
 }
 
 template <typename D>
@@ -158,36 +155,33 @@ bool Aligned(const void* p, size_t bytes) {
 }
 
 template <int V, typename L, typename D>
-void Launch(const L* labels, const D* distances, int64_t n, double margin, D* loss, D* grad,
-            cudaStream_t stream) {
-  const int64_t work = std::max<int64_t>(n / V, 1);
+void Launch(const LossInputs& in, D* loss, D* grad, cudaStream_t stream) {
+  const int64_t work = std::max<int64_t>(in.n / V, 1);
   const int64_t blocks = std::min(kMaxBlocks, (work + kThreadsPerBlock - 1) / kThreadsPerBlock);
   ContrastiveLossKernel<V><<<static_cast<int>(blocks), kThreadsPerBlock, 0, stream>>>(
-      labels, distances, n, static_cast<ComputeType<D>>(margin), loss, grad);
+      static_cast<const L*>(in.labels), static_cast<const D*>(in.distances), in.n,
+      static_cast<ComputeType<D>>(in.margin), in.similar_label, loss, grad);
 }
 
 }  // namespace
 
-GpuStatus ContrastiveLossGpu(DType label_type, DType distance_type, const void* labels,
-                             const void* distances, int64_t n, double margin, void* loss,
-                             void* grad, void* stream) {
-  if (n == 0) return GpuStatus{};
-  const bool supported = VisitLabelAndDistance(label_type, distance_type, [&](auto l_tag, auto d_tag) {
+GpuStatus ContrastiveLossGpu(const LossInputs& in, void* loss, void* grad, void* stream) {
+  if (in.n == 0) return GpuStatus{};
+  const bool supported = VisitLabelAndDistance(in.label_type, in.distance_type, [&](auto l_tag,
+                                                                                     auto d_tag) {
     using L = typename decltype(l_tag)::type;
     using D = typename decltype(d_tag)::type;
     // 16-byte accesses for the distance-typed streams (labels follow with the
     // same element count) whenever every pointer allows it.
     constexpr int V = 16 / sizeof(D);
-    const auto* y = static_cast<const L*>(labels);
-    const auto* d = static_cast<const D*>(distances);
     auto* out_loss = static_cast<D*>(loss);
     auto* out_grad = static_cast<D*>(grad);
     auto s = static_cast<cudaStream_t>(stream);
-    if (Aligned(y, sizeof(Pack<L, V>)) && Aligned(d, sizeof(Pack<D, V>)) &&
+    if (Aligned(in.labels, sizeof(Pack<L, V>)) && Aligned(in.distances, sizeof(Pack<D, V>)) &&
         Aligned(out_loss, sizeof(Pack<D, V>)) && Aligned(out_grad, sizeof(Pack<D, V>))) {
-      Launch<V>(y, d, n, margin, out_loss, out_grad, s);
+      Launch<V, L>(in, out_loss, out_grad, s);
     } else {
-      Launch<1>(y, d, n, margin, out_loss, out_grad, s);
+      Launch<1, L>(in, out_loss, out_grad, s);
     }
   });
   if (!supported) return GpuStatus{"unsupported dtype pair"};
@@ -200,25 +194,27 @@ int64_t ContrastiveLossReducedGpuWorkspace(int64_t) {
 }
 
 GpuStatus ContrastiveLossReducedGpu(const ReducedLossArgs& a, void* workspace, void* stream) {
-  const int blocks = static_cast<int>(ReduceBlocks(a.n));
+  const LossInputs& in = a.in;
+  const int blocks = static_cast<int>(ReduceBlocks(in.n));
   double* loss_sums = static_cast<double*>(workspace);
   double* weight_sums = loss_sums + kMaxReduceBlocks;
-  auto* inverse = static_cast<double*>(a.gradient_scale);
+  double* scale = a.reduction_scale;
   auto s = static_cast<cudaStream_t>(stream);
-  const bool supported = VisitLabelAndDistance(a.label_type, a.distance_type, [&](auto l_tag,
-                                                                                   auto d_tag) {
+  const bool supported = VisitLabelAndDistance(in.label_type, in.distance_type, [&](auto l_tag,
+                                                                                     auto d_tag) {
     using L = typename decltype(l_tag)::type;
     using D = typename decltype(d_tag)::type;
     const auto* w = static_cast<const D*>(a.weights);
     const bool weight_pass = a.reduction == Reduction::kWeightedMean && !a.scalar_weight;
-    if (weight_pass) WeightSumKernel<<<blocks, kReduceThreads, 0, s>>>(w, a.n, weight_sums);
-    InverseDivisorKernel<<<1, kReduceThreads, 0, s>>>(a.reduction, w, a.scalar_weight, a.n,
+    if (weight_pass) WeightSumKernel<<<blocks, kReduceThreads, 0, s>>>(w, in.n, weight_sums);
+    ReductionScaleKernel<<<1, kReduceThreads, 0, s>>>(a.reduction, w, a.scalar_weight, in.n,
                                                       weight_sums, weight_pass ? blocks : 0,
-                                                      a.loss_scale, inverse);
+                                                      a.loss_scale, scale);
     ReducedLossKernel<<<blocks, kReduceThreads, 0, s>>>(
-        static_cast<const L*>(a.labels), static_cast<const D*>(a.distances), w, a.scalar_weight,
-        a.n, static_cast<ComputeType<D>>(a.margin), inverse, static_cast<D*>(a.grad), loss_sums);
-    FinishLossKernel<<<1, kReduceThreads, 0, s>>>(loss_sums, blocks, inverse,
+        static_cast<const L*>(in.labels), static_cast<const D*>(in.distances), w,
+        a.scalar_weight, in.n, static_cast<ComputeType<D>>(in.margin), in.similar_label, scale,
+        static_cast<D*>(a.grad), loss_sums);
+    FinishLossKernel<<<1, kReduceThreads, 0, s>>>(loss_sums, blocks, scale,
                                                   static_cast<D*>(a.loss));
   });
   if (!supported) return GpuStatus{"unsupported dtype pair"};

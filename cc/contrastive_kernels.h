@@ -8,6 +8,7 @@
 #include <functional>
 #include <string>
 
+#include "contrastive_math.h"
 #include "dtypes.h"
 
 namespace fused_contrastive {
@@ -32,21 +33,27 @@ inline bool IsValidMargin(double margin) { return std::isfinite(margin) && margi
 // Runs everything on the calling thread.
 void SerialFor(int64_t n, const ElementCost& cost, const ShardFn& work);
 
-// One pass over n labels and distances writes the per-sample loss and
-// d(loss)/d(distance), both of the distance dtype. loss/grad may alias
-// distances/labels when the element types match: each element is read before
-// it is written. Returns false (and does nothing) for an unsupported dtype pair.
-bool ContrastiveLossCpu(DType label_type, DType distance_type, const void* labels,
-                        const void* distances, int64_t n, double margin, void* loss, void* grad,
+// What every contrastive-loss kernel reads: n labels and n distances (device
+// pointers for the GPU kernels), each aligned to its element type.
+struct LossInputs {
+  DType label_type;
+  DType distance_type;
+  const void* labels;
+  const void* distances;
+  int64_t n;
+  double margin;
+  int similar_label;  // the label value of a similar pair: 1 or 0
+};
+
+// One pass over the inputs writes the per-sample loss and d(loss)/d(distance),
+// both of the distance dtype. loss/grad may alias distances/labels when the
+// element types match: each element is read before it is written. Returns
+// false (and does nothing) for an unsupported dtype pair.
+bool ContrastiveLossCpu(const LossInputs& in, void* loss, void* grad,
                         const ParallelFor& parallel_for);
 
-// The Keras reductions the fused-reduction kernels implement, divisor included:
-// kSum divides by 1, kMean by n, kWeightedMean by the sum of the weights (by
-// the weight itself when it is a single scalar, as Keras does). A zero divisor
-// gives a zero loss and gradient (Keras' divide_no_nan).
-enum class Reduction : int { kSum, kMean, kWeightedMean };
-
-// The names the TF op's attr and the pybind11 module use.
+// The names the TF op's attr and the pybind11 module use for the Keras
+// reductions of contrastive_math.h.
 inline bool ParseReduction(const std::string& name, Reduction* out) {
   if (name == "sum") {
     *out = Reduction::kSum;
@@ -61,19 +68,14 @@ inline bool ParseReduction(const std::string& name, Reduction* out) {
 }
 
 struct ReducedLossArgs {
-  DType label_type;
-  DType distance_type;
-  const void* labels;
-  const void* distances;
+  LossInputs in;
   const void* weights;  // distance_type: n values, or one when scalar_weight
   bool scalar_weight;
-  int64_t n;
-  double margin;
   Reduction reduction;
-  double loss_scale;  // multiplies loss and gradient (Keras: 1/replicas for means)
-  void* loss;            // out: one value of distance_type
-  void* grad;            // out: n values, d(loss)/d(distance) with weight and divisor applied
-  void* gradient_scale;  // out: one double, loss_scale / divisor (0 for a zero divisor)
+  double loss_scale;  // Keras' 1/replicas for means, else 1 (see reduction_scale)
+  void* loss;         // out: one value of distance_type
+  void* grad;         // out: n values, d(loss)/d(distance) with weight and divisor applied
+  double* reduction_scale;  // out: one value, reduction_scale() of contrastive_math.h
 };
 
 // One pass over labels, distances and weights (plus one over the weights alone
@@ -97,12 +99,10 @@ struct GpuStatus {
 // The same computation as ContrastiveLossCpu on device pointers, enqueued on
 // `stream` (a cudaStream_t; null is the legacy default stream). Returns after
 // the launch, not after the kernel. Only in builds with CUDA.
-GpuStatus ContrastiveLossGpu(DType label_type, DType distance_type, const void* labels,
-                             const void* distances, int64_t n, double margin, void* loss,
-                             void* grad, void* stream);
+GpuStatus ContrastiveLossGpu(const LossInputs& in, void* loss, void* grad, void* stream);
 
 // Device scratch bytes ContrastiveLossReducedGpu needs for n elements. All of
-// args' pointers are device pointers there, gradient_scale included.
+// args' pointers are device pointers there, reduction_scale included.
 int64_t ContrastiveLossReducedGpuWorkspace(int64_t n);
 
 // ContrastiveLossReducedCpu on device pointers (args' weights, loss and grad

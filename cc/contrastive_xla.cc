@@ -26,6 +26,10 @@ struct ElementOps<xla::XlaOp> {
   // max(x, 0) differs from the scalar version's select only for NaN x, where
   // d is NaN and the loss and gradient are NaN either way.
   static xla::XlaOp positive_part(const xla::XlaOp& x) { return xla::Max(x, constant(x, 0)); }
+  static xla::XlaOp divide_no_nan(const xla::XlaOp& x, const xla::XlaOp& y) {
+    const xla::XlaOp zero = constant(y, 0);
+    return xla::Select(xla::Eq(y, zero), zero, xla::Div(x, y));
+  }
 };
 
 namespace {
@@ -37,87 +41,129 @@ struct ComputeInputs {
   xla::XlaOp y, d, margin;
 };
 
-// Shapes and a constant margin are checked here: XLA programs cannot fail at
-// run time (the Python layer has already checked a number margin).
+// Labels in the compute type. XLA takes a bool's byte to be 0 or 1, and its
+// fused code may read the low bit only; a byte such as 2 (tf.io.decode_raw)
+// must still be true, as in the CPU and GPU kernels. Widening the byte and
+// comparing it with 0 reads all of it.
+xla::XlaOp LabelsToCompute(xla::XlaOp labels, xla::PrimitiveType compute) {
+  const xla::XlaBuilder* builder = labels.builder();
+  if (builder->GetShape(labels).value().element_type() == xla::PRED) {
+    const xla::XlaOp bytes = xla::ConvertElementType(labels, xla::U8);
+    labels = xla::Ne(bytes, xla::ScalarLike(bytes, 0));
+  }
+  return xla::ConvertElementType(labels, compute);
+}
+
+// Shapes and a constant margin are checked at compile time. XLA programs
+// cannot raise at run time, so a margin known only then (a variable) that is
+// negative or not finite becomes NaN: the loss and gradient are NaN, never a
+// silently wrong number.
 absl::Status ReadInputs(tensorflow::XlaOpKernelContext* ctx, int margin_input,
                         ComputeInputs* in) {
   if (ctx->InputShape(0) != ctx->InputShape(1)) {
     return ShapeMismatch("distances", ctx->InputShape(0).DebugString(),
                          ctx->InputShape(1).DebugString());
   }
+  xla::XlaOp margin = ctx->Input(margin_input);
   double margin_value;
   if (ctx->ConstantInputAsFloatScalar(margin_input, &margin_value).ok()) {
     TF_RETURN_IF_ERROR(CheckMargin(margin_value));
+  } else {
+    const xla::XlaOp valid = xla::And(xla::IsFinite(margin), xla::Ge(margin, xla::ScalarLike(margin, 0)));
+    margin = xla::Select(valid, margin, xla::NanValue(ctx->builder(), xla::F64));
   }
   in->out_type = ctx->input_xla_type(1);
   in->compute =
       (in->out_type == xla::F16 || in->out_type == xla::BF16) ? xla::F32 : in->out_type;
-  in->y = xla::ConvertElementType(ctx->Input(0), in->compute);
+  in->y = LabelsToCompute(ctx->Input(0), in->compute);
   in->d = xla::ConvertElementType(ctx->Input(1), in->compute);
-  in->margin = xla::ConvertElementType(ctx->Input(margin_input), in->compute);
+  in->margin = xla::ConvertElementType(margin, in->compute);
   return absl::OkStatus();
 }
-
 class ContrastiveLossXlaOp : public tensorflow::XlaOpKernel {
  public:
-  explicit ContrastiveLossXlaOp(tensorflow::OpKernelConstruction* ctx) : XlaOpKernel(ctx) {}
+  explicit ContrastiveLossXlaOp(tensorflow::OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ReadSimilarLabel(ctx, &similar_label_));
+  }
 
   void Compile(tensorflow::XlaOpKernelContext* ctx) override {
     ComputeInputs in;
     OP_REQUIRES_OK(ctx, ReadInputs(ctx, 2, &in));
     xla::XlaOp loss, grad;
-    contrastive_loss_and_grad(in.y, in.d, in.margin, &loss, &grad);
+    contrastive_loss_and_grad(in.y, in.d, in.margin, similar_label_, &loss, &grad);
     ctx->SetOutput(0, xla::ConvertElementType(loss, in.out_type));
     ctx->SetOutput(1, xla::ConvertElementType(grad, in.out_type));
   }
+
+ private:
+  int similar_label_;
 };
 
-// The reduced op, with its sums in float64 like the CPU and GPU kernels.
+// Sum of every element of x (of the compute type) in float64: chunks of
+// kFloatSumChunk elements summed in float32, their sums in float64. Chunks of
+// at most 32 escape XLA's tree-reduction rewrite, so the chunk sums are one
+// loop fusion with the loss itself, and no [n] loss array is written (XLA's
+// own float32 sum of the plain formula writes and reads one).
+xla::XlaOp BlockedSum(xla::XlaOp x, int64_t n, xla::PrimitiveType compute) {
+  xla::XlaBuilder* builder = x.builder();
+  const xla::XlaOp zero64 = xla::ConstantR0<double>(builder, 0.0);
+  const xla::XlaComputation add64 = xla::CreateScalarAddComputation(xla::F64, builder);
+  if (compute == xla::F64) return xla::ReduceAll(x, zero64, add64);
+  const int64_t chunks = (n + kFloatSumChunk - 1) / kFloatSumChunk;
+  const xla::XlaOp zero = xla::Zero(builder, compute);
+  xla::PaddingConfig padding;
+  auto* dim = padding.add_dimensions();
+  dim->set_edge_padding_low(0);
+  dim->set_edge_padding_high(chunks * kFloatSumChunk - n);
+  dim->set_interior_padding(0);
+  const xla::XlaOp rows = xla::Reshape(xla::Pad(xla::Reshape(x, {n}), zero, padding),
+                                       {chunks, int64_t{kFloatSumChunk}});
+  const xla::XlaOp chunk_sums =
+      xla::Reduce(rows, zero, xla::CreateScalarAddComputation(compute, builder), {1});
+  return xla::ReduceAll(xla::ConvertElementType(chunk_sums, xla::F64), zero64, add64);
+}
+
+// The reduced op, with its sums in float64 (blocked, as on CPU and GPU).
 class ContrastiveLossReducedXlaOp : public tensorflow::XlaOpKernel {
  public:
   explicit ContrastiveLossReducedXlaOp(tensorflow::OpKernelConstruction* ctx)
       : XlaOpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ReadReduction(ctx, &reduction_));
+    OP_REQUIRES_OK(ctx, ReadSimilarLabel(ctx, &similar_label_));
   }
 
   void Compile(tensorflow::XlaOpKernelContext* ctx) override {
     ComputeInputs in;
     OP_REQUIRES_OK(ctx, ReadInputs(ctx, 3, &in));
+    const tensorflow::TensorShape shape = ctx->InputShape(1);
     const tensorflow::TensorShape weight_shape = ctx->InputShape(2);
     const bool scalar_weight = weight_shape.dims() == 0;
-    OP_REQUIRES(ctx, scalar_weight || weight_shape == ctx->InputShape(1),
-                ShapeMismatch("sample_weight", ctx->InputShape(0).DebugString(),
-                              weight_shape.DebugString()));
+    OP_REQUIRES(ctx, scalar_weight || weight_shape == shape,
+                ShapeMismatch("sample_weight", shape.DebugString(), weight_shape.DebugString()));
     xla::XlaBuilder* builder = ctx->builder();
-    const xla::XlaComputation add = xla::CreateScalarAddComputation(xla::F64, builder);
-    const xla::XlaOp zero = xla::ConstantR0<double>(builder, 0.0);
-    const auto sum = [&](xla::XlaOp x) {
-      return xla::ReduceAll(xla::ConvertElementType(x, xla::F64), zero, add);
-    };
+    const int64_t n = shape.num_elements();
     const xla::XlaOp w = xla::ConvertElementType(ctx->Input(2), in.compute);
-    const xla::XlaOp w64 = xla::ConvertElementType(w, xla::F64);
-
-    xla::XlaOp divisor = xla::ConstantR0<double>(builder, 1.0);
-    if (reduction_ == Reduction::kMean) {
-      divisor = xla::ConstantR0<double>(builder, ctx->InputShape(1).num_elements());
-    } else if (reduction_ == Reduction::kWeightedMean) {
-      divisor = scalar_weight ? w64 : sum(w);
-    }
-    const xla::XlaOp inverse =
-        xla::Select(xla::Eq(divisor, zero), zero, xla::Div(ctx->Input(4), divisor));
+    const xla::XlaOp weight_total =
+        scalar_weight ? xla::ConvertElementType(w, xla::F64)
+                      : (reduction_ == Reduction::kWeightedMean ? BlockedSum(w, n, in.compute)
+                                                                 : xla::ConstantR0<double>(builder, 0.0));
+    const xla::XlaOp scale =
+        reduction_scale(reduction_, xla::ConstantR0<double>(builder, static_cast<double>(n)),
+                        weight_total, ctx->Input(4));
 
     xla::XlaOp loss, grad;
-    contrastive_loss_and_grad(in.y, in.d, in.margin, &loss, &grad);
-    const xla::XlaOp total = sum(xla::ConvertElementType(loss, xla::F64) * w64);
+    contrastive_loss_and_grad(in.y, in.d, in.margin, similar_label_, &loss, &grad);
+    const xla::XlaOp total = BlockedSum(loss * w, n, in.compute);
     ctx->SetOutput(0, xla::ConvertElementType(
-                          xla::ConvertElementType(total * inverse, in.compute), in.out_type));
-    const xla::XlaOp grad_scale = xla::ConvertElementType(inverse, in.compute);
-    ctx->SetOutput(1, xla::ConvertElementType(grad * (w * grad_scale), in.out_type));
-    ctx->SetOutput(2, inverse);
+                          xla::ConvertElementType(total * scale, in.compute), in.out_type));
+    const xla::XlaOp scale_c = xla::ConvertElementType(scale, in.compute);
+    ctx->SetOutput(1, xla::ConvertElementType(grad * (w * scale_c), in.out_type));
+    ctx->SetOutput(2, scale);
   }
 
  private:
   Reduction reduction_;
+  int similar_label_;
 };
 
 class ScaleGradientXlaOp : public tensorflow::XlaOpKernel {
@@ -137,7 +183,7 @@ REGISTER_XLA_OP(Name(kScaleOpName), ScaleGradientXlaOp);
 // the first XLA compilation in the process, and ignores later ones. When this
 // library is loaded after that (an XLA function ran before
 // `import fused_contrastive`), register our JIT kernels directly, as that step
-// would have: the op's full type lists on every XLA backend.
+// would have.
 bool JitKernelsRegistered(const std::string& backend) {
   tensorflow::NodeDef probe;
   probe.set_op("Identity");
@@ -145,32 +191,14 @@ bool JitKernelsRegistered(const std::string& backend) {
   return tensorflow::KernelDefAvailable(tensorflow::DeviceType(backend), probe);
 }
 
-template <typename Op>
-tensorflow::OpKernel* CreateXla(tensorflow::OpKernelConstruction* ctx) {
-  return new Op(ctx);
-}
-
 const bool kLateJitKernelsRegistered = [] {
-  std::vector<tensorflow::DataType> labels, distances;
-  for (DType t : kAllDTypes) {
-    labels.push_back(ToTf(t));
-    if (IsDistanceDType(t)) distances.push_back(ToTf(t));
-  }
   for (const std::string& backend : tensorflow::XlaOpRegistry::BackendNames()) {
     if (!JitKernelsRegistered(backend)) continue;
-    const auto builder = [&](const char* op) {
-      tensorflow::KernelDefBuilder b(op);
-      b.Device(backend.c_str()).TypeConstraint("T", distances);
-      if (op != kScaleOpName) b.TypeConstraint("Tlabels", labels);
-      return b.Build();
-    };
-    tensorflow::kernel_factory::OpKernelRegistrar(builder(kOpName), "ContrastiveLossXlaOp",
-                                                  CreateXla<ContrastiveLossXlaOp>);
-    tensorflow::kernel_factory::OpKernelRegistrar(builder(kReducedOpName),
-                                                  "ContrastiveLossReducedXlaOp",
-                                                  CreateXla<ContrastiveLossReducedXlaOp>);
-    tensorflow::kernel_factory::OpKernelRegistrar(builder(kScaleOpName), "ScaleGradientXlaOp",
-                                                  CreateXla<ScaleGradientXlaOp>);
+    const char* device = backend.c_str();
+    RegisterKernels<ContrastiveLossXlaOp>(kOpName, device, "ContrastiveLossXlaOp", true, {});
+    RegisterKernels<ContrastiveLossReducedXlaOp>(kReducedOpName, device,
+                                                 "ContrastiveLossReducedXlaOp", true, {});
+    RegisterKernels<ScaleGradientXlaOp>(kScaleOpName, device, "ScaleGradientXlaOp", false, {});
   }
   return true;
 }();

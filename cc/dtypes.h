@@ -43,7 +43,7 @@ struct TypeTag {
 template <typename F>
 bool VisitDType(DType t, F&& f) {
   switch (t) {
-    case DType::kBool: f(TypeTag<bool>{}); return true;
+    case DType::kBool: f(TypeTag<bool_t>{}); return true;
     case DType::kInt32: f(TypeTag<int32_t>{}); return true;
     case DType::kInt64: f(TypeTag<int64_t>{}); return true;
     case DType::kFloat16: f(TypeTag<half_t>{}); return true;

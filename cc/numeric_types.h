@@ -18,6 +18,12 @@
 
 namespace fused_contrastive {
 
+// bool's storage byte, read as a byte: a bool object holding anything but 0
+// or 1 is undefined behaviour in C++, yet TensorFlow (tf.io.decode_raw) and
+// NumPy (np.frombuffer) can hand us such bytes. Any nonzero byte is true.
+struct bool_t {
+  uint8_t bits;
+};
 struct half_t {
   uint16_t bits;
 };
@@ -107,6 +113,7 @@ struct Convert {
   FC_HOST_DEVICE static C from(T v) {
     return static_cast<C>(v);
   }
+  FC_HOST_DEVICE static C from(bool_t v) { return v.bits != 0 ? C(1) : C(0); }
   FC_HOST_DEVICE static C from(half_t v) { return static_cast<C>(half_to_float(v)); }
   FC_HOST_DEVICE static C from(bfloat16_t v) { return static_cast<C>(bfloat16_to_float(v)); }
 };

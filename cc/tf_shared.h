@@ -1,14 +1,17 @@
-// What the OpKernels and the XLA lowerings share: the ops' names, the mapping
-// between our DType and TensorFlow's DataType, and the errors both report.
+// What the op definitions, the OpKernels and the XLA lowerings share: the ops'
+// names and attrs, the mapping between our DType and TensorFlow's DataType,
+// the errors they report, and kernel registration.
 #ifndef FUSED_CONTRASTIVE_TF_SHARED_H_
 #define FUSED_CONTRASTIVE_TF_SHARED_H_
 
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/strings/str_cat.h"
 #include "contrastive_kernels.h"
 #include "dtypes.h"
+#include "tensorflow/core/framework/kernel_def_builder.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/types.pb.h"
 
@@ -41,6 +44,17 @@ inline bool FromTf(tensorflow::DataType tf_type, DType* out) {
   return false;
 }
 
+// The attr lists of the op definitions, spelled from kAllDTypes so that the
+// supported dtypes are written once.
+inline std::string TypeListAttr(const char* name, bool distances_only) {
+  std::string list;
+  for (DType t : kAllDTypes) {
+    if (distances_only && !IsDistanceDType(t)) continue;
+    absl::StrAppend(&list, list.empty() ? "" : ", ", tensorflow::DataTypeString(ToTf(t)));
+  }
+  return absl::StrCat(name, ": {", list, "}");
+}
+
 inline absl::Status ShapeMismatch(const char* what, const std::string& labels,
                                   const std::string& other) {
   return absl::InvalidArgumentError(absl::StrCat("contrastive loss: labels and ", what,
@@ -63,6 +77,43 @@ inline absl::Status ReadReduction(tensorflow::OpKernelConstruction* ctx,
     return absl::InvalidArgumentError(absl::StrCat("unknown reduction ", name));
   }
   return absl::OkStatus();
+}
+
+// The loss ops' "similar_label" attr: 1 (TF Addons) or 0 (Hadsell, keras.io).
+inline absl::Status ReadSimilarLabel(tensorflow::OpKernelConstruction* ctx, int* similar_label) {
+  TF_RETURN_IF_ERROR(ctx->GetAttr("similar_label", similar_label));
+  if (!IsValidSimilarLabel(*similar_label)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "contrastive loss: similar_label must be 0 or 1, got ", *similar_label));
+  }
+  return absl::OkStatus();
+}
+
+template <typename Kernel>
+tensorflow::OpKernel* CreateKernel(tensorflow::OpKernelConstruction* ctx) {
+  return new Kernel(ctx);
+}
+
+// Registers Kernel for `op` on `device_type` (CPU, GPU or an XLA JIT device),
+// one KernelDef per supported distance dtype, times every label dtype when the
+// op has typed labels. Registering each pair explicitly keeps TensorFlow's
+// kernel registry an honest list of what runs where.
+template <typename Kernel>
+void RegisterKernels(const char* op, const char* device_type, const char* class_name,
+                     bool typed_labels, const std::vector<const char*>& host_memory) {
+  for (DType distance : kAllDTypes) {
+    if (!IsDistanceDType(distance)) continue;
+    for (DType label : kAllDTypes) {
+      tensorflow::KernelDefBuilder builder(op);
+      builder.Device(device_type).TypeConstraint("T", ToTf(distance));
+      if (typed_labels) builder.TypeConstraint("Tlabels", ToTf(label));
+      for (const char* arg : host_memory) builder.HostMemory(arg);
+      // The registrar copies what it keeps; it need not outlive this call.
+      tensorflow::kernel_factory::OpKernelRegistrar(builder.Build(), class_name,
+                                                    CreateKernel<Kernel>);
+      if (!typed_labels) break;
+    }
+  }
 }
 
 }  // namespace fused_contrastive

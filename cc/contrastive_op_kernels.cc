@@ -1,0 +1,240 @@
+// The OpKernels of the ops defined in contrastive_ops.cc. They only validate,
+// allocate and dispatch to the raw-pointer kernels.
+
+// Eigen's ThreadPoolDevice (the op's intra-op pool) and GpuDevice (its CUDA
+// stream) are only declared with these.
+#define EIGEN_USE_THREADS
+#if FC_WITH_CUDA
+#define EIGEN_USE_GPU
+#endif
+
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "contrastive_kernels.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tf_shared.h"
+#include "unsupported/Eigen/CXX11/Tensor"
+
+namespace fused_contrastive {
+namespace {
+
+using ::tensorflow::DataType;
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+
+// The kernels are registered for exactly the dtypes the raw kernels support
+// (RegisterKernels), so a dtype the dispatch cannot place is a build defect.
+absl::Status CheckDispatched(bool supported) {
+  if (supported) return absl::OkStatus();
+  return absl::InternalError("contrastive loss: a kernel was registered for a dtype it lacks");
+}
+
+absl::Status ReadScalar(const Tensor& t, const char* what, double* value) {
+  if (t.NumElements() != 1) {
+    return absl::InvalidArgumentError(absl::StrCat("contrastive loss: ", what,
+                                                   " must be a scalar, got shape ",
+                                                   t.shape().DebugString()));
+  }
+  *value = t.flat<double>()(0);
+  return absl::OkStatus();
+}
+
+// Labels, distances (inputs 0 and 1) and the margin input, validated, plus the
+// similar_label attr the kernel read at construction.
+absl::Status ReadLossInputs(OpKernelContext* ctx, int margin_input, int similar_label,
+                            LossInputs* in) {
+  const Tensor& labels = ctx->input(0);
+  const Tensor& distances = ctx->input(1);
+  if (labels.shape() != distances.shape()) {
+    return ShapeMismatch("distances", labels.shape().DebugString(),
+                         distances.shape().DebugString());
+  }
+  TF_RETURN_IF_ERROR(
+      CheckDispatched(FromTf(labels.dtype(), &in->label_type) &&
+                      FromTf(distances.dtype(), &in->distance_type)));
+  TF_RETURN_IF_ERROR(ReadScalar(ctx->input(margin_input), "margin", &in->margin));
+  TF_RETURN_IF_ERROR(CheckMargin(in->margin));
+  in->labels = labels.data();
+  in->distances = distances.data();
+  in->n = distances.NumElements();
+  in->similar_label = similar_label;
+  return absl::OkStatus();
+}
+
+}  // namespace
+
+// Per-device launches of the three kernels.
+template <typename Device>
+struct Launch;
+
+template <>
+struct Launch<Eigen::ThreadPoolDevice> {
+  static ParallelFor Pool(OpKernelContext* ctx) {
+    const Eigen::ThreadPoolDevice* device = &ctx->eigen_cpu_device();
+    return [device](int64_t size, const ElementCost& cost, const ShardFn& work) {
+      device->parallelFor(size,
+                          Eigen::TensorOpCost(cost.bytes_loaded, cost.bytes_stored,
+                                              cost.compute_cycles),
+                          [&work](Eigen::Index begin, Eigen::Index end) { work(begin, end); });
+    };
+  }
+
+  static absl::Status Loss(OpKernelContext* ctx, const LossInputs& in, void* loss, void* grad) {
+    return CheckDispatched(ContrastiveLossCpu(in, loss, grad, Pool(ctx)));
+  }
+
+  static absl::Status Reduced(OpKernelContext* ctx, const ReducedLossArgs& args) {
+    return CheckDispatched(ContrastiveLossReducedCpu(args, Pool(ctx)));
+  }
+
+  // The scale is in host memory here: read it, and skip the pass when it is 1.
+  static absl::Status Scale(OpKernelContext* ctx, DType type) {
+    const Tensor& gradient = ctx->input(0);
+    const Tensor& scale_tensor = ctx->input(1);
+    double scale = 0;
+    TF_RETURN_IF_ERROR(CheckDispatched(VisitDistanceDType(type, [&](auto tag) {
+      using D = typename decltype(tag)::type;
+      scale = Convert<double>::from(*reinterpret_cast<const D*>(scale_tensor.data()));
+    })));
+    if (scale == 1) {
+      ctx->set_output(0, gradient);
+      return absl::OkStatus();
+    }
+    Tensor* out = nullptr;
+    TF_RETURN_IF_ERROR(ctx->forward_input_or_allocate_output({0}, 0, gradient.shape(), &out));
+    return CheckDispatched(
+        ScaleCpu(type, gradient.data(), scale, gradient.NumElements(), out->data(), Pool(ctx)));
+  }
+};
+
+#if FC_WITH_CUDA
+absl::Status FromGpu(const GpuStatus& status) {
+  if (status.ok()) return absl::OkStatus();
+  return absl::InternalError(absl::StrCat("contrastive loss: CUDA launch failed: ", status.error));
+}
+
+template <>
+struct Launch<Eigen::GpuDevice> {
+  static absl::Status Loss(OpKernelContext* ctx, const LossInputs& in, void* loss, void* grad) {
+    return FromGpu(ContrastiveLossGpu(in, loss, grad, ctx->eigen_gpu_device().stream()));
+  }
+
+  static absl::Status Reduced(OpKernelContext* ctx, const ReducedLossArgs& args) {
+    Tensor workspace;
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(
+        tensorflow::DT_INT8,
+        tensorflow::TensorShape({ContrastiveLossReducedGpuWorkspace(args.in.n)}), &workspace));
+    return FromGpu(ContrastiveLossReducedGpu(args, workspace.data(),
+                                             ctx->eigen_gpu_device().stream()));
+  }
+
+  // The scale stays on the device (reading it here would stall the stream).
+  static absl::Status Scale(OpKernelContext* ctx, DType type) {
+    const Tensor& gradient = ctx->input(0);
+    Tensor* out = nullptr;
+    TF_RETURN_IF_ERROR(ctx->forward_input_or_allocate_output({0}, 0, gradient.shape(), &out));
+    return FromGpu(ScaleGpu(type, gradient.data(), ctx->input(1).data(), gradient.NumElements(),
+                            out->data(), ctx->eigen_gpu_device().stream()));
+  }
+};
+#endif
+
+template <typename Device>
+class ContrastiveLossOp : public OpKernel {
+ public:
+  explicit ContrastiveLossOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ReadSimilarLabel(ctx, &similar_label_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    LossInputs in;
+    OP_REQUIRES_OK(ctx, ReadLossInputs(ctx, 2, similar_label_, &in));
+    const tensorflow::TensorShape& shape = ctx->input(1).shape();
+    // Reuse an input buffer for an output when nothing else holds it.
+    Tensor* loss = nullptr;
+    Tensor* grad = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({1}, 0, shape, &loss));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 1, shape, &grad));
+    OP_REQUIRES_OK(ctx, Launch<Device>::Loss(ctx, in, loss->data(), grad->data()));
+  }
+
+ private:
+  int similar_label_;
+};
+
+template <typename Device>
+class ContrastiveLossReducedOp : public OpKernel {
+ public:
+  explicit ContrastiveLossReducedOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ReadReduction(ctx, &reduction_));
+    OP_REQUIRES_OK(ctx, ReadSimilarLabel(ctx, &similar_label_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    ReducedLossArgs args;
+    OP_REQUIRES_OK(ctx, ReadLossInputs(ctx, 3, similar_label_, &args.in));
+    const tensorflow::TensorShape& shape = ctx->input(1).shape();
+    const Tensor& weights = ctx->input(2);
+    args.scalar_weight = weights.dims() == 0;
+    OP_REQUIRES(ctx, args.scalar_weight || weights.shape() == shape,
+                ShapeMismatch("sample_weight", shape.DebugString(),
+                              weights.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, ReadScalar(ctx->input(4), "loss_scale", &args.loss_scale));
+    Tensor* loss = nullptr;
+    Tensor* grad = nullptr;
+    Tensor* reduction_scale = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, tensorflow::TensorShape({}), &loss));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({1, 2}, 1, shape, &grad));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, tensorflow::TensorShape({}), &reduction_scale));
+    args.weights = weights.data();
+    args.reduction = reduction_;
+    args.loss = loss->data();
+    args.grad = grad->data();
+    args.reduction_scale = reduction_scale->flat<double>().data();
+    OP_REQUIRES_OK(ctx, Launch<Device>::Reduced(ctx, args));
+  }
+
+ private:
+  Reduction reduction_;
+  int similar_label_;
+};
+
+template <typename Device>
+class ScaleGradientOp : public OpKernel {
+ public:
+  explicit ScaleGradientOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+
+  void Compute(OpKernelContext* ctx) override {
+    OP_REQUIRES(ctx, ctx->input(1).NumElements() == 1,
+                absl::InvalidArgumentError("ScaleGradient: scale must be a scalar"));
+    DType type;
+    OP_REQUIRES_OK(ctx, CheckDispatched(FromTf(ctx->input(0).dtype(), &type)));
+    OP_REQUIRES_OK(ctx, Launch<Device>::Scale(ctx, type));
+  }
+};
+
+template <typename Device>
+void RegisterDeviceKernels(const char* device_type, bool scale_in_host_memory) {
+  RegisterKernels<ContrastiveLossOp<Device>>(kOpName, device_type, "ContrastiveLossOp", true,
+                                             {"margin"});
+  RegisterKernels<ContrastiveLossReducedOp<Device>>(kReducedOpName, device_type,
+                                                    "ContrastiveLossReducedOp", true,
+                                                    {"margin", "loss_scale"});
+  RegisterKernels<ScaleGradientOp<Device>>(
+      kScaleOpName, device_type, "ScaleGradientOp", false,
+      scale_in_host_memory ? std::vector<const char*>{"scale"} : std::vector<const char*>{});
+}
+
+static const bool kKernelsRegistered = [] {
+  RegisterDeviceKernels<Eigen::ThreadPoolDevice>(tensorflow::DEVICE_CPU, true);
+#if FC_WITH_CUDA
+  RegisterDeviceKernels<Eigen::GpuDevice>(tensorflow::DEVICE_GPU, false);
+#endif
+  return true;
+}();
+
+}  // namespace fused_contrastive

@@ -1,0 +1,117 @@
+// The op definitions and shape functions (the kernels are in
+// contrastive_op_kernels.cc and contrastive_xla.cc):
+//
+//   ContrastiveLoss         per-sample loss and d(loss)/d(distance)
+//   ContrastiveLossReduced  the Keras reductions fused in: reduced loss and the
+//                           per-sample gradient with weight and divisor applied
+//   ScaleGradient           backward of the reduced op: gradient * upstream
+//                           scalar, a no-op when the upstream gradient is 1
+//
+// margin is a float64 scalar input rather than a float attr: TensorFlow's float
+// attrs are 32-bit (margins such as 0.1 would be rounded before float64 math)
+// and eager execution cannot pass tensor-valued attrs. As an input it can also
+// be a variable (a margin schedule). It lives in host memory on every device.
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tf_shared.h"
+
+namespace fused_contrastive {
+namespace {
+
+using ::tensorflow::shape_inference::InferenceContext;
+using ::tensorflow::shape_inference::ShapeHandle;
+
+// Labels and distances, merged; shared by both loss ops' shape functions.
+absl::Status MergeLabelsAndDistances(InferenceContext* c, ShapeHandle* merged) {
+  if (!c->Merge(c->input(0), c->input(1), merged).ok()) {
+    return ShapeMismatch("distances", c->DebugString(c->input(0)), c->DebugString(c->input(1)));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status RequireScalar(InferenceContext* c, int input) {
+  ShapeHandle unused;
+  return c->WithRank(c->input(input), 0, &unused);
+}
+
+const std::string kLabelTypes = TypeListAttr("Tlabels", false);
+const std::string kDistanceTypes = TypeListAttr("T", true);
+constexpr char kSimilarLabelAttr[] = "similar_label: int = 1";
+
+}  // namespace
+
+REGISTER_OP(kOpName)
+    .Input("labels: Tlabels")
+    .Input("distances: T")
+    .Input("margin: double")
+    .Output("loss: T")
+    .Output("dloss_ddistances: T")
+    .Attr(kLabelTypes)
+    .Attr(kDistanceTypes)
+    .Attr(kSimilarLabelAttr)
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle merged;
+      TF_RETURN_IF_ERROR(MergeLabelsAndDistances(c, &merged));
+      TF_RETURN_IF_ERROR(RequireScalar(c, 2));
+      c->set_output(0, merged);
+      c->set_output(1, merged);
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Contrastive loss y*d^2 + (1-y)*max(margin-d, 0)^2 per element, and its
+derivative with respect to the distances d, from one pass over the inputs.
+y is the label when similar_label is 1 and 1 - label when it is 0. Labels are
+used linearly (soft labels in [0, 1] work) and get no gradient.
+)doc");
+
+REGISTER_OP(kReducedOpName)
+    .Input("labels: Tlabels")
+    .Input("distances: T")
+    .Input("sample_weight: T")
+    .Input("margin: double")
+    .Input("loss_scale: double")
+    .Output("loss: T")
+    .Output("dloss_ddistances: T")
+    .Output("reduction_scale: double")
+    .Attr(kLabelTypes)
+    .Attr(kDistanceTypes)
+    .Attr("reduction: {'sum', 'mean', 'weighted_mean'}")
+    .Attr(kSimilarLabelAttr)
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle merged;
+      TF_RETURN_IF_ERROR(MergeLabelsAndDistances(c, &merged));
+      ShapeHandle weights = c->input(2);
+      if (c->RankKnown(weights) && c->Rank(weights) != 0) {
+        ShapeHandle unused;
+        if (!c->Merge(merged, weights, &unused).ok()) {
+          return ShapeMismatch("sample_weight", c->DebugString(merged), c->DebugString(weights));
+        }
+      }
+      TF_RETURN_IF_ERROR(RequireScalar(c, 3));
+      TF_RETURN_IF_ERROR(RequireScalar(c, 4));
+      c->set_output(0, c->Scalar());
+      c->set_output(1, merged);
+      c->set_output(2, c->Scalar());
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+The contrastive loss reduced as Keras does: sum(w * loss) * reduction_scale,
+where reduction_scale = loss_scale / divisor with divisor 1 ('sum'), the element
+count ('mean') or the sum of the weights ('weighted_mean'; the weight itself
+when sample_weight is a scalar), and 0 when the divisor is 0. dloss_ddistances
+is d(loss)/d(distances). sample_weight is a scalar or has the shape of distances.
+)doc");
+
+REGISTER_OP(kScaleOpName)
+    .Input("gradient: T")
+    .Input("scale: T")
+    .Output("scaled: T")
+    .Attr(kDistanceTypes)
+    .SetShapeFn([](InferenceContext* c) {
+      TF_RETURN_IF_ERROR(RequireScalar(c, 1));
+      c->set_output(0, c->input(0));
+      return absl::OkStatus();
+    })
+    .Doc("gradient * scale for a scalar scale; passes gradient through when scale is 1.");
+
+}  // namespace fused_contrastive
