@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <limits>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -55,10 +57,57 @@ std::vector<int64_t> ShapeOf(const py::array& a) {
   return std::vector<int64_t>(a.shape(), a.shape() + a.ndim());
 }
 
-py::tuple ContrastiveLossCpuNumpy(py::array labels, py::array distances, double margin) {
+// Elements of an array of `shape` whose bytes (elements * itemsize, itemsize
+// > 0) fit in int64. NumPy vets its own shapes; a __cuda_array_interface__ is
+// a plain dict, where a negative extent or a product that wraps would pass a
+// huge array off as a small or empty one.
+int64_t CheckedElementCount(const std::vector<int64_t>& shape, int64_t itemsize,
+                            const char* what) {
+  int64_t bytes = itemsize;
+  for (int64_t extent : shape) {
+    if (extent < 0) {
+      throw py::value_error(std::string(what) + ": negative extent in shape " + ShapeString(shape));
+    }
+    if (extent != 0 && bytes > std::numeric_limits<int64_t>::max() / extent) {
+      throw py::value_error(std::string(what) + ": shape " + ShapeString(shape) +
+                            " holds more bytes than int64 can count");
+    }
+    bytes *= extent;
+  }
+  return bytes / itemsize;
+}
+
+// The kernels read raw pointers as the dtype's element type: every array must
+// be in native byte order (dtypes are matched by name, which ignores it),
+// aligned to its element type (the CPU kernel contract) and C-contiguous.
+// NumPy copies only when one of these does not hold. Anything that cannot
+// become an array is a TypeError naming the argument, never a null array.
+py::array KernelArray(const py::handle& obj, const char* what) {
+  const py::module_ numpy = py::module_::import("numpy");
+  try {
+    const py::array a = numpy.attr("asarray")(obj);
+    return numpy.attr("require")(a, a.dtype().attr("newbyteorder")("="), "CA");
+  } catch (py::error_already_set& e) {
+    // Interrupts and exhausted memory say nothing about the argument.
+    if (!e.matches(PyExc_Exception) || e.matches(PyExc_MemoryError)) throw;
+    py::raise_from(e, PyExc_TypeError,
+                   (std::string(what) + " cannot be converted to a NumPy array").c_str());
+    throw py::error_already_set();
+  }
+}
+
+void CheckSimilarLabel(int similar_label) {
+  if (!IsValidSimilarLabel(similar_label)) {
+    throw py::value_error("similar_label must be 0 or 1, got " + std::to_string(similar_label));
+  }
+}
+
+py::tuple ContrastiveLossCpuNumpy(py::array labels, py::array distances, double margin,
+                                  int similar_label) {
   CheckMargin(margin);
-  labels = py::array::ensure(labels, py::array::c_style);
-  distances = py::array::ensure(distances, py::array::c_style);
+  CheckSimilarLabel(similar_label);
+  labels = KernelArray(labels, "labels");
+  distances = KernelArray(distances, "distances");
   const DType label_type = DTypeOfArray(labels, "labels");
   const DType distance_type = DTypeOfArray(distances, "distances");
   CheckDistanceDType(distance_type);
@@ -66,14 +115,15 @@ py::tuple ContrastiveLossCpuNumpy(py::array labels, py::array distances, double 
   CheckSameShape("distances", shape, "labels", ShapeOf(labels));
   py::array loss(distances.dtype(), shape);
   py::array grad(distances.dtype(), shape);
-  const void* y = labels.data();
-  const void* d = distances.data();
+  const LossInputs in{label_type,    distance_type,
+                      labels.data(), distances.data(),
+                      CheckedElementCount(shape, distances.itemsize(), "distances"),
+                      margin,        similar_label};
   void* out_loss = loss.mutable_data();
   void* out_grad = grad.mutable_data();
-  const int64_t n = distances.size();
   {
     py::gil_scoped_release release;
-    ContrastiveLossCpu(label_type, distance_type, y, d, n, margin, out_loss, out_grad, SerialFor);
+    ContrastiveLossCpu(in, out_loss, out_grad, SerialFor);
   }
   return py::make_tuple(loss, grad);
 }
@@ -87,45 +137,51 @@ Reduction ReductionFromName(const std::string& name) {
 }
 
 py::tuple ContrastiveLossReducedCpuNumpy(py::array labels, py::array distances,
-                                         py::object sample_weight, double margin,
-                                         const std::string& reduction, double loss_scale) {
+                                         const py::object& sample_weight, double margin,
+                                         const std::string& reduction, double loss_scale,
+                                         int similar_label) {
   CheckMargin(margin);
-  labels = py::array::ensure(labels, py::array::c_style);
-  distances = py::array::ensure(distances, py::array::c_style);
+  CheckSimilarLabel(similar_label);
+  labels = KernelArray(labels, "labels");
+  distances = KernelArray(distances, "distances");
   ReducedLossArgs args;
-  args.label_type = DTypeOfArray(labels, "labels");
-  args.distance_type = DTypeOfArray(distances, "distances");
-  CheckDistanceDType(args.distance_type);
+  args.in.label_type = DTypeOfArray(labels, "labels");
+  args.in.distance_type = DTypeOfArray(distances, "distances");
+  CheckDistanceDType(args.in.distance_type);
   const std::vector<int64_t> shape = ShapeOf(distances);
   CheckSameShape("distances", shape, "labels", ShapeOf(labels));
   // No weights means a scalar weight of 1.
-  const py::array weights =
+  const py::array weights = KernelArray(
       sample_weight.is_none()
-          ? py::array(py::module_::import("numpy").attr("ones")(py::tuple(), distances.dtype()))
-          : py::array::ensure(sample_weight, py::array::c_style);
-  if (!weights.dtype().is(distances.dtype())) {
-    throw py::type_error("sample_weight must have the dtype of distances");
+          ? py::module_::import("numpy").attr("ones")(py::tuple(), distances.dtype())
+          : sample_weight,
+      "sample_weight");
+  if (DTypeOfArray(weights, "sample_weight") != args.in.distance_type) {
+    throw py::type_error(std::string("sample_weight must have the dtype of distances (") +
+                         DTypeName(args.in.distance_type) + "), got " +
+                         std::string(py::str(weights.dtype())));
   }
   args.scalar_weight = weights.ndim() == 0;
   if (!args.scalar_weight) CheckSameShape("sample_weight", ShapeOf(weights), "labels", ShapeOf(labels));
   py::array loss(distances.dtype(), std::vector<int64_t>{});
   py::array grad(distances.dtype(), shape);
-  double gradient_scale = 0;
-  args.labels = labels.data();
-  args.distances = distances.data();
+  double reduction_scale = 0;
+  args.in.labels = labels.data();
+  args.in.distances = distances.data();
+  args.in.n = CheckedElementCount(shape, distances.itemsize(), "distances");
+  args.in.margin = margin;
+  args.in.similar_label = similar_label;
   args.weights = weights.data();
-  args.n = distances.size();
-  args.margin = margin;
   args.reduction = ReductionFromName(reduction);
   args.loss_scale = loss_scale;
   args.loss = loss.mutable_data();
   args.grad = grad.mutable_data();
-  args.gradient_scale = &gradient_scale;
+  args.reduction_scale = &reduction_scale;
   {
     py::gil_scoped_release release;
     ContrastiveLossReducedCpu(args, SerialFor);
   }
-  return py::make_tuple(loss, grad, gradient_scale);
+  return py::make_tuple(loss, grad, reduction_scale);
 }
 
 #if FC_WITH_CUDA
@@ -137,6 +193,7 @@ struct DeviceBuffer {
   bool readonly;
   std::vector<int64_t> shape;
   py::dtype dtype;  // as the array describes itself (typestr)
+  int64_t elements;
   int64_t bytes;
 };
 
@@ -144,24 +201,52 @@ struct DeviceArray : DeviceBuffer {
   DType type;  // what the kernels read it as
 };
 
-// Any C-contiguous CUDA array, untyped.
+// Any C-contiguous CUDA array, untyped. Unlike NumPy for host arrays, nothing
+// upstream vouches for the interface's shape, strides or pointer.
 DeviceBuffer DeviceBufferOf(const py::object& obj, const char* what) {
   if (!py::hasattr(obj, "__cuda_array_interface__")) {
     throw py::type_error(std::string(what) + " must expose __cuda_array_interface__ (a CUDA array)");
   }
-  const py::dict cai = obj.attr("__cuda_array_interface__");
-  const py::tuple data = cai["data"];
-  DeviceBuffer out{reinterpret_cast<void*>(data[0].cast<uintptr_t>()), data[1].cast<bool>(),
-                   cai["shape"].cast<std::vector<int64_t>>(),
-                   py::dtype(cai["typestr"].cast<std::string>()), 0};
-  out.bytes = out.dtype.itemsize();
-  for (int64_t extent : out.shape) out.bytes *= extent;
-  // Strides, when given, must describe the C-contiguous layout.
-  if (cai.contains("strides") && !cai["strides"].is_none()) {
-    const auto strides = cai["strides"].cast<std::vector<int64_t>>();
-    int64_t expected = out.dtype.itemsize();
+  DeviceBuffer out;
+  std::optional<std::vector<int64_t>> strides;
+  try {
+    const py::dict cai = obj.attr("__cuda_array_interface__");
+    const py::tuple data = cai["data"];
+    out.data = reinterpret_cast<void*>(data[0].cast<uintptr_t>());
+    out.readonly = data[1].cast<bool>();
+    out.shape = cai["shape"].cast<std::vector<int64_t>>();
+    out.dtype = py::dtype(cai["typestr"].cast<std::string>());
+    if (cai.contains("strides") && !cai["strides"].is_none()) {
+      strides = cai["strides"].cast<std::vector<int64_t>>();
+    }
+  } catch (const py::cast_error& e) {
+    throw py::type_error(std::string(what) + ": malformed __cuda_array_interface__: " + e.what());
+  }
+  const int64_t itemsize = out.dtype.itemsize();
+  if (itemsize <= 0) throw py::type_error(std::string(what) + ": typestr has no element size");
+  // Device bytes cannot be swapped on the way in, as host arrays are.
+  if (!out.dtype.attr("isnative").cast<bool>()) {
+    throw py::type_error(std::string(what) + ": typestr " + std::string(py::str(out.dtype)) +
+                         " is not in native byte order");
+  }
+  out.elements = CheckedElementCount(out.shape, itemsize, what);
+  out.bytes = out.elements * itemsize;
+  if (out.data == nullptr && out.elements > 0) {
+    throw py::value_error(std::string(what) + ": null data pointer for a non-empty array");
+  }
+  if (reinterpret_cast<uintptr_t>(out.data) % itemsize != 0) {
+    throw py::value_error(std::string(what) + ": data pointer is not aligned to its " +
+                          std::to_string(itemsize) + "-byte elements");
+  }
+  if (strides && strides->size() != out.shape.size()) {
+    throw py::value_error(std::string(what) + ": strides and shape differ in length");
+  }
+  // Strides, when given, must describe the C-contiguous layout; an empty
+  // array has no element to misplace.
+  if (strides && out.elements > 0) {
+    int64_t expected = itemsize;
     for (size_t k = out.shape.size(); k-- > 0;) {
-      if (out.shape[k] > 1 && strides[k] != expected) {
+      if (out.shape[k] > 1 && (*strides)[k] != expected) {
         throw py::value_error(std::string(what) + " must be C-contiguous");
       }
       expected *= out.shape[k];
@@ -184,8 +269,6 @@ DeviceArray FromCudaArrayInterface(const py::object& obj, const char* what,
   return out;
 }
 
-int64_t ElementCount(const DeviceBuffer& a) { return a.bytes / a.dtype.itemsize(); }
-
 // The arrays both CUDA entry points take, checked: labels and distances of one
 // shape, grad like distances, loss like distances (per-sample) or one value
 // (reduced), outputs of the distances' dtype and writable.
@@ -205,7 +288,7 @@ CudaLossArrays ReadCudaLossArrays(const py::object& labels, const py::object& di
   CheckSameShape("distances", a.distances.shape, "labels", a.labels.shape);
   CheckSameShape("grad", a.grad.shape, "distances", a.distances.shape);
   if (reduced) {
-    if (ElementCount(a.loss) != 1) throw py::value_error("loss must hold one value");
+    if (a.loss.elements != 1) throw py::value_error("loss must hold one value");
   } else {
     CheckSameShape("loss", a.loss.shape, "distances", a.distances.shape);
   }
@@ -223,53 +306,59 @@ void ThrowIfFailed(const GpuStatus& status) {
 void ContrastiveLossCuda(const py::object& labels, const py::object& distances,
                          const py::object& loss, const py::object& grad, double margin,
                          uintptr_t stream, const py::object& labels_dtype,
-                         const py::object& distances_dtype) {
+                         const py::object& distances_dtype, int similar_label) {
   CheckMargin(margin);
+  CheckSimilarLabel(similar_label);
   const CudaLossArrays a =
       ReadCudaLossArrays(labels, distances, loss, grad, labels_dtype, distances_dtype, false);
-  ThrowIfFailed(ContrastiveLossGpu(a.labels.type, a.distances.type, a.labels.data,
-                                   a.distances.data, ElementCount(a.distances), margin,
-                                   a.loss.data, a.grad.data, reinterpret_cast<void*>(stream)));
+  const LossInputs in{a.labels.type,        a.distances.type, a.labels.data, a.distances.data,
+                      a.distances.elements, margin,           similar_label};
+  ThrowIfFailed(
+      ContrastiveLossGpu(in, a.loss.data, a.grad.data, reinterpret_cast<void*>(stream)));
 }
 
 void ContrastiveLossReducedCuda(const py::object& labels, const py::object& distances,
                                 const py::object& sample_weight, const py::object& loss,
-                                const py::object& grad, const py::object& gradient_scale,
+                                const py::object& grad, const py::object& reduction_scale,
                                 const py::object& workspace, double margin,
                                 const std::string& reduction, double loss_scale, uintptr_t stream,
                                 const py::object& labels_dtype,
-                                const py::object& distances_dtype) {
+                                const py::object& distances_dtype, int similar_label) {
   CheckMargin(margin);
+  CheckSimilarLabel(similar_label);
   const CudaLossArrays a =
       ReadCudaLossArrays(labels, distances, loss, grad, labels_dtype, distances_dtype, true);
   const DeviceArray w = FromCudaArrayInterface(sample_weight, "sample_weight", distances_dtype);
-  const DeviceArray s = FromCudaArrayInterface(gradient_scale, "gradient_scale", py::none());
+  const DeviceArray s = FromCudaArrayInterface(reduction_scale, "reduction_scale", py::none());
   const DeviceBuffer ws = DeviceBufferOf(workspace, "workspace");
   if (!w.shape.empty()) CheckSameShape("sample_weight", w.shape, "distances", a.distances.shape);
   if (w.type != a.distances.type) {
     throw py::type_error("sample_weight must have the dtype of distances");
   }
-  if (s.type != DType::kFloat64 || ElementCount(s) != 1) {
-    throw py::value_error("gradient_scale must hold one float64");
+  if (s.type != DType::kFloat64 || s.elements != 1) {
+    throw py::value_error("reduction_scale must hold one float64");
   }
-  const int64_t n = ElementCount(a.distances);
+  const int64_t n = a.distances.elements;
   if (ws.bytes < ContrastiveLossReducedGpuWorkspace(n)) {
     throw py::value_error("workspace is smaller than reduced_workspace_bytes(n)");
   }
+  // The kernels keep float64 block sums there, whatever the workspace's typestr.
+  if (reinterpret_cast<uintptr_t>(ws.data) % alignof(double) != 0) {
+    throw py::value_error("workspace must be aligned to 8 bytes");
+  }
+  if (s.readonly || ws.readonly) {
+    throw py::value_error("reduction_scale and workspace must be writable");
+  }
   ReducedLossArgs args;
-  args.label_type = a.labels.type;
-  args.distance_type = a.distances.type;
-  args.labels = a.labels.data;
-  args.distances = a.distances.data;
+  args.in = LossInputs{a.labels.type, a.distances.type, a.labels.data, a.distances.data,
+                       n,             margin,           similar_label};
   args.weights = w.data;
   args.scalar_weight = w.shape.empty();
-  args.n = n;
-  args.margin = margin;
   args.reduction = ReductionFromName(reduction);
   args.loss_scale = loss_scale;
   args.loss = a.loss.data;
   args.grad = a.grad.data;
-  args.gradient_scale = s.data;
+  args.reduction_scale = static_cast<double*>(s.data);
   ThrowIfFailed(ContrastiveLossReducedGpu(args, ws.data, reinterpret_cast<void*>(stream)));
 }
 
@@ -280,12 +369,12 @@ void ScaleCuda(const py::object& gradient, const py::object& scale, const py::ob
   const DeviceArray o = FromCudaArrayInterface(out, "out", dtype);
   CheckDistanceDType(g.type);
   CheckSameShape("out", o.shape, "gradient", g.shape);
-  if (ElementCount(s) != 1 || s.type != g.type || o.type != g.type) {
+  if (s.elements != 1 || s.type != g.type || o.type != g.type) {
     throw py::value_error("scale must be one value of the gradient's dtype, out that dtype");
   }
   if (o.readonly) throw py::value_error("out must be writable");
   ThrowIfFailed(
-      ScaleGpu(g.type, g.data, s.data, ElementCount(g), o.data, reinterpret_cast<void*>(stream)));
+      ScaleGpu(g.type, g.data, s.data, g.elements, o.data, reinterpret_cast<void*>(stream)));
 }
 #endif
 
@@ -295,13 +384,14 @@ void ScaleCuda(const py::object& gradient, const py::object& scale, const py::ob
 PYBIND11_MODULE(_kernels, m) {
   m.doc() = "Raw fused contrastive-loss kernels on NumPy arrays (no TensorFlow needed).";
   m.def("contrastive_loss_cpu", &fused_contrastive::ContrastiveLossCpuNumpy, py::arg("labels"),
-        py::arg("distances"), py::arg("margin") = 1.0,
+        py::arg("distances"), py::arg("margin") = 1.0, py::arg("similar_label") = 1,
         "Per-sample loss and d(loss)/d(distance) on the CPU, single-threaded; returns (loss, grad).");
   m.def("contrastive_loss_reduced_cpu", &fused_contrastive::ContrastiveLossReducedCpuNumpy,
         py::arg("labels"), py::arg("distances"), py::arg("sample_weight") = py::none(),
         py::arg("margin") = 1.0, py::arg("reduction") = "mean", py::arg("loss_scale") = 1.0,
+        py::arg("similar_label") = 1,
         "The fused-reduction kernel on the CPU, single-threaded; returns (loss, grad, "
-        "gradient_scale). reduction: 'sum', 'mean' or 'weighted_mean'; sample_weight: None, a "
+        "reduction_scale). reduction: 'sum', 'mean' or 'weighted_mean'; sample_weight: None, a "
         "scalar array or one weight per element, of the distances' dtype.");
 #if FC_WITH_CUDA
   m.attr("has_cuda") = true;
@@ -309,18 +399,19 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("n"), "Device scratch bytes contrastive_loss_reduced_cuda needs for n elements.");
   m.def("contrastive_loss_reduced_cuda", &fused_contrastive::ContrastiveLossReducedCuda,
         py::arg("labels"), py::arg("distances"), py::arg("sample_weight"), py::arg("loss"),
-        py::arg("grad"), py::arg("gradient_scale"), py::arg("workspace"), py::arg("margin") = 1.0,
-        py::arg("reduction") = "mean", py::arg("loss_scale") = 1.0, py::arg("stream") = 0,
-        py::arg("labels_dtype") = py::none(), py::arg("distances_dtype") = py::none(),
+        py::arg("grad"), py::arg("reduction_scale"), py::arg("workspace"),
+        py::arg("margin") = 1.0, py::arg("reduction") = "mean", py::arg("loss_scale") = 1.0,
+        py::arg("stream") = 0, py::arg("labels_dtype") = py::none(),
+        py::arg("distances_dtype") = py::none(), py::arg("similar_label") = 1,
         "The fused-reduction kernel on CUDA arrays; writes loss (one value), grad and "
-        "gradient_scale (one float64). sample_weight: a 0-d array or one weight per element.");
+        "reduction_scale (one float64). sample_weight: a 0-d array or one weight per element.");
   m.def("scale_cuda", &fused_contrastive::ScaleCuda, py::arg("gradient"), py::arg("scale"),
         py::arg("out"), py::arg("stream") = 0, py::arg("dtype") = py::none(),
         "out = gradient * scale[0] on CUDA arrays (the reduced op's backward).");
   m.def("contrastive_loss_cuda", &fused_contrastive::ContrastiveLossCuda, py::arg("labels"),
         py::arg("distances"), py::arg("loss"), py::arg("grad"), py::arg("margin") = 1.0,
         py::arg("stream") = 0, py::arg("labels_dtype") = py::none(),
-        py::arg("distances_dtype") = py::none(),
+        py::arg("distances_dtype") = py::none(), py::arg("similar_label") = 1,
         "Enqueues the CUDA kernel on `stream` (a cudaStream_t as int; 0 = legacy default stream). "
         "All arrays are CUDA arrays (__cuda_array_interface__); loss and grad are written. "
         "labels_dtype/distances_dtype name the dtype when the typestr cannot (\"bfloat16\" on uint16).");
