@@ -86,11 +86,12 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.9",
     install_requires=[tensorflow_requirement(), "numpy"],
-    # cmake and pybind11 rebuild variants in the tests; cuobjdump reads the
+    # cmake and pybind11 rebuild variants in the tests; hypothesis drives the
+    # property tests; cuobjdump reads the
     # device code of CUDA builds; tf_keras is for the Keras 2 class;
     # matplotlib draws the benchmark's plot.
     extras_require={"keras2": ["tf_keras"], "bench": ["matplotlib"],
-                    "test": ["pytest>=7", "cmake>=3.18", "pybind11>=2.10", "tf_keras",
+                    "test": ["pytest>=7", "hypothesis", "cmake>=3.18", "pybind11>=2.10", "tf_keras",
                              "nvidia-cuda-cuobjdump; platform_system == 'Linux'"]},
     zip_safe=False,
 )

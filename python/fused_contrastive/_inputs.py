@@ -31,6 +31,26 @@ def validate_margin(margin):
     return margin
 
 
+def validate_similar_label(similar_label):
+    """The label value that marks a similar pair: 1 (TF Addons) or 0 (the Hadsell
+    paper, keras.io's Siamese example)."""
+    if isinstance(similar_label, bool) or not isinstance(similar_label, numbers.Integral):
+        raise TypeError(f"similar_label must be 0 or 1, got {similar_label!r} "
+                        f"({type(similar_label).__name__})")
+    if similar_label not in (0, 1):
+        raise ValueError(f"similar_label must be 0 or 1, got {similar_label}")
+    return int(similar_label)
+
+
+def reject_ragged(*values):
+    """Ragged inputs have no per-sample alignment the op could check cheaply."""
+    if any(isinstance(v, tf.RaggedTensor) for v in values):
+        raise TypeError(
+            "contrastive loss: ragged y_true/y_pred are not supported. Flatten both first, "
+            "e.g. contrastive_loss(y_true.flat_values, y_pred.flat_values) and "
+            "y_pred.with_flat_values(...) to restore the rows, or use .to_tensor()")
+
+
 def number_margin(margin, owner):
     """validate_margin for a margin that must be a number (it is saved in a config)."""
     margin = validate_margin(margin)
@@ -44,6 +64,20 @@ def _squeeze_last(x):
     return tf.squeeze(x, axis=-1)
 
 
+def _last_extent(x):
+    return tf.concat([[0], tf.shape(x)], 0)[-1]  # 0 for a scalar
+
+
+def squeeze_extra_unit_axis(x, other):
+    """x without its last axis when x has one more axis than `other` and that
+    axis is 1, decided at run time (ranks unknown when traced)."""
+    if x.shape.rank is not None and (x.shape.rank == 0 or x.shape[-1] not in (1, None)):
+        return x  # it has no unit axis to lose (and tf.squeeze would fail to trace)
+    extra = tf.logical_and(tf.equal(tf.rank(x), tf.rank(other) + 1),
+                           tf.equal(_last_extent(x), 1))
+    return tf.cond(extra, lambda: _squeeze_last(x), lambda: tf.identity(x))
+
+
 def prepare_inputs(y_true, y_pred):
     """Converts and checks labels and distances; aligns a trailing unit axis.
 
@@ -52,6 +86,7 @@ def prepare_inputs(y_true, y_pred):
     [B, B] (its issue 1757); every other shape mismatch is an error, never a
     broadcast.
     """
+    reject_ragged(y_true, y_pred)
     y_pred = tf.convert_to_tensor(y_pred)
     if y_pred.dtype not in DISTANCE_DTYPES:
         raise TypeError(
@@ -68,6 +103,9 @@ def prepare_inputs(y_true, y_pred):
             y_pred = _squeeze_last(y_pred)
         elif true_rank == pred_rank + 1 and y_true.shape[-1] == 1:
             y_true = _squeeze_last(y_true)
+    else:
+        y_pred, y_true = (squeeze_extra_unit_axis(y_pred, y_true),
+                          squeeze_extra_unit_axis(y_true, y_pred))
     if not y_true.shape.is_compatible_with(y_pred.shape):
         raise tf.errors.InvalidArgumentError(
             None, None,

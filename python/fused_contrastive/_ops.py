@@ -1,6 +1,7 @@
 """Loads the compiled op library (or the reference fallback) and registers the
 op's gradient. Imported once, by the package."""
 
+import functools
 import json
 import os
 import warnings
@@ -10,6 +11,7 @@ import tensorflow as tf
 
 from fused_contrastive import reference
 
+# As registered in cc/tf_shared.h (tests check that they name the library's ops).
 OP_NAME = "FusedContrastive>ContrastiveLoss"
 REDUCED_OP_NAME = "FusedContrastive>ContrastiveLossReduced"
 SCALE_OP_NAME = "FusedContrastive>ScaleGradient"
@@ -86,7 +88,10 @@ def build_info():
     return info
 
 
-_scalar_cache = {}
+@functools.lru_cache(maxsize=256)
+def _eager_scalar(value, dtype):
+    with tf.device("/cpu:0"):
+        return tf.constant(value, dtype)
 
 
 def scalar(value, dtype=tf.float64):
@@ -97,30 +102,39 @@ def scalar(value, dtype=tf.float64):
     if not tf.executing_eagerly():
         return tf.constant(value, dtype)  # a Const node in the graph
     # Eager calls reuse one tensor per value instead of building one per step
-    # (which costs more than the op itself on small inputs).
-    key = (value, dtype)
-    tensor = _scalar_cache.get(key)
-    if tensor is None:
-        with tf.device("/cpu:0"):
-            tensor = _scalar_cache[key] = tf.constant(value, dtype)
-    return tensor
+    # (which costs more than the op itself on small inputs). The cache is
+    # bounded: a margin schedule passed as Python floats would otherwise keep
+    # one tensor per value forever.
+    return _eager_scalar(value, dtype)
 
 
-def loss_and_grad(labels, distances, margin):
+def loss_and_grad(labels, distances, margin, similar_label=1):
     """Runs the fused op on prepared inputs: (per-sample loss, d(loss)/d(distance))."""
-    return _library.fused_contrastive_contrastive_loss(labels, distances, scalar(margin))
+    return _library.fused_contrastive_contrastive_loss(labels, distances, scalar(margin),
+                                                       similar_label=similar_label)
 
 
-def reduced_loss(labels, distances, sample_weight, margin, reduction, loss_scale):
-    """Runs the fused-reduction op on prepared inputs and returns the reduced loss.
+def reduced_loss_outputs(labels, distances, sample_weight, margin, reduction, loss_scale,
+                         similar_label=1):
+    """Runs the fused-reduction op on prepared inputs: (reduced loss, its gradient
+    with respect to the distances, reduction_scale).
 
     reduction is "sum", "mean" or "weighted_mean"; sample_weight a scalar or a
     tensor of the distances' shape and dtype; loss_scale multiplies the result.
     """
-    loss, _, _ = _library.fused_contrastive_contrastive_loss_reduced(
+    return _library.fused_contrastive_contrastive_loss_reduced(
         labels, distances, sample_weight, scalar(margin), scalar(loss_scale),
-        reduction=reduction)
-    return loss
+        reduction=reduction, similar_label=similar_label)
+
+
+def reduced_loss(*args, **kwargs):
+    """The reduced loss of reduced_loss_outputs."""
+    return reduced_loss_outputs(*args, **kwargs)[0]
+
+
+def scale_gradient(gradient, scale):
+    """gradient * scale for a scalar scale of its dtype (the reduced op's backward)."""
+    return _library.fused_contrastive_scale_gradient(gradient, scale)
 
 
 def _is_known_zero(grad):
@@ -154,7 +168,8 @@ def _contrastive_loss_grad(op, grad_loss, grad_dloss):
     labels, distances, margin = op.inputs
     grad = grad_loss * op.outputs[1]
     if not _is_known_zero(grad_dloss):
-        grad += grad_dloss * reference.reference_second_derivative(labels, distances, margin)
+        grad += grad_dloss * reference.reference_second_derivative(
+            labels, distances, margin, op.get_attr("similar_label"))
     # Labels and margin get no gradient (as documented in README).
     return [None, grad, None]
 
@@ -164,12 +179,12 @@ def _reduced_loss_grad(op, grad_loss, grad_dloss, _):
     # The forward pass wrote the fully scaled per-sample gradient; backward only
     # multiplies it by the upstream scalar (skipped on CPU when that is 1).
     labels, distances, weights, margin, _ = op.inputs
-    grad = _library.fused_contrastive_scale_gradient(op.outputs[1], grad_loss)
+    grad = scale_gradient(op.outputs[1], grad_loss)
     if not _is_known_zero(grad_dloss):
-        # dloss_ddistances = w * gradient_scale * dloss/dd: its derivative.
+        # dloss_ddistances = w * reduction_scale * dloss/dd: its derivative.
         scale = weights * tf.cast(op.outputs[2], weights.dtype)
-        grad += grad_dloss * scale * reference.reference_second_derivative(labels, distances,
-                                                                           margin)
+        grad += grad_dloss * scale * reference.reference_second_derivative(
+            labels, distances, margin, op.get_attr("similar_label"))
     # Labels, sample weights, margin and loss scale get no gradient.
     return [None, grad, None, None, None]
 
@@ -178,5 +193,6 @@ def _reduced_loss_grad(op, grad_loss, grad_dloss, _):
 def _scale_gradient_grad(op, upstream):
     # Reached only by higher-order differentiation through the reduced op.
     gradient, scale = op.inputs
-    return [_library.fused_contrastive_scale_gradient(upstream, scale),
+    return [scale_gradient(upstream, scale),
             tf.reduce_sum(upstream * gradient)]
+

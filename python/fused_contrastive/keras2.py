@@ -5,7 +5,7 @@ set, as `tf.keras` is then tf_keras."""
 
 import tf_keras
 
-from fused_contrastive._inputs import number_margin
+from fused_contrastive._inputs import number_margin, validate_similar_label
 from fused_contrastive.losses import contrastive_loss
 
 
@@ -18,15 +18,22 @@ class ContrastiveLoss(tf_keras.losses.Loss):
       reduction: a `tf.keras.losses.Reduction` value, `AUTO` included. Defaults
         to `SUM_OVER_BATCH_SIZE`, as in TF Addons.
       name: name of the loss.
+      similar_label: the label of a similar pair, 1 (TF Addons) or 0.
     """
 
     def __init__(self, margin=1.0, reduction=tf_keras.losses.Reduction.SUM_OVER_BATCH_SIZE,
-                 name="contrastive_loss"):
+                 name="contrastive_loss", similar_label=1):
         super().__init__(reduction=reduction, name=name)
         self.margin = number_margin(margin, type(self).__name__)
+        self.similar_label = validate_similar_label(similar_label)
 
     def call(self, y_true, y_pred):
-        return contrastive_loss(y_true, y_pred, self.margin)
+        return contrastive_loss(y_true, y_pred, self.margin, self.similar_label)
 
     def get_config(self):
-        return {**super().get_config(), "margin": self.margin}
+        return {**super().get_config(), "margin": self.margin,
+                "similar_label": self.similar_label}
+
+
+# Models saved with tfa.losses.ContrastiveLoss load as this class (see losses.py).
+tf_keras.utils.get_custom_objects()["Addons>ContrastiveLoss"] = ContrastiveLoss

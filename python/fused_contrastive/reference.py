@@ -7,41 +7,51 @@ computes: float16/bfloat16 in float32, labels used linearly.
 
 import tensorflow as tf
 
-from fused_contrastive._inputs import prepare_inputs, validate_margin
+from fused_contrastive._inputs import prepare_inputs, validate_margin, validate_similar_label
 
 
 def compute_dtype(dtype):
     return tf.float32 if dtype in (tf.float16, tf.bfloat16) else dtype
 
 
-def _in_compute_dtype(labels, distances, margin):
+def _in_compute_dtype(labels, distances, margin, similar_label):
+    """Similarity y (the label, or 1 - label when similar_label is 0),
+    distances and margin in the compute dtype."""
     dtype = compute_dtype(distances.dtype)
     # A Python float margin goes straight to the compute dtype: tf.cast would
     # first make it a float32 tensor and round it.
     margin = tf.cast(margin, dtype) if tf.is_tensor(margin) else tf.constant(margin, dtype)
-    return tf.cast(labels, dtype), tf.cast(distances, dtype), margin
+    y = tf.cast(labels, dtype)
+    if similar_label == 0:
+        y = 1.0 - y
+    return y, tf.cast(distances, dtype), margin
 
 
-def reference_loss(labels, distances, margin):
+def reference_loss(labels, distances, margin, similar_label=1):
     """Per-sample loss on prepared inputs (see contrastive_loss_reference)."""
-    y, d, m = _in_compute_dtype(labels, distances, margin)
+    y, d, m = _in_compute_dtype(labels, distances, margin, similar_label)
     hinge = tf.maximum(m - d, 0.0)
     loss = y * tf.square(d) + (1.0 - y) * tf.square(hinge)
     return tf.cast(loss, distances.dtype)
 
 
-def reference_second_derivative(labels, distances, margin):
+def reference_second_derivative(labels, distances, margin, similar_label=1):
     """d2(loss)/d(distance)2 = 2y + 2(1-y)[d < margin], in the distance dtype."""
-    y, d, m = _in_compute_dtype(labels, distances, margin)
+    y, d, m = _in_compute_dtype(labels, distances, margin, similar_label)
     inside = tf.cast(d < m, y.dtype)
     return tf.cast(2.0 * y + 2.0 * (1.0 - y) * inside, distances.dtype)
 
 
-def contrastive_loss_reference(y_true, y_pred, margin=1.0):
+def contrastive_loss_reference(y_true, y_pred, margin=1.0, similar_label=1):
     """Pure-TensorFlow per-sample contrastive loss; differentiable by autodiff.
 
     Same arguments, checks and shapes as `fused_contrastive.contrastive_loss`.
+
+    >>> print(contrastive_loss_reference([0, 0, 1, 1, 0, 1], [0.1, 0.3, 1.3, 0.7, 1.1, 0.5])
+    ...       .numpy().round(4))
+    [0.81 0.49 1.69 0.49 0.   0.25]
     """
     margin = validate_margin(margin)
+    similar_label = validate_similar_label(similar_label)
     labels, distances = prepare_inputs(y_true, y_pred)
-    return reference_loss(labels, distances, margin)
+    return reference_loss(labels, distances, margin, similar_label)
