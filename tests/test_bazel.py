@@ -1,6 +1,4 @@
-"""The Bazel build (BUILD, WORKSPACE, .bazelrc, bazel/): run offline with
-Debian's Bazel exactly as README documents it, it builds the op library from
-the sources and flags CMake uses, and that library passes the core tests."""
+"""The Bazel build (BUILD, WORKSPACE, .bazelrc, bazel/), run offline as README documents it."""
 
 import json
 import os
@@ -12,12 +10,13 @@ from pathlib import Path
 
 import pytest
 import tensorflow as tf
+from conftest import ROOT, run_core_tests_against
 
 import fused_contrastive
 from fused_contrastive import _ops
-from test_build_variants import run_core_tests_against
 
-ROOT = Path(__file__).resolve().parents[1]
+# Bazel builds the op library from the sources and with the flags CMake uses,
+# and that library passes the core tests (conftest.CORE_TESTS).
 TARGET = "//:fused_contrastive_ops"
 LIBRARY = "_fused_contrastive_ops.so"
 APT_COMMAND = "apt-get install -y bazel-bootstrap bazel-rules-java bazel-platforms"

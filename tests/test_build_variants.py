@@ -1,5 +1,4 @@
-"""How the library was built: CUDA kernels registered and compiled for the right
-GPUs, and a CPU-only build that loads and passes the core tests."""
+"""The CMake build (CMakeLists.txt): CUDA kernels, device code, a CPU-only build's core tests."""
 
 import json
 import os
@@ -8,19 +7,21 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import tensorflow as tf
+from conftest import ROOT, run_core_tests_against
 from tensorflow.core.framework import types_pb2
 from tensorflow.python.framework import kernels
 
 import fused_contrastive
-from fused_contrastive import _ops
+from fused_contrastive import _inputs, _ops
 
-ROOT = Path(__file__).resolve().parents[1]
-ALL_PAIRS = {(label, distance)
-             for label in ("DT_BOOL", "DT_INT32", "DT_INT64", "DT_HALF", "DT_BFLOAT16", "DT_FLOAT",
-                           "DT_DOUBLE")
-             for distance in ("DT_HALF", "DT_BFLOAT16", "DT_FLOAT", "DT_DOUBLE")}
+
+def _enum_name(dtype):
+    return types_pb2.DataType.Name(dtype.as_datatype_enum)
+
+
+ALL_PAIRS = {(_enum_name(label), _enum_name(distance))
+             for label in _inputs.LABEL_DTYPES for distance in _inputs.DISTANCE_DTYPES}
 
 
 def registered_pairs(device_type):
@@ -67,16 +68,6 @@ def test_device_code_matches_the_recorded_architectures():
                          check=True).stdout
     assert "sm_80.cubin" in elf and "sm_90.cubin" in elf
     assert "sm_90.ptx" in ptx  # compute_90 PTX for GPUs newer than sm_90
-
-
-def run_core_tests_against(library, tmp_path):
-    """Runs the op's core tests in a fresh process that loads `library`."""
-    env = {**os.environ, _ops.LIBRARY_ENV: str(library)}
-    return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "--rootdir", str(tmp_path), str(ROOT / "tests/test_op.py"),
-         str(ROOT / "tests/test_tfa_cases.py")],
-        capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
 
 
 def test_cpu_only_build_loads_and_passes_core_tests(tmp_path):

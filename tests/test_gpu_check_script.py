@@ -1,5 +1,4 @@
-"""The GPU check script's own self-test: it builds the TensorFlow-free kernel
-module and runs every check with the CPU kernel in the GPU's place."""
+"""tests/gpu/check_gpu.py: its --self-test runs every check with the CPU kernel as the GPU."""
 
 import subprocess
 import sys
@@ -14,6 +13,7 @@ def test_gpu_check_script_self_test():
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "200 aligned cases compared" in out and "60 misaligned cases compared" in out
+    assert "140 aligned cases compared with similar_label=0" in out
     assert "153 reduced cases compared" in out
     assert "fused reduced" in out and "of copy" in out
     assert "PASSED: 0 mismatches" in out

@@ -57,7 +57,9 @@ def numpy_dtype(name):
 
 
 def host_inputs(rng, n, label_dtype, distance_dtype):
-    if label_dtype in ("bool", "int32", "int64"):
+    if label_dtype == "bool":  # any byte: every nonzero one must read as true
+        labels = rng.integers(0, 256, size=n, dtype=np.uint8).view(np.bool_)
+    elif label_dtype in ("int32", "int64"):
         labels = rng.integers(0, 2, size=n).astype(label_dtype)
     else:  # soft labels
         labels = rng.random(n, dtype=np.float32).astype(numpy_dtype(label_dtype))
@@ -73,10 +75,11 @@ class CpuStandIn:
     def __init__(self, kernels):
         self.kernels = kernels
 
-    def run(self, labels, distances, offsets=(0, 0, 0, 0)):
+    def run(self, labels, distances, offsets=(0, 0, 0, 0), similar_label=1):
         labels = _offset_copy(np, labels, offsets[0])
         distances = _offset_copy(np, distances, offsets[1])
-        return self.kernels.contrastive_loss_cpu(labels, distances, MARGIN)
+        return self.kernels.contrastive_loss_cpu(labels, distances, MARGIN,
+                                                 similar_label=similar_label)
 
     def run_reduced(self, labels, distances, weights, reduction):
         return self.kernels.contrastive_loss_reduced_cpu(labels, distances, weights, MARGIN,
@@ -117,7 +120,7 @@ class CudaDevice:
         raw = host.view(np.uint16) if host.dtype == ml_dtypes.bfloat16 else host
         return _offset_copy(self.cp, self.cp.asarray(raw), offset)
 
-    def run(self, labels, distances, offsets=(0, 0, 0, 0)):
+    def run(self, labels, distances, offsets=(0, 0, 0, 0), similar_label=1):
         cp = self.cp
         d_labels = self._device(labels, offsets[0])
         d_distances = self._device(distances, offsets[1])
@@ -127,7 +130,8 @@ class CudaDevice:
         self.kernels.contrastive_loss_cuda(
             d_labels, d_distances, loss, grad, MARGIN, stream=stream.ptr,
             labels_dtype="bfloat16" if labels.dtype == ml_dtypes.bfloat16 else None,
-            distances_dtype="bfloat16" if distances.dtype == ml_dtypes.bfloat16 else None)
+            distances_dtype="bfloat16" if distances.dtype == ml_dtypes.bfloat16 else None,
+            similar_label=similar_label)
         stream.synchronize()
         out_dtype = distances.dtype
         return loss.get().view(out_dtype), grad.get().view(out_dtype)
@@ -243,17 +247,23 @@ def same_bits(a, b):
     return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
-def compare(device, kernels, rng, cases, offsets=(0, 0, 0, 0)):
+def compare(device, kernels, rng, cases, offsets=(0, 0, 0, 0), similar_label=1):
     failures = 0
     for label_dtype, distance_dtype, n in cases:
         labels, distances = host_inputs(rng, n, label_dtype, distance_dtype)
-        want_loss, want_grad = kernels.contrastive_loss_cpu(labels, distances, MARGIN)
-        loss, grad = device.run(labels, distances, offsets)
+        want_loss, want_grad = kernels.contrastive_loss_cpu(labels, distances, MARGIN,
+                                                            similar_label=similar_label)
+        loss, grad = device.run(labels, distances, offsets, similar_label)
         ok = same_bits(loss, want_loss) and same_bits(grad, want_grad)
+        if label_dtype == "bool":  # the bytes' truth, not their values, counts
+            truth = kernels.contrastive_loss_cpu(labels != 0, distances, MARGIN,
+                                                 similar_label=similar_label)
+            ok = ok and same_bits(loss, truth[0]) and same_bits(grad, truth[1])
         failures += not ok
         if not ok or n >= 10**6:
             print(f"  {'ok  ' if ok else 'FAIL'} labels={label_dtype:8s} distances="
-                  f"{distance_dtype:8s} n={n:>11,d} offsets={offsets}", flush=True)
+                  f"{distance_dtype:8s} n={n:>11,d} offsets={offsets} "
+                  f"similar_label={similar_label}", flush=True)
     return failures
 
 
@@ -326,6 +336,9 @@ def main(argv=None):
                   ("float64", "float64", big), ("bool", "bfloat16", big)]
         failures = compare(device, _kernels, rng, cases)
         print(f"{len(cases)} aligned cases compared", flush=True)
+        flipped = [case for case in cases if case[2] <= 1001]
+        failures += compare(device, _kernels, rng, flipped, similar_label=0)
+        print(f"{len(flipped)} aligned cases compared with similar_label=0", flush=True)
 
         misaligned = [(l, d, 10**4 + 7) for l in ("bool", "float32", "int64") for d in DISTANCE_DTYPES]
         for offsets in [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 3), (3, 1, 2, 1)]:

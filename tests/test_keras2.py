@@ -1,0 +1,132 @@
+"""fused_contrastive.keras2: the tf_keras class, which TF_USE_LEGACY_KERAS=1 makes the default."""
+
+import pytest
+from conftest import (TFA_DISTANCES, TFA_LABELS, TFA_LOSSES, TFA_WEIGHTS,
+                      load_tfa_h5_in_fresh_process, run_python)
+
+LEGACY_SCRIPT = """
+    import numpy as np, tensorflow as tf, tf_keras
+    import fused_contrastive
+    from fused_contrastive import ContrastiveLoss
+    from fused_contrastive.keras2 import ContrastiveLoss as Keras2Loss
+
+    assert tf.keras is tf_keras or tf.keras.__name__.startswith("tf_keras")
+    assert ContrastiveLoss is Keras2Loss and issubclass(ContrastiveLoss, tf_keras.losses.Loss)
+
+    y_true = TFA_LABELS
+    y_pred = TFA_DISTANCES
+    R = tf.keras.losses.Reduction
+    cases = [(R.AUTO, 0.621666), (R.SUM_OVER_BATCH_SIZE, 0.621666), (R.SUM, 3.73),
+             (R.NONE, TFA_LOSSES)]
+    for reduction, expected in cases:
+        loss = ContrastiveLoss(margin=1.0, reduction=reduction, name="c")
+        np.testing.assert_allclose(loss(y_true, y_pred), expected, rtol=1e-5, atol=1e-6)
+        # similar_label=0: the same numbers from the flipped labels.
+        flipped = ContrastiveLoss(margin=1.0, reduction=reduction, similar_label=0)
+        np.testing.assert_allclose(flipped([1 - y for y in y_true], y_pred), expected,
+                                   rtol=1e-5, atol=1e-6)
+        weights = [0.5, 2.0, 1.0, 0.0, 1.5, 1.0]
+        np.testing.assert_allclose(
+            flipped([1 - y for y in y_true], y_pred, sample_weight=weights),
+            ContrastiveLoss(margin=1.0, reduction=reduction)(y_true, y_pred, sample_weight=weights),
+            rtol=1e-6)
+    weighted = ContrastiveLoss()(y_true, y_pred, sample_weight=TFA_WEIGHTS)
+    np.testing.assert_allclose(weighted, 0.4425, rtol=1e-5)
+    # [B] labels against a [B, 1] model output: B losses, not B x B.
+    assert ContrastiveLoss(reduction=R.NONE)(y_true, tf.reshape(y_pred, [6, 1])).shape == (6,)
+
+    config = ContrastiveLoss(margin=0.4, reduction=R.SUM, name="pairs").get_config()
+    assert config == {"reduction": "sum", "name": "pairs", "margin": 0.4,
+                      "similar_label": 1}, config
+    again = tf_keras.losses.deserialize(tf_keras.losses.serialize(ContrastiveLoss(margin=0.4)))
+    assert isinstance(again, ContrastiveLoss) and again.margin == 0.4
+    flipped = ContrastiveLoss(margin=0.4, similar_label=0)
+    assert flipped.get_config()["similar_label"] == 0
+    for restored in (ContrastiveLoss.from_config(flipped.get_config()),
+                     tf_keras.losses.deserialize(tf_keras.losses.serialize(flipped))):
+        assert isinstance(restored, ContrastiveLoss) and restored.similar_label == 0
+    try:
+        ContrastiveLoss(margin=-1.0)
+        raise AssertionError("negative margin accepted")
+    except ValueError:
+        pass
+    for bad, error in ((2, ValueError), (-1, ValueError), (0.5, TypeError), (True, TypeError),
+                       ("1", TypeError)):
+        try:
+            ContrastiveLoss(similar_label=bad)
+            raise AssertionError(f"similar_label={bad!r} accepted")
+        except error as e:
+            assert "similar_label" in str(e), e
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 6)).astype("float32")
+    y = (x[:, 0] > 0).astype("float32")
+    tf_keras.utils.set_random_seed(2)
+    model = tf_keras.Sequential([tf_keras.layers.Dense(8, activation="relu", input_shape=(6,)),
+                                 tf_keras.layers.Dense(1, activation="softplus")])
+    model.compile(optimizer=tf_keras.optimizers.Adam(0.02), loss=ContrastiveLoss(margin=1.5))
+    history = model.fit(x, y, epochs=5, batch_size=32, verbose=0).history["loss"]
+    assert history[-1] < history[0], history
+    expected = model.evaluate(x, y, batch_size=128, verbose=0)
+
+    out = OUT
+    model.save(out + "/model.h5")
+    model.save(out + "/saved_model", save_format="tf")
+    for path in (out + "/model.h5", out + "/saved_model"):
+        loaded = tf_keras.models.load_model(path)
+        assert isinstance(loaded.loss, ContrastiveLoss) and loaded.loss.margin == 1.5, path
+        np.testing.assert_allclose(loaded.evaluate(x, y, batch_size=128, verbose=0), expected,
+                                   rtol=1e-6)
+
+    # similar_label survives an h5 file too.
+    model.compile(optimizer="sgd", loss=ContrastiveLoss(margin=1.5, similar_label=0))
+    flipped_expected = model.evaluate(x, 1 - y, batch_size=128, verbose=0)
+    np.testing.assert_allclose(flipped_expected, expected, rtol=1e-6)
+    model.save(out + "/flipped.h5")
+    loaded = tf_keras.models.load_model(out + "/flipped.h5")
+    assert loaded.loss.similar_label == 0, loaded.loss.get_config()
+    np.testing.assert_allclose(loaded.evaluate(x, 1 - y, batch_size=128, verbose=0), expected,
+                               rtol=1e-6)
+    print("tf_keras ok")
+"""
+
+
+def test_legacy_keras_class(tmp_path):
+    constants = dict(TFA_LABELS=TFA_LABELS, TFA_DISTANCES=TFA_DISTANCES, TFA_LOSSES=TFA_LOSSES,
+                     TFA_WEIGHTS=TFA_WEIGHTS, OUT=str(tmp_path))
+    header = "".join(f"    {name} = {value!r}\n" for name, value in constants.items())
+    result = run_python(header + LEGACY_SCRIPT, TF_USE_LEGACY_KERAS="1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "tf_keras ok" in result.stdout
+
+
+@pytest.mark.parametrize("legacy_env", [True, False], ids=["TF_USE_LEGACY_KERAS=1",
+                                                          "tf_keras imported first"])
+def test_tfa_h5_model_loads_in_tf_keras(legacy_env):
+    # TF_USE_LEGACY_KERAS=1: the package's class is the Keras 2 one. Without
+    # it, a process that imported tf_keras before fused_contrastive gets the
+    # Keras 2 class registered too (and keeps the Keras 3 one as the package's).
+    measured = load_tfa_h5_in_fresh_process(
+        "tf_keras", **({"TF_USE_LEGACY_KERAS": "1"} if legacy_env else {}))
+    assert measured["loss_class"] == "fused_contrastive.keras2.ContrastiveLoss"
+    assert measured["package_class"] == ("fused_contrastive.keras2.ContrastiveLoss" if legacy_env
+                                         else "fused_contrastive.losses.ContrastiveLoss")
+    assert measured["config"]["reduction"] == "sum_over_batch_size"
+
+
+def test_legacy_keras_without_tf_keras_says_what_to_install():
+    # tf_keras made unimportable, as if it were not installed.
+    result = run_python("""
+        import sys
+        sys.modules["tf_keras"] = None
+        try:
+            import fused_contrastive
+        except ImportError as error:
+            print("ImportError:", error)
+        else:
+            print("imported", fused_contrastive.ContrastiveLoss)
+    """, TF_USE_LEGACY_KERAS="1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert 'ImportError: ' in result.stdout, result.stdout
+    assert 'pip install "fused-contrastive[keras2]"' in result.stdout, result.stdout
+    assert "TF_USE_LEGACY_KERAS" in result.stdout
