@@ -104,6 +104,16 @@ class KerasReducedReference(keras.losses.Loss):
         return contrastive_loss_reference(y_true, y_pred, self.margin, self.similar_label)
 
 
+def loss_and_gradient(loss_object, y, d, sample_weight=None, upstream=1.0):
+    """A loss object's value on (y, d) and the gradient with respect to d of that
+    value times `upstream` (a scalar, or per-sample for unreduced losses)."""
+    with tf.GradientTape() as tape:
+        tape.watch(d)
+        loss = loss_object(y, d, sample_weight=sample_weight)
+        scaled = loss * tf.cast(upstream, loss.dtype)
+    return loss, tape.gradient(scaled, d)
+
+
 def pair_data(rng, n=256, features=6):
     """Inputs and 0/1 labels that a small model can learn: "similar" pairs have
     a positive first feature."""

@@ -12,8 +12,8 @@ import pytest
 import tensorflow as tf
 from conftest import (FUSED_REDUCTIONS, REDUCTIONS, TFA_DISTANCES, TFA_LABELS, TFA_LOSSES,
                       TFA_WEIGHTS, KerasReducedReference, distance_model,
-                      load_tfa_h5_in_fresh_process, pair_data, random_distances, random_labels,
-                      run_python)
+                      load_tfa_h5_in_fresh_process, loss_and_gradient, pair_data,
+                      random_distances, random_labels, run_python)
 
 import keras
 from fused_contrastive import ContrastiveLoss, _ops, contrastive_loss, contrastive_loss_reference
@@ -114,10 +114,7 @@ def test_matches_keras_reduction_values_and_gradients(rng, run, monkeypatch, red
     w = None if w is None else tf.constant(w, tf.float32)
 
     def loss_and_grad(loss_obj, d):
-        with tf.GradientTape() as tape:
-            tape.watch(d)
-            loss = loss_obj(y, d, sample_weight=w) * 3.0  # upstream != 1
-        return loss, tape.gradient(loss, d)
+        return loss_and_gradient(loss_obj, y, d, w, upstream=3.0)  # upstream != 1
 
     fused = run(loss_and_grad, ContrastiveLoss(margin=1.3, reduction=reduction), d)
     keras_way = loss_and_grad(KerasReducedReference(1.3, reduction=reduction), d)
@@ -235,10 +232,7 @@ def test_similar_label_0_is_the_loss_of_flipped_labels(rng, reduction, weights):
     w = None if w is None else tf.constant(w, tf.float32)
 
     def loss_and_grad(loss_obj, labels):
-        with tf.GradientTape() as tape:
-            tape.watch(d)
-            loss = loss_obj(labels, d, sample_weight=w)
-        return loss, tape.gradient(loss, d)
+        return loss_and_gradient(loss_obj, labels, d, w)
 
     got = loss_and_grad(ContrastiveLoss(margin=1.1, reduction=reduction, similar_label=0), y)
     for want in (loss_and_grad(KerasReducedReference(1.1, reduction=reduction), 1.0 - y),

@@ -17,7 +17,7 @@ whole file runs in well under 60 s on a 2-core machine.
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import KerasReducedReference
+from conftest import KerasReducedReference, loss_and_gradient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -316,14 +316,6 @@ def test_known_and_unknown_rank_trace(function):
 # ContrastiveLoss vs Keras' own reduction of the reference
 # ---------------------------------------------------------------------------
 
-def _loss_and_gradient(loss_object, y, d, sample_weight, upstream):
-    with tf.GradientTape() as tape:
-        tape.watch(d)
-        loss = loss_object(y, d, sample_weight=sample_weight)
-        scaled = loss * tf.cast(upstream, loss.dtype)
-    return loss, tape.gradient(scaled, d)
-
-
 @st.composite
 def _class_inputs(draw, margins=None, loss_dtypes=LOSS_DTYPES):
     loss_dtype = draw(st.sampled_from(loss_dtypes))
@@ -377,8 +369,8 @@ def test_class_matches_keras_reduction_eager(inputs):
     y, d, margin, similar_label, reduction, loss_dtype, sample_weight, upstream = inputs
     kwargs = dict(margin=margin, similar_label=similar_label, reduction=reduction,
                   dtype=loss_dtype)
-    got = _loss_and_gradient(ContrastiveLoss(**kwargs), y, d, sample_weight, upstream)
-    want = _loss_and_gradient(KerasReducedReference(**kwargs), y, d, sample_weight, upstream)
+    got = loss_and_gradient(ContrastiveLoss(**kwargs), y, d, sample_weight, upstream)
+    want = loss_and_gradient(KerasReducedReference(**kwargs), y, d, sample_weight, upstream)
     _check_class(d, loss_dtype, got, want)
 
 
@@ -415,8 +407,8 @@ def _traced_class(shape_mode, margin, similar_label, reduction, loss_dtype, y, d
         fused, oracle = ContrastiveLoss(**kwargs), KerasReducedReference(**kwargs)
 
         def both(y, d, upstream, sample_weight=None):
-            return (_loss_and_gradient(fused, y, d, sample_weight, upstream),
-                    _loss_and_gradient(oracle, y, d, sample_weight, upstream))
+            return (loss_and_gradient(fused, y, d, sample_weight, upstream),
+                    loss_and_gradient(oracle, y, d, sample_weight, upstream))
 
         if shape_mode == "known":
             _TRACED[key] = tf.function(both, reduce_retracing=True)
