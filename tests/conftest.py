@@ -114,6 +114,17 @@ def loss_and_gradient(loss_object, y, d, sample_weight=None, upstream=1.0):
     return loss, tape.gradient(scaled, d)
 
 
+def hessian(total_fn, d):
+    """The Hessian of the scalar total_fn(d) with respect to d."""
+    with tf.GradientTape() as outer:
+        outer.watch(d)
+        with tf.GradientTape() as inner:
+            inner.watch(d)
+            total = total_fn(d)
+        grad = inner.gradient(total, d)
+    return outer.jacobian(grad, d)
+
+
 def pair_data(rng, n=256, features=6):
     """Inputs and 0/1 labels that a small model can learn: "similar" pairs have
     a positive first feature."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import (DISTANCE_DTYPES, TFA_DISTANCES, TFA_LABELS, KerasReducedReference,
-                      random_distances, random_labels, run_python)
+                      hessian, random_distances, random_labels, run_python)
 from tensorflow.python.framework import kernels
 
 import fused_contrastive
@@ -171,15 +171,20 @@ def test_numeric_gradient_away_from_hinge(rng, dtype, max_error):
 def test_second_derivative(rng):
     y = random_labels(rng, (9,), "float64")
     d = tf.constant(rng.uniform(0.0, 2.0, size=9))
-    with tf.GradientTape() as outer:
-        outer.watch(d)
-        with tf.GradientTape() as inner:
-            inner.watch(d)
-            total = tf.reduce_sum(contrastive_loss(y, d, 1.0))
-        grad = inner.gradient(total, d)
-    hessian = outer.jacobian(grad, d)
+    got = hessian(lambda d: tf.reduce_sum(contrastive_loss(y, d, 1.0)), d)
     expected = 2 * y + 2 * (1 - y) * tf.cast(d < 1.0, tf.float64)
-    np.testing.assert_allclose(hessian, np.diag(expected), rtol=1e-12)
+    np.testing.assert_allclose(got, np.diag(expected), rtol=1e-12)
+
+
+def test_second_derivative_at_the_kink_counts_the_hinge_inactive():
+    # README: at d == margin the fused Hessian is 2y, while autodiff of the
+    # reference (TF's maximum gradient) gives 2y + 2(1-y); both one-sided.
+    y = tf.constant([0.0, 0.5, 1.0], tf.float64)
+    d = tf.constant([1.0, 1.0, 1.0], tf.float64)
+    fused = hessian(lambda d: tf.reduce_sum(contrastive_loss(y, d, 1.0)), d)
+    autodiff = hessian(lambda d: tf.reduce_sum(contrastive_loss_reference(y, d, 1.0)), d)
+    np.testing.assert_array_equal(np.diag(fused), [0.0, 1.0, 2.0])
+    np.testing.assert_array_equal(np.diag(autodiff), [2.0, 2.0, 2.0])
 
 
 def test_labels_and_margin_get_no_gradient(rng):
@@ -225,17 +230,10 @@ def test_second_derivative_through_the_reduced_loss(rng, similar_label):
     y = random_labels(rng, (6,), "float64")
     d = tf.constant(rng.uniform(0, 2, size=6))
     w = tf.constant(rng.uniform(0.5, 1.5, size=6))
-    hessians = []
-    for loss_obj in (ContrastiveLoss(dtype="float64", similar_label=similar_label),
-                     KerasReducedReference(1.0, similar_label, dtype="float64")):
-        with tf.GradientTape() as outer:
-            outer.watch(d)
-            with tf.GradientTape() as inner:
-                inner.watch(d)
-                loss = loss_obj(y, d, w)
-            grad = inner.gradient(loss, d)
-        hessians.append(outer.jacobian(grad, d))
-    np.testing.assert_allclose(hessians[0], hessians[1], rtol=1e-12)
+    fused, keras_way = (hessian(lambda d: loss_obj(y, d, w), d) for loss_obj in (
+        ContrastiveLoss(dtype="float64", similar_label=similar_label),
+        KerasReducedReference(1.0, similar_label, dtype="float64")))
+    np.testing.assert_allclose(fused, keras_way, rtol=1e-12)
 
 
 def test_reduced_op_gradient_is_its_scaled_output(rng):
