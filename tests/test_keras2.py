@@ -100,14 +100,17 @@ def test_legacy_keras_class(tmp_path):
     assert "tf_keras ok" in result.stdout
 
 
-@pytest.mark.parametrize("legacy_env", [True, False], ids=["TF_USE_LEGACY_KERAS=1",
-                                                          "tf_keras imported first"])
-def test_tfa_h5_model_loads_in_tf_keras(legacy_env):
+@pytest.mark.parametrize("legacy_env, package_first", [(True, False), (False, False),
+                                                       (False, True)],
+                         ids=["TF_USE_LEGACY_KERAS=1", "tf_keras imported first",
+                              "tf_keras imported after"])
+def test_tfa_h5_model_loads_in_tf_keras(legacy_env, package_first):
     # TF_USE_LEGACY_KERAS=1: the package's class is the Keras 2 one. Without
-    # it, a process that imported tf_keras before fused_contrastive gets the
-    # Keras 2 class registered too (and keeps the Keras 3 one as the package's).
+    # it, a process that imports tf_keras before or after fused_contrastive
+    # gets the Keras 2 class registered too (and keeps the Keras 3 one as the
+    # package's).
     measured = load_tfa_h5_in_fresh_process(
-        "tf_keras", **({"TF_USE_LEGACY_KERAS": "1"} if legacy_env else {}))
+        "tf_keras", package_first, **({"TF_USE_LEGACY_KERAS": "1"} if legacy_env else {}))
     assert measured["loss_class"] == "fused_contrastive.keras2.ContrastiveLoss"
     assert measured["package_class"] == ("fused_contrastive.keras2.ContrastiveLoss" if legacy_env
                                          else "fused_contrastive.losses.ContrastiveLoss")

@@ -10,6 +10,8 @@ following what `tf.keras` means in the same process.
 
 __version__ = "0.1.0"
 
+import importlib.abc
+import importlib.util
 import os
 import sys
 
@@ -31,11 +33,30 @@ if os.environ.get("TF_USE_LEGACY_KERAS", None) in ("true", "True", "1"):
 else:
     from fused_contrastive.losses import ContrastiveLoss
 
-    # A process that already uses tf_keras gets the Keras 2 class registered
-    # too (TF Addons' saved models load through it); importing tf_keras only
-    # for that would cost every user half a second.
+    class _RegisterWithTfKeras(importlib.abc.MetaPathFinder):
+        """Registers the Keras 2 class (and so TF Addons' saved-model alias)
+        once tf_keras is imported, before or after this package: importing
+        tf_keras only for that would cost every user half a second."""
+
+        def find_spec(self, name, path=None, target=None):
+            if name != "tf_keras":
+                return None
+            sys.meta_path.remove(self)
+            spec = importlib.util.find_spec(name)
+            if spec is not None and spec.loader is not None:
+                exec_module = spec.loader.exec_module
+
+                def exec_then_register(module):
+                    exec_module(module)
+                    import fused_contrastive.keras2  # noqa: F401
+
+                spec.loader.exec_module = exec_then_register
+            return spec
+
     if "tf_keras" in sys.modules:
         import fused_contrastive.keras2  # noqa: F401
+    else:
+        sys.meta_path.insert(0, _RegisterWithTfKeras())
 
 __all__ = [
     "ContrastiveLoss",
