@@ -8,7 +8,6 @@
 #define EIGEN_USE_GPU
 #endif
 
-#include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -20,7 +19,6 @@
 namespace fused_contrastive {
 namespace {
 
-using ::tensorflow::DataType;
 using ::tensorflow::OpKernel;
 using ::tensorflow::OpKernelConstruction;
 using ::tensorflow::OpKernelContext;

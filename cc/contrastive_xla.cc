@@ -45,9 +45,9 @@ struct ComputeInputs {
 // fused code may read the low bit only; a byte such as 2 (tf.io.decode_raw)
 // must still be true, as in the CPU and GPU kernels. Widening the byte and
 // comparing it with 0 reads all of it.
-xla::XlaOp LabelsToCompute(xla::XlaOp labels, xla::PrimitiveType compute) {
-  const xla::XlaBuilder* builder = labels.builder();
-  if (builder->GetShape(labels).value().element_type() == xla::PRED) {
+xla::XlaOp LabelsToCompute(xla::XlaOp labels, xla::PrimitiveType label_type,
+                           xla::PrimitiveType compute) {
+  if (label_type == xla::PRED) {
     const xla::XlaOp bytes = xla::ConvertElementType(labels, xla::U8);
     labels = xla::Ne(bytes, xla::ScalarLike(bytes, 0));
   }
@@ -69,17 +69,19 @@ absl::Status ReadInputs(tensorflow::XlaOpKernelContext* ctx, int margin_input,
   if (ctx->ConstantInputAsFloatScalar(margin_input, &margin_value).ok()) {
     TF_RETURN_IF_ERROR(CheckMargin(margin_value));
   } else {
-    const xla::XlaOp valid = xla::And(xla::IsFinite(margin), xla::Ge(margin, xla::ScalarLike(margin, 0)));
+    const xla::XlaOp valid =
+        xla::And(xla::IsFinite(margin), xla::Ge(margin, xla::ScalarLike(margin, 0)));
     margin = xla::Select(valid, margin, xla::NanValue(ctx->builder(), xla::F64));
   }
   in->out_type = ctx->input_xla_type(1);
   in->compute =
       (in->out_type == xla::F16 || in->out_type == xla::BF16) ? xla::F32 : in->out_type;
-  in->y = LabelsToCompute(ctx->Input(0), in->compute);
+  in->y = LabelsToCompute(ctx->Input(0), ctx->input_xla_type(0), in->compute);
   in->d = xla::ConvertElementType(ctx->Input(1), in->compute);
   in->margin = xla::ConvertElementType(margin, in->compute);
   return absl::OkStatus();
 }
+
 class ContrastiveLossXlaOp : public tensorflow::XlaOpKernel {
  public:
   explicit ContrastiveLossXlaOp(tensorflow::OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
@@ -143,10 +145,13 @@ class ContrastiveLossReducedXlaOp : public tensorflow::XlaOpKernel {
     xla::XlaBuilder* builder = ctx->builder();
     const int64_t n = shape.num_elements();
     const xla::XlaOp w = xla::ConvertElementType(ctx->Input(2), in.compute);
-    const xla::XlaOp weight_total =
-        scalar_weight ? xla::ConvertElementType(w, xla::F64)
-                      : (reduction_ == Reduction::kWeightedMean ? BlockedSum(w, n, in.compute)
-                                                                 : xla::ConstantR0<double>(builder, 0.0));
+    // Only kWeightedMean reads the total of per-element weights.
+    xla::XlaOp weight_total = xla::ConstantR0<double>(builder, 0.0);
+    if (scalar_weight) {
+      weight_total = xla::ConvertElementType(w, xla::F64);
+    } else if (reduction_ == Reduction::kWeightedMean) {
+      weight_total = BlockedSum(w, n, in.compute);
+    }
     const xla::XlaOp scale =
         reduction_scale(reduction_, xla::ConstantR0<double>(builder, static_cast<double>(n)),
                         weight_total, ctx->Input(4));

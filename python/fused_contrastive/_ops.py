@@ -195,4 +195,3 @@ def _scale_gradient_grad(op, upstream):
     gradient, scale = op.inputs
     return [scale_gradient(upstream, scale),
             tf.reduce_sum(upstream * gradient)]
-
