@@ -23,10 +23,9 @@ def gencode_flags(archs):
         flags.append("-gencode arch=compute_%s,code=%s" % (number, code))
     return flags
 
-def cuda_library(name, src, hdrs, archs, nvcc_flags = []):
-    """A cc_library `name` holding `src` compiled by nvcc (a genrule writing
-    `<name>.pic.o`, linkable into a shared library). Both are tagged manual:
-    only targets that select them (--config=cuda) build them."""
+def _nvcc_object(name, src, hdrs, archs, nvcc_flags):
+    """A genrule `<name>_nvcc` compiling `src` into `<name>.pic.o`; returns the
+    object's name."""
     if NVCC:
         cmd = " ".join([
             NVCC,
@@ -46,9 +45,20 @@ def cuda_library(name, src, hdrs, archs, nvcc_flags = []):
         message = "Compiling %s with nvcc" % src,
         tags = ["manual"],
     )
+    return name + ".pic.o"
+
+def cuda_library(name, srcs, hdrs, archs, nvcc_flags = []):
+    """A cc_library `name` holding `srcs` compiled by nvcc (per source a
+    genrule writing `<name>_<stem>.pic.o`, linkable into a shared library).
+    All are tagged manual: only targets that select them (--config=cuda)
+    build them."""
+    objects = []
+    for src in srcs:
+        stem = src.split("/")[-1].split(".")[0]
+        objects.append(_nvcc_object(name + "_" + stem, src, hdrs, archs, nvcc_flags))
     native.cc_library(
         name = name,
-        srcs = [name + ".pic.o"],
+        srcs = objects,
         alwayslink = True,
         tags = ["manual"],
     )

@@ -1,8 +1,8 @@
 #include <algorithm>
-#include <vector>
 
 #include "contrastive_kernels.h"
 #include "contrastive_math.h"
+#include "cpu_reduce.h"
 
 namespace fused_contrastive {
 namespace {
@@ -22,30 +22,6 @@ void LossAndGradRange(const L* labels, const D* distances, int64_t begin, int64_
     grad[i] = Store<D>::to(g);
   }
 }
-
-// Elements per block of a reduction. Fixed, so block sums, and the order they
-// are added in, do not depend on how many threads run them.
-constexpr int64_t kReductionBlock = 1 << 15;
-
-// Sum over [0, n) of block_sum(begin, end) on fixed blocks, added in order.
-template <typename BlockSum>
-double BlockedSum(int64_t n, const ElementCost& element_cost, const ParallelFor& parallel_for,
-                  const BlockSum& block_sum) {
-  const int64_t blocks = (n + kReductionBlock - 1) / kReductionBlock;
-  std::vector<double> sums(blocks);
-  const double scale = static_cast<double>(kReductionBlock);
-  const ElementCost block_cost{element_cost.bytes_loaded * scale, element_cost.bytes_stored * scale,
-                               element_cost.compute_cycles * scale};
-  parallel_for(blocks, block_cost, [&](int64_t first, int64_t last) {
-    for (int64_t b = first; b < last; ++b) {
-      sums[b] = block_sum(b * kReductionBlock, std::min(n, (b + 1) * kReductionBlock));
-    }
-  });
-  double total = 0;
-  for (double partial : sums) total += partial;
-  return total;
-}
-
 
 // Sum of w*loss over [begin, end), writing grad = dloss * w * scale.
 // `omp simd` lets the chunk sums vectorise; their lane-wise order is fixed for
@@ -109,29 +85,16 @@ bool ContrastiveLossReducedCpu(const ReducedLossArgs& a, const ParallelFor& para
     const auto* w = static_cast<const D*>(a.weights);
     auto* grad = static_cast<D*>(a.grad);
 
-    double weight_total = 0;
-    if (a.reduction == Reduction::kWeightedMean) {
-      weight_total = a.scalar_weight
-                         ? Convert<double>::from(w[0])
-                         : BlockedSum(in.n, ElementCost{sizeof(D), 0, 1}, parallel_for,
-                                      [w](int64_t begin, int64_t end) {
-                                        double sum = 0;
-#pragma omp simd reduction(+ : sum)
-                                        for (int64_t i = begin; i < end; ++i) {
-                                          sum += Convert<double>::from(w[i]);
-                                        }
-                                        return sum;
-                                      });
-    }
-    const double scale = reduction_scale(a.reduction, static_cast<double>(in.n), weight_total,
-                                         a.loss_scale);
+    const double scale = CpuReductionScale(a.reduction, w, a.scalar_weight, in.n, a.loss_scale,
+                                           parallel_for);
     *a.reduction_scale = scale;
     const C m = static_cast<C>(in.margin);
     const C scale_c = static_cast<C>(scale);
     const int similar_label = in.similar_label;
     const ElementCost cost{double(sizeof(L) + sizeof(D) * (a.scalar_weight ? 1 : 2)),
                            double(sizeof(D)), 14.0};
-    const double sum = BlockedSum(in.n, cost, parallel_for, [&](int64_t begin, int64_t end) {
+    const double sum = BlockedSum(in.n, kReductionBlock, cost, parallel_for,
+                                  [&](int64_t begin, int64_t end) {
       return a.scalar_weight ? WeightedLossAndGradRange<true>(y, d, w, begin, end, m,
                                                               similar_label, scale_c, grad)
                              : WeightedLossAndGradRange<false>(y, d, w, begin, end, m,

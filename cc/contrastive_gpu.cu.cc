@@ -2,26 +2,14 @@
 // shared with the CPU kernel; this file adds only indexing, vector loads and
 // the launch. Compiled with --fmad=false so a*b+c is not contracted into an FMA:
 // GPU results then equal the CPU kernel's bit for bit.
-#include <cuda_runtime.h>
-
 #include <algorithm>
 
 #include "contrastive_kernels.h"
 #include "contrastive_math.h"
+#include "gpu_common.cuh"
 
 namespace fused_contrastive {
 namespace {
-
-constexpr int kThreadsPerBlock = 256;
-// Enough resident blocks to saturate any current GPU; a grid-stride loop
-// covers the rest, so launches stay cheap for huge n.
-constexpr int64_t kMaxBlocks = 8192;
-
-// V consecutive elements loaded or stored as one aligned access.
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
 
 template <int V, typename L, typename D>
 __global__ void ContrastiveLossKernel(const L* __restrict__ labels, const D* __restrict__ distances,
@@ -56,52 +44,6 @@ __global__ void ContrastiveLossKernel(const L* __restrict__ labels, const D* __r
   }
 }
 
-// Reductions run on a grid whose size depends on n only, and every sum is
-// combined in a fixed order, so results do not vary between runs or GPUs.
-constexpr int kReduceThreads = 256;
-constexpr int64_t kMaxReduceBlocks = 1024;
-
-int64_t ReduceBlocks(int64_t n) {
-  return std::max<int64_t>(1, std::min(kMaxReduceBlocks, (n + kReduceThreads - 1) / kReduceThreads));
-}
-
-// Tree sum of one value per thread of the block; thread 0 gets the total.
-__device__ double BlockSum(double value) {
-  __shared__ double shared[kReduceThreads];
-  shared[threadIdx.x] = value;
-  __syncthreads();
-  for (int width = kReduceThreads / 2; width > 0; width /= 2) {
-    if (threadIdx.x < width) shared[threadIdx.x] += shared[threadIdx.x + width];
-    __syncthreads();
-  }
-  return shared[0];
-}
-
-template <typename D>
-__global__ void WeightSumKernel(const D* __restrict__ weights, int64_t n, double* block_sums) {
-  double sum = 0;
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += stride) {
-    sum += Convert<double>::from(weights[i]);
-  }
-  const double total = BlockSum(sum);
-  if (threadIdx.x == 0) block_sums[blockIdx.x] = total;
-}
-
-// Writes reduction_scale() for the main kernel.
-template <typename D>
-__global__ void ReductionScaleKernel(Reduction reduction, const D* weights, bool scalar_weight,
-                                     int64_t n, const double* weight_block_sums, int blocks,
-                                     double loss_scale, double* scale) {
-  double partial = 0;
-  for (int b = threadIdx.x; b < blocks; b += blockDim.x) partial += weight_block_sums[b];
-  const double weight_sum = BlockSum(partial);
-  if (threadIdx.x != 0) return;
-  const double weight_total = scalar_weight ? Convert<double>::from(weights[0]) : weight_sum;
-  *scale = reduction_scale(reduction, static_cast<double>(n), weight_total, loss_scale);
-}
-
 template <typename L, typename D>
 __global__ void ReducedLossKernel(const L* __restrict__ labels, const D* __restrict__ distances,
                                   const D* __restrict__ weights, bool scalar_weight, int64_t n,
@@ -126,15 +68,6 @@ __global__ void ReducedLossKernel(const L* __restrict__ labels, const D* __restr
 }
 
 template <typename D>
-__global__ void FinishLossKernel(const double* block_sums, int blocks, const double* scale,
-                                 D* loss) {
-  double partial = 0;
-  for (int b = threadIdx.x; b < blocks; b += blockDim.x) partial += block_sums[b];
-  const double total = BlockSum(partial);
-  if (threadIdx.x == 0) *loss = Store<D>::to(static_cast<ComputeType<D>>(total * *scale));
-}
-
-template <typename D>
 __global__ void ScaleKernel(const D* in, const D* scale, int64_t n, D* out) {
   using C = ComputeType<D>;
   const C s = Convert<C>::from(*scale);
@@ -143,15 +76,6 @@ __global__ void ScaleKernel(const D* in, const D* scale, int64_t n, D* out) {
        i += stride) {
     out[i] = Store<D>::to(Convert<C>::from(in[i]) * s);
   }
-}
-
-GpuStatus LastError() {
-  const cudaError_t error = cudaGetLastError();
-  return error == cudaSuccess ? GpuStatus{} : GpuStatus{cudaGetErrorString(error)};
-}
-
-bool Aligned(const void* p, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
 }
 
 template <int V, typename L, typename D>
@@ -188,10 +112,7 @@ GpuStatus ContrastiveLossGpu(const LossInputs& in, void* loss, void* grad, void*
   return LastError();
 }
 
-int64_t ContrastiveLossReducedGpuWorkspace(int64_t) {
-  // Block sums of the loss and of the weights.
-  return static_cast<int64_t>(2 * kMaxReduceBlocks * sizeof(double));
-}
+int64_t ContrastiveLossReducedGpuWorkspace(int64_t) { return kReducedWorkspaceBytes; }
 
 GpuStatus ContrastiveLossReducedGpu(const ReducedLossArgs& a, void* workspace, void* stream) {
   const LossInputs& in = a.in;
@@ -205,11 +126,8 @@ GpuStatus ContrastiveLossReducedGpu(const ReducedLossArgs& a, void* workspace, v
     using L = typename decltype(l_tag)::type;
     using D = typename decltype(d_tag)::type;
     const auto* w = static_cast<const D*>(a.weights);
-    const bool weight_pass = a.reduction == Reduction::kWeightedMean && !a.scalar_weight;
-    if (weight_pass) WeightSumKernel<<<blocks, kReduceThreads, 0, s>>>(w, in.n, weight_sums);
-    ReductionScaleKernel<<<1, kReduceThreads, 0, s>>>(a.reduction, w, a.scalar_weight, in.n,
-                                                      weight_sums, weight_pass ? blocks : 0,
-                                                      a.loss_scale, scale);
+    LaunchReductionScale(a.reduction, w, a.scalar_weight, in.n, a.loss_scale, weight_sums, scale,
+                         s);
     ReducedLossKernel<<<blocks, kReduceThreads, 0, s>>>(
         static_cast<const L*>(in.labels), static_cast<const D*>(in.distances), w,
         a.scalar_weight, in.n, static_cast<ComputeType<D>>(in.margin), in.similar_label, scale,

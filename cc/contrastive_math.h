@@ -4,6 +4,8 @@
 #ifndef FUSED_CONTRASTIVE_CONTRASTIVE_MATH_H_
 #define FUSED_CONTRASTIVE_CONTRASTIVE_MATH_H_
 
+#include <math.h>
+
 #include "numeric_types.h"
 
 namespace fused_contrastive {
@@ -11,12 +13,20 @@ namespace fused_contrastive {
 // The formula is generic over its element type so that the XLA lowering
 // evaluates this very expression on xla::XlaOp values. Plain arithmetic types
 // use these operations; the XLA file specialises ElementOps for XlaOp.
+// IEEE square roots on host and device (nvcc's default -prec-sqrt=true).
+FC_HOST_DEVICE inline float correctly_rounded_sqrt(float x) { return sqrtf(x); }
+FC_HOST_DEVICE inline double correctly_rounded_sqrt(double x) { return ::sqrt(x); }
+
 template <typename C>
 struct ElementOps {
   FC_HOST_DEVICE static C constant(const C&, int value) { return C(value); }
   FC_HOST_DEVICE static C positive_part(const C& x) { return x > C(0) ? x : C(0); }
   // Keras' divide_no_nan: 0 where the denominator is 0.
   FC_HOST_DEVICE static C divide_no_nan(const C& x, const C& y) { return y == C(0) ? C(0) : x / y; }
+  // For the embedding distances (embedding_math.h); sign(0) = 0.
+  FC_HOST_DEVICE static C abs(const C& x) { return x < C(0) ? -x : x; }
+  FC_HOST_DEVICE static C sign(const C& x) { return x > C(0) ? C(1) : (x < C(0) ? C(-1) : C(0)); }
+  FC_HOST_DEVICE static C sqrt(const C& x) { return correctly_rounded_sqrt(x); }
 };
 
 // The label value that marks a similar pair: 1 in TF Addons, 0 in the Hadsell

@@ -12,6 +12,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "contrastive_kernels.h"
+#include "embedding_kernels.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tf_shared.h"
 #include "unsupported/Eigen/CXX11/Tensor"
@@ -63,9 +64,35 @@ absl::Status ReadLossInputs(OpKernelContext* ctx, int margin_input, int similar_
   return absl::OkStatus();
 }
 
+// The embedding ops' labels, embeddings a and b (inputs 0-2) and margin.
+absl::Status ReadEmbeddingInputs(OpKernelContext* ctx, int margin_input, int similar_label,
+                                 Distance distance, EmbeddingInputs* in) {
+  const Tensor& labels = ctx->input(0);
+  const Tensor& a = ctx->input(1);
+  const Tensor& b = ctx->input(2);
+  tensorflow::TensorShape rows = a.shape();
+  if (a.shape() != b.shape() || a.dims() < 1 || a.dim_size(a.dims() - 1) < 1 ||
+      !rows.RemoveLastDimsWithStatus(1).ok() || labels.shape() != rows) {
+    return EmbeddingShapeMismatch(labels.shape().DebugString(), a.shape().DebugString(),
+                                  b.shape().DebugString());
+  }
+  TF_RETURN_IF_ERROR(CheckDispatched(FromTf(labels.dtype(), &in->label_type) &&
+                                     FromTf(a.dtype(), &in->embedding_type)));
+  TF_RETURN_IF_ERROR(ReadScalar(ctx->input(margin_input), "margin", &in->margin));
+  TF_RETURN_IF_ERROR(CheckMargin(in->margin));
+  in->labels = labels.data();
+  in->a = a.data();
+  in->b = b.data();
+  in->rows = labels.NumElements();
+  in->dim = a.dim_size(a.dims() - 1);
+  in->similar_label = similar_label;
+  in->distance = distance;
+  return absl::OkStatus();
+}
+
 }  // namespace
 
-// Per-device launches of the three kernels.
+// Per-device launches of the kernels.
 template <typename Device>
 struct Launch;
 
@@ -87,6 +114,19 @@ struct Launch<Eigen::ThreadPoolDevice> {
 
   static absl::Status Reduced(OpKernelContext* ctx, const ReducedLossArgs& args) {
     return CheckDispatched(ContrastiveLossReducedCpu(args, Pool(ctx)));
+  }
+
+  static absl::Status EmbeddingLoss(OpKernelContext* ctx, const EmbeddingInputs& in, void* loss,
+                                    double* coefficients) {
+    return CheckDispatched(EmbeddingLossCpu(in, loss, coefficients, Pool(ctx)));
+  }
+
+  static absl::Status EmbeddingGrad(OpKernelContext* ctx, const EmbeddingGradArgs& args) {
+    return CheckDispatched(EmbeddingGradCpu(args, Pool(ctx)));
+  }
+
+  static absl::Status EmbeddingReduced(OpKernelContext* ctx, const ReducedEmbeddingArgs& args) {
+    return CheckDispatched(EmbeddingLossReducedCpu(args, Pool(ctx)));
   }
 
   // The scale is in host memory here: read it, and skip the pass when it is 1.
@@ -128,6 +168,24 @@ struct Launch<Eigen::GpuDevice> {
         tensorflow::TensorShape({ContrastiveLossReducedGpuWorkspace(args.in.n)}), &workspace));
     return FromGpu(ContrastiveLossReducedGpu(args, workspace.data(),
                                              ctx->eigen_gpu_device().stream()));
+  }
+
+  static absl::Status EmbeddingLoss(OpKernelContext* ctx, const EmbeddingInputs& in, void* loss,
+                                    double* coefficients) {
+    return FromGpu(EmbeddingLossGpu(in, loss, coefficients, ctx->eigen_gpu_device().stream()));
+  }
+
+  static absl::Status EmbeddingGrad(OpKernelContext* ctx, const EmbeddingGradArgs& args) {
+    return FromGpu(EmbeddingGradGpu(args, ctx->eigen_gpu_device().stream()));
+  }
+
+  static absl::Status EmbeddingReduced(OpKernelContext* ctx, const ReducedEmbeddingArgs& args) {
+    Tensor workspace;
+    TF_RETURN_IF_ERROR(ctx->allocate_temp(
+        tensorflow::DT_INT8,
+        tensorflow::TensorShape({EmbeddingLossReducedGpuWorkspace(args.in.rows)}), &workspace));
+    return FromGpu(EmbeddingLossReducedGpu(args, workspace.data(),
+                                           ctx->eigen_gpu_device().stream()));
   }
 
   // The scale stays on the device (reading it here would stall the stream).
@@ -216,6 +274,114 @@ class ScaleGradientOp : public OpKernel {
 };
 
 template <typename Device>
+class EmbeddingLossOp : public OpKernel {
+ public:
+  explicit EmbeddingLossOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ReadSimilarLabel(ctx, &similar_label_));
+    OP_REQUIRES_OK(ctx, ReadDistance(ctx, &distance_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    EmbeddingInputs in;
+    OP_REQUIRES_OK(ctx, ReadEmbeddingInputs(ctx, 3, similar_label_, distance_, &in));
+    const tensorflow::TensorShape& rows = ctx->input(0).shape();
+    tensorflow::TensorShape coefficient_shape = rows;
+    coefficient_shape.AddDim(NumRowCoefficients(distance_));
+    Tensor* loss = nullptr;
+    Tensor* coefficients = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, rows, &loss));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, coefficient_shape, &coefficients));
+    OP_REQUIRES_OK(ctx, Launch<Device>::EmbeddingLoss(ctx, in, loss->data(),
+                                                      coefficients->flat<double>().data()));
+  }
+
+ private:
+  int similar_label_;
+  Distance distance_;
+};
+
+template <typename Device>
+class EmbeddingGradOp : public OpKernel {
+ public:
+  explicit EmbeddingGradOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ReadDistance(ctx, &distance_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    const Tensor& a = ctx->input(0);
+    const Tensor& b = ctx->input(1);
+    const Tensor& coefficients = ctx->input(2);
+    const Tensor& upstream = ctx->input(3);
+    tensorflow::TensorShape rows = a.shape();
+    OP_REQUIRES(ctx, a.shape() == b.shape() && a.dims() >= 1,
+                EmbeddingShapeMismatch("(none)", a.shape().DebugString(), b.shape().DebugString()));
+    OP_REQUIRES_OK(ctx, rows.RemoveLastDimsWithStatus(1));
+    OP_REQUIRES_OK(ctx, CheckRowCoefficients(coefficients.shape(), rows, distance_));
+    OP_REQUIRES_OK(ctx, CheckPerRow("upstream", upstream.shape(), rows));
+    EmbeddingGradArgs args;
+    OP_REQUIRES_OK(ctx, CheckDispatched(FromTf(a.dtype(), &args.type)));
+    Tensor* grad_a = nullptr;
+    Tensor* grad_b = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({0}, 0, a.shape(), &grad_a));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({1}, 1, b.shape(), &grad_b));
+    args.a = a.data();
+    args.b = b.data();
+    args.rows = rows.num_elements();
+    args.dim = a.dim_size(a.dims() - 1);
+    args.distance = distance_;
+    args.coefficients = coefficients.flat<double>().data();
+    args.upstream = upstream.data();
+    args.scalar_upstream = upstream.dims() == 0;
+    args.grad_a = grad_a->data();
+    args.grad_b = grad_b->data();
+    OP_REQUIRES_OK(ctx, Launch<Device>::EmbeddingGrad(ctx, args));
+  }
+
+ private:
+  Distance distance_;
+};
+
+template <typename Device>
+class EmbeddingLossReducedOp : public OpKernel {
+ public:
+  explicit EmbeddingLossReducedOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ReadReduction(ctx, &reduction_));
+    OP_REQUIRES_OK(ctx, ReadSimilarLabel(ctx, &similar_label_));
+    OP_REQUIRES_OK(ctx, ReadDistance(ctx, &distance_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    ReducedEmbeddingArgs args;
+    OP_REQUIRES_OK(ctx, ReadEmbeddingInputs(ctx, 4, similar_label_, distance_, &args.in));
+    const Tensor& weights = ctx->input(3);
+    OP_REQUIRES_OK(ctx, CheckPerRow("sample_weight", weights.shape(), ctx->input(0).shape()));
+    OP_REQUIRES_OK(ctx, ReadScalar(ctx->input(5), "loss_scale", &args.loss_scale));
+    const tensorflow::TensorShape& shape = ctx->input(1).shape();
+    Tensor* loss = nullptr;
+    Tensor* grad_a = nullptr;
+    Tensor* grad_b = nullptr;
+    Tensor* reduction_scale = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, tensorflow::TensorShape({}), &loss));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({1}, 1, shape, &grad_a));
+    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({2}, 2, shape, &grad_b));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, tensorflow::TensorShape({}), &reduction_scale));
+    args.weights = weights.data();
+    args.scalar_weight = weights.dims() == 0;
+    args.reduction = reduction_;
+    args.loss = loss->data();
+    args.grad_a = grad_a->data();
+    args.grad_b = grad_b->data();
+    args.reduction_scale = reduction_scale->flat<double>().data();
+    OP_REQUIRES_OK(ctx, Launch<Device>::EmbeddingReduced(ctx, args));
+  }
+
+ private:
+  Reduction reduction_;
+  int similar_label_;
+  Distance distance_;
+};
+
+template <typename Device>
 void RegisterDeviceKernels(const char* device_type, bool scale_in_host_memory) {
   RegisterKernels<ContrastiveLossOp<Device>>(kOpName, device_type, "ContrastiveLossOp", true,
                                              {"margin"});
@@ -225,6 +391,13 @@ void RegisterDeviceKernels(const char* device_type, bool scale_in_host_memory) {
   RegisterKernels<ScaleGradientOp<Device>>(
       kScaleOpName, device_type, "ScaleGradientOp", false,
       scale_in_host_memory ? std::vector<const char*>{"scale"} : std::vector<const char*>{});
+  RegisterKernels<EmbeddingLossOp<Device>>(kEmbeddingOpName, device_type, "EmbeddingLossOp", true,
+                                           {"margin"});
+  RegisterKernels<EmbeddingGradOp<Device>>(kEmbeddingGradOpName, device_type, "EmbeddingGradOp",
+                                           false, {});
+  RegisterKernels<EmbeddingLossReducedOp<Device>>(kEmbeddingReducedOpName, device_type,
+                                                  "EmbeddingLossReducedOp", true,
+                                                  {"margin", "loss_scale"});
 }
 
 static const bool kKernelsRegistered = [] {

@@ -4,8 +4,13 @@
 //   ContrastiveLoss         per-sample loss and d(loss)/d(distance)
 //   ContrastiveLossReduced  the Keras reductions fused in: reduced loss and the
 //                           per-sample gradient with weight and divisor applied
-//   ScaleGradient           backward of the reduced op: gradient * upstream
+//   ScaleGradient           backward of the reduced ops: gradient * upstream
 //                           scalar, a no-op when the upstream gradient is 1
+//   EmbeddingContrastiveLoss        the loss from pair embeddings [..., D]:
+//                                   per-pair loss and gradient coefficients
+//   EmbeddingContrastiveLossGrad    its backward: gradients of both embeddings
+//   EmbeddingContrastiveLossReduced the Keras reductions fused in: reduced loss
+//                                   and fully scaled gradients, one pass
 //
 // margin is a float64 scalar input rather than a float attr: TensorFlow's float
 // attrs are 32-bit (margins such as 0.1 would be rounded before float64 math)
@@ -34,9 +39,36 @@ absl::Status RequireScalar(InferenceContext* c, int input) {
   return c->WithRank(c->input(input), 0, &unused);
 }
 
+// Embeddings a, b ([..., D], D >= 1) merged, and the labels' shape [...].
+absl::Status EmbeddingShapes(InferenceContext* c, ShapeHandle* embeddings, ShapeHandle* rows) {
+  const absl::Status mismatch = EmbeddingShapeMismatch(
+      c->DebugString(c->input(0)), c->DebugString(c->input(1)), c->DebugString(c->input(2)));
+  if (!c->Merge(c->input(1), c->input(2), embeddings).ok() ||
+      !c->WithRankAtLeast(*embeddings, 1, embeddings).ok()) {
+    return mismatch;
+  }
+  if (c->RankKnown(*embeddings)) {
+    const auto dim = c->Dim(*embeddings, -1);
+    if (c->ValueKnown(dim) && c->Value(dim) < 1) return mismatch;
+    TF_RETURN_IF_ERROR(c->Subshape(*embeddings, 0, -1, rows));
+  } else {
+    *rows = c->UnknownShape();
+  }
+  if (!c->Merge(c->input(0), *rows, rows).ok()) return mismatch;
+  return absl::OkStatus();
+}
+
 const std::string kLabelTypes = TypeListAttr("Tlabels", false);
 const std::string kDistanceTypes = TypeListAttr("T", true);
 constexpr char kSimilarLabelAttr[] = "similar_label: int = 1";
+const std::string kDistanceAttr = DistanceAttr();
+
+int NumCoefficients(InferenceContext* c) {
+  std::string name;
+  Distance distance;
+  if (!c->GetAttr("distance", &name).ok() || !ParseDistance(name, &distance)) return -1;
+  return NumRowCoefficients(distance);
+}
 
 }  // namespace
 
@@ -113,5 +145,95 @@ REGISTER_OP(kScaleOpName)
       return absl::OkStatus();
     })
     .Doc("gradient * scale for a scalar scale; passes gradient through when scale is 1.");
+
+REGISTER_OP(kEmbeddingOpName)
+    .Input("labels: Tlabels")
+    .Input("embeddings_a: T")
+    .Input("embeddings_b: T")
+    .Input("margin: double")
+    .Output("loss: T")
+    .Output("row_coefficients: double")
+    .Attr(kLabelTypes)
+    .Attr(kDistanceTypes)
+    .Attr(kDistanceAttr)
+    .Attr(kSimilarLabelAttr)
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle embeddings, rows, coefficients;
+      TF_RETURN_IF_ERROR(EmbeddingShapes(c, &embeddings, &rows));
+      TF_RETURN_IF_ERROR(RequireScalar(c, 3));
+      TF_RETURN_IF_ERROR(c->Concatenate(rows, c->Vector(NumCoefficients(c)), &coefficients));
+      c->set_output(0, rows);
+      c->set_output(1, coefficients);
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+The contrastive loss of each pair of embeddings (rows of embeddings_a and
+embeddings_b, [..., D]) at their distance ('euclidean', 'cosine' or
+'manhattan'), from one pass over the rows, and per row the coefficients of
+d(loss)/d(embeddings) that EmbeddingContrastiveLossGrad applies. Labels [...]
+are used linearly and get no gradient.
+)doc");
+
+REGISTER_OP(kEmbeddingGradOpName)
+    .Input("embeddings_a: T")
+    .Input("embeddings_b: T")
+    .Input("row_coefficients: double")
+    .Input("upstream: T")
+    .Output("grad_a: T")
+    .Output("grad_b: T")
+    .Attr(kDistanceTypes)
+    .Attr(kDistanceAttr)
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle embeddings;
+      TF_RETURN_IF_ERROR(c->Merge(c->input(0), c->input(1), &embeddings));
+      c->set_output(0, embeddings);
+      c->set_output(1, embeddings);
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Gradients of EmbeddingContrastiveLoss with respect to both embeddings, from
+its row coefficients, scaled by the upstream gradient of each row's loss
+(upstream [...], or a scalar for all rows).
+)doc");
+
+REGISTER_OP(kEmbeddingReducedOpName)
+    .Input("labels: Tlabels")
+    .Input("embeddings_a: T")
+    .Input("embeddings_b: T")
+    .Input("sample_weight: T")
+    .Input("margin: double")
+    .Input("loss_scale: double")
+    .Output("loss: T")
+    .Output("grad_a: T")
+    .Output("grad_b: T")
+    .Output("reduction_scale: double")
+    .Attr(kLabelTypes)
+    .Attr(kDistanceTypes)
+    .Attr(kDistanceAttr)
+    .Attr("reduction: {'sum', 'mean', 'weighted_mean'}")
+    .Attr(kSimilarLabelAttr)
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle embeddings, rows;
+      TF_RETURN_IF_ERROR(EmbeddingShapes(c, &embeddings, &rows));
+      ShapeHandle weights = c->input(3);
+      if (c->RankKnown(weights) && c->Rank(weights) != 0) {
+        ShapeHandle unused;
+        if (!c->Merge(rows, weights, &unused).ok()) {
+          return ShapeMismatch("sample_weight", c->DebugString(rows), c->DebugString(weights));
+        }
+      }
+      TF_RETURN_IF_ERROR(RequireScalar(c, 4));
+      TF_RETURN_IF_ERROR(RequireScalar(c, 5));
+      c->set_output(0, c->Scalar());
+      c->set_output(1, embeddings);
+      c->set_output(2, embeddings);
+      c->set_output(3, c->Scalar());
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+EmbeddingContrastiveLoss reduced as ContrastiveLossReduced reduces, and the
+gradients of the reduced loss with respect to both embeddings (weights and
+divisor applied), from one pass over the rows.
+)doc");
 
 }  // namespace fused_contrastive

@@ -11,6 +11,7 @@
 #include "absl/strings/str_cat.h"
 #include "contrastive_kernels.h"
 #include "dtypes.h"
+#include "embedding_math.h"
 #include "tensorflow/core/framework/kernel_def_builder.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/types.pb.h"
@@ -20,6 +21,10 @@ namespace fused_contrastive {
 inline constexpr char kOpName[] = "FusedContrastive>ContrastiveLoss";
 inline constexpr char kReducedOpName[] = "FusedContrastive>ContrastiveLossReduced";
 inline constexpr char kScaleOpName[] = "FusedContrastive>ScaleGradient";
+inline constexpr char kEmbeddingOpName[] = "FusedContrastive>EmbeddingContrastiveLoss";
+inline constexpr char kEmbeddingGradOpName[] = "FusedContrastive>EmbeddingContrastiveLossGrad";
+inline constexpr char kEmbeddingReducedOpName[] =
+    "FusedContrastive>EmbeddingContrastiveLossReduced";
 
 inline tensorflow::DataType ToTf(DType t) {
   switch (t) {
@@ -87,6 +92,58 @@ inline absl::Status ReadSimilarLabel(tensorflow::OpKernelConstruction* ctx, int*
         "contrastive loss: similar_label must be 0 or 1, got ", *similar_label));
   }
   return absl::OkStatus();
+}
+
+// The embedding ops' "distance" attr, spelled from kAllDistances.
+inline std::string DistanceAttr() {
+  std::string list;
+  for (Distance k : kAllDistances) {
+    absl::StrAppend(&list, list.empty() ? "'" : ", '", DistanceName(k), "'");
+  }
+  return absl::StrCat("distance: {", list, "}");
+}
+
+inline absl::Status ReadDistance(tensorflow::OpKernelConstruction* ctx, Distance* distance) {
+  std::string name;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("distance", &name));
+  if (!ParseDistance(name, distance)) {
+    return absl::InvalidArgumentError(absl::StrCat("unknown distance ", name));
+  }
+  return absl::OkStatus();
+}
+
+// Embeddings [..., D] against labels [...]: the shape error all embedding
+// kernels report.
+inline absl::Status EmbeddingShapeMismatch(const std::string& labels, const std::string& a,
+                                           const std::string& b) {
+  return absl::InvalidArgumentError(absl::StrCat(
+      "contrastive loss from embeddings: embeddings_a and embeddings_b must have the same shape "
+      "[..., D] with D >= 1, and labels their shape without the last axis; got labels ",
+      labels, ", embeddings_a ", a, " and embeddings_b ", b));
+}
+
+// A per-row input of the embedding ops (sample weights, upstream gradients):
+// a scalar or of the labels' shape `rows`.
+inline absl::Status CheckPerRow(const char* what, const tensorflow::TensorShape& shape,
+                                const tensorflow::TensorShape& rows) {
+  if (shape.dims() == 0 || shape == rows) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("contrastive loss from embeddings: ", what,
+                                                 " must be a scalar or of shape ",
+                                                 rows.DebugString(), ", got ",
+                                                 shape.DebugString()));
+}
+
+// The grad op's row_coefficients: `rows` plus one axis of the distance's
+// coefficient count.
+inline absl::Status CheckRowCoefficients(const tensorflow::TensorShape& shape,
+                                         const tensorflow::TensorShape& rows,
+                                         Distance distance) {
+  tensorflow::TensorShape expected = rows;
+  expected.AddDim(NumRowCoefficients(distance));
+  if (shape == expected) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat(
+      "contrastive loss from embeddings: row_coefficients must have shape ",
+      expected.DebugString(), ", got ", shape.DebugString()));
 }
 
 template <typename Kernel>

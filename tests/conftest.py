@@ -26,6 +26,7 @@ DATA = TESTS / "data"
 # The dtypes the package supports, by name (parametrize ids, NumPy casts).
 LABEL_DTYPES = [dtype.name for dtype in _inputs.LABEL_DTYPES]
 DISTANCE_DTYPES = [dtype.name for dtype in _inputs.DISTANCE_DTYPES]
+DISTANCES = list(_inputs.DISTANCES)
 
 # Keras 3 reductions: those the fused-reduction op computes, then all of them.
 FUSED_REDUCTIONS = ["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight"]
@@ -72,6 +73,22 @@ def random_labels(rng, shape, dtype):
 
 def random_distances(rng, shape, dtype, high=2.0):
     return tf.cast(tf.constant(rng.uniform(0.0, high, size=shape)), dtype)
+
+
+def embeddings(rng, shape, dtype, special=True):
+    """a, b of `shape` ([..., D]) with distances O(1); when `special`, the first
+    pairs are identical, a zero vector, and both zero."""
+    dim = shape[-1]
+    a = rng.normal(size=shape) / np.sqrt(dim)
+    b = rng.normal(size=shape) / np.sqrt(dim)
+    if special:
+        flat_a, flat_b = a.reshape(-1, dim), b.reshape(-1, dim)
+        rows = flat_a.shape[0]
+        if rows >= 3:
+            flat_a[0] = flat_b[0]
+            flat_a[1] = 0.0
+            flat_a[2] = flat_b[2] = 0.0
+    return tf.cast(tf.constant(a), dtype), tf.cast(tf.constant(b), dtype)
 
 
 def bits(t):

@@ -37,7 +37,7 @@ LEGACY_SCRIPT = """
 
     config = ContrastiveLoss(margin=0.4, reduction=R.SUM, name="pairs").get_config()
     assert config == {"reduction": "sum", "name": "pairs", "margin": 0.4,
-                      "similar_label": 1}, config
+                      "similar_label": 1, "distance": None}, config
     again = tf_keras.losses.deserialize(tf_keras.losses.serialize(ContrastiveLoss(margin=0.4)))
     assert isinstance(again, ContrastiveLoss) and again.margin == 0.4
     flipped = ContrastiveLoss(margin=0.4, similar_label=0)
@@ -98,6 +98,58 @@ def test_legacy_keras_class(tmp_path):
     result = run_python(header + LEGACY_SCRIPT, TF_USE_LEGACY_KERAS="1")
     assert result.returncode == 0, result.stderr[-4000:]
     assert "tf_keras ok" in result.stdout
+
+
+EMBEDDINGS_SCRIPT = """
+    import numpy as np, tensorflow as tf, tf_keras
+    import fused_contrastive as fc
+    from fused_contrastive import ContrastiveLoss
+
+    rng = np.random.default_rng(1)
+    a = tf.constant(rng.normal(size=(10, 4)), tf.float32)
+    b = tf.constant(rng.normal(size=(10, 4)), tf.float32)
+    y = tf.constant(rng.integers(0, 2, size=10), tf.float32)
+    pairs = tf.stack([a, b], axis=1)
+    R = tf.keras.losses.Reduction
+    for distance in ("euclidean", "cosine", "manhattan"):
+        per_pair = fc.contrastive_loss_from_embeddings_reference(y, a, b, 0.7, distance)
+        for reduction, expected in ((R.NONE, per_pair), (R.SUM, tf.reduce_sum(per_pair)),
+                                    (R.AUTO, tf.reduce_mean(per_pair))):
+            loss = ContrastiveLoss(margin=0.7, reduction=reduction, distance=distance)
+            np.testing.assert_allclose(loss(y, pairs), expected, rtol=2e-6, atol=1e-6)
+    try:
+        ContrastiveLoss(distance="l2")
+        raise AssertionError("bad distance accepted")
+    except ValueError as e:
+        assert "'euclidean', 'cosine', 'manhattan'" in str(e), e
+
+    x1 = rng.normal(size=(64, 6)).astype("float32")
+    x2 = rng.normal(size=(64, 6)).astype("float32")
+    labels = (x1[:, 0] * x2[:, 0] > 0).astype("float32")
+    tf_keras.utils.set_random_seed(2)
+    tower = tf_keras.Sequential([tf_keras.layers.Dense(4, input_shape=(6,))])
+    in1, in2 = tf_keras.Input((6,)), tf_keras.Input((6,))
+    out = tf_keras.layers.Reshape((2, 4))(tf_keras.layers.Concatenate()([tower(in1), tower(in2)]))
+    model = tf_keras.Model([in1, in2], out)
+    model.compile(optimizer=tf_keras.optimizers.SGD(0.05),
+                  loss=ContrastiveLoss(margin=1.2, distance="euclidean"))
+    history = model.fit([x1, x2], labels, epochs=4, batch_size=16, verbose=0).history["loss"]
+    assert history[-1] < history[0], history
+    expected = model.evaluate([x1, x2], labels, batch_size=64, verbose=0)
+    model.save(OUT + "/siamese.h5")
+    loaded = tf_keras.models.load_model(OUT + "/siamese.h5")
+    assert loaded.loss.distance == "euclidean" and loaded.loss.margin == 1.2
+    np.testing.assert_allclose(loaded.evaluate([x1, x2], labels, batch_size=64, verbose=0),
+                               expected, rtol=1e-6)
+    print("tf_keras embeddings ok")
+"""
+
+
+def test_legacy_keras_class_with_distance(tmp_path):
+    result = run_python(f"    OUT = {str(tmp_path)!r}\n" + EMBEDDINGS_SCRIPT,
+                        TF_USE_LEGACY_KERAS="1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "tf_keras embeddings ok" in result.stdout
 
 
 @pytest.mark.parametrize("legacy_env, package_first", [(True, False), (False, False),

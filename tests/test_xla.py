@@ -3,12 +3,13 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import (DISTANCE_DTYPES, FUSED_REDUCTIONS, LABEL_DTYPES, ODD_BOOL_AS_LABELS,
-                      ODD_BOOL_LOSSES, distance_model, odd_bool_labels, pair_data,
-                      random_distances, random_labels, run_python)
+from conftest import (DISTANCE_DTYPES, DISTANCES, FUSED_REDUCTIONS, LABEL_DTYPES,
+                      ODD_BOOL_AS_LABELS, ODD_BOOL_LOSSES, distance_model, embeddings,
+                      odd_bool_labels, pair_data, random_distances, random_labels, run_python)
 
 import keras
-from fused_contrastive import ContrastiveLoss, _ops, contrastive_loss
+from fused_contrastive import (ContrastiveLoss, _ops, contrastive_loss,
+                               contrastive_loss_from_embeddings)
 
 
 def _loss_and_grad(y, d, margin, similar_label=1):
@@ -155,6 +156,262 @@ def test_xla_works_when_imported_after_the_first_xla_compilation():
         f = tf.function(lambda y, d: tf.reduce_sum(fc.contrastive_loss(y, d)), jit_compile=True)
         print(float(f(tf.constant([0., 0., 1., 1., 0., 1.]),
                       tf.constant([0.1, 0.3, 1.3, 0.7, 1.1, 0.5]))))
+        ops = fc._ops._library
+        one = tf.constant(1.0, tf.float64)
+
+        @tf.function(jit_compile=True)
+        def embedding_ops(y, a, b):
+            loss, coef = ops.fused_contrastive_embedding_contrastive_loss(
+                y, a, b, 2 * one, distance="euclidean")
+            grad_a, _ = ops.fused_contrastive_embedding_contrastive_loss_grad(
+                a, b, coef, loss, distance="euclidean")
+            reduced = ops.fused_contrastive_embedding_contrastive_loss_reduced(
+                y, a, b, tf.constant(1.0), 2 * one, one, distance="euclidean", reduction="sum")
+            return tf.reduce_sum(loss), tf.reduce_sum(grad_a), reduced[0]
+
+        print(*(float(x) for x in embedding_ops(
+            tf.constant([1., 0.]), tf.constant([[0., 3.], [1., 1.]]),
+            tf.constant([[4., 0.], [1., 1.]]))))
     """)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert abs(float(result.stdout.split()[-1]) - 3.73) < 1e-5
+    tfa_sum, loss_sum, grad_sum, reduced = (float(x) for x in result.stdout.split()[-4:])
+    assert abs(tfa_sum - 3.73) < 1e-5
+    # Losses 25 and 4 (distances 5 and 0); d(25 * loss)/da of the first pair
+    # is 25 * 2 * (a - b) = 50 * (-4, 3).
+    assert (loss_sum, grad_sum, reduced) == (29.0, -50.0, 29.0)
+
+
+# --- The ops of the loss from pair embeddings ----------------------------------------------
+
+_LIBRARY = _ops._library
+# (rtol, atol) of XLA's results against the kernels', per embedding dtype.
+EMBEDDING_TOL = {"float16": (1e-3, 1e-3), "bfloat16": (1e-2, 1e-2), "float32": (1e-6, 1e-6),
+                 "float64": (1e-13, 1e-14)}
+
+
+def _assert_embedding_outputs_close(got, want, dtype):
+    # XLA sums each row in its own order, so float32 results differ from the
+    # CPU kernel's in the last bits (and 16-bit ones by at most one rounding).
+    rtol, atol = EMBEDDING_TOL[dtype]
+    for i, (g, w) in enumerate(zip(got, want)):
+        assert g.dtype == w.dtype and g.shape == w.shape, i
+        assert np.all(np.isfinite(tf.cast(g, tf.float64))), i
+        np.testing.assert_allclose(tf.cast(g, tf.float64), tf.cast(w, tf.float64), rtol=rtol,
+                                   atol=atol, err_msg=f"output {i}")
+
+
+def _embedding_loss_and_grads(y, a, b, upstream, margin, distance, similar_label=1):
+    loss, coef = _LIBRARY.fused_contrastive_embedding_contrastive_loss(
+        y, a, b, margin, distance=distance, similar_label=similar_label)
+    grad_a, grad_b = _LIBRARY.fused_contrastive_embedding_contrastive_loss_grad(
+        a, b, coef, upstream, distance=distance)
+    return loss, coef, grad_a, grad_b
+
+
+def _reduced_embedding_outputs(y, a, b, w, margin, loss_scale, distance, reduction,
+                               similar_label=1):
+    return _LIBRARY.fused_contrastive_embedding_contrastive_loss_reduced(
+        y, a, b, w, margin, loss_scale, distance=distance, reduction=reduction,
+        similar_label=similar_label)
+
+
+def _graph_and_xla(f, *args, **kwargs):
+    def call(*args):
+        return f(*args, **kwargs)
+    return (tf.function(call, jit_compile=False)(*args),
+            tf.function(call, jit_compile=True)(*args))
+
+
+def _margin(value=1.0):
+    return tf.constant(value, tf.float64)
+
+
+@pytest.mark.parametrize("label_dtype", ["bool", "int32", "float32"])
+@pytest.mark.parametrize("dtype", DISTANCE_DTYPES)
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_embedding_ops_under_xla_match_the_kernels(rng, distance, dtype, label_dtype):
+    # [3, 5] pairs whose first rows are identical, a zero vector, both zero.
+    a, b = embeddings(rng, (3, 5, 7), dtype)
+    y = random_labels(rng, (3, 5), label_dtype)
+    per_row = tf.cast(rng.uniform(0.5, 2.0, size=(3, 5)), dtype)
+    for upstream, similar_label in ((per_row, 1), (tf.constant(0.5, dtype), 0)):
+        want, got = _graph_and_xla(_embedding_loss_and_grads, y, a, b, upstream, _margin(1.2),
+                                   distance, similar_label)
+        _assert_embedding_outputs_close(got, want, dtype)
+    _, coef, grad_a, grad_b = got
+    assert coef.shape == [3, 5, 3 if distance == "cosine" else 1]
+    # Both-zero pair: zero distance (Euclidean, Manhattan) or norm (cosine).
+    for grad in (grad_a, grad_b):
+        np.testing.assert_array_equal(tf.cast(grad[0, 2], tf.float64), 0.0)
+        if distance != "cosine":  # identical pair
+            np.testing.assert_array_equal(tf.cast(grad[0, 0], tf.float64), 0.0)
+
+
+@pytest.mark.parametrize("dtype", DISTANCE_DTYPES)
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("reduction", ["sum", "mean", "weighted_mean"])
+def test_reduced_embedding_op_under_xla_matches_the_kernel(rng, reduction, distance, dtype):
+    a, b = embeddings(rng, (3, 5, 7), dtype)
+    y = random_labels(rng, (3, 5), "float32")
+    weight_forms = {"per-row": tf.cast(rng.uniform(0.1, 2.0, size=(3, 5)), dtype),
+                    "scalar": tf.constant(0.75, dtype), "zero total": tf.zeros([3, 5], dtype)}
+    for form, w in weight_forms.items():
+        want, got = _graph_and_xla(_reduced_embedding_outputs, y, a, b, w, _margin(1.2),
+                                   _margin(0.5), distance, reduction)
+        _assert_embedding_outputs_close(got, want, dtype)
+        # The weights are added in float64 by both: only the order differs.
+        np.testing.assert_allclose(got[3], want[3], rtol=1e-15, err_msg=form)
+
+
+def test_reduced_embedding_op_handles_more_rows_than_a_sum_chunk(rng):
+    # 100 rows: several float32 chunks of 32 and a padded last one.
+    a, b = embeddings(rng, (4, 25, 16), "float32")
+    y = random_labels(rng, (4, 25), "float32")
+    w = tf.constant(rng.uniform(0.1, 2.0, size=(4, 25)), tf.float32)
+    for distance in DISTANCES:
+        want, got = _graph_and_xla(_reduced_embedding_outputs, y, a, b, w, _margin(),
+                                   _margin(), distance, "weighted_mean")
+        _assert_embedding_outputs_close(got, want, "float32")
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_contrastive_loss_from_embeddings_and_gradients_under_xla(rng, distance):
+    a, b = embeddings(rng, (3, 5, 7), "float32")
+    y = random_labels(rng, (3, 5), "float32")
+    upstream = tf.constant(rng.uniform(0.5, 2.0, size=(3, 5)), tf.float32)
+
+    def loss_and_grads(a, b):
+        with tf.GradientTape() as tape:
+            tape.watch([a, b])
+            loss = contrastive_loss_from_embeddings(y, a, b, 1.2, distance)
+        return (loss, *tape.gradient(loss, [a, b], output_gradients=upstream))
+
+    want, got = _graph_and_xla(loss_and_grads, a, b)
+    _assert_embedding_outputs_close(got, want, "float32")
+
+
+@pytest.mark.parametrize("reduction", FUSED_REDUCTIONS)
+def test_keras_class_with_distance_under_xla_matches(rng, reduction):
+    a, b = embeddings(rng, (33, 6), "float32")
+    pairs = tf.stack([a, b], axis=1)
+    y = random_labels(rng, (33,), "float32")
+    w = tf.constant(rng.uniform(0.1, 2.0, size=33), tf.float32)
+    for distance in DISTANCES:
+        def loss_and_grad(pairs):
+            with tf.GradientTape() as tape:
+                tape.watch(pairs)
+                loss = ContrastiveLoss(reduction=reduction, distance=distance)(y, pairs, w)
+            return loss, tape.gradient(loss, pairs)
+
+        want, got = _graph_and_xla(loss_and_grad, pairs)
+        _assert_embedding_outputs_close(got, want, "float32")
+
+
+def test_xla_runs_the_embedding_lowerings_not_a_fallback():
+    def all_three(y, a, b):
+        loss, coef, grad_a, _ = _embedding_loss_and_grads(y, a, b, tf.constant(1.0), _margin(),
+                                                           "cosine")
+        reduced = _reduced_embedding_outputs(y, a, b, tf.constant(1.0), _margin(), _margin(),
+                                             "manhattan", "mean")
+        return loss, grad_a, reduced[0]
+
+    f = tf.function(all_three, jit_compile=True)
+    hlo = f.experimental_get_compiler_ir(tf.zeros([4]), tf.zeros([4, 3]), tf.ones([4, 3]))(
+        stage="hlo")
+    for op in ("EmbeddingContrastiveLoss", "EmbeddingContrastiveLossGrad",
+               "EmbeddingContrastiveLossReduced"):
+        assert f'op_type="FusedContrastive>{op}"' in hlo, op
+    assert "custom-call" not in hlo
+
+
+def test_xla_embedding_ops_read_any_nonzero_bool_byte_as_true(rng):
+    a, b = embeddings(rng, (4, 5), "float32", special=False)
+    for distance in DISTANCES:
+        def outputs(y):
+            loss, coef = _LIBRARY.fused_contrastive_embedding_contrastive_loss(
+                y, a, b, _margin(), distance=distance)
+            return (loss, coef, *_reduced_embedding_outputs(y, a, b, tf.constant(1.0), _margin(),
+                                                            _margin(), distance, "sum"))
+
+        f = tf.function(outputs, jit_compile=True)
+        for got, want in zip(f(odd_bool_labels()), f(tf.constant(ODD_BOOL_AS_LABELS))):
+            np.testing.assert_array_equal(got, want)
+
+
+def _compile_error(f, *args):
+    """What compiling f for args raises: XLA compiles without running here."""
+    with pytest.raises(ValueError, match="Failed getting HLO text") as error:
+        f.experimental_get_compiler_ir(*args)(stage="hlo")
+    return str(error.value)
+
+
+def test_xla_embedding_ops_reject_bad_constant_margin_at_compile_time():
+    def loss(y, a):
+        bad = tf.constant(-1.0, tf.float64)  # a Const node of the graph XLA compiles
+        return _embedding_loss_and_grads(y, a, a, tf.constant(1.0), bad, "cosine")
+
+    def reduced(y, a):
+        bad = tf.constant(-1.0, tf.float64)
+        return _reduced_embedding_outputs(y, a, a, tf.constant(1.0), bad, _margin(), "euclidean",
+                                          "sum")
+
+    for f in (loss, reduced):
+        message = _compile_error(tf.function(f, jit_compile=True), tf.zeros([3]), tf.zeros([3, 4]))
+        assert "margin must be finite and non-negative, got -1" in message
+
+
+@pytest.mark.parametrize("margin", [-1.0, float("nan"), float("inf")])
+def test_xla_embedding_ops_bad_run_time_margin_gives_nan(rng, margin):
+    m = tf.Variable(margin, dtype=tf.float64)
+    a, b = embeddings(rng, (4, 3), "float32", special=False)
+    y = tf.constant([1.0, 0.0, 1.0, 0.0])
+    for distance in DISTANCES:
+        def outputs(a, b):
+            loss, coef, grad_a, grad_b = _embedding_loss_and_grads(y, a, b, tf.constant(1.0), m,
+                                                                   distance)
+            reduced = _reduced_embedding_outputs(y, a, b, tf.constant(1.0), m, _margin(),
+                                                 distance, "mean")
+            return loss, coef, grad_a, grad_b, *reduced[:3]
+
+        for output in tf.function(outputs, jit_compile=True)(a, b):
+            assert np.all(np.isnan(output.numpy())), (distance, output)
+
+
+def _relaxed(f, inputs):
+    """f under XLA, traced for inputs of unknown rank: only XLA sees their shapes."""
+    return tf.function(f, input_signature=[tf.TensorSpec(None)] * inputs, jit_compile=True)
+
+
+@pytest.mark.parametrize("labels, a, b", [([3], [3, 4], [3, 5]), ([2], [3, 4], [3, 4]),
+                                          ([3], [3, 0], [3, 0]), ([], [], [])])
+def test_xla_embedding_shape_mismatch_at_compile_time(labels, a, b):
+    def loss(y, a, b):
+        return _LIBRARY.fused_contrastive_embedding_contrastive_loss(y, a, b, _margin(),
+                                                                     distance="cosine")[0]
+
+    def reduced(y, a, b):
+        return _reduced_embedding_outputs(y, a, b, tf.constant(1.0), _margin(), _margin(),
+                                          "euclidean", "sum")[0]
+
+    for f in (loss, reduced):
+        message = _compile_error(_relaxed(f, 3), tf.zeros(labels), tf.zeros(a), tf.zeros(b))
+        shapes = (str(shape).replace(" ", "") for shape in (labels, a, b))
+        assert "embeddings_a and embeddings_b must have the same shape" in message
+        assert "got labels {}, embeddings_a {} and embeddings_b {}".format(*shapes) in message
+
+
+def test_xla_embedding_per_row_inputs_must_be_scalars_or_of_the_labels_shape():
+    def reduced(y, a, w):
+        return _reduced_embedding_outputs(y, a, a, w, _margin(), _margin(), "euclidean",
+                                          "weighted_mean")[0]
+
+    def grads(a, coef, u):
+        return _LIBRARY.fused_contrastive_embedding_contrastive_loss_grad(
+            a, a, tf.cast(coef, tf.float64), u, distance="euclidean")[0]
+
+    assert "sample_weight must be a scalar or of shape [3], got [4]" in _compile_error(
+        _relaxed(reduced, 3), tf.zeros([3]), tf.zeros([3, 2]), tf.zeros([4]))
+    assert "upstream must be a scalar or of shape [3], got [3,1]" in _compile_error(
+        _relaxed(grads, 3), tf.zeros([3, 2]), tf.zeros([3, 1]), tf.zeros([3, 1]))
+    assert "row_coefficients must have shape [3,1], got [3,2]" in _compile_error(
+        _relaxed(grads, 3), tf.zeros([3, 2]), tf.zeros([3, 2]), tf.zeros([]))

@@ -16,8 +16,9 @@ import os
 import sys
 
 from fused_contrastive._ops import USE_REFERENCE_ENV, build_info, using_reference
-from fused_contrastive.losses import contrastive_loss
-from fused_contrastive.reference import contrastive_loss_reference
+from fused_contrastive.losses import contrastive_loss, contrastive_loss_from_embeddings
+from fused_contrastive.reference import (contrastive_loss_from_embeddings_reference,
+                                         contrastive_loss_reference)
 
 # The test TensorFlow itself applies to decide what tf.keras is.
 if os.environ.get("TF_USE_LEGACY_KERAS", None) in ("true", "True", "1"):
@@ -63,6 +64,8 @@ __all__ = [
     "USE_REFERENCE_ENV",
     "build_info",
     "contrastive_loss",
+    "contrastive_loss_from_embeddings",
+    "contrastive_loss_from_embeddings_reference",
     "contrastive_loss_reference",
     "using_reference",
 ]

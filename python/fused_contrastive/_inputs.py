@@ -7,6 +7,9 @@ import tensorflow as tf
 
 LABEL_DTYPES = (tf.bool, tf.int32, tf.int64, tf.float16, tf.bfloat16, tf.float32, tf.float64)
 DISTANCE_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+# The embedding ops' `distance` attr values (tests check them against the op
+# definitions of cc/embedding_math.h).
+DISTANCES = ("euclidean", "cosine", "manhattan")
 
 
 def _dtype_names(dtypes):
@@ -42,6 +45,14 @@ def validate_similar_label(similar_label):
     return int(similar_label)
 
 
+def validate_distance(distance):
+    """A distance name of DISTANCES."""
+    if not isinstance(distance, str) or distance not in DISTANCES:
+        raise ValueError(f"distance must be one of {', '.join(map(repr, DISTANCES))}; "
+                         f"got {distance!r}")
+    return distance
+
+
 def reject_ragged(*values):
     """Ragged inputs have no per-sample alignment the op could check cheaply."""
     if any(isinstance(v, tf.RaggedTensor) for v in values):
@@ -68,14 +79,24 @@ def _last_extent(x):
     return tf.concat([[0], tf.shape(x)], 0)[-1]  # 0 for a scalar
 
 
-def squeeze_extra_unit_axis(x, other):
-    """x without its last axis when x has one more axis than `other` and that
-    axis is 1, decided at run time (ranks unknown when traced)."""
+def squeeze_extra_unit_axis(x, other_rank):
+    """x without its last axis when x has one more axis than other_rank (a
+    tensor) and that axis is 1, decided at run time (ranks unknown when traced)."""
     if x.shape.rank is not None and (x.shape.rank == 0 or x.shape[-1] not in (1, None)):
         return x  # it has no unit axis to lose (and tf.squeeze would fail to trace)
-    extra = tf.logical_and(tf.equal(tf.rank(x), tf.rank(other) + 1),
+    extra = tf.logical_and(tf.equal(tf.rank(x), other_rank + 1),
                            tf.equal(_last_extent(x), 1))
     return tf.cond(extra, lambda: _squeeze_last(x), lambda: tf.identity(x))
+
+
+def _check_dtype(x, dtypes, what):
+    if x.dtype not in dtypes:
+        raise TypeError(f"contrastive loss: {what} must have dtype {_dtype_names(dtypes)}; "
+                        f"got {x.dtype.name}")
+
+
+def _shape_error(message):
+    return tf.errors.InvalidArgumentError(None, None, "contrastive loss: " + message)
 
 
 def prepare_inputs(y_true, y_pred):
@@ -88,15 +109,9 @@ def prepare_inputs(y_true, y_pred):
     """
     reject_ragged(y_true, y_pred)
     y_pred = tf.convert_to_tensor(y_pred)
-    if y_pred.dtype not in DISTANCE_DTYPES:
-        raise TypeError(
-            f"contrastive loss: y_pred (distances) must have dtype {_dtype_names(DISTANCE_DTYPES)}; "
-            f"got {y_pred.dtype.name}")
+    _check_dtype(y_pred, DISTANCE_DTYPES, "y_pred (distances)")
     y_true = tf.convert_to_tensor(y_true)
-    if y_true.dtype not in LABEL_DTYPES:
-        raise TypeError(
-            f"contrastive loss: y_true (labels) must have dtype {_dtype_names(LABEL_DTYPES)}; "
-            f"got {y_true.dtype.name}")
+    _check_dtype(y_true, LABEL_DTYPES, "y_true (labels)")
     true_rank, pred_rank = y_true.shape.rank, y_pred.shape.rank
     if true_rank is not None and pred_rank is not None:
         if pred_rank == true_rank + 1 and y_pred.shape[-1] == 1:
@@ -104,11 +119,58 @@ def prepare_inputs(y_true, y_pred):
         elif true_rank == pred_rank + 1 and y_true.shape[-1] == 1:
             y_true = _squeeze_last(y_true)
     else:
-        y_pred, y_true = (squeeze_extra_unit_axis(y_pred, y_true),
-                          squeeze_extra_unit_axis(y_true, y_pred))
+        y_pred, y_true = (squeeze_extra_unit_axis(y_pred, tf.rank(y_true)),
+                          squeeze_extra_unit_axis(y_true, tf.rank(y_pred)))
     if not y_true.shape.is_compatible_with(y_pred.shape):
-        raise tf.errors.InvalidArgumentError(
-            None, None,
-            "contrastive loss: labels and distances must have the same shape, got labels "
-            f"{y_true.shape} and distances {y_pred.shape}")
+        raise _shape_error("labels and distances must have the same shape, got labels "
+                           f"{y_true.shape} and distances {y_pred.shape}")
     return y_true, y_pred
+
+
+def prepare_embedding_inputs(y_true, embeddings_a, embeddings_b):
+    """Converts and checks labels [...] and embeddings [..., D].
+
+    Labels get the trailing-unit-axis rule of prepare_inputs against the
+    embeddings' rows: [B, 1] labels pair with [B, D] embeddings, [B] labels
+    with [B, 1, D] ones. Other mismatches raise; nothing is broadcast.
+    """
+    reject_ragged(y_true, embeddings_a, embeddings_b)
+    a = tf.convert_to_tensor(embeddings_a)
+    _check_dtype(a, DISTANCE_DTYPES, "embeddings_a")
+    b = tf.convert_to_tensor(embeddings_b)
+    _check_dtype(b, DISTANCE_DTYPES, "embeddings_b")
+    if a.dtype != b.dtype:
+        raise TypeError("contrastive loss: embeddings_a and embeddings_b must have the same dtype; "
+                        f"got {a.dtype.name} and {b.dtype.name}")
+    y_true = tf.convert_to_tensor(y_true)
+    _check_dtype(y_true, LABEL_DTYPES, "y_true (labels)")
+    if (a.shape.rank == 0 or b.shape.rank == 0 or not a.shape.is_compatible_with(b.shape)
+            or 0 in (a.shape[-1:] + b.shape[-1:] if a.shape.rank and b.shape.rank else ())):
+        raise _shape_error("embeddings_a and embeddings_b must have the same shape [..., D] "
+                           f"with D >= 1; got {a.shape} and {b.shape}")
+    rows = a.shape.merge_with(b.shape)[:-1] if a.shape.rank is not None else tf.TensorShape(None)
+    labels_rank = y_true.shape.rank
+    if labels_rank is not None and rows.rank is not None:
+        if labels_rank == rows.rank + 1 and y_true.shape[-1] == 1:
+            y_true = _squeeze_last(y_true)
+        elif rows.rank == labels_rank + 1 and rows[-1] == 1:
+            y_true = tf.expand_dims(y_true, -1)
+    else:
+        y_true = squeeze_extra_unit_axis(y_true, tf.rank(a) - 1)
+    if not y_true.shape.is_compatible_with(rows):
+        raise _shape_error("labels must have the shape of the embeddings without their last "
+                           f"axis, {rows}; got {y_true.shape}")
+    return y_true, a, b
+
+
+def split_pairs(y_pred):
+    """The two embeddings of each pair of a Keras y_pred [..., 2, D]."""
+    if y_pred.shape.rank is not None and (y_pred.shape.rank < 2 or y_pred.shape[-2] != 2):
+        raise _shape_error("with a distance, y_pred holds the two embeddings of each pair "
+                           "stacked on axis -2, shape [..., 2, D] (e.g. keras.ops.stack([a, b], "
+                           f"axis=1)); got {y_pred.shape}")
+    if y_pred.shape.rank is not None:
+        # Unpack's gradient is one Pack of both gradients; two slices' would be
+        # two zero-filled [..., 2, D] tensors and their sum.
+        return tuple(tf.unstack(y_pred, axis=-2))
+    return y_pred[..., 0, :], y_pred[..., 1, :]

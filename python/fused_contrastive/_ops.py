@@ -8,6 +8,7 @@ import warnings
 from pathlib import Path
 
 import tensorflow as tf
+from tensorflow.python.eager import record
 
 from fused_contrastive import reference
 
@@ -15,6 +16,9 @@ from fused_contrastive import reference
 OP_NAME = "FusedContrastive>ContrastiveLoss"
 REDUCED_OP_NAME = "FusedContrastive>ContrastiveLossReduced"
 SCALE_OP_NAME = "FusedContrastive>ScaleGradient"
+EMBEDDING_OP_NAME = "FusedContrastive>EmbeddingContrastiveLoss"
+EMBEDDING_GRAD_OP_NAME = "FusedContrastive>EmbeddingContrastiveLossGrad"
+EMBEDDING_REDUCED_OP_NAME = "FusedContrastive>EmbeddingContrastiveLossReduced"
 USE_REFERENCE_ENV = "FUSED_CONTRASTIVE_USE_REFERENCE"
 # Another build of the op library to load instead of the packaged one (a CMake
 # build directory's copy, the Bazel-built one); its _build_info.json sits beside it.
@@ -137,6 +141,62 @@ def scale_gradient(gradient, scale):
     return _library.fused_contrastive_scale_gradient(gradient, scale)
 
 
+def embedding_loss(labels, embeddings_a, embeddings_b, margin, distance, similar_label=1):
+    """Runs the embedding op on prepared inputs: the per-pair loss (its gradient
+    reuses the row coefficients the op writes beside it)."""
+    return _library.fused_contrastive_embedding_contrastive_loss(
+        labels, embeddings_a, embeddings_b, scalar(margin), distance=distance,
+        similar_label=similar_label)[0]
+
+
+def _reference_embedding_gradients(loss_fn, a, b, upstream):
+    """Gradients of loss_fn(a, b) (the reference) by autodiff.
+
+    Used while a tape records the backward pass itself (a Hessian, a gradient
+    penalty, or gradient() called inside a persistent tape's block): the fused
+    kernels' gradients are first-order only, the reference's can be
+    differentiated again.
+    """
+    with tf.GradientTape() as tape:
+        tape.watch([a, b])
+        loss = loss_fn(a, b)
+    return tape.gradient(loss, [a, b], output_gradients=upstream)
+
+
+def reduced_embedding_loss(labels, embeddings_a, embeddings_b, sample_weight, margin,
+                           reduction, loss_scale, distance, similar_label=1):
+    """The reduced loss from the embedding op with the Keras reduction fused in.
+
+    The op writes the fully scaled gradients of both embeddings in the same
+    pass; backward multiplies them by the upstream scalar (nothing on CPU when
+    it is 1). Meant for calls a tape records: otherwise the gradients are
+    written for nothing. Arguments as reduced_loss_outputs.
+    """
+    op = _library.fused_contrastive_embedding_contrastive_loss_reduced
+
+    # custom_gradient hides the gradient outputs from the tape, which would
+    # otherwise hand the backward pass zero tensors as large as the embeddings.
+    @tf.custom_gradient
+    def fused(a, b):
+        loss, grad_a, grad_b, scale = op(labels, a, b, sample_weight, scalar(margin),
+                                         scalar(loss_scale), distance=distance,
+                                         reduction=reduction, similar_label=similar_label)
+
+        def reference_loss(a, b):
+            losses = reference.reference_embedding_loss(labels, a, b, margin, distance,
+                                                        similar_label)
+            return tf.reduce_sum(losses * sample_weight) * tf.cast(scale, losses.dtype)
+
+        def backward(upstream):
+            if record.could_possibly_record():
+                return _reference_embedding_gradients(reference_loss, a, b, upstream)
+            return scale_gradient(grad_a, upstream), scale_gradient(grad_b, upstream)
+
+        return loss, backward
+
+    return fused(embeddings_a, embeddings_b)
+
+
 def _is_known_zero(grad):
     """True when a gradient is the zero tensor TensorFlow's tape makes up for an
     op output nothing depends on.
@@ -195,3 +255,31 @@ def _scale_gradient_grad(op, upstream):
     gradient, scale = op.inputs
     return [scale_gradient(upstream, scale),
             tf.reduce_sum(upstream * gradient)]
+
+
+@tf.RegisterGradient(EMBEDDING_OP_NAME)
+def _embedding_loss_grad(op, grad_loss, _):
+    # row_coefficients are an implementation detail: only the backward below
+    # reads them, so no gradient flows into them.
+    labels, a, b, margin = op.inputs
+    distance = op.get_attr("distance").decode()
+    if record.could_possibly_record():
+        grad_a, grad_b = _reference_embedding_gradients(
+            lambda a, b: reference.reference_embedding_loss(
+                labels, a, b, margin, distance, op.get_attr("similar_label")),
+            a, b, grad_loss)
+    else:
+        grad_a, grad_b = _library.fused_contrastive_embedding_contrastive_loss_grad(
+            a, b, op.outputs[1], grad_loss, distance=distance)
+    # Labels and margin get no gradient.
+    return [None, grad_a, grad_b, None]
+
+
+@tf.RegisterGradient(EMBEDDING_GRAD_OP_NAME)
+def _embedding_grad_grad(op, *_):
+    # Only graph-mode tf.gradients of gradients (tf.hessians) get here: taped
+    # backward passes that a tape records use the reference instead.
+    raise NotImplementedError(
+        f"{op.name}: tf.gradients cannot differentiate the fused embedding loss twice; use "
+        "tf.GradientTape (nested tapes differentiate it to any order) or "
+        "fused_contrastive.contrastive_loss_from_embeddings_reference")

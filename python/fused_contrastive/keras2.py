@@ -5,8 +5,8 @@ set, as `tf.keras` is then tf_keras."""
 
 import tf_keras
 
-from fused_contrastive._inputs import number_margin, validate_similar_label
-from fused_contrastive.losses import contrastive_loss
+from fused_contrastive._inputs import number_margin, validate_distance, validate_similar_label
+from fused_contrastive.losses import per_pair_loss
 
 
 @tf_keras.utils.register_keras_serializable(package="fused_contrastive")
@@ -19,20 +19,23 @@ class ContrastiveLoss(tf_keras.losses.Loss):
         to `SUM_OVER_BATCH_SIZE`, as in TF Addons.
       name: name of the loss.
       similar_label: the label of a similar pair, 1 (TF Addons) or 0.
+      distance: None (`y_pred` are distances) or "euclidean", "cosine" or
+        "manhattan" (`y_pred` are the pairs' embeddings stacked, `[..., 2, D]`).
     """
 
     def __init__(self, margin=1.0, reduction=tf_keras.losses.Reduction.SUM_OVER_BATCH_SIZE,
-                 name="contrastive_loss", similar_label=1):
+                 name="contrastive_loss", similar_label=1, distance=None):
         super().__init__(reduction=reduction, name=name)
         self.margin = number_margin(margin, type(self).__name__)
         self.similar_label = validate_similar_label(similar_label)
+        self.distance = None if distance is None else validate_distance(distance)
 
     def call(self, y_true, y_pred):
-        return contrastive_loss(y_true, y_pred, self.margin, self.similar_label)
+        return per_pair_loss(y_true, y_pred, self.margin, self.similar_label, self.distance)
 
     def get_config(self):
         return {**super().get_config(), "margin": self.margin,
-                "similar_label": self.similar_label}
+                "similar_label": self.similar_label, "distance": self.distance}
 
 
 # Models saved with tfa.losses.ContrastiveLoss load as this class (see losses.py).

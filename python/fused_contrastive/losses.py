@@ -4,10 +4,13 @@ import keras
 import tensorflow as tf
 
 from fused_contrastive import _ops
-from fused_contrastive._inputs import (number_margin, prepare_inputs, reject_ragged,
-                                       squeeze_extra_unit_axis, validate_margin,
+from tensorflow.python.eager import record
+
+from fused_contrastive._inputs import (number_margin, prepare_embedding_inputs, prepare_inputs,
+                                       reject_ragged, split_pairs, squeeze_extra_unit_axis,
+                                       validate_distance, validate_margin,
                                        validate_similar_label)
-from fused_contrastive.reference import reference_loss
+from fused_contrastive.reference import reference_embedding_loss, reference_loss
 
 
 def contrastive_loss(y_true, y_pred, margin=1.0, similar_label=1):
@@ -50,18 +53,61 @@ def contrastive_loss(y_true, y_pred, margin=1.0, similar_label=1):
     return loss
 
 
+def contrastive_loss_from_embeddings(y_true, embeddings_a, embeddings_b, margin=1.0,
+                                     distance="euclidean", similar_label=1):
+    """Per-pair contrastive loss computed from the pairs' embeddings in one pass.
+
+    The distance d between the rows of `embeddings_a` and `embeddings_b`, the
+    loss `y*d^2 + (1-y)*max(margin-d, 0)^2` and, for backprop, what its
+    gradient needs are computed by one fused kernel; `a - b` is never
+    materialised.
+
+    Args:
+      y_true: labels of shape `[...]`, as in `contrastive_loss` (a trailing axis
+        of size 1 is aligned the same way).
+      embeddings_a: `[..., D]` embeddings (float16, bfloat16, float32 or
+        float64; 16-bit ones are computed in float32), `D >= 1`.
+      embeddings_b: the other embedding of each pair: same shape and dtype.
+      margin: non-negative, finite number (or scalar tensor).
+      distance: "euclidean" (`‖a − b‖₂`), "cosine" (`1 − a·b / (‖a‖‖b‖)`) or
+        "manhattan" (`Σ|a − b|`).
+      similar_label: the label of a similar pair, 1 (TF Addons) or 0.
+
+    Returns:
+      The per-pair loss, shape `embeddings_a.shape[:-1]`, dtype of the
+      embeddings. Gradients flow to both embeddings and are finite everywhere:
+      at `a == b` the Euclidean distance's gradient is 0 (PyTorch's convention
+      for `cdist` and `vector_norm`), a zero vector has cosine similarity 0 and
+      no gradient, and `sign(0) = 0` for Manhattan.
+
+    >>> print(contrastive_loss_from_embeddings(
+    ...     [1, 0], [[0.0, 3.0], [1.0, 1.0]], [[4.0, 0.0], [1.0, 1.0]], margin=2.0).numpy())
+    [25.  4.]
+    """
+    margin = validate_margin(margin)
+    distance = validate_distance(distance)
+    similar_label = validate_similar_label(similar_label)
+    labels, a, b = prepare_embedding_inputs(y_true, embeddings_a, embeddings_b)
+    if _ops.using_reference():
+        return reference_embedding_loss(labels, a, b, margin, distance, similar_label)
+    return _ops.embedding_loss(labels, a, b, margin, distance, similar_label)
+
+
 # Keras reduction -> the fused op's (None: Keras reduces the per-sample losses).
 _FUSED_REDUCTIONS = {"sum": "sum", "sum_over_batch_size": "mean", "mean": "mean",
                      "mean_with_sample_weight": "weighted_mean"}
 
 
 def _align_weights(weights, distances):
-    """sample_weight as the fused op takes it (a scalar, or the shape of the
-    distances after Keras' squeeze of a trailing unit axis), else None."""
+    """sample_weight as the fused ops take it (a scalar, or the shape of the
+    per-sample losses `distances` after Keras' squeeze of a trailing unit
+    axis), else None."""
     if distances.shape.rank is None:
         # Keras' reduction cannot run on a loss of unknown rank (a tf.function
         # retraced with relaxed shapes); the op checks the shapes at run time.
-        return weights if weights.shape.rank == 0 else squeeze_extra_unit_axis(weights, distances)
+        if weights.shape.rank == 0:
+            return weights
+        return squeeze_extra_unit_axis(weights, tf.rank(distances))
     if weights.shape.rank == 0:
         # Keras squeezes [1] losses against a scalar weight and returns that
         # scalar unreduced (w * loss, no divisor): its rule, not ours to change.
@@ -78,7 +124,8 @@ class ContrastiveLoss(keras.losses.Loss):
     """Contrastive loss (Hadsell, Chopra & LeCun 2006) as a Keras 3 loss.
 
     A drop-in for `tfa.losses.ContrastiveLoss`: `y_true` are pair labels (1 =
-    similar), `y_pred` the distances between the pair's embeddings. Importing
+    similar), `y_pred` the distances between the pair's embeddings, or, with
+    `distance`, the two embeddings themselves. Importing
     `fused_contrastive` also lets Keras load models saved with TF Addons' loss
     (`"Addons>ContrastiveLoss"`) as this class.
 
@@ -92,6 +139,11 @@ class ContrastiveLoss(keras.losses.Loss):
       dtype: dtype the loss computes in; defaults to `keras.backend.floatx()`.
       similar_label: the label of a similar pair, 1 (TF Addons) or 0 (the
         Hadsell paper, keras.io's Siamese example).
+      distance: None (the default): `y_pred` are distances `[...]`. "euclidean",
+        "cosine" or "manhattan": `y_pred` are the two embeddings of each pair
+        stacked on axis -2, `[..., 2, D]` (e.g. `keras.ops.stack([a, b], axis=1)`),
+        and the distance, loss and gradients come from one fused kernel (see
+        `contrastive_loss_from_embeddings`).
 
     TF Addons' `test_sum_reduction` numbers:
 
@@ -101,12 +153,13 @@ class ContrastiveLoss(keras.losses.Loss):
     """
 
     def __init__(self, margin=1.0, reduction="sum_over_batch_size", name="contrastive_loss",
-                 dtype=None, similar_label=1):
+                 dtype=None, similar_label=1, distance=None):
         if reduction == "auto":
             reduction = "sum_over_batch_size"
         super().__init__(name=name, reduction=reduction, dtype=dtype)
         self.margin = number_margin(margin, type(self).__name__)
         self.similar_label = validate_similar_label(similar_label)
+        self.distance = None if distance is None else validate_distance(distance)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         reject_ragged(y_true, y_pred)
@@ -116,7 +169,7 @@ class ContrastiveLoss(keras.losses.Loss):
         return reduced
 
     def call(self, y_true, y_pred):
-        return contrastive_loss(y_true, y_pred, self.margin, self.similar_label)
+        return per_pair_loss(y_true, y_pred, self.margin, self.similar_label, self.distance)
 
     def _fused_reduction(self, y_true, y_pred, sample_weight):
         """The reduced loss from the fused-reduction op, or None where Keras' own
@@ -128,10 +181,19 @@ class ContrastiveLoss(keras.losses.Loss):
         if (mode is None or _ops.using_reference()
                 or getattr(y_pred, "_keras_mask", None) is not None):
             return None
+        # The embedding op writes both embeddings' gradients as it reduces:
+        # worth it only when a tape will use them (training), not in evaluate.
+        if self.distance is not None and not record.could_possibly_record():
+            return None
         with tf.name_scope(self.name):
             # Converted as Keras' own __call__ converts them.
-            labels, distances = prepare_inputs(keras.ops.convert_to_tensor(y_true, self.dtype),
-                                               keras.ops.convert_to_tensor(y_pred, self.dtype))
+            y_true = keras.ops.convert_to_tensor(y_true, self.dtype)
+            y_pred = keras.ops.convert_to_tensor(y_pred, self.dtype)
+            if self.distance is None:
+                labels, distances = prepare_inputs(y_true, y_pred)
+            else:
+                labels, a, b = prepare_embedding_inputs(y_true, *split_pairs(y_pred))
+                distances = labels  # only their shape matters below
             rank = distances.shape.rank
             if rank == 0 or (rank == 1 and distances.shape[0] == 0):
                 return None
@@ -147,14 +209,27 @@ class ContrastiveLoss(keras.losses.Loss):
             loss_scale = 1.0
             if mode != "sum":  # Keras' scale_loss_for_distribution
                 loss_scale /= tf.distribute.get_strategy().num_replicas_in_sync
-            return _ops.reduced_loss(labels, distances, weights, self.margin, mode, loss_scale,
-                                     self.similar_label)
+            if self.distance is None:
+                return _ops.reduced_loss(labels, distances, weights, self.margin, mode,
+                                         loss_scale, self.similar_label)
+            return _ops.reduced_embedding_loss(labels, a, b, weights, self.margin, mode,
+                                               loss_scale, self.distance, self.similar_label)
 
     def get_config(self):
         config = super().get_config()
         config.update(margin=self.margin, similar_label=self.similar_label,
-                      dtype=self._dtype_policy.name)
+                      distance=self.distance, dtype=self._dtype_policy.name)
         return config
+
+
+def per_pair_loss(y_true, y_pred, margin, similar_label, distance):
+    """The per-sample loss of both ContrastiveLoss classes: y_pred are distances
+    (distance None) or stacked pair embeddings [..., 2, D]."""
+    if distance is None:
+        return contrastive_loss(y_true, y_pred, margin, similar_label)
+    y_pred = tf.convert_to_tensor(y_pred)
+    return contrastive_loss_from_embeddings(y_true, *split_pairs(y_pred), margin, distance,
+                                            similar_label)
 
 
 # Models compiled with tfa.losses.ContrastiveLoss name it "Addons>ContrastiveLoss"

@@ -7,7 +7,9 @@ computes: float16/bfloat16 in float32, labels used linearly.
 
 import tensorflow as tf
 
-from fused_contrastive._inputs import prepare_inputs, validate_margin, validate_similar_label
+from fused_contrastive._inputs import (prepare_embedding_inputs, prepare_inputs,
+                                       validate_distance, validate_margin,
+                                       validate_similar_label)
 
 
 def compute_dtype(dtype):
@@ -35,6 +37,37 @@ def reference_loss(labels, distances, margin, similar_label=1):
     return tf.cast(loss, distances.dtype)
 
 
+def _safe(x, ok):
+    """x where ok, else 1: the branch autodiff takes through tf.where's unused
+    side must stay finite (0 * inf is NaN)."""
+    return tf.where(ok, x, tf.ones_like(x))
+
+
+def reference_distance(a, b, distance):
+    """Distance between the rows of a and b (compute dtype), with the kernels'
+    conventions at zero: d = 0 and a zero gradient at a == b (euclidean),
+    similarity 0 for a zero vector (cosine), sign(0) = 0 (manhattan)."""
+    if distance == "euclidean":
+        squared = tf.reduce_sum(tf.square(a - b), axis=-1)
+        nonzero = squared > 0
+        return tf.where(nonzero, tf.sqrt(_safe(squared, nonzero)), tf.zeros_like(squared))
+    if distance == "cosine":
+        aa, bb = tf.reduce_sum(a * a, axis=-1), tf.reduce_sum(b * b, axis=-1)
+        ok = tf.stop_gradient(tf.sqrt(aa) * tf.sqrt(bb)) > 0
+        norms = tf.sqrt(_safe(aa, ok)) * tf.sqrt(_safe(bb, ok))
+        similarity = tf.where(ok, tf.reduce_sum(a * b, axis=-1) / norms, tf.zeros_like(aa))
+        return 1.0 - similarity
+    return tf.reduce_sum(tf.abs(a - b), axis=-1)
+
+
+def reference_embedding_loss(labels, embeddings_a, embeddings_b, margin, distance,
+                             similar_label=1):
+    """Per-pair loss on prepared inputs (see contrastive_loss_from_embeddings_reference)."""
+    dtype = compute_dtype(embeddings_a.dtype)
+    d = reference_distance(tf.cast(embeddings_a, dtype), tf.cast(embeddings_b, dtype), distance)
+    return tf.cast(reference_loss(labels, d, margin, similar_label), embeddings_a.dtype)
+
+
 def reference_second_derivative(labels, distances, margin, similar_label=1):
     """d2(loss)/d(distance)2 = 2y + 2(1-y)[d < margin], in the distance dtype."""
     y, d, m = _in_compute_dtype(labels, distances, margin, similar_label)
@@ -55,3 +88,22 @@ def contrastive_loss_reference(y_true, y_pred, margin=1.0, similar_label=1):
     similar_label = validate_similar_label(similar_label)
     labels, distances = prepare_inputs(y_true, y_pred)
     return reference_loss(labels, distances, margin, similar_label)
+
+
+def contrastive_loss_from_embeddings_reference(y_true, embeddings_a, embeddings_b, margin=1.0,
+                                               distance="euclidean", similar_label=1):
+    """Pure-TensorFlow per-pair contrastive loss from the pairs' embeddings;
+    differentiable by autodiff (to any order), finite at zero distance.
+
+    Same arguments, checks and shapes as
+    `fused_contrastive.contrastive_loss_from_embeddings`.
+
+    >>> print(contrastive_loss_from_embeddings_reference(
+    ...     [1, 0], [[0.0, 3.0], [1.0, 1.0]], [[4.0, 0.0], [1.0, 1.0]], margin=2.0).numpy())
+    [25.  4.]
+    """
+    margin = validate_margin(margin)
+    distance = validate_distance(distance)
+    similar_label = validate_similar_label(similar_label)
+    labels, a, b = prepare_embedding_inputs(y_true, embeddings_a, embeddings_b)
+    return reference_embedding_loss(labels, a, b, margin, distance, similar_label)

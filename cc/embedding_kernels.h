@@ -1,0 +1,95 @@
+// Kernel entry points of the loss from pair embeddings, on raw pointers (no
+// TensorFlow types), for the TF OpKernels, the pybind11 module and the
+// benchmarks. Embeddings a and b are `rows` rows of `dim` contiguous elements
+// each (row-major), one label per row; the per-row loss is the contrastive
+// loss of the row's distance (embedding_math.h).
+#ifndef FUSED_CONTRASTIVE_EMBEDDING_KERNELS_H_
+#define FUSED_CONTRASTIVE_EMBEDDING_KERNELS_H_
+
+#include <cstdint>
+
+#include "contrastive_kernels.h"
+#include "embedding_math.h"
+
+namespace fused_contrastive {
+
+struct EmbeddingInputs {
+  DType label_type;
+  DType embedding_type;  // a floating-point DType; the loss has it too
+  const void* labels;    // rows values
+  const void* a;         // rows * dim values each
+  const void* b;
+  int64_t rows;
+  int64_t dim;
+  double margin;
+  int similar_label;
+  Distance distance;
+};
+
+// Per-row loss (rows values of embedding_type) and the gradient coefficients
+// of embedding_math.h for g = d(loss)/d(distance): rows * NumRowCoefficients
+// doubles, row-major. A row is read once; row sums accumulate in the compute
+// type in an order fixed by the binary. False for an unsupported dtype pair.
+bool EmbeddingLossCpu(const EmbeddingInputs& in, void* loss, double* coefficients,
+                      const ParallelFor& parallel_for);
+
+// Backward of EmbeddingLossCpu: grad_a, grad_b (rows * dim values of `type`)
+// from the saved coefficients, each row's scaled by its upstream gradient.
+struct EmbeddingGradArgs {
+  DType type;
+  const void* a;
+  const void* b;
+  int64_t rows;
+  int64_t dim;
+  Distance distance;
+  const double* coefficients;  // rows * NumRowCoefficients(distance)
+  const void* upstream;        // `type`: rows values, or one when scalar_upstream
+  bool scalar_upstream;
+  void* grad_a;
+  void* grad_b;
+};
+bool EmbeddingGradCpu(const EmbeddingGradArgs& args, const ParallelFor& parallel_for);
+
+// The Keras reduction of the per-row losses and the fully scaled gradients
+// with respect to both embeddings, from one pass: each row is read, its loss
+// and coefficients computed, and the row read again (from cache) to write its
+// gradients. Sums and divisor as ContrastiveLossReducedCpu (weights: rows
+// values of embedding_type, or one when scalar_weight).
+struct ReducedEmbeddingArgs {
+  EmbeddingInputs in;
+  const void* weights;
+  bool scalar_weight;
+  Reduction reduction;
+  double loss_scale;
+  void* loss;    // out: one value of embedding_type
+  void* grad_a;  // out: rows * dim values, d(loss)/da
+  void* grad_b;
+  double* reduction_scale;  // out: one value
+};
+bool EmbeddingLossReducedCpu(const ReducedEmbeddingArgs& args, const ParallelFor& parallel_for);
+
+// Calls f(TypeTag<L>, TypeTag<T>, DistanceTag<K>) for a supported label and
+// embedding dtype pair and distance; false when there is none.
+template <typename F>
+bool VisitEmbeddingKernel(DType label_type, DType embedding_type, Distance distance, F&& f) {
+  bool distance_ok = false;
+  const bool types_ok = VisitLabelAndDistance(label_type, embedding_type, [&](auto l, auto t) {
+    distance_ok = VisitDistance(distance, [&](auto k) { f(l, t, k); });
+  });
+  return types_ok && distance_ok;
+}
+
+// The same three computations on device pointers (coefficients, upstream,
+// weights and reduction_scale included), enqueued on `stream`. Only in
+// builds with CUDA. Deterministic; sums follow the GPU's own fixed order, so
+// they match the CPU kernel to rounding, not bit for bit.
+GpuStatus EmbeddingLossGpu(const EmbeddingInputs& in, void* loss, double* coefficients,
+                           void* stream);
+GpuStatus EmbeddingGradGpu(const EmbeddingGradArgs& args, void* stream);
+int64_t EmbeddingLossReducedGpuWorkspace(int64_t rows);
+GpuStatus EmbeddingLossReducedGpu(const ReducedEmbeddingArgs& args, void* workspace,
+                                  void* stream);
+
+}  // namespace fused_contrastive
+
+#endif  // FUSED_CONTRASTIVE_EMBEDDING_KERNELS_H_

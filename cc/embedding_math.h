@@ -1,0 +1,156 @@
+// The distances between the two embeddings of a pair, and their gradients,
+// written once for the CPU and CUDA kernels and the XLA lowering. A pair is
+// two rows a, b of D elements; the row's distance d comes from up to three
+// sums over the row, and d(loss)/da, d(loss)/db are linear in a and b with
+// per-row coefficients, so a kernel reads each row to sum it, computes the
+// row's loss and coefficients once, and reads the row again (from cache) to
+// write the gradients.
+#ifndef FUSED_CONTRASTIVE_EMBEDDING_MATH_H_
+#define FUSED_CONTRASTIVE_EMBEDDING_MATH_H_
+
+#include <string>
+
+#include "contrastive_math.h"
+
+namespace fused_contrastive {
+
+enum class Distance : int { kEuclidean, kCosine, kManhattan };
+
+constexpr Distance kAllDistances[] = {Distance::kEuclidean, Distance::kCosine,
+                                      Distance::kManhattan};
+
+// The names of the `distance` attr and argument.
+inline const char* DistanceName(Distance k) {
+  switch (k) {
+    case Distance::kEuclidean: return "euclidean";
+    case Distance::kCosine: return "cosine";
+    case Distance::kManhattan: return "manhattan";
+  }
+  return "unknown";
+}
+
+inline bool ParseDistance(const std::string& name, Distance* out) {
+  for (Distance k : kAllDistances) {
+    if (name == DistanceName(k)) {
+      *out = k;
+      return true;
+    }
+  }
+  return false;
+}
+
+// Sums per row: euclidean Σ(a−b)²; cosine Σab, Σaa, Σbb; manhattan Σ|a−b|.
+FC_HOST_DEVICE constexpr int NumRowSums(Distance k) { return k == Distance::kCosine ? 3 : 1; }
+// Coefficients per row of the gradient (see row_coefficients).
+FC_HOST_DEVICE constexpr int NumRowCoefficients(Distance k) { return NumRowSums(k); }
+constexpr int kMaxRowSums = 3;
+
+// What one element of a row adds to the row's sums (t1 and t2 are written by
+// cosine only). Three scalar outputs, not an array: GCC vectorises the CPU
+// kernel's row loop only when the terms are plain scalars.
+template <Distance K, typename C>
+FC_HOST_DEVICE inline void distance_terms(const C& a, const C& b, C& t0, C& t1, C& t2) {
+  using Ops = ElementOps<C>;
+  if constexpr (K == Distance::kEuclidean) {
+    const C diff = a - b;
+    t0 = diff * diff;
+  } else if constexpr (K == Distance::kCosine) {
+    t0 = a * b;
+    t1 = a * a;
+    t2 = b * b;
+  } else {
+    t0 = Ops::abs(a - b);
+  }
+}
+
+// The row's distance from its sums. Cosine: d = 1 − Σab / (‖a‖·‖b‖), where a
+// zero norm (or a product of norms that underflows to 0) gives similarity 0,
+// d = 1. d is not clamped: rounding may take it a few ulp outside [0, 2].
+template <Distance K, typename C>
+FC_HOST_DEVICE inline C distance_from_sums(const C* sums) {
+  using Ops = ElementOps<C>;
+  if constexpr (K == Distance::kEuclidean) {
+    return Ops::sqrt(sums[0]);
+  } else if constexpr (K == Distance::kCosine) {
+    return Ops::constant(sums[0], 1) -
+           Ops::divide_no_nan(sums[0], Ops::sqrt(sums[1]) * Ops::sqrt(sums[2]));
+  } else {
+    return sums[0];
+  }
+}
+
+// Coefficients of the gradient given g = d(loss)/d(d), so that
+//   euclidean:  dL/da =  c0·(a − b),            dL/db = −dL/da
+//   cosine:     dL/da =  c1·a + c0·b,           dL/db =  c2·b + c0·a
+//   manhattan:  dL/da =  c0·sign(a − b),        dL/db = −dL/da
+// They are linear in g: scaling them scales the gradients (sample weights,
+// the reduction's divisor, the upstream gradient).
+// Zero distance (a == b, Euclidean): c0 = 0, the subgradient PyTorch's cdist
+// and vector_norm use. A similar pair's gradient 2·y·(a − b) is then exactly
+// its value; the hinge term of a dissimilar pair, whose direction is undefined
+// there, contributes 0. Zero norm (cosine): no gradient, to either vector.
+template <Distance K, typename C>
+FC_HOST_DEVICE inline void row_coefficients(const C* sums, const C& d, const C& g, C* coef) {
+  using Ops = ElementOps<C>;
+  if constexpr (K == Distance::kEuclidean) {
+    coef[0] = Ops::divide_no_nan(g, d);
+  } else if constexpr (K == Distance::kCosine) {
+    const C norms = Ops::sqrt(sums[1]) * Ops::sqrt(sums[2]);
+    const C similarity = Ops::constant(d, 1) - d;
+    // d = 1 − s: dd/da = −b/(‖a‖‖b‖) + s·a/‖a‖², symmetric for b.
+    coef[0] = Ops::constant(g, 0) - Ops::divide_no_nan(g, norms);
+    coef[1] = Ops::divide_no_nan(g * similarity, sums[1]);
+    coef[2] = Ops::divide_no_nan(g * similarity, sums[2]);
+  } else {
+    coef[0] = g;
+  }
+}
+
+// d(loss)/da and d(loss)/db of one element from the row's coefficients.
+template <Distance K, typename C>
+FC_HOST_DEVICE inline void element_gradient(const C* coef, const C& a, const C& b, C* grad_a,
+                                            C* grad_b) {
+  using Ops = ElementOps<C>;
+  if constexpr (K == Distance::kEuclidean) {
+    *grad_a = coef[0] * (a - b);
+    *grad_b = Ops::constant(a, 0) - *grad_a;
+  } else if constexpr (K == Distance::kCosine) {
+    *grad_a = coef[1] * a + coef[0] * b;
+    *grad_b = coef[2] * b + coef[0] * a;
+  } else {
+    *grad_a = coef[0] * Ops::sign(a - b);
+    *grad_b = Ops::constant(a, 0) - *grad_a;
+  }
+}
+
+// One row's loss and gradient coefficients (for g = d(loss)/d(d)) from its sums.
+template <Distance K, typename C>
+FC_HOST_DEVICE inline void row_loss_and_coefficients(const C* sums, const C& label,
+                                                     const C& margin, int similar_label, C* loss,
+                                                     C* coef) {
+  const C d = distance_from_sums<K>(sums);
+  C g;
+  contrastive_loss_and_grad(label, d, margin, similar_label, loss, &g);
+  row_coefficients<K>(sums, d, g, coef);
+}
+
+// Calls f(DistanceTag<k>{}): kernels are instantiated per distance so that
+// their inner loops have no branch on it.
+template <Distance K>
+struct DistanceTag {
+  static constexpr Distance value = K;
+};
+
+template <typename F>
+inline bool VisitDistance(Distance k, F&& f) {
+  switch (k) {
+    case Distance::kEuclidean: f(DistanceTag<Distance::kEuclidean>{}); return true;
+    case Distance::kCosine: f(DistanceTag<Distance::kCosine>{}); return true;
+    case Distance::kManhattan: f(DistanceTag<Distance::kManhattan>{}); return true;
+  }
+  return false;
+}
+
+}  // namespace fused_contrastive
+
+#endif  // FUSED_CONTRASTIVE_EMBEDDING_MATH_H_
