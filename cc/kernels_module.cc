@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "contrastive_kernels.h"
+#include "embedding_kernels.h"
 
 namespace py = pybind11;
 
@@ -27,10 +28,17 @@ DType DTypeOfArray(const py::array& a, const char* what) {
   return DTypeFromName(py::str(a.dtype().attr("name")), what);
 }
 
-void CheckDistanceDType(DType t) {
+void CheckFloatDType(DType t, const char* what) {
   if (!IsDistanceDType(t)) {
-    throw py::type_error(std::string("distances must be float16, bfloat16, float32 or float64, got ") +
-                         DTypeName(t));
+    throw py::type_error(std::string(what) +
+                         " must be float16, bfloat16, float32 or float64, got " + DTypeName(t));
+  }
+}
+
+void CheckSameDType(const char* what, DType t, const char* ref_what, DType ref) {
+  if (t != ref) {
+    throw py::type_error(std::string(what) + " must have the dtype of " + ref_what + " (" +
+                         DTypeName(ref) + "), got " + DTypeName(t));
   }
 }
 
@@ -102,6 +110,30 @@ void CheckSimilarLabel(int similar_label) {
   }
 }
 
+// A per-row operand (sample weights, upstream gradients): a 0-d array for all
+// rows or one value per row, of the dtype of the values it scales.
+void CheckPerRow(const char* what, DType type, const std::vector<int64_t>& shape,
+                 const char* values_what, DType values_type, const char* rows_what,
+                 const std::vector<int64_t>& rows_shape) {
+  CheckSameDType(what, type, values_what, values_type);
+  if (!shape.empty()) CheckSameShape(what, shape, rows_what, rows_shape);
+}
+
+py::array PerRowKernelArray(const py::object& obj, const char* what, DType values_type,
+                            const char* values_what, const std::vector<int64_t>& rows_shape,
+                            const char* rows_what) {
+  const py::array a = KernelArray(obj, what);
+  CheckPerRow(what, DTypeOfArray(a, what), ShapeOf(a), values_what, values_type, rows_what,
+              rows_shape);
+  return a;
+}
+
+// No sample weights mean one scalar weight of 1.
+py::object WeightsOrOne(const py::object& sample_weight, const py::dtype& dtype) {
+  return sample_weight.is_none() ? py::module_::import("numpy").attr("ones")(py::tuple(), dtype)
+                                 : sample_weight;
+}
+
 py::tuple ContrastiveLossCpuNumpy(py::array labels, py::array distances, double margin,
                                   int similar_label) {
   CheckMargin(margin);
@@ -110,7 +142,7 @@ py::tuple ContrastiveLossCpuNumpy(py::array labels, py::array distances, double 
   distances = KernelArray(distances, "distances");
   const DType label_type = DTypeOfArray(labels, "labels");
   const DType distance_type = DTypeOfArray(distances, "distances");
-  CheckDistanceDType(distance_type);
+  CheckFloatDType(distance_type, "distances");
   const std::vector<int64_t> shape = ShapeOf(distances);
   CheckSameShape("distances", shape, "labels", ShapeOf(labels));
   py::array loss(distances.dtype(), shape);
@@ -147,22 +179,13 @@ py::tuple ContrastiveLossReducedCpuNumpy(py::array labels, py::array distances,
   ReducedLossArgs args;
   args.in.label_type = DTypeOfArray(labels, "labels");
   args.in.distance_type = DTypeOfArray(distances, "distances");
-  CheckDistanceDType(args.in.distance_type);
+  CheckFloatDType(args.in.distance_type, "distances");
   const std::vector<int64_t> shape = ShapeOf(distances);
   CheckSameShape("distances", shape, "labels", ShapeOf(labels));
-  // No weights means a scalar weight of 1.
-  const py::array weights = KernelArray(
-      sample_weight.is_none()
-          ? py::module_::import("numpy").attr("ones")(py::tuple(), distances.dtype())
-          : sample_weight,
-      "sample_weight");
-  if (DTypeOfArray(weights, "sample_weight") != args.in.distance_type) {
-    throw py::type_error(std::string("sample_weight must have the dtype of distances (") +
-                         DTypeName(args.in.distance_type) + "), got " +
-                         std::string(py::str(weights.dtype())));
-  }
+  const py::array weights =
+      PerRowKernelArray(WeightsOrOne(sample_weight, distances.dtype()), "sample_weight",
+                        args.in.distance_type, "distances", ShapeOf(labels), "labels");
   args.scalar_weight = weights.ndim() == 0;
-  if (!args.scalar_weight) CheckSameShape("sample_weight", ShapeOf(weights), "labels", ShapeOf(labels));
   py::array loss(distances.dtype(), std::vector<int64_t>{});
   py::array grad(distances.dtype(), shape);
   double reduction_scale = 0;
@@ -182,6 +205,175 @@ py::tuple ContrastiveLossReducedCpuNumpy(py::array labels, py::array distances,
     ContrastiveLossReducedCpu(args, SerialFor);
   }
   return py::make_tuple(loss, grad, reduction_scale);
+}
+
+Distance DistanceFromName(const std::string& name) {
+  Distance distance;
+  if (ParseDistance(name, &distance)) return distance;
+  std::string valid;
+  for (Distance k : kAllDistances) {
+    valid += std::string(valid.empty() ? "'" : ", '") + DistanceName(k) + "'";
+  }
+  throw py::value_error("distance must be one of " + valid + ", got '" + name + "'");
+}
+
+// An argument as the embedding checks see it, so that host and device
+// arguments go through the same checks.
+struct Operand {
+  DType type;
+  std::vector<int64_t> shape;
+  const void* data;
+};
+
+Operand HostOperand(const py::array& a, const char* what) {
+  return Operand{DTypeOfArray(a, what), ShapeOf(a), a.data()};
+}
+
+// Embeddings are [..., D]: per-row operands (labels, weights, upstream) take
+// the leading axes, which messages name so.
+constexpr const char* kRowsWhat = "embeddings_a.shape[:-1]";
+
+struct PairShape {
+  std::vector<int64_t> rows_shape;
+  int64_t rows;
+  int64_t dim;
+};
+
+// Embeddings a and b: one floating dtype, one shape of rank >= 1 whose last
+// axis (the embedding) is not empty.
+PairShape CheckEmbeddings(const Operand& a, const Operand& b) {
+  CheckFloatDType(a.type, "embeddings_a");
+  CheckSameDType("embeddings_b", b.type, "embeddings_a", a.type);
+  CheckSameShape("embeddings_b", b.shape, "embeddings_a", a.shape);
+  if (a.shape.empty() || a.shape.back() < 1) {
+    throw py::value_error("embeddings must have rank >= 1 and a non-empty last axis, got shape " +
+                          ShapeString(a.shape));
+  }
+  const int64_t dim = a.shape.back();
+  return PairShape{std::vector<int64_t>(a.shape.begin(), a.shape.end() - 1),
+                   CheckedElementCount(a.shape, 1, "embeddings_a") / dim, dim};
+}
+
+// The loss kernels' inputs: checked embeddings and one label per row.
+EmbeddingInputs CheckedEmbeddingInputs(const Operand& labels, const Operand& a, const Operand& b,
+                                       double margin, Distance distance, int similar_label,
+                                       PairShape* pair) {
+  *pair = CheckEmbeddings(a, b);
+  CheckSameShape("labels", labels.shape, kRowsWhat, pair->rows_shape);
+  return EmbeddingInputs{labels.type, a.type,    labels.data, a.data,        b.data,
+                         pair->rows,  pair->dim, margin,      similar_label, distance};
+}
+
+std::vector<int64_t> CoefficientsShape(const PairShape& pair, Distance distance) {
+  std::vector<int64_t> shape = pair.rows_shape;
+  shape.push_back(NumRowCoefficients(distance));
+  return shape;
+}
+
+void CheckCoefficients(const Operand& coefficients, const PairShape& pair, Distance distance) {
+  if (coefficients.type != DType::kFloat64) {
+    throw py::type_error(std::string("coefficients must be float64, got ") +
+                         DTypeName(coefficients.type));
+  }
+  const std::vector<int64_t> want = CoefficientsShape(pair, distance);
+  if (coefficients.shape != want) {
+    throw py::value_error("coefficients must have shape " + ShapeString(want) + " (" + kRowsWhat +
+                          " + (" + std::to_string(want.back()) + ",) for distance '" +
+                          DistanceName(distance) + "'), got " + ShapeString(coefficients.shape));
+  }
+}
+
+py::tuple EmbeddingLossCpuNumpy(py::array labels, py::array embeddings_a, py::array embeddings_b,
+                                double margin, const std::string& distance, int similar_label) {
+  CheckMargin(margin);
+  CheckSimilarLabel(similar_label);
+  const Distance k = DistanceFromName(distance);
+  labels = KernelArray(labels, "labels");
+  embeddings_a = KernelArray(embeddings_a, "embeddings_a");
+  embeddings_b = KernelArray(embeddings_b, "embeddings_b");
+  PairShape pair;
+  const EmbeddingInputs in = CheckedEmbeddingInputs(
+      HostOperand(labels, "labels"), HostOperand(embeddings_a, "embeddings_a"),
+      HostOperand(embeddings_b, "embeddings_b"), margin, k, similar_label, &pair);
+  py::array loss(embeddings_a.dtype(), pair.rows_shape);
+  py::array_t<double> coefficients(CoefficientsShape(pair, k));
+  void* out_loss = loss.mutable_data();
+  double* out_coefficients = coefficients.mutable_data();
+  {
+    py::gil_scoped_release release;
+    EmbeddingLossCpu(in, out_loss, out_coefficients, SerialFor);
+  }
+  return py::make_tuple(loss, coefficients);
+}
+
+py::tuple EmbeddingGradCpuNumpy(py::array embeddings_a, py::array embeddings_b,
+                                py::array coefficients, const py::object& upstream,
+                                const std::string& distance) {
+  const Distance k = DistanceFromName(distance);
+  embeddings_a = KernelArray(embeddings_a, "embeddings_a");
+  embeddings_b = KernelArray(embeddings_b, "embeddings_b");
+  coefficients = KernelArray(coefficients, "coefficients");
+  const Operand a = HostOperand(embeddings_a, "embeddings_a");
+  const PairShape pair = CheckEmbeddings(a, HostOperand(embeddings_b, "embeddings_b"));
+  CheckCoefficients(HostOperand(coefficients, "coefficients"), pair, k);
+  const py::array up =
+      PerRowKernelArray(upstream, "upstream", a.type, "embeddings_a", pair.rows_shape, kRowsWhat);
+  py::array grad_a(embeddings_a.dtype(), a.shape);
+  py::array grad_b(embeddings_a.dtype(), a.shape);
+  const EmbeddingGradArgs args{a.type,
+                               a.data,
+                               embeddings_b.data(),
+                               pair.rows,
+                               pair.dim,
+                               k,
+                               static_cast<const double*>(coefficients.data()),
+                               up.data(),
+                               up.ndim() == 0,
+                               grad_a.mutable_data(),
+                               grad_b.mutable_data()};
+  {
+    py::gil_scoped_release release;
+    EmbeddingGradCpu(args, SerialFor);
+  }
+  return py::make_tuple(grad_a, grad_b);
+}
+
+py::tuple EmbeddingLossReducedCpuNumpy(py::array labels, py::array embeddings_a,
+                                       py::array embeddings_b, const py::object& sample_weight,
+                                       double margin, const std::string& distance,
+                                       const std::string& reduction, double loss_scale,
+                                       int similar_label) {
+  CheckMargin(margin);
+  CheckSimilarLabel(similar_label);
+  const Distance k = DistanceFromName(distance);
+  ReducedEmbeddingArgs args;
+  args.reduction = ReductionFromName(reduction);
+  labels = KernelArray(labels, "labels");
+  embeddings_a = KernelArray(embeddings_a, "embeddings_a");
+  embeddings_b = KernelArray(embeddings_b, "embeddings_b");
+  PairShape pair;
+  args.in = CheckedEmbeddingInputs(
+      HostOperand(labels, "labels"), HostOperand(embeddings_a, "embeddings_a"),
+      HostOperand(embeddings_b, "embeddings_b"), margin, k, similar_label, &pair);
+  const py::array weights =
+      PerRowKernelArray(WeightsOrOne(sample_weight, embeddings_a.dtype()), "sample_weight",
+                        args.in.embedding_type, "embeddings_a", pair.rows_shape, "labels");
+  py::array loss(embeddings_a.dtype(), std::vector<int64_t>{});
+  py::array grad_a(embeddings_a.dtype(), ShapeOf(embeddings_a));
+  py::array grad_b(embeddings_a.dtype(), ShapeOf(embeddings_a));
+  double reduction_scale = 0;
+  args.weights = weights.data();
+  args.scalar_weight = weights.ndim() == 0;
+  args.loss_scale = loss_scale;
+  args.loss = loss.mutable_data();
+  args.grad_a = grad_a.mutable_data();
+  args.grad_b = grad_b.mutable_data();
+  args.reduction_scale = &reduction_scale;
+  {
+    py::gil_scoped_release release;
+    EmbeddingLossReducedCpu(args, SerialFor);
+  }
+  return py::make_tuple(loss, grad_a, grad_b, reduction_scale);
 }
 
 #if FC_WITH_CUDA
@@ -205,7 +397,8 @@ struct DeviceArray : DeviceBuffer {
 // upstream vouches for the interface's shape, strides or pointer.
 DeviceBuffer DeviceBufferOf(const py::object& obj, const char* what) {
   if (!py::hasattr(obj, "__cuda_array_interface__")) {
-    throw py::type_error(std::string(what) + " must expose __cuda_array_interface__ (a CUDA array)");
+    throw py::type_error(std::string(what) +
+                         " must expose __cuda_array_interface__ (a CUDA array)");
   }
   DeviceBuffer out;
   std::optional<std::vector<int64_t>> strides;
@@ -284,7 +477,7 @@ CudaLossArrays ReadCudaLossArrays(const py::object& labels, const py::object& di
                    FromCudaArrayInterface(distances, "distances", distances_dtype),
                    FromCudaArrayInterface(loss, "loss", distances_dtype),
                    FromCudaArrayInterface(grad, "grad", distances_dtype)};
-  CheckDistanceDType(a.distances.type);
+  CheckFloatDType(a.distances.type, "distances");
   CheckSameShape("distances", a.distances.shape, "labels", a.labels.shape);
   CheckSameShape("grad", a.grad.shape, "distances", a.distances.shape);
   if (reduced) {
@@ -297,6 +490,25 @@ CudaLossArrays ReadCudaLossArrays(const py::object& labels, const py::object& di
   }
   if (a.loss.readonly || a.grad.readonly) throw py::value_error("loss and grad must be writable");
   return a;
+}
+
+// reduction_scale and workspace of the reduced kernels: one writable float64,
+// and at least `needed` writable bytes, where the kernels keep float64 block
+// sums whatever the workspace's typestr.
+void CheckReducedScratch(const DeviceArray& s, const DeviceBuffer& ws, int64_t needed,
+                         const char* needed_what) {
+  if (s.type != DType::kFloat64 || s.elements != 1) {
+    throw py::value_error("reduction_scale must hold one float64");
+  }
+  if (ws.bytes < needed) {
+    throw py::value_error(std::string("workspace is smaller than ") + needed_what);
+  }
+  if (reinterpret_cast<uintptr_t>(ws.data) % alignof(double) != 0) {
+    throw py::value_error("workspace must be aligned to 8 bytes");
+  }
+  if (s.readonly || ws.readonly) {
+    throw py::value_error("reduction_scale and workspace must be writable");
+  }
 }
 
 void ThrowIfFailed(const GpuStatus& status) {
@@ -335,20 +547,8 @@ void ContrastiveLossReducedCuda(const py::object& labels, const py::object& dist
   if (w.type != a.distances.type) {
     throw py::type_error("sample_weight must have the dtype of distances");
   }
-  if (s.type != DType::kFloat64 || s.elements != 1) {
-    throw py::value_error("reduction_scale must hold one float64");
-  }
   const int64_t n = a.distances.elements;
-  if (ws.bytes < ContrastiveLossReducedGpuWorkspace(n)) {
-    throw py::value_error("workspace is smaller than reduced_workspace_bytes(n)");
-  }
-  // The kernels keep float64 block sums there, whatever the workspace's typestr.
-  if (reinterpret_cast<uintptr_t>(ws.data) % alignof(double) != 0) {
-    throw py::value_error("workspace must be aligned to 8 bytes");
-  }
-  if (s.readonly || ws.readonly) {
-    throw py::value_error("reduction_scale and workspace must be writable");
-  }
+  CheckReducedScratch(s, ws, ContrastiveLossReducedGpuWorkspace(n), "reduced_workspace_bytes(n)");
   ReducedLossArgs args;
   args.in = LossInputs{a.labels.type, a.distances.type, a.labels.data, a.distances.data,
                        n,             margin,           similar_label};
@@ -362,12 +562,116 @@ void ContrastiveLossReducedCuda(const py::object& labels, const py::object& dist
   ThrowIfFailed(ContrastiveLossReducedGpu(args, ws.data, reinterpret_cast<void*>(stream)));
 }
 
+Operand DeviceOperand(const DeviceArray& a) { return Operand{a.type, a.shape, a.data}; }
+
+void CheckWritable(const DeviceBuffer& out, const char* what) {
+  if (out.readonly) throw py::value_error(std::string(what) + " must be writable");
+}
+
+// An output of the embeddings' dtype.
+void CheckDeviceOutput(const DeviceArray& out, const char* what, const std::vector<int64_t>& shape,
+                       const char* shape_what, DType type) {
+  CheckSameShape(what, out.shape, shape_what, shape);
+  CheckSameDType(what, out.type, "embeddings_a", type);
+  CheckWritable(out, what);
+}
+
+void EmbeddingLossCuda(const py::object& labels, const py::object& embeddings_a,
+                       const py::object& embeddings_b, const py::object& loss,
+                       const py::object& coefficients, double margin, const std::string& distance,
+                       uintptr_t stream, const py::object& labels_dtype,
+                       const py::object& embeddings_dtype, int similar_label) {
+  CheckMargin(margin);
+  CheckSimilarLabel(similar_label);
+  const Distance k = DistanceFromName(distance);
+  const DeviceArray y = FromCudaArrayInterface(labels, "labels", labels_dtype);
+  const DeviceArray a = FromCudaArrayInterface(embeddings_a, "embeddings_a", embeddings_dtype);
+  const DeviceArray b = FromCudaArrayInterface(embeddings_b, "embeddings_b", embeddings_dtype);
+  const DeviceArray out = FromCudaArrayInterface(loss, "loss", embeddings_dtype);
+  const DeviceArray c = FromCudaArrayInterface(coefficients, "coefficients", py::none());
+  PairShape pair;
+  const EmbeddingInputs in = CheckedEmbeddingInputs(DeviceOperand(y), DeviceOperand(a),
+                                                    DeviceOperand(b), margin, k, similar_label,
+                                                    &pair);
+  CheckDeviceOutput(out, "loss", pair.rows_shape, kRowsWhat, a.type);
+  CheckCoefficients(DeviceOperand(c), pair, k);
+  CheckWritable(c, "coefficients");
+  ThrowIfFailed(EmbeddingLossGpu(in, out.data, static_cast<double*>(c.data),
+                                 reinterpret_cast<void*>(stream)));
+}
+
+void EmbeddingGradCuda(const py::object& embeddings_a, const py::object& embeddings_b,
+                       const py::object& coefficients, const py::object& upstream,
+                       const py::object& grad_a, const py::object& grad_b,
+                       const std::string& distance, uintptr_t stream,
+                       const py::object& embeddings_dtype) {
+  const Distance k = DistanceFromName(distance);
+  const DeviceArray a = FromCudaArrayInterface(embeddings_a, "embeddings_a", embeddings_dtype);
+  const DeviceArray b = FromCudaArrayInterface(embeddings_b, "embeddings_b", embeddings_dtype);
+  const DeviceArray c = FromCudaArrayInterface(coefficients, "coefficients", py::none());
+  const DeviceArray u = FromCudaArrayInterface(upstream, "upstream", embeddings_dtype);
+  const DeviceArray ga = FromCudaArrayInterface(grad_a, "grad_a", embeddings_dtype);
+  const DeviceArray gb = FromCudaArrayInterface(grad_b, "grad_b", embeddings_dtype);
+  const PairShape pair = CheckEmbeddings(DeviceOperand(a), DeviceOperand(b));
+  CheckCoefficients(DeviceOperand(c), pair, k);
+  CheckPerRow("upstream", u.type, u.shape, "embeddings_a", a.type, kRowsWhat, pair.rows_shape);
+  CheckDeviceOutput(ga, "grad_a", a.shape, "embeddings_a", a.type);
+  CheckDeviceOutput(gb, "grad_b", a.shape, "embeddings_a", a.type);
+  const EmbeddingGradArgs args{a.type,    a.data, b.data, pair.rows, pair.dim, k,
+                               static_cast<const double*>(c.data), u.data, u.shape.empty(),
+                               ga.data,   gb.data};
+  ThrowIfFailed(EmbeddingGradGpu(args, reinterpret_cast<void*>(stream)));
+}
+
+void EmbeddingLossReducedCuda(const py::object& labels, const py::object& embeddings_a,
+                              const py::object& embeddings_b, const py::object& sample_weight,
+                              const py::object& loss, const py::object& grad_a,
+                              const py::object& grad_b, const py::object& reduction_scale,
+                              const py::object& workspace, double margin,
+                              const std::string& distance, const std::string& reduction,
+                              double loss_scale, uintptr_t stream, const py::object& labels_dtype,
+                              const py::object& embeddings_dtype, int similar_label) {
+  CheckMargin(margin);
+  CheckSimilarLabel(similar_label);
+  const Distance k = DistanceFromName(distance);
+  ReducedEmbeddingArgs args;
+  args.reduction = ReductionFromName(reduction);
+  const DeviceArray y = FromCudaArrayInterface(labels, "labels", labels_dtype);
+  const DeviceArray a = FromCudaArrayInterface(embeddings_a, "embeddings_a", embeddings_dtype);
+  const DeviceArray b = FromCudaArrayInterface(embeddings_b, "embeddings_b", embeddings_dtype);
+  const DeviceArray w = FromCudaArrayInterface(sample_weight, "sample_weight", embeddings_dtype);
+  const DeviceArray out = FromCudaArrayInterface(loss, "loss", embeddings_dtype);
+  const DeviceArray ga = FromCudaArrayInterface(grad_a, "grad_a", embeddings_dtype);
+  const DeviceArray gb = FromCudaArrayInterface(grad_b, "grad_b", embeddings_dtype);
+  const DeviceArray s = FromCudaArrayInterface(reduction_scale, "reduction_scale", py::none());
+  const DeviceBuffer ws = DeviceBufferOf(workspace, "workspace");
+  PairShape pair;
+  args.in = CheckedEmbeddingInputs(DeviceOperand(y), DeviceOperand(a), DeviceOperand(b), margin, k,
+                                   similar_label, &pair);
+  CheckPerRow("sample_weight", w.type, w.shape, "embeddings_a", a.type, "labels", pair.rows_shape);
+  if (out.elements != 1) throw py::value_error("loss must hold one value");
+  CheckSameDType("loss", out.type, "embeddings_a", a.type);
+  CheckWritable(out, "loss");
+  CheckDeviceOutput(ga, "grad_a", a.shape, "embeddings_a", a.type);
+  CheckDeviceOutput(gb, "grad_b", a.shape, "embeddings_a", a.type);
+  CheckReducedScratch(s, ws, EmbeddingLossReducedGpuWorkspace(pair.rows),
+                      "embedding_reduced_workspace_bytes(rows)");
+  args.weights = w.data;
+  args.scalar_weight = w.shape.empty();
+  args.loss_scale = loss_scale;
+  args.loss = out.data;
+  args.grad_a = ga.data;
+  args.grad_b = gb.data;
+  args.reduction_scale = static_cast<double*>(s.data);
+  ThrowIfFailed(EmbeddingLossReducedGpu(args, ws.data, reinterpret_cast<void*>(stream)));
+}
+
 void ScaleCuda(const py::object& gradient, const py::object& scale, const py::object& out,
                uintptr_t stream, const py::object& dtype) {
   const DeviceArray g = FromCudaArrayInterface(gradient, "gradient", dtype);
   const DeviceArray s = FromCudaArrayInterface(scale, "scale", dtype);
   const DeviceArray o = FromCudaArrayInterface(out, "out", dtype);
-  CheckDistanceDType(g.type);
+  CheckFloatDType(g.type, "gradient");
   CheckSameShape("out", o.shape, "gradient", g.shape);
   if (s.elements != 1 || s.type != g.type || o.type != g.type) {
     throw py::value_error("scale must be one value of the gradient's dtype, out that dtype");
@@ -385,7 +689,8 @@ PYBIND11_MODULE(_kernels, m) {
   m.doc() = "Raw fused contrastive-loss kernels on NumPy arrays (no TensorFlow needed).";
   m.def("contrastive_loss_cpu", &fused_contrastive::ContrastiveLossCpuNumpy, py::arg("labels"),
         py::arg("distances"), py::arg("margin") = 1.0, py::arg("similar_label") = 1,
-        "Per-sample loss and d(loss)/d(distance) on the CPU, single-threaded; returns (loss, grad).");
+        "Per-sample loss and d(loss)/d(distance) on the CPU, single-threaded; returns "
+        "(loss, grad).");
   m.def("contrastive_loss_reduced_cpu", &fused_contrastive::ContrastiveLossReducedCpuNumpy,
         py::arg("labels"), py::arg("distances"), py::arg("sample_weight") = py::none(),
         py::arg("margin") = 1.0, py::arg("reduction") = "mean", py::arg("loss_scale") = 1.0,
@@ -393,6 +698,25 @@ PYBIND11_MODULE(_kernels, m) {
         "The fused-reduction kernel on the CPU, single-threaded; returns (loss, grad, "
         "reduction_scale). reduction: 'sum', 'mean' or 'weighted_mean'; sample_weight: None, a "
         "scalar array or one weight per element, of the distances' dtype.");
+  m.def("embedding_loss_cpu", &fused_contrastive::EmbeddingLossCpuNumpy, py::arg("labels"),
+        py::arg("embeddings_a"), py::arg("embeddings_b"), py::arg("margin") = 1.0,
+        py::arg("distance") = "euclidean", py::arg("similar_label") = 1,
+        "Per-row loss of embedding pairs a, b [..., D] (labels [...]) on the CPU, "
+        "single-threaded; returns (loss [...], coefficients [..., K] float64), the coefficients "
+        "embedding_grad_cpu takes. distance: 'euclidean', 'cosine' or 'manhattan'.");
+  m.def("embedding_grad_cpu", &fused_contrastive::EmbeddingGradCpuNumpy,
+        py::arg("embeddings_a"), py::arg("embeddings_b"), py::arg("coefficients"),
+        py::arg("upstream"), py::arg("distance") = "euclidean",
+        "Backward of embedding_loss_cpu: (grad_a, grad_b) for upstream d(total)/d(loss), a 0-d "
+        "array or one value per row of the embeddings' dtype.");
+  m.def("embedding_loss_reduced_cpu", &fused_contrastive::EmbeddingLossReducedCpuNumpy,
+        py::arg("labels"), py::arg("embeddings_a"), py::arg("embeddings_b"),
+        py::arg("sample_weight") = py::none(), py::arg("margin") = 1.0,
+        py::arg("distance") = "euclidean", py::arg("reduction") = "mean",
+        py::arg("loss_scale") = 1.0, py::arg("similar_label") = 1,
+        "The fused-reduction kernel on embedding pairs, single-threaded; returns (loss, grad_a, "
+        "grad_b, reduction_scale). sample_weight: None, a scalar array or one weight per row, of "
+        "the embeddings' dtype.");
 #if FC_WITH_CUDA
   m.attr("has_cuda") = true;
   m.def("reduced_workspace_bytes", &fused_contrastive::ContrastiveLossReducedGpuWorkspace,
@@ -414,7 +738,34 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("distances_dtype") = py::none(), py::arg("similar_label") = 1,
         "Enqueues the CUDA kernel on `stream` (a cudaStream_t as int; 0 = legacy default stream). "
         "All arrays are CUDA arrays (__cuda_array_interface__); loss and grad are written. "
-        "labels_dtype/distances_dtype name the dtype when the typestr cannot (\"bfloat16\" on uint16).");
+        "labels_dtype/distances_dtype name the dtype when the typestr cannot (\"bfloat16\" on "
+        "uint16).");
+  m.def("embedding_reduced_workspace_bytes", &fused_contrastive::EmbeddingLossReducedGpuWorkspace,
+        py::arg("rows"),
+        "Device scratch bytes embedding_loss_reduced_cuda needs for `rows` embedding pairs.");
+  m.def("embedding_loss_cuda", &fused_contrastive::EmbeddingLossCuda, py::arg("labels"),
+        py::arg("embeddings_a"), py::arg("embeddings_b"), py::arg("loss"),
+        py::arg("coefficients"), py::arg("margin") = 1.0, py::arg("distance") = "euclidean",
+        py::arg("stream") = 0, py::arg("labels_dtype") = py::none(),
+        py::arg("embeddings_dtype") = py::none(), py::arg("similar_label") = 1,
+        "embedding_loss_cpu on CUDA arrays, enqueued on `stream`: writes loss [...] and "
+        "coefficients [..., K] (float64). embeddings_dtype names the embeddings', loss's dtype "
+        "when the typestr cannot (\"bfloat16\" on uint16).");
+  m.def("embedding_grad_cuda", &fused_contrastive::EmbeddingGradCuda, py::arg("embeddings_a"),
+        py::arg("embeddings_b"), py::arg("coefficients"), py::arg("upstream"),
+        py::arg("grad_a"), py::arg("grad_b"), py::arg("distance") = "euclidean",
+        py::arg("stream") = 0, py::arg("embeddings_dtype") = py::none(),
+        "embedding_grad_cpu on CUDA arrays: writes grad_a and grad_b. upstream: a 0-d array or "
+        "one value per row.");
+  m.def("embedding_loss_reduced_cuda", &fused_contrastive::EmbeddingLossReducedCuda,
+        py::arg("labels"), py::arg("embeddings_a"), py::arg("embeddings_b"),
+        py::arg("sample_weight"), py::arg("loss"), py::arg("grad_a"), py::arg("grad_b"),
+        py::arg("reduction_scale"), py::arg("workspace"), py::arg("margin") = 1.0,
+        py::arg("distance") = "euclidean", py::arg("reduction") = "mean",
+        py::arg("loss_scale") = 1.0, py::arg("stream") = 0, py::arg("labels_dtype") = py::none(),
+        py::arg("embeddings_dtype") = py::none(), py::arg("similar_label") = 1,
+        "embedding_loss_reduced_cpu on CUDA arrays: writes loss (one value), grad_a, grad_b and "
+        "reduction_scale (one float64). sample_weight: a 0-d array or one weight per row.");
 #else
   m.attr("has_cuda") = false;
 #endif

@@ -16,4 +16,8 @@ def test_gpu_check_script_self_test():
     assert "140 aligned cases compared with similar_label=0" in out
     assert "153 reduced cases compared" in out
     assert "fused reduced" in out and "of copy" in out
+    assert "132 embedding cases compared" in out
+    assert "96 misaligned embedding cases compared" in out
+    assert "432 reduced embedding cases compared" in out
+    assert "embedding reduced (forward+backward)" in out and "rows=   16,384" in out
     assert "PASSED: 0 mismatches" in out

@@ -15,11 +15,20 @@ Builds the pybind11 kernel module with CMake (FC_WITH_TENSORFLOW=OFF), then:
      same bits); and the backward scale kernel;
   4. times both kernels at N=1e8 float32 and prints their effective bandwidth
      next to a device-to-device copy of the same bytes and an unfused CuPy
-     version of the formula (one kernel per array operation).
+     version of the formula (one kernel per array operation);
+  5. compares the embedding kernels (loss from pair embeddings [..., D]) with
+     the CPU ones for every distance and embedding dtype, labels of every
+     dtype across the cases, rows 0, 1 and odd, D 1 and odd (scalar loads) or
+     a multiple of the 16-byte pack (vector loads), aligned and offset
+     buffers, and the fused-reduction embedding kernel for every reduction and
+     weight form: within EMBEDDING_ULPS, and the same bits on a second run;
+  6. times the fused-reduction embedding kernel (forward and backward in one
+     pass) at D=128 float32 next to a copy of the bytes it must move.
 Exits non-zero on any mismatch. Meant to finish well under 4 minutes.
 """
 
 import argparse
+import itertools
 import os
 import statistics
 import subprocess
@@ -35,6 +44,23 @@ ROOT = Path(__file__).resolve().parents[2]
 LABEL_DTYPES = ["bool", "int32", "int64", "float16", "bfloat16", "float32", "float64"]
 DISTANCE_DTYPES = ["float16", "bfloat16", "float32", "float64"]
 MARGIN = 0.75
+DISTANCE_KINDS = ["euclidean", "cosine", "manhattan"]
+COEFFICIENTS = {"euclidean": 1, "cosine": 3, "manhattan": 1}
+REDUCTIONS = ["sum", "mean", "weighted_mean"]
+# Embedding shapes [..., D]: no rows, one row, odd row counts; D = 1 and odd D
+# (scalar loads) or a multiple of every dtype's 16-byte pack (vector loads).
+# main() adds a larger one.
+EMBEDDING_SHAPES = [(0, 8), (1, 1), (1, 128), (7, 3), (7, 16), (3, 5, 16), (1001, 1), (1001, 33),
+                    (1001, 128), (4097, 257)]
+# The GPU sums a row in another order than the CPU (each fixed), so results
+# differ by rounding: allowed EMBEDDING_ULPS ulps of the compute type times
+# the largest magnitude in the array before cancellation (rounding_scales),
+# plus one ulp of the stored dtype, subnormals included, for 16-bit outputs
+# rounded on either side of a boundary.
+EMBEDDING_ULPS = 16
+# Outputs stored in their compute type, so the differences that remain are
+# those of the sums: the worst of them is worth reporting.
+UNROUNDED = ("float32", "float64")
 
 
 def build_kernel_module(build_dir, cuda):
@@ -87,6 +113,34 @@ class CpuStandIn:
 
     def scale(self, gradient, scale):
         return _cpu_scale(gradient, scale)
+
+    # The embedding axis reversed: the same distances summed in another order,
+    # as the GPU's would be, so the self-test meets the rounding it tolerates.
+    def run_embedding(self, labels, a, b, distance, similar_label, offsets=(0, 0, 0, 0)):
+        labels, a, b = (_offset_copy(np, x, o) for x, o in zip((labels, a, b), offsets))
+        return self.kernels.embedding_loss_cpu(labels, a[..., ::-1], b[..., ::-1], MARGIN,
+                                               distance, similar_label)
+
+    def run_embedding_grad(self, a, b, coefficients, upstream, distance, offsets=(0, 0, 0, 0)):
+        a, b = _offset_copy(np, a, offsets[1]), _offset_copy(np, b, offsets[2])
+        coefficients = _offset_copy(np, coefficients, offsets[0])
+        upstream = _offset_copy(np, upstream, offsets[0])
+        grad_a, grad_b = self.kernels.embedding_grad_cpu(a[..., ::-1], b[..., ::-1], coefficients,
+                                                         upstream, distance)
+        return grad_a[..., ::-1], grad_b[..., ::-1]
+
+    def run_embedding_reduced(self, labels, a, b, weights, distance, reduction):
+        loss, grad_a, grad_b, scale = self.kernels.embedding_loss_reduced_cpu(
+            labels, a[..., ::-1], b[..., ::-1], weights, MARGIN, distance, reduction)
+        return loss, grad_a[..., ::-1], grad_b[..., ::-1], scale
+
+    def embedding_bandwidth(self, rows, dim):
+        labels, a, b = host_embeddings(np.random.default_rng(0), (rows, dim), "float32",
+                                       "float32", "euclidean")
+        sync = lambda: None  # noqa: E731
+        fused = _median_seconds(
+            lambda: self.kernels.embedding_loss_reduced_cpu(labels, a, b, None, MARGIN), sync, 5)
+        return fused, _copy_seconds(np, rows * dim, sync, lambda t, s: np.copyto(t, s), 5)
 
     def bandwidth(self, n):
         labels, distances = host_inputs(np.random.default_rng(0), n, "float32", "float32")
@@ -152,7 +206,8 @@ class CudaDevice:
         stream = cp.cuda.get_current_stream()
         self.kernels.contrastive_loss_reduced_cuda(
             d_labels, d_distances, d_weights, loss, grad, scale, workspace, MARGIN, reduction,
-            stream=stream.ptr, labels_dtype=self._bf16(labels), distances_dtype=self._bf16(distances))
+            stream=stream.ptr, labels_dtype=self._bf16(labels),
+            distances_dtype=self._bf16(distances))
         stream.synchronize()
         return (loss.get().view(distances.dtype), grad.get().view(distances.dtype),
                 float(scale.get()))
@@ -192,12 +247,77 @@ class CudaDevice:
             "unfused reduced": _median_seconds(
                 lambda: _unfused_reduced(cp, labels, distances), sync),
         }
+        return times, _copy_seconds(cp, n, sync, self._copy)
 
-        def copy(target, source):
-            cp.cuda.runtime.memcpyAsync(target.data.ptr, source.data.ptr, source.nbytes,
-                                        cp.cuda.runtime.memcpyDeviceToDevice, stream.ptr)
+    def _copy(self, target, source):
+        cp = self.cp
+        cp.cuda.runtime.memcpyAsync(target.data.ptr, source.data.ptr, source.nbytes,
+                                    cp.cuda.runtime.memcpyDeviceToDevice,
+                                    cp.cuda.get_current_stream().ptr)
 
-        return times, _copy_seconds(cp, n, sync, copy)
+    def _host(self, device, dtype):
+        """A device array's values as a host array of `dtype` (bfloat16 travels as uint16)."""
+        return device.get().view(dtype)
+
+    def run_embedding(self, labels, a, b, distance, similar_label, offsets=(0, 0, 0, 0)):
+        cp = self.cp
+        d_labels, d_a, d_b = (self._device(x, o) for x, o in zip((labels, a, b), offsets))
+        loss = _offset_copy(cp, cp.empty(labels.shape, d_a.dtype), offsets[3])
+        coefficients = _offset_copy(
+            cp, cp.empty(labels.shape + (COEFFICIENTS[distance],), cp.float64), offsets[3])
+        stream = cp.cuda.get_current_stream()
+        self.kernels.embedding_loss_cuda(
+            d_labels, d_a, d_b, loss, coefficients, MARGIN, distance, stream=stream.ptr,
+            labels_dtype=self._bf16(labels), embeddings_dtype=self._bf16(a),
+            similar_label=similar_label)
+        stream.synchronize()
+        return self._host(loss, a.dtype), coefficients.get()
+
+    def run_embedding_grad(self, a, b, coefficients, upstream, distance, offsets=(0, 0, 0, 0)):
+        cp = self.cp
+        d_a, d_b = self._device(a, offsets[1]), self._device(b, offsets[2])
+        d_coefficients = self._device(coefficients, offsets[0])
+        d_upstream = self._device(upstream, offsets[0])
+        grad_a, grad_b = (_offset_copy(cp, cp.empty_like(d_a), offsets[3]) for _ in range(2))
+        stream = cp.cuda.get_current_stream()
+        self.kernels.embedding_grad_cuda(d_a, d_b, d_coefficients, d_upstream, grad_a, grad_b,
+                                         distance, stream=stream.ptr,
+                                         embeddings_dtype=self._bf16(a))
+        stream.synchronize()
+        return self._host(grad_a, a.dtype), self._host(grad_b, a.dtype)
+
+    def run_embedding_reduced(self, labels, a, b, weights, distance, reduction):
+        cp = self.cp
+        d_labels, d_a, d_b = (self._device(x, 0) for x in (labels, a, b))
+        d_weights = self._device(np.ones((), a.dtype) if weights is None else weights, 0)
+        loss = cp.empty((), d_a.dtype)
+        grad_a, grad_b = cp.empty_like(d_a), cp.empty_like(d_b)
+        scale = cp.empty((), cp.float64)
+        workspace = cp.empty(self.kernels.embedding_reduced_workspace_bytes(labels.size),
+                             cp.uint8)
+        stream = cp.cuda.get_current_stream()
+        self.kernels.embedding_loss_reduced_cuda(
+            d_labels, d_a, d_b, d_weights, loss, grad_a, grad_b, scale, workspace, MARGIN,
+            distance, reduction, stream=stream.ptr, labels_dtype=self._bf16(labels),
+            embeddings_dtype=self._bf16(a))
+        stream.synchronize()
+        return (self._host(loss, a.dtype), self._host(grad_a, a.dtype),
+                self._host(grad_b, a.dtype), float(scale.get()))
+
+    def embedding_bandwidth(self, rows, dim):
+        cp = self.cp
+        labels = (cp.random.random(rows, dtype=cp.float32) < 0.5).astype(cp.float32)
+        a, b = (cp.random.standard_normal((rows, dim), dtype=cp.float32) for _ in range(2))
+        ones, loss = cp.ones((), cp.float32), cp.empty((), cp.float32)
+        grad_a, grad_b = cp.empty_like(a), cp.empty_like(b)
+        scale = cp.empty((), cp.float64)
+        workspace = cp.empty(self.kernels.embedding_reduced_workspace_bytes(rows), cp.uint8)
+        stream = cp.cuda.get_current_stream()
+        fused = _median_seconds(
+            lambda: self.kernels.embedding_loss_reduced_cuda(
+                labels, a, b, ones, loss, grad_a, grad_b, scale, workspace, MARGIN,
+                stream=stream.ptr), stream.synchronize)
+        return fused, _copy_seconds(cp, rows * dim, stream.synchronize, self._copy)
 
 
 def _offset_copy(xp, array, offset):
@@ -205,8 +325,165 @@ def _offset_copy(xp, array, offset):
     if offset == 0:
         return array
     padded = xp.empty(array.size + offset, array.dtype)
-    padded[offset:] = array
-    return padded[offset:]
+    padded[offset:] = array.reshape(-1)
+    return padded[offset:].reshape(array.shape)
+
+
+def host_embeddings(rng, shape, label_dtype, dtype, distance):
+    """Labels [...] and embeddings a, b [..., D] whose distances spread over
+    their range: many dissimilar pairs are in the hinge. With more than two
+    rows, the first has a == b (distance 0), the second a zero a (no cosine
+    similarity); fewer would leave no row to set the scale of their rounding."""
+    rows, dim = int(np.prod(shape[:-1])), shape[-1]
+    labels = host_inputs(rng, rows, label_dtype, "float32")[0].reshape(shape[:-1])
+    a = rng.standard_normal((rows, dim))
+    if distance == "cosine":  # b's cosine with a spread over [-1, 1]
+        along = rng.uniform(-1, 1, (rows, 1))
+        b = along * a + np.sqrt(1 - along**2) * rng.standard_normal(a.shape)
+    else:  # rows scaled so that distances spread over about [0, 2 * MARGIN]
+        b = rng.standard_normal(a.shape)
+        mean = np.sqrt(2 * dim) if distance == "euclidean" else dim * 2 / np.sqrt(np.pi)
+        factor = rng.uniform(0, 2 * MARGIN, (rows, 1)) / mean
+        a, b = a * factor, b * factor
+    if rows > 2:
+        b[0] = a[0]
+        a[1] = 0
+    cast = lambda x: x.reshape(shape).astype(numpy_dtype(dtype))  # noqa: E731
+    return labels, cast(a), cast(b)
+
+
+def compute_dtype(dtype):
+    return "float64" if dtype == "float64" else "float32"
+
+
+def rounding_scales(labels, a, b, distance, similar_label):
+    """What the rounding of each output scales with (float64, from the
+    inputs): the magnitudes of the terms it is computed from, which cancel
+    in soft labels' y*d - (1-y)*h, in the hinge h = margin - d and in the
+    cosine gradient (exactly, where a == b). Returns the per-row loss's and
+    the per-element scales of d(loss)/da and d(loss)/db (upstream 1)."""
+    y = labels.astype(np.float64)
+    y = np.abs(y if similar_label else 1 - y)
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    inverse = lambda x: np.divide(1, x, out=np.zeros_like(x), where=x > 0)  # noqa: E731
+    if distance == "cosine":
+        aa, bb = (np.sum(x * x, -1, keepdims=True) for x in (a, b))
+        norms = np.sqrt(aa * bb)
+        d = np.full(y.shape, 2.0)  # 1 - s, s in [-1, 1]: rounded on that scale
+        terms_a = np.abs(b) * inverse(norms) + np.abs(a) * inverse(aa)
+        terms_b = np.abs(a) * inverse(norms) + np.abs(b) * inverse(bb)
+    elif distance == "euclidean":
+        d = np.sqrt(np.sum((a - b) ** 2, -1))
+        terms_a = terms_b = np.abs(a - b) * inverse(d[..., None])
+    else:
+        d = np.sum(np.abs(a - b), -1)
+        terms_a = terms_b = np.ones_like(a)
+    loss = y * d * d + (1 - y) * (MARGIN + d) ** 2
+    g = (2 * (y * d + (1 - y) * (MARGIN + d)))[..., None]
+    return loss, g * terms_a, g * terms_b
+
+
+def tolerance_used(got, want, compute, stored=None, scale=None):
+    """The largest |got - want| as a fraction of what EMBEDDING_ULPS allows
+    for magnitudes `scale` (default |want|); inf for another dtype, shape or
+    NaN pattern."""
+    if got.dtype != want.dtype or got.shape != want.shape:
+        return np.inf
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if np.any(np.isnan(got) != np.isnan(want)):
+        return np.inf
+    stored = ml_dtypes.finfo(stored or compute)
+    largest = np.max(np.abs(want) if scale is None else scale, initial=0)
+    limit = (EMBEDDING_ULPS * ml_dtypes.finfo(compute).eps * largest
+             + stored.eps * np.abs(want) + stored.smallest_subnormal)
+    error = np.abs(np.where(np.isnan(want), 0, got - want))
+    return float(np.max(np.divide(error, limit, out=np.where(error > 0, np.inf, 0.0),
+                                  where=limit > 0), initial=0))
+
+
+def compare_embeddings(device, kernels, rng, cases, offsets=(0, 0, 0, 0)):
+    """Embedding loss and gradient kernels against the CPU ones. Coefficients
+    are compared by the gradients they give (their columns differ in scale,
+    and a cancellation in one can be harmless in the gradient); the gradient
+    kernels read the CPU's coefficients, so each kernel is checked alone.
+    Offsets are in elements: labels and the per-row inputs (coefficients,
+    upstream), a, b, outputs. Returns (failures, worst tolerance_used of the
+    UNROUNDED dtypes)."""
+    failures, worst = 0, 0.0
+    for index, (label_dtype, dtype, distance, shape) in enumerate(cases):
+        similar_label = index % 2
+        compute = compute_dtype(dtype)
+        labels, a, b = host_embeddings(rng, shape, label_dtype, dtype, distance)
+        want = kernels.embedding_loss_cpu(labels, a, b, MARGIN, distance, similar_label)
+        got = device.run_embedding(labels, a, b, distance, similar_label, offsets)
+        again = device.run_embedding(labels, a, b, distance, similar_label, offsets)
+        loss_scale, *grad_scales = rounding_scales(labels, a, b, distance, similar_label)
+        used = [tolerance_used(got[0], want[0], compute, dtype, loss_scale)]
+        if got[1].dtype == want[1].dtype and got[1].shape == want[1].shape:
+            one = np.ones((), numpy_dtype(dtype))
+            used += [tolerance_used(g, w, compute, dtype, scale) for g, w, scale in zip(
+                kernels.embedding_grad_cpu(a, b, got[1], one, distance),
+                kernels.embedding_grad_cpu(a, b, want[1], one, distance), grad_scales)]
+        else:
+            used.append(np.inf)
+        same = [same_bits(x, y) for x, y in zip(got, again)]
+        per_row = np.asarray(rng.uniform(-2, 2, shape[:-1]), numpy_dtype(dtype))
+        for upstream in (np.asarray(0.5, numpy_dtype(dtype)), per_row):
+            want_grads = kernels.embedding_grad_cpu(a, b, want[1], upstream, distance)
+            grads = device.run_embedding_grad(a, b, want[1], upstream, distance, offsets)
+            grads_again = device.run_embedding_grad(a, b, want[1], upstream, distance, offsets)
+            u = np.abs(upstream.astype(np.float64))[..., None]
+            used += [tolerance_used(g, w, compute, dtype, u * scale)
+                     for g, w, scale in zip(grads, want_grads, grad_scales)]
+            same += [same_bits(x, y) for x, y in zip(grads, grads_again)]
+        ok = all(same) and max(used) <= 1
+        worst = max(worst, *used) if dtype in UNROUNDED else worst
+        failures += not ok
+        if not ok or np.prod(shape) >= 10**6:
+            print(f"  {'ok  ' if ok else 'FAIL'} embeddings {distance:9s} {dtype:8s} "
+                  f"labels={label_dtype:8s} shape={shape} offsets={offsets} "
+                  f"similar_label={similar_label} deterministic={all(same)} "
+                  f"tolerance used={max(used):.0%}", flush=True)
+    return failures, worst
+
+
+def compare_embedding_reduced(device, kernels, rng, cases):
+    """The fused-reduction embedding kernel against the CPU one for every
+    reduction and weight form; reduction_scale exact unless it divides by a
+    sum of per-row weights (summed in another order). Returns (failures, worst
+    tolerance_used of the UNROUNDED dtypes)."""
+    failures, worst = 0, 0.0
+    for label_dtype, dtype, distance, shape in cases:
+        labels, a, b = host_embeddings(rng, shape, label_dtype, dtype, distance)
+        loss_scale, *grad_scales = rounding_scales(labels, a, b, distance, 1)
+        vector = rng.uniform(0, 2, shape[:-1]).astype(numpy_dtype(dtype))
+        for weights in (None, np.asarray(0.7, numpy_dtype(dtype)), vector):
+            row_weights = np.broadcast_to(np.float64(1 if weights is None else weights),
+                                          shape[:-1])
+            for reduction in REDUCTIONS:
+                want = kernels.embedding_loss_reduced_cpu(labels, a, b, weights, MARGIN, distance,
+                                                          reduction)
+                got = device.run_embedding_reduced(labels, a, b, weights, distance, reduction)
+                again = device.run_embedding_reduced(labels, a, b, weights, distance, reduction)
+                factor = np.abs(row_weights * want[3])
+                scales = [np.sum(factor * loss_scale)] + [factor[..., None] * grad_scale
+                                                          for grad_scale in grad_scales]
+                used = max(tolerance_used(x, y, compute_dtype(dtype), dtype, scale)
+                           for x, y, scale in zip(got[:3], want[:3], scales))
+                summed = reduction == "weighted_mean" and weights is vector
+                ok = (all(same_bits(x, y) for x, y in zip(got[:3], again[:3]))
+                      and got[3] == again[3] and used <= 1
+                      and (np.isclose(got[3], want[3], rtol=1e-13, atol=0) if summed
+                           else got[3] == want[3]))
+                worst = max(worst, used) if dtype in UNROUNDED else worst
+                failures += not ok
+                if not ok:
+                    kind = ("none" if weights is None else "scalar" if weights.ndim == 0
+                            else "vector")
+                    print(f"  FAIL reduced embeddings {distance:9s} {reduction:13s} "
+                          f"weights={kind:6s} labels={label_dtype:8s} {dtype:8s} shape={shape} "
+                          f"tolerance used={used:.0%}", flush=True)
+    return failures, worst
 
 
 def _unfused_formula(xp, labels, distances):
@@ -292,7 +569,8 @@ def compare_reduced(device, kernels, rng, cases):
                       and np.isclose(got[2], want[2], rtol=1e-15, atol=0))
                 failures += not ok
                 if not ok or n >= 10**6:
-                    kind = "none" if weights is None else "scalar" if weights.ndim == 0 else "vector"
+                    kind = ("none" if weights is None else "scalar" if weights.ndim == 0
+                            else "vector")
                     print(f"  {'ok  ' if ok else 'FAIL'} reduced {reduction:13s} weights={kind:6s} "
                           f"labels={label_dtype:8s} distances={distance_dtype:8s} n={n:>11,d}",
                           flush=True)
@@ -340,7 +618,8 @@ def main(argv=None):
         failures += compare(device, _kernels, rng, flipped, similar_label=0)
         print(f"{len(flipped)} aligned cases compared with similar_label=0", flush=True)
 
-        misaligned = [(l, d, 10**4 + 7) for l in ("bool", "float32", "int64") for d in DISTANCE_DTYPES]
+        misaligned = [(l, d, 10**4 + 7) for l in ("bool", "float32", "int64")
+                      for d in DISTANCE_DTYPES]
         for offsets in [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 3), (3, 1, 2, 1)]:
             failures += compare(device, _kernels, rng, misaligned, offsets)
         print(f"{len(misaligned) * 5} misaligned cases compared", flush=True)
@@ -367,6 +646,44 @@ def main(argv=None):
         for kind in ("loss+grad", "reduced"):
             print(f"  unfused/fused time, {kind}: "
                   f"{times['unfused ' + kind] / times['fused ' + kind]:.1f}x")
+
+        # Many blocks of rows on the GPU; fewer where the CPU stands in.
+        shapes = EMBEDDING_SHAPES + [(8191 if args.self_test else 65537, 64)]
+        embedding_cases = [
+            (LABEL_DTYPES[index % len(LABEL_DTYPES)], dtype, distance, shape)
+            for index, (dtype, distance, shape) in enumerate(
+                itertools.product(DISTANCE_DTYPES, DISTANCE_KINDS, shapes))]
+        found, worst = compare_embeddings(device, _kernels, rng, embedding_cases)
+        failures += found
+        print(f"{len(embedding_cases)} embedding cases compared (worst float32/float64 "
+              f"difference: {worst:.0%} of the tolerance)", flush=True)
+        misaligned = [("float32", dtype, distance, shape) for dtype, distance, shape in
+                      itertools.product(DISTANCE_DTYPES, DISTANCE_KINDS, [(7, 3), (1001, 128)])]
+        worst = 0.0
+        for offsets in [(0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (1, 3, 2, 1)]:
+            found, used = compare_embeddings(device, _kernels, rng, misaligned, offsets)
+            failures, worst = failures + found, max(worst, used)
+        print(f"{len(misaligned) * 4} misaligned embedding cases compared (worst float32/float64 "
+              f"difference: {worst:.0%} of the tolerance)", flush=True)
+        reduced_embedding_cases = [
+            (labels, dtype, distance, shape) for distance, (labels, dtype), shape in
+            itertools.product(DISTANCE_KINDS, [("float32", "float32"), ("int32", "float16"),
+                                               ("bool", "bfloat16"), ("float64", "float64")],
+                              [(0, 8), (1, 3), (1001, 33), (4097, 128)])]
+        found, worst = compare_embedding_reduced(device, _kernels, rng, reduced_embedding_cases)
+        failures += found
+        print(f"{len(reduced_embedding_cases) * 9} reduced embedding cases compared (worst "
+              f"float32/float64 difference: {worst:.0%} of the tolerance)", flush=True)
+
+        dim = 128
+        print(f"embedding reduced (forward+backward) at D={dim} float32 (median; "
+              f"4*rows*D*4 bytes: a, b read, both gradients written; copy: the same bytes):")
+        for rows in (4096, 16384) if args.self_test else (65536, 262144, 10**6):
+            fused, copy = device.embedding_bandwidth(rows, dim)
+            moved = 16 * rows * dim
+            print(f"  rows={rows:>9,d}  fused {fused * 1e3:8.3f} ms {moved / fused / 1e9:8.1f} GB/s"
+                  f"  copy {copy * 1e3:8.3f} ms {moved / copy / 1e9:8.1f} GB/s  "
+                  f"{copy / fused:5.0%} of copy", flush=True)
 
     print(f"{'FAILED' if failures else 'PASSED'}: {failures} mismatches, "
           f"{time.perf_counter() - started:.0f} s total")
