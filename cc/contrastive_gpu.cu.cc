@@ -145,7 +145,8 @@ GpuStatus ScaleGpu(DType type, const void* in, const void* scale, int64_t n, voi
   const bool supported = VisitDistanceDType(type, [&](auto tag) {
     using D = typename decltype(tag)::type;
     const int64_t blocks = std::min(kMaxBlocks, (n + kThreadsPerBlock - 1) / kThreadsPerBlock);
-    ScaleKernel<<<static_cast<int>(blocks), kThreadsPerBlock, 0, static_cast<cudaStream_t>(stream)>>>(
+    auto s = static_cast<cudaStream_t>(stream);
+    ScaleKernel<<<static_cast<int>(blocks), kThreadsPerBlock, 0, s>>>(
         static_cast<const D*>(in), static_cast<const D*>(scale), n, static_cast<D*>(out));
   });
   if (!supported) return GpuStatus{"unsupported dtype"};

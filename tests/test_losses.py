@@ -279,7 +279,8 @@ def test_config_round_trip():
 
 
 def test_registered_under_package_name():
-    assert keras.saving.get_registered_object("fused_contrastive>ContrastiveLoss") is ContrastiveLoss
+    registered = keras.saving.get_registered_object("fused_contrastive>ContrastiveLoss")
+    assert registered is ContrastiveLoss
 
 
 def test_tfa_name_is_an_alias_not_a_registration():
@@ -392,7 +393,8 @@ def test_lookup_by_registered_name(rng):
     loss = keras.losses.deserialize({"class_name": "fused_contrastive>ContrastiveLoss",
                                      "config": {"margin": 2.0}})
     assert isinstance(loss, ContrastiveLoss) and loss.margin == 2.0
-    assert keras.saving.get_registered_object("fused_contrastive>ContrastiveLoss") is ContrastiveLoss
+    registered = keras.saving.get_registered_object("fused_contrastive>ContrastiveLoss")
+    assert registered is ContrastiveLoss
     model = distance_model()
     model.compile(loss=loss)
     expected = tf.reduce_mean(contrastive_loss_reference(y, model.predict(x, verbose=0), 2.0))
