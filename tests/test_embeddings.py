@@ -415,3 +415,37 @@ def test_reference_fallback_computes_the_same_in_a_fresh_process(rng):
     loss, grad = result.stdout.split(maxsplit=1)
     assert float(loss) == 14.5  # (25 + 4) / 2
     np.testing.assert_allclose(json.loads(grad), [-4.0, 3.0, 0.0, 0.0])
+
+
+class PairsPerStep(keras.layers.Layer):
+    """[B, T, 2·D] -> [B, T, 2, D], passing the time steps' mask on."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.supports_masking = True
+
+    def call(self, x):
+        return keras.ops.reshape(x, (-1, x.shape[1], 2, x.shape[2] // 2))
+
+
+def test_masked_time_steps_are_handled_like_any_keras_loss(rng):
+    x = rng.normal(size=(16, 7, 3)).astype("float32")
+    x[:, 4:, :] = 0.0  # padding: masked by the Masking layer
+    y = rng.integers(0, 2, size=(16, 7)).astype("float32")
+    results = {}
+    for loss in (fc.ContrastiveLoss(distance="cosine"), KerasEmbeddingReference("cosine")):
+        keras.utils.set_random_seed(5)
+        model = keras.Sequential([keras.Input((7, 3)), keras.layers.Masking(0.0),
+                                  keras.layers.Dense(8), PairsPerStep()])
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss, jit_compile=False)
+        history = model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
+        results[type(loss).__name__] = (history.history["loss"],
+                                        model.evaluate(x, y, batch_size=16, verbose=0), model)
+    fused, reference = results["ContrastiveLoss"], results["KerasEmbeddingReference"]
+    np.testing.assert_allclose(fused[0], reference[0], rtol=1e-5)
+    np.testing.assert_allclose(fused[1], reference[1], rtol=1e-5)
+    # The padded steps really are excluded: changing their labels changes nothing.
+    y_padded = y.copy()
+    y_padded[:, 4:] = 1.0 - y_padded[:, 4:]
+    np.testing.assert_allclose(fused[2].evaluate(x, y_padded, batch_size=16, verbose=0),
+                               fused[1], rtol=1e-6)
