@@ -5,15 +5,19 @@
 MODULE_DIR holds the `_kernels` extension to test; tests/test_sanitizers.py
 builds it with -fsanitize=address,undefined and runs this script with libasan
 preloaded, so any out-of-bounds access or undefined behaviour aborts the run.
-Valid inputs (every dtype pair, aligned and misaligned views, big-endian and
-strided arrays, bool bytes other than 0/1, 0-d and empty shapes, every
-reduction and kind of weight) are checked against a float64 NumPy formula;
-invalid ones must raise TypeError or ValueError. Case i draws from
-default_rng([seed, i]), so a failure printed with its index can be replayed.
-The last line reads "fuzz: N cases, F failures"; the exit status is 1 if F > 0.
+Valid inputs to the distance kernels and the embedding kernels (every dtype
+pair and distance, aligned and misaligned views, big-endian and strided
+arrays, bool bytes other than 0/1, 0-d and empty shapes, embeddings [..., D]
+with D = 1, identical pairs and zero vectors, every reduction and kind of
+weight or upstream gradient) are checked against float64 NumPy formulas;
+invalid ones must raise TypeError or ValueError. Random case i is of kind
+i % 4 (KINDS) and draws from default_rng([seed, i]), so a failure printed with
+its index can be replayed. The next to last line counts the cases of each
+kind; the last reads "fuzz: N cases, F failures"; the exit status is 1 if F > 0.
 """
 
 import argparse
+import collections
 import sys
 import time
 from pathlib import Path
@@ -26,12 +30,14 @@ except ImportError:  # bfloat16 is then simply not fuzzed
     ml_dtypes = None
 
 LABEL_DTYPES = ["bool", "int32", "int64", "float16", "float32", "float64"]
-DISTANCE_DTYPES = ["float16", "float32", "float64"]
+DISTANCE_DTYPES = ["float16", "float32", "float64"]  # the embeddings' dtypes too
 if ml_dtypes is not None:
     LABEL_DTYPES.append("bfloat16")
     DISTANCE_DTYPES.append("bfloat16")
 REDUCTIONS = ["sum", "mean", "weighted_mean"]
 LAYOUTS = ["aligned", "misaligned", "big_endian", "misaligned_big_endian", "strided", "readonly"]
+# Gradient coefficients per row of each distance of the embedding kernels.
+COEFFICIENTS = {"euclidean": 1, "cosine": 3, "manhattan": 1}
 
 # (rtol, atol) of an output stored in each distance dtype: rounding to the
 # output type, plus float32 arithmetic for every dtype below float64. atol
@@ -58,31 +64,82 @@ class Case:
                      f"margin={margin}", f"similar_label={similar_label}"]
 
 
-def reference(case):
-    """Per-sample loss and gradient in float64, with a bound on the size of
-    their terms: under cancellation, rounding errors (1 - y among them) are
-    relative to that, not to the result."""
-    y = case.y if case.similar_label == 1 else 1 - case.y
-    # The kernels compute in float32 below float64 distances, margin included:
+class EmbeddingCase:
+    """Pair embeddings a, b [..., D] of one dtype and their labels [...], as
+    Case: native arrays, the float64 label values, a description."""
+
+    def __init__(self, labels, label_values, a, b, margin, distance, similar_label):
+        self.labels, self.a, self.b = labels, a, b
+        self.y = label_values
+        self.margin, self.distance, self.similar_label = margin, distance, similar_label
+        self.info = [f"labels {labels.dtype}{labels.shape}", f"embeddings {a.dtype}{a.shape}",
+                     f"distance={distance}", f"margin={margin}", f"similar_label={similar_label}"]
+
+
+def contrastive_terms(y, d, d_size, margin, similar_label, dtype):
+    """Loss and d(loss)/d(distance) of distances d in float64, with a bound on
+    the size of their terms, d_size bounding those d is computed from: under
+    cancellation, rounding errors (1 - y among them) are relative to that, not
+    to the result."""
+    y = y if similar_label == 1 else 1 - y
+    # The kernels compute in float32 below float64 inputs, margin included:
     # margin - d cancels, so its rounding shows.
-    compute = np.float64 if case.distances.dtype == np.float64 else np.float32
-    margin = np.float64(compute(case.margin))
-    d, hinge = case.d, np.maximum(margin - case.d, 0)
+    margin = np.float64((np.float64 if dtype == np.float64 else np.float32)(margin))
+    hinge = np.maximum(margin - d, 0)
     loss = y * d * d + (1 - y) * hinge * hinge
     grad = 2 * (y * d - (1 - y) * hinge)
     weight = 1 + np.abs(y) + np.abs(1 - y)
-    loss_size = weight * (d * d + hinge * hinge)
-    grad_size = 2 * weight * (d + hinge)
-    return loss, grad, loss_size, grad_size
+    return loss, grad, weight * (d_size * d_size + hinge * hinge), 2 * weight * (d_size + hinge)
 
 
-def check_close(what, got, want, size, distance_dtype, slack=1.0):
-    rtol, atol = TOLERANCE[distance_dtype]
-    got = np.asarray(got).astype(np.float64)
+def reference(case):
+    """Per-sample loss, gradient and the sizes of their terms (contrastive_terms)."""
+    return contrastive_terms(case.y, case.d, case.d, case.margin, case.similar_label,
+                             case.distances.dtype)
+
+
+def embedding_reference(case):
+    """Per-row loss, (d(loss)/da, d(loss)/db) and the sizes of their terms in
+    float64, with the kernels' conventions: no gradient at zero Euclidean
+    distance, sign(0) = 0, a zero vector's cosine similarity is 0 and it has
+    no gradient."""
+    a, b = case.a.astype(np.float64), case.b.astype(np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):  # np.where drops those values
+        if case.distance == "cosine":
+            aa, bb, ab = (np.sum(x * z, -1, keepdims=True) for x, z in ((a, a), (b, b), (a, b)))
+            norms = np.sqrt(aa) * np.sqrt(bb)
+            zero = norms == 0
+            s = np.where(zero, 0, ab / norms)
+            d, d_size = 1 - s[..., 0], 1 + np.abs(s[..., 0])
+            dd_da = np.where(zero, 0, s * a / aa - b / norms)
+            dd_db = np.where(zero, 0, s * b / bb - a / norms)
+            terms = (np.where(zero, 0, np.abs(a) / aa + np.abs(b) / norms),
+                     np.where(zero, 0, np.abs(b) / bb + np.abs(a) / norms))
+        else:
+            diff = a - b
+            if case.distance == "euclidean":
+                d = np.sqrt(np.sum(diff * diff, -1))
+                dd_da = np.where(d[..., None] == 0, 0, diff / d[..., None])
+            else:
+                d, dd_da = np.sum(np.abs(diff), -1), np.sign(diff)
+            d_size, dd_db, terms = d, -dd_da, (np.abs(dd_da),) * 2
+    loss, g, loss_size, g_size = contrastive_terms(case.y, d, d_size, case.margin,
+                                                   case.similar_label, case.a.dtype)
+    g, g_size = g[..., None], g_size[..., None]
+    return loss, (g * dd_da, g * dd_db), loss_size, tuple(g_size * t for t in terms)
+
+
+def check_close(what, got, want, size, dtype, slack=1.0):
+    """An output of the inputs' `dtype` (native byte order) within rounding of
+    `want`, relative to it plus the `size` of its terms."""
+    rtol, atol = TOLERANCE[dtype.name]
+    got = np.asarray(got)
+    assert got.dtype == dtype and got.dtype.isnative, f"{what}: dtype {got.dtype}"
+    got = got.astype(np.float64)
     assert got.shape == np.shape(want), f"{what}: shape {got.shape}, want {np.shape(want)}"
     # Past the dtype's largest value (float16 sums do get there) the result is
     # an infinity of the same sign; rounding decides right at the edge.
-    largest = float((ml_dtypes.finfo if ml_dtypes else np.finfo)(dtype_of(distance_dtype)).max)
+    largest = float((ml_dtypes.finfo if ml_dtypes else np.finfo)(dtype).max)
     overflows = np.abs(want) * (1 - slack * rtol) > largest
     borderline = np.abs(want) * (1 + slack * rtol) > largest
     with np.errstate(invalid="ignore"):
@@ -128,8 +185,9 @@ def random_shape(rng):
     return tuple(int(x) for x in rng.integers(1, 9, size=rng.integers(1, 4)))
 
 
-def random_labels(rng, shape, name):
-    """(labels, the float64 values the kernel must read)."""
+def random_labels(rng, shape):
+    """(labels of a random dtype, the float64 values the kernel must read)."""
+    name = str(rng.choice(LABEL_DTYPES))
     if name == "bool":
         raw = np.asarray(rng.integers(0, 256, size=shape, dtype=np.uint8))
         if rng.random() < 0.5:
@@ -142,36 +200,60 @@ def random_labels(rng, shape, name):
     return labels, labels.astype(np.float64)
 
 
+def random_dtype(rng):
+    return dtype_of(str(rng.choice(DISTANCE_DTYPES)))
+
+
+def random_margin(rng):
+    return float(rng.choice([0.0, 1.0, rng.uniform(0, 3)]))
+
+
 def random_case(rng):
     shape = random_shape(rng)
-    label_name = str(rng.choice(LABEL_DTYPES))
-    distance_name = str(rng.choice(DISTANCE_DTYPES))
-    labels, values = random_labels(rng, shape, label_name)
+    dtype = random_dtype(rng)
+    labels, values = random_labels(rng, shape)
     distances = np.asarray(rng.uniform(0, 3, size=shape))
     distances[np.asarray(rng.random(size=shape)) < 0.05] = 0
-    margin = float(rng.choice([0.0, 1.0, rng.uniform(0, 3)]))
-    return Case(labels, values, distances.astype(dtype_of(distance_name)), margin,
+    return Case(labels, values, distances.astype(dtype), random_margin(rng),
                 int(rng.integers(2)))
 
 
-def run_per_sample(kernels, rng, case):
-    layouts = [str(layout) for layout in rng.choice(LAYOUTS, size=2)]
+def random_embedding_case(rng):
+    rows = random_shape(rng)
+    # Short rows where random_shape gives its long shape (many reduction blocks).
+    dim = 1 if rng.random() < 0.2 else int(rng.integers(2, 4 if np.prod(rows) > 1000 else 40))
+    a, b = (rng.standard_normal(rows + (dim,)) * rng.uniform(0.2, 1.5, rows + (1,)) / np.sqrt(dim)
+            for _ in range(2))
+    special = np.asarray(rng.integers(25, size=rows))  # about one row in six:
+    a[special <= 1] = 0  # 0, 1: a is a zero vector
+    b[(special == 1) | (special == 2)] = 0  # 1, 2: b is
+    b[special == 3] = a[special == 3]  # 3: an identical pair
+    dtype = random_dtype(rng)
+    labels, values = random_labels(rng, rows)
+    return EmbeddingCase(labels, values, a.astype(dtype), b.astype(dtype), random_margin(rng),
+                         str(rng.choice(list(COEFFICIENTS))), int(rng.integers(2)))
+
+
+def random_layouts(rng, case, *arrays):
+    """`arrays` in random layouts, recorded in the case's description."""
+    layouts = [str(layout) for layout in rng.choice(LAYOUTS, size=len(arrays))]
     case.info.append(f"layouts {layouts}")
-    loss, grad = kernels.contrastive_loss_cpu(laid_out(rng, case.labels, layouts[0]),
-                                              laid_out(rng, case.distances, layouts[1]),
+    return [laid_out(rng, a, layout) for a, layout in zip(arrays, layouts, strict=True)]
+
+
+def run_per_sample(kernels, rng, case):
+    loss, grad = kernels.contrastive_loss_cpu(*random_layouts(rng, case, case.labels,
+                                                              case.distances),
                                               case.margin, similar_label=case.similar_label)
     want_loss, want_grad, loss_size, grad_size = reference(case)
-    name = case.distances.dtype.name
-    for what, got in (("loss", loss), ("grad", grad)):
-        assert got.dtype == case.distances.dtype and got.dtype.isnative, f"{what} dtype {got.dtype}"
-    check_close("loss", loss, want_loss, loss_size, name)
-    check_close("grad", grad, want_grad, grad_size, name)
+    check_close("loss", loss, want_loss, loss_size, case.distances.dtype)
+    check_close("grad", grad, want_grad, grad_size, case.distances.dtype)
 
 
-def random_weights(rng, case):
-    """(sample_weight argument, its float64 values or None)."""
-    kind = rng.integers(4)
-    dtype = case.distances.dtype
+def random_weights(rng, dtype, shape, optional=True):
+    """(sample_weight or upstream argument of `dtype`, 0-d or of `shape`, its
+    float64 values; None and None too when `optional`)."""
+    kind = rng.integers(0 if optional else 1, 4)
     if kind == 0:
         return None, None
     if kind == 1:
@@ -180,35 +262,89 @@ def random_weights(rng, case):
     if kind == 2:  # a NumPy scalar, not an array
         w = dtype.type(rng.uniform(0, 2))
         return w, np.float64(w)
-    w = np.asarray(rng.uniform(0, 2, size=case.d.shape), dtype)
+    w = np.asarray(rng.uniform(0, 2, size=shape), dtype)
     if rng.random() < 0.1:
         w[...] = 0  # weighted_mean divides by zero: divide_no_nan gives 0
     return laid_out(rng, w, str(rng.choice(LAYOUTS))), w.astype(np.float64)
 
 
-def run_reduced(kernels, rng, case):
-    weights, w = random_weights(rng, case)
+def random_reduction(rng, case, dtype, shape):
+    """(sample_weight, its float64 values or None, reduction, loss_scale)."""
+    weights, w = random_weights(rng, dtype, shape)
     reduction = str(rng.choice(REDUCTIONS))
     loss_scale = float(rng.choice([1.0, 0.5, rng.uniform(0.1, 2)]))
-    layouts = [str(layout) for layout in rng.choice(LAYOUTS, size=2)]
-    case.info += [f"layouts {layouts}", f"reduction={reduction}",
-                  f"weights {None if w is None else np.shape(w)}", f"loss_scale={loss_scale}"]
-    loss, grad, scale = kernels.contrastive_loss_reduced_cpu(
-        laid_out(rng, case.labels, layouts[0]), laid_out(rng, case.distances, layouts[1]),
-        weights, case.margin, reduction, loss_scale, similar_label=case.similar_label)
-    per_sample, per_sample_grad, loss_size, grad_size = reference(case)
+    case.info += [f"reduction={reduction}", f"weights {None if w is None else np.shape(w)}",
+                  f"loss_scale={loss_scale}"]
+    return weights, w, reduction, loss_scale
+
+
+def check_reduction(w, reduction, loss_scale, loss, scale, per_sample, loss_size, dtype):
+    """Checks reduction_scale and the reduced loss of the per-sample losses;
+    returns the factor (weight times scale) of each sample's gradient."""
     w = np.float64(1) if w is None else w
-    divisor = {"sum": 1.0, "mean": float(case.d.size),
+    divisor = {"sum": 1.0, "mean": float(per_sample.size),
                "weighted_mean": float(np.sum(w) if np.ndim(w) else w)}[reduction]
     want_scale = loss_scale / divisor if divisor != 0 else 0.0
     assert abs(scale - want_scale) <= 1e-12 * abs(want_scale), f"scale {scale}, want {want_scale}"
-    name = case.distances.dtype.name
-    assert loss.dtype == case.distances.dtype and loss.shape == (), f"loss {loss.dtype}{loss.shape}"
     # Sums accumulate float32 chunks: allow a few roundings per term.
     check_close("loss", loss, want_scale * np.sum(w * per_sample),
-                abs(want_scale) * np.sum(np.abs(w) * loss_size), name, slack=4)
-    check_close("grad", grad, per_sample_grad * w * want_scale,
-                grad_size * np.abs(w * want_scale), name, slack=2)
+                abs(want_scale) * np.sum(np.abs(w) * loss_size), dtype, slack=4)
+    return w * want_scale
+
+
+def run_reduced(kernels, rng, case):
+    dtype = case.distances.dtype
+    weights, w, reduction, loss_scale = random_reduction(rng, case, dtype, case.d.shape)
+    loss, grad, scale = kernels.contrastive_loss_reduced_cpu(
+        *random_layouts(rng, case, case.labels, case.distances), weights, case.margin,
+        reduction, loss_scale, similar_label=case.similar_label)
+    per_sample, per_sample_grad, loss_size, grad_size = reference(case)
+    factor = check_reduction(w, reduction, loss_scale, loss, scale, per_sample, loss_size, dtype)
+    check_close("grad", grad, per_sample_grad * factor, grad_size * np.abs(factor), dtype,
+                slack=2)
+
+
+def check_embedding_grads(case, grads, want, sizes, factor):
+    """grad_a, grad_b against the reference's times each row's factor."""
+    factor = np.asarray(factor)[..., None]
+    for what, got, want_grad, size in zip(("grad_a", "grad_b"), grads, want, sizes, strict=True):
+        check_close(what, got, want_grad * factor, size * np.abs(factor), case.a.dtype, slack=2)
+
+
+def run_embedding(kernels, rng, case):
+    """embedding_loss_cpu, then embedding_grad_cpu on the coefficients it gave."""
+    loss, coefficients = kernels.embedding_loss_cpu(
+        *random_layouts(rng, case, case.labels, case.a, case.b), case.margin, case.distance,
+        case.similar_label)
+    want_loss, want_grads, loss_size, grad_sizes = embedding_reference(case)
+    rows = case.a.shape[:-1]
+    # The row sums add a rounding per column: allow a few per term.
+    check_close("loss", loss, want_loss, loss_size, case.a.dtype, slack=2)
+    want_shape = rows + (COEFFICIENTS[case.distance],)
+    assert coefficients.dtype == np.float64 and coefficients.shape == want_shape, (
+        f"coefficients {coefficients.dtype}{coefficients.shape}, want float64{want_shape}")
+    upstream, u = random_weights(rng, case.a.dtype, rows, optional=False)
+    case.info.append(f"upstream {np.shape(u)}")
+    grads = kernels.embedding_grad_cpu(*random_layouts(rng, case, case.a, case.b, coefficients),
+                                       upstream, case.distance)
+    check_embedding_grads(case, grads, want_grads, grad_sizes, u)
+
+
+def run_embedding_reduced(kernels, rng, case):
+    weights, w, reduction, loss_scale = random_reduction(rng, case, case.a.dtype,
+                                                         case.a.shape[:-1])
+    loss, grad_a, grad_b, scale = kernels.embedding_loss_reduced_cpu(
+        *random_layouts(rng, case, case.labels, case.a, case.b), weights, case.margin,
+        case.distance, reduction, loss_scale, case.similar_label)
+    per_row, want_grads, loss_size, grad_sizes = embedding_reference(case)
+    factor = check_reduction(w, reduction, loss_scale, loss, scale, per_row, loss_size,
+                             case.a.dtype)
+    check_embedding_grads(case, (grad_a, grad_b), want_grads, grad_sizes, factor)
+
+
+# The kinds of random case, taken in turn: (make a case, run it).
+KINDS = [(random_case, run_per_sample), (random_case, run_reduced),
+         (random_embedding_case, run_embedding), (random_embedding_case, run_embedding_reduced)]
 
 
 NOT_AN_ARRAY = "incompatible function arguments"
@@ -225,7 +361,44 @@ def invalid_calls(kernels):
     """(description, call, exception class, text the message must hold)."""
     f4, y = np.ones(3, np.float32), np.ones(3, np.float32)
     cpu, reduced = kernels.contrastive_loss_cpu, kernels.contrastive_loss_reduced_cpu
+    e4, c4 = np.ones((3, 4), np.float32), np.ones((3, 1))  # 3 pairs of 4, their coefficients
+    loss, grad = kernels.embedding_loss_cpu, kernels.embedding_grad_cpu
+    e_reduced = kernels.embedding_loss_reduced_cpu
     return [
+        ("bad distance", lambda: loss(y, e4, e4, 1.0, "l2"), ValueError,
+         "distance must be one of 'euclidean', 'cosine', 'manhattan', got 'l2'"),
+        ("bad distance of grad", lambda: grad(e4, e4, c4, f4, "cos"), ValueError, "distance"),
+        ("bad distance of reduced", lambda: e_reduced(y, e4, e4, distance=""), ValueError,
+         "distance"),
+        ("a/b shape mismatch", lambda: loss(y, e4, np.ones((3, 5), np.float32)), ValueError,
+         "embeddings_a and embeddings_b must have the same shape"),
+        ("a/b shape mismatch of grad", lambda: grad(e4, e4[:2], c4, f4), ValueError,
+         "same shape"),
+        ("a/b dtype mismatch", lambda: e_reduced(y, e4, e4.astype(np.float16)), TypeError,
+         "embeddings_b must have the dtype of embeddings_a"),
+        ("labels shape", lambda: loss(np.ones(4, np.float32), e4, e4), ValueError,
+         "embeddings_a.shape[:-1] and labels must have the same shape"),
+        ("labels of one pair", lambda: e_reduced(y, f4, f4), ValueError, "same shape"),
+        ("D = 0", lambda: loss(y, e4[:, :0], e4[:, :0]), ValueError, "non-empty last axis"),
+        ("0-d embeddings", lambda: grad(*[np.ones((), np.float32)] * 2, c4, f4[0]), ValueError,
+         "rank >= 1"),
+        ("int embeddings", lambda: loss(y, e4.astype(np.int32), e4.astype(np.int32)), TypeError,
+         "embeddings_a must be float16, bfloat16, float32 or float64"),
+        ("coefficients of euclidean to cosine", lambda: grad(e4, e4, c4, f4, "cosine"),
+         ValueError, "coefficients must have shape (3, 3)"),
+        ("coefficients of other rows", lambda: grad(e4, e4, c4[:2], f4), ValueError,
+         "coefficients must have shape (3, 1)"),
+        ("float32 coefficients", lambda: grad(e4, e4, c4.astype(np.float32), f4), TypeError,
+         "coefficients must be float64, got float32"),
+        ("upstream shape", lambda: grad(e4, e4, c4, np.ones(4, np.float32)), ValueError,
+         "embeddings_a.shape[:-1] and upstream must have the same shape"),
+        ("upstream per element", lambda: grad(e4, e4, c4, e4), ValueError, "upstream"),
+        ("upstream of another dtype", lambda: grad(e4, e4, c4, np.ones(3)), TypeError,
+         "upstream must have the dtype of embeddings_a (float32), got float64"),
+        ("no upstream", lambda: grad(e4, e4, c4, None), TypeError, "upstream"),
+        ("embedding weights shape", lambda: e_reduced(y, e4, e4, np.ones(4, np.float32)),
+         ValueError, "sample_weight"),
+        ("embedding negative margin", lambda: loss(y, e4, e4, -1.0), ValueError, "margin"),
         ("negative margin", lambda: cpu(y, f4, -1.0), ValueError, "margin"),
         ("nan margin", lambda: reduced(y, f4, None, float("nan")), ValueError, "margin"),
         ("infinite margin", lambda: cpu(y, f4, float("inf")), ValueError, "margin"),
@@ -332,14 +505,17 @@ def main():
 
     deadline = time.monotonic() + args.seconds
     index = 0
+    per_kind = collections.Counter()
     while time.monotonic() < deadline:
         rng = np.random.default_rng([args.seed, index])
-        case = random_case(rng)
-        run = run_reduced if rng.random() < 0.5 else run_per_sample
+        make, run = KINDS[index % len(KINDS)]
+        case = make(rng)
+        per_kind[run.__name__] += 1
         attempt(lambda: f"seed {args.seed} case {index} ({run.__name__}: {', '.join(case.info)})",
                 lambda: run(kernels, rng, case))
         index += 1
 
+    print("random cases: " + ", ".join(f"{n} {kind}" for kind, n in per_kind.items()))
     print(f"fuzz: {cases} cases, {failures} failures", flush=True)
     return 1 if failures else 0
 
