@@ -1,13 +1,29 @@
 // XLA lowering of the ops: under tf.function(jit_compile=True) and Keras'
 // jit_compile (on by default when a GPU is visible) the ops become HLO that
 // XLA fuses with their neighbours. The HLO is the formula of contrastive_math.h
-// and embedding_math.h itself, evaluated on XlaOps.
+// and embedding_math.h itself, evaluated on XlaOps. On XLA's CPU backend the
+// embedding ops are custom calls of the fused CPU kernels instead (see below).
+
+// Eigen's ThreadPoolDevice is only declared with this (its cost model shards
+// the host custom call's work).
+#define EIGEN_USE_THREADS
+
+#include <algorithm>
+#include <cstdlib>
+#include <atomic>
+#include <condition_variable>
+#include <limits>
+#include <memory>
+#include <mutex>
+#include <string>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
 #include "contrastive_kernels.h"
 #include "contrastive_math.h"
+#include "embedding_kernels.h"
 #include "embedding_math.h"
+#include "tensorflow/compiler/tf2xla/type_util.h"
 #include "tensorflow/compiler/tf2xla/xla_op_kernel.h"
 #include "tensorflow/compiler/tf2xla/xla_op_registry.h"
 #include "xla/hlo/builder/lib/arithmetic.h"
@@ -17,6 +33,8 @@
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tf_shared.h"
+#include "unsupported/Eigen/CXX11/Tensor"
+#include "xla/ffi/api/ffi.h"
 #include "xla/hlo/builder/xla_builder.h"
 
 namespace fused_contrastive {
@@ -64,18 +82,26 @@ xla::XlaOp LabelsToCompute(xla::XlaOp labels, xla::PrimitiveType label_type,
   return xla::ConvertElementType(labels, compute);
 }
 
-// Every loss op's labels (input 0) and margin in the compute type. A constant
-// margin is checked at compile time. XLA programs cannot raise at run time, so
-// a margin known only then (a variable) that is negative or not finite
-// becomes NaN: the loss and gradient are NaN, never a silently wrong number.
+// A constant margin is checked at compile time; *constant says whether it was
+// one. XLA programs cannot raise at run time, so a margin known only then (a
+// variable) that is negative or not finite makes the loss and gradient NaN,
+// never a silently wrong number.
+absl::Status CheckConstantMargin(tensorflow::XlaOpKernelContext* ctx, int margin_input,
+                                 bool* constant) {
+  double margin_value;
+  *constant = ctx->ConstantInputAsFloatScalar(margin_input, &margin_value).ok();
+  return *constant ? CheckMargin(margin_value) : absl::OkStatus();
+}
+
+// Every loss op's labels (input 0) and margin in the compute type, an invalid
+// run-time margin as NaN (CheckConstantMargin).
 absl::Status ReadLabelsAndMargin(tensorflow::XlaOpKernelContext* ctx, int margin_input,
                                  xla::PrimitiveType compute, xla::XlaOp* y,
                                  xla::XlaOp* margin) {
   *margin = ctx->Input(margin_input);
-  double margin_value;
-  if (ctx->ConstantInputAsFloatScalar(margin_input, &margin_value).ok()) {
-    TF_RETURN_IF_ERROR(CheckMargin(margin_value));
-  } else {
+  bool constant;
+  TF_RETURN_IF_ERROR(CheckConstantMargin(ctx, margin_input, &constant));
+  if (!constant) {
     const xla::XlaOp valid =
         xla::And(xla::IsFinite(*margin), xla::Ge(*margin, xla::ScalarLike(*margin, 0)));
     *margin = xla::Select(valid, *margin, xla::NanValue(ctx->builder(), xla::F64));
@@ -231,9 +257,9 @@ struct EmbeddingRows {
   }
 };
 
-// Reads embeddings a, b from inputs `first` and `first` + 1, whose shapes the
-// caller checked to be equal and of rank >= 1.
-EmbeddingRows ReadEmbeddingRows(tensorflow::XlaOpKernelContext* ctx, int first) {
+// The shapes and types of embeddings a, b at inputs `first` and `first` + 1,
+// whose shapes the caller checked to be equal and of rank >= 1; a and b unset.
+EmbeddingRows EmbeddingRowShapes(tensorflow::XlaOpKernelContext* ctx, int first) {
   EmbeddingRows e;
   e.shape = ctx->InputShape(first);
   e.row_shape = e.shape;
@@ -242,6 +268,12 @@ EmbeddingRows ReadEmbeddingRows(tensorflow::XlaOpKernelContext* ctx, int first) 
   e.dim = e.shape.dim_size(e.shape.dims() - 1);
   e.out_type = ctx->input_xla_type(first);
   e.compute = ComputeTypeOf(e.out_type);
+  return e;
+}
+
+// EmbeddingRowShapes, with a and b read.
+EmbeddingRows ReadEmbeddingRows(tensorflow::XlaOpKernelContext* ctx, int first) {
+  EmbeddingRows e = EmbeddingRowShapes(ctx, first);
   e.a = xla::Reshape(xla::ConvertElementType(ctx->Input(first), e.compute), {e.rows, e.dim});
   e.b = xla::Reshape(xla::ConvertElementType(ctx->Input(first + 1), e.compute), {e.rows, e.dim});
   return e;
@@ -254,8 +286,8 @@ struct EmbeddingComputeInputs {
   xla::XlaOp y, margin;
 };
 
-absl::Status ReadEmbeddingInputs(tensorflow::XlaOpKernelContext* ctx, int margin_input,
-                                 EmbeddingComputeInputs* in) {
+// Labels [...] and embeddings a, b [..., D] (inputs 0-2).
+absl::Status CheckEmbeddingShapes(tensorflow::XlaOpKernelContext* ctx) {
   const TensorShape labels = ctx->InputShape(0);
   const TensorShape a = ctx->InputShape(1);
   const TensorShape b = ctx->InputShape(2);
@@ -264,6 +296,12 @@ absl::Status ReadEmbeddingInputs(tensorflow::XlaOpKernelContext* ctx, int margin
       !rows.RemoveLastDimsWithStatus(1).ok() || labels != rows) {
     return EmbeddingShapeMismatch(labels.DebugString(), a.DebugString(), b.DebugString());
   }
+  return absl::OkStatus();
+}
+
+absl::Status ReadEmbeddingInputs(tensorflow::XlaOpKernelContext* ctx, int margin_input,
+                                 EmbeddingComputeInputs* in) {
+  TF_RETURN_IF_ERROR(CheckEmbeddingShapes(ctx));
   in->e = ReadEmbeddingRows(ctx, 1);
   TF_RETURN_IF_ERROR(ReadLabelsAndMargin(ctx, margin_input, in->e.compute, &in->y, &in->margin));
   in->y = xla::Reshape(in->y, {in->e.rows});
@@ -338,9 +376,24 @@ class EmbeddingLossXlaOp : public tensorflow::XlaOpKernel {
                                    coefficient_shape.dim_sizes()));
   }
 
+ protected:
+  // The host lowerings below read them too.
   int similar_label_;
   Distance distance_;
 };
+
+// The grad op's a, b [..., D], row_coefficients and upstream (inputs 0-3).
+absl::Status CheckGradShapes(tensorflow::XlaOpKernelContext* ctx, Distance distance) {
+  const TensorShape a = ctx->InputShape(0);
+  const TensorShape b = ctx->InputShape(1);
+  if (a != b || a.dims() < 1) {
+    return EmbeddingShapeMismatch("(none)", a.DebugString(), b.DebugString());
+  }
+  TensorShape rows = a;
+  rows.RemoveLastDims(1);
+  TF_RETURN_IF_ERROR(CheckRowCoefficients(ctx->InputShape(2), rows, distance));
+  return CheckPerRow("upstream", ctx->InputShape(3), rows);
+}
 
 class EmbeddingGradXlaOp : public tensorflow::XlaOpKernel {
  public:
@@ -355,14 +408,9 @@ class EmbeddingGradXlaOp : public tensorflow::XlaOpKernel {
  private:
   template <Distance K>
   void Compile(tensorflow::XlaOpKernelContext* ctx) {
-    const TensorShape a = ctx->InputShape(0);
-    const TensorShape b = ctx->InputShape(1);
-    OP_REQUIRES(ctx, a == b && a.dims() >= 1,
-                EmbeddingShapeMismatch("(none)", a.DebugString(), b.DebugString()));
+    OP_REQUIRES_OK(ctx, CheckGradShapes(ctx, K));
     const EmbeddingRows e = ReadEmbeddingRows(ctx, 0);
     constexpr int kCoefficients = NumRowCoefficients(K);
-    OP_REQUIRES_OK(ctx, CheckRowCoefficients(ctx->InputShape(2), e.row_shape, K));
-    OP_REQUIRES_OK(ctx, CheckPerRow("upstream", ctx->InputShape(3), e.row_shape));
     // coefficient * upstream in float64, then the compute type, as the kernels.
     const xla::XlaOp upstream = PerRow(ctx, 3, e, xla::F64);
     const xla::XlaOp all = xla::Reshape(ctx->Input(2), {e.rows, int64_t{kCoefficients}});
@@ -374,6 +422,8 @@ class EmbeddingGradXlaOp : public tensorflow::XlaOpKernel {
     SetEmbeddingGradients<K>(ctx, e, coef, 0);
   }
 
+ protected:
+  // The host lowerings below read them too.
   Distance distance_;
 };
 
@@ -412,9 +462,351 @@ class EmbeddingLossReducedXlaOp : public tensorflow::XlaOpKernel {
     ctx->SetOutput(3, scale);
   }
 
+ protected:
+  // The host lowerings below read them too.
   Reduction reduction_;
   int similar_label_;
   Distance distance_;
+};
+
+// --- The embedding ops on XLA's CPU backend ----------------------------------------------
+// There they are custom calls of the fused CPU kernels, which read a and b
+// once per op. XLA's code for the HLO above reads them once for the row sums
+// and again for the gradients: about twice the time, as the ops are memory
+// bound. The HLO stays the lowering for the other backends (GPU).
+
+namespace ffi = ::xla::ffi;
+
+// ParallelFor on the intra-op pool XLA lends FFI handlers, sharded by Eigen's
+// cost model as the OpKernels' pool shards. Any thread may claim the next
+// shard, the caller included, so the call finishes even when no pool thread
+// is free (the caller may be one); a task that starts after the last shard
+// was claimed finds nothing to do, and keeps only `state` alive.
+ParallelFor HostParallelFor(ffi::ThreadPool& pool) {
+  const int threads = static_cast<int>(pool.num_threads());
+  return [&pool, threads](int64_t n, const ElementCost& cost, const ShardFn& work) {
+    const int64_t shards = std::min<int64_t>(
+        n, Eigen::TensorCostModel<Eigen::ThreadPoolDevice>::numThreads(
+               static_cast<double>(n),
+               Eigen::TensorOpCost(cost.bytes_loaded, cost.bytes_stored, cost.compute_cycles),
+               threads));
+    if (shards <= 1) {
+      if (n > 0) work(0, n);
+      return;
+    }
+    struct State {
+      std::atomic<int64_t> next{0};
+      std::mutex mu;
+      std::condition_variable all_done;
+      int64_t done = 0;
+    };
+    const auto state = std::make_shared<State>();
+    const int64_t shard_size = (n + shards - 1) / shards;
+    const auto run_shards = [state, &work, n, shards, shard_size] {
+      for (int64_t s; (s = state->next.fetch_add(1)) < shards;) {
+        work(s * shard_size, std::min(n, (s + 1) * shard_size));
+        std::lock_guard<std::mutex> lock(state->mu);
+        if (++state->done == shards) state->all_done.notify_one();
+      }
+    };
+    for (int64_t i = 1; i < shards; ++i) pool.Schedule(std::function<void()>(run_shards));
+    run_shards();
+    std::unique_lock<std::mutex> lock(state->mu);
+    state->all_done.wait(lock, [&state, shards] { return state->done == shards; });
+  };
+}
+
+bool FromFfi(ffi::DataType type, DType* out) {
+  const absl::StatusOr<tensorflow::DataType> tf_type =
+      tensorflow::EncodePrimitiveTypeAsDataType(static_cast<xla::PrimitiveType>(type));
+  return tf_type.ok() && FromTf(*tf_type, out);
+}
+
+// The lowerings only emit calls for dtypes the kernels support (the op
+// definitions' lists), so a miss is a build defect, as in the OpKernels.
+ffi::Error Dispatched(bool supported) {
+  if (supported) return ffi::Error::Success();
+  return ffi::Error::Internal("contrastive loss: a custom call has a dtype its kernel lacks");
+}
+
+// The loss handlers' labels [rows], a, b [rows, D] and margin; false for an
+// unsupported dtype. The kernels need a valid margin: an invalid run-time one
+// is passed as 0 and *margin_valid is false, for the caller to make its
+// results NaN (the rule of CheckConstantMargin).
+bool ReadHostInputs(ffi::AnyBuffer labels, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                    ffi::BufferR0<ffi::F64> margin, int32_t similar_label, int32_t distance,
+                    EmbeddingInputs* in, bool* margin_valid) {
+  in->labels = labels.untyped_data();
+  in->a = a.untyped_data();
+  in->b = b.untyped_data();
+  in->rows = a.dimensions()[0];
+  in->dim = a.dimensions()[1];
+  *margin_valid = IsValidMargin(margin.typed_data()[0]);
+  in->margin = *margin_valid ? margin.typed_data()[0] : 0.0;
+  in->similar_label = similar_label;
+  in->distance = static_cast<Distance>(distance);
+  return FromFfi(labels.element_type(), &in->label_type) &&
+         FromFfi(a.element_type(), &in->embedding_type);
+}
+
+// Sets every value of `buffer` (of a floating-point dtype) to NaN.
+void FillNan(ffi::AnyBuffer buffer) {
+  DType type;
+  if (!FromFfi(buffer.element_type(), &type)) return;
+  VisitDistanceDType(type, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    std::fill_n(static_cast<T*>(buffer.untyped_data()), buffer.element_count(),
+                Store<T>::to(std::numeric_limits<ComputeType<T>>::quiet_NaN()));
+  });
+}
+
+ffi::Error EmbeddingLossHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::AnyBuffer a,
+                             ffi::AnyBuffer b, ffi::BufferR0<ffi::F64> margin,
+                             ffi::Result<ffi::AnyBuffer> loss,
+                             ffi::Result<ffi::AnyBuffer> coefficients, int32_t distance,
+                             int32_t similar_label) {
+  EmbeddingInputs in;
+  bool margin_valid;
+  const bool ok =
+      ReadHostInputs(labels, a, b, margin, similar_label, distance, &in, &margin_valid) &&
+      EmbeddingLossCpu(in, loss->untyped_data(),
+                       static_cast<double*>(coefficients->untyped_data()), HostParallelFor(pool));
+  if (ok && !margin_valid) {
+    FillNan(*loss);
+    FillNan(*coefficients);
+  }
+  return Dispatched(ok);
+}
+
+ffi::Error EmbeddingGradHost(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                             ffi::AnyBuffer coefficients, ffi::AnyBuffer upstream,
+                             ffi::Result<ffi::AnyBuffer> grad_a,
+                             ffi::Result<ffi::AnyBuffer> grad_b, int32_t distance) {
+  EmbeddingGradArgs args;
+  args.a = a.untyped_data();
+  args.b = b.untyped_data();
+  args.rows = a.dimensions()[0];
+  args.dim = a.dimensions()[1];
+  args.distance = static_cast<Distance>(distance);
+  args.coefficients = static_cast<const double*>(coefficients.untyped_data());
+  args.upstream = upstream.untyped_data();
+  args.scalar_upstream = upstream.dimensions().size() == 0;
+  args.grad_a = grad_a->untyped_data();
+  args.grad_b = grad_b->untyped_data();
+  return Dispatched(FromFfi(a.element_type(), &args.type) &&
+                    EmbeddingGradCpu(args, HostParallelFor(pool)));
+}
+
+ffi::Error EmbeddingLossReducedHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
+                                    ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer weights,
+                                    ffi::BufferR0<ffi::F64> margin,
+                                    ffi::BufferR0<ffi::F64> loss_scale,
+                                    ffi::Result<ffi::AnyBuffer> loss,
+                                    ffi::Result<ffi::AnyBuffer> grad_a,
+                                    ffi::Result<ffi::AnyBuffer> grad_b,
+                                    ffi::Result<ffi::AnyBuffer> reduction_scale,
+                                    int32_t distance, int32_t reduction, int32_t similar_label) {
+  ReducedEmbeddingArgs args;
+  bool margin_valid;
+  args.weights = weights.untyped_data();
+  args.scalar_weight = weights.dimensions().size() == 0;
+  args.reduction = static_cast<Reduction>(reduction);
+  args.loss_scale = loss_scale.typed_data()[0];
+  args.loss = loss->untyped_data();
+  args.grad_a = grad_a->untyped_data();
+  args.grad_b = grad_b->untyped_data();
+  args.reduction_scale = static_cast<double*>(reduction_scale->untyped_data());
+  const bool ok =
+      ReadHostInputs(labels, a, b, margin, similar_label, distance, &args.in, &margin_valid) &&
+      EmbeddingLossReducedCpu(args, HostParallelFor(pool));
+  // The reduction scale does not depend on the margin: it stays.
+  if (ok && !margin_valid) {
+    FillNan(*loss);
+    FillNan(*grad_a);
+    FillNan(*grad_b);
+  }
+  return Dispatched(ok);
+}
+
+// The operands and results of the calls are the lowerings' below: a and b as
+// [rows, D], labels and per-row inputs as [rows] or scalars, margin and
+// loss_scale float64 scalars.
+constexpr char kEmbeddingTarget[] = "fused_contrastive_embedding_loss";
+constexpr char kEmbeddingGradTarget[] = "fused_contrastive_embedding_loss_grad";
+constexpr char kEmbeddingReducedTarget[] = "fused_contrastive_embedding_loss_reduced";
+
+XLA_FFI_DEFINE_HANDLER(kEmbeddingHandler, EmbeddingLossHost,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::ThreadPool>()
+                           .Arg<ffi::AnyBuffer>()           // labels
+                           .Arg<ffi::AnyBuffer>()           // a
+                           .Arg<ffi::AnyBuffer>()           // b
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                           .Ret<ffi::AnyBuffer>()           // loss
+                           .Ret<ffi::AnyBuffer>()           // coefficients
+                           .Attr<int32_t>("distance")
+                           .Attr<int32_t>("similar_label"));
+
+XLA_FFI_DEFINE_HANDLER(kEmbeddingGradHandler, EmbeddingGradHost,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::ThreadPool>()
+                           .Arg<ffi::AnyBuffer>()  // a
+                           .Arg<ffi::AnyBuffer>()  // b
+                           .Arg<ffi::AnyBuffer>()  // coefficients
+                           .Arg<ffi::AnyBuffer>()  // upstream
+                           .Ret<ffi::AnyBuffer>()  // grad_a
+                           .Ret<ffi::AnyBuffer>()  // grad_b
+                           .Attr<int32_t>("distance"));
+
+XLA_FFI_DEFINE_HANDLER(kEmbeddingReducedHandler, EmbeddingLossReducedHost,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::ThreadPool>()
+                           .Arg<ffi::AnyBuffer>()           // labels
+                           .Arg<ffi::AnyBuffer>()           // a
+                           .Arg<ffi::AnyBuffer>()           // b
+                           .Arg<ffi::AnyBuffer>()           // sample_weight
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // loss_scale
+                           .Ret<ffi::AnyBuffer>()           // loss
+                           .Ret<ffi::AnyBuffer>()           // grad_a
+                           .Ret<ffi::AnyBuffer>()           // grad_b
+                           .Ret<ffi::AnyBuffer>()           // reduction_scale
+                           .Attr<int32_t>("distance")
+                           .Attr<int32_t>("reduction")
+                           .Attr<int32_t>("similar_label"));
+
+XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kEmbeddingTarget, "Host", kEmbeddingHandler);
+XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kEmbeddingGradTarget, "Host", kEmbeddingGradHandler);
+XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kEmbeddingReducedTarget, "Host",
+                         kEmbeddingReducedHandler);
+
+// A typed-FFI custom call of `target`; returns its results, of `shapes`.
+// attrs become the MLIR dictionary XLA decodes for the handler's Attr<int32_t>.
+std::vector<xla::XlaOp> HostCall(tensorflow::XlaOpKernelContext* ctx, const char* target,
+                                 const std::vector<xla::XlaOp>& operands,
+                                 const std::vector<xla::Shape>& shapes,
+                                 const std::vector<std::pair<const char*, int>>& attrs) {
+  std::string dictionary;
+  for (const auto& [name, value] : attrs) {
+    absl::StrAppend(&dictionary, dictionary.empty() ? "{" : ", ", name, " = ", value, " : i32");
+  }
+  absl::StrAppend(&dictionary, "}");
+  const xla::XlaOp call = xla::CustomCall(
+      ctx->builder(), target, operands, xla::ShapeUtil::MakeTupleShape(shapes), dictionary,
+      /*has_side_effect=*/false, /*output_operand_aliasing=*/{}, /*literal=*/nullptr,
+      xla::CustomCallSchedule::SCHEDULE_NONE, xla::CustomCallApiVersion::API_VERSION_TYPED_FFI);
+  std::vector<xla::XlaOp> results;
+  for (int i = 0; i < static_cast<int>(shapes.size()); ++i) {
+    results.push_back(xla::GetTupleElement(call, i));
+  }
+  return results;
+}
+
+// Embeddings a and b (inputs `first`, `first` + 1) as [rows, D], in their dtype.
+std::vector<xla::XlaOp> EmbeddingMatrices(tensorflow::XlaOpKernelContext* ctx,
+                                          const EmbeddingRows& e, int first) {
+  return {xla::Reshape(ctx->Input(first), {e.rows, e.dim}),
+          xla::Reshape(ctx->Input(first + 1), {e.rows, e.dim})};
+}
+
+xla::Shape EmbeddingMatrixShape(const EmbeddingRows& e) {
+  return xla::ShapeUtil::MakeShape(e.out_type, {e.rows, e.dim});
+}
+
+// Sets outputs `first` and `first` + 1 from a call's [rows, D] gradients.
+void SetHostGradients(tensorflow::XlaOpKernelContext* ctx, const EmbeddingRows& e,
+                      const xla::XlaOp* grads, int first) {
+  for (int i = 0; i < 2; ++i) {
+    ctx->SetOutput(first + i, xla::Reshape(grads[i], e.shape.dim_sizes()));
+  }
+}
+
+// The loss ops' checks, as their HLO lowerings check, and the calls' first
+// operands: labels [rows], a, b [rows, D].
+absl::Status HostLossOperands(tensorflow::XlaOpKernelContext* ctx, int margin_input,
+                              EmbeddingRows* e, std::vector<xla::XlaOp>* operands) {
+  bool constant_margin;
+  TF_RETURN_IF_ERROR(CheckEmbeddingShapes(ctx));
+  TF_RETURN_IF_ERROR(CheckConstantMargin(ctx, margin_input, &constant_margin));
+  *e = EmbeddingRowShapes(ctx, 1);
+  *operands = EmbeddingMatrices(ctx, *e, 1);
+  operands->insert(operands->begin(), PerRow(ctx, 0, *e, ctx->input_xla_type(0)));
+  return absl::OkStatus();
+}
+
+// FUSED_CONTRASTIVE_XLA_CPU_HLO=1 keeps the HLO lowering on the CPU backend
+// too, so that the GPU backend's lowering is tested where there is no GPU
+// (tests/test_xla.py runs its embedding tests so in a subprocess).
+const bool kHloOnCpu = [] {
+  const char* value = std::getenv("FUSED_CONTRASTIVE_XLA_CPU_HLO");
+  return value != nullptr && std::string(value) == "1";
+}();
+
+class EmbeddingLossHostXlaOp : public EmbeddingLossXlaOp {
+ public:
+  using EmbeddingLossXlaOp::EmbeddingLossXlaOp;
+
+  void Compile(tensorflow::XlaOpKernelContext* ctx) override {
+    if (kHloOnCpu) return EmbeddingLossXlaOp::Compile(ctx);
+    EmbeddingRows e;
+    std::vector<xla::XlaOp> operands;
+    OP_REQUIRES_OK(ctx, HostLossOperands(ctx, 3, &e, &operands));
+    operands.push_back(ctx->Input(3));
+    const int64_t coefficients = NumRowCoefficients(distance_);
+    const std::vector<xla::XlaOp> out =
+        HostCall(ctx, kEmbeddingTarget, operands,
+                 {xla::ShapeUtil::MakeShape(e.out_type, {e.rows}),
+                  xla::ShapeUtil::MakeShape(xla::F64, {e.rows, coefficients})},
+                 {{"distance", static_cast<int>(distance_)}, {"similar_label", similar_label_}});
+    TensorShape coefficient_shape = e.row_shape;
+    coefficient_shape.AddDim(coefficients);
+    ctx->SetOutput(0, xla::Reshape(out[0], e.row_shape.dim_sizes()));
+    ctx->SetOutput(1, xla::Reshape(out[1], coefficient_shape.dim_sizes()));
+  }
+};
+
+class EmbeddingGradHostXlaOp : public EmbeddingGradXlaOp {
+ public:
+  using EmbeddingGradXlaOp::EmbeddingGradXlaOp;
+
+  void Compile(tensorflow::XlaOpKernelContext* ctx) override {
+    if (kHloOnCpu) return EmbeddingGradXlaOp::Compile(ctx);
+    OP_REQUIRES_OK(ctx, CheckGradShapes(ctx, distance_));
+    const EmbeddingRows e = EmbeddingRowShapes(ctx, 0);
+    std::vector<xla::XlaOp> operands = EmbeddingMatrices(ctx, e, 0);
+    operands.push_back(
+        xla::Reshape(ctx->Input(2), {e.rows, int64_t{NumRowCoefficients(distance_)}}));
+    operands.push_back(PerRow(ctx, 3, e, e.out_type));
+    const std::vector<xla::XlaOp> out =
+        HostCall(ctx, kEmbeddingGradTarget, operands,
+                 {EmbeddingMatrixShape(e), EmbeddingMatrixShape(e)},
+                 {{"distance", static_cast<int>(distance_)}});
+    SetHostGradients(ctx, e, out.data(), 0);
+  }
+};
+
+class EmbeddingLossReducedHostXlaOp : public EmbeddingLossReducedXlaOp {
+ public:
+  using EmbeddingLossReducedXlaOp::EmbeddingLossReducedXlaOp;
+
+  void Compile(tensorflow::XlaOpKernelContext* ctx) override {
+    if (kHloOnCpu) return EmbeddingLossReducedXlaOp::Compile(ctx);
+    EmbeddingRows e;
+    std::vector<xla::XlaOp> operands;
+    OP_REQUIRES_OK(ctx, HostLossOperands(ctx, 4, &e, &operands));
+    OP_REQUIRES_OK(ctx, CheckPerRow("sample_weight", ctx->InputShape(3), e.row_shape));
+    operands.insert(operands.end(), {PerRow(ctx, 3, e, e.out_type), ctx->Input(4), ctx->Input(5)});
+    const std::vector<xla::XlaOp> out = HostCall(
+        ctx, kEmbeddingReducedTarget, operands,
+        {xla::ShapeUtil::MakeShape(e.out_type, {}), EmbeddingMatrixShape(e),
+         EmbeddingMatrixShape(e), xla::ShapeUtil::MakeShape(xla::F64, {})},
+        {{"distance", static_cast<int>(distance_)},
+         {"reduction", static_cast<int>(reduction_)},
+         {"similar_label", similar_label_}});
+    ctx->SetOutput(0, out[0]);
+    SetHostGradients(ctx, e, &out[1], 1);
+    ctx->SetOutput(3, out[3]);
+  }
 };
 
 REGISTER_XLA_OP(Name(kOpName), ContrastiveLossXlaOp);
@@ -423,6 +815,13 @@ REGISTER_XLA_OP(Name(kScaleOpName), ScaleGradientXlaOp);
 REGISTER_XLA_OP(Name(kEmbeddingOpName), EmbeddingLossXlaOp);
 REGISTER_XLA_OP(Name(kEmbeddingGradOpName), EmbeddingGradXlaOp);
 REGISTER_XLA_OP(Name(kEmbeddingReducedOpName), EmbeddingLossReducedXlaOp);
+// A registration for one device takes precedence over the one for all.
+REGISTER_XLA_OP(Name(kEmbeddingOpName).Device(tensorflow::DEVICE_CPU_XLA_JIT),
+                EmbeddingLossHostXlaOp);
+REGISTER_XLA_OP(Name(kEmbeddingGradOpName).Device(tensorflow::DEVICE_CPU_XLA_JIT),
+                EmbeddingGradHostXlaOp);
+REGISTER_XLA_OP(Name(kEmbeddingReducedOpName).Device(tensorflow::DEVICE_CPU_XLA_JIT),
+                EmbeddingLossReducedHostXlaOp);
 
 // TensorFlow turns XLA registrations into kernels for its JIT devices once, at
 // the first XLA compilation in the process, and ignores later ones. When this
@@ -436,6 +835,17 @@ bool JitKernelsRegistered(const std::string& backend) {
   return tensorflow::KernelDefAvailable(tensorflow::DeviceType(backend), probe);
 }
 
+// An embedding op's lowering for `backend`, as the registrations above pick.
+template <typename HloOp, typename HostOp>
+void RegisterJitKernels(const std::string& backend, const char* op, const char* hlo_name,
+                        const char* host_name, bool typed_labels) {
+  if (backend == tensorflow::DEVICE_CPU_XLA_JIT) {
+    RegisterKernels<HostOp>(op, backend.c_str(), host_name, typed_labels, {});
+  } else {
+    RegisterKernels<HloOp>(op, backend.c_str(), hlo_name, typed_labels, {});
+  }
+}
+
 const bool kLateJitKernelsRegistered = [] {
   for (const std::string& backend : tensorflow::XlaOpRegistry::BackendNames()) {
     if (!JitKernelsRegistered(backend)) continue;
@@ -444,12 +854,13 @@ const bool kLateJitKernelsRegistered = [] {
     RegisterKernels<ContrastiveLossReducedXlaOp>(kReducedOpName, device,
                                                  "ContrastiveLossReducedXlaOp", true, {});
     RegisterKernels<ScaleGradientXlaOp>(kScaleOpName, device, "ScaleGradientXlaOp", false, {});
-    RegisterKernels<EmbeddingLossXlaOp>(kEmbeddingOpName, device, "EmbeddingLossXlaOp", true,
-                                        {});
-    RegisterKernels<EmbeddingGradXlaOp>(kEmbeddingGradOpName, device, "EmbeddingGradXlaOp",
-                                        false, {});
-    RegisterKernels<EmbeddingLossReducedXlaOp>(kEmbeddingReducedOpName, device,
-                                               "EmbeddingLossReducedXlaOp", true, {});
+    RegisterJitKernels<EmbeddingLossXlaOp, EmbeddingLossHostXlaOp>(
+        backend, kEmbeddingOpName, "EmbeddingLossXlaOp", "EmbeddingLossHostXlaOp", true);
+    RegisterJitKernels<EmbeddingGradXlaOp, EmbeddingGradHostXlaOp>(
+        backend, kEmbeddingGradOpName, "EmbeddingGradXlaOp", "EmbeddingGradHostXlaOp", false);
+    RegisterJitKernels<EmbeddingLossReducedXlaOp, EmbeddingLossReducedHostXlaOp>(
+        backend, kEmbeddingReducedOpName, "EmbeddingLossReducedXlaOp",
+        "EmbeddingLossReducedHostXlaOp", true);
   }
   return true;
 }();

@@ -1,10 +1,15 @@
 """cc/contrastive_xla.cc: the XLA lowerings (jit_compile, Keras) against the compiled kernels."""
 
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import (DISTANCE_DTYPES, DISTANCES, FUSED_REDUCTIONS, LABEL_DTYPES,
-                      ODD_BOOL_AS_LABELS, ODD_BOOL_LOSSES, distance_model, embeddings,
+                      ODD_BOOL_AS_LABELS, ODD_BOOL_LOSSES, bits, distance_model, embeddings,
                       odd_bool_labels, pair_data, random_distances, random_labels, run_python)
 
 import keras
@@ -184,14 +189,18 @@ def test_xla_works_when_imported_after_the_first_xla_compilation():
 # --- The ops of the loss from pair embeddings ----------------------------------------------
 
 _LIBRARY = _ops._library
+# Read by the op library when it loads (cc/contrastive_xla.cc).
+HLO_ON_CPU_ENV = "FUSED_CONTRASTIVE_XLA_CPU_HLO"
+HLO_ON_CPU = os.environ.get(HLO_ON_CPU_ENV) == "1"
 # (rtol, atol) of XLA's results against the kernels', per embedding dtype.
 EMBEDDING_TOL = {"float16": (1e-3, 1e-3), "bfloat16": (1e-2, 1e-2), "float32": (1e-6, 1e-6),
                  "float64": (1e-13, 1e-14)}
 
 
 def _assert_embedding_outputs_close(got, want, dtype):
-    # XLA sums each row in its own order, so float32 results differ from the
-    # CPU kernel's in the last bits (and 16-bit ones by at most one rounding).
+    # On XLA's GPU backend the ops are HLO, which sums each row in its own
+    # order: float32 results differ from the kernel's in the last bits (16-bit
+    # ones by at most one rounding). On the CPU backend they are the kernels.
     rtol, atol = EMBEDDING_TOL[dtype]
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.dtype == w.dtype and g.shape == w.shape, i
@@ -316,12 +325,43 @@ def test_xla_runs_the_embedding_lowerings_not_a_fallback():
         return loss, grad_a, reduced[0]
 
     f = tf.function(all_three, jit_compile=True)
-    hlo = f.experimental_get_compiler_ir(tf.zeros([4]), tf.zeros([4, 3]), tf.ones([4, 3]))(
-        stage="hlo")
-    for op in ("EmbeddingContrastiveLoss", "EmbeddingContrastiveLossGrad",
-               "EmbeddingContrastiveLossReduced"):
-        assert f'op_type="FusedContrastive>{op}"' in hlo, op
-    assert "custom-call" not in hlo
+    with tf.device("/CPU:0"):
+        hlo = f.experimental_get_compiler_ir(tf.zeros([4]), tf.zeros([4, 3]), tf.ones([4, 3]))(
+            stage="hlo")
+    calls = [line for line in hlo.splitlines() if " custom-call(" in line]
+    if HLO_ON_CPU:  # the other backends' lowering: plain HLO, no call out
+        assert not calls and " reduce(" in hlo, calls
+        return
+    # On XLA's CPU backend each op is one typed-FFI call of its fused kernel.
+    targets = {"EmbeddingContrastiveLoss": "fused_contrastive_embedding_loss",
+               "EmbeddingContrastiveLossGrad": "fused_contrastive_embedding_loss_grad",
+               "EmbeddingContrastiveLossReduced": "fused_contrastive_embedding_loss_reduced"}
+    assert len(calls) == len(targets), calls
+    for op, target in targets.items():
+        assert any(f'op_type="FusedContrastive>{op}"' in line
+                   and f'custom_call_target="{target}"' in line
+                   and "API_VERSION_TYPED_FFI" in line for line in calls), op
+
+
+@pytest.mark.skipif(HLO_ON_CPU, reason="the HLO lowering sums rows in XLA's order")
+@pytest.mark.parametrize("shape", [(3, 5, 7), (0, 4), (4,)])
+@pytest.mark.parametrize("dtype", DISTANCE_DTYPES)
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_xla_cpu_embedding_ops_are_the_cpu_kernels_bit_for_bit(rng, distance, dtype, shape):
+    a, b = embeddings(rng, shape, dtype)
+    y = random_labels(rng, shape[:-1], "int32")
+    w = tf.cast(rng.uniform(0.1, 2.0, size=shape[:-1]), dtype)
+
+    def all_three(y, a, b, w):
+        return (*_embedding_loss_and_grads(y, a, b, w, _margin(1.2), distance, 0),
+                *_reduced_embedding_outputs(y, a, b, w, _margin(1.2), _margin(0.5), distance,
+                                            "weighted_mean"))
+
+    with tf.device("/CPU:0"):
+        want, got = _graph_and_xla(all_three, y, a, b, w)
+    for i, (g, x) in enumerate(zip(got, want)):
+        assert g.shape == x.shape, i
+        np.testing.assert_array_equal(bits(g), bits(x), err_msg=f"output {i}")
 
 
 def test_xla_embedding_ops_read_any_nonzero_bool_byte_as_true(rng):
@@ -415,3 +455,17 @@ def test_xla_embedding_per_row_inputs_must_be_scalars_or_of_the_labels_shape():
         _relaxed(grads, 3), tf.zeros([3, 2]), tf.zeros([3, 1]), tf.zeros([3, 1]))
     assert "row_coefficients must have shape [3,1], got [3,2]" in _compile_error(
         _relaxed(grads, 3), tf.zeros([3, 2]), tf.zeros([3, 2]), tf.zeros([]))
+
+
+@pytest.mark.skipif(HLO_ON_CPU, reason="this is the run it starts")
+def test_the_hlo_lowering_of_the_embedding_ops_passes_the_same_tests(tmp_path):
+    # XLA's GPU backend lowers the embedding ops to HLO, the CPU backend to
+    # calls of the CPU kernels. With FUSED_CONTRASTIVE_XLA_CPU_HLO=1 the CPU
+    # backend compiles the HLO too: the embedding tests above then check it
+    # against the kernels without a GPU.
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "embedding", "-o", f"cache_dir={tmp_path}"], capture_output=True, text=True,
+        env={**os.environ, HLO_ON_CPU_ENV: "1"}, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert re.search(r"\d+ passed", result.stdout), result.stdout[-2000:]
