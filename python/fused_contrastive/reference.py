@@ -107,3 +107,90 @@ def contrastive_loss_from_embeddings_reference(y_true, embeddings_a, embeddings_
     similar_label = validate_similar_label(similar_label)
     labels, a, b = prepare_embedding_inputs(y_true, embeddings_a, embeddings_b)
     return reference_embedding_loss(labels, a, b, margin, distance, similar_label)
+
+
+IN_BATCH_DISTANCES = ("euclidean", "cosine")
+PAIR_WEIGHTINGS = ("uniform", "balanced")
+
+
+def _choice(value, choices, what):
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def _prepare_in_batch_inputs(labels, embeddings):
+    """Class labels [B] (or [B, 1]) and embeddings [B, D], checked."""
+    embeddings = tf.convert_to_tensor(embeddings)
+    if embeddings.dtype not in (tf.float16, tf.bfloat16, tf.float32, tf.float64):
+        raise TypeError("in-batch contrastive loss: embeddings must be float16, bfloat16, "
+                        f"float32 or float64; got {embeddings.dtype.name}")
+    if embeddings.shape.rank != 2:
+        raise ValueError("in-batch contrastive loss: embeddings must have rank 2, [B, D]; got "
+                         f"shape {embeddings.shape}")
+    labels = tf.convert_to_tensor(labels)
+    if labels.dtype not in (tf.int32, tf.int64, tf.float16, tf.bfloat16, tf.float32,
+                            tf.float64):
+        raise TypeError("in-batch contrastive loss: labels must be class ids (int32, int64, or "
+                        f"floats holding integers); got {labels.dtype.name}")
+    if labels.shape.rank == 2 and labels.shape[-1] == 1:
+        labels = tf.squeeze(labels, -1)
+    if labels.shape.rank != 1 or not labels.shape.is_compatible_with(embeddings.shape[:1]):
+        raise ValueError("in-batch contrastive loss: labels must have shape [B] or [B, 1] for "
+                         f"embeddings [B, D] = {embeddings.shape}; got {labels.shape}")
+    return labels, embeddings
+
+
+def in_batch_contrastive_loss_reference(labels, embeddings, margin=1.0, positive_margin=0.0,
+                                        distance="euclidean", pair_weighting="uniform"):
+    """Per-anchor contrastive loss over every ordered pair (i, j), j != i, of a
+    batch, in plain TF ops; it holds B x B matrices (the fused op will not).
+
+    Pairs with equal class labels are positive, with term max(d - positive_margin,
+    0)^2, the others negative, with term max(margin - d, 0)^2. "uniform": the
+    anchor's loss is the sum of its B - 1 terms / (B - 1); "balanced": the mean of
+    its positive terms plus the mean of its negative terms (a mean over no pairs
+    is 0). d is "euclidean" (from the Gram matrix; 0 with a zero gradient for
+    equal embeddings) or "cosine" (1 - cosine similarity; a zero vector has
+    similarity 0). Returns [B] in the embeddings' dtype (16-bit computed in
+    float32).
+
+    >>> print(in_batch_contrastive_loss_reference(
+    ...     [0, 0, 1], [[0.0, 0.0], [0.0, 0.5], [0.0, 2.0]], margin=1.0).numpy())
+    [0.125 0.125 0.   ]
+    """
+    margin = validate_margin(margin)
+    positive_margin = validate_margin(positive_margin)
+    distance = _choice(distance, IN_BATCH_DISTANCES, "distance")
+    pair_weighting = _choice(pair_weighting, PAIR_WEIGHTINGS, "pair_weighting")
+    labels, embeddings = _prepare_in_batch_inputs(labels, embeddings)
+    dtype = compute_dtype(embeddings.dtype)
+    e = tf.cast(embeddings, dtype)
+    gram = tf.matmul(e, e, transpose_b=True)
+    norms2 = tf.linalg.diag_part(gram)
+    if distance == "euclidean":
+        squared = tf.maximum(norms2[:, None] + norms2[None, :] - 2.0 * gram, 0.0)
+        nonzero = squared > 0
+        d = tf.where(nonzero, tf.sqrt(_safe(squared, nonzero)), tf.zeros_like(squared))
+    else:
+        norms = tf.sqrt(norms2)
+        ok = tf.stop_gradient(norms[:, None] * norms[None, :]) > 0
+        safe2 = _safe(norms2, norms2 > 0)
+        product = tf.sqrt(safe2)[:, None] * tf.sqrt(safe2)[None, :]
+        d = 1.0 - tf.where(ok, gram / _safe(product, ok), tf.zeros_like(gram))
+    others = tf.logical_not(tf.eye(tf.shape(e)[0], dtype=tf.bool))
+    same = tf.equal(labels[:, None], labels[None, :])
+    positive = tf.logical_and(same, others)
+    negative = tf.logical_and(tf.logical_not(same), others)
+    pos_terms = tf.square(tf.maximum(d - tf.constant(positive_margin, dtype), 0.0))
+    neg_terms = tf.square(tf.maximum(tf.constant(margin, dtype) - d, 0.0))
+    zeros = tf.zeros_like(d)
+    pos_sum = tf.reduce_sum(tf.where(positive, pos_terms, zeros), axis=1)
+    neg_sum = tf.reduce_sum(tf.where(negative, neg_terms, zeros), axis=1)
+    if pair_weighting == "uniform":
+        loss = tf.math.divide_no_nan(pos_sum + neg_sum, tf.cast(tf.shape(e)[0] - 1, dtype))
+    else:
+        count = lambda mask: tf.reduce_sum(tf.cast(mask, dtype), axis=1)  # noqa: E731
+        loss = (tf.math.divide_no_nan(pos_sum, count(positive))
+                + tf.math.divide_no_nan(neg_sum, count(negative)))
+    return tf.cast(loss, embeddings.dtype)
