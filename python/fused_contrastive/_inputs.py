@@ -12,7 +12,7 @@ DISTANCE_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 DISTANCES = ("euclidean", "cosine", "manhattan")
 
 
-def _dtype_names(dtypes):
+def dtype_names(dtypes):
     return ", ".join(d.name for d in dtypes)
 
 
@@ -45,12 +45,16 @@ def validate_similar_label(similar_label):
     return int(similar_label)
 
 
+def validate_choice(value, choices, what):
+    """value, one of the strings `choices`, or a ValueError listing them."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
 def validate_distance(distance):
     """A distance name of DISTANCES."""
-    if not isinstance(distance, str) or distance not in DISTANCES:
-        raise ValueError(f"distance must be one of {', '.join(map(repr, DISTANCES))}; "
-                         f"got {distance!r}")
-    return distance
+    return validate_choice(distance, DISTANCES, "distance")
 
 
 def reject_ragged(*values):
@@ -91,7 +95,7 @@ def squeeze_extra_unit_axis(x, other_rank):
 
 def _check_dtype(x, dtypes, what):
     if x.dtype not in dtypes:
-        raise TypeError(f"contrastive loss: {what} must have dtype {_dtype_names(dtypes)}; "
+        raise TypeError(f"contrastive loss: {what} must have dtype {dtype_names(dtypes)}; "
                         f"got {x.dtype.name}")
 
 

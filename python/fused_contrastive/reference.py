@@ -7,8 +7,9 @@ computes: float16/bfloat16 in float32, labels used linearly.
 
 import tensorflow as tf
 
-from fused_contrastive._inputs import (prepare_embedding_inputs, prepare_inputs,
-                                       validate_distance, validate_margin,
+from fused_contrastive._inputs import (DISTANCE_DTYPES, LABEL_DTYPES, dtype_names,
+                                       prepare_embedding_inputs, prepare_inputs,
+                                       validate_choice, validate_distance, validate_margin,
                                        validate_similar_label)
 
 
@@ -111,28 +112,24 @@ def contrastive_loss_from_embeddings_reference(y_true, embeddings_a, embeddings_
 
 IN_BATCH_DISTANCES = ("euclidean", "cosine")
 PAIR_WEIGHTINGS = ("uniform", "balanced")
-
-
-def _choice(value, choices, what):
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{what} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    return value
+# Class ids: integers, or floats holding them (Keras passes y_true as floats).
+CLASS_LABEL_DTYPES = tuple(t for t in LABEL_DTYPES if t != tf.bool)
 
 
 def _prepare_in_batch_inputs(labels, embeddings):
     """Class labels [B] (or [B, 1]) and embeddings [B, D], checked."""
     embeddings = tf.convert_to_tensor(embeddings)
-    if embeddings.dtype not in (tf.float16, tf.bfloat16, tf.float32, tf.float64):
-        raise TypeError("in-batch contrastive loss: embeddings must be float16, bfloat16, "
-                        f"float32 or float64; got {embeddings.dtype.name}")
+    if embeddings.dtype not in DISTANCE_DTYPES:
+        raise TypeError("in-batch contrastive loss: embeddings must be "
+                        f"{dtype_names(DISTANCE_DTYPES)}; got {embeddings.dtype.name}")
     if embeddings.shape.rank != 2:
         raise ValueError("in-batch contrastive loss: embeddings must have rank 2, [B, D]; got "
                          f"shape {embeddings.shape}")
     labels = tf.convert_to_tensor(labels)
-    if labels.dtype not in (tf.int32, tf.int64, tf.float16, tf.bfloat16, tf.float32,
-                            tf.float64):
-        raise TypeError("in-batch contrastive loss: labels must be class ids (int32, int64, or "
-                        f"floats holding integers); got {labels.dtype.name}")
+    if labels.dtype not in CLASS_LABEL_DTYPES:
+        raise TypeError("in-batch contrastive loss: labels must be class ids "
+                        f"({dtype_names(CLASS_LABEL_DTYPES)}; floats holding integers); got "
+                        f"{labels.dtype.name}")
     if labels.shape.rank == 2 and labels.shape[-1] == 1:
         labels = tf.squeeze(labels, -1)
     if labels.shape.rank != 1 or not labels.shape.is_compatible_with(embeddings.shape[:1]):
@@ -161,8 +158,8 @@ def in_batch_contrastive_loss_reference(labels, embeddings, margin=1.0, positive
     """
     margin = validate_margin(margin)
     positive_margin = validate_margin(positive_margin)
-    distance = _choice(distance, IN_BATCH_DISTANCES, "distance")
-    pair_weighting = _choice(pair_weighting, PAIR_WEIGHTINGS, "pair_weighting")
+    distance = validate_choice(distance, IN_BATCH_DISTANCES, "distance")
+    pair_weighting = validate_choice(pair_weighting, PAIR_WEIGHTINGS, "pair_weighting")
     labels, embeddings = _prepare_in_batch_inputs(labels, embeddings)
     dtype = compute_dtype(embeddings.dtype)
     e = tf.cast(embeddings, dtype)
