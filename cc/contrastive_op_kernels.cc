@@ -13,6 +13,7 @@
 #include "absl/strings/str_cat.h"
 #include "contrastive_kernels.h"
 #include "embedding_kernels.h"
+#include "in_batch_kernels.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tf_shared.h"
 #include "unsupported/Eigen/CXX11/Tensor"
@@ -90,6 +91,40 @@ absl::Status ReadEmbeddingInputs(OpKernelContext* ctx, int margin_input, int sim
   return absl::OkStatus();
 }
 
+// The in-batch ops' labels [B] and embeddings [B, D] (inputs 0 and 1) and
+// margins, with the attrs the kernel read at construction.
+absl::Status ReadInBatchInputs(OpKernelContext* ctx, int margin_input, Distance distance,
+                               PairWeighting weighting, int64_t max_block_rows,
+                               InBatchArgs* args) {
+  const Tensor& labels = ctx->input(0);
+  const Tensor& embeddings = ctx->input(1);
+  if (embeddings.dims() != 2 || labels.dims() != 1 ||
+      labels.dim_size(0) != embeddings.dim_size(0)) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "in-batch contrastive loss: embeddings must have shape [B, D] and labels [B]; got "
+        "labels ",
+        labels.shape().DebugString(), " and embeddings ", embeddings.shape().DebugString()));
+  }
+  TF_RETURN_IF_ERROR(CheckDispatched(FromTf(embeddings.dtype(), &args->type) &&
+                                     IsInBatchDType(args->type)));
+  TF_RETURN_IF_ERROR(ReadScalar(ctx->input(margin_input), "margin", &args->margin));
+  TF_RETURN_IF_ERROR(CheckMargin(args->margin));
+  TF_RETURN_IF_ERROR(
+      ReadScalar(ctx->input(margin_input + 1), "positive_margin", &args->positive_margin));
+  TF_RETURN_IF_ERROR(CheckMargin(args->positive_margin, "positive_margin"));
+  args->labels = labels.flat<int64_t>().data();
+  args->embeddings = embeddings.data();
+  args->rows = embeddings.dim_size(0);
+  args->dim = embeddings.dim_size(1);
+  args->distance = distance;
+  args->weighting = weighting;
+  args->max_block_rows = max_block_rows;
+  args->upstream = nullptr;
+  args->loss = nullptr;
+  args->grad = nullptr;
+  return absl::OkStatus();
+}
+
 }  // namespace
 
 // Per-device launches of the kernels.
@@ -127,6 +162,14 @@ struct Launch<Eigen::ThreadPoolDevice> {
 
   static absl::Status EmbeddingReduced(OpKernelContext* ctx, const ReducedEmbeddingArgs& args) {
     return CheckDispatched(EmbeddingLossReducedCpu(args, Pool(ctx)));
+  }
+
+  static absl::Status InBatch(OpKernelContext* ctx, const InBatchArgs& args) {
+    return CheckDispatched(InBatchLossCpu(args, Pool(ctx)));
+  }
+
+  static absl::Status InBatchReduced(OpKernelContext* ctx, const InBatchReducedArgs& args) {
+    return CheckDispatched(InBatchLossReducedCpu(args, Pool(ctx)));
   }
 
   // The scale is in host memory here: read it, and skip the pass when it is 1.
@@ -381,6 +424,107 @@ class EmbeddingLossReducedOp : public OpKernel {
   Distance distance_;
 };
 
+// The attrs all three in-batch kernels read.
+class InBatchOpBase : public OpKernel {
+ public:
+  explicit InBatchOpBase(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ReadInBatchAttrs(ctx, &distance_, &weighting_, &max_block_rows_));
+  }
+
+ protected:
+  absl::Status ReadInputs(OpKernelContext* ctx, int margin_input, InBatchArgs* args) const {
+    return ReadInBatchInputs(ctx, margin_input, distance_, weighting_, max_block_rows_, args);
+  }
+
+ private:
+  Distance distance_;
+  PairWeighting weighting_;
+  int64_t max_block_rows_;
+};
+
+template <typename Device>
+class InBatchLossOp : public InBatchOpBase {
+ public:
+  using InBatchOpBase::InBatchOpBase;
+
+  void Compute(OpKernelContext* ctx) override {
+    InBatchArgs args;
+    OP_REQUIRES_OK(ctx, ReadInputs(ctx, 2, &args));
+    Tensor* loss = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(0).shape(), &loss));
+    args.loss = loss->data();
+    OP_REQUIRES_OK(ctx, Launch<Device>::InBatch(ctx, args));
+  }
+};
+
+template <typename Device>
+class InBatchGradOp : public InBatchOpBase {
+ public:
+  using InBatchOpBase::InBatchOpBase;
+
+  void Compute(OpKernelContext* ctx) override {
+    InBatchArgs args;
+    OP_REQUIRES_OK(ctx, ReadInputs(ctx, 3, &args));
+    const Tensor& upstream = ctx->input(2);
+    OP_REQUIRES(ctx, upstream.shape() == ctx->input(0).shape(),
+                absl::InvalidArgumentError(absl::StrCat(
+                    "in-batch contrastive loss: upstream must have the labels' shape ",
+                    ctx->input(0).shape().DebugString(), ", got ",
+                    upstream.shape().DebugString())));
+    // Not forwarded from the embeddings: the sweep reads every row again after
+    // writing the gradients of the first ones.
+    Tensor* grad = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, ctx->input(1).shape(), &grad));
+    args.upstream = upstream.data();
+    args.grad = grad->data();
+    OP_REQUIRES_OK(ctx, Launch<Device>::InBatch(ctx, args));
+  }
+};
+
+template <typename Device>
+class InBatchLossReducedOp : public InBatchOpBase {
+ public:
+  explicit InBatchLossReducedOp(OpKernelConstruction* ctx) : InBatchOpBase(ctx) {
+    OP_REQUIRES_OK(ctx, ReadReduction(ctx, &reduction_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    InBatchReducedArgs args;
+    OP_REQUIRES_OK(ctx, ReadInputs(ctx, 3, &args.in));
+    const Tensor& weights = ctx->input(2);
+    OP_REQUIRES_OK(ctx, CheckPerRow("sample_weight", weights.shape(), ctx->input(0).shape()));
+    OP_REQUIRES_OK(ctx, ReadScalar(ctx->input(5), "loss_scale", &args.loss_scale));
+    Tensor* loss = nullptr;
+    Tensor* grad = nullptr;
+    Tensor* reduction_scale = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, tensorflow::TensorShape({}), &loss));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(1, ctx->input(1).shape(), &grad));
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(2, tensorflow::TensorShape({}), &reduction_scale));
+    args.weights = weights.data();
+    args.scalar_weight = weights.dims() == 0;
+    args.reduction = reduction_;
+    args.loss = loss->data();
+    args.grad = grad->data();
+    args.reduction_scale = reduction_scale->flat<double>().data();
+    OP_REQUIRES_OK(ctx, Launch<Device>::InBatchReduced(ctx, args));
+  }
+
+ private:
+  Reduction reduction_;
+};
+
+// The in-batch kernels, on the devices whose Launch has them.
+template <typename Device>
+void RegisterInBatchKernels(const char* device_type) {
+  RegisterKernels<InBatchLossOp<Device>>(kInBatchOpName, device_type, "InBatchLossOp", false,
+                                         {"margin", "positive_margin"}, IsInBatchDType);
+  RegisterKernels<InBatchGradOp<Device>>(kInBatchGradOpName, device_type, "InBatchGradOp",
+                                         false, {"margin", "positive_margin"}, IsInBatchDType);
+  RegisterKernels<InBatchLossReducedOp<Device>>(
+      kInBatchReducedOpName, device_type, "InBatchLossReducedOp", false,
+      {"margin", "positive_margin", "loss_scale"}, IsInBatchDType);
+}
+
 template <typename Device>
 void RegisterDeviceKernels(const char* device_type, bool scale_in_host_memory) {
   RegisterKernels<ContrastiveLossOp<Device>>(kOpName, device_type, "ContrastiveLossOp", true,
@@ -402,6 +546,7 @@ void RegisterDeviceKernels(const char* device_type, bool scale_in_host_memory) {
 
 static const bool kKernelsRegistered = [] {
   RegisterDeviceKernels<Eigen::ThreadPoolDevice>(tensorflow::DEVICE_CPU, true);
+  RegisterInBatchKernels<Eigen::ThreadPoolDevice>(tensorflow::DEVICE_CPU);
 #if FC_WITH_CUDA
   RegisterDeviceKernels<Eigen::GpuDevice>(tensorflow::DEVICE_GPU, false);
 #endif

@@ -11,6 +11,11 @@
 //   EmbeddingContrastiveLossGrad    its backward: gradients of both embeddings
 //   EmbeddingContrastiveLossReduced the Keras reductions fused in: reduced loss
 //                                   and fully scaled gradients, one pass
+//   InBatchContrastiveLoss          all pairs of a batch [B, D] with class
+//                                   labels [B]: per-anchor loss [B]
+//   InBatchContrastiveLossGrad      its backward, d(Σ upstream·loss)/d(embeddings)
+//   InBatchContrastiveLossReduced   the Keras reductions fused in: reduced loss
+//                                   and fully scaled gradient, one sweep
 //
 // margin is a float64 scalar input rather than a float attr: TensorFlow's float
 // attrs are 32-bit (margins such as 0.1 would be rounded before float64 math)
@@ -58,10 +63,25 @@ absl::Status EmbeddingShapes(InferenceContext* c, ShapeHandle* embeddings, Shape
   return absl::OkStatus();
 }
 
-const std::string kLabelTypes = TypeListAttr("Tlabels", false);
-const std::string kDistanceTypes = TypeListAttr("T", true);
+const std::string kLabelTypes = TypeListAttr("Tlabels", AnyDType);
+const std::string kDistanceTypes = TypeListAttr("T", IsDistanceDType);
 constexpr char kSimilarLabelAttr[] = "similar_label: int = 1";
 const std::string kDistanceAttr = DistanceAttr();
+const std::string kInBatchTypes = TypeListAttr("T", IsInBatchDType);
+const std::string kInBatchDistanceAttr = NamesAttr("distance", kInBatchDistances, DistanceName);
+const std::string kPairWeightingAttr =
+    NamesAttr("pair_weighting", kAllPairWeightings, PairWeightingName);
+constexpr char kMaxBlockRowsAttr[] = "max_block_rows: int >= 0 = 0";
+
+// Embeddings [B, D] and labels [B] merged: B.
+absl::Status InBatchShapes(InferenceContext* c, ShapeHandle* embeddings, ShapeHandle* rows) {
+  const absl::Status mismatch = absl::InvalidArgumentError(absl::StrCat(
+      "in-batch contrastive loss: embeddings must have shape [B, D] and labels [B]; got labels ",
+      c->DebugString(c->input(0)), " and embeddings ", c->DebugString(c->input(1))));
+  if (!c->WithRank(c->input(1), 2, embeddings).ok()) return mismatch;
+  if (!c->Merge(c->input(0), c->Vector(c->Dim(*embeddings, 0)), rows).ok()) return mismatch;
+  return absl::OkStatus();
+}
 
 int NumCoefficients(InferenceContext* c) {
   std::string name;
@@ -234,6 +254,95 @@ REGISTER_OP(kEmbeddingReducedOpName)
 EmbeddingContrastiveLoss reduced as ContrastiveLossReduced reduces, and the
 gradients of the reduced loss with respect to both embeddings (weights and
 divisor applied), from one pass over the rows.
+)doc");
+
+REGISTER_OP(kInBatchOpName)
+    .Input("labels: int64")
+    .Input("embeddings: T")
+    .Input("margin: double")
+    .Input("positive_margin: double")
+    .Output("loss: T")
+    .Attr(kInBatchTypes)
+    .Attr(kInBatchDistanceAttr)
+    .Attr(kPairWeightingAttr)
+    .Attr(kMaxBlockRowsAttr)
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle embeddings, rows;
+      TF_RETURN_IF_ERROR(InBatchShapes(c, &embeddings, &rows));
+      TF_RETURN_IF_ERROR(RequireScalar(c, 2));
+      TF_RETURN_IF_ERROR(RequireScalar(c, 3));
+      c->set_output(0, rows);
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Per-anchor contrastive loss over every ordered pair (i, j), j != i, of a batch
+of embeddings [B, D] with class labels [B] (equal labels: positive pair),
+computed in blocks of rows (at most max_block_rows; 0: the kernel's choice)
+without ever holding a B x B matrix.
+)doc");
+
+REGISTER_OP(kInBatchGradOpName)
+    .Input("labels: int64")
+    .Input("embeddings: T")
+    .Input("upstream: T")
+    .Input("margin: double")
+    .Input("positive_margin: double")
+    .Output("grad: T")
+    .Attr(kInBatchTypes)
+    .Attr(kInBatchDistanceAttr)
+    .Attr(kPairWeightingAttr)
+    .Attr(kMaxBlockRowsAttr)
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle embeddings, rows, unused;
+      TF_RETURN_IF_ERROR(InBatchShapes(c, &embeddings, &rows));
+      TF_RETURN_IF_ERROR(c->Merge(c->input(2), rows, &unused));
+      TF_RETURN_IF_ERROR(RequireScalar(c, 3));
+      TF_RETURN_IF_ERROR(RequireScalar(c, 4));
+      c->set_output(0, embeddings);
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Gradient of sum(upstream * InBatchContrastiveLoss) with respect to the
+embeddings, from one sweep over the pairs.
+)doc");
+
+REGISTER_OP(kInBatchReducedOpName)
+    .Input("labels: int64")
+    .Input("embeddings: T")
+    .Input("sample_weight: T")
+    .Input("margin: double")
+    .Input("positive_margin: double")
+    .Input("loss_scale: double")
+    .Output("loss: T")
+    .Output("grad: T")
+    .Output("reduction_scale: double")
+    .Attr(kInBatchTypes)
+    .Attr(kInBatchDistanceAttr)
+    .Attr(kPairWeightingAttr)
+    .Attr(kMaxBlockRowsAttr)
+    .Attr("reduction: {'sum', 'mean', 'weighted_mean'}")
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle embeddings, rows;
+      TF_RETURN_IF_ERROR(InBatchShapes(c, &embeddings, &rows));
+      ShapeHandle weights = c->input(2);
+      if (c->RankKnown(weights) && c->Rank(weights) != 0) {
+        ShapeHandle unused;
+        if (!c->Merge(rows, weights, &unused).ok()) {
+          return ShapeMismatch("sample_weight", c->DebugString(rows), c->DebugString(weights));
+        }
+      }
+      TF_RETURN_IF_ERROR(RequireScalar(c, 3));
+      TF_RETURN_IF_ERROR(RequireScalar(c, 4));
+      TF_RETURN_IF_ERROR(RequireScalar(c, 5));
+      c->set_output(0, c->Scalar());
+      c->set_output(1, embeddings);
+      c->set_output(2, c->Scalar());
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+InBatchContrastiveLoss reduced as ContrastiveLossReduced reduces (sample
+weights per anchor), and the gradient of the reduced loss with respect to the
+embeddings, from one sweep over the pairs.
 )doc");
 
 }  // namespace fused_contrastive

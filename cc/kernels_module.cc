@@ -11,6 +11,7 @@
 
 #include "contrastive_kernels.h"
 #include "embedding_kernels.h"
+#include "in_batch_kernels.h"
 
 namespace py = pybind11;
 
@@ -376,6 +377,86 @@ py::tuple EmbeddingLossReducedCpuNumpy(py::array labels, py::array embeddings_a,
   return py::make_tuple(loss, grad_a, grad_b, reduction_scale);
 }
 
+// The in-batch kernels' checked arguments: embeddings [B, D] float32/float64,
+// class labels [B] (made int64), margins and names; the upstream gradient,
+// when given, [B] of the embeddings' dtype.
+struct InBatchOperands {
+  InBatchArgs args;
+  py::array labels;
+  py::array embeddings;
+  py::array upstream;
+};
+
+InBatchOperands CheckedInBatchArgs(const py::object& labels, const py::object& embeddings,
+                                   const py::object& upstream, double margin,
+                                   double positive_margin, const std::string& distance,
+                                   const std::string& pair_weighting, int64_t max_block_rows) {
+  CheckMargin(margin);
+  CheckMargin(positive_margin);
+  const Distance k = DistanceFromName(distance);
+  if (!IsInBatchDistance(k)) {
+    throw py::value_error("the in-batch loss has no '" + distance + "' distance");
+  }
+  PairWeighting weighting;
+  if (!ParsePairWeighting(pair_weighting, &weighting)) {
+    throw py::value_error("pair_weighting must be 'uniform' or 'balanced', got '" +
+                          pair_weighting + "'");
+  }
+  InBatchOperands out;
+  out.embeddings = KernelArray(embeddings, "embeddings");
+  const DType type = DTypeOfArray(out.embeddings, "embeddings");
+  if (!IsInBatchDType(type)) {
+    throw py::type_error(std::string("embeddings must be float32 or float64, got ") +
+                         DTypeName(type));
+  }
+  if (out.embeddings.ndim() != 2) {
+    throw py::value_error("embeddings must have shape [B, D], got " +
+                          ShapeString(ShapeOf(out.embeddings)));
+  }
+  const int64_t rows = out.embeddings.shape(0);
+  out.labels = KernelArray(labels, "labels");
+  const DType label_type = DTypeOfArray(out.labels, "labels");
+  if (label_type != DType::kInt32 && label_type != DType::kInt64) {
+    throw py::type_error(std::string("labels must be int32 or int64 class ids, got ") +
+                         DTypeName(label_type));
+  }
+  CheckSameShape("labels", ShapeOf(out.labels), "embeddings.shape[:1]", {rows});
+  out.labels = KernelArray(out.labels.attr("astype")("int64"), "labels");
+  const void* upstream_data = nullptr;
+  if (!upstream.is_none()) {
+    out.upstream = KernelArray(upstream, "upstream");
+    CheckSameDType("upstream", DTypeOfArray(out.upstream, "upstream"), "embeddings", type);
+    CheckSameShape("upstream", ShapeOf(out.upstream), "embeddings.shape[:1]", {rows});
+    upstream_data = out.upstream.data();
+  }
+  out.args = InBatchArgs{type, static_cast<const int64_t*>(out.labels.data()),
+                         out.embeddings.data(), rows, out.embeddings.shape(1), margin,
+                         positive_margin, k, weighting, max_block_rows, upstream_data,
+                         nullptr, nullptr};
+  return out;
+}
+
+py::tuple InBatchLossCpuNumpy(const py::object& labels, const py::object& embeddings,
+                              const py::object& upstream, double margin, double positive_margin,
+                              const std::string& distance, const std::string& pair_weighting,
+                              int64_t max_block_rows) {
+  InBatchOperands in = CheckedInBatchArgs(labels, embeddings, upstream, margin, positive_margin,
+                                          distance, pair_weighting, max_block_rows);
+  py::array loss(in.embeddings.dtype(), std::vector<int64_t>{in.args.rows});
+  py::object grad = py::none();
+  in.args.loss = loss.mutable_data();
+  if (!upstream.is_none()) {
+    py::array g(in.embeddings.dtype(), ShapeOf(in.embeddings));
+    in.args.grad = g.mutable_data();
+    grad = g;
+  }
+  {
+    py::gil_scoped_release release;
+    InBatchLossCpu(in.args, SerialFor);
+  }
+  return py::make_tuple(loss, grad);
+}
+
 #if FC_WITH_CUDA
 // A device buffer described by the __cuda_array_interface__ protocol (CuPy,
 // PyTorch, Numba, JAX...). 16-bit brain floats have no typestr of their own:
@@ -717,6 +798,15 @@ PYBIND11_MODULE(_kernels, m) {
         "The fused-reduction kernel on embedding pairs, single-threaded; returns (loss, grad_a, "
         "grad_b, reduction_scale). sample_weight: None, a scalar array or one weight per row, of "
         "the embeddings' dtype.");
+  m.def("in_batch_loss_cpu", &fused_contrastive::InBatchLossCpuNumpy, py::arg("labels"),
+        py::arg("embeddings"), py::arg("upstream") = py::none(), py::arg("margin") = 1.0,
+        py::arg("positive_margin") = 0.0, py::arg("distance") = "euclidean",
+        py::arg("pair_weighting") = "uniform", py::arg("max_block_rows") = 0,
+        "The in-batch all-pairs loss of embeddings [B, D] with class labels [B] on the CPU, "
+        "single-threaded; returns (loss [B], grad [B, D] or None). grad is d(sum(upstream * "
+        "loss))/d(embeddings), computed when upstream ([B], the embeddings' dtype) is given.");
+  m.def("in_batch_cpu_isa", &fused_contrastive::InBatchCpuIsa,
+        "The instruction set the in-batch CPU kernel runs with here: 'avx2' or 'generic'.");
 #if FC_WITH_CUDA
   m.attr("has_cuda") = true;
   m.def("reduced_workspace_bytes", &fused_contrastive::ContrastiveLossReducedGpuWorkspace,

@@ -12,6 +12,7 @@
 #include "contrastive_kernels.h"
 #include "dtypes.h"
 #include "embedding_math.h"
+#include "in_batch_kernels.h"
 #include "tensorflow/core/framework/kernel_def_builder.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/types.pb.h"
@@ -25,6 +26,9 @@ inline constexpr char kEmbeddingOpName[] = "FusedContrastive>EmbeddingContrastiv
 inline constexpr char kEmbeddingGradOpName[] = "FusedContrastive>EmbeddingContrastiveLossGrad";
 inline constexpr char kEmbeddingReducedOpName[] =
     "FusedContrastive>EmbeddingContrastiveLossReduced";
+inline constexpr char kInBatchOpName[] = "FusedContrastive>InBatchContrastiveLoss";
+inline constexpr char kInBatchGradOpName[] = "FusedContrastive>InBatchContrastiveLossGrad";
+inline constexpr char kInBatchReducedOpName[] = "FusedContrastive>InBatchContrastiveLossReduced";
 
 inline tensorflow::DataType ToTf(DType t) {
   switch (t) {
@@ -49,12 +53,15 @@ inline bool FromTf(tensorflow::DataType tf_type, DType* out) {
   return false;
 }
 
-// The attr lists of the op definitions, spelled from kAllDTypes so that the
-// supported dtypes are written once.
-inline std::string TypeListAttr(const char* name, bool distances_only) {
+inline bool AnyDType(DType) { return true; }
+
+// The attr lists of the op definitions, spelled from kAllDTypes and the
+// predicates of dtypes.h and in_batch_kernels.h, so that the supported dtypes
+// are written once.
+inline std::string TypeListAttr(const char* name, bool (*supported)(DType)) {
   std::string list;
   for (DType t : kAllDTypes) {
-    if (distances_only && !IsDistanceDType(t)) continue;
+    if (!supported(t)) continue;
     absl::StrAppend(&list, list.empty() ? "" : ", ", tensorflow::DataTypeString(ToTf(t)));
   }
   return absl::StrCat(name, ": {", list, "}");
@@ -67,10 +74,10 @@ inline absl::Status ShapeMismatch(const char* what, const std::string& labels,
                                                  " and ", what, " ", other));
 }
 
-inline absl::Status CheckMargin(double margin) {
+inline absl::Status CheckMargin(double margin, const char* what = "margin") {
   if (IsValidMargin(margin)) return absl::OkStatus();
   return absl::InvalidArgumentError(
-      absl::StrCat("contrastive loss: margin must be finite and non-negative, got ", margin));
+      absl::StrCat("contrastive loss: ", what, " must be finite and non-negative, got ", margin));
 }
 
 // The reduced op's "reduction" attr.
@@ -94,14 +101,17 @@ inline absl::Status ReadSimilarLabel(tensorflow::OpKernelConstruction* ctx, int*
   return absl::OkStatus();
 }
 
-// The embedding ops' "distance" attr, spelled from kAllDistances.
-inline std::string DistanceAttr() {
+// A string attr's allowed values, spelled from the C++ names.
+template <typename Value, size_t N>
+std::string NamesAttr(const char* attr, const Value (&values)[N],
+                      const char* (*name)(Value)) {
   std::string list;
-  for (Distance k : kAllDistances) {
-    absl::StrAppend(&list, list.empty() ? "'" : ", '", DistanceName(k), "'");
-  }
-  return absl::StrCat("distance: {", list, "}");
+  for (Value v : values) absl::StrAppend(&list, list.empty() ? "'" : ", '", name(v), "'");
+  return absl::StrCat(attr, ": {", list, "}");
 }
+
+// The embedding ops' "distance" attr, spelled from kAllDistances.
+inline std::string DistanceAttr() { return NamesAttr("distance", kAllDistances, DistanceName); }
 
 inline absl::Status ReadDistance(tensorflow::OpKernelConstruction* ctx, Distance* distance) {
   std::string name;
@@ -146,6 +156,18 @@ inline absl::Status CheckRowCoefficients(const tensorflow::TensorShape& shape,
       expected.DebugString(), ", got ", shape.DebugString()));
 }
 
+// The in-batch ops' attrs.
+inline absl::Status ReadInBatchAttrs(tensorflow::OpKernelConstruction* ctx, Distance* distance,
+                                     PairWeighting* weighting, int64_t* max_block_rows) {
+  TF_RETURN_IF_ERROR(ReadDistance(ctx, distance));
+  std::string name;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("pair_weighting", &name));
+  if (!ParsePairWeighting(name, weighting)) {
+    return absl::InvalidArgumentError(absl::StrCat("unknown pair_weighting ", name));
+  }
+  return ctx->GetAttr("max_block_rows", max_block_rows);
+}
+
 template <typename Kernel>
 tensorflow::OpKernel* CreateKernel(tensorflow::OpKernelConstruction* ctx) {
   return new Kernel(ctx);
@@ -157,9 +179,10 @@ tensorflow::OpKernel* CreateKernel(tensorflow::OpKernelConstruction* ctx) {
 // kernel registry an honest list of what runs where.
 template <typename Kernel>
 void RegisterKernels(const char* op, const char* device_type, const char* class_name,
-                     bool typed_labels, const std::vector<const char*>& host_memory) {
+                     bool typed_labels, const std::vector<const char*>& host_memory,
+                     bool (*value_types)(DType) = IsDistanceDType) {
   for (DType distance : kAllDTypes) {
-    if (!IsDistanceDType(distance)) continue;
+    if (!value_types(distance)) continue;
     for (DType label : kAllDTypes) {
       tensorflow::KernelDefBuilder builder(op);
       builder.Device(device_type).TypeConstraint("T", ToTf(distance));

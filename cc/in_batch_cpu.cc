@@ -1,0 +1,76 @@
+// Picks the build of the in-batch CPU kernel (in_batch_cpu_impl.h) that this
+// CPU can run.
+#include <cstdlib>
+#include <cstring>
+#include <type_traits>
+
+#include <vector>
+
+#include "cpu_reduce.h"
+#include "in_batch_kernels.h"
+
+namespace fused_contrastive {
+namespace generic {
+bool InBatchLoss(const InBatchArgs& args, const ParallelFor& parallel_for);
+}
+#if FC_IN_BATCH_AVX2
+namespace avx2 {
+bool InBatchLoss(const InBatchArgs& args, const ParallelFor& parallel_for);
+}
+#endif
+
+namespace {
+
+bool UseAvx2() {
+#if FC_IN_BATCH_AVX2
+  const char* forced = std::getenv("FUSED_CONTRASTIVE_CPU_ISA");
+  if (forced != nullptr && std::strcmp(forced, "generic") == 0) return false;
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+const char* InBatchCpuIsa() { return UseAvx2() ? "avx2" : "generic"; }
+
+bool InBatchLossCpu(const InBatchArgs& args, const ParallelFor& parallel_for) {
+#if FC_IN_BATCH_AVX2
+  if (UseAvx2()) return avx2::InBatchLoss(args, parallel_for);
+#endif
+  return generic::InBatchLoss(args, parallel_for);
+}
+
+bool InBatchLossReducedCpu(const InBatchReducedArgs& args, const ParallelFor& parallel_for) {
+  if (!IsInBatchDType(args.in.type)) return false;
+  bool ok = false;
+  VisitDistanceDType(args.in.type, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+      const int64_t rows = args.in.rows;
+      const T* w = static_cast<const T*>(args.weights);
+      const double scale = CpuReductionScale(args.reduction, w, args.scalar_weight, rows,
+                                             args.loss_scale, parallel_for);
+      std::vector<T> upstream(rows);
+      std::vector<T> losses(rows);
+      for (int64_t i = 0; i < rows; ++i) {
+        upstream[i] = static_cast<T>(static_cast<double>(w[args.scalar_weight ? 0 : i]) * scale);
+      }
+      InBatchArgs in = args.in;
+      in.upstream = upstream.data();
+      in.loss = losses.data();
+      in.grad = args.grad;
+      ok = InBatchLossCpu(in, parallel_for);
+      double total = 0;
+      for (int64_t i = 0; i < rows; ++i) {
+        total += static_cast<double>(upstream[i]) * static_cast<double>(losses[i]);
+      }
+      *static_cast<T*>(args.loss) = static_cast<T>(total);
+      *args.reduction_scale = scale;
+    }
+  });
+  return ok;
+}
+
+}  // namespace fused_contrastive

@@ -1,0 +1,408 @@
+// The CPU kernel of the in-batch loss, compiled once per instruction set
+// (in_batch_cpu_generic.cc, in_batch_cpu_avx2.cc) inside the namespace
+// FC_IN_BATCH_ISA; in_batch_cpu.cc picks one at run time. Not a public header.
+//
+// The sweep: rows are cut into blocks of R; every unordered pair of blocks
+// (I, J) is one task: S = E_I·E_Jᵀ (an R×R GEMM), then one pass over S gives
+// the pairs' terms, added to the sums of rows i and j, and overwrites S with
+// the gradient's M_IJ, and two more GEMMs add −M_IJ·E_J to grad_I and
+// −M_IJᵀ·E_I to grad_J. Tasks run in round-robin stages in which no two
+// tasks share a block, so a stage needs no locks and every row's sums are
+// added in the same order whatever the thread count. Block pairs (I, I) come
+// last, each a task of its own.
+#include <algorithm>
+#include <cstring>
+#include <numeric>
+#include <utility>
+#include <vector>
+
+#include <Eigen/Core>
+
+#include "in_batch_kernels.h"
+
+namespace fused_contrastive {
+namespace FC_IN_BATCH_ISA {
+namespace {
+
+template <typename T>
+using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <typename T>
+using ConstRows = Eigen::Map<const RowMatrix<T>>;
+template <typename T>
+using Rows = Eigen::Map<RowMatrix<T>>;
+
+// Rows per block: large enough for the GEMMs to run near peak (measured with
+// Eigen on AVX2: 128×128×128 products reach about 70% of the core's peak),
+// small enough that each stage has a task per thread at moderate B.
+int64_t BlockRows(int64_t rows, int64_t cap) {
+  int64_t block = 256;
+  while (block > 32 && rows < 8 * block) block /= 2;
+  if (cap > 0) block = std::min(block, cap);
+  return std::max<int64_t>(block, 1);
+}
+
+// Round-robin schedule of the unordered pairs of `blocks` blocks: stage s of
+// n − 1 (n = blocks rounded up to even) pairs every block with another one
+// once; a pair with the padding block n − 1 (blocks odd) is dropped.
+std::vector<std::vector<std::pair<int64_t, int64_t>>> PairStages(int64_t blocks) {
+  const int64_t n = blocks + (blocks % 2);
+  std::vector<std::vector<std::pair<int64_t, int64_t>>> stages;
+  for (int64_t s = 0; s + 1 < n; ++s) {
+    std::vector<std::pair<int64_t, int64_t>> stage;
+    if (n - 1 < blocks) stage.emplace_back(s, n - 1);
+    for (int64_t k = 1; k < n / 2; ++k) {
+      const int64_t a = (s + k) % (n - 1);
+      const int64_t b = (s - k + n - 1) % (n - 1);
+      stage.emplace_back(std::min(a, b), std::max(a, b));
+    }
+    stages.push_back(std::move(stage));
+  }
+  return stages;
+}
+
+// Dense class ids (equal labels, equal ids; int32 so that the tile loop
+// compares lanes as wide as float's) and, per row, the number of other rows
+// with its label. Sorting: O(B log B).
+void ClassIds(const int64_t* labels, int64_t rows, std::vector<int32_t>* classes,
+              std::vector<int64_t>* positives) {
+  std::vector<int64_t> order(rows);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(),
+            [labels](int64_t x, int64_t y) { return labels[x] < labels[y]; });
+  classes->resize(rows);
+  positives->resize(rows);
+  int32_t id = 0;
+  for (int64_t first = 0; first < rows; ++id) {
+    int64_t last = first;
+    while (last < rows && labels[order[last]] == labels[order[first]]) ++last;
+    for (int64_t k = first; k < last; ++k) {
+      (*classes)[order[k]] = id;
+      (*positives)[order[k]] = last - first - 1;
+    }
+    first = last;
+  }
+}
+
+template <typename T>
+T SquaredNorm(const T* row, int64_t dim) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < dim; ++k) sum += row[k] * row[k];
+  return sum;
+}
+
+template <typename T, Distance K, bool kGrad>
+class Sweep {
+ public:
+  Sweep(const InBatchArgs& args, const ParallelFor& parallel_for)
+      : args_(args),
+        parallel_for_(parallel_for),
+        e_(static_cast<const T*>(args.embeddings)),
+        rows_(args.rows),
+        dim_(args.dim),
+        block_(BlockRows(args.rows, args.max_block_rows)),
+        margin_(static_cast<T>(args.margin)),
+        positive_margin_(static_cast<T>(args.positive_margin)),
+        norm2_(rows_),
+        stat_(rows_),
+        positive_weight_(rows_),
+        negative_weight_(rows_),
+        positive_coefficient_(kGrad ? rows_ : 0),
+        negative_coefficient_(kGrad ? rows_ : 0),
+        positive_sum_(rows_, 0.0),
+        negative_sum_(rows_, 0.0),
+        diagonal_(kGrad ? rows_ : 0, 0.0) {}
+
+  void Run() {
+    PrepareRows();
+    const int64_t blocks = (rows_ + block_ - 1) / block_;
+    const ElementCost tile_cost{2.0 * block_ * dim_ * sizeof(T), 0,
+                                (kGrad ? 6.0 : 2.0) * block_ * block_ * dim_};
+    for (const auto& stage : PairStages(blocks)) {
+      parallel_for_(static_cast<int64_t>(stage.size()), tile_cost,
+                    [&](int64_t first, int64_t last) {
+                      for (int64_t t = first; t < last; ++t) {
+                        Tile<false>(stage[t].first, stage[t].second);
+                      }
+                    });
+    }
+    parallel_for_(blocks, tile_cost, [&](int64_t first, int64_t last) {
+      for (int64_t b = first; b < last; ++b) Tile<true>(b, b);
+    });
+    Finish();
+  }
+
+ private:
+  void PrepareRows() {
+    std::vector<int64_t> positives;
+    ClassIds(args_.labels, rows_, &classes_, &positives);
+    const T* g = static_cast<const T*>(args_.upstream);
+    parallel_for_(rows_, ElementCost{dim_ * sizeof(T) + 16.0, 32, 2.0 * dim_},
+                  [&](int64_t first, int64_t last) {
+                    for (int64_t i = first; i < last; ++i) {
+                      norm2_[i] = SquaredNorm(e_ + i * dim_, dim_);
+                      stat_[i] = row_statistic<K>(norm2_[i]);
+                      pair_weights(args_.weighting, rows_, positives[i],
+                                   &positive_weight_[i], &negative_weight_[i]);
+                      if constexpr (kGrad) {
+                        positive_coefficient_[i] = static_cast<T>(positive_weight_[i] * g[i]);
+                        negative_coefficient_[i] = static_cast<T>(negative_weight_[i] * g[i]);
+                        std::fill_n(grad() + i * dim_, dim_, T(0));
+                      }
+                    }
+                  });
+  }
+
+  T* grad() const { return static_cast<T*>(args_.grad); }
+
+  // Rows [first, first + count) of block b.
+  int64_t First(int64_t b) const { return b * block_; }
+  int64_t Count(int64_t b) const { return std::min(block_, rows_ - b * block_); }
+
+  template <bool kDiagonal>
+  void Tile(int64_t bi, int64_t bj) {
+    const int64_t i0 = First(bi), ni = Count(bi);
+    const int64_t j0 = First(bj), nj = Count(bj);
+    thread_local std::vector<T> scratch;
+    thread_local std::vector<T> columns;
+    scratch.resize(ni * nj);
+    columns.assign(3 * nj, T(0));
+    Rows<T> s(scratch.data(), ni, nj);
+    const ConstRows<T> ei(e_ + i0 * dim_, ni, dim_);
+    const ConstRows<T> ej(e_ + j0 * dim_, nj, dim_);
+    s.noalias() = ei * ej.transpose();
+    T* column_positive = columns.data();
+    T* column_negative = columns.data() + nj;
+    T* column_diagonal = columns.data() + 2 * nj;
+    for (int64_t r = 0; r < ni; ++r) {
+      const int64_t i = i0 + r;
+      T* row = scratch.data() + r * nj;
+      if (K == Distance::kEuclidean && RowCancels(row, i, kDiagonal ? r : -1, j0, nj)) {
+        ExactRow<kDiagonal>(row, i, j0, nj, column_positive, column_negative, column_diagonal);
+      } else {
+        FastRow<kDiagonal>(row, i, j0, nj, column_positive, column_negative, column_diagonal);
+      }
+    }
+    if constexpr (!kDiagonal) {
+      for (int64_t c = 0; c < nj; ++c) {
+        positive_sum_[j0 + c] += column_positive[c];
+        negative_sum_[j0 + c] += column_negative[c];
+        if (kGrad) diagonal_[j0 + c] += column_diagonal[c];
+      }
+    }
+    if constexpr (kGrad) {
+      Rows<T> gi(grad() + i0 * dim_, ni, dim_);
+      gi.noalias() -= s * ej;
+      if constexpr (!kDiagonal) {
+        Rows<T> gj(grad() + j0 * dim_, nj, dim_);
+        gj.noalias() -= s.transpose() * ei;
+      }
+    }
+  }
+
+  // Whether any pair of row i (column `self` of the tile, or none) with the
+  // tile's columns needs the exact path.
+  bool RowCancels(const T* row, int64_t i, int64_t self, int64_t j0, int64_t nj) const {
+    const T ni = norm2_[i];
+    const T* nj_norm2 = norm2_.data() + j0;
+    int cancels = 0;
+#pragma omp simd reduction(| : cancels)
+    for (int64_t c = 0; c < nj; ++c) {
+      cancels |= c != self && gram_distance_cancels(euclidean_squared(row[c], ni, nj_norm2[c]),
+                                                    ni, nj_norm2[c]);
+    }
+    return cancels != 0;
+  }
+
+  // A pair's terms, and with a gradient its M and the part of q it adds.
+  struct Pair {
+    T positive, negative, m, diagonal;
+  };
+
+  // From masks, not branches (so that GCC vectorises the tile loop):
+  // positive = 1 for a pair with equal labels, negative = 1 for one with
+  // different labels, both 0 for a row with itself. coefficient_sum: the
+  // pair's g_i·w_i + g_j·w_j, positive and negative.
+  Pair PairValues(T positive, T negative, T s, T d, T positive_coefficient_sum,
+                  T negative_coefficient_sum, T stat_i, T stat_j) const {
+    T tp, sp, tn, sn;
+    positive_term(d, positive_margin_, &tp, &sp);
+    negative_term(d, margin_, &tn, &sn);
+    Pair p;
+    p.positive = positive * tp;
+    p.negative = negative * tn;
+    if constexpr (kGrad) {
+      const T coefficient =
+          positive * positive_coefficient_sum * sp + negative * negative_coefficient_sum * sn;
+      p.m = gram_coefficient<K>(coefficient, d, stat_i, stat_j);
+      p.diagonal = diagonal_term<K>(p.m, s);
+    } else {
+      p.m = p.diagonal = T(0);
+    }
+    return p;
+  }
+
+  Pair PairValues(int64_t i, int64_t j, T s, T d) const {
+    const T positive = i == j ? T(0) : (classes_[i] == classes_[j] ? T(1) : T(0));
+    const T negative = i == j ? T(0) : T(1) - positive;
+    return PairValues(positive, negative, s, d, CoefficientSum(positive_coefficient_, i, j),
+                      CoefficientSum(negative_coefficient_, i, j), stat_[i], stat_[j]);
+  }
+
+  static T CoefficientSum(const std::vector<T>& coefficients, int64_t i, int64_t j) {
+    return kGrad ? coefficients[i] + coefficients[j] : T(0);
+  }
+
+  template <bool kDiagonal>
+  void FastRow(T* row, int64_t i, int64_t j0, int64_t nj, T* column_positive,
+               T* column_negative, T* column_diagonal) {
+    const int64_t self = kDiagonal ? i - j0 : -1;
+    T positive = 0, negative = 0, diagonal = 0;
+    const T stat_i = stat_[i];
+    const T* stat_j = stat_.data() + j0;
+    const int32_t class_i = classes_[i];
+    const int32_t* class_j = classes_.data() + j0;
+    const T pc_i = kGrad ? positive_coefficient_[i] : T(0);
+    const T nc_i = kGrad ? negative_coefficient_[i] : T(0);
+    const T* pc_j = kGrad ? positive_coefficient_.data() + j0 : nullptr;
+    const T* nc_j = kGrad ? negative_coefficient_.data() + j0 : nullptr;
+#pragma omp simd reduction(+ : positive, negative, diagonal)
+    for (int64_t c = 0; c < nj; ++c) {
+      const T s = row[c];
+      const T d = pair_distance<K>(s, stat_i, stat_j[c]);
+      const T valid = c == self ? T(0) : T(1);
+      const T is_positive = class_j[c] == class_i ? valid : T(0);
+      T pc = 0, nc = 0;
+      if constexpr (kGrad) {
+        pc = pc_i + pc_j[c];
+        nc = nc_i + nc_j[c];
+      }
+      const Pair p = PairValues(is_positive, valid - is_positive, s, d, pc, nc, stat_i, stat_j[c]);
+      positive += p.positive;
+      negative += p.negative;
+      diagonal += p.diagonal;
+      if (!kDiagonal) {
+        column_positive[c] += p.positive;
+        column_negative[c] += p.negative;
+        column_diagonal[c] += p.diagonal;
+      }
+      row[c] = p.m;
+    }
+    AddRow(i, positive, negative, diagonal);
+  }
+
+  // The row of a tile with a pair whose Gram distance cancels: such pairs get
+  // d from e_i − e_j, and their gradient directly, (A/d)·(e_i − e_j) to row
+  // i (and its opposite to row j when the tile stands for both orders).
+  template <bool kDiagonal>
+  void ExactRow(T* row, int64_t i, int64_t j0, int64_t nj, T* column_positive,
+                T* column_negative, T* column_diagonal) {
+    T positive = 0, negative = 0, diagonal = 0;
+    const T* ei = e_ + i * dim_;
+    for (int64_t c = 0; c < nj; ++c) {
+      const int64_t j = j0 + c;
+      const T s = row[c];
+      row[c] = T(0);
+      if (j == i) continue;
+      const bool exact = gram_distance_cancels(euclidean_squared(s, norm2_[i], norm2_[j]),
+                                               norm2_[i], norm2_[j]);
+      const T* ej = e_ + j * dim_;
+      T d;
+      if (exact) {
+        T squared = 0;
+#pragma omp simd reduction(+ : squared)
+        for (int64_t k = 0; k < dim_; ++k) squared += (ei[k] - ej[k]) * (ei[k] - ej[k]);
+        d = ElementOps<T>::sqrt(squared);
+      } else {
+        d = pair_distance<K>(s, stat_[i], stat_[j]);
+      }
+      Pair p = PairValues(i, j, s, d);
+      positive += p.positive;
+      negative += p.negative;
+      if (!kDiagonal) {
+        column_positive[c] += p.positive;
+        column_negative[c] += p.negative;
+      }
+      if (!kGrad) continue;
+      if (!exact) {
+        diagonal += p.diagonal;
+        if (!kDiagonal) column_diagonal[c] += p.diagonal;
+        row[c] = p.m;
+        continue;
+      }
+      // p.m is already A/d (0 at d = 0) for the Euclidean distance.
+      T* gi = grad() + i * dim_;
+      T* gj = grad() + j * dim_;
+      const T m = p.m;
+      for (int64_t k = 0; k < dim_; ++k) {
+        const T step = m * (ei[k] - ej[k]);
+        gi[k] += step;
+        if (!kDiagonal) gj[k] -= step;
+      }
+    }
+    AddRow(i, positive, negative, diagonal);
+  }
+
+  void AddRow(int64_t i, T positive, T negative, T diagonal) {
+    positive_sum_[i] += positive;
+    negative_sum_[i] += negative;
+    if (kGrad) diagonal_[i] += diagonal;
+  }
+
+  void Finish() {
+    T* loss = static_cast<T*>(args_.loss);
+    parallel_for_(rows_, ElementCost{dim_ * sizeof(T) + 40.0, dim_ * sizeof(T) + 0.0, 2.0 * dim_},
+                  [&](int64_t first, int64_t last) {
+                    for (int64_t i = first; i < last; ++i) {
+                      if (loss != nullptr) {
+                        loss[i] = static_cast<T>(positive_weight_[i] * positive_sum_[i] +
+                                                 negative_weight_[i] * negative_sum_[i]);
+                      }
+                      if constexpr (kGrad) {
+                        const T q = diagonal_factor<K>(stat_[i]) * static_cast<T>(diagonal_[i]);
+                        T* gi = grad() + i * dim_;
+                        const T* ei = e_ + i * dim_;
+#pragma omp simd
+                        for (int64_t k = 0; k < dim_; ++k) gi[k] += q * ei[k];
+                      }
+                    }
+                  });
+  }
+
+  const InBatchArgs& args_;
+  const ParallelFor& parallel_for_;
+  const T* e_;
+  const int64_t rows_;
+  const int64_t dim_;
+  const int64_t block_;
+  const T margin_;
+  const T positive_margin_;
+  std::vector<int32_t> classes_;
+  std::vector<T> norm2_;
+  std::vector<T> stat_;
+  // Per-anchor pair weights (pair_weights), and times the upstream gradient.
+  std::vector<double> positive_weight_;
+  std::vector<double> negative_weight_;
+  std::vector<T> positive_coefficient_;
+  std::vector<T> negative_coefficient_;
+  std::vector<double> positive_sum_;
+  std::vector<double> negative_sum_;
+  std::vector<double> diagonal_;
+};
+
+}  // namespace
+
+bool InBatchLoss(const InBatchArgs& args, const ParallelFor& parallel_for) {
+  return VisitInBatchKernel(args.type, args.distance, [&](auto t_tag, auto k_tag) {
+    using T = typename decltype(t_tag)::type;
+    constexpr Distance K = decltype(k_tag)::value;
+    if (args.grad != nullptr) {
+      Sweep<T, K, true>(args, parallel_for).Run();
+    } else {
+      Sweep<T, K, false>(args, parallel_for).Run();
+    }
+  });
+}
+
+}  // namespace FC_IN_BATCH_ISA
+}  // namespace fused_contrastive

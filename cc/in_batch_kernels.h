@@ -1,0 +1,107 @@
+// Kernel entry points of the in-batch all-pairs contrastive loss
+// (in_batch_math.h), on raw pointers, for the TF OpKernels, the XLA custom
+// calls and the pybind11 module. No B×B matrix is ever stored: the kernels
+// sweep the pairs in blocks of rows, with scratch linear in B.
+#ifndef FUSED_CONTRASTIVE_IN_BATCH_KERNELS_H_
+#define FUSED_CONTRASTIVE_IN_BATCH_KERNELS_H_
+
+#include <cstdint>
+#include <functional>
+
+#include "contrastive_kernels.h"
+#include "in_batch_math.h"
+
+namespace fused_contrastive {
+
+struct InBatchArgs {
+  DType type;               // kFloat32 or kFloat64: embeddings, upstream, loss and grad
+  const int64_t* labels;    // rows class ids
+  const void* embeddings;   // rows * dim values, row-major
+  int64_t rows;
+  int64_t dim;
+  double margin;
+  double positive_margin;
+  Distance distance;        // one of kInBatchDistances
+  PairWeighting weighting;
+  int64_t max_block_rows;   // caps the rows per block; 0 leaves it to the kernel
+  // d(objective)/d(loss_i), rows values; null when no gradient is wanted.
+  const void* upstream;
+  void* loss;  // out: rows per-anchor losses, or null
+  void* grad;  // out: rows * dim values, d(objective)/d(embeddings); null without upstream
+};
+
+// What the kernels support; the callers check it first and report the problem.
+inline bool IsInBatchDType(DType t) { return t == DType::kFloat32 || t == DType::kFloat64; }
+
+// Calls f(TypeTag<T>{}, DistanceTag<K>{}) for a supported dtype and distance;
+// false when there is none.
+template <typename F>
+bool VisitInBatchKernel(DType type, Distance distance, F&& f) {
+  if (!IsInBatchDistance(distance)) return false;
+  const auto visit_distance = [&](auto t) {
+    VisitDistance(distance, [&](auto k) {
+      if constexpr (decltype(k)::value != Distance::kManhattan) f(t, k);
+    });
+  };
+  switch (type) {
+    case DType::kFloat32: visit_distance(TypeTag<float>{}); return true;
+    case DType::kFloat64: visit_distance(TypeTag<double>{}); return true;
+    default: return false;
+  }
+}
+
+// Loss and/or gradient in one sweep over the pairs. Each unordered pair of row
+// blocks is visited once (d_ij = d_ji): the block products E_I·E_Jᵀ and the
+// gradient's M_IJ·E_J, M_IJᵀ·E_I run as single-threaded GEMMs, the blocks in
+// parallel on `parallel_for`, in a fixed schedule, so results do not depend
+// on the thread count. False for an unsupported dtype or distance.
+bool InBatchLossCpu(const InBatchArgs& args, const ParallelFor& parallel_for);
+
+// The Keras reduction of the per-anchor losses, with the fully scaled
+// gradient, from one sweep: g_i = weight_i · reduction_scale (contrastive_math.h)
+// is the upstream gradient of anchor i's loss, the loss is Σ g_i·l_i (summed
+// in double, in a fixed order), and the gradient d(loss)/d(embeddings).
+struct InBatchReducedArgs {
+  InBatchArgs in;        // upstream, loss and grad are set by the kernel
+  const void* weights;   // in.type: rows values, or one when scalar_weight
+  bool scalar_weight;
+  Reduction reduction;
+  double loss_scale;
+  void* loss;            // out: one value of in.type
+  void* grad;            // out: rows * dim values
+  double* reduction_scale;  // out: one value
+};
+bool InBatchLossReducedCpu(const InBatchReducedArgs& args, const ParallelFor& parallel_for);
+
+// The instruction set the CPU kernel runs with on this machine: "avx2" (with
+// FMA) when the CPU has it, else "generic". FUSED_CONTRASTIVE_CPU_ISA=generic
+// forces the generic build (to test it, or to rule it out).
+const char* InBatchCpuIsa();
+
+// --- CUDA ----------------------------------------------------------------------
+// A matrix product the caller supplies, enqueued on the kernel's stream:
+// c = alpha·op(a)·op(b) + beta·c, all row-major, op(x) = xᵀ when trans_x,
+// c is m×n, op(a) m×k, op(b) k×n; values of the args' dtype.
+using GpuGemm = std::function<GpuStatus(bool trans_a, bool trans_b, int64_t m, int64_t n,
+                                        int64_t k, double alpha, const void* a, int64_t lda,
+                                        const void* b, int64_t ldb, double beta, void* c,
+                                        int64_t ldc)>;
+
+// Device scratch bytes InBatchLossGpu needs (linear in rows).
+int64_t InBatchLossGpuWorkspace(const InBatchArgs& args);
+
+// InBatchLossCpu on device pointers (labels, embeddings, upstream, loss and
+// grad), on `stream`. Only in builds with CUDA.
+GpuStatus InBatchLossGpu(const InBatchArgs& args, void* workspace, const GpuGemm& gemm,
+                         void* stream);
+
+// A GpuGemm of `type` (kFloat32 or kFloat64) on `stream` from a plain tiled
+// kernel, for callers without cuBLAS (the pybind11 module: the GPU check
+// machine has no TensorFlow, and the CUDA toolkit here no libcublas). Several
+// times slower than cuBLAS; each entry of c is summed in increasing k.
+// Only in builds with CUDA.
+GpuGemm TiledGemmGpu(DType type, void* stream);
+
+}  // namespace fused_contrastive
+
+#endif  // FUSED_CONTRASTIVE_IN_BATCH_KERNELS_H_

@@ -1,0 +1,174 @@
+// The in-batch all-pairs contrastive loss, per pair, written once for the CPU
+// and CUDA kernels and the XLA lowering.
+//
+// Anchor i of a batch of B embeddings e (class labels c) has the loss
+//   l_i = wp_i · Σ_{j≠i, c_j=c_i} t⁺(d_ij) + wn_i · Σ_{j≠i, c_j≠c_i} t⁻(d_ij)
+// with t⁺(d) = max(d − positive_margin, 0)², t⁻(d) = max(margin − d, 0)² and
+// the per-anchor weights of pair_weights(). A pair's distance comes from its
+// Gram entry s_ij = e_i·e_j and one statistic per row (row_statistic), so the
+// kernels get every distance of a block of pairs from one matrix product.
+//
+// Gradient. With g_i = d(objective)/d(l_i) and a pair's term slope t'(d_ij),
+// the pair's coefficient A_ij = (g_i·w_i + g_j·w_j)·t'(d_ij) (w the pair's
+// weight, positive or negative, of each anchor) is symmetric, and
+//   d(objective)/de_i = q_i·e_i − Σ_j M_ij·e_j
+// with M_ij = gram_coefficient(A_ij, ...) (symmetric too) and
+// q_i = diagonal_factor_i · Σ_j diagonal_term(M_ij, s_ij). The kernels thus
+// need a second matrix product, M·E, and per-row sums.
+#ifndef FUSED_CONTRASTIVE_IN_BATCH_MATH_H_
+#define FUSED_CONTRASTIVE_IN_BATCH_MATH_H_
+
+#include <string>
+
+#include "embedding_math.h"
+
+namespace fused_contrastive {
+
+enum class PairWeighting : int { kUniform, kBalanced };
+
+constexpr PairWeighting kAllPairWeightings[] = {PairWeighting::kUniform,
+                                                PairWeighting::kBalanced};
+
+// The names of the `pair_weighting` attr and argument.
+inline const char* PairWeightingName(PairWeighting w) {
+  return w == PairWeighting::kUniform ? "uniform" : "balanced";
+}
+
+inline bool ParsePairWeighting(const std::string& name, PairWeighting* out) {
+  for (PairWeighting w : kAllPairWeightings) {
+    if (name == PairWeightingName(w)) {
+      *out = w;
+      return true;
+    }
+  }
+  return false;
+}
+
+// The distances the in-batch loss is defined for (a Gram matrix gives them).
+constexpr Distance kInBatchDistances[] = {Distance::kEuclidean, Distance::kCosine};
+
+inline bool IsInBatchDistance(Distance k) {
+  for (Distance d : kInBatchDistances) {
+    if (d == k) return true;
+  }
+  return false;
+}
+
+// Weights of anchor i's positive and negative terms, given the batch size and
+// the number of other rows with its label. "uniform": 1/(B−1) each;
+// "balanced": 1/positives and 1/negatives. A mean over no pairs is 0.
+FC_HOST_DEVICE inline void pair_weights(PairWeighting weighting, int64_t rows, int64_t positives,
+                                        double* positive_weight, double* negative_weight) {
+  const auto inverse = [](int64_t n) { return n > 0 ? 1.0 / static_cast<double>(n) : 0.0; };
+  if (weighting == PairWeighting::kUniform) {
+    *positive_weight = *negative_weight = inverse(rows - 1);
+  } else {
+    *positive_weight = inverse(positives);
+    *negative_weight = inverse(rows - 1 - positives);
+  }
+}
+
+// The row statistic from the row's squared norm: euclidean keeps ‖e‖²,
+// cosine takes 1/‖e‖ (0 for a zero vector, whose similarity is then 0).
+template <Distance K, typename C>
+FC_HOST_DEVICE inline C row_statistic(const C& norm2) {
+  using Ops = ElementOps<C>;
+  if constexpr (K == Distance::kEuclidean) {
+    return norm2;
+  } else {
+    return Ops::divide_no_nan(Ops::constant(norm2, 1), Ops::sqrt(norm2));
+  }
+}
+
+// Euclidean: ‖e_i‖² + ‖e_j‖² − 2·s_ij, clamped at 0 (rounding can take it
+// below). Cosine: 1 − s_ij/(‖e_i‖·‖e_j‖).
+template <typename C>
+FC_HOST_DEVICE inline C euclidean_squared(const C& s, const C& norm2_i, const C& norm2_j) {
+  return ElementOps<C>::positive_part(norm2_i + norm2_j - ElementOps<C>::constant(s, 2) * s);
+}
+
+template <Distance K, typename C>
+FC_HOST_DEVICE inline C pair_distance(const C& s, const C& stat_i, const C& stat_j) {
+  using Ops = ElementOps<C>;
+  if constexpr (K == Distance::kEuclidean) {
+    return Ops::sqrt(euclidean_squared(s, stat_i, stat_j));
+  } else {
+    return Ops::constant(s, 1) - s * stat_i * stat_j;
+  }
+}
+
+// ‖e_i‖² + ‖e_j‖² − 2·s_ij cancels when e_i and e_j are close: its rounding
+// error is a few ulp of ‖e_i‖² + ‖e_j‖². Below this fraction of that sum the
+// CPU and CUDA kernels compute the pair's distance and gradient directly from
+// e_i − e_j, so equal rows get exactly d = 0 and no gradient, and close rows
+// an accurate distance.
+template <typename C>
+struct GramCancellation;
+template <>
+struct GramCancellation<float> {
+  static constexpr float value = 1.0f / 2048;  // 4096 float ulp
+};
+template <>
+struct GramCancellation<double> {
+  static constexpr double value = 1.0 / (1LL << 40);  // 4096 double ulp
+};
+
+template <typename C>
+FC_HOST_DEVICE inline bool gram_distance_cancels(const C& squared, const C& norm2_i,
+                                                 const C& norm2_j) {
+  return squared <= GramCancellation<C>::value * (norm2_i + norm2_j);
+}
+
+// A positive pair's term max(d − positive_margin, 0)² and a negative pair's
+// max(margin − d, 0)², with their slopes d(term)/d(d).
+template <typename C>
+FC_HOST_DEVICE inline void positive_term(const C& d, const C& positive_margin, C* term,
+                                         C* slope) {
+  const C h = ElementOps<C>::positive_part(d - positive_margin);
+  *term = h * h;
+  *slope = ElementOps<C>::constant(h, 2) * h;
+}
+
+template <typename C>
+FC_HOST_DEVICE inline void negative_term(const C& d, const C& margin, C* term, C* slope) {
+  const C h = ElementOps<C>::positive_part(margin - d);
+  *term = h * h;
+  *slope = ElementOps<C>::constant(h, 0) - ElementOps<C>::constant(h, 2) * h;
+}
+
+// M_ij from the pair's coefficient A_ij = (g_i·w_i + g_j·w_j)·t'(d_ij).
+// Euclidean: dd/de_i = (e_i − e_j)/d, so M = A/d, and 0 at d = 0 (the
+// subgradient of ‖·‖ at 0). Cosine: dd/de_i = −e_j/(‖e_i‖‖e_j‖) + s·e_i/
+// (‖e_i‖³‖e_j‖), so M = A/(‖e_i‖‖e_j‖), 0 for a zero vector.
+template <Distance K, typename C>
+FC_HOST_DEVICE inline C gram_coefficient(const C& coefficient, const C& d, const C& stat_i,
+                                         const C& stat_j) {
+  if constexpr (K == Distance::kEuclidean) {
+    return ElementOps<C>::divide_no_nan(coefficient, d);
+  } else {
+    return coefficient * stat_i * stat_j;
+  }
+}
+
+// What a pair adds to the sum in q_i, and the row factor q_i is scaled by.
+template <Distance K, typename C>
+FC_HOST_DEVICE inline C diagonal_term(const C& m, const C& s) {
+  if constexpr (K == Distance::kEuclidean) {
+    return m;
+  } else {
+    return m * s;
+  }
+}
+
+template <Distance K, typename C>
+FC_HOST_DEVICE inline C diagonal_factor(const C& stat) {
+  if constexpr (K == Distance::kEuclidean) {
+    return ElementOps<C>::constant(stat, 1);
+  } else {
+    return stat * stat;
+  }
+}
+
+}  // namespace fused_contrastive
+
+#endif  // FUSED_CONTRASTIVE_IN_BATCH_MATH_H_
