@@ -1,5 +1,6 @@
-"""Fused contrastive loss: a compiled TensorFlow op (loss and gradient in one
-pass over the inputs) with a Keras 3 `ContrastiveLoss` on top.
+"""Fused contrastive losses: compiled TensorFlow ops (loss and gradient in one
+pass over the inputs) with Keras 3 `ContrastiveLoss` and `InBatchContrastiveLoss`
+on top.
 
 Importing the package loads the op library, registers the op's gradient and
 registers `ContrastiveLoss` with Keras serialization. `ContrastiveLoss` is the
@@ -16,14 +17,16 @@ import os
 import sys
 
 from fused_contrastive._ops import USE_REFERENCE_ENV, build_info, using_reference
-from fused_contrastive.losses import contrastive_loss, contrastive_loss_from_embeddings
+from fused_contrastive.losses import (contrastive_loss, contrastive_loss_from_embeddings,
+                                      in_batch_contrastive_loss)
 from fused_contrastive.reference import (contrastive_loss_from_embeddings_reference,
-                                         contrastive_loss_reference)
+                                         contrastive_loss_reference,
+                                         in_batch_contrastive_loss_reference)
 
 # The test TensorFlow itself applies to decide what tf.keras is.
 if os.environ.get("TF_USE_LEGACY_KERAS", None) in ("true", "True", "1"):
     try:
-        from fused_contrastive.keras2 import ContrastiveLoss
+        from fused_contrastive.keras2 import ContrastiveLoss, InBatchContrastiveLoss
     except ModuleNotFoundError as error:
         if error.name != "tf_keras":
             raise
@@ -32,7 +35,7 @@ if os.environ.get("TF_USE_LEGACY_KERAS", None) in ("true", "True", "1"):
             "class, which needs tf_keras: pip install \"fused-contrastive[keras2]\" (or unset "
             "TF_USE_LEGACY_KERAS to use Keras 3)") from error
 else:
-    from fused_contrastive.losses import ContrastiveLoss
+    from fused_contrastive.losses import ContrastiveLoss, InBatchContrastiveLoss
 
     class _RegisterWithTfKeras(importlib.abc.MetaPathFinder):
         """Registers the Keras 2 class (and so TF Addons' saved-model alias)
@@ -61,11 +64,14 @@ else:
 
 __all__ = [
     "ContrastiveLoss",
+    "InBatchContrastiveLoss",
     "USE_REFERENCE_ENV",
     "build_info",
     "contrastive_loss",
     "contrastive_loss_from_embeddings",
     "contrastive_loss_from_embeddings_reference",
     "contrastive_loss_reference",
+    "in_batch_contrastive_loss",
+    "in_batch_contrastive_loss_reference",
     "using_reference",
 ]

@@ -10,6 +10,11 @@ DISTANCE_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 # The embedding ops' `distance` attr values (tests check them against the op
 # definitions of cc/embedding_math.h).
 DISTANCES = ("euclidean", "cosine", "manhattan")
+# The in-batch ops' `distance` and `pair_weighting` attr values (cc/in_batch_math.h).
+IN_BATCH_DISTANCES = ("euclidean", "cosine")
+PAIR_WEIGHTINGS = ("uniform", "balanced")
+# Class ids: integers, or floats holding them (Keras passes y_true as floats).
+CLASS_LABEL_DTYPES = tuple(t for t in LABEL_DTYPES if t != tf.bool)
 
 
 def dtype_names(dtypes):
@@ -66,12 +71,13 @@ def reject_ragged(*values):
             "y_pred.with_flat_values(...) to restore the rows, or use .to_tensor()")
 
 
-def number_margin(margin, owner):
+def number_margin(margin, owner, what="margin"):
     """validate_margin for a margin that must be a number (it is saved in a config)."""
-    margin = validate_margin(margin)
+    margin = named_margin(margin, what)
     if tf.is_tensor(margin):
-        raise TypeError(f"{owner} needs a number margin (it is saved in its config); use "
-                        "fused_contrastive.contrastive_loss for tensor margins")
+        raise TypeError(f"{owner} needs a number {what} (it is saved in its config); pass "
+                        "tensor margins to the loss functions (fused_contrastive."
+                        "contrastive_loss, in_batch_contrastive_loss)")
     return margin
 
 
@@ -178,3 +184,53 @@ def split_pairs(y_pred):
         # two zero-filled [..., 2, D] tensors and their sum.
         return tuple(tf.unstack(y_pred, axis=-2))
     return y_pred[..., 0, :], y_pred[..., 1, :]
+
+
+def validate_in_batch_options(margin, positive_margin, distance, pair_weighting):
+    """(margin, positive_margin, distance, pair_weighting) of the in-batch loss,
+    checked."""
+    return (validate_margin(margin), named_margin(positive_margin, "positive_margin"),
+            validate_choice(distance, IN_BATCH_DISTANCES, "distance"),
+            validate_choice(pair_weighting, PAIR_WEIGHTINGS, "pair_weighting"))
+
+
+def named_margin(value, what):
+    """validate_margin, its errors naming the argument `what`."""
+    try:
+        return validate_margin(value)
+    except (TypeError, ValueError) as error:
+        raise type(error)(str(error).replace("margin", what, 1)) from None
+
+
+def validate_max_block_rows(max_block_rows):
+    """The cap on the rows per block of the in-batch sweep: None (the op's
+    choice) or a positive int; 0 for the op's attr."""
+    if max_block_rows is None:
+        return 0
+    if isinstance(max_block_rows, bool) or not isinstance(max_block_rows, numbers.Integral):
+        raise TypeError(f"max_block_rows must be None or a positive int, got {max_block_rows!r}")
+    if not 0 < max_block_rows < 2**31:
+        raise ValueError(f"max_block_rows must be None or a positive int, got {max_block_rows}")
+    return int(max_block_rows)
+
+
+def prepare_in_batch_inputs(labels, embeddings):
+    """Class labels [B] (or [B, 1], squeezed) and embeddings [B, D], checked."""
+    embeddings = tf.convert_to_tensor(embeddings)
+    if embeddings.dtype not in DISTANCE_DTYPES:
+        raise TypeError("in-batch contrastive loss: embeddings must be "
+                        f"{dtype_names(DISTANCE_DTYPES)}; got {embeddings.dtype.name}")
+    if embeddings.shape.rank != 2:
+        raise ValueError("in-batch contrastive loss: embeddings must have rank 2, [B, D]; got "
+                         f"shape {embeddings.shape}")
+    labels = tf.convert_to_tensor(labels)
+    if labels.dtype not in CLASS_LABEL_DTYPES:
+        raise TypeError("in-batch contrastive loss: labels must be class ids "
+                        f"({dtype_names(CLASS_LABEL_DTYPES)}; floats holding integers); got "
+                        f"{labels.dtype.name}")
+    if labels.shape.rank == 2 and labels.shape[-1] == 1:
+        labels = tf.squeeze(labels, -1)
+    if labels.shape.rank != 1 or not labels.shape.is_compatible_with(embeddings.shape[:1]):
+        raise ValueError("in-batch contrastive loss: labels must have shape [B] or [B, 1] for "
+                         f"embeddings [B, D] = {embeddings.shape}; got {labels.shape}")
+    return labels, embeddings

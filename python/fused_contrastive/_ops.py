@@ -19,6 +19,9 @@ SCALE_OP_NAME = "FusedContrastive>ScaleGradient"
 EMBEDDING_OP_NAME = "FusedContrastive>EmbeddingContrastiveLoss"
 EMBEDDING_GRAD_OP_NAME = "FusedContrastive>EmbeddingContrastiveLossGrad"
 EMBEDDING_REDUCED_OP_NAME = "FusedContrastive>EmbeddingContrastiveLossReduced"
+IN_BATCH_OP_NAME = "FusedContrastive>InBatchContrastiveLoss"
+IN_BATCH_GRAD_OP_NAME = "FusedContrastive>InBatchContrastiveLossGrad"
+IN_BATCH_REDUCED_OP_NAME = "FusedContrastive>InBatchContrastiveLossReduced"
 USE_REFERENCE_ENV = "FUSED_CONTRASTIVE_USE_REFERENCE"
 # Another build of the op library to load instead of the packaged one (a CMake
 # build directory's copy, the Bazel-built one); its _build_info.json sits beside it.
@@ -283,3 +286,95 @@ def _embedding_grad_grad(op, *_):
         f"{op.name}: tf.gradients cannot differentiate the fused embedding loss twice; use "
         "tf.GradientTape (nested tapes differentiate it to any order) or "
         "fused_contrastive.contrastive_loss_from_embeddings_reference")
+
+
+def class_ids(labels):
+    """Class labels as the in-batch ops take them: int64. Float labels (Keras
+    passes y_true as floats) must hold integers; under XLA, which cannot raise
+    at run time, a fraction is truncated instead."""
+    if not labels.dtype.is_integer:
+        whole = tf.debugging.assert_equal(
+            labels, tf.round(labels),
+            message="in-batch contrastive loss: class labels must be integers")
+        with tf.control_dependencies([whole]):
+            labels = tf.identity(labels)
+    return tf.cast(labels, tf.int64)
+
+
+def _in_batch_compute(labels, embeddings):
+    """int64 class ids, and the embeddings in the ops' dtype (16-bit ones in
+    float32, as everywhere in the package)."""
+    return class_ids(labels), tf.cast(embeddings, reference.compute_dtype(embeddings.dtype))
+
+
+def _in_batch_reference_gradient(labels, embeddings, options, upstream):
+    """Autodiff of the reference: the gradient while a tape records the
+    backward pass itself (see _reference_embedding_gradients)."""
+    with tf.GradientTape() as tape:
+        tape.watch(embeddings)
+        loss = reference.reference_in_batch_loss(labels, embeddings, *options)
+    return tape.gradient(loss, embeddings, output_gradients=upstream)
+
+
+def in_batch_loss(labels, embeddings, margin, positive_margin, distance, pair_weighting,
+                  max_block_rows):
+    """Runs the in-batch op on prepared inputs: the per-anchor loss [B]."""
+    ids, e = _in_batch_compute(labels, embeddings)
+    loss = _library.fused_contrastive_in_batch_contrastive_loss(
+        ids, e, scalar(margin), scalar(positive_margin), distance=distance,
+        pair_weighting=pair_weighting, max_block_rows=max_block_rows)
+    return tf.cast(loss, embeddings.dtype)
+
+
+def reduced_in_batch_loss(labels, embeddings, sample_weight, margin, positive_margin,
+                          distance, pair_weighting, max_block_rows, reduction, loss_scale):
+    """The reduced in-batch loss, with the Keras reduction fused in: one sweep
+    writes the fully scaled gradient (see reduced_embedding_loss). sample_weight:
+    a scalar or [B], of the embeddings' dtype."""
+    ids, e = _in_batch_compute(labels, embeddings)
+    weights = tf.cast(sample_weight, e.dtype)
+    options = (margin, positive_margin, distance, pair_weighting)
+
+    @tf.custom_gradient
+    def fused(e):
+        loss, grad, scale = _library.fused_contrastive_in_batch_contrastive_loss_reduced(
+            ids, e, weights, scalar(margin), scalar(positive_margin), scalar(loss_scale),
+            distance=distance, pair_weighting=pair_weighting, max_block_rows=max_block_rows,
+            reduction=reduction)
+
+        def backward(upstream):
+            if record.could_possibly_record():
+                per_anchor = weights * tf.cast(scale, e.dtype) * upstream
+                return _in_batch_reference_gradient(
+                    ids, e, options, per_anchor * tf.ones_like(e[:, 0]))
+            return scale_gradient(grad, upstream)
+
+        return loss, backward
+
+    return tf.cast(fused(e), embeddings.dtype)
+
+
+@tf.RegisterGradient(IN_BATCH_OP_NAME)
+def _in_batch_loss_grad(op, grad_loss):
+    labels, e, margin, positive_margin = op.inputs
+    attrs = {name: op.get_attr(name) for name in ("distance", "pair_weighting")}
+    attrs = {name: value.decode() for name, value in attrs.items()}
+    if record.could_possibly_record():
+        grad = _in_batch_reference_gradient(
+            labels, e, (margin, positive_margin, attrs["distance"], attrs["pair_weighting"]),
+            grad_loss)
+    else:
+        grad = _library.fused_contrastive_in_batch_contrastive_loss_grad(
+            labels, e, grad_loss, margin, positive_margin,
+            max_block_rows=op.get_attr("max_block_rows"), **attrs)
+    # Labels and margins get no gradient.
+    return [None, grad, None, None]
+
+
+@tf.RegisterGradient(IN_BATCH_GRAD_OP_NAME)
+def _in_batch_grad_grad(op, *_):
+    # As _embedding_grad_grad: taped backward passes use the reference.
+    raise NotImplementedError(
+        f"{op.name}: tf.gradients cannot differentiate the fused in-batch loss twice; use "
+        "tf.GradientTape (nested tapes differentiate it to any order) or "
+        "fused_contrastive.in_batch_contrastive_loss_reference")

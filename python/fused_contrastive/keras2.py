@@ -5,8 +5,10 @@ set, as `tf.keras` is then tf_keras."""
 
 import tf_keras
 
-from fused_contrastive._inputs import number_margin, validate_distance, validate_similar_label
-from fused_contrastive.losses import per_pair_loss
+from fused_contrastive._inputs import (number_margin, validate_distance,
+                                       validate_in_batch_options, validate_max_block_rows,
+                                       validate_similar_label)
+from fused_contrastive.losses import in_batch_contrastive_loss, per_pair_loss
 
 
 @tf_keras.utils.register_keras_serializable(package="fused_contrastive")
@@ -36,6 +38,37 @@ class ContrastiveLoss(tf_keras.losses.Loss):
     def get_config(self):
         return {**super().get_config(), "margin": self.margin,
                 "similar_label": self.similar_label, "distance": self.distance}
+
+
+@tf_keras.utils.register_keras_serializable(package="fused_contrastive")
+class InBatchContrastiveLoss(tf_keras.losses.Loss):
+    """The in-batch all-pairs contrastive loss as a Keras 2 loss; see
+    `fused_contrastive.losses.InBatchContrastiveLoss` (`y_true` class labels
+    [B], `y_pred` embeddings [B, D]). tf_keras reduces the per-anchor losses.
+    """
+
+    def __init__(self, margin=1.0, positive_margin=0.0, distance="euclidean",
+                 pair_weighting="uniform",
+                 reduction=tf_keras.losses.Reduction.SUM_OVER_BATCH_SIZE,
+                 name="in_batch_contrastive_loss", max_block_rows=None):
+        super().__init__(reduction=reduction, name=name)
+        self.margin = number_margin(margin, type(self).__name__)
+        self.positive_margin = number_margin(positive_margin, type(self).__name__,
+                                             "positive_margin")
+        _, _, self.distance, self.pair_weighting = validate_in_batch_options(
+            self.margin, self.positive_margin, distance, pair_weighting)
+        validate_max_block_rows(max_block_rows)
+        self.max_block_rows = max_block_rows
+
+    def call(self, y_true, y_pred):
+        return in_batch_contrastive_loss(y_true, y_pred, self.margin, self.positive_margin,
+                                         self.distance, self.pair_weighting,
+                                         self.max_block_rows)
+
+    def get_config(self):
+        return {**super().get_config(), "margin": self.margin,
+                "positive_margin": self.positive_margin, "distance": self.distance,
+                "pair_weighting": self.pair_weighting, "max_block_rows": self.max_block_rows}
 
 
 # Models saved with tfa.losses.ContrastiveLoss load as this class (see losses.py).

@@ -6,11 +6,13 @@ import tensorflow as tf
 from fused_contrastive import _ops
 from tensorflow.python.eager import record
 
-from fused_contrastive._inputs import (number_margin, prepare_embedding_inputs, prepare_inputs,
-                                       reject_ragged, split_pairs, squeeze_extra_unit_axis,
-                                       validate_distance, validate_margin,
-                                       validate_similar_label)
-from fused_contrastive.reference import reference_embedding_loss, reference_loss
+from fused_contrastive._inputs import (number_margin, prepare_embedding_inputs,
+                                       prepare_in_batch_inputs, prepare_inputs, reject_ragged,
+                                       split_pairs, squeeze_extra_unit_axis, validate_distance,
+                                       validate_in_batch_options, validate_margin,
+                                       validate_max_block_rows, validate_similar_label)
+from fused_contrastive.reference import (reference_embedding_loss, reference_in_batch_loss,
+                                         reference_loss)
 
 
 def contrastive_loss(y_true, y_pred, margin=1.0, similar_label=1):
@@ -93,6 +95,55 @@ def contrastive_loss_from_embeddings(y_true, embeddings_a, embeddings_b, margin=
     return _ops.embedding_loss(labels, a, b, margin, distance, similar_label)
 
 
+def in_batch_contrastive_loss(labels, embeddings, margin=1.0, positive_margin=0.0,
+                              distance="euclidean", pair_weighting="uniform",
+                              max_block_rows=None):
+    """Per-anchor contrastive loss over every pair of a batch, from class labels.
+
+    Every ordered pair (i, j), j != i, of the batch is used: equal class labels
+    make a positive pair, with term `max(d - positive_margin, 0)^2`, different
+    ones a negative pair, with term `max(margin - d, 0)^2` (with
+    `positive_margin = 0`, TF Addons' formula on every pair). The B x B
+    distance matrix is never stored: one fused sweep over blocks of rows
+    computes distances, terms and per-anchor sums, and for backprop a second
+    sweep (or, in `InBatchContrastiveLoss` while training, the same one) the
+    gradient; memory stays linear in B.
+
+    Args:
+      labels: class ids `[B]` or `[B, 1]`: int32, int64, or floats holding
+        integers (what Keras passes as `y_true`).
+      embeddings: `[B, D]` (float16, bfloat16, float32 or float64; 16-bit ones
+        are computed in float32).
+      margin: non-negative, finite number (or scalar tensor) that negative
+        pairs should exceed.
+      positive_margin: non-negative, finite number (or scalar tensor) below
+        which positive pairs cost nothing.
+      distance: "euclidean" (`‖e_i − e_j‖₂`) or "cosine" (`1 − cos(e_i, e_j)`,
+        0 similarity for a zero vector).
+      pair_weighting: "uniform": `l_i = Σ_j term_ij / (B − 1)`; "balanced": the
+        mean of anchor i's positive terms plus the mean of its negative terms
+        (a mean over no pairs is 0).
+      max_block_rows: None (the op chooses) or a cap on the rows per block,
+        which bounds the op's scratch memory (on GPU and under XLA it is about
+        block · B values).
+
+    Returns:
+      `[B]` per-anchor losses in the embeddings' dtype (`B = 1` gives `[0]`).
+      Gradients flow to the embeddings only; equal embeddings (distance 0) get
+      the subgradient 0 of the norm there, never NaN.
+
+    >>> print(in_batch_contrastive_loss(
+    ...     [0, 0, 1], [[0.0, 0.0], [0.0, 0.5], [0.0, 2.0]], margin=1.0).numpy())
+    [0.125 0.125 0.   ]
+    """
+    options = validate_in_batch_options(margin, positive_margin, distance, pair_weighting)
+    max_block_rows = validate_max_block_rows(max_block_rows)
+    labels, embeddings = prepare_in_batch_inputs(labels, embeddings)
+    if _ops.using_reference():
+        return reference_in_batch_loss(labels, embeddings, *options)
+    return _ops.in_batch_loss(labels, embeddings, *options, max_block_rows)
+
+
 # Keras reduction -> the fused op's (None: Keras reduces the per-sample losses).
 _FUSED_REDUCTIONS = {"sum": "sum", "sum_over_batch_size": "mean", "mean": "mean",
                      "mean_with_sample_weight": "weighted_mean"}
@@ -117,6 +168,45 @@ def _align_weights(weights, distances):
     if weights.shape.is_fully_defined() and weights.shape == distances.shape:
         return weights
     return None
+
+
+class _FusedReduction:
+    """What a fused-reduction op takes for a Keras reduction: the op's mode,
+    the sample weights (a scalar or the per-sample losses' shape) and Keras'
+    loss scale for tf.distribute."""
+
+    def __init__(self, mode, weights, loss_scale):
+        self.mode, self.weights, self.loss_scale = mode, weights, loss_scale
+
+
+def _fused_reduction_possible(loss, y_pred):
+    """Whether a Keras loss object's reduction has a fused op: not "none" or
+    None, not under the pure-TF fallback, and no Keras mask on y_pred."""
+    return (_FUSED_REDUCTIONS.get(loss.reduction) is not None and not _ops.using_reference()
+            and getattr(y_pred, "_keras_mask", None) is None)
+
+
+def _fused_reduction_inputs(loss, losses, sample_weight):
+    """The _FusedReduction of `loss` (a Keras loss object) for per-sample losses
+    of the shape of `losses`, or None where Keras' own reduction must run:
+    scalar or statically empty losses (which Keras returns unreduced), weights
+    that need broadcasting, and [1] losses with a scalar weight (likewise)."""
+    mode = _FUSED_REDUCTIONS[loss.reduction]
+    rank = losses.shape.rank
+    if rank == 0 or (rank == 1 and losses.shape[0] == 0):
+        return None
+    if sample_weight is None:
+        weights = _ops.scalar(1.0, losses.dtype)
+        if mode == "weighted_mean":  # Keras divides by the count then
+            mode = "mean"
+    else:
+        weights = _align_weights(keras.ops.convert_to_tensor(sample_weight, loss.dtype), losses)
+        if weights is None:
+            return None
+    loss_scale = 1.0
+    if mode != "sum":  # Keras' scale_loss_for_distribution
+        loss_scale /= tf.distribute.get_strategy().num_replicas_in_sync
+    return _FusedReduction(mode, weights, loss_scale)
 
 
 @keras.saving.register_keras_serializable(package="fused_contrastive")
@@ -173,17 +263,12 @@ class ContrastiveLoss(keras.losses.Loss):
 
     def _fused_reduction(self, y_true, y_pred, sample_weight):
         """The reduced loss from the fused-reduction op, or None where Keras' own
-        reduction must run: reduction "none", masks, weights that need
-        broadcasting, scalar or statically empty losses (which Keras returns
-        unreduced), [1] losses with a scalar weight (likewise), and the
-        pure-TensorFlow fallback."""
-        mode = _FUSED_REDUCTIONS.get(self.reduction)
-        if (mode is None or _ops.using_reference()
-                or getattr(y_pred, "_keras_mask", None) is not None):
-            return None
+        reduction must run (see _fused_reduction_inputs)."""
         # The embedding op writes both embeddings' gradients as it reduces:
         # worth it only when a tape will use them (training), not in evaluate.
         if self.distance is not None and not record.could_possibly_record():
+            return None
+        if not _fused_reduction_possible(self, y_pred):
             return None
         with tf.name_scope(self.name):
             # Converted as Keras' own __call__ converts them.
@@ -194,31 +279,97 @@ class ContrastiveLoss(keras.losses.Loss):
             else:
                 labels, a, b = prepare_embedding_inputs(y_true, *split_pairs(y_pred))
                 distances = labels  # only their shape matters below
-            rank = distances.shape.rank
-            if rank == 0 or (rank == 1 and distances.shape[0] == 0):
+            reduction = _fused_reduction_inputs(self, distances, sample_weight)
+            if reduction is None:
                 return None
-            if sample_weight is None:
-                weights = _ops.scalar(1.0, distances.dtype)
-                if mode == "weighted_mean":  # Keras divides by the count then
-                    mode = "mean"
-            else:
-                weights = _align_weights(keras.ops.convert_to_tensor(sample_weight, self.dtype),
-                                         distances)
-                if weights is None:
-                    return None
-            loss_scale = 1.0
-            if mode != "sum":  # Keras' scale_loss_for_distribution
-                loss_scale /= tf.distribute.get_strategy().num_replicas_in_sync
             if self.distance is None:
-                return _ops.reduced_loss(labels, distances, weights, self.margin, mode,
-                                         loss_scale, self.similar_label)
-            return _ops.reduced_embedding_loss(labels, a, b, weights, self.margin, mode,
-                                               loss_scale, self.distance, self.similar_label)
+                return _ops.reduced_loss(labels, distances, reduction.weights, self.margin,
+                                         reduction.mode, reduction.loss_scale,
+                                         self.similar_label)
+            return _ops.reduced_embedding_loss(labels, a, b, reduction.weights, self.margin,
+                                               reduction.mode, reduction.loss_scale,
+                                               self.distance, self.similar_label)
 
     def get_config(self):
         config = super().get_config()
         config.update(margin=self.margin, similar_label=self.similar_label,
                       distance=self.distance, dtype=self._dtype_policy.name)
+        return config
+
+
+@keras.saving.register_keras_serializable(package="fused_contrastive")
+class InBatchContrastiveLoss(keras.losses.Loss):
+    """The in-batch all-pairs contrastive loss as a Keras 3 loss.
+
+    `y_true` are class labels `[B]` (integers; Keras passes them as floats),
+    `y_pred` the embeddings `[B, D]`; every pair of the batch is used (see
+    `in_batch_contrastive_loss`). `sample_weight` weighs anchors. While
+    training, the loss and its gradient come from one fused sweep over the
+    pairs, with the reduction fused in; memory stays linear in B. Under
+    `tf.distribute` each replica's loss covers the pairs of its own batch.
+
+    Args:
+      margin, positive_margin, distance, pair_weighting, max_block_rows: as in
+        `in_batch_contrastive_loss`.
+      reduction: any Keras 3 reduction ("sum_over_batch_size", the default, is
+        the mean over anchors).
+      name: name of the loss.
+      dtype: dtype the loss computes in; defaults to `keras.backend.floatx()`.
+
+    >>> loss = InBatchContrastiveLoss(reduction="sum")
+    >>> round(float(loss([0, 0, 1], [[0.0, 0.0], [0.0, 0.5], [0.0, 2.0]])), 4)
+    0.25
+    """
+
+    def __init__(self, margin=1.0, positive_margin=0.0, distance="euclidean",
+                 pair_weighting="uniform", reduction="sum_over_batch_size",
+                 name="in_batch_contrastive_loss", dtype=None, max_block_rows=None):
+        if reduction == "auto":
+            reduction = "sum_over_batch_size"
+        super().__init__(name=name, reduction=reduction, dtype=dtype)
+        self.margin = number_margin(margin, type(self).__name__)
+        self.positive_margin = number_margin(positive_margin, type(self).__name__,
+                                             "positive_margin")
+        _, _, self.distance, self.pair_weighting = validate_in_batch_options(
+            self.margin, self.positive_margin, distance, pair_weighting)
+        validate_max_block_rows(max_block_rows)
+        self.max_block_rows = max_block_rows
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        reject_ragged(y_true, y_pred)
+        reduced = None
+        # The fused reduction writes the gradient as it reduces: worth it only
+        # when a tape will use it (training), not in evaluate.
+        if record.could_possibly_record() and _fused_reduction_possible(self, y_pred):
+            reduced = self._fused_reduction(y_true, y_pred, sample_weight)
+        if reduced is None:
+            return super().__call__(y_true, y_pred, sample_weight)
+        return reduced
+
+    def call(self, y_true, y_pred):
+        return in_batch_contrastive_loss(y_true, y_pred, self.margin, self.positive_margin,
+                                         self.distance, self.pair_weighting,
+                                         self.max_block_rows)
+
+    def _fused_reduction(self, y_true, y_pred, sample_weight):
+        with tf.name_scope(self.name):
+            y_true = keras.ops.convert_to_tensor(y_true, self.dtype)
+            y_pred = keras.ops.convert_to_tensor(y_pred, self.dtype)
+            labels, embeddings = prepare_in_batch_inputs(y_true, y_pred)
+            per_anchor = labels  # only its shape matters
+            reduction = _fused_reduction_inputs(self, per_anchor, sample_weight)
+            if reduction is None:
+                return None
+            return _ops.reduced_in_batch_loss(
+                labels, embeddings, reduction.weights, self.margin, self.positive_margin,
+                self.distance, self.pair_weighting, validate_max_block_rows(self.max_block_rows),
+                reduction.mode, reduction.loss_scale)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(margin=self.margin, positive_margin=self.positive_margin,
+                      distance=self.distance, pair_weighting=self.pair_weighting,
+                      max_block_rows=self.max_block_rows, dtype=self._dtype_policy.name)
         return config
 
 

@@ -7,9 +7,9 @@ computes: float16/bfloat16 in float32, labels used linearly.
 
 import tensorflow as tf
 
-from fused_contrastive._inputs import (DISTANCE_DTYPES, LABEL_DTYPES, dtype_names,
-                                       prepare_embedding_inputs, prepare_inputs,
-                                       validate_choice, validate_distance, validate_margin,
+from fused_contrastive._inputs import (prepare_embedding_inputs, prepare_in_batch_inputs,
+                                       prepare_inputs, validate_distance,
+                                       validate_in_batch_options, validate_margin,
                                        validate_similar_label)
 
 
@@ -23,7 +23,7 @@ def _in_compute_dtype(labels, distances, margin, similar_label):
     dtype = compute_dtype(distances.dtype)
     # A Python float margin goes straight to the compute dtype: tf.cast would
     # first make it a float32 tensor and round it.
-    margin = tf.cast(margin, dtype) if tf.is_tensor(margin) else tf.constant(margin, dtype)
+    margin = _as_dtype(margin, dtype)
     y = tf.cast(labels, dtype)
     if similar_label == 0:
         y = 1.0 - y
@@ -36,6 +36,12 @@ def reference_loss(labels, distances, margin, similar_label=1):
     hinge = tf.maximum(m - d, 0.0)
     loss = y * tf.square(d) + (1.0 - y) * tf.square(hinge)
     return tf.cast(loss, distances.dtype)
+
+
+def _as_dtype(value, dtype):
+    """A margin (a number, or a float64 tensor) in dtype; a number goes there
+    directly, as tf.cast would first round it to float32."""
+    return tf.cast(value, dtype) if tf.is_tensor(value) else tf.constant(value, dtype)
 
 
 def _safe(x, ok):
@@ -110,34 +116,6 @@ def contrastive_loss_from_embeddings_reference(y_true, embeddings_a, embeddings_
     return reference_embedding_loss(labels, a, b, margin, distance, similar_label)
 
 
-IN_BATCH_DISTANCES = ("euclidean", "cosine")
-PAIR_WEIGHTINGS = ("uniform", "balanced")
-# Class ids: integers, or floats holding them (Keras passes y_true as floats).
-CLASS_LABEL_DTYPES = tuple(t for t in LABEL_DTYPES if t != tf.bool)
-
-
-def _prepare_in_batch_inputs(labels, embeddings):
-    """Class labels [B] (or [B, 1]) and embeddings [B, D], checked."""
-    embeddings = tf.convert_to_tensor(embeddings)
-    if embeddings.dtype not in DISTANCE_DTYPES:
-        raise TypeError("in-batch contrastive loss: embeddings must be "
-                        f"{dtype_names(DISTANCE_DTYPES)}; got {embeddings.dtype.name}")
-    if embeddings.shape.rank != 2:
-        raise ValueError("in-batch contrastive loss: embeddings must have rank 2, [B, D]; got "
-                         f"shape {embeddings.shape}")
-    labels = tf.convert_to_tensor(labels)
-    if labels.dtype not in CLASS_LABEL_DTYPES:
-        raise TypeError("in-batch contrastive loss: labels must be class ids "
-                        f"({dtype_names(CLASS_LABEL_DTYPES)}; floats holding integers); got "
-                        f"{labels.dtype.name}")
-    if labels.shape.rank == 2 and labels.shape[-1] == 1:
-        labels = tf.squeeze(labels, -1)
-    if labels.shape.rank != 1 or not labels.shape.is_compatible_with(embeddings.shape[:1]):
-        raise ValueError("in-batch contrastive loss: labels must have shape [B] or [B, 1] for "
-                         f"embeddings [B, D] = {embeddings.shape}; got {labels.shape}")
-    return labels, embeddings
-
-
 def in_batch_contrastive_loss_reference(labels, embeddings, margin=1.0, positive_margin=0.0,
                                         distance="euclidean", pair_weighting="uniform"):
     """Per-anchor contrastive loss over every ordered pair (i, j), j != i, of a
@@ -156,11 +134,15 @@ def in_batch_contrastive_loss_reference(labels, embeddings, margin=1.0, positive
     ...     [0, 0, 1], [[0.0, 0.0], [0.0, 0.5], [0.0, 2.0]], margin=1.0).numpy())
     [0.125 0.125 0.   ]
     """
-    margin = validate_margin(margin)
-    positive_margin = validate_margin(positive_margin)
-    distance = validate_choice(distance, IN_BATCH_DISTANCES, "distance")
-    pair_weighting = validate_choice(pair_weighting, PAIR_WEIGHTINGS, "pair_weighting")
-    labels, embeddings = _prepare_in_batch_inputs(labels, embeddings)
+    options = validate_in_batch_options(margin, positive_margin, distance, pair_weighting)
+    labels, embeddings = prepare_in_batch_inputs(labels, embeddings)
+    return reference_in_batch_loss(labels, embeddings, *options)
+
+
+def reference_in_batch_loss(labels, embeddings, margin, positive_margin, distance,
+                            pair_weighting):
+    """Per-anchor in-batch loss on prepared inputs and validated options (see
+    in_batch_contrastive_loss_reference)."""
     dtype = compute_dtype(embeddings.dtype)
     e = tf.cast(embeddings, dtype)
     gram = tf.matmul(e, e, transpose_b=True)
@@ -179,8 +161,8 @@ def in_batch_contrastive_loss_reference(labels, embeddings, margin=1.0, positive
     same = tf.equal(labels[:, None], labels[None, :])
     positive = tf.logical_and(same, others)
     negative = tf.logical_and(tf.logical_not(same), others)
-    pos_terms = tf.square(tf.maximum(d - tf.constant(positive_margin, dtype), 0.0))
-    neg_terms = tf.square(tf.maximum(tf.constant(margin, dtype) - d, 0.0))
+    pos_terms = tf.square(tf.maximum(d - _as_dtype(positive_margin, dtype), 0.0))
+    neg_terms = tf.square(tf.maximum(_as_dtype(margin, dtype) - d, 0.0))
     zeros = tf.zeros_like(d)
     pos_sum = tf.reduce_sum(tf.where(positive, pos_terms, zeros), axis=1)
     neg_sum = tf.reduce_sum(tf.where(negative, neg_terms, zeros), axis=1)

@@ -1,0 +1,381 @@
+"""The in-batch all-pairs loss (issue 11): in_batch_contrastive_loss, its Keras
+classes and its kernels, against a float64 NumPy oracle with explicit pairs."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import bits, run_python
+
+import fused_contrastive as fc
+from fused_contrastive import _inputs, _kernels
+
+IN_BATCH_DISTANCES = list(_inputs.IN_BATCH_DISTANCES)
+PAIR_WEIGHTINGS = list(_inputs.PAIR_WEIGHTINGS)
+MARGINS = [(1.0, 0.0), (0.7, 0.2)]
+# Relative tolerance against float64 (issue 11's targets for float32/float64;
+# 16-bit inputs are rounded before the float32 computation, and the loss after).
+RTOL = {"float16": 2e-2, "bfloat16": 1e-1, "float32": 2e-4, "float64": 1e-9}
+
+
+def numpy_in_batch(labels, e, margin=1.0, positive_margin=0.0, distance="euclidean",
+                   weighting="uniform", upstream=None):
+    """Per-anchor losses and the gradient of sum(upstream * loss), in float64,
+    from every ordered pair's explicit difference e_i - e_j."""
+    labels = np.asarray(labels).reshape(-1)
+    e = np.asarray(e, np.float64)
+    b = e.shape[0]
+    g = np.ones(b) if upstream is None else np.asarray(upstream, np.float64)
+    diff = e[:, None, :] - e[None, :, :]
+    n = np.sqrt(np.sum(e * e, axis=-1))
+    if distance == "euclidean":
+        d = np.sqrt(np.sum(diff**2, axis=-1))
+        # dd/de_i of every pair, 0 at d = 0.
+        dd = np.divide(diff, d[..., None], out=np.zeros_like(diff), where=d[..., None] > 0)
+    else:
+        norms = n[:, None] * n[None, :]
+        s = e @ e.T
+        d = 1.0 - np.divide(s, norms, out=np.zeros((b, b)), where=norms > 0)
+        ok = (norms > 0)[..., None]
+        safe_norms = np.where(ok, norms[..., None], 1.0)
+        safe_n2 = np.where(ok, (n**2)[:, None, None], 1.0)
+        dd = np.where(ok, -e[None, :, :] / safe_norms
+                      + s[..., None] * e[:, None, :] / (safe_norms * safe_n2), 0.0)
+    others = ~np.eye(b, dtype=bool)
+    same = labels[:, None] == labels[None, :]
+    pos, neg = same & others, ~same & others
+    hp, hn = np.maximum(d - positive_margin, 0.0), np.maximum(margin - d, 0.0)
+    if weighting == "uniform":
+        wp = wn = np.full(b, 1.0 / max(b - 1, 1))
+    else:
+        inv = lambda c: np.divide(1.0, c, out=np.zeros(b), where=c > 0)  # noqa: E731
+        wp, wn = inv(pos.sum(1)), inv(neg.sum(1))
+    loss = wp * np.where(pos, hp**2, 0).sum(1) + wn * np.where(neg, hn**2, 0).sum(1)
+    # Coefficient of dd_ij in d(sum g*loss): anchor i's own term, then the same
+    # pair seen from anchor j (dd_ji = -dd_ij for e_i's part is in dd[j, i]).
+    slope = np.where(pos, 2 * hp * wp[:, None], 0) - np.where(neg, 2 * hn * wn[:, None], 0)
+    c = g[:, None] * slope
+    grad = np.einsum("ij,ijk->ik", c, dd)
+    if distance == "euclidean":
+        grad -= np.einsum("ji,jik->ik", c, dd)
+    else:
+        # d_ji depends on e_i as -e_j/(n_i n_j) + s e_i/(n_i^3 n_j) too.
+        grad += np.einsum("ji,ijk->ik", c, dd)
+    return loss, grad
+
+
+def batch(rng, b, dim=6, duplicates=True):
+    """Embeddings O(1) and labels of 3 classes; with duplicates, rows 1 and 3
+    copy rows 0 (same class) and 2 (another class), and row 4 is zero."""
+    e = rng.normal(size=(b, dim)) / np.sqrt(dim)
+    labels = rng.integers(0, 3, size=b)
+    if duplicates and b >= 5:
+        e[1], labels[1] = e[0], labels[0]
+        e[3], labels[3] = e[2], (labels[2] + 1) % 3
+        e[4] = 0.0
+    return labels, e
+
+
+def fused_loss_and_gradient(labels, e, dtype, upstream, **options):
+    x = tf.constant(e, dtype)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = fc.in_batch_contrastive_loss(labels, x, **options)
+        total = tf.reduce_sum(loss * tf.cast(upstream, loss.dtype))
+    return loss, tape.gradient(total, x)
+
+
+def assert_close(got, want, dtype, what):
+    rtol = RTOL[dtype]
+    scale = max(np.max(np.abs(want)), 1.0) if np.size(want) else 1.0
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol,
+                               atol=rtol * scale, err_msg=what)
+
+
+@pytest.mark.parametrize("distance", IN_BATCH_DISTANCES)
+@pytest.mark.parametrize("weighting", PAIR_WEIGHTINGS)
+@pytest.mark.parametrize("margins", MARGINS)
+@pytest.mark.parametrize("b", [0, 1, 2, 9, 37])
+@pytest.mark.parametrize("max_block_rows", [None, 4])
+def test_matches_float64_numpy(rng, distance, weighting, margins, b, max_block_rows):
+    labels, e = batch(rng, b)
+    upstream = rng.uniform(0.5, 1.5, size=b)
+    want_loss, want_grad = numpy_in_batch(labels, e, *margins, distance, weighting, upstream)
+    for dtype in ("float64", "float32"):
+        loss, grad = fused_loss_and_gradient(labels, e, dtype, upstream, margin=margins[0],
+                                             positive_margin=margins[1], distance=distance,
+                                             pair_weighting=weighting,
+                                             max_block_rows=max_block_rows)
+        assert loss.shape == (b,) and loss.dtype == dtype and grad.shape == (b, 6)
+        assert_close(loss, want_loss, dtype, f"{dtype} loss")
+        assert_close(grad, want_grad, dtype, f"{dtype} gradient")
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_16_bit_embeddings_are_computed_in_float32(rng, dtype):
+    labels, e = batch(rng, 20)
+    e = tf.cast(tf.cast(e, dtype), tf.float64).numpy()  # what the op sees
+    want_loss, want_grad = numpy_in_batch(labels, e, upstream=np.ones(20))
+    loss, grad = fused_loss_and_gradient(labels, e, dtype, np.ones(20))
+    assert loss.dtype == dtype and grad.dtype == dtype
+    assert_close(loss, want_loss, dtype, "loss")
+    assert_close(grad, want_grad, dtype, "gradient")
+
+
+@pytest.mark.parametrize("distance", IN_BATCH_DISTANCES)
+def test_equal_embeddings_give_zero_distance_and_gradient(distance):
+    # A positive duplicate costs nothing; a negative one costs margin^2 with
+    # gradient 0 (the norm's subgradient, never NaN). Euclidean: exactly, in
+    # float32, where the Gram formula alone would leave rounding noise as a
+    # distance. Cosine: 1 - cos rounds to within a few ulp of 0.
+    row = [0.3, -1.7, 2.9, 0.1, 5.0]
+    atol = 0 if distance == "euclidean" else 1e-6
+    for labels, want in (([4, 4], 0.0), ([4, 5], 1.0)):
+        loss, grad = fused_loss_and_gradient(labels, [row, row], "float32", np.ones(2),
+                                             distance=distance)
+        np.testing.assert_allclose(loss, [want, want], rtol=1e-6, atol=atol**2)
+        np.testing.assert_allclose(grad, np.zeros((2, 5)), rtol=0, atol=atol)
+
+
+def test_near_duplicates_keep_an_accurate_distance(rng):
+    # 1e-4 apart on norms ~10: the Gram formula's rounding in float32 is larger
+    # than the distance itself; the kernel computes such pairs directly.
+    e = np.stack([np.full(100, 1.0), np.full(100, 1.0) + 1e-5]).astype(np.float32)
+    want_loss, want_grad = numpy_in_batch([0, 0], e.astype(np.float64), positive_margin=0.0)
+    loss, grad = fused_loss_and_gradient([0, 0], e, "float32", np.ones(2))
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-3)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-3)
+
+
+def test_labels_as_floats_or_column_like_keras_passes_them(rng):
+    labels, e = batch(rng, 12)
+    want = fc.in_batch_contrastive_loss(labels.astype(np.int32), e)
+    for form in (labels.astype(np.float32), labels.astype(np.float64)[:, None],
+                 labels.astype(np.int64)):
+        np.testing.assert_array_equal(bits(fc.in_batch_contrastive_loss(form, e)), bits(want))
+
+
+def test_deterministic_and_independent_of_threads_and_blocks(rng):
+    labels, e = batch(rng, 300, dim=16)
+    e = e.astype(np.float32)
+    g = np.ones(300, np.float32)
+    loss, grad = fused_loss_and_gradient(labels, e, "float32", g)
+    again = fused_loss_and_gradient(labels, e, "float32", g)
+    np.testing.assert_array_equal(bits(loss), bits(again[0]))
+    np.testing.assert_array_equal(bits(grad), bits(again[1]))
+    # The op runs on TF's pool, the pybind11 entry on one thread: same schedule,
+    # same bits.
+    serial_loss, serial_grad = _kernels.in_batch_loss_cpu(labels, e, g)
+    np.testing.assert_array_equal(bits(loss), bits(serial_loss))
+    np.testing.assert_array_equal(bits(grad), bits(serial_grad))
+    small_blocks = fused_loss_and_gradient(labels, e, "float32", g, max_block_rows=7)
+    np.testing.assert_allclose(small_blocks[0], loss, rtol=1e-5)
+    np.testing.assert_allclose(small_blocks[1], grad, rtol=1e-4, atol=1e-6)
+
+
+def test_generic_cpu_build_matches(rng, tmp_path):
+    labels, e = batch(rng, 50)
+    want_loss, want_grad = numpy_in_batch(labels, e, upstream=np.ones(50))
+    np.save(tmp_path / "in.npy", np.concatenate([labels[:, None], e], axis=1))
+    result = run_python(f"""
+        import numpy as np
+        from fused_contrastive import _kernels
+        data = np.load({str(tmp_path / "in.npy")!r})
+        loss, grad = _kernels.in_batch_loss_cpu(data[:, 0].astype(np.int64), data[:, 1:],
+                                                np.ones(len(data)))
+        print(_kernels.in_batch_cpu_isa())
+        np.save({str(tmp_path / "out.npy")!r}, np.concatenate([loss[:, None], grad], 1))
+        """, FUSED_CONTRASTIVE_CPU_ISA="generic")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split()[-1] == "generic"
+    out = np.load(tmp_path / "out.npy")
+    assert_close(out[:, 0], want_loss, "float64", "generic loss")
+    assert_close(out[:, 1:], want_grad, "float64", "generic gradient")
+
+
+def test_second_order_through_nested_tapes_matches_the_reference(rng):
+    labels, e = batch(rng, 7, dim=3)
+    x = tf.constant(e)
+
+    def hvp(fn):
+        v = tf.constant(rng.normal(size=e.shape))
+        with tf.GradientTape() as outer:
+            outer.watch(x)
+            with tf.GradientTape() as inner:
+                inner.watch(x)
+                total = tf.reduce_sum(fn(labels, x) * tf.range(1.0, 8.0, dtype=x.dtype))
+            grad = inner.gradient(total, x)
+        return outer.gradient(grad, x, output_gradients=v)
+
+    rng_state = rng.bit_generator.state
+    want = hvp(fc.in_batch_contrastive_loss_reference)
+    rng.bit_generator.state = rng_state
+    np.testing.assert_allclose(hvp(fc.in_batch_contrastive_loss), want, rtol=1e-9, atol=1e-12)
+
+
+def test_graph_mode_gradients_of_gradients_say_to_use_tapes(rng):
+    labels, e = batch(rng, 5)
+
+    @tf.function
+    def second_order(x):
+        loss = tf.reduce_sum(fc.in_batch_contrastive_loss(labels, x))
+        return tf.gradients(tf.gradients(loss, x)[0], x)
+
+    with pytest.raises(NotImplementedError, match="GradientTape"):
+        second_order(tf.constant(e))
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((3, 2))), ValueError,
+     r"labels must have shape \[B\] or \[B, 1\]"),
+    (lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2, 1))), ValueError,
+     "must have rank 2"),
+    (lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros(2)), ValueError, "must have rank 2"),
+    (lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2)), distance="manhattan"),
+     ValueError, "distance must be one of 'euclidean', 'cosine'"),
+    (lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2)), pair_weighting="mean"),
+     ValueError, "pair_weighting must be one of 'uniform', 'balanced'"),
+    (lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2)), positive_margin=-1.0),
+     ValueError, "positive_margin must be finite and non-negative"),
+    (lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2)), margin=float("nan")),
+     ValueError, "margin must be finite"),
+    (lambda: fc.in_batch_contrastive_loss([True, False], np.zeros((2, 2))), TypeError,
+     "labels must be class ids"),
+    (lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2), np.int32)), TypeError,
+     "embeddings must be"),
+    (lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2)), max_block_rows=0),
+     ValueError, "max_block_rows"),
+    (lambda: fc.in_batch_contrastive_loss([0.0, 1.5], np.zeros((2, 2))),
+     tf.errors.InvalidArgumentError, "class labels must be integers"),
+    (lambda: fc.InBatchContrastiveLoss(pair_weighting="x"), ValueError, "pair_weighting"),
+    (lambda: fc.InBatchContrastiveLoss(positive_margin=tf.constant(1.0)), TypeError,
+     "needs a number positive_margin"),
+])
+def test_bad_input_raises_a_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_shapes_known_only_at_run_time_are_checked_by_the_op():
+    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64),
+                                  tf.TensorSpec([None, None], tf.float32)])
+    def loss(labels, e):
+        return fc.in_batch_contrastive_loss(labels, e)
+
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"labels \[B\]"):
+        loss(tf.constant([0, 1, 2], tf.int64), tf.zeros((2, 3)))
+
+
+def test_tensor_margins_and_a_margin_variable(rng):
+    labels, e = batch(rng, 10)
+    margin = tf.Variable(0.8, dtype=tf.float64)
+    want, _ = numpy_in_batch(labels, e, 0.8, 0.1)
+    got = fc.in_batch_contrastive_loss(labels, e, margin, tf.constant(0.1, tf.float64))
+    assert_close(got, want, "float64", "loss")
+    margin.assign(-1.0)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="margin must be finite"):
+        fc.in_batch_contrastive_loss(labels, e, margin)
+
+
+class KerasReducedInBatch(keras.losses.Loss):
+    """Keras' own reduction of the reference's per-anchor losses."""
+
+    def call(self, y_true, y_pred):
+        return fc.in_batch_contrastive_loss_reference(y_true, y_pred, 0.9, 0.1, "cosine",
+                                                      "balanced")
+
+
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "mean",
+                                       "mean_with_sample_weight", "none"])
+@pytest.mark.parametrize("weights", [None, "scalar", "per_anchor"])
+def test_keras_class_reduces_as_keras(rng, reduction, weights):
+    labels, e = batch(rng, 24)
+    x = tf.constant(e, tf.float32)
+    sample_weight = {None: None, "scalar": 0.5,
+                     "per_anchor": rng.uniform(size=24).astype(np.float32)}[weights]
+    ours = fc.InBatchContrastiveLoss(0.9, 0.1, "cosine", "balanced", reduction=reduction)
+    keras_own = KerasReducedInBatch(reduction=reduction)
+    results = []
+    for loss_object in (ours, keras_own):
+        with tf.GradientTape() as tape:  # the fused reduction runs under a tape
+            tape.watch(x)
+            value = loss_object(labels.astype(np.float32), x, sample_weight=sample_weight)
+        results.append((value, tape.gradient(value, x)))
+        results.append((loss_object(labels.astype(np.float32), x, sample_weight=sample_weight),
+                        None))
+    want = results[2][0].numpy()
+    for value, grad in (results[0], results[1]):
+        np.testing.assert_allclose(value, want, rtol=2e-5, atol=1e-7)
+    np.testing.assert_allclose(results[0][1], results[2][1], rtol=1e-4, atol=1e-6)
+
+
+def test_keras_class_config_and_keras_file_round_trip(tmp_path, rng):
+    loss = fc.InBatchContrastiveLoss(0.9, 0.2, "cosine", "balanced", reduction="sum",
+                                     max_block_rows=64)
+    config = loss.get_config()
+    assert {k: config[k] for k in ("margin", "positive_margin", "distance", "pair_weighting",
+                                   "max_block_rows", "reduction")} == {
+        "margin": 0.9, "positive_margin": 0.2, "distance": "cosine",
+        "pair_weighting": "balanced", "max_block_rows": 64, "reduction": "sum"}
+    json.dumps(config)
+    clone = fc.InBatchContrastiveLoss.from_config(config)
+    assert clone.get_config() == config
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
+    model.compile(loss=loss)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    assert type(loaded.loss) is fc.InBatchContrastiveLoss
+    assert loaded.loss.get_config() == config
+
+
+def embedding_model():
+    return keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
+                             keras.layers.Dense(4)])
+
+
+@pytest.mark.parametrize("jit_compile", [True, "auto"])
+def test_keras_fit_compiles_the_loss_with_xla(rng, jit_compile):
+    x = rng.normal(size=(256, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32) + 2 * (x[:, 1] > 0)
+    losses = {}
+    for jit in (jit_compile, False):
+        keras.utils.set_random_seed(3)
+        model = embedding_model()
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=fc.InBatchContrastiveLoss(),
+                      jit_compile=jit)
+        history = model.fit(x, y, batch_size=64, epochs=3, shuffle=False, verbose=0)
+        losses[jit] = history.history["loss"]
+    assert losses[False][-1] < losses[False][0]  # it learns
+    np.testing.assert_allclose(losses[jit_compile], losses[False], rtol=1e-4)
+
+
+def test_linear_memory_at_32768_rows():
+    # One B x B float32 matrix alone would be 4.3 GB; the whole forward and
+    # backward pass must stay under 1.5 GB of extra peak memory, measured as
+    # the growth of the process's peak RSS over what the inputs took.
+    result = run_python("""
+        import resource
+        import numpy as np
+        import tensorflow as tf
+        import fused_contrastive as fc
+        rng = np.random.default_rng(0)
+        b, d = 32768, 64
+        x = tf.constant(rng.normal(size=(b, d)).astype(np.float32))
+        labels = tf.constant(rng.integers(0, 1000, size=b))
+        loss_object = fc.InBatchContrastiveLoss()
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with tf.GradientTape(persistent=True) as tape:
+            tape.watch(x)
+            reduced = loss_object(labels, x)  # the one-sweep Keras path
+            per_anchor = tf.reduce_mean(fc.in_batch_contrastive_loss(labels, x))
+        grads = [tape.gradient(reduced, x), tape.gradient(per_anchor, x)]
+        np.testing.assert_allclose(float(reduced), float(per_anchor), rtol=1e-5)
+        np.testing.assert_allclose(grads[0], grads[1], rtol=1e-3, atol=1e-9)
+        extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+        print("extra_kib", extra)
+        """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    extra_kib = int(result.stdout.split()[-1])
+    assert extra_kib < 1.5 * 2**20, f"extra peak RSS {extra_kib / 2**20:.2f} GiB"
