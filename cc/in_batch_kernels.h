@@ -95,6 +95,17 @@ int64_t InBatchLossGpuWorkspace(const InBatchArgs& args);
 GpuStatus InBatchLossGpu(const InBatchArgs& args, void* workspace, const GpuGemm& gemm,
                          void* stream);
 
+// Device scratch bytes InBatchLossReducedGpu needs (linear in rows).
+int64_t InBatchLossReducedGpuWorkspace(const InBatchReducedArgs& args);
+
+// InBatchLossReducedCpu on device pointers (args.in's labels and embeddings,
+// weights, loss, grad and reduction_scale), on `stream`: g_i and the weight
+// sum are computed on the device, in a fixed order, so the stream is never
+// waited on. Deterministic; the sums follow the GPU's own order, so results
+// match the CPU kernel to rounding. Only in builds with CUDA.
+GpuStatus InBatchLossReducedGpu(const InBatchReducedArgs& args, void* workspace,
+                                const GpuGemm& gemm, void* stream);
+
 // A GpuGemm of `type` (kFloat32 or kFloat64) on `stream` from a plain tiled
 // kernel, for callers without cuBLAS (the pybind11 module: the GPU check
 // machine has no TensorFlow, and the CUDA toolkit here no libcublas). Several

@@ -377,20 +377,10 @@ py::tuple EmbeddingLossReducedCpuNumpy(py::array labels, py::array embeddings_a,
   return py::make_tuple(loss, grad_a, grad_b, reduction_scale);
 }
 
-// The in-batch kernels' checked arguments: embeddings [B, D] float32/float64,
-// class labels [B] (made int64), margins and names; the upstream gradient,
-// when given, [B] of the embeddings' dtype.
-struct InBatchOperands {
-  InBatchArgs args;
-  py::array labels;
-  py::array embeddings;
-  py::array upstream;
-};
-
-InBatchOperands CheckedInBatchArgs(const py::object& labels, const py::object& embeddings,
-                                   const py::object& upstream, double margin,
-                                   double positive_margin, const std::string& distance,
-                                   const std::string& pair_weighting, int64_t max_block_rows) {
+// The in-batch entries' options (host and CUDA alike): InBatchArgs with the
+// margins, distance, pair weighting and block cap set, no operand yet.
+InBatchArgs InBatchOptions(double margin, double positive_margin, const std::string& distance,
+                           const std::string& pair_weighting, int64_t max_block_rows) {
   CheckMargin(margin);
   CheckMargin(positive_margin);
   const Distance k = DistanceFromName(distance);
@@ -402,37 +392,69 @@ InBatchOperands CheckedInBatchArgs(const py::object& labels, const py::object& e
     throw py::value_error("pair_weighting must be 'uniform' or 'balanced', got '" +
                           pair_weighting + "'");
   }
-  InBatchOperands out;
-  out.embeddings = KernelArray(embeddings, "embeddings");
-  const DType type = DTypeOfArray(out.embeddings, "embeddings");
-  if (!IsInBatchDType(type)) {
+  return InBatchArgs{DType::kFloat32, nullptr, nullptr, 0,       0,       margin, positive_margin,
+                     k,               weighting, max_block_rows, nullptr, nullptr, nullptr};
+}
+
+// Embeddings [B, D] of float32 or float64: sets args' type, rows and dim.
+void CheckInBatchEmbeddings(const Operand& embeddings, InBatchArgs* args) {
+  if (!IsInBatchDType(embeddings.type)) {
     throw py::type_error(std::string("embeddings must be float32 or float64, got ") +
-                         DTypeName(type));
+                         DTypeName(embeddings.type));
   }
-  if (out.embeddings.ndim() != 2) {
+  if (embeddings.shape.size() != 2) {
     throw py::value_error("embeddings must have shape [B, D], got " +
-                          ShapeString(ShapeOf(out.embeddings)));
+                          ShapeString(embeddings.shape));
   }
-  const int64_t rows = out.embeddings.shape(0);
+  args->type = embeddings.type;
+  args->embeddings = embeddings.data;
+  args->rows = embeddings.shape[0];
+  args->dim = embeddings.shape[1];
+}
+
+// Class labels [B]: int64, or int32 too where the caller widens them (the
+// kernels read int64).
+void CheckInBatchLabels(const Operand& labels, const InBatchArgs& args, bool int32_ok) {
+  if (labels.type != DType::kInt64 && !(int32_ok && labels.type == DType::kInt32)) {
+    throw py::type_error(std::string("labels must be ") + (int32_ok ? "int32 or int64" : "int64") +
+                         " class ids, got " + DTypeName(labels.type));
+  }
+  CheckSameShape("labels", labels.shape, "embeddings.shape[:1]", {args.rows});
+}
+
+// The upstream gradient: [B], of the embeddings' dtype.
+void CheckInBatchUpstream(const Operand& upstream, const InBatchArgs& args) {
+  CheckSameDType("upstream", upstream.type, "embeddings", args.type);
+  CheckSameShape("upstream", upstream.shape, "embeddings.shape[:1]", {args.rows});
+}
+
+// The in-batch kernels' checked host arguments: embeddings [B, D]
+// float32/float64, class labels [B] (made int64), margins and names; the
+// upstream gradient, when given, [B] of the embeddings' dtype.
+struct InBatchOperands {
+  InBatchArgs args;
+  py::array labels;
+  py::array embeddings;
+  py::array upstream;
+};
+
+InBatchOperands CheckedInBatchArgs(const py::object& labels, const py::object& embeddings,
+                                   const py::object& upstream, double margin,
+                                   double positive_margin, const std::string& distance,
+                                   const std::string& pair_weighting, int64_t max_block_rows) {
+  InBatchOperands out;
+  out.args = InBatchOptions(margin, positive_margin, distance, pair_weighting, max_block_rows);
+  out.embeddings = KernelArray(embeddings, "embeddings");
+  CheckInBatchEmbeddings(HostOperand(out.embeddings, "embeddings"), &out.args);
   out.labels = KernelArray(labels, "labels");
-  const DType label_type = DTypeOfArray(out.labels, "labels");
-  if (label_type != DType::kInt32 && label_type != DType::kInt64) {
-    throw py::type_error(std::string("labels must be int32 or int64 class ids, got ") +
-                         DTypeName(label_type));
-  }
-  CheckSameShape("labels", ShapeOf(out.labels), "embeddings.shape[:1]", {rows});
+  CheckInBatchLabels(HostOperand(out.labels, "labels"), out.args, /*int32_ok=*/true);
   out.labels = KernelArray(out.labels.attr("astype")("int64"), "labels");
-  const void* upstream_data = nullptr;
+  out.args.labels = static_cast<const int64_t*>(out.labels.data());
   if (!upstream.is_none()) {
     out.upstream = KernelArray(upstream, "upstream");
-    CheckSameDType("upstream", DTypeOfArray(out.upstream, "upstream"), "embeddings", type);
-    CheckSameShape("upstream", ShapeOf(out.upstream), "embeddings.shape[:1]", {rows});
-    upstream_data = out.upstream.data();
+    CheckInBatchUpstream(HostOperand(out.upstream, "upstream"), out.args);
+    out.args.upstream = out.upstream.data();
   }
-  out.args = InBatchArgs{type, static_cast<const int64_t*>(out.labels.data()),
-                         out.embeddings.data(), rows, out.embeddings.shape(1), margin,
-                         positive_margin, k, weighting, max_block_rows, upstream_data,
-                         nullptr, nullptr};
   return out;
 }
 
@@ -573,23 +595,29 @@ CudaLossArrays ReadCudaLossArrays(const py::object& labels, const py::object& di
   return a;
 }
 
-// reduction_scale and workspace of the reduced kernels: one writable float64,
-// and at least `needed` writable bytes, where the kernels keep float64 block
-// sums whatever the workspace's typestr.
-void CheckReducedScratch(const DeviceArray& s, const DeviceBuffer& ws, int64_t needed,
-                         const char* needed_what) {
-  if (s.type != DType::kFloat64 || s.elements != 1) {
-    throw py::value_error("reduction_scale must hold one float64");
-  }
+// A kernel's workspace: at least `needed` writable bytes, where the kernels
+// keep float64 values whatever the workspace's typestr.
+void CheckWorkspace(const DeviceBuffer& ws, int64_t needed, const char* needed_what) {
   if (ws.bytes < needed) {
     throw py::value_error(std::string("workspace is smaller than ") + needed_what);
   }
   if (reinterpret_cast<uintptr_t>(ws.data) % alignof(double) != 0) {
     throw py::value_error("workspace must be aligned to 8 bytes");
   }
+  if (ws.readonly) throw py::value_error("workspace must be writable");
+}
+
+// reduction_scale and workspace of the reduced kernels: one writable float64
+// and a workspace as CheckWorkspace wants it.
+void CheckReducedScratch(const DeviceArray& s, const DeviceBuffer& ws, int64_t needed,
+                         const char* needed_what) {
+  if (s.type != DType::kFloat64 || s.elements != 1) {
+    throw py::value_error("reduction_scale must hold one float64");
+  }
   if (s.readonly || ws.readonly) {
     throw py::value_error("reduction_scale and workspace must be writable");
   }
+  CheckWorkspace(ws, needed, needed_what);
 }
 
 void ThrowIfFailed(const GpuStatus& status) {
@@ -651,9 +679,9 @@ void CheckWritable(const DeviceBuffer& out, const char* what) {
 
 // An output of the embeddings' dtype.
 void CheckDeviceOutput(const DeviceArray& out, const char* what, const std::vector<int64_t>& shape,
-                       const char* shape_what, DType type) {
+                       const char* shape_what, DType type, const char* type_what = "embeddings_a") {
   CheckSameShape(what, out.shape, shape_what, shape);
-  CheckSameDType(what, out.type, "embeddings_a", type);
+  CheckSameDType(what, out.type, type_what, type);
   CheckWritable(out, what);
 }
 
@@ -745,6 +773,116 @@ void EmbeddingLossReducedCuda(const py::object& labels, const py::object& embedd
   args.grad_b = gb.data;
   args.reduction_scale = static_cast<double*>(s.data);
   ThrowIfFailed(EmbeddingLossReducedGpu(args, ws.data, reinterpret_cast<void*>(stream)));
+}
+
+// The in-batch CUDA entries' embeddings and labels (int64: the kernels read
+// them in place), checked as the CPU entry checks its own.
+InBatchArgs CheckedInBatchCudaArgs(const py::object& labels, const py::object& embeddings,
+                                   double margin, double positive_margin,
+                                   const std::string& distance, const std::string& pair_weighting,
+                                   int64_t max_block_rows) {
+  InBatchArgs args =
+      InBatchOptions(margin, positive_margin, distance, pair_weighting, max_block_rows);
+  const DeviceArray e = FromCudaArrayInterface(embeddings, "embeddings", py::none());
+  CheckInBatchEmbeddings(DeviceOperand(e), &args);
+  const DeviceArray y = FromCudaArrayInterface(labels, "labels", py::none());
+  CheckInBatchLabels(DeviceOperand(y), args, /*int32_ok=*/false);
+  args.labels = static_cast<const int64_t*>(y.data);
+  return args;
+}
+
+// Workspace sizes without arrays, from what they depend on.
+InBatchArgs InBatchSizeArgs(int64_t rows, const std::string& dtype, int64_t max_block_rows) {
+  if (rows < 0) throw py::value_error("rows must be non-negative");
+  const DType type = DTypeFromName(dtype, "dtype");
+  if (!IsInBatchDType(type)) throw py::type_error("dtype must be float32 or float64");
+  InBatchArgs args{};
+  args.type = type;
+  args.rows = rows;
+  args.max_block_rows = max_block_rows;
+  return args;
+}
+
+int64_t InBatchWorkspaceBytes(int64_t rows, const std::string& dtype, int64_t max_block_rows) {
+  return InBatchLossGpuWorkspace(InBatchSizeArgs(rows, dtype, max_block_rows));
+}
+
+int64_t InBatchReducedWorkspaceBytes(int64_t rows, const std::string& dtype,
+                                     int64_t max_block_rows) {
+  InBatchReducedArgs args{};
+  args.in = InBatchSizeArgs(rows, dtype, max_block_rows);
+  return InBatchLossReducedGpuWorkspace(args);
+}
+
+// The kernels' GEMMs come from TiledGemmGpu: this module has no cuBLAS.
+void InBatchLossCuda(const py::object& labels, const py::object& embeddings,
+                     const py::object& upstream, const py::object& loss, const py::object& grad,
+                     const py::object& workspace, double margin, double positive_margin,
+                     const std::string& distance, const std::string& pair_weighting,
+                     int64_t max_block_rows, uintptr_t stream) {
+  InBatchArgs args = CheckedInBatchCudaArgs(labels, embeddings, margin, positive_margin, distance,
+                                            pair_weighting, max_block_rows);
+  const std::vector<int64_t> rows_shape{args.rows};
+  const std::vector<int64_t> shape{args.rows, args.dim};
+  if (upstream.is_none() != grad.is_none()) {
+    throw py::value_error("upstream and grad must be given together");
+  }
+  if (loss.is_none() && grad.is_none()) {
+    throw py::value_error("nothing to compute: loss and grad are both None");
+  }
+  if (!loss.is_none()) {
+    const DeviceArray l = FromCudaArrayInterface(loss, "loss", py::none());
+    CheckDeviceOutput(l, "loss", rows_shape, "embeddings.shape[:1]", args.type, "embeddings");
+    args.loss = l.data;
+  }
+  if (!upstream.is_none()) {
+    const DeviceArray u = FromCudaArrayInterface(upstream, "upstream", py::none());
+    CheckInBatchUpstream(DeviceOperand(u), args);
+    const DeviceArray g = FromCudaArrayInterface(grad, "grad", py::none());
+    CheckDeviceOutput(g, "grad", shape, "embeddings", args.type, "embeddings");
+    args.upstream = u.data;
+    args.grad = g.data;
+  }
+  const DeviceBuffer ws = DeviceBufferOf(workspace, "workspace");
+  CheckWorkspace(ws, InBatchLossGpuWorkspace(args),
+                 "in_batch_workspace_bytes(rows, dtype, max_block_rows)");
+  void* s = reinterpret_cast<void*>(stream);
+  ThrowIfFailed(InBatchLossGpu(args, ws.data, TiledGemmGpu(args.type, s), s));
+}
+
+void InBatchLossReducedCuda(const py::object& labels, const py::object& embeddings,
+                            const py::object& sample_weight, const py::object& loss,
+                            const py::object& grad, const py::object& reduction_scale,
+                            const py::object& workspace, double margin, double positive_margin,
+                            const std::string& distance, const std::string& pair_weighting,
+                            const std::string& reduction, double loss_scale,
+                            int64_t max_block_rows, uintptr_t stream) {
+  InBatchReducedArgs args;
+  args.in = CheckedInBatchCudaArgs(labels, embeddings, margin, positive_margin, distance,
+                                   pair_weighting, max_block_rows);
+  args.reduction = ReductionFromName(reduction);
+  const DeviceArray w = FromCudaArrayInterface(sample_weight, "sample_weight", py::none());
+  const DeviceArray l = FromCudaArrayInterface(loss, "loss", py::none());
+  const DeviceArray g = FromCudaArrayInterface(grad, "grad", py::none());
+  const DeviceArray s = FromCudaArrayInterface(reduction_scale, "reduction_scale", py::none());
+  const DeviceBuffer ws = DeviceBufferOf(workspace, "workspace");
+  CheckPerRow("sample_weight", w.type, w.shape, "embeddings", args.in.type, "embeddings.shape[:1]",
+              {args.in.rows});
+  if (l.elements != 1) throw py::value_error("loss must hold one value");
+  CheckSameDType("loss", l.type, "embeddings", args.in.type);
+  CheckWritable(l, "loss");
+  CheckDeviceOutput(g, "grad", {args.in.rows, args.in.dim}, "embeddings", args.in.type,
+                    "embeddings");
+  CheckReducedScratch(s, ws, InBatchLossReducedGpuWorkspace(args),
+                      "in_batch_reduced_workspace_bytes(rows, dtype, max_block_rows)");
+  args.weights = w.data;
+  args.scalar_weight = w.shape.empty();
+  args.loss_scale = loss_scale;
+  args.loss = l.data;
+  args.grad = g.data;
+  args.reduction_scale = static_cast<double*>(s.data);
+  void* st = reinterpret_cast<void*>(stream);
+  ThrowIfFailed(InBatchLossReducedGpu(args, ws.data, TiledGemmGpu(args.in.type, st), st));
 }
 
 void ScaleCuda(const py::object& gradient, const py::object& scale, const py::object& out,
@@ -856,6 +994,30 @@ PYBIND11_MODULE(_kernels, m) {
         py::arg("embeddings_dtype") = py::none(), py::arg("similar_label") = 1,
         "embedding_loss_reduced_cpu on CUDA arrays: writes loss (one value), grad_a, grad_b and "
         "reduction_scale (one float64). sample_weight: a 0-d array or one weight per row.");
+  m.def("in_batch_workspace_bytes", &fused_contrastive::InBatchWorkspaceBytes, py::arg("rows"),
+        py::arg("dtype") = "float32", py::arg("max_block_rows") = 0,
+        "Device scratch bytes in_batch_loss_cuda needs for `rows` embeddings of `dtype`.");
+  m.def("in_batch_reduced_workspace_bytes", &fused_contrastive::InBatchReducedWorkspaceBytes,
+        py::arg("rows"), py::arg("dtype") = "float32", py::arg("max_block_rows") = 0,
+        "Device scratch bytes in_batch_loss_reduced_cuda needs for `rows` embeddings of `dtype`.");
+  m.def("in_batch_loss_cuda", &fused_contrastive::InBatchLossCuda, py::arg("labels"),
+        py::arg("embeddings"), py::arg("upstream"), py::arg("loss"), py::arg("grad"),
+        py::arg("workspace"), py::arg("margin") = 1.0, py::arg("positive_margin") = 0.0,
+        py::arg("distance") = "euclidean", py::arg("pair_weighting") = "uniform",
+        py::arg("max_block_rows") = 0, py::arg("stream") = 0,
+        "in_batch_loss_cpu on CUDA arrays (labels int64 [B], embeddings [B, D]), enqueued on "
+        "`stream`, with a plain tiled GEMM in place of cuBLAS: writes loss [B] unless None and, "
+        "with upstream [B], grad [B, D] (upstream and grad are None together).");
+  m.def("in_batch_loss_reduced_cuda", &fused_contrastive::InBatchLossReducedCuda,
+        py::arg("labels"), py::arg("embeddings"), py::arg("sample_weight"), py::arg("loss"),
+        py::arg("grad"), py::arg("reduction_scale"), py::arg("workspace"),
+        py::arg("margin") = 1.0, py::arg("positive_margin") = 0.0,
+        py::arg("distance") = "euclidean", py::arg("pair_weighting") = "uniform",
+        py::arg("reduction") = "mean", py::arg("loss_scale") = 1.0,
+        py::arg("max_block_rows") = 0, py::arg("stream") = 0,
+        "The in-batch loss with the Keras reduction fused in, on CUDA arrays: writes loss (one "
+        "value), grad [B, D] and reduction_scale (one float64). sample_weight: a 0-d array or "
+        "one weight per row, of the embeddings' dtype.");
 #else
   m.attr("has_cuda") = false;
 #endif

@@ -20,4 +20,7 @@ def test_gpu_check_script_self_test():
     assert "96 misaligned embedding cases compared" in out
     assert "432 reduced embedding cases compared" in out
     assert "embedding reduced (forward+backward)" in out and "rows=   16,384" in out
+    assert "120 in-batch cases compared" in out
+    assert "360 reduced in-batch cases compared" in out
+    assert "in-batch at B=4,096 D=128" in out and "loss+grad" in out
     assert "PASSED: 0 mismatches" in out

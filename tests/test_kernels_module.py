@@ -172,6 +172,9 @@ CUDA_ENTRY_POINTS = {
     "embedding_loss_cuda": ("labels", 5),
     "embedding_grad_cuda": ("embeddings_a", 6),
     "embedding_loss_reduced_cuda": ("labels", 9),
+    # The in-batch entries read the embeddings first: they give the rows.
+    "in_batch_loss_cuda": ("embeddings", 6),
+    "in_batch_loss_reduced_cuda": ("embeddings", 7),
 }
 BAD_CUDA_ARRAYS = {
     "extent overflow": (dict(shape=(2**62, 8)), ValueError, "more bytes than int64"),
@@ -219,6 +222,44 @@ def _reduced_cuda_arrays(n=4, **replace):
 def test_cuda_reduced_rejects_unusable_scratch_arrays(replace, message):
     with pytest.raises(ValueError, match=message):
         _kernels.contrastive_loss_reduced_cuda(**_reduced_cuda_arrays(**replace))
+
+
+def _in_batch_cuda_arrays(rows=4, dim=3, **replace):
+    """Fake arguments of in_batch_loss_cuda, some replaced; every use below
+    must fail its checks (the arrays point nowhere)."""
+    arrays = dict(labels=FakeCudaArray((rows,), "<i8"), embeddings=FakeCudaArray((rows, dim)),
+                  upstream=FakeCudaArray((rows,)), loss=FakeCudaArray((rows,)),
+                  grad=FakeCudaArray((rows, dim)),
+                  workspace=FakeCudaArray((_kernels.in_batch_workspace_bytes(rows),), "|u1"))
+    return {**arrays, **replace}
+
+
+@needs_cuda
+@pytest.mark.parametrize("replace, error, message", [
+    (dict(labels=FakeCudaArray((4,), "<i4")), TypeError, "labels must be int64 class ids"),
+    (dict(labels=FakeCudaArray((5,), "<i8")), ValueError, "labels must have the same shape"),
+    (dict(embeddings=FakeCudaArray((4,))), ValueError, r"embeddings must have shape \[B, D\]"),
+    (dict(embeddings=FakeCudaArray((4, 3), "<f2")), TypeError, "float32 or float64"),
+    (dict(grad=None), ValueError, "upstream and grad must be given together"),
+    (dict(upstream=FakeCudaArray((4,), "<f8")), TypeError, "upstream must have the dtype"),
+    (dict(grad=FakeCudaArray((4, 3), readonly=True)), ValueError, "grad must be writable"),
+    (dict(loss=FakeCudaArray((3,))), ValueError, "loss must have the same shape"),
+    (dict(workspace=FakeCudaArray((1,), "|u1")), ValueError,
+     "workspace is smaller than in_batch_workspace_bytes"),
+])
+def test_cuda_in_batch_rejects_inconsistent_arrays(replace, error, message):
+    with pytest.raises(error, match=message):
+        _kernels.in_batch_loss_cuda(**_in_batch_cuda_arrays(**replace))
+
+
+@needs_cuda
+def test_cuda_in_batch_reduced_rejects_a_small_workspace():
+    rows, dim = 4, 3
+    with pytest.raises(ValueError, match="in_batch_reduced_workspace_bytes"):
+        _kernels.in_batch_loss_reduced_cuda(
+            FakeCudaArray((rows,), "<i8"), FakeCudaArray((rows, dim)), FakeCudaArray(()),
+            FakeCudaArray(()), FakeCudaArray((rows, dim)), FakeCudaArray((), "<f8"),
+            FakeCudaArray((_kernels.in_batch_reduced_workspace_bytes(rows) - 1,), "|u1"))
 
 
 # --- the pybind11 kernels compute what the TensorFlow ops compute --------------

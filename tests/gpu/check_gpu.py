@@ -23,12 +23,24 @@ Builds the pybind11 kernel module with CMake (FC_WITH_TENSORFLOW=OFF), then:
      buffers, and the fused-reduction embedding kernel for every reduction and
      weight form: within EMBEDDING_ULPS, and the same bits on a second run;
   6. times the fused-reduction embedding kernel (forward and backward in one
-     pass) at D=128 float32 next to a copy of the bytes it must move.
+     pass) at D=128 float32 next to a copy of the bytes it must move;
+  7. compares the in-batch all-pairs kernels (in_batch_loss_cuda: loss, loss
+     and gradient, gradient alone; in_batch_loss_reduced_cuda: every
+     reduction and weight form) with the CPU kernel (in_batch_loss_cpu; the
+     reduced reference is built from it as InBatchLossReducedCpu builds it)
+     for both distances and pair weightings, float32 and float64, B = 0, 1,
+     2, 37, 300, odd D, max_block_rows 0, 1 and 7, with duplicate and
+     near-duplicate rows: within IN_BATCH_TOLERANCE, and the same bits on a
+     second run;
+  8. times the in-batch kernels at B=4096, D=128 float32. The pybind11 module
+     has no cuBLAS: its GEMMs are the plain tiled kernel (TiledGemmGpu), so
+     these times bound the TF op's (cuBLAS) from above.
 Exits non-zero on any mismatch. Meant to finish well under 4 minutes.
 """
 
 import argparse
 import itertools
+import math
 import os
 import statistics
 import subprocess
@@ -61,6 +73,18 @@ EMBEDDING_ULPS = 16
 # Outputs stored in their compute type, so the differences that remain are
 # those of the sums: the worst of them is worth reporting.
 UNROUNDED = ("float32", "float64")
+# The in-batch kernels: margins that put many pairs of rows of norm about 1
+# in their hinges, and the allowed |GPU - CPU| as a fraction of the largest
+# magnitude of the output. Both sides get the distances from their own GEMMs
+# (cuBLAS or the tiled kernel, Eigen's blocks) and sum each anchor's pairs in
+# their own order; the gradient e_i·q_i - Σ M_ij·e_j also cancels by about
+# sqrt(B). Rounding, measured in ulps of the compute type, stays well inside.
+IN_BATCH_MARGIN = 1.5
+IN_BATCH_POSITIVE_MARGIN = 0.25
+IN_BATCH_LOSS_SCALE = 0.5
+IN_BATCH_TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
+IN_BATCH_ROWS = (0, 1, 2, 37, 300)
+IN_BATCH_BLOCK_ROWS = (0, 1, 7)
 
 
 def build_kernel_module(build_dir, cuda):
@@ -157,6 +181,30 @@ class CpuStandIn:
                 lambda: _unfused_reduced(np, labels, distances), sync, 5),
         }
         return times, _copy_seconds(np, n, sync, lambda t, s: np.copyto(t, s), repeats=5)
+
+
+    # As for the embeddings: the embedding axis reversed, so the Gram entries
+    # are summed in another order, and a block size of its own.
+    def run_in_batch(self, labels, e, upstream, options, with_loss=True):
+        options = dict(options, max_block_rows=5)
+        loss, grad = self.kernels.in_batch_loss_cpu(labels, e[:, ::-1], upstream, **options)
+        return (loss if with_loss else None), (None if grad is None else grad[:, ::-1])
+
+    def run_in_batch_reduced(self, labels, e, weights, reduction, options):
+        loss, grad, scale = in_batch_reduced_reference(
+            self.kernels, labels, e[:, ::-1], weights, reduction, options,
+            weight_total=lambda w: np.sum(w[::-1]))
+        return loss, grad[:, ::-1], scale
+
+    def in_batch_seconds(self, rows, dim):
+        labels, e = in_batch_inputs(np.random.default_rng(0), rows, dim, "float32")
+        upstream = np.ones(rows, np.float32)
+        sync = lambda: None  # noqa: E731
+        return {
+            "loss": _median_seconds(lambda: self.kernels.in_batch_loss_cpu(labels, e), sync, 3),
+            "loss+grad": _median_seconds(
+                lambda: self.kernels.in_batch_loss_cpu(labels, e, upstream), sync, 3),
+        }
 
 
 class CudaDevice:
@@ -318,6 +366,55 @@ class CudaDevice:
                 labels, a, b, ones, loss, grad_a, grad_b, scale, workspace, MARGIN,
                 stream=stream.ptr), stream.synchronize)
         return fused, _copy_seconds(cp, rows * dim, stream.synchronize, self._copy)
+
+
+    def _in_batch_operands(self, labels, e):
+        cp = self.cp
+        return cp.asarray(labels.astype(np.int64)), cp.asarray(e)
+
+    # Outputs start as NaN: an element the kernel never writes cannot pass.
+    def run_in_batch(self, labels, e, upstream, options, with_loss=True):
+        cp = self.cp
+        d_labels, d_e = self._in_batch_operands(labels, e)
+        d_upstream = None if upstream is None else cp.asarray(upstream)
+        loss = cp.full(labels.shape, np.nan, e.dtype) if with_loss else None
+        grad = None if upstream is None else cp.full(e.shape, np.nan, e.dtype)
+        workspace = cp.empty(self.kernels.in_batch_workspace_bytes(
+            len(labels), e.dtype.name, options["max_block_rows"]), cp.uint8)
+        stream = cp.cuda.get_current_stream()
+        self.kernels.in_batch_loss_cuda(d_labels, d_e, d_upstream, loss, grad, workspace,
+                                        stream=stream.ptr, **options)
+        stream.synchronize()
+        return (None if loss is None else loss.get()), (None if grad is None else grad.get())
+
+    def run_in_batch_reduced(self, labels, e, weights, reduction, options):
+        cp = self.cp
+        d_labels, d_e = self._in_batch_operands(labels, e)
+        d_weights = cp.asarray(np.ones((), e.dtype) if weights is None else weights)
+        loss = cp.full((), np.nan, e.dtype)
+        grad = cp.full(e.shape, np.nan, e.dtype)
+        scale = cp.full((), np.nan, cp.float64)
+        workspace = cp.empty(self.kernels.in_batch_reduced_workspace_bytes(
+            len(labels), e.dtype.name, options["max_block_rows"]), cp.uint8)
+        stream = cp.cuda.get_current_stream()
+        self.kernels.in_batch_loss_reduced_cuda(
+            d_labels, d_e, d_weights, loss, grad, scale, workspace, reduction=reduction,
+            loss_scale=IN_BATCH_LOSS_SCALE, stream=stream.ptr, **options)
+        stream.synchronize()
+        return loss.get(), grad.get(), float(scale.get())
+
+    def in_batch_seconds(self, rows, dim):
+        cp = self.cp
+        labels, e = in_batch_inputs(np.random.default_rng(0), rows, dim, "float32")
+        d_labels, d_e = self._in_batch_operands(labels, e)
+        upstream = cp.ones(rows, cp.float32)
+        loss, grad = cp.empty(rows, cp.float32), cp.empty_like(d_e)
+        workspace = cp.empty(self.kernels.in_batch_workspace_bytes(rows, "float32"), cp.uint8)
+        stream = cp.cuda.get_current_stream()
+        run = lambda u, g: self.kernels.in_batch_loss_cuda(  # noqa: E731
+            d_labels, d_e, u, loss, g, workspace, IN_BATCH_MARGIN, stream=stream.ptr)
+        return {"loss": _median_seconds(lambda: run(None, None), stream.synchronize),
+                "loss+grad": _median_seconds(lambda: run(upstream, grad), stream.synchronize)}
 
 
 def _offset_copy(xp, array, offset):
@@ -484,6 +581,146 @@ def compare_embedding_reduced(device, kernels, rng, cases):
                           f"weights={kind:6s} labels={label_dtype:8s} {dtype:8s} shape={shape} "
                           f"tolerance used={used:.0%}", flush=True)
     return failures, worst
+
+
+def in_batch_inputs(rng, rows, dim, dtype):
+    """Class labels [rows] (about four rows a class) and embeddings [rows, dim]
+    of norm about 1. With enough rows: row 1 duplicates row 0 (same class,
+    d = 0), row 3 is row 2 plus noise (another class: a near pair in the
+    negative hinge, whose Gram distance cancels), row 5 is zero (no cosine
+    similarity). The noise puts the near pair well inside the kernels'
+    direct-distance range (gram_distance_cancels) in both dtypes: a pair
+    just outside it has its distance from the Gram form, correct only to
+    about 1e-4 relative (4096 ulps cancelled) on either side, and would
+    measure that, not the kernels."""
+    labels = rng.integers(0, max(1, rows // 4), rows).astype(np.int64)
+    e = rng.standard_normal((rows, dim)) / np.sqrt(dim)
+    if rows >= 4:
+        e[1], labels[1] = e[0], labels[0]
+        noise = 1e-4 if dtype == "float32" else 1e-8
+        e[3] = e[2] + noise * rng.standard_normal(dim) / np.sqrt(dim)
+        labels[3] = labels[2] + 1
+    if rows >= 6:
+        e[5] = 0
+    return labels, e.astype(dtype)
+
+
+def in_batch_options(distance, weighting, max_block_rows):
+    return dict(margin=IN_BATCH_MARGIN, positive_margin=IN_BATCH_POSITIVE_MARGIN,
+                distance=distance, pair_weighting=weighting, max_block_rows=max_block_rows)
+
+
+def in_batch_reduced_reference(kernels, labels, e, weights, reduction, options,
+                               weight_total=math.fsum):
+    """InBatchLossReducedCpu from in_batch_loss_cpu: g_i = w_i·reduction_scale
+    rounded to the embeddings' dtype is the upstream gradient, the loss is
+    Σ g_i·l_i in float64. weight_total adds up per-row weights (float64)."""
+    dtype, rows = e.dtype, len(labels)
+    w = np.ones((), dtype) if weights is None else np.asarray(weights)
+    if reduction == "sum":
+        divisor = 1.0
+    elif reduction == "mean":
+        divisor = float(rows)
+    else:
+        divisor = float(w) if w.ndim == 0 else float(weight_total(w.astype(np.float64)))
+    scale = IN_BATCH_LOSS_SCALE / divisor if divisor != 0 else 0.0
+    g = (np.broadcast_to(w.astype(np.float64), (rows,)) * scale).astype(dtype)
+    loss, grad = kernels.in_batch_loss_cpu(labels, e, g, **options)
+    total = math.fsum(g.astype(np.float64) * loss.astype(np.float64))
+    return np.asarray(total, dtype), grad, scale
+
+
+def in_batch_error(got, want, dtype, magnitude=None):
+    """max |got - want| as a fraction of IN_BATCH_TOLERANCE[dtype] times the
+    largest |want| (or `magnitude`); inf for another dtype, shape or NaN
+    pattern, or any difference where everything is 0."""
+    if got is None or got.dtype != want.dtype or got.shape != want.shape:
+        return np.inf
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if np.any(np.isnan(got) != np.isnan(want)):
+        return np.inf
+    largest = np.max(np.abs(want), initial=0) if magnitude is None else magnitude
+    error = np.max(np.abs(np.where(np.isnan(want), 0, got - want)), initial=0)
+    limit = IN_BATCH_TOLERANCE[dtype] * largest
+    return float(error / limit) if limit > 0 else (np.inf if error > 0 else 0.0)
+
+
+def compare_in_batch(device, kernels, rng):
+    """in_batch_loss_cuda against in_batch_loss_cpu: loss alone, loss and
+    gradient (twice: the same bits), gradient alone (the same bits as with
+    the loss). Returns (cases, failures, worst in_batch_error)."""
+    cases = failures = 0
+    worst = 0.0
+    for index, (distance, weighting, dtype, rows, block) in enumerate(itertools.product(
+            ("euclidean", "cosine"), ("uniform", "balanced"), ("float32", "float64"),
+            IN_BATCH_ROWS, IN_BATCH_BLOCK_ROWS)):
+        dim = (33, 7, 3)[index % 3]
+        labels, e = in_batch_inputs(rng, rows, dim, dtype)
+        upstream = rng.uniform(-2, 2, rows).astype(dtype)
+        options = in_batch_options(distance, weighting, block)
+        want_loss, want_grad = kernels.in_batch_loss_cpu(labels, e, upstream, **options)
+        loss, grad = device.run_in_batch(labels, e, upstream, options)
+        loss_again, grad_again = device.run_in_batch(labels, e, upstream, options)
+        loss_only, _ = device.run_in_batch(labels, e, None, options)
+        _, grad_only = device.run_in_batch(labels, e, upstream, options, with_loss=False)
+        used = max(in_batch_error(loss, want_loss, dtype), in_batch_error(grad, want_grad, dtype),
+                   in_batch_error(loss_only, want_loss, dtype))
+        same = (same_bits(loss, loss_again) and same_bits(grad, grad_again)
+                and same_bits(grad_only, grad) and same_bits(loss_only, loss))
+        ok = same and used <= 1
+        worst = max(worst, used)
+        cases += 1
+        failures += not ok
+        if not ok:
+            print(f"  FAIL in-batch {distance:9s} {weighting:8s} {dtype:7s} B={rows} D={dim} "
+                  f"max_block_rows={block} deterministic={same} tolerance used={used:.0%}",
+                  flush=True)
+    return cases, failures, worst
+
+
+def compare_in_batch_reduced(device, kernels, rng):
+    """in_batch_loss_reduced_cuda against in_batch_reduced_reference for every
+    reduction and weight form; reduction_scale exact unless it divides by a
+    sum of per-row weights (added in another order). Returns (cases,
+    failures, worst in_batch_error)."""
+    cases = failures = 0
+    worst = 0.0
+    for index, (distance, weighting, dtype, rows) in enumerate(itertools.product(
+            ("euclidean", "cosine"), ("uniform", "balanced"), ("float32", "float64"),
+            IN_BATCH_ROWS)):
+        dim = (33, 7)[index % 2]
+        labels, e = in_batch_inputs(rng, rows, dim, dtype)
+        options = in_batch_options(distance, weighting, (0, 7)[index % 2])
+        vector = rng.uniform(0, 2, rows).astype(dtype)
+        # The loss's rounding scales with its terms, not with their sum.
+        terms = np.abs(kernels.in_batch_loss_cpu(labels, e, None, **options)[0]).astype(np.float64)
+        for weights in (None, np.asarray(0.7, dtype), vector):
+            for reduction in REDUCTIONS:
+                want = in_batch_reduced_reference(kernels, labels, e, weights, reduction, options)
+                got = device.run_in_batch_reduced(labels, e, weights, reduction, options)
+                again = device.run_in_batch_reduced(labels, e, weights, reduction, options)
+                row_weights = np.broadcast_to(np.abs(np.float64(
+                    1 if weights is None else weights)), (rows,))
+                magnitude = float(np.sum(terms * row_weights) * abs(want[2]))
+                used = max(in_batch_error(got[0], want[0], dtype, magnitude),
+                           in_batch_error(got[1], want[1], dtype))
+                summed = reduction == "weighted_mean" and weights is vector
+                same = (same_bits(got[0], again[0]) and same_bits(got[1], again[1])
+                        and got[2] == again[2])
+                ok = (same and used <= 1
+                      and (math.isclose(got[2], want[2], rel_tol=1e-13) if summed
+                           else got[2] == want[2]))
+                worst = max(worst, used)
+                cases += 1
+                failures += not ok
+                if not ok:
+                    kind = ("none" if weights is None else "scalar" if weights.ndim == 0
+                            else "vector")
+                    print(f"  FAIL reduced in-batch {distance:9s} {weighting:8s} {reduction:13s} "
+                          f"weights={kind:6s} {dtype:7s} B={rows} D={dim} deterministic={same} "
+                          f"scale={got[2]!r} want {want[2]!r} tolerance used={used:.0%}",
+                          flush=True)
+    return cases, failures, worst
 
 
 def _unfused_formula(xp, labels, distances):
@@ -684,6 +921,23 @@ def main(argv=None):
             print(f"  rows={rows:>9,d}  fused {fused * 1e3:8.3f} ms {moved / fused / 1e9:8.1f} GB/s"
                   f"  copy {copy * 1e3:8.3f} ms {moved / copy / 1e9:8.1f} GB/s  "
                   f"{copy / fused:5.0%} of copy", flush=True)
+
+        cases, found, worst = compare_in_batch(device, _kernels, rng)
+        failures += found
+        print(f"{cases} in-batch cases compared (worst difference: {worst:.0%} of the "
+              f"tolerance)", flush=True)
+        cases, found, worst = compare_in_batch_reduced(device, _kernels, rng)
+        failures += found
+        print(f"{cases} reduced in-batch cases compared (worst difference: {worst:.0%} of the "
+              f"tolerance)", flush=True)
+        rows, dim = 4096, 128
+        flops = 2 * rows * rows * dim  # one B×B×D product
+        print(f"in-batch at B={rows:,} D={dim} float32 (median; the GPU without symmetry runs "
+              f"one B×B×D product for the loss, two with the gradient):")
+        for name, seconds in device.in_batch_seconds(rows, dim).items():
+            products = 2 if name == "loss+grad" else 1
+            print(f"  {name:10s} {seconds * 1e3:9.3f} ms  "
+                  f"{products * flops / seconds / 1e12:7.2f} TFLOP/s in its products", flush=True)
 
     print(f"{'FAILED' if failures else 'PASSED'}: {failures} mismatches, "
           f"{time.perf_counter() - started:.0f} s total")

@@ -1,0 +1,631 @@
+// The CUDA launch of the in-batch all-pairs contrastive loss. The math is
+// in_batch_math.h, shared with the CPU kernel (in_batch_cpu_impl.h); this file
+// adds the sweep, the sums and the launches.
+//
+// The sweep: rows are cut into blocks of R. For block I, S = E_I·Eᵀ (R×B, one
+// GEMM), one pass over S (a CUDA block per row) gives the rows' losses and
+// overwrites S with M, and a second GEMM adds −M·E to grad_I. Unlike the CPU
+// kernel no symmetry is used: row i's block visits every pair (i, j) itself,
+// so each row's sums and gradient are written by one CUDA block, in a fixed
+// order, without atomics or cross-block races, and the results do not depend
+// on the GPU. Scratch is the R×B tile plus a few values per row.
+#include <algorithm>
+#include <type_traits>
+
+#include "gpu_common.cuh"
+#include "in_batch_kernels.h"
+#include "in_batch_math.h"
+
+namespace fused_contrastive {
+namespace {
+
+constexpr int kWarpSize = 32;
+constexpr unsigned kWholeWarp = 0xffffffffu;
+
+// The tile is the only scratch that grows with R·B; this bound keeps it
+// affordable next to a model's own memory while leaving R in the thousands
+// (full GEMM efficiency) up to B of several hundred thousand.
+constexpr int64_t kMaxTileBytes = int64_t{256} << 20;
+constexpr int64_t kWorkspaceAlignment = 256;
+
+int64_t AlignUp(int64_t bytes) {
+  return (bytes + kWorkspaceAlignment - 1) / kWorkspaceAlignment * kWorkspaceAlignment;
+}
+
+int64_t ElementBytes(DType type) { return type == DType::kFloat64 ? 8 : 4; }
+
+// Rows per block R: as many as the tile bound allows, at most max_block_rows
+// when that is positive, at least one.
+int64_t BlockRows(const InBatchArgs& args) {
+  const int64_t row_bytes = std::max<int64_t>(1, args.rows) * ElementBytes(args.type);
+  int64_t block = std::min(args.rows, kMaxTileBytes / row_bytes);
+  if (args.max_block_rows > 0) block = std::min(block, args.max_block_rows);
+  return std::max<int64_t>(block, 1);
+}
+
+// Words of the near-pair bit mask of one tile row (bit j: the pair (i, j)
+// adds its gradient directly from e_i − e_j).
+__host__ __device__ inline int64_t MaskWords(int64_t rows) {
+  return (rows + kWarpSize - 1) / kWarpSize;
+}
+
+// The workspace, in this order, each part 256-byte aligned: per row the
+// statistic (C), the pair weights (double, as pair_weights gives them) and
+// the weights times the upstream gradient (C); then the R×B tile (T) and the
+// R×⌈B/32⌉ near-pair mask (uint32).
+struct Layout {
+  int64_t stat, positive_weight, negative_weight, positive_coefficient, negative_coefficient,
+      tile, mask, total;
+};
+
+Layout MakeLayout(const InBatchArgs& args) {
+  const int64_t rows = args.rows;
+  const int64_t element = ElementBytes(args.type);
+  const int64_t block = BlockRows(args);
+  Layout l;
+  int64_t offset = 0;
+  const auto take = [&offset](int64_t bytes) {
+    const int64_t at = offset;
+    offset += AlignUp(bytes);
+    return at;
+  };
+  l.stat = take(rows * element);
+  l.positive_weight = take(rows * int64_t{sizeof(double)});
+  l.negative_weight = take(rows * int64_t{sizeof(double)});
+  l.positive_coefficient = take(rows * element);
+  l.negative_coefficient = take(rows * element);
+  l.tile = take(block * rows * element);
+  l.mask = take(block * MaskWords(rows) * int64_t{sizeof(uint32_t)});
+  l.total = offset;
+  return l;
+}
+
+template <typename C>
+__device__ inline C WarpSum(C value) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value += __shfl_down_sync(kWholeWarp, value, offset);
+  }
+  return value;  // complete on lane 0 only
+}
+
+// One warp per row: lane-strided partial sums, then a fixed shuffle tree.
+template <Distance K, typename T>
+__global__ void RowStatisticKernel(const T* __restrict__ e, int64_t rows, int64_t dim,
+                                   ComputeType<T>* __restrict__ stat) {
+  using C = ComputeType<T>;
+  const int64_t warps = blockDim.x / kWarpSize;
+  const int lane = threadIdx.x % kWarpSize;
+  for (int64_t r = blockIdx.x * warps + threadIdx.x / kWarpSize; r < rows;
+       r += warps * gridDim.x) {
+    const T* row = e + r * dim;
+    C sum = 0;
+    for (int64_t k = lane; k < dim; k += kWarpSize) {
+      const C v = Convert<C>::from(row[k]);
+      sum += v * v;
+    }
+    sum = WarpSum(sum);
+    if (lane == 0) stat[r] = row_statistic<K>(sum);
+  }
+}
+
+// Anchors per block of the label count: each label read is compared with
+// this many anchors, which divides the O(B²) reads by as much.
+constexpr int kCountRows = 8;
+
+// Per anchor: the number of other rows with its label, the pair weights, and
+// those weights times the upstream gradient (the CPU kernel's rounding:
+// weight·g in double, then rounded to C).
+template <typename T>
+__global__ void PairWeightKernel(const int64_t* __restrict__ labels, int64_t rows,
+                                 PairWeighting weighting, const T* __restrict__ upstream,
+                                 double* __restrict__ positive_weight,
+                                 double* __restrict__ negative_weight,
+                                 ComputeType<T>* __restrict__ positive_coefficient,
+                                 ComputeType<T>* __restrict__ negative_coefficient) {
+  using C = ComputeType<T>;
+  __shared__ long long warp_counts[kCountRows][kThreadsPerBlock / kWarpSize];
+  const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
+  for (int64_t first = static_cast<int64_t>(blockIdx.x) * kCountRows; first < rows;
+       first += static_cast<int64_t>(gridDim.x) * kCountRows) {
+    int64_t anchor[kCountRows];
+    long long count[kCountRows];
+#pragma unroll
+    for (int a = 0; a < kCountRows; ++a) {
+      anchor[a] = first + a < rows ? labels[first + a] : 0;
+      count[a] = 0;
+    }
+    // Uniform weights do not depend on the counts: no O(B²) pass for them.
+    const int64_t count_end = weighting == PairWeighting::kBalanced ? rows : 0;
+    for (int64_t j = threadIdx.x; j < count_end; j += blockDim.x) {
+      const int64_t label = labels[j];
+#pragma unroll
+      for (int a = 0; a < kCountRows; ++a) count[a] += label == anchor[a] && j != first + a;
+    }
+#pragma unroll
+    for (int a = 0; a < kCountRows; ++a) {
+      const long long total = WarpSum(count[a]);
+      if (lane == 0) warp_counts[a][warp] = total;
+    }
+    __syncthreads();
+    const int64_t i = first + threadIdx.x;
+    if (threadIdx.x < kCountRows && i < rows) {
+      long long positives = 0;
+      for (int w = 0; w < kThreadsPerBlock / kWarpSize; ++w) {
+        positives += warp_counts[threadIdx.x][w];
+      }
+      double wp, wn;
+      pair_weights(weighting, rows, positives, &wp, &wn);
+      positive_weight[i] = wp;
+      negative_weight[i] = wn;
+      if (upstream != nullptr) {
+        const double g = Convert<double>::from(upstream[i]);
+        positive_coefficient[i] = static_cast<C>(wp * g);
+        negative_coefficient[i] = static_cast<C>(wn * g);
+      }
+    }
+    // warp_counts is rewritten by the next anchors.
+    __syncthreads();
+  }
+}
+
+// The distance of a pair whose Gram form cancels, from e_i − e_j. One thread,
+// sequential: such pairs are rare (duplicates, collapsed embeddings), and
+// the CPU kernel's order of the sum is not reproduced anyway.
+template <typename T>
+__device__ inline ComputeType<T> DirectDistance(const T* ei, const T* ej, int64_t dim) {
+  using C = ComputeType<T>;
+  C squared = 0;
+  for (int64_t k = 0; k < dim; ++k) {
+    const C diff = Convert<C>::from(ei[k]) - Convert<C>::from(ej[k]);
+    squared += diff * diff;
+  }
+  return ElementOps<C>::sqrt(squared);
+}
+
+// Totals of three per-thread values over the block (kThreadsPerBlock
+// threads), every thread getting them: a fixed tree, so deterministic.
+__device__ inline void BlockSum3(double* v) {
+  __shared__ double shared[3][kThreadsPerBlock];
+  for (int s = 0; s < 3; ++s) shared[s][threadIdx.x] = v[s];
+  __syncthreads();
+  for (int width = kThreadsPerBlock / 2; width > 0; width /= 2) {
+    if (threadIdx.x < width) {
+      for (int s = 0; s < 3; ++s) shared[s][threadIdx.x] += shared[s][threadIdx.x + width];
+    }
+    __syncthreads();
+  }
+  for (int s = 0; s < 3; ++s) v[s] = shared[s][0];
+}
+
+// One CUDA block per row i of the row block starting at row0, over row i's
+// tile row S_i· (R×B tile, stride rows). Computes loss_i and, with kGrad,
+// overwrites the tile row with M_i· (0 on the diagonal and for near pairs)
+// and writes grad_i = q_i·e_i + Σ_near (A/d)·(e_i − e_j), to which the second
+// GEMM then adds −M_i·E. The sums are in double, as the CPU kernel's.
+template <Distance K, bool kGrad, typename T>
+__global__ void __launch_bounds__(kThreadsPerBlock)
+    PairRowKernel(const int64_t* __restrict__ labels, const T* __restrict__ e, int64_t rows,
+                  int64_t dim, int64_t row0, const ComputeType<T>* __restrict__ stat,
+                  const double* __restrict__ positive_weight,
+                  const double* __restrict__ negative_weight,
+                  const ComputeType<T>* __restrict__ positive_coefficient,
+                  const ComputeType<T>* __restrict__ negative_coefficient,
+                  ComputeType<T> margin, ComputeType<T> positive_margin, T* __restrict__ tile,
+                  uint32_t* __restrict__ mask, T* __restrict__ loss, T* __restrict__ grad) {
+  using C = ComputeType<T>;
+  constexpr bool kNear = kGrad && K == Distance::kEuclidean;
+  const int64_t r = blockIdx.x;
+  const int64_t i = row0 + r;
+  T* s_row = tile + r * rows;
+  uint32_t* mask_row = mask + r * MaskWords(rows);
+  const T* ei = e + i * dim;
+  const int64_t label_i = labels[i];
+  const C stat_i = stat[i];
+  C coefficient_i[2] = {};
+  if constexpr (kGrad) {
+    coefficient_i[0] = positive_coefficient[i];
+    coefficient_i[1] = negative_coefficient[i];
+  }
+  double sums[3] = {};  // positive terms, negative terms, q_i / diagonal_factor
+  bool direct_any = false;
+  const int lane = threadIdx.x % kWarpSize;
+  // The loop bound is the same on all lanes of a warp, so that whole warps
+  // enter the ballot that writes the mask; j = base + lane walks the row's
+  // 32-column words, each written by exactly one warp.
+  for (int64_t base = static_cast<int64_t>(threadIdx.x) - lane; base < rows; base += blockDim.x) {
+    const int64_t j = base + lane;
+    bool near = false, direct = false;
+    if (j < rows && j != i) {
+      const C s = Convert<C>::from(s_row[j]);
+      const C stat_j = stat[j];
+      C d;
+      if constexpr (K == Distance::kEuclidean) {
+        const C squared = euclidean_squared(s, stat_i, stat_j);
+        near = gram_distance_cancels(squared, stat_i, stat_j);
+        d = near ? DirectDistance(ei, e + j * dim, dim) : ElementOps<C>::sqrt(squared);
+      } else {
+        d = pair_distance<K>(s, stat_i, stat_j);
+      }
+      const bool same = labels[j] == label_i;
+      C term, slope;
+      if (same) {
+        positive_term(d, positive_margin, &term, &slope);
+        sums[0] += static_cast<double>(term);
+      } else {
+        negative_term(d, margin, &term, &slope);
+        sums[1] += static_cast<double>(term);
+      }
+      if constexpr (kGrad) {
+        const C coefficient = same ? (coefficient_i[0] + positive_coefficient[j]) * slope
+                                   : (coefficient_i[1] + negative_coefficient[j]) * slope;
+        const C m = gram_coefficient<K>(coefficient, d, stat_i, stat_j);
+        // A near pair's m (A/d) is kept here only until the direct pass
+        // below has used it; that pass then zeroes it for the GEMM. Near
+        // pairs with m = 0 (equal rows: d = 0) skip that pass, which keeps
+        // collapsed embeddings (all pairs near) cheap.
+        s_row[j] = Store<T>::to(m);
+        direct = near && m != C(0);
+        if (!near) sums[2] += static_cast<double>(diagonal_term<K>(m, s));
+      }
+    } else if (kGrad && j == i) {
+      s_row[j] = T(0);
+    }
+    if constexpr (kNear) {
+      const unsigned bits = __ballot_sync(kWholeWarp, direct);
+      if (lane == 0) mask_row[base / kWarpSize] = bits;
+      direct_any |= direct;
+    }
+  }
+  BlockSum3(sums);
+  if (loss != nullptr && threadIdx.x == 0) {
+    loss[i] = Store<T>::to(static_cast<C>(positive_weight[i] * sums[0] +
+                                          negative_weight[i] * sums[1]));
+  }
+  if constexpr (kGrad) {
+    const C q = diagonal_factor<K>(stat_i) * static_cast<C>(sums[2]);
+    T* gi = grad + i * dim;
+    for (int64_t k = threadIdx.x; k < dim; k += blockDim.x) {
+      gi[k] = Store<T>::to(q * Convert<C>::from(ei[k]));
+    }
+    if constexpr (kNear) {
+      // Also orders the mask and the near m's written above before their
+      // reads below (a block barrier orders global memory within the block).
+      if (__syncthreads_or(direct_any)) {
+        const int64_t words = MaskWords(rows);
+        // Every thread walks the whole mask, in increasing j, and updates its
+        // own elements of grad_i: a fixed order per element, no races.
+        for (int64_t w = 0; w < words; ++w) {
+          for (uint32_t bits = mask_row[w]; bits != 0; bits &= bits - 1) {
+            const int64_t j = w * kWarpSize + (__ffs(bits) - 1);
+            const C m = Convert<C>::from(s_row[j]);
+            const T* ej = e + j * dim;
+            for (int64_t k = threadIdx.x; k < dim; k += blockDim.x) {
+              const C step = m * (Convert<C>::from(ei[k]) - Convert<C>::from(ej[k]));
+              gi[k] = Store<T>::to(Convert<C>::from(gi[k]) + step);
+            }
+          }
+        }
+        __syncthreads();  // all reads of the near m's are done
+        for (int64_t w = threadIdx.x; w < words; w += blockDim.x) {
+          for (uint32_t bits = mask_row[w]; bits != 0; bits &= bits - 1) {
+            s_row[w * kWarpSize + (__ffs(bits) - 1)] = T(0);
+          }
+        }
+      }
+    }
+  }
+}
+
+// Enough warps for one row each, at most kMaxBlocks blocks (grid-stride).
+int RowStatisticBlocks(int64_t rows) {
+  const int64_t warps = kThreadsPerBlock / kWarpSize;
+  return static_cast<int>(std::max<int64_t>(1, std::min(kMaxBlocks, (rows + warps - 1) / warps)));
+}
+
+int PairWeightBlocks(int64_t rows) {
+  return static_cast<int>(
+      std::max<int64_t>(1, std::min(kMaxBlocks, (rows + kCountRows - 1) / kCountRows)));
+}
+
+template <typename T>
+GpuStatus ZeroFill(void* p, int64_t count, cudaStream_t stream) {
+  if (p == nullptr || count == 0) return GpuStatus{};
+  const cudaError_t error = cudaMemsetAsync(p, 0, count * sizeof(T), stream);
+  return error == cudaSuccess ? GpuStatus{} : GpuStatus{cudaGetErrorString(error)};
+}
+
+template <typename T, Distance K, bool kGrad>
+GpuStatus Sweep(const InBatchArgs& args, void* workspace, const GpuGemm& gemm,
+                cudaStream_t stream) {
+  using C = ComputeType<T>;
+  const int64_t rows = args.rows, dim = args.dim;
+  const Layout layout = MakeLayout(args);
+  char* base = static_cast<char*>(workspace);
+  auto* stat = reinterpret_cast<C*>(base + layout.stat);
+  auto* positive_weight = reinterpret_cast<double*>(base + layout.positive_weight);
+  auto* negative_weight = reinterpret_cast<double*>(base + layout.negative_weight);
+  auto* positive_coefficient = reinterpret_cast<C*>(base + layout.positive_coefficient);
+  auto* negative_coefficient = reinterpret_cast<C*>(base + layout.negative_coefficient);
+  auto* tile = reinterpret_cast<T*>(base + layout.tile);
+  auto* mask = reinterpret_cast<uint32_t*>(base + layout.mask);
+  const T* e = static_cast<const T*>(args.embeddings);
+  T* grad = static_cast<T*>(args.grad);
+
+  RowStatisticKernel<K><<<RowStatisticBlocks(rows), kThreadsPerBlock, 0, stream>>>(e, rows, dim,
+                                                                                   stat);
+  PairWeightKernel<<<PairWeightBlocks(rows), kThreadsPerBlock, 0, stream>>>(
+      args.labels, rows, args.weighting, kGrad ? static_cast<const T*>(args.upstream) : nullptr,
+      positive_weight, negative_weight, positive_coefficient, negative_coefficient);
+  GpuStatus status = LastError();
+  if (!status.ok()) return status;
+
+  const int64_t block = BlockRows(args);
+  for (int64_t row0 = 0; row0 < rows; row0 += block) {
+    const int64_t n = std::min(block, rows - row0);
+    // With dim 0 the Gram tile is zero; not left to the GEMM, whose k = 0
+    // behaviour (cuBLAS: c = beta·c) is not every implementation's.
+    status = dim > 0 ? gemm(false, true, n, rows, dim, 1.0, e + row0 * dim, dim, e, dim, 0.0,
+                            tile, rows)
+                     : ZeroFill<T>(tile, n * rows, stream);
+    if (!status.ok()) return status;
+    PairRowKernel<K, kGrad><<<static_cast<unsigned>(n), kThreadsPerBlock, 0, stream>>>(
+        args.labels, e, rows, dim, row0, stat, positive_weight, negative_weight,
+        positive_coefficient, negative_coefficient, static_cast<C>(args.margin),
+        static_cast<C>(args.positive_margin), tile, mask, static_cast<T*>(args.loss), grad);
+    status = LastError();
+    if (!status.ok()) return status;
+    // beta = 1: PairRowKernel has written q_i·e_i and the near pairs' terms.
+    if (kGrad && dim > 0) {
+      status = gemm(false, false, n, dim, rows, -1.0, tile, rows, e, dim, 1.0,
+                    grad + row0 * dim, dim);
+      if (!status.ok()) return status;
+    }
+  }
+  return GpuStatus{};
+}
+
+// --- Tiled GEMM ----------------------------------------------------------------
+// Each block computes 64×64 tiles of c, 16 values of k at a time through
+// shared memory; each thread a 4×4 register block whose rows and columns are
+// 16 apart, so that the shared-memory reads of a warp are broadcasts or
+// consecutive words (no bank conflicts).
+constexpr int kGemmTile = 64;
+constexpr int kGemmTileK = 16;
+constexpr int kGemmThreads = 256;
+constexpr int kGemmPerThread = kGemmTile / 16;  // 16×16 threads
+// Tiles per launch beyond which blocks loop (grid-stride over tiles).
+constexpr int64_t kMaxGemmBlocks = int64_t{1} << 20;
+
+template <bool kTransA, bool kTransB, typename T>
+__global__ void __launch_bounds__(kGemmThreads)
+    TiledGemmKernel(int64_t m, int64_t n, int64_t k, T alpha, const T* __restrict__ a,
+                    int64_t lda, const T* __restrict__ b, int64_t ldb, T beta, T* c, int64_t ldc,
+                    int64_t tiles_n, int64_t tiles) {
+  // +1 column: the non-transposed loads store down a column of these arrays;
+  // the padding spreads them over the banks.
+  __shared__ T a_tile[kGemmTileK][kGemmTile + 1];
+  __shared__ T b_tile[kGemmTileK][kGemmTile + 1];
+  const int t = threadIdx.x;
+  const int tx = t % 16, ty = t / 16;
+  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+    const int64_t row0 = tile / tiles_n * kGemmTile;
+    const int64_t col0 = tile % tiles_n * kGemmTile;
+    T acc[kGemmPerThread][kGemmPerThread] = {};
+    for (int64_t k0 = 0; k0 < k; k0 += kGemmTileK) {
+      // Loads walk the contiguous dimension of each operand across threads,
+      // so that a warp's global reads coalesce.
+#pragma unroll
+      for (int p = 0; p < kGemmTile * kGemmTileK / kGemmThreads; ++p) {
+        const int row = kTransA ? t % kGemmTile : t / kGemmTileK + p * (kGemmThreads / kGemmTileK);
+        const int kk = kTransA ? t / kGemmTile + p * (kGemmThreads / kGemmTile) : t % kGemmTileK;
+        const int64_t gi = row0 + row, gk = k0 + kk;
+        a_tile[kk][row] = gi < m && gk < k ? a[kTransA ? gk * lda + gi : gi * lda + gk] : T(0);
+      }
+#pragma unroll
+      for (int p = 0; p < kGemmTile * kGemmTileK / kGemmThreads; ++p) {
+        const int col = kTransB ? t / kGemmTileK + p * (kGemmThreads / kGemmTileK) : t % kGemmTile;
+        const int kk = kTransB ? t % kGemmTileK : t / kGemmTile + p * (kGemmThreads / kGemmTile);
+        const int64_t gj = col0 + col, gk = k0 + kk;
+        b_tile[kk][col] = gj < n && gk < k ? b[kTransB ? gj * ldb + gk : gk * ldb + gj] : T(0);
+      }
+      __syncthreads();
+#pragma unroll
+      for (int kk = 0; kk < kGemmTileK; ++kk) {
+        T av[kGemmPerThread], bv[kGemmPerThread];
+#pragma unroll
+        for (int x = 0; x < kGemmPerThread; ++x) {
+          av[x] = a_tile[kk][ty + 16 * x];
+          bv[x] = b_tile[kk][tx + 16 * x];
+        }
+#pragma unroll
+        for (int y = 0; y < kGemmPerThread; ++y) {
+#pragma unroll
+          for (int x = 0; x < kGemmPerThread; ++x) acc[y][x] += av[y] * bv[x];
+        }
+      }
+      // The tiles are overwritten by the next step.
+      __syncthreads();
+    }
+#pragma unroll
+    for (int y = 0; y < kGemmPerThread; ++y) {
+      const int64_t gi = row0 + ty + 16 * y;
+      if (gi >= m) continue;
+#pragma unroll
+      for (int x = 0; x < kGemmPerThread; ++x) {
+        const int64_t gj = col0 + tx + 16 * x;
+        if (gj >= n) continue;
+        T* out = c + gi * ldc + gj;
+        // BLAS: with beta = 0, c is not read (it may hold NaN).
+        *out = beta == T(0) ? alpha * acc[y][x] : alpha * acc[y][x] + beta * *out;
+      }
+    }
+  }
+}
+
+template <typename T>
+GpuStatus TiledGemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
+                    const void* a, int64_t lda, const void* b, int64_t ldb, double beta, void* c,
+                    int64_t ldc, cudaStream_t stream) {
+  if (m <= 0 || n <= 0) return GpuStatus{};
+  const int64_t tiles_n = (n + kGemmTile - 1) / kGemmTile;
+  const int64_t tiles = (m + kGemmTile - 1) / kGemmTile * tiles_n;
+  const int blocks = static_cast<int>(std::min(tiles, kMaxGemmBlocks));
+  const auto launch = [&](auto ta, auto tb) {
+    TiledGemmKernel<decltype(ta)::value, decltype(tb)::value>
+        <<<blocks, kGemmThreads, 0, stream>>>(m, n, k, static_cast<T>(alpha),
+                                              static_cast<const T*>(a), lda,
+                                              static_cast<const T*>(b), ldb, static_cast<T>(beta),
+                                              static_cast<T*>(c), ldc, tiles_n, tiles);
+  };
+  using False = std::false_type;
+  using True = std::true_type;
+  if (trans_a) {
+    trans_b ? launch(True{}, True{}) : launch(True{}, False{});
+  } else {
+    trans_b ? launch(False{}, True{}) : launch(False{}, False{});
+  }
+  return LastError();
+}
+
+// --- Keras reduction ---------------------------------------------------------
+// g_i = w_i·reduction_scale, rounded to T as InBatchLossReducedCpu rounds it,
+// so the sweep sees the CPU kernel's upstream gradient.
+template <typename T>
+__global__ void ReducedUpstreamKernel(const T* __restrict__ weights, bool scalar_weight,
+                                      int64_t rows, const double* __restrict__ scale,
+                                      T* __restrict__ upstream) {
+  const double s = *scale;
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < rows;
+       i += stride) {
+    upstream[i] = static_cast<T>(static_cast<double>(weights[scalar_weight ? 0 : i]) * s);
+  }
+}
+
+// loss = Σ g_i·l_i in double, by one block (BlockSum, so blockDim.x is
+// kReduceThreads): a fixed order, and O(B) next to the sweep's O(B²·D).
+template <typename T>
+__global__ void ReducedLossSumKernel(const T* __restrict__ upstream, const T* __restrict__ losses,
+                                     int64_t rows, T* __restrict__ loss) {
+  double sum = 0;
+  for (int64_t i = threadIdx.x; i < rows; i += blockDim.x) {
+    sum += static_cast<double>(upstream[i]) * static_cast<double>(losses[i]);
+  }
+  const double total = BlockSum(sum);
+  if (threadIdx.x == 0) *loss = static_cast<T>(total);
+}
+
+// The reduced launch's workspace: the weights' block sums (LaunchReductionScale),
+// g and the per-anchor losses (T, rows each), then InBatchLossGpu's own.
+struct ReducedLayout {
+  int64_t weight_sums, upstream, losses, sweep, total;
+};
+
+ReducedLayout MakeReducedLayout(const InBatchReducedArgs& args) {
+  const int64_t values = args.in.rows * ElementBytes(args.in.type);
+  ReducedLayout l;
+  l.weight_sums = 0;
+  l.upstream = l.weight_sums + AlignUp(kMaxReduceBlocks * int64_t{sizeof(double)});
+  l.losses = l.upstream + AlignUp(values);
+  l.sweep = l.losses + AlignUp(values);
+  l.total = l.sweep + InBatchLossGpuWorkspace(args.in);
+  return l;
+}
+
+}  // namespace
+
+int64_t InBatchLossGpuWorkspace(const InBatchArgs& args) {
+  if (args.rows <= 1 || !IsInBatchDType(args.type)) return 0;
+  return MakeLayout(args).total;
+}
+
+GpuStatus InBatchLossGpu(const InBatchArgs& args, void* workspace, const GpuGemm& gemm,
+                         void* stream) {
+  if (!IsInBatchDType(args.type) || !IsInBatchDistance(args.distance)) {
+    return GpuStatus{"unsupported dtype or distance"};
+  }
+  auto s = static_cast<cudaStream_t>(stream);
+  const bool grad = args.upstream != nullptr && args.grad != nullptr;
+  GpuStatus status;
+  VisitInBatchKernel(args.type, args.distance, [&](auto t_tag, auto k_tag) {
+    using T = typename decltype(t_tag)::type;
+    constexpr Distance K = decltype(k_tag)::value;
+    if (args.rows == 0) return;
+    // One row has no pairs: loss and gradient are 0 (even for a non-finite
+    // row, which the general path would turn into 0·inf).
+    if (args.rows == 1) {
+      status = ZeroFill<T>(args.loss, 1, s);
+      if (status.ok() && grad) status = ZeroFill<T>(args.grad, args.dim, s);
+      return;
+    }
+    status = grad ? Sweep<T, K, true>(args, workspace, gemm, s)
+                  : Sweep<T, K, false>(args, workspace, gemm, s);
+  });
+  return status;
+}
+
+GpuGemm TiledGemmGpu(DType type, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  return [type, s](bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
+                   const void* a, int64_t lda, const void* b, int64_t ldb, double beta, void* c,
+                   int64_t ldc) -> GpuStatus {
+    switch (type) {
+      case DType::kFloat32:
+        return TiledGemm<float>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, s);
+      case DType::kFloat64:
+        return TiledGemm<double>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
+                                 s);
+      default:
+        return GpuStatus{"TiledGemmGpu: unsupported dtype"};
+    }
+  };
+}
+
+int64_t InBatchLossReducedGpuWorkspace(const InBatchReducedArgs& args) {
+  if (!IsInBatchDType(args.in.type)) return 0;
+  return MakeReducedLayout(args).total;
+}
+
+// Runs for rows == 0 too: the loss (0) and the reduction scale are outputs.
+GpuStatus InBatchLossReducedGpu(const InBatchReducedArgs& args, void* workspace,
+                                const GpuGemm& gemm, void* stream) {
+  if (!IsInBatchDType(args.in.type) || !IsInBatchDistance(args.in.distance)) {
+    return GpuStatus{"unsupported dtype or distance"};
+  }
+  auto s = static_cast<cudaStream_t>(stream);
+  const ReducedLayout layout = MakeReducedLayout(args);
+  char* base = static_cast<char*>(workspace);
+  const int64_t rows = args.in.rows;
+  GpuStatus status;
+  VisitDistanceDType(args.in.type, [&](auto tag) {
+    using T = typename decltype(tag)::type;
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
+      const T* w = static_cast<const T*>(args.weights);
+      auto* upstream = reinterpret_cast<T*>(base + layout.upstream);
+      auto* losses = reinterpret_cast<T*>(base + layout.losses);
+      LaunchReductionScale(args.reduction, w, args.scalar_weight, rows, args.loss_scale,
+                           reinterpret_cast<double*>(base + layout.weight_sums),
+                           args.reduction_scale, s);
+      if (rows > 0) {
+        const int blocks = static_cast<int>(
+            std::min(kMaxBlocks, (rows + kThreadsPerBlock - 1) / kThreadsPerBlock));
+        ReducedUpstreamKernel<<<blocks, kThreadsPerBlock, 0, s>>>(
+            w, args.scalar_weight, rows, args.reduction_scale, upstream);
+      }
+      status = LastError();
+      if (!status.ok()) return;
+      InBatchArgs in = args.in;
+      in.upstream = upstream;
+      in.loss = losses;
+      in.grad = args.grad;
+      status = InBatchLossGpu(in, base + layout.sweep, gemm, stream);
+      if (!status.ok()) return;
+      ReducedLossSumKernel<<<1, kReduceThreads, 0, s>>>(upstream, losses, rows,
+                                                        static_cast<T*>(args.loss));
+      status = LastError();
+    }
+  });
+  return status;
+}
+
+}  // namespace fused_contrastive
