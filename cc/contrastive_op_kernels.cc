@@ -105,13 +105,7 @@ absl::Status ReadInBatchInputs(OpKernelContext* ctx, int margin_input, Distance 
                                InBatchArgs* args) {
   const Tensor& labels = ctx->input(0);
   const Tensor& embeddings = ctx->input(1);
-  if (embeddings.dims() != 2 || labels.dims() != 1 ||
-      labels.dim_size(0) != embeddings.dim_size(0)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "in-batch contrastive loss: embeddings must have shape [B, D] and labels [B]; got "
-        "labels ",
-        labels.shape().DebugString(), " and embeddings ", embeddings.shape().DebugString()));
-  }
+  TF_RETURN_IF_ERROR(CheckInBatchShapes(labels.shape(), embeddings.shape()));
   TF_RETURN_IF_ERROR(CheckDispatched(FromTf(embeddings.dtype(), &args->type) &&
                                      IsInBatchDType(args->type)));
   TF_RETURN_IF_ERROR(ReadScalar(ctx->input(margin_input), "margin", &args->margin));

@@ -75,9 +75,8 @@ constexpr char kMaxBlockRowsAttr[] = "max_block_rows: int >= 0 = 0";
 
 // Embeddings [B, D] and labels [B] merged: B.
 absl::Status InBatchShapes(InferenceContext* c, ShapeHandle* embeddings, ShapeHandle* rows) {
-  const absl::Status mismatch = absl::InvalidArgumentError(absl::StrCat(
-      "in-batch contrastive loss: embeddings must have shape [B, D] and labels [B]; got labels ",
-      c->DebugString(c->input(0)), " and embeddings ", c->DebugString(c->input(1))));
+  const absl::Status mismatch =
+      InBatchShapeMismatch(c->DebugString(c->input(0)), c->DebugString(c->input(1)));
   if (!c->WithRank(c->input(1), 2, embeddings).ok()) return mismatch;
   if (!c->Merge(c->input(0), c->Vector(c->Dim(*embeddings, 0)), rows).ok()) return mismatch;
   return absl::OkStatus();

@@ -1,8 +1,9 @@
 // XLA lowering of the ops: under tf.function(jit_compile=True) and Keras'
 // jit_compile (on by default when a GPU is visible) the ops become HLO that
-// XLA fuses with their neighbours. The HLO is the formula of contrastive_math.h
-// and embedding_math.h itself, evaluated on XlaOps. On XLA's CPU backend the
-// embedding ops are custom calls of the fused CPU kernels instead (see below).
+// XLA fuses with their neighbours. The HLO is the formula of contrastive_math.h,
+// embedding_math.h and in_batch_math.h itself, evaluated on XlaOps. On XLA's
+// CPU backend the embedding and in-batch ops are custom calls of the fused CPU
+// kernels instead (see below).
 
 // Eigen's ThreadPoolDevice is only declared with this (its cost model shards
 // the host custom call's work).
@@ -28,6 +29,7 @@
 #include "tensorflow/compiler/tf2xla/xla_op_registry.h"
 #include "xla/hlo/builder/lib/arithmetic.h"
 #include "xla/hlo/builder/lib/constants.h"
+#include "xla/hlo/builder/lib/loops.h"
 #include "tensorflow/core/framework/kernel_def_builder.h"
 #include "tensorflow/core/framework/node_def.pb.h"
 #include "tensorflow/core/framework/op_kernel.h"
@@ -87,26 +89,34 @@ xla::XlaOp LabelsToCompute(xla::XlaOp labels, xla::PrimitiveType label_type,
 // variable) that is negative or not finite makes the loss and gradient NaN,
 // never a silently wrong number.
 absl::Status CheckConstantMargin(tensorflow::XlaOpKernelContext* ctx, int margin_input,
-                                 bool* constant) {
+                                 bool* constant, const char* what = "margin") {
   double margin_value;
   *constant = ctx->ConstantInputAsFloatScalar(margin_input, &margin_value).ok();
-  return *constant ? CheckMargin(margin_value) : absl::OkStatus();
+  return *constant ? CheckMargin(margin_value, what) : absl::OkStatus();
 }
 
-// Every loss op's labels (input 0) and margin in the compute type, an invalid
-// run-time margin as NaN (CheckConstantMargin).
-absl::Status ReadLabelsAndMargin(tensorflow::XlaOpKernelContext* ctx, int margin_input,
-                                 xla::PrimitiveType compute, xla::XlaOp* y,
-                                 xla::XlaOp* margin) {
+// A margin input in the compute type, an invalid run-time one as NaN
+// (CheckConstantMargin).
+absl::Status ReadMargin(tensorflow::XlaOpKernelContext* ctx, int margin_input,
+                        xla::PrimitiveType compute, xla::XlaOp* margin,
+                        const char* what = "margin") {
   *margin = ctx->Input(margin_input);
   bool constant;
-  TF_RETURN_IF_ERROR(CheckConstantMargin(ctx, margin_input, &constant));
+  TF_RETURN_IF_ERROR(CheckConstantMargin(ctx, margin_input, &constant, what));
   if (!constant) {
     const xla::XlaOp valid =
         xla::And(xla::IsFinite(*margin), xla::Ge(*margin, xla::ScalarLike(*margin, 0)));
     *margin = xla::Select(valid, *margin, xla::NanValue(ctx->builder(), xla::F64));
   }
   *margin = xla::ConvertElementType(*margin, compute);
+  return absl::OkStatus();
+}
+
+// Every loss op's labels (input 0) and margin in the compute type.
+absl::Status ReadLabelsAndMargin(tensorflow::XlaOpKernelContext* ctx, int margin_input,
+                                 xla::PrimitiveType compute, xla::XlaOp* y,
+                                 xla::XlaOp* margin) {
+  TF_RETURN_IF_ERROR(ReadMargin(ctx, margin_input, compute, margin));
   *y = LabelsToCompute(ctx->Input(0), ctx->input_xla_type(0), compute);
   return absl::OkStatus();
 }
@@ -469,6 +479,384 @@ class EmbeddingLossReducedXlaOp : public tensorflow::XlaOpKernel {
   Distance distance_;
 };
 
+// --- The in-batch ops (in_batch_math.h) ---------------------------------------------------
+// Their HLO lowering (the backends other than CPU) runs the kernels' sweep as
+// a While loop over blocks of R anchor rows, each against all B rows:
+// S = E_blk·Eᵀ [R, B], the pair terms of in_batch_math.h evaluated on S, and
+// for the gradient M [R, B] and M·E. No value has more than R·B elements, so
+// memory grows linearly in B. Unlike the kernels, the HLO does not recompute
+// pairs whose Gram distance cancels (near-duplicate rows) from e_i − e_j:
+// their Euclidean distance keeps the Gram formula's rounding, a few ulp of
+// ‖e_i‖² + ‖e_j‖² in d² (for equal float32 rows d is up to about
+// 1e-3·‖e‖ instead of 0), as in the pure-TensorFlow reference, and so do
+// their loss and gradient.
+
+// Elements of an [R, B] block: a few of them live per iteration (S, M, the
+// terms), tens of MiB in float32, while the products E_blk·Eᵀ and M·E stay
+// large enough to run near the GEMMs' peak.
+constexpr int64_t kInBatchBlockElements = int64_t{1} << 22;
+
+int64_t InBatchBlockRows(int64_t rows, int64_t max_block_rows) {
+  int64_t block = std::min(rows, kInBatchBlockElements / std::max<int64_t>(rows, 1));
+  if (max_block_rows > 0) block = std::min(block, max_block_rows);
+  return std::max<int64_t>(block, 1);
+}
+
+// The in-batch ops' labels [B] (int64), embeddings [B, D] (their dtype,
+// float32 or float64, is the compute type) and margins.
+struct InBatchInputs {
+  int64_t rows, dim, block;
+  xla::PrimitiveType type;
+  xla::XlaOp labels, e, margin, positive_margin;
+};
+
+// The shapes checked as the OpKernels check them, and the type; the ops unset.
+absl::Status InBatchShapes(tensorflow::XlaOpKernelContext* ctx, int64_t max_block_rows,
+                           InBatchInputs* in) {
+  const TensorShape labels = ctx->InputShape(0);
+  const TensorShape e = ctx->InputShape(1);
+  TF_RETURN_IF_ERROR(CheckInBatchShapes(labels, e));
+  in->rows = e.dim_size(0);
+  in->dim = e.dim_size(1);
+  in->block = InBatchBlockRows(in->rows, max_block_rows);
+  in->type = ctx->input_xla_type(1);
+  return absl::OkStatus();
+}
+
+// With the margins at `margin_input` and the one after.
+absl::Status ReadInBatchInputs(tensorflow::XlaOpKernelContext* ctx, int margin_input,
+                               int64_t max_block_rows, InBatchInputs* in) {
+  TF_RETURN_IF_ERROR(InBatchShapes(ctx, max_block_rows, in));
+  in->labels = ctx->Input(0);
+  in->e = ctx->Input(1);
+  TF_RETURN_IF_ERROR(ReadMargin(ctx, margin_input, in->type, &in->margin));
+  return ReadMargin(ctx, margin_input + 1, in->type, &in->positive_margin, "positive_margin");
+}
+
+// The in-batch grad op's upstream (input 2): of the labels' shape.
+absl::Status CheckInBatchUpstream(tensorflow::XlaOpKernelContext* ctx) {
+  if (ctx->InputShape(2) == ctx->InputShape(0)) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("in-batch contrastive loss: upstream must have the labels' shape ",
+                   ctx->InputShape(0).DebugString(), ", got ", ctx->InputShape(2).DebugString()));
+}
+
+// Runs body(start, values, builder) once per block of `block` rows of `rows`
+// (rows >= block >= 1) on the loop-carried `values`, start being the block's
+// first row (S64). The last block starts at rows − block, overlapping the
+// one before instead of reaching past the last row: what the body computes
+// for a row depends on that row alone, so the rows computed twice are
+// written twice by the same formula, and no padded copies of the inputs
+// are needed.
+template <typename Body>
+absl::StatusOr<std::vector<xla::XlaOp>> ForEachRowBlock(int64_t rows, int64_t block,
+                                                        const std::vector<xla::XlaOp>& values,
+                                                        const char* name, const Body& body) {
+  return xla::ForEachIndex(
+      (rows + block - 1) / block, xla::S64,
+      [&](xla::XlaOp index, absl::Span<const xla::XlaOp> v,
+          xla::XlaBuilder* builder) -> absl::StatusOr<std::vector<xla::XlaOp>> {
+        const xla::XlaOp start = xla::Min(index * xla::ConstantR0<int64_t>(builder, block),
+                                          xla::ConstantR0<int64_t>(builder, rows - block));
+        return body(start, std::vector<xla::XlaOp>(v.begin(), v.end()), builder);
+      },
+      values, name, values.front().builder());
+}
+
+// Rows [start, start + block) of x ([rows] or [rows, D]).
+xla::XlaOp RowBlock(xla::XlaOp x, xla::XlaOp start, int64_t block) {
+  const xla::Shape shape = x.builder()->GetShape(x).value();
+  std::vector<xla::XlaOp> starts = {start};
+  std::vector<int64_t> sizes = {block};
+  for (size_t d = 1; d < shape.dimensions().size(); ++d) {
+    starts.push_back(xla::ScalarLike(start, 0));
+    sizes.push_back(shape.dimensions(d));
+  }
+  return xla::DynamicSlice(x, starts, sizes);
+}
+
+xla::XlaOp SetRowBlock(xla::XlaOp x, xla::XlaOp block_values, xla::XlaOp start) {
+  std::vector<xla::XlaOp> starts = {start};
+  if (x.builder()->GetShape(x).value().dimensions().size() == 2) {
+    starts.push_back(xla::ScalarLike(start, 0));
+  }
+  return xla::DynamicUpdateSlice(x, block_values, starts);
+}
+
+// Sum along the last axis of an [R, B] block.
+xla::XlaOp RowSums(xla::XlaOp x) {
+  xla::XlaBuilder* builder = x.builder();
+  const xla::PrimitiveType type = builder->GetShape(x).value().element_type();
+  return xla::Reduce(x, xla::Zero(builder, type),
+                     xla::CreateScalarAddComputation(type, builder), {1});
+}
+
+// Products at full precision: XLA's GPU backend may otherwise take float32
+// dots in TF32, whose rounding the Euclidean Gram formula would magnify.
+xla::XlaOp PreciseDot(xla::XlaOp a, xla::XlaOp b, int64_t a_contract, int64_t b_contract) {
+  xla::DotDimensionNumbers dims;
+  dims.add_lhs_contracting_dimensions(a_contract);
+  dims.add_rhs_contracting_dimensions(b_contract);
+  xla::PrecisionConfig precision;
+  precision.add_operand_precision(xla::PrecisionConfig::HIGHEST);
+  precision.add_operand_precision(xla::PrecisionConfig::HIGHEST);
+  return xla::DotGeneral(a, b, dims, &precision);
+}
+
+// [R] values along the rows ([R, B]) and [B] values along the columns.
+struct PairBlock {
+  int64_t block, rows;
+  xla::XlaOp AlongRows(xla::XlaOp per_anchor) const {
+    return xla::BroadcastInDim(per_anchor, {block, rows}, {0});
+  }
+  xla::XlaOp AlongColumns(xla::XlaOp per_row) const {
+    return xla::BroadcastInDim(per_row, {block, rows}, {1});
+  }
+  // Which pairs (i, j) of anchors i (labels y_block, rows from start) and rows
+  // j have equal labels, and which have j ≠ i.
+  void Masks(xla::XlaOp y_block, xla::XlaOp y, xla::XlaOp start, xla::XlaOp* same,
+             xla::XlaOp* other) const {
+    xla::XlaBuilder* builder = y.builder();
+    *same = xla::Eq(AlongRows(y_block), AlongColumns(y));
+    const xla::Shape index = xla::ShapeUtil::MakeShape(xla::S64, {block, rows});
+    *other = xla::Ne(xla::Iota(builder, index, 0) + start, xla::Iota(builder, index, 1));
+  }
+};
+
+// pair_weights() of every row, in float64 ([B] each): constants for
+// "uniform"; for "balanced" from each row's count of other rows with its
+// label, counted in a first loop over row blocks.
+absl::Status InBatchPairWeights(const InBatchInputs& in, PairWeighting weighting,
+                                xla::XlaOp* positive_weight, xla::XlaOp* negative_weight) {
+  xla::XlaBuilder* builder = in.labels.builder();
+  if (weighting == PairWeighting::kUniform) {
+    double positive, negative;
+    pair_weights(weighting, static_cast<double>(in.rows), 0.0, &positive, &negative);
+    *positive_weight = xla::Broadcast(xla::ConstantR0<double>(builder, positive), {in.rows});
+    *negative_weight = xla::Broadcast(xla::ConstantR0<double>(builder, negative), {in.rows});
+    return absl::OkStatus();
+  }
+  const PairBlock pairs{in.block, in.rows};
+  const xla::XlaOp no_counts = xla::Zeros(builder, xla::ShapeUtil::MakeShape(xla::S64, {in.rows}));
+  TF_ASSIGN_OR_RETURN(
+      const std::vector<xla::XlaOp> counted,
+      ForEachRowBlock(in.rows, in.block, {in.labels, no_counts}, "in_batch_positives",
+                      [&](xla::XlaOp start, std::vector<xla::XlaOp> v,
+                          xla::XlaBuilder*) -> absl::StatusOr<std::vector<xla::XlaOp>> {
+                        xla::XlaOp same, other;
+                        pairs.Masks(RowBlock(v[0], start, in.block), v[0], start, &same, &other);
+                        const xla::XlaOp positives =
+                            RowSums(xla::ConvertElementType(xla::And(same, other), xla::S64));
+                        v[1] = SetRowBlock(v[1], positives, start);
+                        return v;
+                      }));
+  const xla::XlaOp positives = xla::ConvertElementType(counted[1], xla::F64);
+  pair_weights(weighting, xla::ScalarLike(positives, static_cast<double>(in.rows)), positives,
+               positive_weight, negative_weight);
+  return absl::OkStatus();
+}
+
+// The sweep: each anchor's loss [B] and, when `upstream` ([B], the
+// embeddings' type) is given, the gradient of Σ upstream_i·loss_i [B, D],
+// grouped as the CPU kernel groups them (in_batch_cpu_impl.h): weights in
+// float64, the pair coefficients' halves g_i·w_i in the compute type.
+template <Distance K>
+absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
+                          const xla::XlaOp* upstream, xla::XlaOp* loss, xla::XlaOp* grad) {
+  xla::XlaBuilder* builder = in.e.builder();
+  const bool with_grad = upstream != nullptr;
+  if (in.rows == 0) {
+    *loss = xla::Zeros(builder, xla::ShapeUtil::MakeShape(in.type, {0}));
+    if (with_grad) *grad = xla::Zeros(builder, xla::ShapeUtil::MakeShape(in.type, {0, in.dim}));
+    return absl::OkStatus();
+  }
+  xla::XlaOp positive_weight, negative_weight;
+  TF_RETURN_IF_ERROR(InBatchPairWeights(in, weighting, &positive_weight, &negative_weight));
+  const xla::XlaOp norm2 = RowSums(in.e * in.e);
+  // The loop's values: inputs first, then what it writes, then the
+  // gradient's inputs and output.
+  enum { kE, kLabels, kStat, kPositiveWeight, kNegativeWeight, kMargin, kPositiveMargin, kLoss,
+         kPositiveCoefficient, kNegativeCoefficient, kGrad };
+  std::vector<xla::XlaOp> values = {
+      in.e, in.labels, row_statistic<K>(norm2), positive_weight, negative_weight, in.margin,
+      in.positive_margin, xla::Zeros(builder, xla::ShapeUtil::MakeShape(in.type, {in.rows}))};
+  if (with_grad) {
+    const xla::XlaOp g = xla::ConvertElementType(*upstream, xla::F64);
+    values.push_back(xla::ConvertElementType(positive_weight * g, in.type));
+    values.push_back(xla::ConvertElementType(negative_weight * g, in.type));
+    values.push_back(xla::Zeros(builder, xla::ShapeUtil::MakeShape(in.type, {in.rows, in.dim})));
+  }
+  const PairBlock pairs{in.block, in.rows};
+  const auto body = [&](xla::XlaOp start, std::vector<xla::XlaOp> v,
+                        xla::XlaBuilder*) -> absl::StatusOr<std::vector<xla::XlaOp>> {
+    const auto block_of = [&](int value) { return RowBlock(v[value], start, in.block); };
+    const xla::XlaOp e_block = block_of(kE);
+    const xla::XlaOp s = PreciseDot(e_block, v[kE], 1, 1);
+    xla::XlaOp same, other;
+    pairs.Masks(block_of(kLabels), v[kLabels], start, &same, &other);
+    // 1 or 0 per pair, as the kernel's masks.
+    const xla::XlaOp positive = xla::ConvertElementType(xla::And(same, other), in.type);
+    const xla::XlaOp negative = xla::ConvertElementType(xla::And(xla::Not(same), other), in.type);
+    const xla::XlaOp stat_block = block_of(kStat);
+    const xla::XlaOp stat_i = pairs.AlongRows(stat_block);
+    const xla::XlaOp stat_j = pairs.AlongColumns(v[kStat]);
+    const xla::XlaOp d = pair_distance<K>(s, stat_i, stat_j);
+    xla::XlaOp positive_t, positive_slope, negative_t, negative_slope;
+    positive_term(d, v[kPositiveMargin], &positive_t, &positive_slope);
+    negative_term(d, v[kMargin], &negative_t, &negative_slope);
+    const auto f64 = [](xla::XlaOp x) { return xla::ConvertElementType(x, xla::F64); };
+    const xla::XlaOp loss_block = xla::ConvertElementType(
+        block_of(kPositiveWeight) * f64(RowSums(positive * positive_t)) +
+            block_of(kNegativeWeight) * f64(RowSums(negative * negative_t)),
+        in.type);
+    v[kLoss] = SetRowBlock(v[kLoss], loss_block, start);
+    if (!with_grad) return v;
+    const auto pair_sum = [&](int value) {
+      return pairs.AlongRows(block_of(value)) + pairs.AlongColumns(v[value]);
+    };
+    const xla::XlaOp coefficient = positive * pair_sum(kPositiveCoefficient) * positive_slope +
+                                   negative * pair_sum(kNegativeCoefficient) * negative_slope;
+    const xla::XlaOp m = gram_coefficient<K>(coefficient, d, stat_i, stat_j);
+    const xla::XlaOp q = diagonal_factor<K>(stat_block) * RowSums(diagonal_term<K>(m, s));
+    const xla::XlaOp grad_block =
+        xla::BroadcastInDim(q, {in.block, in.dim}, {0}) * e_block - PreciseDot(m, v[kE], 1, 0);
+    v[kGrad] = SetRowBlock(v[kGrad], grad_block, start);
+    return v;
+  };
+  TF_ASSIGN_OR_RETURN(const std::vector<xla::XlaOp> out,
+                      ForEachRowBlock(in.rows, in.block, values, "in_batch_sweep", body));
+  *loss = out[kLoss];
+  if (with_grad) *grad = out[kGrad];
+  return absl::OkStatus();
+}
+
+// The attrs all three in-batch lowerings read, and the dispatch on the
+// distance.
+class InBatchXlaOpBase : public tensorflow::XlaOpKernel {
+ public:
+  explicit InBatchXlaOpBase(tensorflow::OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ReadInBatchAttrs(ctx, &distance_, &weighting_, &max_block_rows_));
+  }
+
+ protected:
+  // f(DistanceTag<K>{}) for the op's distance and dtype, which the op
+  // definitions restrict to what the kernels support.
+  template <typename F>
+  void Dispatch(tensorflow::XlaOpKernelContext* ctx, F&& f) {
+    DType type;
+    const bool supported =
+        FromTf(ctx->input_type(1), &type) &&
+        VisitInBatchKernel(type, distance_, [&](auto, auto k) { f(k); });
+    OP_REQUIRES(ctx, supported,
+                absl::InternalError("in-batch contrastive loss: unsupported dtype or distance"));
+  }
+
+  absl::Status ReadInputs(tensorflow::XlaOpKernelContext* ctx, int margin_input,
+                          InBatchInputs* in) const {
+    return ReadInBatchInputs(ctx, margin_input, max_block_rows_, in);
+  }
+
+  // For the host lowerings below: the checks of ReadInputs, the calls'
+  // operands (labels, embeddings, the inputs `middle`, the margins) and the
+  // attrs every handler reads, which XLA passes as int32.
+  absl::Status HostOperands(tensorflow::XlaOpKernelContext* ctx, int margin_input,
+                            const std::vector<int>& middle, InBatchInputs* in,
+                            std::vector<xla::XlaOp>* operands,
+                            std::vector<std::pair<const char*, int>>* attrs) const {
+    if (max_block_rows_ > std::numeric_limits<int32_t>::max()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          "in-batch contrastive loss: max_block_rows must be at most ",
+          std::numeric_limits<int32_t>::max(), " under XLA, got ", max_block_rows_));
+    }
+    TF_RETURN_IF_ERROR(InBatchShapes(ctx, max_block_rows_, in));
+    bool constant;
+    TF_RETURN_IF_ERROR(CheckConstantMargin(ctx, margin_input, &constant));
+    TF_RETURN_IF_ERROR(CheckConstantMargin(ctx, margin_input + 1, &constant, "positive_margin"));
+    *operands = {ctx->Input(0), ctx->Input(1)};
+    for (int input : middle) operands->push_back(ctx->Input(input));
+    operands->insert(operands->end(), {ctx->Input(margin_input), ctx->Input(margin_input + 1)});
+    *attrs = {{"distance", static_cast<int>(distance_)},
+              {"pair_weighting", static_cast<int>(weighting_)},
+              {"max_block_rows", static_cast<int>(max_block_rows_)}};
+    return absl::OkStatus();
+  }
+
+  // The host lowerings below read them too.
+  Distance distance_;
+  PairWeighting weighting_;
+  int64_t max_block_rows_;
+};
+
+class InBatchLossXlaOp : public InBatchXlaOpBase {
+ public:
+  using InBatchXlaOpBase::InBatchXlaOpBase;
+
+  void Compile(tensorflow::XlaOpKernelContext* ctx) override {
+    Dispatch(ctx, [&](auto k) {
+      InBatchInputs in;
+      OP_REQUIRES_OK(ctx, ReadInputs(ctx, 2, &in));
+      xla::XlaOp loss;
+      OP_REQUIRES_OK(ctx, InBatchSweep<decltype(k)::value>(in, weighting_, nullptr, &loss,
+                                                           nullptr));
+      ctx->SetOutput(0, loss);
+    });
+  }
+};
+
+class InBatchGradXlaOp : public InBatchXlaOpBase {
+ public:
+  using InBatchXlaOpBase::InBatchXlaOpBase;
+
+  void Compile(tensorflow::XlaOpKernelContext* ctx) override {
+    Dispatch(ctx, [&](auto k) {
+      InBatchInputs in;
+      OP_REQUIRES_OK(ctx, ReadInputs(ctx, 3, &in));
+      OP_REQUIRES_OK(ctx, CheckInBatchUpstream(ctx));
+      const xla::XlaOp upstream = ctx->Input(2);
+      xla::XlaOp loss, grad;
+      OP_REQUIRES_OK(ctx, InBatchSweep<decltype(k)::value>(in, weighting_, &upstream, &loss,
+                                                           &grad));
+      ctx->SetOutput(0, grad);
+    });
+  }
+};
+
+// The reduced op: each anchor's upstream gradient g_i = weight_i ·
+// reduction_scale, as InBatchLossReducedCpu sets it, and the loss reduced as
+// the reduced embedding op reduces its rows.
+class InBatchLossReducedXlaOp : public InBatchXlaOpBase {
+ public:
+  explicit InBatchLossReducedXlaOp(tensorflow::OpKernelConstruction* ctx)
+      : InBatchXlaOpBase(ctx) {
+    OP_REQUIRES_OK(ctx, ReadReduction(ctx, &reduction_));
+  }
+
+  void Compile(tensorflow::XlaOpKernelContext* ctx) override {
+    Dispatch(ctx, [&](auto k) {
+      InBatchInputs in;
+      OP_REQUIRES_OK(ctx, ReadInputs(ctx, 3, &in));
+      const TensorShape weight_shape = ctx->InputShape(2);
+      OP_REQUIRES_OK(ctx, CheckPerRow("sample_weight", weight_shape, ctx->InputShape(0)));
+      const bool scalar_weight = weight_shape.dims() == 0;
+      const xla::XlaOp w = ctx->Input(2);
+      const xla::XlaOp scale = ReductionScale(ctx, reduction_, w, scalar_weight, in.rows, 5);
+      xla::XlaOp upstream = xla::ConvertElementType(xla::ConvertElementType(w, xla::F64) * scale,
+                                                    in.type);
+      if (scalar_weight) upstream = xla::Broadcast(upstream, {in.rows});
+      xla::XlaOp loss, grad;
+      OP_REQUIRES_OK(ctx, InBatchSweep<decltype(k)::value>(in, weighting_, &upstream, &loss,
+                                                           &grad));
+      ctx->SetOutput(0, ReducedLoss(BlockedSum(loss * w, in.rows, in.type), scale, in.type,
+                                    in.type));
+      ctx->SetOutput(1, grad);
+      ctx->SetOutput(2, scale);
+    });
+  }
+
+ protected:
+  Reduction reduction_;
+};
+
 // --- The embedding ops on XLA's CPU backend ----------------------------------------------
 // There they are custom calls of the fused CPU kernels, which read a and b
 // once per op. XLA's code for the HLO above reads them once for the row sums
@@ -809,6 +1197,208 @@ class EmbeddingLossReducedHostXlaOp : public EmbeddingLossReducedXlaOp {
   }
 };
 
+// --- The in-batch ops on XLA's CPU backend: calls of InBatchLossCpu ----------------------
+// The kernel's exact path for cancelling pairs and its symmetric sweep (each
+// unordered pair of blocks once, half the HLO's products) are out of the
+// HLO's reach; and its results do not depend on the thread count, so the
+// calls give the OpKernels' bits.
+
+// The in-batch handlers' labels, embeddings [B, D], margins and attrs; false
+// for an unsupported dtype. Invalid run-time margins are passed as 0 and
+// *margins_valid is false (the rule of ReadHostInputs).
+bool ReadInBatchHostInputs(ffi::BufferR1<ffi::S64> labels, ffi::AnyBuffer embeddings,
+                           ffi::BufferR0<ffi::F64> margin, ffi::BufferR0<ffi::F64> positive_margin,
+                           int32_t distance, int32_t pair_weighting, int32_t max_block_rows,
+                           InBatchArgs* args, bool* margins_valid) {
+  const double margin_value = margin.typed_data()[0];
+  const double positive_margin_value = positive_margin.typed_data()[0];
+  *margins_valid = IsValidMargin(margin_value) && IsValidMargin(positive_margin_value);
+  args->labels = labels.typed_data();
+  args->embeddings = embeddings.untyped_data();
+  args->rows = embeddings.dimensions()[0];
+  args->dim = embeddings.dimensions()[1];
+  args->margin = *margins_valid ? margin_value : 0.0;
+  args->positive_margin = *margins_valid ? positive_margin_value : 0.0;
+  args->distance = static_cast<Distance>(distance);
+  args->weighting = static_cast<PairWeighting>(pair_weighting);
+  args->max_block_rows = max_block_rows;
+  args->upstream = nullptr;
+  args->loss = nullptr;
+  args->grad = nullptr;
+  return FromFfi(embeddings.element_type(), &args->type) && IsInBatchDType(args->type);
+}
+
+ffi::Error InBatchLossHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
+                           ffi::AnyBuffer embeddings, ffi::BufferR0<ffi::F64> margin,
+                           ffi::BufferR0<ffi::F64> positive_margin,
+                           ffi::Result<ffi::AnyBuffer> loss, int32_t distance,
+                           int32_t pair_weighting, int32_t max_block_rows) {
+  InBatchArgs args;
+  bool margins_valid;
+  bool ok = ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance,
+                                  pair_weighting, max_block_rows, &args, &margins_valid);
+  args.loss = loss->untyped_data();
+  ok = ok && InBatchLossCpu(args, HostParallelFor(pool));
+  if (ok && !margins_valid) FillNan(*loss);
+  return Dispatched(ok);
+}
+
+ffi::Error InBatchGradHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
+                           ffi::AnyBuffer embeddings, ffi::AnyBuffer upstream,
+                           ffi::BufferR0<ffi::F64> margin,
+                           ffi::BufferR0<ffi::F64> positive_margin,
+                           ffi::Result<ffi::AnyBuffer> grad, int32_t distance,
+                           int32_t pair_weighting, int32_t max_block_rows) {
+  InBatchArgs args;
+  bool margins_valid;
+  bool ok = ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance,
+                                  pair_weighting, max_block_rows, &args, &margins_valid);
+  args.upstream = upstream.untyped_data();
+  args.grad = grad->untyped_data();
+  ok = ok && InBatchLossCpu(args, HostParallelFor(pool));
+  if (ok && !margins_valid) FillNan(*grad);
+  return Dispatched(ok);
+}
+
+ffi::Error InBatchLossReducedHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
+                                  ffi::AnyBuffer embeddings, ffi::AnyBuffer weights,
+                                  ffi::BufferR0<ffi::F64> margin,
+                                  ffi::BufferR0<ffi::F64> positive_margin,
+                                  ffi::BufferR0<ffi::F64> loss_scale,
+                                  ffi::Result<ffi::AnyBuffer> loss,
+                                  ffi::Result<ffi::AnyBuffer> grad,
+                                  ffi::Result<ffi::AnyBuffer> reduction_scale, int32_t distance,
+                                  int32_t pair_weighting, int32_t max_block_rows,
+                                  int32_t reduction) {
+  InBatchReducedArgs args;
+  bool margins_valid;
+  bool ok = ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance,
+                                  pair_weighting, max_block_rows, &args.in, &margins_valid);
+  args.weights = weights.untyped_data();
+  args.scalar_weight = weights.dimensions().size() == 0;
+  args.reduction = static_cast<Reduction>(reduction);
+  args.loss_scale = loss_scale.typed_data()[0];
+  args.loss = loss->untyped_data();
+  args.grad = grad->untyped_data();
+  args.reduction_scale = static_cast<double*>(reduction_scale->untyped_data());
+  ok = ok && InBatchLossReducedCpu(args, HostParallelFor(pool));
+  // The reduction scale does not depend on the margins: it stays.
+  if (ok && !margins_valid) {
+    FillNan(*loss);
+    FillNan(*grad);
+  }
+  return Dispatched(ok);
+}
+
+// The operands and results of the calls are the lowerings' below: labels
+// int64 [B], embeddings [B, D], upstream [B], sample_weight [B] or scalar,
+// margins and loss_scale float64 scalars.
+constexpr char kInBatchTarget[] = "fused_contrastive_in_batch_loss";
+constexpr char kInBatchGradTarget[] = "fused_contrastive_in_batch_loss_grad";
+constexpr char kInBatchReducedTarget[] = "fused_contrastive_in_batch_loss_reduced";
+
+XLA_FFI_DEFINE_HANDLER(kInBatchHandler, InBatchLossHost,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::ThreadPool>()
+                           .Arg<ffi::BufferR1<ffi::S64>>()  // labels
+                           .Arg<ffi::AnyBuffer>()           // embeddings
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
+                           .Ret<ffi::AnyBuffer>()           // loss
+                           .Attr<int32_t>("distance")
+                           .Attr<int32_t>("pair_weighting")
+                           .Attr<int32_t>("max_block_rows"));
+
+XLA_FFI_DEFINE_HANDLER(kInBatchGradHandler, InBatchGradHost,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::ThreadPool>()
+                           .Arg<ffi::BufferR1<ffi::S64>>()  // labels
+                           .Arg<ffi::AnyBuffer>()           // embeddings
+                           .Arg<ffi::AnyBuffer>()           // upstream
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
+                           .Ret<ffi::AnyBuffer>()           // grad
+                           .Attr<int32_t>("distance")
+                           .Attr<int32_t>("pair_weighting")
+                           .Attr<int32_t>("max_block_rows"));
+
+XLA_FFI_DEFINE_HANDLER(kInBatchReducedHandler, InBatchLossReducedHost,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::ThreadPool>()
+                           .Arg<ffi::BufferR1<ffi::S64>>()  // labels
+                           .Arg<ffi::AnyBuffer>()           // embeddings
+                           .Arg<ffi::AnyBuffer>()           // sample_weight
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // loss_scale
+                           .Ret<ffi::AnyBuffer>()           // loss
+                           .Ret<ffi::AnyBuffer>()           // grad
+                           .Ret<ffi::AnyBuffer>()           // reduction_scale
+                           .Attr<int32_t>("distance")
+                           .Attr<int32_t>("pair_weighting")
+                           .Attr<int32_t>("max_block_rows")
+                           .Attr<int32_t>("reduction"));
+
+XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kInBatchTarget, "Host", kInBatchHandler);
+XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kInBatchGradTarget, "Host", kInBatchGradHandler);
+XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kInBatchReducedTarget, "Host",
+                         kInBatchReducedHandler);
+
+class InBatchLossHostXlaOp : public InBatchLossXlaOp {
+ public:
+  using InBatchLossXlaOp::InBatchLossXlaOp;
+
+  void Compile(tensorflow::XlaOpKernelContext* ctx) override {
+    if (kHloOnCpu) return InBatchLossXlaOp::Compile(ctx);
+    InBatchInputs in;
+    std::vector<xla::XlaOp> operands;
+    std::vector<std::pair<const char*, int>> attrs;
+    OP_REQUIRES_OK(ctx, HostOperands(ctx, 2, {}, &in, &operands, &attrs));
+    ctx->SetOutput(0, HostCall(ctx, kInBatchTarget, operands,
+                               {xla::ShapeUtil::MakeShape(in.type, {in.rows})}, attrs)[0]);
+  }
+};
+
+class InBatchGradHostXlaOp : public InBatchGradXlaOp {
+ public:
+  using InBatchGradXlaOp::InBatchGradXlaOp;
+
+  void Compile(tensorflow::XlaOpKernelContext* ctx) override {
+    if (kHloOnCpu) return InBatchGradXlaOp::Compile(ctx);
+    InBatchInputs in;
+    std::vector<xla::XlaOp> operands;
+    std::vector<std::pair<const char*, int>> attrs;
+    OP_REQUIRES_OK(ctx, CheckInBatchUpstream(ctx));
+    OP_REQUIRES_OK(ctx, HostOperands(ctx, 3, {2}, &in, &operands, &attrs));
+    ctx->SetOutput(0, HostCall(ctx, kInBatchGradTarget, operands,
+                               {xla::ShapeUtil::MakeShape(in.type, {in.rows, in.dim})},
+                               attrs)[0]);
+  }
+};
+
+class InBatchLossReducedHostXlaOp : public InBatchLossReducedXlaOp {
+ public:
+  using InBatchLossReducedXlaOp::InBatchLossReducedXlaOp;
+
+  void Compile(tensorflow::XlaOpKernelContext* ctx) override {
+    if (kHloOnCpu) return InBatchLossReducedXlaOp::Compile(ctx);
+    InBatchInputs in;
+    std::vector<xla::XlaOp> operands;
+    std::vector<std::pair<const char*, int>> attrs;
+    OP_REQUIRES_OK(ctx, CheckPerRow("sample_weight", ctx->InputShape(2), ctx->InputShape(0)));
+    OP_REQUIRES_OK(ctx, HostOperands(ctx, 3, {2}, &in, &operands, &attrs));
+    operands.push_back(ctx->Input(5));
+    attrs.emplace_back("reduction", static_cast<int>(reduction_));
+    const std::vector<xla::XlaOp> out = HostCall(
+        ctx, kInBatchReducedTarget, operands,
+        {xla::ShapeUtil::MakeShape(in.type, {}),
+         xla::ShapeUtil::MakeShape(in.type, {in.rows, in.dim}),
+         xla::ShapeUtil::MakeShape(xla::F64, {})},
+        attrs);
+    for (int i = 0; i < 3; ++i) ctx->SetOutput(i, out[i]);
+  }
+};
+
 REGISTER_XLA_OP(Name(kOpName), ContrastiveLossXlaOp);
 REGISTER_XLA_OP(Name(kReducedOpName), ContrastiveLossReducedXlaOp);
 REGISTER_XLA_OP(Name(kScaleOpName), ScaleGradientXlaOp);
@@ -822,6 +1412,15 @@ REGISTER_XLA_OP(Name(kEmbeddingGradOpName).Device(tensorflow::DEVICE_CPU_XLA_JIT
                 EmbeddingGradHostXlaOp);
 REGISTER_XLA_OP(Name(kEmbeddingReducedOpName).Device(tensorflow::DEVICE_CPU_XLA_JIT),
                 EmbeddingLossReducedHostXlaOp);
+REGISTER_XLA_OP(Name(kInBatchOpName), InBatchLossXlaOp);
+REGISTER_XLA_OP(Name(kInBatchGradOpName), InBatchGradXlaOp);
+REGISTER_XLA_OP(Name(kInBatchReducedOpName), InBatchLossReducedXlaOp);
+REGISTER_XLA_OP(Name(kInBatchOpName).Device(tensorflow::DEVICE_CPU_XLA_JIT),
+                InBatchLossHostXlaOp);
+REGISTER_XLA_OP(Name(kInBatchGradOpName).Device(tensorflow::DEVICE_CPU_XLA_JIT),
+                InBatchGradHostXlaOp);
+REGISTER_XLA_OP(Name(kInBatchReducedOpName).Device(tensorflow::DEVICE_CPU_XLA_JIT),
+                InBatchLossReducedHostXlaOp);
 
 // TensorFlow turns XLA registrations into kernels for its JIT devices once, at
 // the first XLA compilation in the process, and ignores later ones. When this
@@ -835,14 +1434,16 @@ bool JitKernelsRegistered(const std::string& backend) {
   return tensorflow::KernelDefAvailable(tensorflow::DeviceType(backend), probe);
 }
 
-// An embedding op's lowering for `backend`, as the registrations above pick.
+// An embedding or in-batch op's lowering for `backend`, as the registrations
+// above pick.
 template <typename HloOp, typename HostOp>
 void RegisterJitKernels(const std::string& backend, const char* op, const char* hlo_name,
-                        const char* host_name, bool typed_labels) {
+                        const char* host_name, bool typed_labels,
+                        bool (*value_types)(DType) = IsDistanceDType) {
   if (backend == tensorflow::DEVICE_CPU_XLA_JIT) {
-    RegisterKernels<HostOp>(op, backend.c_str(), host_name, typed_labels, {});
+    RegisterKernels<HostOp>(op, backend.c_str(), host_name, typed_labels, {}, value_types);
   } else {
-    RegisterKernels<HloOp>(op, backend.c_str(), hlo_name, typed_labels, {});
+    RegisterKernels<HloOp>(op, backend.c_str(), hlo_name, typed_labels, {}, value_types);
   }
 }
 
@@ -861,6 +1462,15 @@ const bool kLateJitKernelsRegistered = [] {
     RegisterJitKernels<EmbeddingLossReducedXlaOp, EmbeddingLossReducedHostXlaOp>(
         backend, kEmbeddingReducedOpName, "EmbeddingLossReducedXlaOp",
         "EmbeddingLossReducedHostXlaOp", true);
+    RegisterJitKernels<InBatchLossXlaOp, InBatchLossHostXlaOp>(
+        backend, kInBatchOpName, "InBatchLossXlaOp", "InBatchLossHostXlaOp", false,
+        IsInBatchDType);
+    RegisterJitKernels<InBatchGradXlaOp, InBatchGradHostXlaOp>(
+        backend, kInBatchGradOpName, "InBatchGradXlaOp", "InBatchGradHostXlaOp", false,
+        IsInBatchDType);
+    RegisterJitKernels<InBatchLossReducedXlaOp, InBatchLossReducedHostXlaOp>(
+        backend, kInBatchReducedOpName, "InBatchLossReducedXlaOp",
+        "InBatchLossReducedHostXlaOp", false, IsInBatchDType);
   }
   return true;
 }();

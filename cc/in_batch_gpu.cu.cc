@@ -154,7 +154,8 @@ __global__ void PairWeightKernel(const int64_t* __restrict__ labels, int64_t row
         positives += warp_counts[threadIdx.x][w];
       }
       double wp, wn;
-      pair_weights(weighting, rows, positives, &wp, &wn);
+      pair_weights(weighting, static_cast<double>(rows), static_cast<double>(positives), &wp,
+                   &wn);
       positive_weight[i] = wp;
       negative_weight[i] = wn;
       if (upstream != nullptr) {

@@ -55,16 +55,21 @@ inline bool IsInBatchDistance(Distance k) {
 }
 
 // Weights of anchor i's positive and negative terms, given the batch size and
-// the number of other rows with its label. "uniform": 1/(B−1) each;
-// "balanced": 1/positives and 1/negatives. A mean over no pairs is 0.
-FC_HOST_DEVICE inline void pair_weights(PairWeighting weighting, int64_t rows, int64_t positives,
-                                        double* positive_weight, double* negative_weight) {
-  const auto inverse = [](int64_t n) { return n > 0 ? 1.0 / static_cast<double>(n) : 0.0; };
+// the number of other rows with its label (both as C: float64 in the
+// kernels, XlaOps in the lowering). "uniform": 1/(B−1) each; "balanced":
+// 1/positives and 1/negatives. A mean over no pairs is 0 (divide_no_nan).
+template <typename C>
+FC_HOST_DEVICE inline void pair_weights(PairWeighting weighting, const C& rows,
+                                        const C& positives, C* positive_weight,
+                                        C* negative_weight) {
+  using Ops = ElementOps<C>;
+  const C one = Ops::constant(rows, 1);
+  const C others = rows - one;
   if (weighting == PairWeighting::kUniform) {
-    *positive_weight = *negative_weight = inverse(rows - 1);
+    *positive_weight = *negative_weight = Ops::divide_no_nan(one, others);
   } else {
-    *positive_weight = inverse(positives);
-    *negative_weight = inverse(rows - 1 - positives);
+    *positive_weight = Ops::divide_no_nan(one, positives);
+    *negative_weight = Ops::divide_no_nan(one, others - positives);
   }
 }
 

@@ -132,6 +132,24 @@ inline absl::Status EmbeddingShapeMismatch(const std::string& labels, const std:
       labels, ", embeddings_a ", a, " and embeddings_b ", b));
 }
 
+// The in-batch ops' shape error: embeddings [B, D] and labels [B].
+inline absl::Status InBatchShapeMismatch(const std::string& labels,
+                                         const std::string& embeddings) {
+  return absl::InvalidArgumentError(absl::StrCat(
+      "in-batch contrastive loss: embeddings must have shape [B, D] and labels [B]; got labels ",
+      labels, " and embeddings ", embeddings));
+}
+
+// The same check on known shapes (the OpKernels, the XLA lowerings).
+inline absl::Status CheckInBatchShapes(const tensorflow::TensorShape& labels,
+                                       const tensorflow::TensorShape& embeddings) {
+  if (embeddings.dims() == 2 && labels.dims() == 1 &&
+      labels.dim_size(0) == embeddings.dim_size(0)) {
+    return absl::OkStatus();
+  }
+  return InBatchShapeMismatch(labels.DebugString(), embeddings.DebugString());
+}
+
 // A per-row input of the embedding ops (sample weights, upstream gradients):
 // a scalar or of the labels' shape `rows`.
 inline absl::Status CheckPerRow(const char* what, const tensorflow::TensorShape& shape,
