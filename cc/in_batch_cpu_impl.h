@@ -142,8 +142,9 @@ class Sweep {
                     for (int64_t i = first; i < last; ++i) {
                       norm2_[i] = SquaredNorm(e_ + i * dim_, dim_);
                       stat_[i] = row_statistic<K>(norm2_[i]);
-                      pair_weights(args_.weighting, rows_, positives[i],
-                                   &positive_weight_[i], &negative_weight_[i]);
+                      pair_weights(args_.weighting, static_cast<double>(rows_),
+                                   static_cast<double>(positives[i]), &positive_weight_[i],
+                                   &negative_weight_[i]);
                       if constexpr (kGrad) {
                         positive_coefficient_[i] = static_cast<T>(positive_weight_[i] * g[i]);
                         negative_coefficient_[i] = static_cast<T>(negative_weight_[i] * g[i]);
@@ -174,13 +175,16 @@ class Sweep {
     T* column_positive = columns.data();
     T* column_negative = columns.data() + nj;
     T* column_diagonal = columns.data() + 2 * nj;
+    int64_t active = 0;  // nonzero entries of M
     for (int64_t r = 0; r < ni; ++r) {
       const int64_t i = i0 + r;
       T* row = scratch.data() + r * nj;
       if (K == Distance::kEuclidean && RowCancels(row, i, kDiagonal ? r : -1, j0, nj)) {
-        ExactRow<kDiagonal>(row, i, j0, nj, column_positive, column_negative, column_diagonal);
+        active += ExactRow<kDiagonal>(row, i, j0, nj, column_positive, column_negative,
+                                      column_diagonal);
       } else {
-        FastRow<kDiagonal>(row, i, j0, nj, column_positive, column_negative, column_diagonal);
+        active += FastRow<kDiagonal>(row, i, j0, nj, column_positive, column_negative,
+                                     column_diagonal);
       }
     }
     if constexpr (!kDiagonal) {
@@ -191,11 +195,19 @@ class Sweep {
       }
     }
     if constexpr (kGrad) {
-      Rows<T> gi(grad() + i0 * dim_, ni, dim_);
-      gi.noalias() -= s * ej;
-      if constexpr (!kDiagonal) {
-        Rows<T> gj(grad() + j0 * dim_, nj, dim_);
-        gj.noalias() -= s.transpose() * ei;
+      // The hinge leaves most pairs without gradient once negatives are beyond
+      // the margin (a trained model, well-separated classes): when at most a
+      // quarter of M is nonzero, adding those pairs' rows one by one beats the
+      // dense products (measured break-even near a third on AVX2).
+      if (4 * active <= ni * nj) {
+        SparseGradient<kDiagonal>(scratch.data(), i0, ni, j0, nj);
+      } else {
+        Rows<T> gi(grad() + i0 * dim_, ni, dim_);
+        gi.noalias() -= s * ej;
+        if constexpr (!kDiagonal) {
+          Rows<T> gj(grad() + j0 * dim_, nj, dim_);
+          gj.noalias() -= s.transpose() * ei;
+        }
       }
     }
   }
@@ -253,11 +265,13 @@ class Sweep {
     return kGrad ? coefficients[i] + coefficients[j] : T(0);
   }
 
+  // FastRow and ExactRow return the row's number of nonzero M entries.
   template <bool kDiagonal>
-  void FastRow(T* row, int64_t i, int64_t j0, int64_t nj, T* column_positive,
-               T* column_negative, T* column_diagonal) {
+  int64_t FastRow(T* row, int64_t i, int64_t j0, int64_t nj, T* column_positive,
+                  T* column_negative, T* column_diagonal) {
     const int64_t self = kDiagonal ? i - j0 : -1;
     T positive = 0, negative = 0, diagonal = 0;
+    int active = 0;
     const T stat_i = stat_[i];
     const T* stat_j = stat_.data() + j0;
     const int32_t class_i = classes_[i];
@@ -266,7 +280,7 @@ class Sweep {
     const T nc_i = kGrad ? negative_coefficient_[i] : T(0);
     const T* pc_j = kGrad ? positive_coefficient_.data() + j0 : nullptr;
     const T* nc_j = kGrad ? negative_coefficient_.data() + j0 : nullptr;
-#pragma omp simd reduction(+ : positive, negative, diagonal)
+#pragma omp simd reduction(+ : positive, negative, diagonal, active)
     for (int64_t c = 0; c < nj; ++c) {
       const T s = row[c];
       const T d = pair_distance<K>(s, stat_i, stat_j[c]);
@@ -287,17 +301,20 @@ class Sweep {
         column_diagonal[c] += p.diagonal;
       }
       row[c] = p.m;
+      active += p.m != T(0) ? 1 : 0;
     }
     AddRow(i, positive, negative, diagonal);
+    return active;
   }
 
   // The row of a tile with a pair whose Gram distance cancels: such pairs get
   // d from e_i − e_j, and their gradient directly, (A/d)·(e_i − e_j) to row
   // i (and its opposite to row j when the tile stands for both orders).
   template <bool kDiagonal>
-  void ExactRow(T* row, int64_t i, int64_t j0, int64_t nj, T* column_positive,
-                T* column_negative, T* column_diagonal) {
+  int64_t ExactRow(T* row, int64_t i, int64_t j0, int64_t nj, T* column_positive,
+                   T* column_negative, T* column_diagonal) {
     T positive = 0, negative = 0, diagonal = 0;
+    int64_t active = 0;
     const T* ei = e_ + i * dim_;
     for (int64_t c = 0; c < nj; ++c) {
       const int64_t j = j0 + c;
@@ -328,6 +345,7 @@ class Sweep {
         diagonal += p.diagonal;
         if (!kDiagonal) column_diagonal[c] += p.diagonal;
         row[c] = p.m;
+        active += p.m != T(0) ? 1 : 0;
         continue;
       }
       // p.m is already A/d (0 at d = 0) for the Euclidean distance.
@@ -341,6 +359,28 @@ class Sweep {
       }
     }
     AddRow(i, positive, negative, diagonal);
+    return active;
+  }
+
+  // grad_I −= M·E_J (and grad_J −= Mᵀ·E_I) from M's nonzero entries only.
+  template <bool kDiagonal>
+  void SparseGradient(const T* m, int64_t i0, int64_t ni, int64_t j0, int64_t nj) {
+    for (int64_t r = 0; r < ni; ++r) {
+      T* gi = grad() + (i0 + r) * dim_;
+      const T* ei = e_ + (i0 + r) * dim_;
+      for (int64_t c = 0; c < nj; ++c) {
+        const T v = m[r * nj + c];
+        if (v == T(0)) continue;
+        const T* ej = e_ + (j0 + c) * dim_;
+#pragma omp simd
+        for (int64_t k = 0; k < dim_; ++k) gi[k] -= v * ej[k];
+        if constexpr (!kDiagonal) {
+          T* gj = grad() + (j0 + c) * dim_;
+#pragma omp simd
+          for (int64_t k = 0; k < dim_; ++k) gj[k] -= v * ei[k];
+        }
+      }
+    }
   }
 
   void AddRow(int64_t i, T positive, T negative, T diagonal) {
