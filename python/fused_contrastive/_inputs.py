@@ -13,7 +13,7 @@ DISTANCES = ("euclidean", "cosine", "manhattan")
 # The in-batch ops' `distance` and `pair_weighting` attr values (cc/in_batch_math.h).
 IN_BATCH_DISTANCES = ("euclidean", "cosine")
 PAIR_WEIGHTINGS = ("uniform", "balanced")
-# Class ids: integers, or floats holding them (Keras passes y_true as floats).
+# Class ids: integers, or floats compared by value (Keras passes y_true as floats).
 CLASS_LABEL_DTYPES = tuple(t for t in LABEL_DTYPES if t != tf.bool)
 
 
@@ -226,7 +226,7 @@ def prepare_in_batch_inputs(labels, embeddings):
     labels = tf.convert_to_tensor(labels)
     if labels.dtype not in CLASS_LABEL_DTYPES:
         raise TypeError("in-batch contrastive loss: labels must be class ids "
-                        f"({dtype_names(CLASS_LABEL_DTYPES)}; floats holding integers); got "
+                        f"({dtype_names(CLASS_LABEL_DTYPES)}); got "
                         f"{labels.dtype.name}")
     if labels.shape.rank == 2 and labels.shape[-1] == 1:
         labels = tf.squeeze(labels, -1)

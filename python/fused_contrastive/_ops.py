@@ -289,16 +289,19 @@ def _embedding_grad_grad(op, *_):
 
 
 def class_ids(labels):
-    """Class labels as the in-batch ops take them: int64. Float labels (Keras
-    passes y_true as floats) must hold integers; under XLA, which cannot raise
-    at run time, a fraction is truncated instead."""
-    if not labels.dtype.is_integer:
-        whole = tf.debugging.assert_equal(
-            labels, tf.round(labels),
-            message="in-batch contrastive loss: class labels must be integers")
-        with tf.control_dependencies([whole]):
-            labels = tf.identity(labels)
-    return tf.cast(labels, tf.int64)
+    """Class labels as the in-batch ops take them: int64 ids equal exactly
+    where the labels compare equal. Float labels (Keras passes y_true as
+    floats) become the bits of their float64 value, with -0 made +0, and NaN
+    labels ids of their own (NaN equals nothing, as in the reference): NaN bit
+    patterns with the row number as payload, which no number has. No assert:
+    XLA could not raise it anyway."""
+    if labels.dtype.is_integer:
+        return tf.cast(labels, tf.int64)
+    x = tf.cast(labels, tf.float64)
+    x = tf.where(tf.equal(x, 0.0), tf.zeros_like(x), x)
+    rows = tf.range(1, tf.size(x, out_type=tf.int64) + 1, dtype=tf.int64)
+    nan_ids = tf.bitwise.bitwise_or(rows, tf.constant(0x7FF8000000000000, tf.int64))
+    return tf.where(tf.math.is_nan(x), nan_ids, tf.bitcast(x, tf.int64))
 
 
 def _in_batch_compute(labels, embeddings):

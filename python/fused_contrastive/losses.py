@@ -110,8 +110,8 @@ def in_batch_contrastive_loss(labels, embeddings, margin=1.0, positive_margin=0.
     gradient; memory stays linear in B.
 
     Args:
-      labels: class ids `[B]` or `[B, 1]`: int32, int64, or floats holding
-        integers (what Keras passes as `y_true`).
+      labels: class ids `[B]` or `[B, 1]`: int32, int64, or floats (what Keras
+        passes as `y_true`), compared by value as `tf.equal` compares them.
       embeddings: `[B, D]` (float16, bfloat16, float32 or float64; 16-bit ones
         are computed in float32).
       margin: non-negative, finite number (or scalar tensor) that negative
@@ -301,7 +301,7 @@ class ContrastiveLoss(keras.losses.Loss):
 class InBatchContrastiveLoss(keras.losses.Loss):
     """The in-batch all-pairs contrastive loss as a Keras 3 loss.
 
-    `y_true` are class labels `[B]` (integers; Keras passes them as floats),
+    `y_true` are class labels `[B]` (integers, or floats as Keras passes them),
     `y_pred` the embeddings `[B, D]`; every pair of the batch is used (see
     `in_batch_contrastive_loss`). `sample_weight` weighs anchors. While
     training, the loss and its gradient come from one fused sweep over the
