@@ -185,3 +185,53 @@ def test_legacy_keras_without_tf_keras_says_what_to_install():
     assert 'ImportError: ' in result.stdout, result.stdout
     assert 'pip install "fused-contrastive[keras2]"' in result.stdout, result.stdout
     assert "TF_USE_LEGACY_KERAS" in result.stdout
+
+
+IN_BATCH_SCRIPT = """
+    import numpy as np, tensorflow as tf, tf_keras
+    import fused_contrastive as fc
+    from fused_contrastive import InBatchContrastiveLoss
+    from fused_contrastive.keras2 import InBatchContrastiveLoss as Keras2InBatch
+
+    assert InBatchContrastiveLoss is Keras2InBatch
+    assert issubclass(InBatchContrastiveLoss, tf_keras.losses.Loss)
+    rng = np.random.default_rng(1)
+    e = tf.constant(rng.normal(size=(12, 4)), tf.float32)
+    y = rng.integers(0, 3, size=12).astype("float32")
+    w = rng.uniform(size=12).astype("float32")
+    per_anchor = fc.in_batch_contrastive_loss_reference(y, e, 0.8, 0.1, "cosine", "balanced")
+    R = tf.keras.losses.Reduction
+    for reduction, expected in ((R.NONE, per_anchor * w), (R.SUM, tf.reduce_sum(per_anchor * w)),
+                                (R.AUTO, tf.reduce_sum(per_anchor * w) / 12)):
+        loss = InBatchContrastiveLoss(0.8, 0.1, "cosine", "balanced", reduction=reduction)
+        np.testing.assert_allclose(loss(y, e, sample_weight=w), expected, rtol=2e-6, atol=1e-7)
+    try:
+        InBatchContrastiveLoss(pair_weighting="mean")
+        raise AssertionError("bad pair_weighting accepted")
+    except ValueError as error:
+        assert "'uniform', 'balanced'" in str(error), error
+
+    x = rng.normal(size=(128, 6)).astype("float32")
+    classes = (x[:, 0] > 0).astype("int32") + 2 * (x[:, 1] > 0)
+    tf_keras.utils.set_random_seed(2)
+    model = tf_keras.Sequential([tf_keras.layers.Dense(8, input_shape=(6,)),
+                                 tf_keras.layers.Dense(4)])
+    model.compile(optimizer=tf_keras.optimizers.SGD(0.05),
+                  loss=InBatchContrastiveLoss(margin=1.2, max_block_rows=16), jit_compile=True)
+    history = model.fit(x, classes, epochs=4, batch_size=32, verbose=0).history["loss"]
+    assert history[-1] < history[0], history
+    expected = model.evaluate(x, classes, batch_size=128, verbose=0)
+    model.save(OUT + "/embedding.h5")
+    loaded = tf_keras.models.load_model(OUT + "/embedding.h5")
+    assert loaded.loss.get_config() == model.loss.get_config()
+    assert loaded.loss.max_block_rows == 16 and loaded.loss.margin == 1.2
+    np.testing.assert_allclose(loaded.evaluate(x, classes, batch_size=128, verbose=0), expected,
+                               rtol=1e-6)
+    print("tf_keras in-batch ok")
+"""
+
+
+def test_legacy_keras_in_batch_class(tmp_path):
+    result = run_python(f"    OUT = {str(tmp_path)!r}\n" + IN_BATCH_SCRIPT, TF_USE_LEGACY_KERAS="1")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "tf_keras in-batch ok" in result.stdout
