@@ -1,6 +1,8 @@
 """The compiled op library (cc/contrastive_ops.cc, contrastive_op_kernels.cc): its ops
 against the reference and NumPy."""
 
+import warnings
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -8,6 +10,7 @@ from conftest import (DISTANCE_DTYPES, LABEL_DTYPES, ODD_BOOL_AS_LABELS, ODD_BOO
                       numpy_contrastive_loss, odd_bool_labels, random_distances, random_labels,
                       run_python)
 
+import fused_contrastive
 from fused_contrastive import (ContrastiveLoss, _ops, contrastive_loss,
                                contrastive_loss_reference)
 from fused_contrastive._inputs import prepare_inputs
@@ -219,3 +222,32 @@ def test_deterministic_and_independent_of_thread_count(rng, tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         outputs += result.stdout.split("\n")[:2]
     assert len(outputs) == 4 and len(set(outputs)) == 1, outputs
+
+
+def test_import_warns_when_tensorflow_sees_a_gpu_and_the_library_has_no_cuda_kernels(
+        monkeypatch):
+    # No GPU here: the device list is faked, as TensorFlow would report one.
+    gpu = tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU")
+    monkeypatch.setattr(tf.config, "list_physical_devices",
+                        lambda kind=None: [gpu] if kind in ("GPU", None) else [])
+    info = {**fused_contrastive.build_info(), "cuda": False, "source_dir": "/src/fc"}
+    monkeypatch.setattr(_ops, "_read_build_info", lambda: info)
+    with pytest.warns(RuntimeWarning) as caught:
+        _ops._warn_if_gpu_without_cuda()
+    message = str(caught[0].message)
+    assert "TensorFlow sees 1 GPU(s)" in message and "CPU kernels only" in message
+    assert message.endswith("FUSED_CONTRASTIVE_CUDA=on pip install --force-reinstall --no-deps "
+                             "--no-build-isolation /src/fc")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        monkeypatch.setattr(_ops, "_read_build_info", lambda: {**info, "cuda": True})
+        _ops._warn_if_gpu_without_cuda()  # CUDA kernels: silent
+        monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
+        monkeypatch.setattr(_ops, "_read_build_info", lambda: info)
+        _ops._warn_if_gpu_without_cuda()  # no GPU: silent
+
+
+def test_import_without_a_gpu_does_not_warn():
+    result = run_python("import fused_contrastive")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "RuntimeWarning" not in result.stderr and "CPU kernels only" not in result.stderr

@@ -81,9 +81,37 @@ def _load():
 _library = _load()
 
 
+def gpu_without_cuda_message(info, gpus):
+    """What the import warns when TensorFlow sees GPUs (`gpus`) but the loaded
+    library (build info `info`) has no CUDA kernels, else None: the losses then
+    run on the CPU, and every step copies their inputs off the GPU and back."""
+    if not gpus or info is None or info.get("cuda"):
+        return None
+    source = info.get("source_dir") or "<the fused-contrastive source directory>"
+    return (
+        f"fused_contrastive: TensorFlow sees {len(gpus)} GPU(s), but this build of "
+        f"fused_contrastive has CPU kernels only (built by {info.get('build_system', '?')} "
+        f"from {source} without a CUDA compiler: nvcc was not found, or "
+        "FUSED_CONTRASTIVE_CUDA=off), so its losses run on the CPU and copy their inputs from "
+        "the GPU every step. Rebuild with CUDA kernels, with a CUDA toolkit's nvcc on PATH: "
+        f"FUSED_CONTRASTIVE_CUDA=on {rebuild_command(source)}")
+
+
+def _warn_if_gpu_without_cuda():
+    if using_reference():
+        return
+    message = gpu_without_cuda_message(_read_build_info(),
+                                       tf.config.list_physical_devices("GPU"))
+    if message:
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
 def using_reference():
     """True when the pure-TensorFlow fallback is in use instead of the compiled op."""
     return _library is None
+
+
+_warn_if_gpu_without_cuda()
 
 
 def build_info():
