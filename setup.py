@@ -39,14 +39,58 @@ def cmake_executable():
 CMAKE_OUTPUTS = ("_fused_contrastive_ops.so", "_build_info.json")
 
 
-def cmake_args_from_environment():
+# The CUDA 13 toolchain on PyPI: nvcc (with cudafe++, fatbinary, nvlink,
+# ptxas), cicc, the crt headers and the runtime, all under nvidia/cu13/.
+PYPI_CUDA_TOOLCHAIN = ("nvidia-cuda-nvcc>=13,<14", "nvidia-nvvm>=13,<14",
+                       "nvidia-cuda-crt>=13,<14", "nvidia-cuda-runtime>=13,<14")
+
+
+def system_nvcc():
+    """The nvcc CMake would find ($CUDACXX, PATH, /usr/local/cuda), if it runs."""
+    for candidate in (os.environ.get("CUDACXX"), shutil.which("nvcc"),
+                      "/usr/local/cuda/bin/nvcc"):
+        if not candidate:
+            continue
+        try:
+            subprocess.run([candidate, "--version"], check=True, capture_output=True)
+            return candidate
+        except (OSError, subprocess.CalledProcessError):
+            continue
+    return None
+
+
+def nvidia_driver_present():
+    return Path("/proc/driver/nvidia/version").exists()
+
+
+def pypi_nvcc(build_temp):
+    """nvcc from PYPI_CUDA_TOOLCHAIN, installed into the build's temporary
+    directory (never into the environment the package is installed into)."""
+    target = Path(build_temp).resolve() / "pypi-cuda"
+    nvcc = target / "nvidia" / "cu13" / "bin" / "nvcc"
+    if not nvcc.exists():
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target",
+                        str(target), *PYPI_CUDA_TOOLCHAIN], check=True)
+    return nvcc
+
+
+def cmake_args_from_environment(build_temp):
     """FUSED_CONTRASTIVE_CUDA=auto|on|off, FUSED_CONTRASTIVE_CUDA_ARCHS=<CMake list>,
-    FUSED_CONTRASTIVE_CMAKE_ARGS=<anything else for CMake> (see README)."""
+    FUSED_CONTRASTIVE_CMAKE_ARGS=<anything else for CMake> (see README).
+
+    CUDA kernels are wanted with "on", and with "auto" when an NVIDIA driver is
+    present; without a system nvcc they are then compiled by the PyPI toolchain."""
     args = []
     cuda = os.environ.get("FUSED_CONTRASTIVE_CUDA", "auto").strip().upper()
     if cuda not in ("AUTO", "ON", "OFF", "1", "0"):
         raise SystemExit(f"FUSED_CONTRASTIVE_CUDA must be auto, on or off, got {cuda!r}")
-    args.append("-DFC_CUDA=" + {"1": "ON", "0": "OFF"}.get(cuda, cuda))
+    cuda = {"1": "ON", "0": "OFF"}.get(cuda, cuda)
+    wanted = cuda == "ON" or (cuda == "AUTO" and nvidia_driver_present())
+    if wanted and system_nvcc() is None:
+        args += ["-DFC_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={pypi_nvcc(build_temp)}",
+                 "-DFC_CUDA_COMPILER_SOURCE=pypi"]
+    else:
+        args.append(f"-DFC_CUDA={cuda}")
     if os.environ.get("FUSED_CONTRASTIVE_CUDA_ARCHS"):
         args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['FUSED_CONTRASTIVE_CUDA_ARCHS']}")
     return args + os.environ.get("FUSED_CONTRASTIVE_CMAKE_ARGS", "").split()
@@ -62,7 +106,7 @@ class CMakeBuild(build_ext):
         configure = [cmake_executable(), "-S", str(ROOT), "-B", str(build_dir),
                      f"-DPython3_EXECUTABLE={sys.executable}", f"-DFC_OUTPUT_DIR={out_dir}",
                      "-DCMAKE_BUILD_TYPE=Release"]
-        configure += cmake_args_from_environment()
+        configure += cmake_args_from_environment(self.build_temp)
         subprocess.run(configure, check=True)
         jobs = str(os.cpu_count() or 2)
         subprocess.run([cmake_executable(), "--build", str(build_dir), "-j", jobs], check=True)
