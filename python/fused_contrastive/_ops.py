@@ -93,7 +93,8 @@ def gpu_without_cuda_message(info, gpus):
         f"fused_contrastive has CPU kernels only (built by {info.get('build_system', '?')} "
         f"from {source} without a CUDA compiler: nvcc was not found, or "
         "FUSED_CONTRASTIVE_CUDA=off), so its losses run on the CPU and copy their inputs from "
-        "the GPU every step. Rebuild with CUDA kernels, with a CUDA toolkit's nvcc on PATH: "
+        "the GPU every step. Rebuild with CUDA kernels (without a CUDA toolkit, the build "
+        "fetches the CUDA 13 compiler from PyPI into its temporary directory): "
         f"FUSED_CONTRASTIVE_CUDA=on {rebuild_command(source)}")
 
 
