@@ -5,10 +5,9 @@ set, as `tf.keras` is then tf_keras."""
 
 import tf_keras
 
-from fused_contrastive._inputs import (number_margin, validate_distance,
-                                       validate_in_batch_options, validate_max_block_rows,
-                                       validate_similar_label)
-from fused_contrastive.losses import in_batch_contrastive_loss, per_pair_loss
+from fused_contrastive._inputs import number_margin, validate_distance, validate_similar_label
+from fused_contrastive.losses import (in_batch_options, per_anchor_loss, per_pair_loss,
+                                      set_in_batch_options)
 
 
 @tf_keras.utils.register_keras_serializable(package="fused_contrastive")
@@ -52,23 +51,14 @@ class InBatchContrastiveLoss(tf_keras.losses.Loss):
                  reduction=tf_keras.losses.Reduction.SUM_OVER_BATCH_SIZE,
                  name="in_batch_contrastive_loss", max_block_rows=None):
         super().__init__(reduction=reduction, name=name)
-        self.margin = number_margin(margin, type(self).__name__)
-        self.positive_margin = number_margin(positive_margin, type(self).__name__,
-                                             "positive_margin")
-        _, _, self.distance, self.pair_weighting = validate_in_batch_options(
-            self.margin, self.positive_margin, distance, pair_weighting)
-        validate_max_block_rows(max_block_rows)
-        self.max_block_rows = max_block_rows
+        set_in_batch_options(self, margin, positive_margin, distance, pair_weighting,
+                             max_block_rows)
 
     def call(self, y_true, y_pred):
-        return in_batch_contrastive_loss(y_true, y_pred, self.margin, self.positive_margin,
-                                         self.distance, self.pair_weighting,
-                                         self.max_block_rows)
+        return per_anchor_loss(self, y_true, y_pred)
 
     def get_config(self):
-        return {**super().get_config(), "margin": self.margin,
-                "positive_margin": self.positive_margin, "distance": self.distance,
-                "pair_weighting": self.pair_weighting, "max_block_rows": self.max_block_rows}
+        return {**super().get_config(), **in_batch_options(self)}
 
 
 # Models saved with tfa.losses.ContrastiveLoss load as this class (see losses.py).

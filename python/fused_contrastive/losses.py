@@ -327,13 +327,8 @@ class InBatchContrastiveLoss(keras.losses.Loss):
         if reduction == "auto":
             reduction = "sum_over_batch_size"
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.margin = number_margin(margin, type(self).__name__)
-        self.positive_margin = number_margin(positive_margin, type(self).__name__,
-                                             "positive_margin")
-        _, _, self.distance, self.pair_weighting = validate_in_batch_options(
-            self.margin, self.positive_margin, distance, pair_weighting)
-        validate_max_block_rows(max_block_rows)
-        self.max_block_rows = max_block_rows
+        set_in_batch_options(self, margin, positive_margin, distance, pair_weighting,
+                             max_block_rows)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         reject_ragged(y_true, y_pred)
@@ -347,9 +342,7 @@ class InBatchContrastiveLoss(keras.losses.Loss):
         return reduced
 
     def call(self, y_true, y_pred):
-        return in_batch_contrastive_loss(y_true, y_pred, self.margin, self.positive_margin,
-                                         self.distance, self.pair_weighting,
-                                         self.max_block_rows)
+        return per_anchor_loss(self, y_true, y_pred)
 
     def _fused_reduction(self, y_true, y_pred, sample_weight):
         with tf.name_scope(self.name):
@@ -366,11 +359,34 @@ class InBatchContrastiveLoss(keras.losses.Loss):
                 reduction.mode, reduction.loss_scale)
 
     def get_config(self):
-        config = super().get_config()
-        config.update(margin=self.margin, positive_margin=self.positive_margin,
-                      distance=self.distance, pair_weighting=self.pair_weighting,
-                      max_block_rows=self.max_block_rows, dtype=self._dtype_policy.name)
-        return config
+        return {**super().get_config(), **in_batch_options(self),
+                "dtype": self._dtype_policy.name}
+
+
+# What both InBatchContrastiveLoss classes (Keras 3, tf_keras) keep, check and
+# save in their configs.
+IN_BATCH_OPTIONS = ("margin", "positive_margin", "distance", "pair_weighting", "max_block_rows")
+
+
+def set_in_batch_options(loss, margin, positive_margin, distance, pair_weighting,
+                         max_block_rows):
+    """Checks the options of an InBatchContrastiveLoss and sets them on it."""
+    owner = type(loss).__name__
+    loss.margin = number_margin(margin, owner)
+    loss.positive_margin = number_margin(positive_margin, owner, "positive_margin")
+    _, _, loss.distance, loss.pair_weighting = validate_in_batch_options(
+        loss.margin, loss.positive_margin, distance, pair_weighting)
+    validate_max_block_rows(max_block_rows)
+    loss.max_block_rows = max_block_rows
+
+
+def in_batch_options(loss):
+    return {name: getattr(loss, name) for name in IN_BATCH_OPTIONS}
+
+
+def per_anchor_loss(loss, y_true, y_pred):
+    """The per-anchor loss of an InBatchContrastiveLoss with its options."""
+    return in_batch_contrastive_loss(y_true, y_pred, **in_batch_options(loss))
 
 
 def per_pair_loss(y_true, y_pred, margin, similar_label, distance):
