@@ -4,6 +4,7 @@
 the Python doing the build; the wheel then requires exactly that TensorFlow.
 """
 
+import importlib.util
 import os
 import re
 import shutil
@@ -39,39 +40,22 @@ def cmake_executable():
 CMAKE_OUTPUTS = ("_fused_contrastive_ops.so", "_build_info.json")
 
 
-# The CUDA 13 toolchain on PyPI: nvcc (with cudafe++, fatbinary, nvlink,
-# ptxas), cicc, the crt headers and the runtime, all under nvidia/cu13/.
-PYPI_CUDA_TOOLCHAIN = ("nvidia-cuda-nvcc>=13,<14", "nvidia-nvvm>=13,<14",
-                       "nvidia-cuda-crt>=13,<14", "nvidia-cuda-runtime>=13,<14")
+# The toolchain and driver facts the package itself uses, loaded by path:
+# importing the package would import TensorFlow.
+_spec = importlib.util.spec_from_file_location(
+    "fc_cuda", ROOT / "python/fused_contrastive/_cuda.py")
+cuda_toolchain = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(cuda_toolchain)
 
 
-def system_nvcc():
-    """The nvcc CMake would find ($CUDACXX, PATH, /usr/local/cuda), if it runs."""
-    for candidate in (os.environ.get("CUDACXX"), shutil.which("nvcc"),
-                      "/usr/local/cuda/bin/nvcc"):
-        if not candidate:
-            continue
-        try:
-            subprocess.run([candidate, "--version"], check=True, capture_output=True)
-            return candidate
-        except (OSError, subprocess.CalledProcessError):
-            continue
-    return None
-
-
-def nvidia_driver_present():
-    return Path("/proc/driver/nvidia/version").exists()
-
-
-def pypi_nvcc(build_temp):
-    """nvcc from PYPI_CUDA_TOOLCHAIN, installed into the build's temporary
-    directory (never into the environment the package is installed into)."""
-    target = Path(build_temp).resolve() / "pypi-cuda"
-    nvcc = target / "nvidia" / "cu13" / "bin" / "nvcc"
-    if not nvcc.exists():
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target",
-                        str(target), *PYPI_CUDA_TOOLCHAIN], check=True)
-    return nvcc
+def tensorflow_cuda_packages_present():
+    """True when TensorFlow's and-cuda extra (its CUDA 12 runtime) is installed
+    where this build runs: without build isolation, the user's environment."""
+    try:
+        metadata.version("nvidia-cuda-runtime-cu12")
+        return True
+    except metadata.PackageNotFoundError:
+        return False
 
 
 def cmake_args_from_environment(build_temp):
@@ -79,16 +63,18 @@ def cmake_args_from_environment(build_temp):
     FUSED_CONTRASTIVE_CMAKE_ARGS=<anything else for CMake> (see README).
 
     CUDA kernels are wanted with "on", and with "auto" when an NVIDIA driver is
-    present; without a system nvcc they are then compiled by the PyPI toolchain."""
+    present or TensorFlow's CUDA packages are; without a system nvcc they are
+    then compiled by the PyPI toolchain."""
     args = []
     cuda = os.environ.get("FUSED_CONTRASTIVE_CUDA", "auto").strip().upper()
     if cuda not in ("AUTO", "ON", "OFF", "1", "0"):
         raise SystemExit(f"FUSED_CONTRASTIVE_CUDA must be auto, on or off, got {cuda!r}")
     cuda = {"1": "ON", "0": "OFF"}.get(cuda, cuda)
-    wanted = cuda == "ON" or (cuda == "AUTO" and nvidia_driver_present())
-    if wanted and system_nvcc() is None:
-        args += ["-DFC_CUDA=ON", f"-DCMAKE_CUDA_COMPILER={pypi_nvcc(build_temp)}",
-                 "-DFC_CUDA_COMPILER_SOURCE=pypi"]
+    wanted = cuda == "ON" or (cuda == "AUTO" and (cuda_toolchain.nvidia_driver_present()
+                                                  or tensorflow_cuda_packages_present()))
+    if wanted and cuda_toolchain.system_nvcc() is None:
+        args += ["-DFC_CUDA=ON",
+                 f"-DCMAKE_CUDA_COMPILER={cuda_toolchain.pypi_nvcc(build_temp)}"]
     else:
         args.append(f"-DFC_CUDA={cuda}")
     if os.environ.get("FUSED_CONTRASTIVE_CUDA_ARCHS"):

@@ -28,21 +28,33 @@ def compiler_name(cc):
     return f"GNU {full.strip() or version}"
 
 
+def cuda_version(compiler):
+    """'13.0' for 'NVIDIA 13.0.88': the toolkit's major.minor, as CMake records it."""
+    match = re.search(r"(\d+\.\d+)", compiler)
+    if not match:
+        raise SystemExit(f"no CUDA version in the compiler name {compiler!r}")
+    return match.group(1)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    for arg in ("out", "init-py", "cc", "tensorflow-version", "bazel-version", "build-type",
-                "cuda", "cuda-compiler", "cuda-architectures", "source-dir"):
+    for arg in ("out", "init-py", "cc", "tensorflow-version", "tensorflow-cuda-version",
+                "bazel-version", "build-type", "cuda", "cuda-compiler", "cuda-compiler-source",
+                "cuda-architectures", "source-dir"):
         parser.add_argument(f"--{arg}", required=True)
     args = parser.parse_args()
     cuda = args.cuda == "1"
     info = {
         "version": version_of_package(args.init_py),
         "tensorflow_version": args.tensorflow_version,
+        "tensorflow_cuda_version": args.tensorflow_cuda_version,
         "build_system": f"bazel {args.bazel_version}",
         "cxx_compiler": compiler_name(args.cc),
         "build_type": args.build_type,
         "cuda": cuda,
         "cuda_compiler": args.cuda_compiler if cuda else "",
+        "cuda_compiler_source": args.cuda_compiler_source if cuda else "",
+        "cuda_version": cuda_version(args.cuda_compiler) if cuda else "",
         "cuda_architectures": args.cuda_architectures if cuda else "",
         "source_dir": args.source_dir,
     }

@@ -32,6 +32,7 @@ print(json.dumps({
     "lib": tf.sysconfig.get_lib(),
     "framework": framework,
     "copts": flags,
+    "cuda_version": tf.sysconfig.get_build_info().get("cuda_version", ""),
 }))
 """
 
@@ -96,6 +97,7 @@ def _tf_configure_impl(ctx):
     })
     _write_config(ctx, "TensorFlow " + tf["version"] + " from " + python, {
         "TF_VERSION": tf["version"],
+        "TF_CUDA_VERSION": tf["cuda_version"],
         "TF_COPTS": tf["copts"],
         "TF_PYTHON": python,
     }, build = False)
@@ -127,9 +129,15 @@ def _cuda_configure_impl(ctx):
     version = _nvcc_version(ctx, nvcc) if nvcc else ""
     if nvcc and not version:
         fail("`%s --version` failed: point $%s at a working nvcc" % (nvcc, NVCC_ENV))
+    # An nvcc inside a PyPI wheel's layout (nvidia/cu13/bin) came from PyPI,
+    # as CMakeLists.txt tells them apart.
+    parts = nvcc.split("/")
+    pypi = (len(parts) > 3 and parts[-4] == "nvidia" and parts[-3].startswith("cu") and
+            parts[-2] == "bin")
     _write_config(ctx, "nvcc for --config=cuda", {
         "NVCC": nvcc,
         "NVCC_VERSION": version,
+        "NVCC_SOURCE": "pypi" if pypi else "system",
     })
 
 cuda_configure = _machine_rule(

@@ -13,7 +13,7 @@ import tensorflow as tf
 from conftest import ROOT, run_core_tests_against
 
 import fused_contrastive
-from fused_contrastive import _ops
+from fused_contrastive import _cuda, _ops
 
 # Bazel builds the op library from the sources and with the flags CMake uses,
 # and that library passes the core tests (conftest.CORE_TESTS).
@@ -38,19 +38,20 @@ class Bazel:
         self.startup = ["bazel", f"--output_user_root={output_root}", "--max_idle_secs=600"]
         self.env = {**os.environ, "PYTHON_BIN_PATH": sys.executable}
 
-    def __call__(self, command, *args, check=True):
+    def __call__(self, command, *args, check=True, env=None):
         extra = ["--symlink_prefix=/"] if command == "build" else []
-        result = subprocess.run(self.startup + [command, *extra, *args], cwd=ROOT, env=self.env,
-                                capture_output=True, text=True, timeout=1800)
+        result = subprocess.run(self.startup + [command, *extra, *args], cwd=ROOT,
+                                env={**self.env, **(env or {})}, capture_output=True, text=True,
+                                timeout=1800)
         if check and result.returncode != 0:
             pytest.fail(f"bazel {command} {' '.join(args)} failed:\n{result.stderr[-6000:]}")
         return result.stdout
 
-    def build(self, dest, *flags):
+    def build(self, dest, *flags, env=None):
         """Builds the op library and copies it with its _build_info.json to `dest`
         (the next build in another configuration overwrites bazel-bin)."""
-        self("build", *flags, TARGET)
-        bin_dir = Path(self("info", *flags, "bazel-bin").strip())
+        self("build", *flags, TARGET, env=env)
+        bin_dir = Path(self("info", *flags, "bazel-bin", env=env).strip())
         dest.mkdir()
         for name in (LIBRARY, "_build_info.json"):
             shutil.copy(bin_dir / name, dest / name)
@@ -89,6 +90,9 @@ def test_bazel_library_reports_how_it_was_built(cpu_library):
     assert info["source_dir"] == str(ROOT)
     assert info["cuda"] is False and info["cuda_architectures"] == ""
     assert info["build_type"] == "opt" and info["cxx_compiler"]
+    # What CMake's build reports, the same keys.
+    assert set(info) == set(fused_contrastive.build_info())
+    assert info["tensorflow_cuda_version"] == tf.sysconfig.get_build_info().get("cuda_version", "")
 
 
 def test_bazel_library_links_tensorflow_after_its_objects(cpu_library):
@@ -146,13 +150,20 @@ def test_bazel_compiles_the_sources_cmake_compiles_with_its_flags(bazel, cpu_lib
         assert not missing, f"{source}: Bazel does not compile it with CMake's {sorted(missing)}"
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").exists(),
-                    reason="no nvcc: --config=cuda needs one (PATH, $NVCC or /usr/local/cuda)")
 def test_bazel_cuda_build_registers_gpu_kernels_with_the_recorded_device_code(
         bazel, cpu_library, tmp_path_factory, tmp_path):
-    library = bazel.build(tmp_path_factory.mktemp("bazel_cuda") / "out", "--config=cuda")
+    # The system nvcc where there is one, else the PyPI toolchain setup.py uses.
+    nvcc = _cuda.system_nvcc()
+    source = "system" if nvcc else "pypi"
+    nvcc = nvcc or str(_cuda.pypi_nvcc(tmp_path_factory.mktemp("pypi_cuda")))
+    library = bazel.build(tmp_path_factory.mktemp("bazel_cuda") / "out", "--config=cuda",
+                          env={"NVCC": nvcc})
     info = loaded_build_info(library)
-    assert info["cuda"] is True and info["cuda_compiler"].startswith("NVIDIA ")
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True,
+                             check=True).stdout.split(", V")[-1].split()[0]
+    assert info["cuda"] is True and info["cuda_compiler"] == f"NVIDIA {version}"
+    assert info["cuda_version"] == ".".join(version.split(".")[:2])
+    assert info["cuda_compiler_source"] == source
     assert info["build_system"].startswith("bazel ")
     # The registry and device-code checks of the CMake builds, on this library.
     result = subprocess.run(

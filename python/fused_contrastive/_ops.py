@@ -10,7 +10,8 @@ from pathlib import Path
 import tensorflow as tf
 from tensorflow.python.eager import record
 
-from fused_contrastive import reference
+from fused_contrastive import _cuda, reference
+from fused_contrastive._cuda import rebuild_command
 
 # As registered in cc/tf_shared.h (tests check that they name the library's ops).
 OP_NAME = "FusedContrastive>ContrastiveLoss"
@@ -42,10 +43,6 @@ def _read_build_info():
     return json.loads(path.read_text())
 
 
-def rebuild_command(source_dir):
-    return f"pip install --force-reinstall --no-deps --no-build-isolation {source_dir}"
-
-
 def check_tensorflow_version(built, installed, source_dir):
     """Raises ImportError when the library was built against another TensorFlow:
     custom-op libraries have no stable ABI across TensorFlow releases."""
@@ -75,6 +72,11 @@ def _load():
             "Install the package with 'pip install .' from its source tree (or set "
             f"{USE_REFERENCE_ENV}=1 to use the pure-TensorFlow implementation)")
     check_tensorflow_version(info["tensorflow_version"], tf.__version__, info["source_dir"])
+    # Before loading: loading registers the CUDA kernels' fatbinary with the driver.
+    too_old = _cuda.driver_too_old_message(info, _cuda.installed_driver())
+    if too_old:
+        raise ImportError(f"{too_old}; or set {USE_REFERENCE_ENV}=1 to use the slower "
+                          "pure-TensorFlow implementation")
     return tf.load_op_library(str(path))
 
 
@@ -87,7 +89,7 @@ def gpu_without_cuda_message(info, gpus):
     run on the CPU, and every step copies their inputs off the GPU and back."""
     if not gpus or info is None or info.get("cuda"):
         return None
-    source = info.get("source_dir") or "<the fused-contrastive source directory>"
+    source = info.get("source_dir") or _cuda.UNKNOWN_SOURCE
     return (
         f"fused_contrastive: TensorFlow sees {len(gpus)} GPU(s), but this build of "
         f"fused_contrastive has CPU kernels only (built by {info.get('build_system', '?')} "
@@ -116,9 +118,18 @@ _warn_if_gpu_without_cuda()
 
 
 def build_info():
-    """How the compiled library was built (TensorFlow version, compilers, CUDA
-    architectures), where it was loaded from, and whether the fallback is in use."""
+    """How the compiled library was built (TensorFlow and its CUDA version,
+    compilers, CUDA version, architectures and compiler source), the driver its
+    CUDA kernels need and the one found, where it was loaded from, and whether
+    the fallback is in use."""
     info = dict(_read_build_info() or {})
+    needed = _cuda.required_driver(info)
+    info["cuda_driver_required"] = (
+        f"CUDA {_cuda.api_version_name(needed[0])} (Linux driver >= {needed[1]})"
+        if needed else "")
+    driver = _cuda.installed_driver()
+    info["cuda_driver_found"] = (
+        f"{driver[1] or 'unknown'} (CUDA {_cuda.api_version_name(driver[0])})" if driver else "")
     info["library"] = None if using_reference() else str(_library_path())
     info["using_reference"] = using_reference()
     return info

@@ -1,0 +1,118 @@
+"""What build_info() says about CUDA, and the driver check at import
+(fused_contrastive/_cuda.py): a CUDA build refuses to load, naming both
+drivers, where the NVIDIA driver is older than its CUDA kernels need."""
+
+import json
+import re
+import shutil
+import subprocess
+
+import pytest
+import tensorflow as tf
+from conftest import run_python
+
+import fused_contrastive
+from fused_contrastive import _cuda, _ops
+
+CUDA_13_BUILD = {"cuda": True, "cuda_version": "13.5", "cuda_compiler_source": "pypi",
+                 "source_dir": "/src/fc"}
+
+
+def test_build_info_reports_the_cuda_of_the_build_and_of_tensorflow():
+    info = fused_contrastive.build_info()
+    assert info["tensorflow_cuda_version"] == tf.sysconfig.get_build_info().get("cuda_version", "")
+    if info["cuda"]:
+        version = re.fullmatch(r"NVIDIA (\d+\.\d+)\.\d+", info["cuda_compiler"]).group(1)
+        assert info["cuda_version"] == version
+        assert info["cuda_compiler_source"] in ("system", "pypi")
+        assert info["cuda_architectures"]
+        major = int(version.split(".")[0])
+        assert info["cuda_driver_required"] == (
+            f"CUDA {major}.0 (Linux driver >= {_cuda.MIN_LINUX_DRIVER[major]})")
+    else:
+        assert info["cuda_compiler"] == info["cuda_compiler_source"] == ""
+        assert info["cuda_version"] == info["cuda_architectures"] == ""
+        assert info["cuda_driver_required"] == ""
+    # No NVIDIA driver on these machines (a GPU machine has one).
+    found = _cuda.installed_driver()
+    assert (info["cuda_driver_found"] == "") == (found is None)
+
+
+def test_driver_older_than_the_kernels_need_is_named_with_the_one_needed():
+    message = _cuda.driver_too_old_message(CUDA_13_BUILD, (12020, "535.104.05"))
+    assert "compiled by CUDA 13.5 (pypi nvcc)" in message
+    assert "need a driver for CUDA 13.0 or newer (Linux driver >= 580.65.06)" in message
+    assert "has NVIDIA driver 535.104.05, which supports CUDA 12.2" in message
+    assert ("CUDACXX=/path/to/cuda-12.2/bin/nvcc FUSED_CONTRASTIVE_CUDA=on pip install "
+            "--force-reinstall --no-deps --no-build-isolation /src/fc") in message
+    assert "FUSED_CONTRASTIVE_CUDA=off pip install" in message
+
+
+@pytest.mark.parametrize("info, driver", [
+    (CUDA_13_BUILD, (13000, "580.65.06")),  # minor-version compatible: 13.0 runs 13.5 code
+    (CUDA_13_BUILD, (13020, None)),
+    (CUDA_13_BUILD, None),  # no driver: nothing runs on a GPU, the CPU kernels work
+    ({**CUDA_13_BUILD, "cuda_version": "12.5"}, (12020, "535.104.05")),
+    ({"cuda": False, "cuda_version": ""}, (11080, "520.61.05")),
+])
+def test_drivers_that_run_the_kernels_pass(info, driver):
+    assert _cuda.driver_too_old_message(info, driver) is None
+
+
+@pytest.fixture(scope="module")
+def fake_libcuda(tmp_path_factory):
+    """A libcuda.so.1 whose cuDriverGetVersion reports $FAKE_CUDA_DRIVER_VERSION,
+    for the import path on machines without an NVIDIA driver."""
+    compiler = shutil.which("cc") or shutil.which("gcc")
+    directory = tmp_path_factory.mktemp("fake_libcuda")
+    source = directory / "libcuda.c"
+    source.write_text('#include <stdlib.h>\n'
+                      'int cuDriverGetVersion(int *version) {\n'
+                      '  *version = atoi(getenv("FAKE_CUDA_DRIVER_VERSION")); return 0;\n}\n')
+    subprocess.run([compiler, "-shared", "-fPIC", "-o", str(directory / "libcuda.so.1"),
+                    str(source)], check=True)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def library_claiming_cuda_13(tmp_path_factory):
+    """The installed op library beside a build info that says its CUDA kernels
+    were compiled by CUDA 13.5 (the check reads only the build info)."""
+    directory = tmp_path_factory.mktemp("cuda13_build")
+    library = directory / "_fused_contrastive_ops.so"
+    shutil.copy(fused_contrastive.build_info()["library"], library)
+    info = json.loads((_ops._library_path().parent / "_build_info.json").read_text())
+    info.update(cuda=True, cuda_version="13.5", cuda_compiler="NVIDIA 13.5.37",
+                cuda_compiler_source="pypi")
+    (directory / "_build_info.json").write_text(json.dumps(info))
+    return library
+
+
+def _import_with_driver(fake_libcuda, library, version):
+    return run_python(
+        "import fused_contrastive as fc; i = fc.build_info(); "
+        "print(i['cuda_driver_found'], '|', i['cuda_driver_required'])",
+        LD_LIBRARY_PATH=str(fake_libcuda), FAKE_CUDA_DRIVER_VERSION=str(version),
+        **{_ops.LIBRARY_ENV: str(library)})
+
+
+def test_import_refuses_a_cuda_13_build_on_a_cuda_12_driver(fake_libcuda,
+                                                             library_claiming_cuda_13):
+    result = _import_with_driver(fake_libcuda, library_claiming_cuda_13, 12040)
+    assert result.returncode != 0
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("ImportError: fused_contrastive's CUDA kernels were compiled by "
+                            "CUDA 13.5 (pypi nvcc)")
+    assert "supports CUDA 12.4" in error and "Linux driver >= 580.65.06" in error
+    assert error.endswith(f"or set {_ops.USE_REFERENCE_ENV}=1 to use the slower "
+                          "pure-TensorFlow implementation")
+
+
+def test_import_accepts_a_cuda_13_build_on_a_cuda_13_driver(fake_libcuda,
+                                                            library_claiming_cuda_13):
+    result = _import_with_driver(fake_libcuda, library_claiming_cuda_13, 13000)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Without /proc/driver/nvidia (no NVIDIA kernel module) its version is unknown.
+    module = (_cuda.installed_driver() or (0, None))[1] or "unknown"
+    assert result.stdout.strip().splitlines()[-1] == (
+        f"{module} (CUDA 13.0) | CUDA 13.0 (Linux driver >= 580.65.06)")
