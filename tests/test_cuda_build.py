@@ -1,7 +1,9 @@
-"""What build_info() says about CUDA, and the driver check at import
-(fused_contrastive/_cuda.py): a CUDA build refuses to load, naming both
-drivers, where the NVIDIA driver is older than its CUDA kernels need."""
+"""CUDA builds: how setup.py chooses the CUDA compiler, what build_info() says
+about CUDA, and the driver check at import (fused_contrastive/_cuda.py): a
+CUDA build refuses to load, naming both drivers, where the NVIDIA driver is
+older than its CUDA kernels need."""
 
+import importlib.util
 import json
 import re
 import shutil
@@ -9,10 +11,66 @@ import subprocess
 
 import pytest
 import tensorflow as tf
-from conftest import run_python
+from conftest import ROOT, run_python
 
 import fused_contrastive
 from fused_contrastive import _cuda, _ops
+
+
+
+@pytest.fixture
+def setup_py(monkeypatch):
+    """setup.py as a module (setup() runs only as __main__), with no CUDA
+    setting in the environment and a recorder in place of the PyPI download."""
+    spec = importlib.util.spec_from_file_location("fc_setup", ROOT / "setup.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for name in ("FUSED_CONTRASTIVE_CUDA", "FUSED_CONTRASTIVE_CUDA_ARCHS",
+                 "FUSED_CONTRASTIVE_CMAKE_ARGS"):
+        monkeypatch.delenv(name, raising=False)
+    module.fetched = []
+    monkeypatch.setattr(module.cuda_toolchain, "pypi_nvcc",
+                        lambda temp: module.fetched.append(temp) or f"{temp}/pypi-cuda/nvcc")
+    return module
+
+
+def _machine(monkeypatch, setup_py, nvcc=None, driver=False, tf_cuda_packages=False):
+    monkeypatch.setattr(setup_py.cuda_toolchain, "system_nvcc", lambda: nvcc)
+    monkeypatch.setattr(setup_py.cuda_toolchain, "nvidia_driver_present", lambda: driver)
+    monkeypatch.setattr(setup_py, "tensorflow_cuda_packages_present", lambda: tf_cuda_packages)
+
+
+@pytest.mark.parametrize("setting, machine, expected", [
+    ("off", {"driver": True}, ["-DFC_CUDA=OFF"]),
+    ("on", {"nvcc": "/usr/bin/nvcc"}, ["-DFC_CUDA=ON"]),
+    ("on", {}, ["-DFC_CUDA=ON", "-DCMAKE_CUDA_COMPILER=/tmp/b/pypi-cuda/nvcc"]),
+    ("1", {}, ["-DFC_CUDA=ON", "-DCMAKE_CUDA_COMPILER=/tmp/b/pypi-cuda/nvcc"]),
+    ("auto", {}, ["-DFC_CUDA=AUTO"]),  # a CPU machine downloads nothing
+    ("auto", {"nvcc": "/usr/bin/nvcc"}, ["-DFC_CUDA=AUTO"]),  # CMake finds it
+    ("auto", {"driver": True}, ["-DFC_CUDA=ON", "-DCMAKE_CUDA_COMPILER=/tmp/b/pypi-cuda/nvcc"]),
+    ("auto", {"tf_cuda_packages": True},
+     ["-DFC_CUDA=ON", "-DCMAKE_CUDA_COMPILER=/tmp/b/pypi-cuda/nvcc"]),
+    (None, {"driver": True}, ["-DFC_CUDA=ON", "-DCMAKE_CUDA_COMPILER=/tmp/b/pypi-cuda/nvcc"]),
+])
+def test_setup_fetches_the_pypi_compiler_exactly_when_cuda_is_wanted_without_nvcc(
+        monkeypatch, setup_py, setting, machine, expected):
+    _machine(monkeypatch, setup_py, **machine)
+    if setting is not None:
+        monkeypatch.setenv("FUSED_CONTRASTIVE_CUDA", setting)
+    assert setup_py.cmake_args_from_environment("/tmp/b") == expected
+    assert setup_py.fetched == (["/tmp/b"] if len(expected) == 2 else [])
+
+
+def test_setup_passes_chosen_architectures_and_rejects_a_bad_setting(monkeypatch, setup_py):
+    _machine(monkeypatch, setup_py, nvcc="/usr/bin/nvcc")
+    monkeypatch.setenv("FUSED_CONTRASTIVE_CUDA", "on")
+    monkeypatch.setenv("FUSED_CONTRASTIVE_CUDA_ARCHS", "89-real;90")
+    assert setup_py.cmake_args_from_environment("/tmp/b") == [
+        "-DFC_CUDA=ON", "-DCMAKE_CUDA_ARCHITECTURES=89-real;90"]
+    monkeypatch.setenv("FUSED_CONTRASTIVE_CUDA", "yes")
+    with pytest.raises(SystemExit, match="must be auto, on or off, got 'YES'"):
+        setup_py.cmake_args_from_environment("/tmp/b")
+
 
 CUDA_13_BUILD = {"cuda": True, "cuda_version": "13.5", "cuda_compiler_source": "pypi",
                  "source_dir": "/src/fc"}
