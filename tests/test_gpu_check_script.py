@@ -1,4 +1,5 @@
-"""tests/gpu/check_gpu.py: its --self-test runs every check with the CPU kernel as the GPU."""
+"""tests/gpu/check_gpu.py: its --self-test runs every check with the CPU kernel as the GPU
+(and, TensorFlow being installed here, the TF-op part with /CPU:0 as the GPU)."""
 
 import subprocess
 import sys
@@ -23,4 +24,14 @@ def test_gpu_check_script_self_test():
     assert "120 in-batch cases compared" in out
     assert "360 reduced in-batch cases compared" in out
     assert "in-batch at B=4,096 D=128" in out and "loss+grad" in out
+    assert "9 TF ops checked for a registered CPU kernel" in out
+    assert "60 TF-op cases compared, /CPU:0 against /CPU:0" in out
+    summary = [line for line in out.splitlines() if line.startswith("TF-op summary: ")]
+    assert len(summary) == 1, out
+    assert ("device=CPU:0 (self-test stand-in for the GPU) ops=PASS N=1e6 fwd+bwd fused "
+            in summary[0]), summary[0]
+    for timed in ("fused reduced", "plain", "XLA", "fused XLA", "in-batch B=512 D=128"):
+        assert f" {timed} " in summary[0], summary[0]
+    assert " nan " not in summary[0]
+    assert "FAIL" not in out
     assert "PASSED: 0 mismatches" in out
