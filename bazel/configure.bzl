@@ -119,16 +119,20 @@ def _nvcc_version(ctx, nvcc):
     return ""
 
 def _cuda_configure_impl(ctx):
+    # $NVCC must work; otherwise the first of PATH and the default that runs
+    # (a wrapper whose toolkit is gone does not), as setup.py looks for one.
     nvcc = ctx.os.environ.get(NVCC_ENV, "")
-    if not nvcc:
-        found = ctx.which("nvcc")
-        if found != None:
-            nvcc = str(found)
-        elif ctx.path(_DEFAULT_NVCC).exists:
-            nvcc = _DEFAULT_NVCC
     version = _nvcc_version(ctx, nvcc) if nvcc else ""
     if nvcc and not version:
         fail("`%s --version` failed: point $%s at a working nvcc" % (nvcc, NVCC_ENV))
+    if not nvcc:
+        found = ctx.which("nvcc")
+        for candidate in ([str(found)] if found != None else []) + [_DEFAULT_NVCC]:
+            if ctx.path(candidate).exists:
+                version = _nvcc_version(ctx, candidate)
+                if version:
+                    nvcc = candidate
+                    break
     # An nvcc inside a PyPI wheel's layout (nvidia/cu13/bin) came from PyPI,
     # as CMakeLists.txt tells them apart.
     parts = nvcc.split("/")
