@@ -61,6 +61,7 @@ Exits non-zero on any mismatch. Meant to finish well under 5 minutes.
 
 import argparse
 import functools
+import importlib.util
 import itertools
 import math
 import os
@@ -120,6 +121,15 @@ def build_kernel_module(build_dir, cuda):
                  "-DFC_WITH_TENSORFLOW=OFF", f"-DFC_CUDA={cuda}"]
     if os.environ.get("CUDA_ARCHS"):
         configure.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CUDA_ARCHS']}")
+    if cuda == "ON":
+        # Without a CUDA toolkit (a pip-only TensorFlow machine), the PyPI
+        # compiler setup.py would use. _cuda.py imports no TensorFlow.
+        spec = importlib.util.spec_from_file_location(
+            "fc_cuda", ROOT / "python" / "fused_contrastive" / "_cuda.py")
+        toolchain = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(toolchain)
+        if toolchain.system_nvcc() is None:
+            configure.append(f"-DCMAKE_CUDA_COMPILER={toolchain.pypi_nvcc(build_dir)}")
     subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
     subprocess.run(["cmake", "--build", str(Path(build_dir) / "build"), "-j",
                     str(os.cpu_count() or 2), "--target", "_kernels"], check=True,
