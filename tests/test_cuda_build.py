@@ -106,6 +106,16 @@ def test_driver_older_than_the_kernels_need_is_named_with_the_one_needed():
     assert "FUSED_CONTRASTIVE_CUDA=off pip install" in message
 
 
+def test_kernel_module_version_from_both_driver_flavours():
+    proprietary = ("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 "
+                   "01:15:15 UTC 2023\nGCC version:  gcc version 12.2.0 (Debian 12.2.0-14)\n")
+    open_modules = ("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  "
+                    "Release Build  (dvs-builder@U16-I3-B03-4-3)  Tue Jul 22 2025\n")
+    assert _cuda.kernel_module_version(proprietary) == "535.104.05"
+    assert _cuda.kernel_module_version(open_modules) == "580.65.06"
+    assert _cuda.kernel_module_version("") is None
+
+
 @pytest.mark.parametrize("info, driver", [
     (CUDA_13_BUILD, (13000, "580.65.06")),  # minor-version compatible: 13.0 runs 13.5 code
     (CUDA_13_BUILD, (13020, None)),

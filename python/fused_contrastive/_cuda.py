@@ -103,10 +103,15 @@ def installed_driver():
         return None
     module = None
     if DRIVER_VERSION_FILE.exists():
-        match = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d+(?:\.\d+)+)",
-                          DRIVER_VERSION_FILE.read_text())
-        module = match.group(1) if match else None
+        module = kernel_module_version(DRIVER_VERSION_FILE.read_text())
     return version.value, module
+
+
+def kernel_module_version(text):
+    """"580.65.06" from /proc/driver/nvidia/version ("... Kernel Module  580.65.06 ..."
+    or, for the open modules, "... Open Kernel Module for x86_64  580.65.06 ..."), or None."""
+    match = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d+(?:\.\d+)+)", text)
+    return match.group(1) if match else None
 
 
 def driver_too_old_message(info, driver):
