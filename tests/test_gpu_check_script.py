@@ -1,18 +1,23 @@
 """tests/gpu/check_gpu.py: its --self-test runs every check with the CPU kernel as the GPU
-(and, TensorFlow being installed here, the TF-op part with /CPU:0 as the GPU)."""
+(and, TensorFlow being installed here, the TF-op part with /CPU:0 as the GPU). It takes the
+installed kernel module (--installed): building another one would only repeat setup.py's build."""
 
 import subprocess
 import sys
 from pathlib import Path
 
+import fused_contrastive
+
 SCRIPT = Path(__file__).resolve().parent / "gpu" / "check_gpu.py"
 
 
 def test_gpu_check_script_self_test():
-    result = subprocess.run([sys.executable, str(SCRIPT), "--self-test"], capture_output=True,
-                            text=True, timeout=600)
+    result = subprocess.run([sys.executable, str(SCRIPT), "--self-test", "--installed"],
+                            capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
+    installed = Path(fused_contrastive.__file__).parent
+    assert f"loaded {installed}/_kernels." in out.splitlines()[0], out.splitlines()[0]
     assert "200 aligned cases compared" in out and "60 misaligned cases compared" in out
     assert "140 aligned cases compared with similar_label=0" in out
     assert "153 reduced cases compared" in out

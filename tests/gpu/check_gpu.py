@@ -3,9 +3,12 @@
 
     python tests/gpu/check_gpu.py              # on a GPU machine with CuPy
     python tests/gpu/check_gpu.py --self-test  # anywhere: the CPU kernel stands in for the GPU
+    python tests/gpu/check_gpu.py --installed  # the installed package's kernel module, no build
 
 Steps 1-8 need no TensorFlow: they build the pybind11 kernel module with
-CMake (FC_WITH_TENSORFLOW=OFF), then:
+CMake (FC_WITH_TENSORFLOW=OFF), or with --installed take the one installed
+beside fused_contrastive's op library (a CUDA install has its CUDA kernels),
+then:
   1. compares the CUDA kernel with the CPU kernel, bit for bit, for every
      (labels, distances) dtype pair at sizes 0, 1, odd sizes and 1e6, and for a
      few pairs at 1e8;
@@ -135,6 +138,21 @@ def build_kernel_module(build_dir, cuda):
                     str(os.cpu_count() or 2), "--target", "_kernels"], check=True,
                    stdout=subprocess.DEVNULL)
     return out
+
+
+def installed_kernel_module():
+    """The pybind11 module installed with fused_contrastive, loaded without
+    importing the package (which imports TensorFlow)."""
+    package = importlib.util.find_spec("fused_contrastive")
+    found = [path for directory in (package.submodule_search_locations if package else [])
+             for path in sorted(Path(directory).glob("_kernels.*.so"))]
+    if not found:
+        raise SystemExit("--installed: no fused_contrastive with its _kernels module is installed "
+                         f"for {sys.executable}")
+    spec = importlib.util.spec_from_file_location("_kernels", found[0])
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def numpy_dtype(name):
@@ -1109,15 +1127,25 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--self-test", action="store_true",
                         help="no GPU: run every check with the CPU kernel standing in")
+    parser.add_argument("--installed", action="store_true",
+                        help="check the kernel module installed with fused_contrastive instead "
+                             "of building one")
     args = parser.parse_args(argv)
     started = time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="fc-gpu-check-") as build_dir:
-        out = build_kernel_module(build_dir, cuda="AUTO" if args.self_test else "ON")
-        sys.path.insert(0, str(out))
-        import _kernels
-        print(f"built {_kernels.__file__} (has_cuda={_kernels.has_cuda}) in "
-              f"{time.perf_counter() - started:.0f} s", flush=True)
+        if args.installed:
+            _kernels = installed_kernel_module()
+        else:
+            out = build_kernel_module(build_dir, cuda="AUTO" if args.self_test else "ON")
+            sys.path.insert(0, str(out))
+            import _kernels
+        print(f"{'loaded' if args.installed else 'built'} {_kernels.__file__} "
+              f"(has_cuda={_kernels.has_cuda}) in {time.perf_counter() - started:.0f} s",
+              flush=True)
+        if not args.self_test and not _kernels.has_cuda:
+            raise SystemExit("this kernel module has no CUDA kernels: reinstall with "
+                             "FUSED_CONTRASTIVE_CUDA=on, or run without --installed")
         device = CpuStandIn(_kernels) if args.self_test else CudaDevice(_kernels)
         big = 10**6 if args.self_test else 10**8
         print(f"checking {device.name}", flush=True)
