@@ -11,7 +11,6 @@ import tensorflow as tf
 from tensorflow.python.eager import record
 
 from fused_contrastive import _cuda, reference
-from fused_contrastive._cuda import rebuild_command
 
 # As registered in cc/tf_shared.h (tests check that they name the library's ops).
 OP_NAME = "FusedContrastive>ContrastiveLoss"
@@ -49,7 +48,7 @@ def check_tensorflow_version(built, installed, source_dir):
     if built != installed:
         raise ImportError(
             f"fused_contrastive was built against TensorFlow {built}, but TensorFlow "
-            f"{installed} is installed. Rebuild it with: {rebuild_command(source_dir)}  "
+            f"{installed} is installed. Rebuild it with: {_cuda.rebuild_command(source_dir)}  "
             f"(or set {USE_REFERENCE_ENV}=1 to use the slower pure-TensorFlow implementation)")
 
 
@@ -72,8 +71,10 @@ def _load():
             "Install the package with 'pip install .' from its source tree (or set "
             f"{USE_REFERENCE_ENV}=1 to use the pure-TensorFlow implementation)")
     check_tensorflow_version(info["tensorflow_version"], tf.__version__, info["source_dir"])
-    # Before loading: loading registers the CUDA kernels' fatbinary with the driver.
-    too_old = _cuda.driver_too_old_message(info, _cuda.installed_driver())
+    # Before loading: loading registers the CUDA kernels' fatbinary with the
+    # driver. A CPU-only build needs no driver, so none is looked up.
+    too_old = (_cuda.required_driver(info)
+               and _cuda.driver_too_old_message(info, _cuda.installed_driver()))
     if too_old:
         raise ImportError(f"{too_old}; or set {USE_REFERENCE_ENV}=1 to use the slower "
                           "pure-TensorFlow implementation")
@@ -97,7 +98,7 @@ def gpu_without_cuda_message(info, gpus):
         "FUSED_CONTRASTIVE_CUDA=off), so its losses run on the CPU and copy their inputs from "
         "the GPU every step. Rebuild with CUDA kernels (without a CUDA toolkit, the build "
         "fetches the CUDA 13 compiler from PyPI into its temporary directory): "
-        f"FUSED_CONTRASTIVE_CUDA=on {rebuild_command(source)}")
+        f"FUSED_CONTRASTIVE_CUDA=on {_cuda.rebuild_command(source)}")
 
 
 def _warn_if_gpu_without_cuda():
@@ -318,14 +319,19 @@ def _embedding_loss_grad(op, grad_loss, _):
     return [None, grad_a, grad_b, None]
 
 
+def _no_second_order(op, loss, reference_name):
+    """The error for tf.gradients of a fused gradient op. Only graph-mode
+    gradients of gradients (tf.hessians) get there: backward passes that a
+    tape records use the reference instead."""
+    return NotImplementedError(
+        f"{op.name}: tf.gradients cannot differentiate the fused {loss} loss twice; use "
+        "tf.GradientTape (nested tapes differentiate it to any order) or "
+        f"fused_contrastive.{reference_name}")
+
+
 @tf.RegisterGradient(EMBEDDING_GRAD_OP_NAME)
 def _embedding_grad_grad(op, *_):
-    # Only graph-mode tf.gradients of gradients (tf.hessians) get here: taped
-    # backward passes that a tape records use the reference instead.
-    raise NotImplementedError(
-        f"{op.name}: tf.gradients cannot differentiate the fused embedding loss twice; use "
-        "tf.GradientTape (nested tapes differentiate it to any order) or "
-        "fused_contrastive.contrastive_loss_from_embeddings_reference")
+    raise _no_second_order(op, "embedding", "contrastive_loss_from_embeddings_reference")
 
 
 def class_ids(labels):
@@ -416,8 +422,4 @@ def _in_batch_loss_grad(op, grad_loss):
 
 @tf.RegisterGradient(IN_BATCH_GRAD_OP_NAME)
 def _in_batch_grad_grad(op, *_):
-    # As _embedding_grad_grad: taped backward passes use the reference.
-    raise NotImplementedError(
-        f"{op.name}: tf.gradients cannot differentiate the fused in-batch loss twice; use "
-        "tf.GradientTape (nested tapes differentiate it to any order) or "
-        "fused_contrastive.in_batch_contrastive_loss_reference")
+    raise _no_second_order(op, "in-batch", "in_batch_contrastive_loss_reference")
