@@ -628,8 +628,7 @@ def compare_embedding_reduced(device, kernels, rng, cases):
                 worst = max(worst, used) if dtype in UNROUNDED else worst
                 failures += not ok
                 if not ok:
-                    kind = ("none" if weights is None else "scalar" if weights.ndim == 0
-                            else "vector")
+                    kind = weight_form(weights)
                     print(f"  FAIL reduced embeddings {distance:9s} {reduction:13s} "
                           f"weights={kind:6s} labels={label_dtype:8s} {dtype:8s} shape={shape} "
                           f"tolerance used={used:.0%}", flush=True)
@@ -768,8 +767,7 @@ def compare_in_batch_reduced(device, kernels, rng):
                 cases += 1
                 failures += not ok
                 if not ok:
-                    kind = ("none" if weights is None else "scalar" if weights.ndim == 0
-                            else "vector")
+                    kind = weight_form(weights)
                     print(f"  FAIL reduced in-batch {distance:9s} {weighting:8s} {reduction:13s} "
                           f"weights={kind:6s} {dtype:7s} B={rows} D={dim} deterministic={same} "
                           f"scale={got[2]!r} want {want[2]!r} tolerance used={used:.0%}",
@@ -809,6 +807,11 @@ def _median_seconds(fn, sync, repeats=20):
         sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+def weight_form(weights):
+    """How a failed reduced case was weighted: none, scalar or vector."""
+    return "none" if weights is None else "scalar" if weights.ndim == 0 else "vector"
 
 
 def same_bits(a, b):
@@ -859,8 +862,7 @@ def compare_reduced(device, kernels, rng, cases):
                       and np.isclose(got[2], want[2], rtol=1e-15, atol=0))
                 failures += not ok
                 if not ok or n >= 10**6:
-                    kind = ("none" if weights is None else "scalar" if weights.ndim == 0
-                            else "vector")
+                    kind = weight_form(weights)
                     print(f"  {'ok  ' if ok else 'FAIL'} reduced {reduction:13s} weights={kind:6s} "
                           f"labels={label_dtype:8s} distances={distance_dtype:8s} n={n:>11,d}",
                           flush=True)
