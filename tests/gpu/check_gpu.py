@@ -643,8 +643,8 @@ def in_batch_inputs(rng, rows, dim, dtype):
     similarity). The noise puts the near pair well inside the kernels'
     direct-distance range (gram_distance_cancels) in both dtypes: a pair
     just outside it has its distance from the Gram form, correct only to
-    about 1e-4 relative (4096 ulps cancelled) on either side, and would
-    measure that, not the kernels."""
+    about 1e-4 (float32) or 4e-10 (float64) relative on either side, and
+    would measure that, not the kernels."""
     labels = rng.integers(0, max(1, rows // 4), rows).astype(np.int64)
     e = rng.standard_normal((rows, dim)) / np.sqrt(dim)
     if rows >= 4:
