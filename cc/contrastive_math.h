@@ -20,7 +20,9 @@ FC_HOST_DEVICE inline double correctly_rounded_sqrt(double x) { return ::sqrt(x)
 template <typename C>
 struct ElementOps {
   FC_HOST_DEVICE static C constant(const C&, int value) { return C(value); }
-  FC_HOST_DEVICE static C positive_part(const C& x) { return x > C(0) ? x : C(0); }
+  // max(x, 0), NaN for a NaN x (as XLA's max): a NaN distance must not turn
+  // into a hinge of 0 (a loss of 0) or a clamped squared distance of 0.
+  FC_HOST_DEVICE static C positive_part(const C& x) { return x <= C(0) ? C(0) : x; }
   // Keras' divide_no_nan: 0 where the denominator is 0.
   FC_HOST_DEVICE static C divide_no_nan(const C& x, const C& y) { return y == C(0) ? C(0) : x / y; }
   // For the embedding distances (embedding_math.h); sign(0) = 0.

@@ -144,33 +144,44 @@ struct Launch<Eigen::ThreadPoolDevice> {
     };
   }
 
+  // A kernel entry on the op's pool: exhausted memory is ResourceExhausted.
+  template <typename Call>
+  static absl::Status Run(OpKernelContext* ctx, const Call& call) {
+    const KernelOutcome outcome = RunKernel(Pool(ctx), call);
+    if (outcome == KernelOutcome::kOutOfMemory) {
+      return absl::ResourceExhaustedError(kKernelOutOfMemory);
+    }
+    return CheckDispatched(outcome == KernelOutcome::kDone);
+  }
+
   static absl::Status Loss(OpKernelContext* ctx, const LossInputs& in, void* loss, void* grad) {
-    return CheckDispatched(ContrastiveLossCpu(in, loss, grad, Pool(ctx)));
+    return Run(ctx, [&](const ParallelFor& p) { return ContrastiveLossCpu(in, loss, grad, p); });
   }
 
   static absl::Status Reduced(OpKernelContext* ctx, const ReducedLossArgs& args) {
-    return CheckDispatched(ContrastiveLossReducedCpu(args, Pool(ctx)));
+    return Run(ctx, [&](const ParallelFor& p) { return ContrastiveLossReducedCpu(args, p); });
   }
 
   static absl::Status EmbeddingLoss(OpKernelContext* ctx, const EmbeddingInputs& in, void* loss,
                                     double* coefficients) {
-    return CheckDispatched(EmbeddingLossCpu(in, loss, coefficients, Pool(ctx)));
+    return Run(ctx,
+               [&](const ParallelFor& p) { return EmbeddingLossCpu(in, loss, coefficients, p); });
   }
 
   static absl::Status EmbeddingGrad(OpKernelContext* ctx, const EmbeddingGradArgs& args) {
-    return CheckDispatched(EmbeddingGradCpu(args, Pool(ctx)));
+    return Run(ctx, [&](const ParallelFor& p) { return EmbeddingGradCpu(args, p); });
   }
 
   static absl::Status EmbeddingReduced(OpKernelContext* ctx, const ReducedEmbeddingArgs& args) {
-    return CheckDispatched(EmbeddingLossReducedCpu(args, Pool(ctx)));
+    return Run(ctx, [&](const ParallelFor& p) { return EmbeddingLossReducedCpu(args, p); });
   }
 
   static absl::Status InBatch(OpKernelContext* ctx, const InBatchArgs& args) {
-    return CheckDispatched(InBatchLossCpu(args, Pool(ctx)));
+    return Run(ctx, [&](const ParallelFor& p) { return InBatchLossCpu(args, p); });
   }
 
   static absl::Status InBatchReduced(OpKernelContext* ctx, const InBatchReducedArgs& args) {
-    return CheckDispatched(InBatchLossReducedCpu(args, Pool(ctx)));
+    return Run(ctx, [&](const ParallelFor& p) { return InBatchLossReducedCpu(args, p); });
   }
 
   // The scale is in host memory here: read it, and skip the pass when it is 1.
@@ -188,8 +199,9 @@ struct Launch<Eigen::ThreadPoolDevice> {
     }
     Tensor* out = nullptr;
     TF_RETURN_IF_ERROR(ctx->forward_input_or_allocate_output({0}, 0, gradient.shape(), &out));
-    return CheckDispatched(
-        ScaleCpu(type, gradient.data(), scale, gradient.NumElements(), out->data(), Pool(ctx)));
+    return Run(ctx, [&](const ParallelFor& p) {
+      return ScaleCpu(type, gradient.data(), scale, gradient.NumElements(), out->data(), p);
+    });
   }
 };
 

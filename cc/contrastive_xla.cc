@@ -46,8 +46,7 @@ struct ElementOps<xla::XlaOp> {
   static xla::XlaOp constant(const xla::XlaOp& like, int value) {
     return xla::ScalarLike(like, value);
   }
-  // max(x, 0) differs from the scalar version's select only for NaN x, where
-  // d is NaN and the loss and gradient are NaN either way.
+  // XLA's max propagates NaN, as the scalar version does.
   static xla::XlaOp positive_part(const xla::XlaOp& x) { return xla::Max(x, constant(x, 0)); }
   static xla::XlaOp divide_no_nan(const xla::XlaOp& x, const xla::XlaOp& y) {
     const xla::XlaOp zero = constant(y, 0);
@@ -917,6 +916,18 @@ ffi::Error Dispatched(bool supported) {
   return ffi::Error::Internal("contrastive loss: a custom call has a dtype its kernel lacks");
 }
 
+// Runs a kernel entry on XLA's pool (RunKernel) once the handler has read its
+// operands (`read`: false for a dtype the kernels lack).
+template <typename Call>
+ffi::Error RunHostKernel(ffi::ThreadPool& pool, bool read, const Call& call) {
+  const KernelOutcome outcome =
+      read ? RunKernel(HostParallelFor(pool), call) : KernelOutcome::kUnsupported;
+  if (outcome == KernelOutcome::kOutOfMemory) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted, kKernelOutOfMemory);
+  }
+  return Dispatched(outcome == KernelOutcome::kDone);
+}
+
 // The loss handlers' labels [rows], a, b [rows, D] and margin; false for an
 // unsupported dtype. The kernels need a valid margin: an invalid run-time one
 // is passed as 0 and *margin_valid is false, for the caller to make its
@@ -955,15 +966,17 @@ ffi::Error EmbeddingLossHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::A
                              int32_t similar_label) {
   EmbeddingInputs in;
   bool margin_valid;
-  const bool ok =
-      ReadHostInputs(labels, a, b, margin, similar_label, distance, &in, &margin_valid) &&
-      EmbeddingLossCpu(in, loss->untyped_data(),
-                       static_cast<double*>(coefficients->untyped_data()), HostParallelFor(pool));
-  if (ok && !margin_valid) {
+  const bool read =
+      ReadHostInputs(labels, a, b, margin, similar_label, distance, &in, &margin_valid);
+  ffi::Error error = RunHostKernel(pool, read, [&](const ParallelFor& p) {
+    return EmbeddingLossCpu(in, loss->untyped_data(),
+                            static_cast<double*>(coefficients->untyped_data()), p);
+  });
+  if (error.success() && !margin_valid) {
     FillNan(*loss);
     FillNan(*coefficients);
   }
-  return Dispatched(ok);
+  return error;
 }
 
 ffi::Error EmbeddingGradHost(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
@@ -981,8 +994,8 @@ ffi::Error EmbeddingGradHost(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuf
   args.scalar_upstream = upstream.dimensions().size() == 0;
   args.grad_a = grad_a->untyped_data();
   args.grad_b = grad_b->untyped_data();
-  return Dispatched(FromFfi(a.element_type(), &args.type) &&
-                    EmbeddingGradCpu(args, HostParallelFor(pool)));
+  return RunHostKernel(pool, FromFfi(a.element_type(), &args.type),
+                       [&](const ParallelFor& p) { return EmbeddingGradCpu(args, p); });
 }
 
 ffi::Error EmbeddingLossReducedHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
@@ -1004,16 +1017,17 @@ ffi::Error EmbeddingLossReducedHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
   args.grad_a = grad_a->untyped_data();
   args.grad_b = grad_b->untyped_data();
   args.reduction_scale = static_cast<double*>(reduction_scale->untyped_data());
-  const bool ok =
-      ReadHostInputs(labels, a, b, margin, similar_label, distance, &args.in, &margin_valid) &&
-      EmbeddingLossReducedCpu(args, HostParallelFor(pool));
+  const bool read =
+      ReadHostInputs(labels, a, b, margin, similar_label, distance, &args.in, &margin_valid);
+  ffi::Error error = RunHostKernel(
+      pool, read, [&](const ParallelFor& p) { return EmbeddingLossReducedCpu(args, p); });
   // The reduction scale does not depend on the margin: it stays.
-  if (ok && !margin_valid) {
+  if (error.success() && !margin_valid) {
     FillNan(*loss);
     FillNan(*grad_a);
     FillNan(*grad_b);
   }
-  return Dispatched(ok);
+  return error;
 }
 
 // The operands and results of the calls are the lowerings' below: a and b as
@@ -1235,12 +1249,13 @@ ffi::Error InBatchLossHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
                            int32_t pair_weighting, int32_t max_block_rows) {
   InBatchArgs args;
   bool margins_valid;
-  bool ok = ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance,
-                                  pair_weighting, max_block_rows, &args, &margins_valid);
+  const bool read = ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance,
+                                          pair_weighting, max_block_rows, &args, &margins_valid);
   args.loss = loss->untyped_data();
-  ok = ok && InBatchLossCpu(args, HostParallelFor(pool));
-  if (ok && !margins_valid) FillNan(*loss);
-  return Dispatched(ok);
+  ffi::Error error =
+      RunHostKernel(pool, read, [&](const ParallelFor& p) { return InBatchLossCpu(args, p); });
+  if (error.success() && !margins_valid) FillNan(*loss);
+  return error;
 }
 
 ffi::Error InBatchGradHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
@@ -1251,13 +1266,14 @@ ffi::Error InBatchGradHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
                            int32_t pair_weighting, int32_t max_block_rows) {
   InBatchArgs args;
   bool margins_valid;
-  bool ok = ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance,
-                                  pair_weighting, max_block_rows, &args, &margins_valid);
+  const bool read = ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance,
+                                          pair_weighting, max_block_rows, &args, &margins_valid);
   args.upstream = upstream.untyped_data();
   args.grad = grad->untyped_data();
-  ok = ok && InBatchLossCpu(args, HostParallelFor(pool));
-  if (ok && !margins_valid) FillNan(*grad);
-  return Dispatched(ok);
+  ffi::Error error =
+      RunHostKernel(pool, read, [&](const ParallelFor& p) { return InBatchLossCpu(args, p); });
+  if (error.success() && !margins_valid) FillNan(*grad);
+  return error;
 }
 
 ffi::Error InBatchLossReducedHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
@@ -1272,8 +1288,9 @@ ffi::Error InBatchLossReducedHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> 
                                   int32_t reduction) {
   InBatchReducedArgs args;
   bool margins_valid;
-  bool ok = ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance,
-                                  pair_weighting, max_block_rows, &args.in, &margins_valid);
+  const bool read = ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance,
+                                          pair_weighting, max_block_rows, &args.in,
+                                          &margins_valid);
   args.weights = weights.untyped_data();
   args.scalar_weight = weights.dimensions().size() == 0;
   args.reduction = static_cast<Reduction>(reduction);
@@ -1281,13 +1298,14 @@ ffi::Error InBatchLossReducedHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> 
   args.loss = loss->untyped_data();
   args.grad = grad->untyped_data();
   args.reduction_scale = static_cast<double*>(reduction_scale->untyped_data());
-  ok = ok && InBatchLossReducedCpu(args, HostParallelFor(pool));
+  ffi::Error error = RunHostKernel(
+      pool, read, [&](const ParallelFor& p) { return InBatchLossReducedCpu(args, p); });
   // The reduction scale does not depend on the margins: it stays.
-  if (ok && !margins_valid) {
+  if (error.success() && !margins_valid) {
     FillNan(*loss);
     FillNan(*grad);
   }
-  return Dispatched(ok);
+  return error;
 }
 
 // The operands and results of the calls are the lowerings' below: labels

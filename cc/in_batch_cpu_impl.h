@@ -11,6 +11,7 @@
 // added in the same order whatever the thread count. Block pairs (I, I) come
 // last, each a task of its own.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <numeric>
 #include <utility>
@@ -43,22 +44,29 @@ int64_t BlockRows(int64_t rows, int64_t cap) {
 
 // Round-robin schedule of the unordered pairs of `blocks` blocks: stage s of
 // n − 1 (n = blocks rounded up to even) pairs every block with another one
-// once; a pair with the padding block n − 1 (blocks odd) is dropped.
-std::vector<std::vector<std::pair<int64_t, int64_t>>> PairStages(int64_t blocks) {
-  const int64_t n = blocks + (blocks % 2);
-  std::vector<std::vector<std::pair<int64_t, int64_t>>> stages;
-  for (int64_t s = 0; s + 1 < n; ++s) {
-    std::vector<std::pair<int64_t, int64_t>> stage;
-    if (n - 1 < blocks) stage.emplace_back(s, n - 1);
-    for (int64_t k = 1; k < n / 2; ++k) {
-      const int64_t a = (s + k) % (n - 1);
-      const int64_t b = (s - k + n - 1) % (n - 1);
-      stage.emplace_back(std::min(a, b), std::max(a, b));
-    }
-    stages.push_back(std::move(stage));
+// once; a pair with the padding block n − 1 (blocks odd) is dropped. Each
+// task's pair is computed when it runs: stored, the schedule would take
+// 16·(blocks/2)² bytes, quadratic in B for small blocks.
+class PairSchedule {
+ public:
+  explicit PairSchedule(int64_t blocks) : n_(blocks + blocks % 2), padded_(blocks % 2 != 0) {}
+
+  int64_t Stages() const { return std::max<int64_t>(n_ - 1, 0); }
+  int64_t Tasks() const { return n_ / 2 - (padded_ ? 1 : 0); }
+
+  // Task t of stage s; (s, n − 1) first when block n − 1 is real.
+  std::pair<int64_t, int64_t> Task(int64_t s, int64_t t) const {
+    const int64_t k = padded_ ? t + 1 : t;
+    if (k == 0) return {s, n_ - 1};
+    const int64_t a = (s + k) % (n_ - 1);
+    const int64_t b = (s - k + n_ - 1) % (n_ - 1);
+    return {std::min(a, b), std::max(a, b)};
   }
-  return stages;
-}
+
+ private:
+  int64_t n_;
+  bool padded_;
+};
 
 // Dense class ids (equal labels, equal ids; int32 so that the tile loop
 // compares lanes as wide as float's) and, per row, the number of other rows
@@ -118,13 +126,14 @@ class Sweep {
     const int64_t blocks = (rows_ + block_ - 1) / block_;
     const ElementCost tile_cost{2.0 * block_ * dim_ * sizeof(T), 0,
                                 (kGrad ? 6.0 : 2.0) * block_ * block_ * dim_};
-    for (const auto& stage : PairStages(blocks)) {
-      parallel_for_(static_cast<int64_t>(stage.size()), tile_cost,
-                    [&](int64_t first, int64_t last) {
-                      for (int64_t t = first; t < last; ++t) {
-                        Tile<false>(stage[t].first, stage[t].second);
-                      }
-                    });
+    const PairSchedule schedule(blocks);
+    for (int64_t stage = 0; stage < schedule.Stages(); ++stage) {
+      parallel_for_(schedule.Tasks(), tile_cost, [&](int64_t first, int64_t last) {
+        for (int64_t t = first; t < last; ++t) {
+          const std::pair<int64_t, int64_t> pair = schedule.Task(stage, t);
+          Tile<false>(pair.first, pair.second);
+        }
+      });
     }
     parallel_for_(blocks, tile_cost, [&](int64_t first, int64_t last) {
       for (int64_t b = first; b < last; ++b) Tile<true>(b, b);
@@ -133,7 +142,36 @@ class Sweep {
   }
 
  private:
+  // Rows of extreme scale, divided by 2^k for the cosine distance
+  // (cosine_row_exponent); e_ then points at the scaled copy. Others are
+  // read in place: no copy unless a row needs it.
+  void ScaleRows() {
+    exponent_.assign(rows_, 0);
+    const ElementCost cost{dim_ * sizeof(T) + 0.0, 4, 1.0 * dim_};
+    parallel_for_(rows_, cost, [&](int64_t first, int64_t last) {
+      for (int64_t i = first; i < last; ++i) {
+        T max_abs = 0;
+        for (int64_t k = 0; k < dim_; ++k) max_abs = std::max(max_abs, std::abs(e_[i * dim_ + k]));
+        exponent_[i] = cosine_row_exponent(max_abs);
+      }
+    });
+    if (std::all_of(exponent_.begin(), exponent_.end(), [](int k) { return k == 0; })) {
+      exponent_.clear();
+      return;
+    }
+    scaled_.resize(rows_ * dim_);
+    parallel_for_(rows_, cost, [&](int64_t first, int64_t last) {
+      for (int64_t i = first; i < last; ++i) {
+        for (int64_t k = 0; k < dim_; ++k) {
+          scaled_[i * dim_ + k] = std::ldexp(e_[i * dim_ + k], -exponent_[i]);
+        }
+      }
+    });
+    e_ = scaled_.data();
+  }
+
   void PrepareRows() {
+    if constexpr (K == Distance::kCosine) ScaleRows();
     std::vector<int64_t> positives;
     ClassIds(args_.labels, rows_, &classes_, &positives);
     const T* g = static_cast<const T*>(args_.upstream);
@@ -241,11 +279,11 @@ class Sweep {
     positive_term(d, positive_margin_, &tp, &sp);
     negative_term(d, margin_, &tn, &sn);
     Pair p;
-    p.positive = positive * tp;
-    p.negative = negative * tn;
+    p.positive = masked(positive, tp);
+    p.negative = masked(negative, tn);
     if constexpr (kGrad) {
-      const T coefficient =
-          positive * positive_coefficient_sum * sp + negative * negative_coefficient_sum * sn;
+      const T coefficient = masked(positive, positive_coefficient_sum * sp) +
+                            masked(negative, negative_coefficient_sum * sn);
       p.m = gram_coefficient<K>(coefficient, d, stat_i, stat_j);
       p.diagonal = diagonal_term<K>(p.m, s);
     } else {
@@ -404,6 +442,11 @@ class Sweep {
                         const T* ei = e_ + i * dim_;
 #pragma omp simd
                         for (int64_t k = 0; k < dim_; ++k) gi[k] += q * ei[k];
+                        // The gradient of a scaled row, back to the input's scale.
+                        const int exponent = exponent_.empty() ? 0 : exponent_[i];
+                        if (exponent != 0) {
+                          for (int64_t k = 0; k < dim_; ++k) gi[k] = std::ldexp(gi[k], -exponent);
+                        }
                       }
                     }
                   });
@@ -417,6 +460,10 @@ class Sweep {
   const int64_t block_;
   const T margin_;
   const T positive_margin_;
+  // Cosine rows of extreme scale (ScaleRows): each row's k, empty when no
+  // row is scaled, and the scaled copy of the embeddings.
+  std::vector<int> exponent_;
+  std::vector<T> scaled_;
   std::vector<int32_t> classes_;
   std::vector<T> norm2_;
   std::vector<T> stat_;

@@ -43,9 +43,10 @@ void CheckSameDType(const char* what, DType t, const char* ref_what, DType ref) 
   }
 }
 
-void CheckMargin(double margin) {
+void CheckMargin(double margin, const char* what = "margin") {
   if (!IsValidMargin(margin)) {
-    throw py::value_error("margin must be finite and non-negative, got " + std::to_string(margin));
+    throw py::value_error(std::string(what) + " must be finite and non-negative, got " +
+                          std::to_string(margin));
   }
 }
 
@@ -95,7 +96,12 @@ py::array KernelArray(const py::handle& obj, const char* what) {
   const py::module_ numpy = py::module_::import("numpy");
   try {
     const py::array a = numpy.attr("asarray")(obj);
-    return numpy.attr("require")(a, a.dtype().attr("newbyteorder")("="), "CA");
+    const py::object native = a.dtype().attr("newbyteorder")("=");
+    // NumPy calls an empty array aligned wherever it points (a view at an
+    // odd offset of a buffer): the kernels still form typed pointers and
+    // references from it, so it gets a fresh, aligned allocation.
+    if (a.size() == 0) return numpy.attr("empty")(a.attr("shape"), native);
+    return numpy.attr("require")(a, native, "CA");
   } catch (py::error_already_set& e) {
     // Interrupts and exhausted memory say nothing about the argument.
     if (!e.matches(PyExc_Exception) || e.matches(PyExc_MemoryError)) throw;
@@ -382,7 +388,11 @@ py::tuple EmbeddingLossReducedCpuNumpy(py::array labels, py::array embeddings_a,
 InBatchArgs InBatchOptions(double margin, double positive_margin, const std::string& distance,
                            const std::string& pair_weighting, int64_t max_block_rows) {
   CheckMargin(margin);
-  CheckMargin(positive_margin);
+  CheckMargin(positive_margin, "positive_margin");
+  if (max_block_rows < 0) {
+    throw py::value_error("max_block_rows must be >= 0 (0: the kernel's choice), got " +
+                          std::to_string(max_block_rows));
+  }
   const Distance k = DistanceFromName(distance);
   if (!IsInBatchDistance(k)) {
     throw py::value_error("the in-batch loss has no '" + distance + "' distance");

@@ -139,21 +139,40 @@ def in_batch_contrastive_loss_reference(labels, embeddings, margin=1.0, positive
     return reference_in_batch_loss(labels, embeddings, *options)
 
 
+def _power_of_two_scaled_rows(e):
+    """Rows of e (float32 or float64) divided by 2^k, 2^k <= their largest
+    magnitude < 2^(k+1): exact, so the cosine distance keeps its bits, while
+    the sums of squares neither overflow (|e| ~ 1e19 in float32) nor
+    underflow (1e-20). Rows without a finite normal magnitude stay as they
+    are. The scale is a constant to autodiff: the distance does not depend
+    on it."""
+    bits, exponent_mask = ((tf.int32, 0x7F800000) if e.dtype == tf.float32
+                           else (tf.int64, 0x7FF0000000000000))
+    largest = tf.reduce_max(tf.abs(e), axis=1, keepdims=True)
+    power = tf.bitcast(tf.bitwise.bitwise_and(tf.bitcast(largest, bits),
+                                              tf.constant(exponent_mask, bits)), e.dtype)
+    usable = tf.logical_and(power > 0, tf.math.is_finite(power))
+    return e / tf.stop_gradient(tf.where(usable, power, tf.ones_like(power)))
+
+
 def reference_in_batch_loss(labels, embeddings, margin, positive_margin, distance,
                             pair_weighting):
     """Per-anchor in-batch loss on prepared inputs and validated options (see
     in_batch_contrastive_loss_reference)."""
     dtype = compute_dtype(embeddings.dtype)
     e = tf.cast(embeddings, dtype)
+    if distance == "cosine":
+        e = _power_of_two_scaled_rows(e)
     gram = tf.matmul(e, e, transpose_b=True)
     norms2 = tf.linalg.diag_part(gram)
     if distance == "euclidean":
         squared = tf.maximum(norms2[:, None] + norms2[None, :] - 2.0 * gram, 0.0)
-        nonzero = squared > 0
+        # NaN stays NaN (the kernels' rule): a NaN partner makes the loss NaN.
+        nonzero = tf.not_equal(squared, 0.0)
         d = tf.where(nonzero, tf.sqrt(_safe(squared, nonzero)), tf.zeros_like(squared))
     else:
         norms = tf.sqrt(norms2)
-        ok = tf.stop_gradient(norms[:, None] * norms[None, :]) > 0
+        ok = tf.not_equal(tf.stop_gradient(norms[:, None] * norms[None, :]), 0.0)
         safe2 = _safe(norms2, norms2 > 0)
         product = tf.sqrt(safe2)[:, None] * tf.sqrt(safe2)[None, :]
         d = 1.0 - tf.where(ok, gram / _safe(product, ok), tf.zeros_like(gram))

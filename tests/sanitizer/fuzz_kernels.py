@@ -9,11 +9,14 @@ Valid inputs to the distance kernels and the embedding kernels (every dtype
 pair and distance, aligned and misaligned views, big-endian and strided
 arrays, bool bytes other than 0/1, 0-d and empty shapes, embeddings [..., D]
 with D = 1, identical pairs and zero vectors, every reduction and kind of
-weight or upstream gradient) are checked against float64 NumPy formulas;
-invalid ones must raise TypeError or ValueError. Random case i is of kind
-i % 4 (KINDS) and draws from default_rng([seed, i]), so a failure printed with
-its index can be replayed. The next to last line counts the cases of each
-kind; the last reads "fuzz: N cases, F failures"; the exit status is 1 if F > 0.
+weight or upstream gradient) and to the in-batch kernel (both distances and
+pair weightings, block caps, embeddings [B, D] with B and D down to 0,
+duplicates and zero vectors, with and without an upstream gradient) are
+checked against float64 NumPy formulas; invalid ones must raise TypeError or
+ValueError. Random case i is of kind i % 5 (KINDS) and draws from
+default_rng([seed, i]), so a failure printed with its index can be replayed.
+The next to last line counts the cases of each kind; the last reads
+"fuzz: N cases, F failures"; the exit status is 1 if F > 0.
 """
 
 import argparse
@@ -342,9 +345,109 @@ def run_embedding_reduced(kernels, rng, case):
     check_embedding_grads(case, (grad_a, grad_b), want_grads, grad_sizes, factor)
 
 
+class InBatchCase:
+    """Class labels [B], embeddings [B, D] (float32 or float64, D = 0 too:
+    an empty array NumPy may place at any address), options and the upstream
+    gradient [B] or None, as Case."""
+
+    def __init__(self, labels, e, upstream, margin, positive_margin, distance, weighting,
+                 max_block_rows):
+        self.labels, self.e, self.upstream = labels, e, upstream
+        self.options = dict(margin=margin, positive_margin=positive_margin, distance=distance,
+                            pair_weighting=weighting, max_block_rows=max_block_rows)
+        self.info = [f"labels {labels.dtype}{labels.shape}", f"embeddings {e.dtype}{e.shape}",
+                     f"upstream {upstream is not None}"] + [f"{k}={v}" for k, v in
+                                                            self.options.items()]
+
+
+def in_batch_reference(case):
+    """Per-anchor losses, the gradient of sum(upstream * loss) (or None) and the
+    sizes of their terms, in float64 from explicit pairs, with the kernels'
+    conventions: no gradient at d = 0, a zero vector's cosine similarity 0."""
+    labels, e = case.labels.astype(np.int64), case.e.astype(np.float64)
+    o = case.options
+    b = len(labels)
+    n = np.sqrt(np.sum(e * e, -1))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if o["distance"] == "euclidean":
+            diff = e[:, None] - e[None]
+            d = np.sqrt(np.sum(diff * diff, -1))
+            dd = np.where(d[..., None] > 0, diff / d[..., None], 0)  # dd_ij/de_i
+            dd_other = -dd  # dd_ij/de_j
+            dd_size = np.ones_like(dd)
+        else:
+            norms = n[:, None] * n[None]
+            ok = norms > 0
+            s = np.where(ok, (e @ e.T) / norms, 0)
+            d = 1 - s
+            dd = np.where(ok[..., None], -e[None] / norms[..., None]
+                          + s[..., None] * e[:, None] / (n * n)[:, None, None], 0)
+            dd_other = np.swapaxes(dd, 0, 1)
+            # The terms of dd, which cancel for parallel rows.
+            dd_size = np.where(ok[..., None], np.abs(e[None]) / norms[..., None]
+                               + np.abs(e[:, None]) / (n * n)[:, None, None], 0)
+    others = ~np.eye(b, dtype=bool)
+    same = labels[:, None] == labels[None]
+    pos, neg = same & others, ~same & others
+    hp = np.maximum(d - np.float64(case.e.dtype.type(o["positive_margin"])), 0)
+    hn = np.maximum(np.float64(case.e.dtype.type(o["margin"])) - d, 0)
+    inv = lambda c: np.divide(1.0, c, out=np.zeros(b), where=c > 0)  # noqa: E731
+    if o["pair_weighting"] == "uniform":
+        wp = wn = np.full(b, 1.0 / max(b - 1, 1))
+    else:
+        wp, wn = inv(pos.sum(1)), inv(neg.sum(1))
+    terms = wp[:, None] * np.where(pos, hp * hp, 0) + wn[:, None] * np.where(neg, hn * hn, 0)
+    size = wp[:, None] * np.where(pos, (d + 1) ** 2, 0) + wn[:, None] * np.where(neg, 1 + hn, 0)
+    if case.upstream is None:
+        return terms.sum(1), None, size.sum(1), None
+    g = case.upstream.astype(np.float64)
+    c = g[:, None] * (np.where(pos, 2 * hp * wp[:, None], 0)
+                      - np.where(neg, 2 * hn * wn[:, None], 0))
+    grad = np.einsum("ij,ijk->ik", c, dd) + np.einsum("ji,jik->ik", c, dd_other)
+    # A hinge the kernel finds active by a rounding of d counts too.
+    scale = np.abs(g)[:, None] * 2 * (np.where(pos, wp[:, None] * (hp + 1), 0)
+                                      + np.where(neg, wn[:, None] * (hn + 1), 0))
+    grad_size = np.einsum("ij,ijk->ik", scale, dd_size) + np.einsum(
+        "ji,jik->ik", scale, np.swapaxes(dd_size, 0, 1))
+    return terms.sum(1), grad, size.sum(1), grad_size
+
+
+def random_in_batch_case(rng):
+    b = int(rng.choice([0, 1, 2, int(rng.integers(3, 40))]))
+    dim = int(rng.choice([0, 1, int(rng.integers(2, 12))]))
+    dtype = np.dtype(str(rng.choice(["float32", "float64"])))
+    e = rng.standard_normal((b, dim)) / np.sqrt(max(dim, 1))
+    special = rng.integers(8, size=b)
+    e[special == 0] = 0  # zero vectors
+    if b > 1:
+        e[special == 1] = e[0]  # duplicates of row 0
+    labels = np.asarray(rng.integers(0, 3, size=b), str(rng.choice(["int32", "int64"])))
+    upstream = rng.uniform(0, 2, size=b).astype(dtype) if rng.random() < 0.6 else None
+    return InBatchCase(labels, e.astype(dtype), upstream, random_margin(rng), random_margin(rng),
+                       str(rng.choice(["euclidean", "cosine"])),
+                       str(rng.choice(["uniform", "balanced"])),
+                       int(rng.choice([0, 1, 3, 16])))
+
+
+def run_in_batch(kernels, rng, case):
+    arrays = random_layouts(rng, case, case.labels, case.e)
+    upstream = None
+    if case.upstream is not None:
+        (upstream,) = random_layouts(rng, case, case.upstream)
+    loss, grad = kernels.in_batch_loss_cpu(*arrays, upstream, **case.options)
+    want_loss, want_grad, loss_size, grad_size = in_batch_reference(case)
+    # Gram-form distances cancel: errors are relative to the terms' size.
+    check_close("loss", loss, want_loss, loss_size, case.e.dtype, slack=50)
+    if case.upstream is None:
+        assert grad is None, "a gradient without upstream"
+    else:
+        check_close("grad", grad, want_grad, grad_size, case.e.dtype, slack=200)
+
+
 # The kinds of random case, taken in turn: (make a case, run it).
 KINDS = [(random_case, run_per_sample), (random_case, run_reduced),
-         (random_embedding_case, run_embedding), (random_embedding_case, run_embedding_reduced)]
+         (random_embedding_case, run_embedding), (random_embedding_case, run_embedding_reduced),
+         (random_in_batch_case, run_in_batch)]
 
 
 NOT_AN_ARRAY = "incompatible function arguments"
@@ -364,6 +467,7 @@ def invalid_calls(kernels):
     e4, c4 = np.ones((3, 4), np.float32), np.ones((3, 1))  # 3 pairs of 4, their coefficients
     loss, grad = kernels.embedding_loss_cpu, kernels.embedding_grad_cpu
     e_reduced = kernels.embedding_loss_reduced_cpu
+    in_batch = kernels.in_batch_loss_cpu
     return [
         ("bad distance", lambda: loss(y, e4, e4, 1.0, "l2"), ValueError,
          "distance must be one of 'euclidean', 'cosine', 'manhattan', got 'l2'"),
@@ -430,6 +534,20 @@ def invalid_calls(kernels):
         ("unconvertible labels", lambda: cpu(Unconvertible(), f4), TypeError, NOT_AN_ARRAY),
         ("ragged labels", lambda: reduced([[1.0], [1.0, 2.0]], f4), TypeError, NOT_AN_ARRAY),
         ("list distances", lambda: cpu(y, [1.0, 2.0, 3.0]), TypeError, NOT_AN_ARRAY),
+        ("in-batch negative positive_margin",
+         lambda: in_batch(y, e4, positive_margin=-1.0), ValueError, "positive_margin must be"),
+        ("in-batch negative max_block_rows", lambda: in_batch(y, e4, max_block_rows=-5),
+         ValueError, "max_block_rows must be >= 0"),
+        ("in-batch 3-d embeddings", lambda: in_batch(y, e4[None]), ValueError, "[B, D]"),
+        ("in-batch float16 embeddings", lambda: in_batch(y, e4.astype(np.float16)), TypeError,
+         "float32 or float64"),
+        ("in-batch float labels", lambda: in_batch(y, e4), TypeError, "class ids"),
+        ("in-batch labels of other rows", lambda: in_batch(np.ones(4, np.int64), e4), ValueError,
+         "same shape"),
+        ("in-batch upstream of another dtype", lambda: in_batch(np.ones(3, np.int64), e4,
+                                                                np.ones(3)), TypeError, "upstream"),
+        ("in-batch manhattan", lambda: in_batch(np.ones(3, np.int64), e4, distance="manhattan"),
+         ValueError, "no 'manhattan' distance"),
     ]
 
 
@@ -456,6 +574,12 @@ def reproducer_cases(kernels):
             assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), (
                 f"got {got!r}, want {want!r}")
 
+    def same_in_batch(e, twin):
+        labels = np.array([0, 1, 0])
+        for got, want in zip(kernels.in_batch_loss_cpu(labels, e, np.ones(3, e.dtype)),
+                             kernels.in_batch_loss_cpu(labels, twin, np.ones(3))):
+            assert got.tobytes() == want.tobytes(), f"got {got!r}, want {want!r}"
+
     def at_offset(values, dtype, offset):
         return np.frombuffer(b"\0" * offset + np.asarray(values, dtype).tobytes(), dtype,
                              offset=offset)
@@ -472,6 +596,9 @@ def reproducer_cases(kernels):
         ("bool bytes 02 01 00 ff",
          lambda: same_result(np.frombuffer(b"\x02\x01\x00\xff", np.bool_), f4,
                              np.array([True, True, False, True]), f4)),
+        # NumPy marks empty arrays aligned wherever they point.
+        ("in-batch [3, 0] float64 embeddings at byte offset 1",
+         lambda: same_in_batch(at_offset([], np.float64, 1).reshape(3, 0), np.zeros((3, 0)))),
     ]
 
 
