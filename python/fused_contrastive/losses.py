@@ -179,6 +179,11 @@ class _FusedReduction:
         self.mode, self.weights, self.loss_scale = mode, weights, loss_scale
 
 
+def _unknown_rank(x):
+    """Whether x is a tensor whose rank is unknown while traced."""
+    return tf.is_tensor(x) and x.shape.rank is None
+
+
 def _fused_reduction_possible(loss, y_pred):
     """Whether a Keras loss object's reduction has a fused op: not "none" or
     None, not under the pure-TF fallback, and no Keras mask on y_pred."""
@@ -266,7 +271,9 @@ class ContrastiveLoss(keras.losses.Loss):
         reduction must run (see _fused_reduction_inputs)."""
         # The embedding op writes both embeddings' gradients as it reduces:
         # worth it only when a tape will use them (training), not in evaluate.
-        if self.distance is not None and not record.could_possibly_record():
+        # Keras' own reduction cannot take a loss of unknown rank, though.
+        if (self.distance is not None and not record.could_possibly_record()
+                and not _unknown_rank(y_pred)):
             return None
         if not _fused_reduction_possible(self, y_pred):
             return None
