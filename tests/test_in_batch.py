@@ -285,6 +285,23 @@ def test_bad_input_raises_a_clear_error(call, error, match):
         call()
 
 
+@pytest.mark.parametrize("ragged", ["labels", "embeddings"])
+@pytest.mark.parametrize("loss", [fc.in_batch_contrastive_loss,
+                                  fc.in_batch_contrastive_loss_reference,
+                                  fc.InBatchContrastiveLoss()])
+def test_ragged_inputs_get_the_documented_message(loss, ragged):
+    # Issue 18 (11): the function and the reference said "TypeError: object of
+    # type 'RaggedTensor' has no len()" inside a ValueError.
+    labels, e = [0, 1], [[0.0, 1.0], [1.0, 0.0]]
+    if ragged == "labels":
+        labels = tf.ragged.constant([[0], [1]])
+    else:
+        e = tf.ragged.constant([[0.0, 1.0], [1.0]])
+    with pytest.raises(TypeError, match=r"ragged y_true/y_pred are not supported") as error:
+        loss(labels, e)
+    assert "to_tensor()" in str(error.value)
+
+
 def test_shapes_known_only_at_run_time_are_checked_by_the_op():
     @tf.function(input_signature=[tf.TensorSpec([None], tf.int64),
                                   tf.TensorSpec([None, None], tf.float32)])

@@ -236,6 +236,7 @@ def validate_max_block_rows(max_block_rows):
 
 def prepare_in_batch_inputs(labels, embeddings):
     """Class labels [B] (or [B, 1], squeezed) and embeddings [B, D], checked."""
+    reject_ragged(labels, embeddings)
     embeddings = tf.convert_to_tensor(embeddings)
     if embeddings.dtype not in DISTANCE_DTYPES:
         raise TypeError("in-batch contrastive loss: embeddings must be "
