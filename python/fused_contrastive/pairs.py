@@ -75,7 +75,7 @@ class PairDistance(keras.layers.Layer):
     """The distance between the two embeddings of each pair: `[..., 2, D]`, what
     a model trained with `ContrastiveLoss(distance=...)` outputs, to `[...]`.
 
-    >>> print(PairDistance("manhattan")([[[0.0, 3.0], [1.0, 1.0]]]).numpy())
+    >>> print(PairDistance("manhattan")(tf.constant([[[0.0, 3.0], [1.0, 1.0]]])).numpy())
     [3.]
     """
 
