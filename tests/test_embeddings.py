@@ -314,6 +314,23 @@ def test_keras_class_matches_keras_reduction(rng, run, distance, reduction, weig
             np.testing.assert_allclose(g, e, rtol=3e-6, atol=3e-6 * np.max(np.abs(e)))
 
 
+@pytest.mark.parametrize("tape", [False, True])
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "mean_with_sample_weight"])
+def test_keras_class_with_unknown_rank_pairs_gives_the_eager_value(rng, tape, reduction):
+    # Issue 18 (9): without a tape the class handed the per-pair losses of
+    # unknown rank to Keras' reduction, which cannot iterate over their shape.
+    a, b = embeddings(rng, (8, 3), "float32")
+    pairs = tf.stack([a, b], axis=1)
+    y = random_labels(rng, (8,), "float32")
+    loss = fc.ContrastiveLoss(margin=0.8, reduction=reduction, distance="cosine")
+    unknown = tf.TensorSpec(None, tf.float32)
+    want = keras_loss_and_gradient(loss, y, pairs, tape=tape)
+    got = tf.function(lambda y, p: keras_loss_and_gradient(loss, y, p, tape=tape),
+                      input_signature=[unknown] * 2)(y, pairs)
+    for g, w in zip(got, want[:2] if tape else want[:1]):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
+
+
 def test_keras_training_uses_the_one_pass_op(rng, monkeypatch):
     calls = []
     original = _ops.reduced_embedding_loss

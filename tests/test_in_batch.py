@@ -285,6 +285,23 @@ def test_bad_input_raises_a_clear_error(call, error, match):
         call()
 
 
+@pytest.mark.parametrize("ragged", ["labels", "embeddings"])
+@pytest.mark.parametrize("loss", [fc.in_batch_contrastive_loss,
+                                  fc.in_batch_contrastive_loss_reference,
+                                  fc.InBatchContrastiveLoss()])
+def test_ragged_inputs_get_the_documented_message(loss, ragged):
+    # Issue 18 (11): the function and the reference said "TypeError: object of
+    # type 'RaggedTensor' has no len()" inside a ValueError.
+    labels, e = [0, 1], [[0.0, 1.0], [1.0, 0.0]]
+    if ragged == "labels":
+        labels = tf.ragged.constant([[0], [1]])
+    else:
+        e = tf.ragged.constant([[0.0, 1.0], [1.0]])
+    with pytest.raises(TypeError, match=r"ragged y_true/y_pred are not supported") as error:
+        loss(labels, e)
+    assert "to_tensor()" in str(error.value)
+
+
 def test_shapes_known_only_at_run_time_are_checked_by_the_op():
     @tf.function(input_signature=[tf.TensorSpec([None], tf.int64),
                                   tf.TensorSpec([None, None], tf.float32)])
@@ -336,6 +353,61 @@ def test_keras_class_reduces_as_keras(rng, reduction, weights):
     for value, grad in (results[0], results[1]):
         np.testing.assert_allclose(value, want, rtol=2e-5, atol=1e-7)
     np.testing.assert_allclose(results[0][1], results[2][1], rtol=1e-4, atol=1e-6)
+
+
+# Class ids that float32 (what Keras 3 casts y_true to) cannot tell apart, with
+# small ids of the same classes: offset + k against k for k in 0, 1, 2.
+LARGE_IDS = [("int64", 2**24), ("int64", 2**40), ("int64", 2**63 - 3), ("int64", -2**63),
+             ("int32", 2**31 - 3), ("uint64", 2**64 - 3), ("list", 2**53 + 1)]
+
+
+def large_ids(k, dtype, offset):
+    """k + offset as `dtype` ("list": Python ints), exactly."""
+    ids = [offset + int(c) for c in k]
+    return ids if dtype == "list" else np.array(ids, dtype)
+
+
+@pytest.mark.parametrize("dtype, offset", LARGE_IDS)
+@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "mean_with_sample_weight",
+                                       "none"])
+@pytest.mark.parametrize("tape", [True, False])
+def test_keras_class_keeps_integer_ids_exact(rng, run, dtype, offset, reduction, tape):
+    # Issue 18 (2): Keras 3's Loss.__call__ casts y_true to float32, where ids
+    # 2**24 and 2**24 + 1 are one class.
+    k = np.array([0, 1, 2, 0, 1, 2, 1, 0])
+    e = tf.constant(rng.normal(size=(8, 3)), tf.float32)
+    w = rng.uniform(0.5, 1.5, size=8).astype(np.float32)
+    loss = fc.InBatchContrastiveLoss(margin=1.5, reduction=reduction)
+
+    def value(ids, e):
+        if not tape:
+            return loss(ids, e, sample_weight=w), tf.zeros_like(e)
+        with tf.GradientTape() as g:
+            g.watch(e)
+            result = loss(ids, e, sample_weight=w)
+        return result, g.gradient(result, e)
+
+    want = run(value, k.astype(np.int32), e)
+    got = run(value, large_ids(k, dtype, offset), e)
+    for g, w_ in zip(got, want):
+        np.testing.assert_array_equal(g, w_)
+    assert not np.allclose(want[0], run(value, np.zeros(8, np.int32), e)[0])
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_keras_fit_and_evaluate_keep_integer_ids_exact(rng, jit_compile):
+    x = rng.normal(size=(96, 8)).astype(np.float32)
+    k = (x[:, 0] > 0).astype(np.int64) + 2 * (x[:, 1] > 0)
+    results = []
+    for y in (k, k + 2**40):
+        keras.utils.set_random_seed(5)
+        model = embedding_model()
+        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=fc.InBatchContrastiveLoss(),
+                      jit_compile=jit_compile)
+        history = model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+        results.append((history.history["loss"], model.evaluate(x, y, batch_size=32, verbose=0)))
+    np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
+    np.testing.assert_allclose(results[1][1], results[0][1], rtol=1e-6)
 
 
 def test_keras_class_config_and_keras_file_round_trip(tmp_path, rng):

@@ -205,6 +205,12 @@ IN_BATCH_SCRIPT = """
                                 (R.AUTO, tf.reduce_sum(per_anchor * w) / 12)):
         loss = InBatchContrastiveLoss(0.8, 0.1, "cosine", "balanced", reduction=reduction)
         np.testing.assert_allclose(loss(y, e, sample_weight=w), expected, rtol=2e-6, atol=1e-7)
+    # Integer class ids stay exact (no float32 cast: 2**24 + 1 would be 2**24).
+    small = rng.integers(0, 3, size=12)
+    for offset in (2**24, 2**40, 2**63 - 3):
+        for reduction in (R.NONE, R.SUM, R.AUTO):
+            loss = InBatchContrastiveLoss(reduction=reduction)
+            np.testing.assert_array_equal(loss(small + offset, e), loss(small, e))
     try:
         InBatchContrastiveLoss(pair_weighting="mean")
         raise AssertionError("bad pair_weighting accepted")
@@ -221,6 +227,9 @@ IN_BATCH_SCRIPT = """
     history = model.fit(x, classes, epochs=4, batch_size=32, verbose=0).history["loss"]
     assert history[-1] < history[0], history
     expected = model.evaluate(x, classes, batch_size=128, verbose=0)
+    np.testing.assert_allclose(
+        model.evaluate(x, classes.astype("int64") + 2**40, batch_size=128, verbose=0), expected,
+        rtol=1e-6)
     model.save(OUT + "/embedding.h5")
     loaded = tf_keras.models.load_model(OUT + "/embedding.h5")
     assert loaded.loss.get_config() == model.loss.get_config()

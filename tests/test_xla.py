@@ -469,3 +469,38 @@ def test_the_hlo_lowering_of_the_embedding_ops_passes_the_same_tests(tmp_path):
         env={**os.environ, HLO_ON_CPU_ENV: "1"}, timeout=1200)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert re.search(r"\d+ passed", result.stdout), result.stdout[-2000:]
+
+
+@pytest.mark.parametrize("label_shape, pairs_shape", [((6,), (6, 3)), ((6, 1), (6, 3)),
+                                                      ((6,), (6, 1, 3)), ((2, 3), (2, 3, 4)),
+                                                      ((), (5,))])
+def test_unknown_rank_under_xla_gives_the_eager_values_embedding_and_distance(
+        rng, label_shape, pairs_shape):
+    # Issue 18 (9): the run-time alignment of a trailing unit axis used to be
+    # a tf.cond around tf.squeeze, whose untaken branch XLA could not compile.
+    y = random_labels(rng, label_shape, "float32")
+    a, b = embeddings(rng, pairs_shape, "float32")
+    d = random_distances(rng, pairs_shape[:-1], "float32")
+
+    def from_embeddings(y, a, b):
+        with tf.GradientTape() as tape:
+            tape.watch([a, b])
+            loss = contrastive_loss_from_embeddings(y, a, b, 0.9, "cosine")
+            total = tf.reduce_sum(loss * 3.0)
+        return (loss, *tape.gradient(total, [a, b]))
+
+    def from_distances(y, d):
+        with tf.GradientTape() as tape:
+            tape.watch(d)
+            loss = contrastive_loss(y, d, 0.9)
+            total = tf.reduce_sum(loss * 3.0)
+        return loss, tape.gradient(total, d)
+
+    for f, inputs in ((from_embeddings, (y, a, b)), (from_distances, (y, d))):
+        want = f(*inputs)
+        compiled = _relaxed(f, len(inputs))
+        for _ in range(2):  # every call, not only the first
+            got = compiled(*inputs)
+            for g, w in zip(got, want):
+                assert g.shape == w.shape
+                np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)

@@ -26,7 +26,8 @@ from fused_contrastive.reference import (contrastive_loss_from_embeddings_refere
 # The test TensorFlow itself applies to decide what tf.keras is.
 if os.environ.get("TF_USE_LEGACY_KERAS", None) in ("true", "True", "1"):
     try:
-        from fused_contrastive.keras2 import ContrastiveLoss, InBatchContrastiveLoss
+        from fused_contrastive.keras2 import (ContrastiveLoss, InBatchContrastiveLoss,
+                                             PairAccuracy, PairDistance)
     except ModuleNotFoundError as error:
         if error.name != "tf_keras":
             raise
@@ -36,6 +37,7 @@ if os.environ.get("TF_USE_LEGACY_KERAS", None) in ("true", "True", "1"):
             "TF_USE_LEGACY_KERAS to use Keras 3)") from error
 else:
     from fused_contrastive.losses import ContrastiveLoss, InBatchContrastiveLoss
+    from fused_contrastive.pairs import PairAccuracy, PairDistance
 
     class _RegisterWithTfKeras(importlib.abc.MetaPathFinder):
         """Registers the Keras 2 class (and so TF Addons' saved-model alias)
@@ -65,6 +67,8 @@ else:
 __all__ = [
     "ContrastiveLoss",
     "InBatchContrastiveLoss",
+    "PairAccuracy",
+    "PairDistance",
     "USE_REFERENCE_ENV",
     "build_info",
     "contrastive_loss",

@@ -85,18 +85,32 @@ def _squeeze_last(x):
     return tf.squeeze(x, axis=-1)
 
 
+def _last_of(shape):
+    return tf.concat([[0], shape], 0)[-1]  # 0 for a scalar's shape
+
+
 def _last_extent(x):
-    return tf.concat([[0], tf.shape(x)], 0)[-1]  # 0 for a scalar
+    return _last_of(tf.shape(x))
+
+
+def _unit_axis_changed(x, drop, add):
+    """x without its last axis where `drop`, with a unit axis appended where
+    `add` (booleans known at run time). A reshape to a shape computed from
+    shapes, which XLA evaluates at compile time; not tf.cond around tf.squeeze,
+    whose untaken branch XLA compiles too and fails to when the axis is not 1."""
+    kept = tf.rank(x) - tf.cast(drop, tf.int32)
+    unit = tf.constant([1])[:tf.cast(add, tf.int32)]
+    return tf.reshape(x, tf.concat([tf.shape(x)[:kept], unit], 0))
 
 
 def squeeze_extra_unit_axis(x, other_rank):
     """x without its last axis when x has one more axis than other_rank (a
     tensor) and that axis is 1, decided at run time (ranks unknown when traced)."""
     if x.shape.rank is not None and (x.shape.rank == 0 or x.shape[-1] not in (1, None)):
-        return x  # it has no unit axis to lose (and tf.squeeze would fail to trace)
+        return x  # it has no unit axis to lose
     extra = tf.logical_and(tf.equal(tf.rank(x), other_rank + 1),
                            tf.equal(_last_extent(x), 1))
-    return tf.cond(extra, lambda: _squeeze_last(x), lambda: tf.identity(x))
+    return _unit_axis_changed(x, extra, False)
 
 
 def _check_dtype(x, dtypes, what):
@@ -166,7 +180,13 @@ def prepare_embedding_inputs(y_true, embeddings_a, embeddings_b):
         elif rows.rank == labels_rank + 1 and rows[-1] == 1:
             y_true = tf.expand_dims(y_true, -1)
     else:
-        y_true = squeeze_extra_unit_axis(y_true, tf.rank(a) - 1)
+        rows_shape = tf.shape(a)[:-1]
+        rows_rank, labels_rank = tf.size(rows_shape), tf.rank(y_true)
+        drop = tf.logical_and(tf.equal(labels_rank, rows_rank + 1),
+                              tf.equal(_last_extent(y_true), 1))
+        add = tf.logical_and(tf.equal(rows_rank, labels_rank + 1),
+                             tf.equal(_last_of(rows_shape), 1))
+        y_true = _unit_axis_changed(y_true, drop, add)
     if not y_true.shape.is_compatible_with(rows):
         raise _shape_error("labels must have the shape of the embeddings without their last "
                            f"axis, {rows}; got {y_true.shape}")
@@ -216,6 +236,7 @@ def validate_max_block_rows(max_block_rows):
 
 def prepare_in_batch_inputs(labels, embeddings):
     """Class labels [B] (or [B, 1], squeezed) and embeddings [B, D], checked."""
+    reject_ragged(labels, embeddings)
     embeddings = tf.convert_to_tensor(embeddings)
     if embeddings.dtype not in DISTANCE_DTYPES:
         raise TypeError("in-batch contrastive loss: embeddings must be "

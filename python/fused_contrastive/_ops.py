@@ -207,6 +207,14 @@ def _reference_embedding_gradients(loss_fn, a, b, upstream):
     return tape.gradient(loss, [a, b], output_gradients=upstream)
 
 
+def _constant_scale(scale, dtype):
+    """A fused-reduction op's reduction_scale output, cast to dtype, as the
+    constant it is to autodiff: it depends on the weights and the batch size
+    only, and the op has no registered gradient, so an outer tape recording a
+    second-order backward pass must not trace it back to the op."""
+    return tf.cast(tf.stop_gradient(scale), dtype)
+
+
 def reduced_embedding_loss(labels, embeddings_a, embeddings_b, sample_weight, margin,
                            reduction, loss_scale, distance, similar_label=1):
     """The reduced loss from the embedding op with the Keras reduction fused in.
@@ -229,7 +237,7 @@ def reduced_embedding_loss(labels, embeddings_a, embeddings_b, sample_weight, ma
         def reference_loss(a, b):
             losses = reference.reference_embedding_loss(labels, a, b, margin, distance,
                                                         similar_label)
-            return tf.reduce_sum(losses * sample_weight) * tf.cast(scale, losses.dtype)
+            return tf.reduce_sum(losses * sample_weight) * _constant_scale(scale, losses.dtype)
 
         def backward(upstream):
             if record.could_possibly_record():
@@ -393,7 +401,7 @@ def reduced_in_batch_loss(labels, embeddings, sample_weight, margin, positive_ma
 
         def backward(upstream):
             if record.could_possibly_record():
-                per_anchor = weights * tf.cast(scale, e.dtype) * upstream
+                per_anchor = weights * _constant_scale(scale, e.dtype) * upstream
                 return _in_batch_reference_gradient(
                     ids, e, options, per_anchor * tf.ones_like(e[:, 0]))
             return scale_gradient(grad, upstream)

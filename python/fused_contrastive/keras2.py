@@ -3,11 +3,14 @@ set TF_USE_LEGACY_KERAS=1. Importing this module needs the optional `tf_keras`
 package; `fused_contrastive.ContrastiveLoss` is this class when that variable is
 set, as `tf.keras` is then tf_keras."""
 
+import tensorflow as tf
 import tf_keras
 
 from fused_contrastive._inputs import number_margin, validate_distance, validate_similar_label
 from fused_contrastive.losses import (in_batch_options, per_anchor_loss, per_pair_loss,
                                       set_in_batch_options)
+from fused_contrastive.pairs import (pair_accuracy, pair_accuracy_options, pair_distance,
+                                     set_pair_accuracy_options)
 
 
 @tf_keras.utils.register_keras_serializable(package="fused_contrastive")
@@ -59,6 +62,43 @@ class InBatchContrastiveLoss(tf_keras.losses.Loss):
 
     def get_config(self):
         return {**super().get_config(), **in_batch_options(self)}
+
+
+@tf_keras.utils.register_keras_serializable(package="fused_contrastive")
+class PairDistance(tf_keras.layers.Layer):
+    """Stacked pairs `[..., 2, D]` to their distance `[...]` as a Keras 2 layer;
+    see `fused_contrastive.pairs.PairDistance`."""
+
+    def __init__(self, distance="euclidean", **kwargs):
+        super().__init__(**kwargs)
+        self.distance = validate_distance(distance)
+
+    def call(self, pairs):
+        return pair_distance(pairs, self.distance)
+
+    def compute_output_shape(self, input_shape):
+        return tf.TensorShape(input_shape)[:-2]
+
+    def get_config(self):
+        return {**super().get_config(), "distance": self.distance}
+
+
+@tf_keras.utils.register_keras_serializable(package="fused_contrastive")
+class PairAccuracy(tf_keras.metrics.Mean):
+    """Pair accuracy at a distance threshold for stacked pairs `[..., 2, D]` as
+    a Keras 2 metric; see `fused_contrastive.pairs.PairAccuracy`."""
+
+    def __init__(self, threshold=0.5, distance="euclidean", similar_label=1,
+                 name="pair_accuracy", dtype=None):
+        super().__init__(name=name, dtype=dtype)
+        set_pair_accuracy_options(self, threshold, distance, similar_label)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        return super().update_state(
+            pair_accuracy(y_true, y_pred, **pair_accuracy_options(self)), sample_weight)
+
+    def get_config(self):
+        return {**super().get_config(), **pair_accuracy_options(self)}
 
 
 # Models saved with tfa.losses.ContrastiveLoss load as this class (see losses.py).

@@ -179,6 +179,11 @@ class _FusedReduction:
         self.mode, self.weights, self.loss_scale = mode, weights, loss_scale
 
 
+def _unknown_rank(x):
+    """Whether x is a tensor whose rank is unknown while traced."""
+    return tf.is_tensor(x) and x.shape.rank is None
+
+
 def _fused_reduction_possible(loss, y_pred):
     """Whether a Keras loss object's reduction has a fused op: not "none" or
     None, not under the pure-TF fallback, and no Keras mask on y_pred."""
@@ -266,7 +271,9 @@ class ContrastiveLoss(keras.losses.Loss):
         reduction must run (see _fused_reduction_inputs)."""
         # The embedding op writes both embeddings' gradients as it reduces:
         # worth it only when a tape will use them (training), not in evaluate.
-        if self.distance is not None and not record.could_possibly_record():
+        # Keras' own reduction cannot take a loss of unknown rank, though.
+        if (self.distance is not None and not record.could_possibly_record()
+                and not _unknown_rank(y_pred)):
             return None
         if not _fused_reduction_possible(self, y_pred):
             return None
@@ -332,24 +339,27 @@ class InBatchContrastiveLoss(keras.losses.Loss):
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         reject_ragged(y_true, y_pred)
+        labels = class_labels(y_true, self.dtype)
         reduced = None
         # The fused reduction writes the gradient as it reduces: worth it only
         # when a tape will use it (training), not in evaluate.
         if record.could_possibly_record() and _fused_reduction_possible(self, y_pred):
-            reduced = self._fused_reduction(y_true, y_pred, sample_weight)
+            reduced = self._fused_reduction(labels, y_pred, sample_weight)
         if reduced is None:
-            return super().__call__(y_true, y_pred, sample_weight)
+            # Keras' Loss.__call__ converts y_true to the loss dtype, which
+            # would merge integer ids >= 2**24 in float32: its reduction runs on
+            # a loss that takes the ids from here instead.
+            return _WithLabels(self, labels)(labels, y_pred, sample_weight)
         return reduced
 
     def call(self, y_true, y_pred):
         return per_anchor_loss(self, y_true, y_pred)
 
-    def _fused_reduction(self, y_true, y_pred, sample_weight):
+    def _fused_reduction(self, labels, y_pred, sample_weight):
         with tf.name_scope(self.name):
-            y_true = keras.ops.convert_to_tensor(y_true, self.dtype)
             y_pred = keras.ops.convert_to_tensor(y_pred, self.dtype)
-            labels, embeddings = prepare_in_batch_inputs(y_true, y_pred)
-            per_anchor = labels  # only its shape matters
+            labels, embeddings = prepare_in_batch_inputs(labels, y_pred)
+            per_anchor = tf.TensorSpec(labels.shape, self.dtype)  # only these matter
             reduction = _fused_reduction_inputs(self, per_anchor, sample_weight)
             if reduction is None:
                 return None
@@ -361,6 +371,33 @@ class InBatchContrastiveLoss(keras.losses.Loss):
     def get_config(self):
         return {**super().get_config(), **in_batch_options(self),
                 "dtype": self._dtype_policy.name}
+
+
+def class_labels(y_true, dtype):
+    """y_true of a Keras InBatchContrastiveLoss as the class labels it uses:
+    integer ids exactly (int32 and int64 as they are, other integer types as
+    int64), anything else converted to `dtype` as Keras converts y_true (float
+    labels are then compared by value)."""
+    if not tf.is_tensor(y_true):
+        y_true = tf.convert_to_tensor(y_true)
+    if not y_true.dtype.is_integer:
+        return keras.ops.convert_to_tensor(y_true, dtype)
+    if y_true.dtype == tf.uint64:  # equal exactly where the ids are equal
+        return tf.bitcast(y_true, tf.int64)
+    return y_true if y_true.dtype in (tf.int32, tf.int64) else tf.cast(y_true, tf.int64)
+
+
+class _WithLabels(keras.losses.Loss):
+    """Keras' Loss.__call__ (masks, weights, reduction) of an
+    InBatchContrastiveLoss's per-anchor loss on the class labels given here,
+    not on the y_true that __call__ converts to the loss dtype."""
+
+    def __init__(self, loss, labels):
+        super().__init__(name=loss.name, reduction=loss.reduction, dtype=loss._dtype_policy)
+        self._loss, self._labels = loss, labels
+
+    def call(self, y_true, y_pred):
+        return per_anchor_loss(self._loss, self._labels, y_pred)
 
 
 # What both InBatchContrastiveLoss classes (Keras 3, tf_keras) keep, check and

@@ -1,0 +1,122 @@
+"""What a model that outputs stacked pairs `[..., 2, D]` needs besides the loss:
+the pair's distance at inference (`PairDistance`, a Keras 3 layer) and pair
+accuracy at a distance threshold (`PairAccuracy`, a Keras 3 metric). The
+tf_keras versions (fused_contrastive.keras2) share the functions and options
+below."""
+
+import keras
+import tensorflow as tf
+
+from fused_contrastive._inputs import (prepare_embedding_inputs, split_pairs, validate_distance,
+                                       validate_similar_label)
+from fused_contrastive.reference import compute_dtype, reference_distance
+
+
+def pair_distance(pairs, distance="euclidean"):
+    """The distance between the two embeddings of each pair of `pairs`
+    `[..., 2, D]`: shape `[...]`, the dtype of `pairs` (16-bit computed in
+    float32), with the package's definitions (see
+    `contrastive_loss_from_embeddings`)."""
+    distance = validate_distance(distance)
+    pairs = tf.convert_to_tensor(pairs)
+    a, b = split_pairs(pairs)
+    dtype = compute_dtype(a.dtype)
+    return tf.cast(reference_distance(tf.cast(a, dtype), tf.cast(b, dtype), distance),
+                   pairs.dtype)
+
+
+def pair_accuracy(y_true, pairs, threshold=0.5, distance="euclidean", similar_label=1):
+    """Per pair, 1.0 where the pair's distance says what its label says, else
+    0.0: a pair is predicted similar when its distance is below `threshold`;
+    labels are pair labels as the loss takes them (`similar_label` marks a
+    similar pair; soft labels count as the nearer of 0 and 1).
+
+    >>> pairs = [[[0.0, 0.0], [0.0, 0.3]], [[0.0, 0.0], [0.0, 0.8]]]
+    >>> print(pair_accuracy([1, 1], pairs).numpy(), pair_accuracy([0, 0], pairs).numpy())
+    [1. 0.] [0. 1.]
+    """
+    distance = validate_distance(distance)
+    pairs = tf.convert_to_tensor(pairs)
+    labels, a, b = prepare_embedding_inputs(y_true, *split_pairs(pairs))
+    dtype = compute_dtype(a.dtype)
+    d = reference_distance(tf.cast(a, dtype), tf.cast(b, dtype), distance)
+    label_is_one = tf.cast(labels, tf.float32) > 0.5
+    similar = label_is_one if similar_label == 1 else tf.logical_not(label_is_one)
+    return tf.cast(tf.equal(d < tf.cast(threshold, dtype), similar), tf.float32)
+
+
+def validate_threshold(threshold):
+    """A distance threshold: a finite, non-negative number (saved in configs)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a number, got {threshold!r} "
+                        f"({type(threshold).__name__})")
+    if not 0.0 <= float(threshold) < float("inf"):
+        raise ValueError(f"threshold must be finite and non-negative, got {threshold}")
+    return float(threshold)
+
+
+# What both PairAccuracy classes (Keras 3, tf_keras) keep, check and save.
+PAIR_ACCURACY_OPTIONS = ("threshold", "distance", "similar_label")
+
+
+def set_pair_accuracy_options(metric, threshold, distance, similar_label):
+    """Checks the options of a PairAccuracy and sets them on it."""
+    metric.threshold = validate_threshold(threshold)
+    metric.distance = validate_distance(distance)
+    metric.similar_label = validate_similar_label(similar_label)
+
+
+def pair_accuracy_options(metric):
+    return {name: getattr(metric, name) for name in PAIR_ACCURACY_OPTIONS}
+
+
+@keras.saving.register_keras_serializable(package="fused_contrastive")
+class PairDistance(keras.layers.Layer):
+    """The distance between the two embeddings of each pair: `[..., 2, D]`, what
+    a model trained with `ContrastiveLoss(distance=...)` outputs, to `[...]`.
+
+    >>> print(PairDistance("manhattan")(tf.constant([[[0.0, 3.0], [1.0, 1.0]]])).numpy())
+    [3.]
+    """
+
+    def __init__(self, distance="euclidean", **kwargs):
+        super().__init__(**kwargs)
+        self.distance = validate_distance(distance)
+
+    def call(self, pairs):
+        return pair_distance(pairs, self.distance)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)[:-2]
+
+    def get_config(self):
+        return {**super().get_config(), "distance": self.distance}
+
+
+@keras.saving.register_keras_serializable(package="fused_contrastive")
+class PairAccuracy(keras.metrics.MeanMetricWrapper):
+    """Pair accuracy of a model that outputs stacked pairs `[..., 2, D]`: the
+    fraction of pairs whose distance is below `threshold` exactly when their
+    label marks them similar (see `pair_accuracy`). Keras' `"accuracy"`
+    cannot compare `[B]` labels with `[B, 2, D]` outputs.
+
+    Args:
+      threshold: finite, non-negative distance below which a pair counts as
+        similar.
+      distance: "euclidean", "cosine" or "manhattan", as in the loss.
+      similar_label: the label of a similar pair, 1 (TF Addons) or 0.
+      name, dtype: as for any Keras metric.
+    """
+
+    def __init__(self, threshold=0.5, distance="euclidean", similar_label=1,
+                 name="pair_accuracy", dtype=None):
+        set_pair_accuracy_options(self, threshold, distance, similar_label)
+        super().__init__(pair_accuracy, name=name, dtype=dtype, **pair_accuracy_options(self))
+        self._direction = "up"  # as Keras' accuracy metrics
+
+    def get_config(self):
+        return {"name": self.name, "dtype": self.dtype, **pair_accuracy_options(self)}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
