@@ -4,12 +4,15 @@
 the Python doing the build; the wheel then requires exactly that TensorFlow.
 """
 
+import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from importlib import metadata
 from pathlib import Path
 
@@ -21,11 +24,17 @@ VERSION = re.search(r'^__version__ = "([^"]+)"$',
                     (ROOT / "python/fused_contrastive/__init__.py").read_text(), re.M).group(1)
 
 
-def tensorflow_requirement():
+def installed_version(distribution):
+    """The version of `distribution` where this build runs, or None."""
     try:
-        return f"tensorflow=={metadata.version('tensorflow')}"
+        return metadata.version(distribution)
     except metadata.PackageNotFoundError:
-        return "tensorflow>=2.16"
+        return None
+
+
+def tensorflow_requirement():
+    version = installed_version("tensorflow")
+    return f"tensorflow=={version}" if version else "tensorflow>=2.16"
 
 
 def cmake_executable():
@@ -51,20 +60,17 @@ _spec.loader.exec_module(cuda_toolchain)
 def tensorflow_cuda_packages_present():
     """True when TensorFlow's and-cuda extra (its CUDA 12 runtime) is installed
     where this build runs: without build isolation, the user's environment."""
-    try:
-        metadata.version("nvidia-cuda-runtime-cu12")
-        return True
-    except metadata.PackageNotFoundError:
-        return False
+    return installed_version("nvidia-cuda-runtime-cu12") is not None
 
 
 def cmake_args_from_environment(build_temp):
     """FUSED_CONTRASTIVE_CUDA=auto|on|off, FUSED_CONTRASTIVE_CUDA_ARCHS=<CMake list>,
     FUSED_CONTRASTIVE_CMAKE_ARGS=<anything else for CMake> (see README).
 
-    CUDA kernels are wanted with "on", and with "auto" when an NVIDIA driver is
-    present or TensorFlow's CUDA packages are; without a system nvcc they are
-    then compiled by the PyPI toolchain."""
+    CUDA kernels are built with "on", and with "auto" when an NVIDIA driver is
+    present or TensorFlow's CUDA packages are (a system nvcc alone does not
+    make a machine run them); without a system nvcc they are compiled by the
+    PyPI toolchain."""
     args = []
     cuda = os.environ.get("FUSED_CONTRASTIVE_CUDA", "auto").strip().upper()
     if cuda not in ("AUTO", "ON", "OFF", "1", "0"):
@@ -72,14 +78,27 @@ def cmake_args_from_environment(build_temp):
     cuda = {"1": "ON", "0": "OFF"}.get(cuda, cuda)
     wanted = cuda == "ON" or (cuda == "AUTO" and (cuda_toolchain.nvidia_driver_present()
                                                   or tensorflow_cuda_packages_present()))
+    args.append(f"-DFC_CUDA={'ON' if wanted else 'OFF'}")
     if wanted and cuda_toolchain.system_nvcc() is None:
-        args += ["-DFC_CUDA=ON",
-                 f"-DCMAKE_CUDA_COMPILER={cuda_toolchain.pypi_nvcc(build_temp)}"]
-    else:
-        args.append(f"-DFC_CUDA={cuda}")
+        args.append(f"-DCMAKE_CUDA_COMPILER={cuda_toolchain.pypi_nvcc(build_temp)}")
     if os.environ.get("FUSED_CONTRASTIVE_CUDA_ARCHS"):
         args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['FUSED_CONTRASTIVE_CUDA_ARCHS']}")
     return args + os.environ.get("FUSED_CONTRASTIVE_CMAKE_ARGS", "").split()
+
+
+def cmake_build_dir(build_temp, cmake_args):
+    """One CMake build directory per TensorFlow version, pybind11 version and
+    set of CMake options: a second install of an unchanged tree recompiles
+    nothing, and different options never overwrite each other's objects."""
+    key = json.dumps([installed_version("tensorflow"), installed_version("pybind11"),
+                      cmake_args])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return Path(build_temp).resolve() / f"cmake-tf{installed_version('tensorflow')}-{digest}"
+
+
+def progress(message):
+    """To stderr, which `pip install -v` shows as the build runs."""
+    print(f"fused-contrastive: {message}", file=sys.stderr, flush=True)
 
 
 class CMakeBuild(build_ext):
@@ -87,15 +106,22 @@ class CMakeBuild(build_ext):
         # Everything CMake builds lands next to the pybind11 module; for an
         # editable install that is python/fused_contrastive itself.
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        cmake_args = ["-DCMAKE_BUILD_TYPE=Release", *cmake_args_from_environment(self.build_temp)]
+        build_dir = cmake_build_dir(self.build_temp, cmake_args)
         build_dir.mkdir(parents=True, exist_ok=True)
-        configure = [cmake_executable(), "-S", str(ROOT), "-B", str(build_dir),
-                     f"-DPython3_EXECUTABLE={sys.executable}", f"-DFC_OUTPUT_DIR={out_dir}",
-                     "-DCMAKE_BUILD_TYPE=Release"]
-        configure += cmake_args_from_environment(self.build_temp)
-        subprocess.run(configure, check=True)
+        cuda = "-DFC_CUDA=ON" in cmake_args
+        progress(f"building the op library and kernel module for TensorFlow "
+                 f"{installed_version('tensorflow')}, {'with' if cuda else 'without'} CUDA "
+                 f"kernels, in {build_dir}: a first build takes minutes"
+                 f"{' (the CUDA kernels most of them)' if cuda else ''}; a second with the same "
+                 "TensorFlow and options compiles only what changed")
+        started = time.monotonic()
+        subprocess.run([cmake_executable(), "-S", str(ROOT), "-B", str(build_dir),
+                        f"-DPython3_EXECUTABLE={sys.executable}", f"-DFC_OUTPUT_DIR={out_dir}",
+                        *cmake_args], check=True)
         jobs = str(os.cpu_count() or 2)
         subprocess.run([cmake_executable(), "--build", str(build_dir), "-j", jobs], check=True)
+        progress(f"built in {time.monotonic() - started:.0f} s")
         if self.inplace or getattr(self, "editable_mode", False):
             # setuptools copies only the declared extension into the source
             # tree; the op library and build info must sit beside it.

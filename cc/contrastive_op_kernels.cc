@@ -409,8 +409,10 @@ class ScaleGradientOp : public OpKernel {
   void Compute(OpKernelContext* ctx) override {
     OP_REQUIRES(ctx, ctx->input(1).NumElements() == 1,
                 absl::InvalidArgumentError("ScaleGradient: scale must be a scalar"));
+    // A branch on FromTf itself, not on a Status made from it: the compiler
+    // then sees that `type` is set wherever it is read.
     DType type;
-    OP_REQUIRES_OK(ctx, CheckDispatched(FromTf(ctx->input(0).dtype(), &type)));
+    OP_REQUIRES(ctx, FromTf(ctx->input(0).dtype(), &type), CheckDispatched(false));
     OP_REQUIRES_OK(ctx, Launch<Device>::Scale(ctx, type));
   }
 };

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -91,3 +92,40 @@ def test_cpu_only_build_loads_and_passes_core_tests(tmp_path):
     result = run_core_tests_against(out / "_fused_contrastive_ops.so", tmp_path)
     assert result.returncode == 0, result.stdout + result.stderr
     assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def test_configure_takes_a_relative_python_and_survives_pips_deleted_environments(tmp_path):
+    """Two configures of one build directory, each finding TensorFlow and
+    pybind11 in its own environment that is deleted afterwards, as pip's
+    isolated builds do: the second configure must not read the first one's
+    paths (it failed with "Eigen not found"), and the compile commands must be
+    equal, so that make recompiles nothing. The first names its Python by a
+    relative path, as README's CMake line does (CMake took another Python)."""
+    import pybind11
+    build, commands = tmp_path / "build", []
+    for name, python in (("env-a", os.path.relpath(sys.executable, tmp_path)),
+                         ("env-b", sys.executable)):
+        environment = tmp_path / name
+        environment.mkdir()
+        for package in (tf, pybind11):
+            source = Path(package.__file__).parent
+            (environment / source.name).symlink_to(source, target_is_directory=True)
+        result = subprocess.run(
+            ["cmake", "-S", str(ROOT), "-B", str(build), f"-DPython3_EXECUTABLE={python}",
+             f"-DFC_OUTPUT_DIR={tmp_path / 'out'}", "-DFC_CUDA=OFF",
+             "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON"],
+            capture_output=True, text=True, cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                [str(environment), os.environ.get("PYTHONPATH", "")])})
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert f"TensorFlow {tf.__version__}: {environment}/tensorflow" in result.stdout
+        commands.append((build / "compile_commands.json").read_text())
+        cache = (build / "CMakeCache.txt").read_text()
+        assert re.search(r"^Python3_EXECUTABLE:\w+=(.*)$", cache, re.M).group(1) == sys.executable
+        shutil.rmtree(environment)
+    assert commands[0] == commands[1]
+    assert "env-a" not in commands[0] and "-isystem" in commands[0]
+    # Headers found through -isystem are no dependencies (-MMD): pip unpacks
+    # them afresh, with new timestamps, for every build.
+    rules = (build / "CMakeFiles" / "_kernels.dir" / "build.make").read_text()
+    assert " -MMD " in rules and " -MD " not in rules

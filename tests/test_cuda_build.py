@@ -8,6 +8,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import tensorflow as tf
@@ -45,8 +46,11 @@ def _machine(monkeypatch, setup_py, nvcc=None, driver=False, tf_cuda_packages=Fa
     ("on", {"nvcc": "/usr/bin/nvcc"}, ["-DFC_CUDA=ON"]),
     ("on", {}, ["-DFC_CUDA=ON", "-DCMAKE_CUDA_COMPILER=/tmp/b/pypi-cuda/nvcc"]),
     ("1", {}, ["-DFC_CUDA=ON", "-DCMAKE_CUDA_COMPILER=/tmp/b/pypi-cuda/nvcc"]),
-    ("auto", {}, ["-DFC_CUDA=AUTO"]),  # a CPU machine downloads nothing
-    ("auto", {"nvcc": "/usr/bin/nvcc"}, ["-DFC_CUDA=AUTO"]),  # CMake finds it
+    ("auto", {}, ["-DFC_CUDA=OFF"]),  # a CPU machine downloads nothing
+    # An nvcc alone makes no machine run CUDA kernels: no minutes compiling them.
+    ("auto", {"nvcc": "/usr/bin/nvcc"}, ["-DFC_CUDA=OFF"]),
+    ("auto", {"nvcc": "/usr/bin/nvcc", "driver": True}, ["-DFC_CUDA=ON"]),
+    ("auto", {"nvcc": "/usr/bin/nvcc", "tf_cuda_packages": True}, ["-DFC_CUDA=ON"]),
     ("auto", {"driver": True}, ["-DFC_CUDA=ON", "-DCMAKE_CUDA_COMPILER=/tmp/b/pypi-cuda/nvcc"]),
     ("auto", {"tf_cuda_packages": True},
      ["-DFC_CUDA=ON", "-DCMAKE_CUDA_COMPILER=/tmp/b/pypi-cuda/nvcc"]),
@@ -59,6 +63,26 @@ def test_setup_fetches_the_pypi_compiler_exactly_when_cuda_is_wanted_without_nvc
         monkeypatch.setenv("FUSED_CONTRASTIVE_CUDA", setting)
     assert setup_py.cmake_args_from_environment("/tmp/b") == expected
     assert setup_py.fetched == (["/tmp/b"] if len(expected) == 2 else [])
+
+
+def test_setup_keeps_one_build_directory_per_tensorflow_version_and_options(monkeypatch,
+                                                                           setup_py):
+    # pip builds in a new temporary environment each time; the CMake build
+    # directory under build/ survives it, so a second install with the same
+    # TensorFlow and options reuses its objects, and other options get their own.
+    versions = {"tensorflow": "2.21.0", "pybind11": "3.1.0"}
+    monkeypatch.setattr(setup_py, "installed_version", lambda name: versions.get(name))
+    first = setup_py.cmake_build_dir("build/temp", ["-DFC_CUDA=OFF"])
+    assert first == setup_py.cmake_build_dir("build/temp", ["-DFC_CUDA=OFF"])
+    assert first.parent == Path("build/temp").resolve()
+    assert first.name.startswith("cmake-tf2.21.0-")
+    others = {setup_py.cmake_build_dir("build/temp", ["-DFC_CUDA=ON"]),
+              setup_py.cmake_build_dir("build/temp", ["-DFC_CUDA=OFF", "-DFC_SANITIZE=ON"])}
+    versions["tensorflow"] = "2.22.0"
+    others.add(setup_py.cmake_build_dir("build/temp", ["-DFC_CUDA=OFF"]))
+    versions["tensorflow"], versions["pybind11"] = "2.21.0", "3.2.0"
+    others.add(setup_py.cmake_build_dir("build/temp", ["-DFC_CUDA=OFF"]))
+    assert len(others) == 4 and first not in others
 
 
 def test_setup_passes_chosen_architectures_and_rejects_a_bad_setting(monkeypatch, setup_py):

@@ -2,6 +2,7 @@
 (and, TensorFlow being installed here, the TF-op part with /CPU:0 as the GPU). It takes the
 installed kernel module (--installed): building another one would only repeat setup.py's build."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,3 +41,36 @@ def test_gpu_check_script_self_test():
     assert " nan " not in summary[0]
     assert "FAIL" not in out
     assert "PASSED: 0 mismatches" in out
+
+
+def test_missing_prerequisites_are_named_at_once_before_building(tmp_path):
+    # ml_dtypes and cupy made unimportable, and an FC_EIGEN_INCLUDE without
+    # Eigen: the script failed on the first import, or after minutes of
+    # compiling on the next; now one message names all three, and the cure.
+    result = subprocess.run(
+        [sys.executable, "-c", "import runpy, sys; sys.modules['ml_dtypes'] = None; "
+         "sys.modules['cupy'] = None; sys.argv = [sys.argv[0]]; "
+         f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')"],
+        capture_output=True, text=True, timeout=120,
+        env={**os.environ, "FC_EIGEN_INCLUDE": str(tmp_path)})
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "check_gpu.py cannot run; nothing was built. Missing:", lines
+    assert lines[1] == (f"  - Python modules ml_dtypes, cupy: {sys.executable} -m pip install "
+                        "ml_dtypes cupy-cuda12x (cupy-cuda13x for a CUDA 13 driver)"), lines
+    assert lines[2].startswith(f"  - Eigen headers (FC_EIGEN_INCLUDE={tmp_path} has no "
+                               "Eigen/Core): set FC_EIGEN_INCLUDE to a directory holding "), lines
+    assert len(lines) == 3, lines
+    assert not list(tmp_path.iterdir())  # and nothing was built there
+
+
+def test_self_test_needs_no_cupy():
+    # --self-test --installed (what CI runs) needs only NumPy and ml_dtypes.
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys; sys.modules['cupy'] = None; "
+         f"sys.path.insert(0, {str(SCRIPT.parent)!r}); import check_gpu; "
+         "print(check_gpu.missing_prerequisites(check_gpu.parse_args(['--self-test', "
+         "'--installed'])))"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"

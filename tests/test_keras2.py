@@ -183,6 +183,9 @@ def test_legacy_keras_without_tf_keras_says_what_to_install():
     """, TF_USE_LEGACY_KERAS="1")
     assert result.returncode == 0, result.stderr[-4000:]
     assert 'ImportError: ' in result.stdout, result.stdout
+    # tf-keras is what the [keras2] extra installs: the one name that works for
+    # a package built from source, which no index knows.
+    assert "pip install tf-keras " in result.stdout, result.stdout
     assert 'pip install "fused-contrastive[keras2]"' in result.stdout, result.stdout
     assert "TF_USE_LEGACY_KERAS" in result.stdout
 

@@ -251,3 +251,14 @@ def test_import_without_a_gpu_does_not_warn():
     result = run_python("import fused_contrastive")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "RuntimeWarning" not in result.stderr and "CPU kernels only" not in result.stderr
+
+
+def test_package_namespace_holds_no_foreign_modules():
+    # dir(fused_contrastive) listed os, sys and importlib: the modules it uses
+    # are not its API. Its own submodules are (fused_contrastive.losses, ...).
+    import types
+    foreign = [name for name, value in vars(fused_contrastive).items()
+               if isinstance(value, types.ModuleType)
+               and not value.__name__.startswith("fused_contrastive.")]
+    assert foreign == []
+    assert set(fused_contrastive.__all__) <= set(dir(fused_contrastive))

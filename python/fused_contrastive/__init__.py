@@ -33,8 +33,9 @@ if os.environ.get("TF_USE_LEGACY_KERAS", None) in ("true", "True", "1"):
             raise
         raise ImportError(
             "TF_USE_LEGACY_KERAS is set, so fused_contrastive.ContrastiveLoss is the Keras 2 "
-            "class, which needs tf_keras: pip install \"fused-contrastive[keras2]\" (or unset "
-            "TF_USE_LEGACY_KERAS to use Keras 3)") from error
+            "class, which needs tf_keras: pip install tf-keras (the package's [keras2] extra, "
+            "pip install \"fused-contrastive[keras2]\" where it comes from an index), or unset "
+            "TF_USE_LEGACY_KERAS to use Keras 3") from error
 else:
     from fused_contrastive.losses import ContrastiveLoss, InBatchContrastiveLoss
     from fused_contrastive.pairs import PairAccuracy, PairDistance
@@ -47,6 +48,8 @@ else:
         def find_spec(self, name, path=None, target=None):
             if name != "tf_keras":
                 return None
+            import importlib.util  # the module's own names are deleted below
+            import sys
             sys.meta_path.remove(self)
             spec = importlib.util.find_spec(name)
             if spec is not None and spec.loader is not None:
@@ -63,6 +66,9 @@ else:
         import fused_contrastive.keras2  # noqa: F401
     else:
         sys.meta_path.insert(0, _RegisterWithTfKeras())
+
+# What the code above used is no part of the package's namespace.
+del importlib, os, sys
 
 __all__ = [
     "ContrastiveLoss",

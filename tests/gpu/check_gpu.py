@@ -60,6 +60,11 @@ then:
      plain, XLA. It ends with one line, "TF-op summary: ...", to quote.
      --self-test runs it on /CPU:0 instead, at N=1e6 and B=512.
 Exits non-zero on any mismatch. Meant to finish well under 5 minutes.
+
+Before anything is built it checks what the run needs (NumPy, ml_dtypes,
+CuPy; for the build pybind11, cmake, Eigen's headers and a CUDA compiler) and
+names everything missing in one message. Eigen comes from TensorFlow's
+headers, /usr/include/eigen3 or the directory in $FC_EIGEN_INCLUDE.
 """
 
 import argparse
@@ -68,6 +73,7 @@ import importlib.util
 import itertools
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -75,10 +81,96 @@ import tempfile
 import time
 from pathlib import Path
 
-import ml_dtypes
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--self-test", action="store_true",
+                        help="no GPU: run every check with the CPU kernel standing in")
+    parser.add_argument("--installed", action="store_true",
+                        help="check the kernel module installed with fused_contrastive instead "
+                             "of building one")
+    return parser.parse_args(argv)
+
+
+def cuda_toolchain():
+    """fused_contrastive/_cuda.py, loaded by path: it imports no TensorFlow."""
+    spec = importlib.util.spec_from_file_location(
+        "fc_cuda", ROOT / "python" / "fused_contrastive" / "_cuda.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cmake_command():
+    """cmake on PATH, else the PyPI package's (a venv's, when it is not on PATH)."""
+    found = shutil.which("cmake")
+    if found or importlib.util.find_spec("cmake") is None:
+        return found
+    import cmake
+    return str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
+
+
+def eigen_include():
+    """Where CMakeLists.txt will find Eigen/Core, in its order (FC_EIGEN_INCLUDE,
+    TensorFlow's headers, /usr/include/eigen3): (directory, None), or (None, why
+    not). CMake stays the authority; this only lets the check name it first."""
+    if os.environ.get("FC_EIGEN_INCLUDE"):
+        chosen = Path(os.environ["FC_EIGEN_INCLUDE"])
+        return (chosen, None) if (chosen / "Eigen" / "Core").exists() else (
+            None, f"FC_EIGEN_INCLUDE={chosen} has no Eigen/Core")
+    tensorflow = importlib.util.find_spec("tensorflow")
+    candidates = [Path(tensorflow.submodule_search_locations[0]) / "include"] if tensorflow else []
+    for candidate in candidates + [Path("/usr/include/eigen3")]:
+        if (candidate / "Eigen" / "Core").exists():
+            return candidate, None
+    return None, "no TensorFlow and no /usr/include/eigen3"
+
+
+def missing_prerequisites(args):
+    """One line for each thing this run needs and lacks, saying how to get it."""
+    modules = ["numpy", "ml_dtypes"] + ([] if args.self_test else ["cupy"])
+    building = not args.installed
+    modules += ["pybind11"] if building else []
+    absent = [name for name in modules if importlib.util.find_spec(name) is None]
+    problems = []
+    if absent:
+        packages = " ".join("cupy-cuda12x" if name == "cupy" else name for name in absent)
+        problems.append(f"Python modules {', '.join(absent)}: {sys.executable} -m pip install "
+                        f"{packages}" + (" (cupy-cuda13x for a CUDA 13 driver)"
+                                         if "cupy" in absent else ""))
+    if building and cmake_command() is None:
+        problems.append(f"cmake: {sys.executable} -m pip install cmake")
+    if building:
+        found, why = eigen_include()
+        if found is None:
+            problems.append(
+                f"Eigen headers ({why}): set FC_EIGEN_INCLUDE to a directory holding "
+                "Eigen/Core (an unpacked Eigen 3.4 release from https://eigen.tuxfamily.org), "
+                "or apt-get install libeigen3-dev, or pip install tensorflow")
+    return problems
+
+
+def check_prerequisites(argv):
+    """Exits naming everything missing, before minutes of compiling."""
+    args = parse_args(argv)
+    problems = missing_prerequisites(args)
+    if problems:
+        raise SystemExit("check_gpu.py cannot run; nothing was built. Missing:\n" +
+                         "\n".join(f"  - {problem}" for problem in problems))
+    if not (args.self_test or args.installed) and cuda_toolchain().system_nvcc() is None:
+        print("no system nvcc: the build fetches the CUDA 13 compiler from PyPI (119 MiB of "
+              "wheels) into its temporary directory", flush=True)
+
+
+# Before the imports below fail one at a time.
+if __name__ == "__main__":
+    check_prerequisites(sys.argv[1:])
+
+import ml_dtypes  # noqa: E402
+import numpy as np  # noqa: E402
+
 LABEL_DTYPES = ["bool", "int32", "int64", "float16", "bfloat16", "float32", "float64"]
 DISTANCE_DTYPES = ["float16", "bfloat16", "float32", "float64"]
 MARGIN = 0.75
@@ -119,22 +211,22 @@ IN_BATCH_BLOCK_ROWS = (0, 1, 7)
 def build_kernel_module(build_dir, cuda):
     """Configures and builds only the pybind11 module; returns its directory."""
     out = Path(build_dir) / "out"
-    configure = ["cmake", "-S", str(ROOT), "-B", str(Path(build_dir) / "build"),
+    cmake = cmake_command()
+    configure = [cmake, "-S", str(ROOT), "-B", str(Path(build_dir) / "build"),
                  f"-DPython3_EXECUTABLE={sys.executable}", f"-DFC_OUTPUT_DIR={out}",
                  "-DFC_WITH_TENSORFLOW=OFF", f"-DFC_CUDA={cuda}"]
+    if os.environ.get("FC_EIGEN_INCLUDE"):
+        configure.append(f"-DFC_EIGEN_INCLUDE={os.environ['FC_EIGEN_INCLUDE']}")
     if os.environ.get("CUDA_ARCHS"):
         configure.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['CUDA_ARCHS']}")
     if cuda == "ON":
         # Without a CUDA toolkit (a pip-only TensorFlow machine), the PyPI
-        # compiler setup.py would use. _cuda.py imports no TensorFlow.
-        spec = importlib.util.spec_from_file_location(
-            "fc_cuda", ROOT / "python" / "fused_contrastive" / "_cuda.py")
-        toolchain = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(toolchain)
+        # compiler setup.py would use.
+        toolchain = cuda_toolchain()
         if toolchain.system_nvcc() is None:
             configure.append(f"-DCMAKE_CUDA_COMPILER={toolchain.pypi_nvcc(build_dir)}")
     subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run(["cmake", "--build", str(Path(build_dir) / "build"), "-j",
+    subprocess.run([cmake, "--build", str(Path(build_dir) / "build"), "-j",
                     str(os.cpu_count() or 2), "--target", "_kernels"], check=True,
                    stdout=subprocess.DEVNULL)
     return out
@@ -1128,13 +1220,7 @@ def format_tf_times(times):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--self-test", action="store_true",
-                        help="no GPU: run every check with the CPU kernel standing in")
-    parser.add_argument("--installed", action="store_true",
-                        help="check the kernel module installed with fused_contrastive instead "
-                             "of building one")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     started = time.perf_counter()
 
     with tempfile.TemporaryDirectory(prefix="fc-gpu-check-") as build_dir:
