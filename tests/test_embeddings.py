@@ -316,8 +316,8 @@ def test_keras_class_matches_keras_reduction(rng, run, distance, reduction, weig
 
 def test_keras_training_uses_the_one_pass_op(rng, monkeypatch):
     calls = []
-    original = _ops.reduced_embedding_loss
-    monkeypatch.setattr(_ops, "reduced_embedding_loss",
+    original = _ops.reduced_pair_loss
+    monkeypatch.setattr(_ops, "reduced_pair_loss",
                         lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
     a, b = embeddings(rng, (4, 3), "float32")
     loss = fc.ContrastiveLoss(distance="euclidean")

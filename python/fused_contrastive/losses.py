@@ -7,7 +7,8 @@ from fused_contrastive import _ops
 from tensorflow.python.eager import record
 
 from fused_contrastive._inputs import (number_margin, prepare_embedding_inputs,
-                                       prepare_in_batch_inputs, prepare_inputs, reject_ragged,
+                                       prepare_in_batch_inputs, prepare_inputs,
+                                       prepare_pair_inputs, reject_ragged,
                                        split_pairs, squeeze_extra_unit_axis, validate_distance,
                                        validate_in_batch_options, validate_margin,
                                        validate_max_block_rows, validate_similar_label)
@@ -277,7 +278,7 @@ class ContrastiveLoss(keras.losses.Loss):
             if self.distance is None:
                 labels, distances = prepare_inputs(y_true, y_pred)
             else:
-                labels, a, b = prepare_embedding_inputs(y_true, *split_pairs(y_pred))
+                labels, pairs = prepare_pair_inputs(y_true, y_pred)
                 distances = labels  # only their shape matters below
             reduction = _fused_reduction_inputs(self, distances, sample_weight)
             if reduction is None:
@@ -286,9 +287,9 @@ class ContrastiveLoss(keras.losses.Loss):
                 return _ops.reduced_loss(labels, distances, reduction.weights, self.margin,
                                          reduction.mode, reduction.loss_scale,
                                          self.similar_label)
-            return _ops.reduced_embedding_loss(labels, a, b, reduction.weights, self.margin,
-                                               reduction.mode, reduction.loss_scale,
-                                               self.distance, self.similar_label)
+            return _ops.reduced_pair_loss(labels, pairs, reduction.weights, self.margin,
+                                          reduction.mode, reduction.loss_scale, self.distance,
+                                          self.similar_label)
 
     def get_config(self):
         config = super().get_config()

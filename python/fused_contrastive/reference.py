@@ -34,8 +34,14 @@ def reference_loss(labels, distances, margin, similar_label=1):
     """Per-sample loss on prepared inputs (see contrastive_loss_reference)."""
     y, d, m = _in_compute_dtype(labels, distances, margin, similar_label)
     hinge = tf.maximum(m - d, 0.0)
-    loss = y * tf.square(d) + (1.0 - y) * tf.square(hinge)
+    loss = _weighted(y, tf.square(d)) + _weighted(1.0 - y, tf.square(hinge))
     return tf.cast(loss, distances.dtype)
+
+
+def _weighted(w, x):
+    """w * x, exactly 0 where w is 0 and x is not NaN (even for an infinite x,
+    where 0 * inf is NaN), as ElementOps::weighted in cc/contrastive_math.h."""
+    return tf.where(tf.logical_and(tf.equal(w, 0.0), tf.equal(x, x)), tf.zeros_like(x), w * x)
 
 
 def _as_dtype(value, dtype):
