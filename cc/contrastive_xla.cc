@@ -356,11 +356,16 @@ template <Distance K>
 void RowLossAndCoefficients(const EmbeddingComputeInputs& in, int similar_label,
                             xla::XlaOp* loss, xla::XlaOp* coef) {
   xla::XlaBuilder* builder = in.e.a.builder();
-  xla::XlaOp terms[kMaxRowSums], sums[kMaxRowSums];
+  xla::XlaOp terms[kMaxRowSums], sums[kMaxRowValues];
   distance_terms<K>(in.e.a, in.e.b, terms[0], terms[1], terms[2]);
   for (int j = 0; j < NumRowSums(K); ++j) {
     sums[j] = xla::Reduce(terms[j], xla::Zero(builder, in.e.compute),
                           xla::CreateScalarAddComputation(in.e.compute, builder), {1});
+  }
+  // The HLO sums rows unscaled (scales 1): unlike the kernels, it does not
+  // rescale cosine rows whose Σa² or Σb² over- or underflows.
+  for (int j = NumRowSums(K); j < NumRowValues(K); ++j) {
+    sums[j] = xla::Broadcast(xla::One(builder, in.e.compute), {in.e.rows});
   }
   row_loss_and_coefficients<K>(sums, in.y, in.margin, similar_label, loss, coef);
 }
@@ -378,7 +383,9 @@ void SetGradientOutputs(tensorflow::XlaOpKernelContext* ctx, const EmbeddingRows
     ctx->SetOutput(first, xla::Reshape(both, e.shape.dim_sizes()));
     return;
   }
-  for (int i = 0; i < 2; ++i) ctx->SetOutput(first + i, xla::Reshape(grads[i], e.shape.dim_sizes()));
+  for (int i = 0; i < 2; ++i) {
+    ctx->SetOutput(first + i, xla::Reshape(grads[i], e.shape.dim_sizes()));
+  }
 }
 
 // Sets the gradient outputs from `first` on (SetGradientOutputs) from the
@@ -386,7 +393,7 @@ void SetGradientOutputs(tensorflow::XlaOpKernelContext* ctx, const EmbeddingRows
 template <Distance K>
 void SetEmbeddingGradients(tensorflow::XlaOpKernelContext* ctx, const EmbeddingRows& e,
                            const xla::XlaOp* row_coef, int first) {
-  xla::XlaOp coef[kMaxRowSums], grads[2];
+  xla::XlaOp coef[kMaxRowValues], grads[2];
   for (int j = 0; j < NumRowCoefficients(K); ++j) coef[j] = e.AlongRows(row_coef[j]);
   element_gradient<K>(coef, e.a, e.b, &grads[0], &grads[1]);
   for (xla::XlaOp& grad : grads) grad = xla::ConvertElementType(grad, e.out_type);
@@ -410,7 +417,7 @@ class EmbeddingLossXlaOp : public tensorflow::XlaOpKernel {
     EmbeddingComputeInputs in;
     OP_REQUIRES_OK(ctx, ReadEmbeddingInputs(ctx, 3, &in));
     const EmbeddingRows& e = in.e;
-    xla::XlaOp loss, coef[kMaxRowSums];
+    xla::XlaOp loss, coef[kMaxRowValues];
     RowLossAndCoefficients<K>(in, similar_label_, &loss, coef);
     ctx->SetOutput(0, xla::Reshape(xla::ConvertElementType(loss, e.out_type),
                                    e.row_shape.dim_sizes()));
@@ -463,10 +470,12 @@ class EmbeddingGradXlaOp : public tensorflow::XlaOpKernel {
     // coefficient * upstream in float64, then the compute type, as the kernels.
     const xla::XlaOp upstream = PerRow(ctx, 3, e, xla::F64);
     const xla::XlaOp all = xla::Reshape(ctx->Input(2), {e.rows, int64_t{kCoefficients}});
-    xla::XlaOp coef[kMaxRowSums];
+    xla::XlaOp coef[kMaxRowValues];
     for (int j = 0; j < kCoefficients; ++j) {
       const xla::XlaOp column = xla::Reshape(xla::SliceInDim(all, j, j + 1, 1, 1), {e.rows});
-      coef[j] = xla::ConvertElementType(column * upstream, e.compute);
+      // Only the coefficients scale with the upstream gradient, not cosine's scales.
+      coef[j] = xla::ConvertElementType(j < NumRowSums(K) ? column * upstream : column,
+                                        e.compute);
     }
     SetEmbeddingGradients<K>(ctx, e, coef, 0);
   }
@@ -504,12 +513,12 @@ class EmbeddingLossReducedXlaOp : public tensorflow::XlaOpKernel {
     const bool scalar_weight = weight_shape.dims() == 0;
     const xla::XlaOp scale =
         ReductionScale(ctx, reduction_, w, scalar_weight, e.rows, weights_input() + 2);
-    xla::XlaOp loss, coef[kMaxRowSums];
+    xla::XlaOp loss, coef[kMaxRowValues];
     RowLossAndCoefficients<K>(in, similar_label_, &loss, coef);
     ctx->SetOutput(0, ReducedLoss(BlockedSum(loss * w, e.rows, e.compute), scale, e.compute,
                                   e.out_type));
     const xla::XlaOp factor = w * xla::ConvertElementType(scale, e.compute);
-    for (int j = 0; j < NumRowCoefficients(K); ++j) coef[j] = coef[j] * factor;
+    for (int j = 0; j < NumRowSums(K); ++j) coef[j] = coef[j] * factor;
     SetEmbeddingGradients<K>(ctx, e, coef, 1);
     ctx->SetOutput(scale_output(), scale);
   }

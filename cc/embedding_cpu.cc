@@ -8,22 +8,28 @@ namespace fused_contrastive {
 namespace {
 
 template <typename C>
-using RowValues = C[kMaxRowSums];
+using RowValues = C[kMaxRowValues];
 
-// The sums of one row: chunks of kRowSumChunk elements summed in the compute
-// type, vectorised along the row by `omp simd`, and the chunks' sums added in
-// double. The order of the lane-wise partial sums is fixed for a given
-// binary, so results are deterministic and independent of the thread count.
+// The sums of one row, of its elements times scale_a and scale_b (cosine;
+// the others take no scales): chunks of kRowSumChunk elements summed in the
+// compute type, vectorised along the row by `omp simd`, and the chunks' sums
+// added in double. The order of the lane-wise partial sums is fixed for a
+// given binary, so results are deterministic and independent of the thread
+// count.
 template <Distance K, typename T, typename C = ComputeType<T>>
-void RowSums(const T* a, const T* b, int64_t dim, RowValues<C>& sums) {
+void ScaledRowSums(const T* a, const T* b, int64_t dim, C scale_a, C scale_b, C* sums) {
   double total[kMaxRowSums] = {};
   for (int64_t start = 0; start < dim; start += kRowSumChunk) {
     const int64_t end = std::min(dim, start + kRowSumChunk);
     C s0 = 0, s1 = 0, s2 = 0;
 #pragma omp simd reduction(+ : s0, s1, s2)
     for (int64_t k = start; k < end; ++k) {
-      C t0, t1, t2;
-      distance_terms<K>(Convert<C>::from(a[k]), Convert<C>::from(b[k]), t0, t1, t2);
+      C x = Convert<C>::from(a[k]), y = Convert<C>::from(b[k]), t0, t1, t2;
+      if constexpr (K == Distance::kCosine) {
+        x *= scale_a;
+        y *= scale_b;
+      }
+      distance_terms<K>(x, y, t0, t1, t2);
       s0 += t0;
       if constexpr (NumRowSums(K) > 1) {
         s1 += t1;
@@ -37,10 +43,29 @@ void RowSums(const T* a, const T* b, int64_t dim, RowValues<C>& sums) {
   for (int j = 0; j < kMaxRowSums; ++j) sums[j] = static_cast<C>(total[j]);
 }
 
+// A row's values (NumRowValues): its sums, and for cosine the scales they
+// were taken at, rows outside CosineScaling's range summed again scaled.
+template <Distance K, typename T, typename C = ComputeType<T>>
+void RowSums(const T* a, const T* b, int64_t dim, RowValues<C>& values) {
+  ScaledRowSums<K>(a, b, dim, C(1), C(1), values);
+  if constexpr (K == Distance::kCosine) {
+    values[3] = values[4] = C(1);
+    if (!cosine_sums_out_of_range(values)) return;
+    C max_a = 0, max_b = 0;
+    for (int64_t k = 0; k < dim; ++k) {
+      max_a = std::max(max_a, ElementOps<C>::abs(Convert<C>::from(a[k])));
+      max_b = std::max(max_b, ElementOps<C>::abs(Convert<C>::from(b[k])));
+    }
+    values[3] = cosine_scale(max_a);
+    values[4] = cosine_scale(max_b);
+    ScaledRowSums<K>(a, b, dim, values[3], values[4], values);
+  }
+}
+
 template <Distance K, typename T, typename C = ComputeType<T>>
 void RowGradient(const RowValues<C>& coef, const T* a, const T* b, int64_t dim, T* grad_a,
                  T* grad_b) {
-  const C c[kMaxRowSums] = {coef[0], coef[1], coef[2]};
+  const C c[kMaxRowValues] = {coef[0], coef[1], coef[2], coef[3], coef[4]};
 #pragma omp simd
   for (int64_t k = 0; k < dim; ++k) {
     C ga, gb;
@@ -118,7 +143,9 @@ bool EmbeddingGradCpu(const EmbeddingGradArgs& g, const ParallelFor& parallel_fo
           const double u = Convert<double>::from(upstream[scalar_upstream ? 0 : r]);
           RowValues<C> coef = {};
           for (int j = 0; j < kCoefficients; ++j) {
-            coef[j] = static_cast<C>(coefficients[r * kCoefficients + j] * u);
+            // Only the coefficients scale with the upstream gradient, not cosine's scales.
+            const double c = coefficients[r * kCoefficients + j];
+            coef[j] = static_cast<C>(j < NumRowSums(K) ? c * u : c);
           }
           RowGradient<K>(coef, a + r * stride, b + r * stride, dim, grad_a + r * stride,
                          grad_b + r * stride);
@@ -169,7 +196,7 @@ bool EmbeddingLossReducedCpu(const ReducedEmbeddingArgs& args, const ParallelFor
           const C weight = args.scalar_weight ? scalar_weight : Convert<C>::from(w[r]);
           chunk_sum += row_loss * weight;
           const C factor = weight * scale_c;
-          for (C& c : coef) c *= factor;
+          for (int j = 0; j < NumRowSums(K); ++j) coef[j] *= factor;
           RowGradient<K>(coef, a + r * stride, b + r * stride, dim, grad_a + r * stride,
                          grad_b + r * stride);
         }

@@ -184,3 +184,64 @@ def test_far_dissimilar_embeddings_give_zero_loss_and_gradient(jit):
     loss, grad = step(a, b)
     assert float(loss) == 1.0
     np.testing.assert_array_equal(grad, [[0.0, 0.0], [0.0, 2.0]])
+
+
+def cosine_loss_and_grads(path, y, a, b):
+    """Per-pair loss (summed) and gradients of the cosine loss on one path."""
+    def step(a, b):
+        with tf.GradientTape() as tape:
+            tape.watch([a, b])
+            if path == "class":
+                loss = fc.ContrastiveLoss(distance="cosine", reduction="sum", dtype=a.dtype)(
+                    y, tf.stack([a, b], axis=1))
+            elif path == "reference":
+                loss = tf.reduce_sum(fc.contrastive_loss_from_embeddings_reference(
+                    y, a, b, distance="cosine"))
+            else:
+                loss = tf.reduce_sum(fc.contrastive_loss_from_embeddings(y, a, b,
+                                                                         distance="cosine"))
+        return (loss, *tape.gradient(loss, [a, b]))
+    if path == "xla":
+        step = tf.function(step, jit_compile=True)
+    return [t.numpy() for t in step(tf.constant(a), tf.constant(b))]
+
+
+SCALES = {"float32": (1e19, 1e-20), "float64": (1e160, 1e-170)}
+
+
+@pytest.mark.parametrize("path", ["op", "class", "xla", "reference"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cosine_is_scale_invariant_at_extreme_scales(rng, path, dtype):
+    # Σa² overflows (1e19 in float32) or its squares underflow (1e-20): the
+    # loss must still be the loss of the unscaled rows, and the gradient
+    # scale with 1/scale. Row 2: identical rows, a similar pair: loss 0.
+    a = rng.normal(size=(3, 6)).astype(dtype)
+    b = rng.normal(size=(3, 6)).astype(dtype)
+    b[2] = a[2]
+    y = np.array([1.0, 0.0, 1.0], dtype)
+    loss, grad_a, grad_b = cosine_loss_and_grads(path, y, a, b)
+    for scale in SCALES[dtype]:
+        got = cosine_loss_and_grads(path, y, a * scale, b * scale)
+        assert np.all(np.isfinite(got[0])), (scale, got[0])
+        np.testing.assert_allclose(got[0], loss, rtol=1e-5 if dtype == "float32" else 1e-12,
+                                   err_msg=f"scale {scale}")
+        tolerance = 1e-5 if dtype == "float32" else 1e-12
+        for g, want in zip(got[1:], (grad_a, grad_b)):
+            np.testing.assert_allclose(g * scale, want, rtol=tolerance,
+                                       atol=tolerance * np.max(np.abs(want)),
+                                       err_msg=f"scale {scale}")
+
+
+def test_cosine_rows_in_range_are_not_rescaled(rng):
+    # In range the scales are 1 (the kernels compute what they computed
+    # before); out of it, powers of two.
+    a = rng.normal(size=(5, 8)).astype(np.float32)
+    b = rng.normal(size=(5, 8)).astype(np.float32)
+    loss, coefficients = _kernels.embedding_loss_cpu(np.ones(5, np.float32), a, b,
+                                                     distance="cosine")
+    np.testing.assert_array_equal(coefficients[:, 3:], 1.0)
+    tiny = _kernels.embedding_loss_cpu(np.ones(5, np.float32), a * 1e-20, b * 1e-20,
+                                       distance="cosine")
+    scales = tiny[1][:, 3:]
+    assert np.all(scales > 1e18) and np.all(np.log2(scales) == np.round(np.log2(scales)))
+    np.testing.assert_allclose(tiny[0], loss, rtol=1e-6)

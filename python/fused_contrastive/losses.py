@@ -265,10 +265,9 @@ class ContrastiveLoss(keras.losses.Loss):
     def _fused_reduction(self, y_true, y_pred, sample_weight):
         """The reduced loss from the fused-reduction op, or None where Keras' own
         reduction must run (see _fused_reduction_inputs)."""
-        # The embedding op writes both embeddings' gradients as it reduces:
-        # worth it only when a tape will use them (training), not in evaluate.
-        if self.distance is not None and not record.could_possibly_record():
-            return None
+        # The pair op writes the pair's gradient as it reduces, for nothing in
+        # evaluate; but it reads the pair in place, where the per-pair path
+        # must first unstack it, which costs more than the whole loss.
         if not _fused_reduction_possible(self, y_pred):
             return None
         with tf.name_scope(self.name):
