@@ -3,6 +3,11 @@ stacked pair [..., 2, D] in place (no unstack, no Pack of the gradients),
 long rows are summed in chunks, and a label weight of exactly 0 contributes
 exactly 0 (no 0 * inf)."""
 
+import os
+import re
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -245,3 +250,16 @@ def test_cosine_rows_in_range_are_not_rescaled(rng):
     scales = tiny[1][:, 3:]
     assert np.all(scales > 1e18) and np.all(np.log2(scales) == np.round(np.log2(scales)))
     np.testing.assert_allclose(tiny[0], loss, rtol=1e-6)
+
+
+def test_the_hlo_lowering_of_the_pair_op_matches_too(tmp_path):
+    # XLA's GPU backend lowers the pair op to HLO (slices of the pair, one
+    # concatenation of the gradients); FUSED_CONTRASTIVE_XLA_CPU_HLO=1 makes the
+    # CPU backend compile that HLO, checked here against the two-tensor op's.
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "pair_op_has_the_bits and True", "-o", f"cache_dir={tmp_path}"],
+        capture_output=True, text=True,
+        env={**os.environ, "FUSED_CONTRASTIVE_XLA_CPU_HLO": "1"}, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert re.search(r"\d+ passed", result.stdout), result.stdout[-2000:]
