@@ -1,7 +1,7 @@
 """Benchmark of the fused contrastive loss against the same loss in plain TF ops.
 
 Usage:
-    python benchmarks/benchmark.py [--quick] [--out benchmarks/results] [--default-allocator]
+    python benchmarks/benchmark.py [--quick] [--out benchmarks/results] [--bfc-allocator]
         [--section {distances,embeddings,in_batch,all} ...] [--memory-limit-gb GB]
 
 Three sections: "distances" (the loss of precomputed distances), "embeddings"
@@ -56,6 +56,13 @@ What is compared: embeddings
     Pairs of float32 embeddings a, b of shape [B, D] with 0/1 labels [B], the
     Euclidean distance, margin 1, the mean over the pairs (the default
     reduction), timed as the distances section times (same modes, same method):
+    class             what a Keras user runs: `ContrastiveLoss(distance="euclidean")`
+                      fed `tf.stack([a, b], axis=1)`, the stack (and, for
+                      "fwd+bwd", its gradient, an Unpack) included. The class
+                      reads the stacked pair in place (the pair op) with or
+                      without a tape.
+    class (pre-stacked)  the same class fed a stacked tensor and differentiated
+                      with respect to it: the class's cost beyond the stack.
     fused             "fwd+bwd": `_ops.reduced_embedding_loss` (reduction
                       "mean", sample weight 1, loss scale 1), the one-pass op
                       `ContrastiveLoss(distance="euclidean")` runs while a tape
@@ -88,8 +95,10 @@ What is compared: embeddings
     Bytes one pass must move at least: read a and b (2*B*D*4) and the labels
     (4*B); for "fwd+bwd" also write both gradients (2*B*D*4). GB/s and % of
     memcpy as above.
-    Targets (CPU, float32, fwd+bwd, default reduction, B=65536, D=128): fused
-    >= 3x the composite in tf.function; >= 2x the composite under XLA, both
+    Targets (CPU, float32, fwd+bwd, default reduction, B=65536, D=128): class
+    >= 1.5x the composite in tf.function and >= 1.3x under XLA; class
+    (pre-stacked) <= 1.3x fused in both; fused >= 3x the composite in tf.function;
+    >= 2x the composite under XLA, both
     fused under XLA vs composite under XLA and fused tf.function vs composite
     under XLA; fused tf.function >= 60% of memcpy bandwidth; relative error of
     the loss <= 1e-6. Printed and written as met/missed with the numbers.
@@ -160,11 +169,12 @@ Allocator
     TensorFlow's default CPU allocator hands large buffers back to the OS when
     they are freed (glibc maps blocks of 32 MiB and more afresh), so every step
     page-faults its new outputs in: at B=65536, D=128 each gradient is 32 MiB,
-    and faulting it costs more than computing it. The benchmark therefore runs
-    with TensorFlow's BFC allocator (TF_CPU_ALLOCATOR_USE_BFC=true), which
-    keeps and reuses buffers as TensorFlow's GPU allocator always does; every
-    implementation runs in the same process with the same allocator.
-    --default-allocator measures with the default one instead.
+    and faulting it costs more than computing it. The benchmark measures with
+    the default allocator, what a training process gets unless it sets
+    TF_CPU_ALLOCATOR_USE_BFC=true; --bfc-allocator measures with TensorFlow's
+    BFC allocator instead, which keeps and reuses buffers as TensorFlow's GPU
+    allocator always does. Every implementation runs in the same process with
+    the same allocator.
 
 Output (in --out, default benchmarks/results)
     results.csv  one row per measurement: impl, mode, workload, reduction, n,
@@ -221,8 +231,8 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Read before TensorFlow loads, so not through argparse (see "Allocator").
 ALLOCATOR_ENV = "TF_CPU_ALLOCATOR_USE_BFC"
-if "--default-allocator" not in sys.argv[1:]:
-    os.environ.setdefault(ALLOCATOR_ENV, "true")
+if "--bfc-allocator" in sys.argv[1:]:
+    os.environ[ALLOCATOR_ENV] = "true"
 
 import keras  # noqa: E402
 import matplotlib  # noqa: E402
@@ -246,7 +256,8 @@ MODES = {"eager": None, "tf.function": False, "tf.function+jit": True}  # mode -
 WORKLOADS = ("forward", "fwd+bwd")
 DEFAULT_REDUCTION = "sum_over_batch_size"
 REDUCTIONS = ("none", DEFAULT_REDUCTION, "weighted")
-EMBEDDING_IMPLS = ("fused", "fused (per-pair)", "composite")
+EMBEDDING_IMPLS = ("class", "class (pre-stacked)", "fused", "fused (per-pair)", "composite")
+PRE_STACKED = "class (pre-stacked)"  # its step takes (labels, pairs) and differentiates the pair
 EMBEDDING_DISTANCE = "euclidean"
 MAX_EMBEDDING_BYTES = 2e9  # inputs and gradients of one (B, D), 4*B*D*4
 TARGET_B, TARGET_D = 65536, 128  # the embedding targets and accuracy check
@@ -414,8 +425,21 @@ def composite_loss(y, a, b):
     return tf.reduce_mean(y * tf.square(d) + (1.0 - y) * tf.square(tf.maximum(MARGIN - d, 0.0)))
 
 
-# (impl, workload) -> loss(labels, a, b); "fused (per-pair)" has no forward of its own.
+EMBEDDING_CLASS = fused_contrastive.ContrastiveLoss(margin=MARGIN, distance=EMBEDDING_DISTANCE)
+
+
+def class_loss(y, a, b):
+    """What a Keras user runs: the class fed the stacked pair, the stack included."""
+    return EMBEDDING_CLASS(y, tf.stack([a, b], axis=1))
+
+
+# (impl, workload) -> loss(labels, a, b) (PRE_STACKED: loss(labels, pairs)); "fused
+# (per-pair)" has no forward of its own.
 EMBEDDING_LOSSES = {
+    ("class", "forward"): class_loss,
+    ("class", "fwd+bwd"): class_loss,
+    (PRE_STACKED, "forward"): EMBEDDING_CLASS,
+    (PRE_STACKED, "fwd+bwd"): EMBEDDING_CLASS,
     ("fused", "forward"): fused_per_pair_loss,
     ("fused", "fwd+bwd"): fused_reduced_loss,
     ("fused (per-pair)", "fwd+bwd"): fused_per_pair_loss,
@@ -432,11 +456,11 @@ def make_embedding_step(impl, workload, mode):
     """fn(labels, a, b): the loss, or (loss, [d/da, d/db])."""
     loss = EMBEDDING_LOSSES[(impl, workload)]
 
-    def forward_backward(y, a, b):
+    def forward_backward(y, *embeddings):
         with tf.GradientTape() as tape:
-            tape.watch([a, b])
-            value = loss(y, a, b)
-        return value, tape.gradient(value, [a, b])
+            tape.watch(embeddings)
+            value = loss(y, *embeddings)
+        return value, tape.gradient(value, embeddings)
 
     step = loss if workload == "forward" else forward_backward
     jit_compile = MODES[mode]
@@ -507,11 +531,14 @@ def measure_embeddings(tensors, workload, settings):
     """Times every implementation x mode of one workload and memcpy in the same
     repetitions; returns their Rows."""
     labels, a, b = tensors
+    pairs = tf.stack([a, b], axis=1)
     rows_, cols = a.shape
     calls, keys = [], []
     for impl, mode in itertools.product(embedding_impls(workload), MODES):
         step = make_embedding_step(impl, workload, mode)
-        calls.append(lambda step=step: tf.nest.map_structure(np.asarray, step(labels, a, b)))
+        inputs = (labels, pairs) if impl == PRE_STACKED else (labels, a, b)
+        calls.append(lambda step=step, inputs=inputs: tf.nest.map_structure(
+            np.asarray, step(*inputs)))
         keys.append((impl, mode))
     nbytes = embedding_bytes_moved(rows_, cols, workload)
     calls.append(memcpy_call(nbytes))
@@ -540,6 +567,8 @@ def embedding_accuracy(b, d):
     tensors = tuple(tf.constant(x) for x in (labels, a, b_))
     results = []
     for impl, mode in itertools.product(embedding_impls("fwd+bwd"), MODES):
+        if impl == PRE_STACKED:  # the class's numbers, checked through "class"
+            continue
         step = make_embedding_step(impl, "fwd+bwd", mode)
         value, (grad_a, grad_b) = step(*tensors)
         value = float(value)
@@ -687,9 +716,27 @@ def embedding_target_lines(rows, accuracy_result):
                 f"{format_number(composite.median_ms)} ms; fused (per-pair): {per_pair}); "
                 f"target >= {target}x: {met(ratio >= target)}")
 
+    def class_line(mode, target):
+        ratio = find[("composite", mode)].median_ms / find[("class", mode)].median_ms
+        return (f"- class (stack included) vs composite, both {mode}: {ratio:.2f}x "
+                f"({format_number(find[('class', mode)].median_ms)} ms vs "
+                f"{format_number(find[('composite', mode)].median_ms)} ms); target >= {target}x: "
+                f"{met(ratio >= target)}")
+
+    def beyond_stack_line(mode):
+        ratio = find[(PRE_STACKED, mode)].median_ms / find[("fused", mode)].median_ms
+        return (f"- class on a pre-stacked pair (its cost beyond the stack) vs the one-pass op, "
+                f"{mode}: {ratio:.2f}x ({format_number(find[(PRE_STACKED, mode)].median_ms)} ms "
+                f"vs {format_number(find[('fused', mode)].median_ms)} ms); target <= 1.3x: "
+                f"{met(ratio <= 1.3)}")
+
     fused = find[("fused", "tf.function")]
     percent = 100 * fused.gbps / fused.memcpy_gbps
     lines = [
+        class_line("tf.function", 1.5),
+        class_line("tf.function+jit", 1.3),
+        beyond_stack_line("tf.function"),
+        beyond_stack_line("tf.function+jit"),
         ratio_line("fused vs composite, both tf.function", "tf.function", "tf.function", 3),
         ratio_line("fused vs composite, both XLA", "tf.function+jit", "tf.function+jit", 2),
         ratio_line("fused tf.function vs composite XLA", "tf.function", "tf.function+jit", 2),
@@ -715,6 +762,10 @@ def embedding_markdown(rows, accuracy_result, settings):
         f"## Embeddings: pairs a, b [B, D], {EMBEDDING_DISTANCE} distance, margin {MARGIN:g}, "
         "mean over pairs, float32",
         "",
+        "- class: `ContrastiveLoss(distance=...)` fed `tf.stack([a, b], axis=1)`, the stack "
+        "(and its gradient) included, what a Keras user runs; class (pre-stacked): the same fed "
+        "a stacked tensor, differentiated with respect to it (the class's cost beyond the "
+        "stack).",
         "- fused: `fwd+bwd` is the one-pass reduced op (`_ops.reduced_embedding_loss`, what "
         "`ContrastiveLoss(distance=...)` runs under a tape), `forward` is `tf.reduce_mean("
         "contrastive_loss_from_embeddings(...))`; fused (per-pair): `tf.reduce_mean("
@@ -731,19 +782,23 @@ def embedding_markdown(rows, accuracy_result, settings):
     ]
     lines += [
         "",
-        "| mode | workload | B | D | fused ms | fused (per-pair) ms | composite ms "
-        "| fused speedup | per-pair speedup | fused GB/s | % of memcpy |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| mode | workload | B | D | class ms | class (pre-stacked) ms | fused ms "
+        "| fused (per-pair) ms | composite ms | class speedup | fused speedup "
+        "| per-pair speedup | fused GB/s | % of memcpy |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     find = {(r.impl, r.mode, r.workload, r.n, r.d): r for r in rows}
     for mode, workload, (b, d) in itertools.product(MODES, WORKLOADS, shapes):
         get = lambda impl: find.get((impl, mode, workload, b, d))  # noqa: E731
         fused, per_pair, composite = get("fused"), get("fused (per-pair)"), get("composite")
+        keras_class, pre_stacked = get("class"), get(PRE_STACKED)
         lines.append(
             f"| {mode} | {workload} | {format_count(b)} | {d} "
+            f"| {format_number(keras_class.median_ms)} | {format_number(pre_stacked.median_ms)} "
             f"| {format_number(fused.median_ms)} "
             f"| {format_number(per_pair.median_ms) if per_pair else '—'} "
-            f"| {format_number(composite.median_ms)} | {speedup(fused, composite)} "
+            f"| {format_number(composite.median_ms)} | {speedup(keras_class, composite)} "
+            f"| {speedup(fused, composite)} "
             f"| {speedup(per_pair, composite) if per_pair else '—'} "
             f"| {format_number(fused.gbps)} | {memcpy_percent(fused)} |")
     lines += ["", f"### Targets: fwd+bwd, {DEFAULT_REDUCTION}, B={TARGET_B}, D={TARGET_D} "
@@ -849,7 +904,8 @@ def plot(rows, path):
 def plot_embeddings(rows, path, d=TARGET_D):
     workloads = (("fwd+bwd", "forward + backward"), ("forward", "forward"))
     fig, axes = plt.subplots(1, len(workloads), figsize=(13, 5.5), sharey=True)
-    styles = {"fused": ("-", "o"), "fused (per-pair)": ("-.", "^"), "composite": ("--", "s")}
+    styles = {"class": (":", "D"), PRE_STACKED: (":", "v"), "fused": ("-", "o"),
+              "fused (per-pair)": ("-.", "^"), "composite": ("--", "s")}
     for ax, (workload, title) in zip(axes, workloads):
         selected = [r for r in rows if r.workload == workload and r.d == d]
         for impl, (color, mode) in itertools.product(EMBEDDING_IMPLS, enumerate(MODES)):
@@ -1019,8 +1075,8 @@ def memory_subprocess(impl, mode, b, d, kill_above_bytes, timeout_s):
     runs past timeout_s."""
     command = [sys.executable, str(Path(__file__).resolve()), "--memory-case", impl, mode,
                str(b), str(d)]
-    if ALLOCATOR_ENV not in os.environ:  # the parent ran with --default-allocator
-        command.append("--default-allocator")
+    if os.environ.get(ALLOCATOR_ENV) == "true":  # the parent ran with --bfc-allocator
+        command.append("--bfc-allocator")
     killed = None
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         start = time.perf_counter()
@@ -1547,8 +1603,8 @@ def main():
                         help="fewer sizes and repeats (a few minutes for all sections)")
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
                         help="output directory (default: benchmarks/results)")
-    parser.add_argument("--default-allocator", action="store_true",
-                        help=f"leave {ALLOCATOR_ENV} unset (see Allocator in the docstring)")
+    parser.add_argument("--bfc-allocator", action="store_true",
+                        help=f"set {ALLOCATOR_ENV}=true (see Allocator in the docstring)")
     parser.add_argument("--section", action="append", choices=SECTIONS + ("all",),
                         help="run only this section (repeatable; default: all); output files "
                         "of a partial run are named after its sections (see Output)")

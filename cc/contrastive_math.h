@@ -29,6 +29,13 @@ struct ElementOps {
   FC_HOST_DEVICE static C abs(const C& x) { return x < C(0) ? -x : x; }
   FC_HOST_DEVICE static C sign(const C& x) { return x > C(0) ? C(1) : (x < C(0) ? C(-1) : C(0)); }
   FC_HOST_DEVICE static C sqrt(const C& x) { return correctly_rounded_sqrt(x); }
+  // w·x, where a weight of exactly 0 contributes exactly 0 even when x is
+  // infinite (0·inf is NaN: a dissimilar pair at a distance whose square
+  // overflows, a similar pair under a margin whose square does); a NaN x
+  // still gives NaN.
+  FC_HOST_DEVICE static C weighted(const C& w, const C& x) {
+    return w == C(0) && x == x ? C(0) : w * x;
+  }
 };
 
 // The label value that marks a similar pair: 1 in TF Addons, 0 in the Hadsell
@@ -52,6 +59,9 @@ FC_HOST_DEVICE inline C similarity(const C& label, int similar_label) {
 // because scaling by 2 is exact). At IEEE edges (infinite labels, d*d
 // overflowing) autodiff's inf - inf gives NaN where this form may not.
 // A NaN distance gives a NaN loss and gradient through y*(d*d) whatever y is.
+// A term whose label weight (y or 1-y) is exactly 0 contributes exactly 0
+// (ElementOps::weighted), so that a square overflowing to inf in the unused
+// term cannot make the loss NaN; other values keep the reference's bits.
 template <typename C>
 FC_HOST_DEVICE inline void contrastive_loss_and_grad(const C& label, const C& d, const C& margin,
                                                      int similar_label, C* loss, C* grad) {
@@ -59,8 +69,8 @@ FC_HOST_DEVICE inline void contrastive_loss_and_grad(const C& label, const C& d,
   const C y = similarity(label, similar_label);
   const C hinge = Ops::positive_part(margin - d);
   const C dissimilar = Ops::constant(y, 1) - y;
-  *loss = y * (d * d) + dissimilar * (hinge * hinge);
-  *grad = Ops::constant(y, 2) * (y * d - dissimilar * hinge);
+  *loss = Ops::weighted(y, d * d) + Ops::weighted(dissimilar, hinge * hinge);
+  *grad = Ops::constant(y, 2) * (Ops::weighted(y, d) - Ops::weighted(dissimilar, hinge));
 }
 
 // Elements the reductions sum in the (float32) compute type before the sum

@@ -72,6 +72,24 @@ absl::Status ReadLossInputs(OpKernelContext* ctx, int margin_input, int similar_
   return absl::OkStatus();
 }
 
+// The embedding ops' labels (input 0), margin and attrs, for rows of `dim`
+// elements of `embeddings`' dtype.
+absl::Status ReadEmbeddingCommon(OpKernelContext* ctx, const Tensor& embeddings, int64_t dim,
+                                 int margin_input, int similar_label, Distance distance,
+                                 EmbeddingInputs* in) {
+  const Tensor& labels = ctx->input(0);
+  TF_RETURN_IF_ERROR(CheckDispatched(FromTf(labels.dtype(), &in->label_type) &&
+                                     FromTf(embeddings.dtype(), &in->embedding_type)));
+  TF_RETURN_IF_ERROR(ReadScalar(ctx->input(margin_input), "margin", &in->margin));
+  TF_RETURN_IF_ERROR(CheckMargin(in->margin));
+  in->labels = labels.data();
+  in->rows = labels.NumElements();
+  in->dim = dim;
+  in->similar_label = similar_label;
+  in->distance = distance;
+  return absl::OkStatus();
+}
+
 // The embedding ops' labels, embeddings a and b (inputs 0-2) and margin.
 absl::Status ReadEmbeddingInputs(OpKernelContext* ctx, int margin_input, int similar_label,
                                  Distance distance, EmbeddingInputs* in) {
@@ -84,17 +102,27 @@ absl::Status ReadEmbeddingInputs(OpKernelContext* ctx, int margin_input, int sim
     return EmbeddingShapeMismatch(labels.shape().DebugString(), a.shape().DebugString(),
                                   b.shape().DebugString());
   }
-  TF_RETURN_IF_ERROR(CheckDispatched(FromTf(labels.dtype(), &in->label_type) &&
-                                     FromTf(a.dtype(), &in->embedding_type)));
-  TF_RETURN_IF_ERROR(ReadScalar(ctx->input(margin_input), "margin", &in->margin));
-  TF_RETURN_IF_ERROR(CheckMargin(in->margin));
-  in->labels = labels.data();
+  const int64_t dim = a.dim_size(a.dims() - 1);
+  TF_RETURN_IF_ERROR(ReadEmbeddingCommon(ctx, a, dim, margin_input, similar_label, distance, in));
   in->a = a.data();
   in->b = b.data();
-  in->rows = labels.NumElements();
-  in->dim = a.dim_size(a.dims() - 1);
-  in->similar_label = similar_label;
-  in->distance = distance;
+  in->row_stride = dim;
+  return absl::OkStatus();
+}
+
+// The stacked-pair op's labels [...] and pairs [..., 2, D] (inputs 0, 1) and
+// margin: a and b are read in place, as rows 2·D apart.
+absl::Status ReadPairInputs(OpKernelContext* ctx, int margin_input, int similar_label,
+                            Distance distance, EmbeddingInputs* in) {
+  const Tensor& labels = ctx->input(0);
+  const Tensor& pairs = ctx->input(1);
+  TF_RETURN_IF_ERROR(CheckPairShapes(labels.shape(), pairs.shape()));
+  const int64_t dim = pairs.dim_size(pairs.dims() - 1);
+  TF_RETURN_IF_ERROR(
+      ReadEmbeddingCommon(ctx, pairs, dim, margin_input, similar_label, distance, in));
+  in->a = pairs.data();
+  in->b = StackedPairB(in->embedding_type, pairs.data(), dim);
+  in->row_stride = 2 * dim;
   return absl::OkStatus();
 }
 
@@ -472,6 +500,7 @@ class EmbeddingGradOp : public OpKernel {
     args.b = b.data();
     args.rows = rows.num_elements();
     args.dim = a.dim_size(a.dims() - 1);
+    args.row_stride = args.dim;
     args.distance = distance_;
     args.coefficients = coefficients.flat<double>().data();
     args.upstream = upstream.data();
@@ -485,7 +514,11 @@ class EmbeddingGradOp : public OpKernel {
   Distance distance_;
 };
 
-template <typename Device>
+// The reduced embedding op on a, b [..., D] (inputs 1, 2; outputs grad_a,
+// grad_b), or, kStacked, the pair op on the stacked pair [..., 2, D] (input
+// 1; output its gradient, of the same layout): the kernel reads and writes
+// the pair in place.
+template <typename Device, bool kStacked>
 class EmbeddingLossReducedOp : public OpKernel {
  public:
   explicit EmbeddingLossReducedOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
@@ -495,26 +528,37 @@ class EmbeddingLossReducedOp : public OpKernel {
   }
 
   void Compute(OpKernelContext* ctx) override {
+    // Inputs after the embeddings: sample_weight, margin, loss_scale.
+    constexpr int kWeights = kStacked ? 2 : 3;
+    constexpr int kGrads = kStacked ? 1 : 2;
     ReducedEmbeddingArgs args;
-    OP_REQUIRES_OK(ctx, ReadEmbeddingInputs(ctx, 4, similar_label_, distance_, &args.in));
-    const Tensor& weights = ctx->input(3);
+    if constexpr (kStacked) {
+      OP_REQUIRES_OK(ctx, ReadPairInputs(ctx, kWeights + 1, similar_label_, distance_, &args.in));
+    } else {
+      OP_REQUIRES_OK(
+          ctx, ReadEmbeddingInputs(ctx, kWeights + 1, similar_label_, distance_, &args.in));
+    }
+    const Tensor& weights = ctx->input(kWeights);
     OP_REQUIRES_OK(ctx, CheckPerRow("sample_weight", weights.shape(), ctx->input(0).shape()));
-    OP_REQUIRES_OK(ctx, ReadScalar(ctx->input(5), "loss_scale", &args.loss_scale));
-    const tensorflow::TensorShape& shape = ctx->input(1).shape();
+    OP_REQUIRES_OK(ctx, ReadScalar(ctx->input(kWeights + 2), "loss_scale", &args.loss_scale));
     Tensor* loss = nullptr;
-    Tensor* grad_a = nullptr;
-    Tensor* grad_b = nullptr;
+    Tensor* grads[kGrads] = {};
     Tensor* reduction_scale = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(0, tensorflow::TensorShape({}), &loss));
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({1}, 1, shape, &grad_a));
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({2}, 2, shape, &grad_b));
-    OP_REQUIRES_OK(ctx, ctx->allocate_output(3, tensorflow::TensorShape({}), &reduction_scale));
+    for (int i = 0; i < kGrads; ++i) {
+      OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({1 + i}, 1 + i,
+                                                                ctx->input(1 + i).shape(),
+                                                                &grads[i]));
+    }
+    OP_REQUIRES_OK(ctx,
+                   ctx->allocate_output(1 + kGrads, tensorflow::TensorShape({}), &reduction_scale));
     args.weights = weights.data();
     args.scalar_weight = weights.dims() == 0;
     args.reduction = reduction_;
     args.loss = loss->data();
-    args.grad_a = grad_a->data();
-    args.grad_b = grad_b->data();
+    args.grad_a = grads[0]->data();
+    args.grad_b = kStacked ? StackedPairB(args.in.embedding_type, args.grad_a, args.in.dim)
+                           : grads[kGrads - 1]->data();
     args.reduction_scale = reduction_scale->flat<double>().data();
     OP_REQUIRES_OK(ctx, Launch<Device>::EmbeddingReduced(ctx, args));
   }
@@ -640,9 +684,12 @@ void RegisterDeviceKernels(const char* device_type, bool scale_in_host_memory) {
                                            {"margin"});
   RegisterKernels<EmbeddingGradOp<Device>>(kEmbeddingGradOpName, device_type, "EmbeddingGradOp",
                                            false, {});
-  RegisterKernels<EmbeddingLossReducedOp<Device>>(kEmbeddingReducedOpName, device_type,
-                                                  "EmbeddingLossReducedOp", true,
-                                                  {"margin", "loss_scale"});
+  RegisterKernels<EmbeddingLossReducedOp<Device, false>>(kEmbeddingReducedOpName, device_type,
+                                                         "EmbeddingLossReducedOp", true,
+                                                         {"margin", "loss_scale"});
+  RegisterKernels<EmbeddingLossReducedOp<Device, true>>(kEmbeddingPairReducedOpName, device_type,
+                                                        "EmbeddingPairLossReducedOp", true,
+                                                        {"margin", "loss_scale"});
 }
 
 static const bool kKernelsRegistered = [] {

@@ -11,6 +11,9 @@
 //   EmbeddingContrastiveLossGrad    its backward: gradients of both embeddings
 //   EmbeddingContrastiveLossReduced the Keras reductions fused in: reduced loss
 //                                   and fully scaled gradients, one pass
+//   EmbeddingPairContrastiveLossReduced  the same on the stacked pair
+//                                   [..., 2, D] a Keras model outputs, read
+//                                   and its gradient written in place
 //   InBatchContrastiveLoss          all pairs of a batch [B, D] with class
 //                                   labels [B]: per-anchor loss [B]
 //   InBatchContrastiveLossGrad      its backward, d(Σ upstream·loss)/d(embeddings)
@@ -60,6 +63,40 @@ absl::Status EmbeddingShapes(InferenceContext* c, ShapeHandle* embeddings, Shape
     *rows = c->UnknownShape();
   }
   if (!c->Merge(c->input(0), *rows, rows).ok()) return mismatch;
+  return absl::OkStatus();
+}
+
+// Stacked pairs [..., 2, D] (input 1, D >= 1) and the labels' shape [...]
+// merged with input 0.
+absl::Status PairShapes(InferenceContext* c, ShapeHandle* pairs, ShapeHandle* rows) {
+  const absl::Status mismatch =
+      PairShapeMismatch(c->DebugString(c->input(0)), c->DebugString(c->input(1)));
+  if (!c->WithRankAtLeast(c->input(1), 2, pairs).ok()) return mismatch;
+  if (c->RankKnown(*pairs)) {
+    ShapeHandle pair;
+    TF_RETURN_IF_ERROR(c->Subshape(*pairs, -2, &pair));
+    const auto dim = c->Dim(pair, 1);
+    if (!c->Merge(pair, c->MakeShape({2, dim}), &pair).ok() ||
+        (c->ValueKnown(dim) && c->Value(dim) < 1)) {
+      return mismatch;
+    }
+    TF_RETURN_IF_ERROR(c->Subshape(*pairs, 0, -2, rows));
+  } else {
+    *rows = c->UnknownShape();
+  }
+  if (!c->Merge(c->input(0), *rows, rows).ok()) return mismatch;
+  return absl::OkStatus();
+}
+
+// A sample_weight input: a scalar or of the per-row losses' shape `rows`.
+absl::Status PerRowWeights(InferenceContext* c, int input, ShapeHandle rows) {
+  ShapeHandle weights = c->input(input);
+  if (c->RankKnown(weights) && c->Rank(weights) != 0) {
+    ShapeHandle unused;
+    if (!c->Merge(rows, weights, &unused).ok()) {
+      return ShapeMismatch("sample_weight", c->DebugString(rows), c->DebugString(weights));
+    }
+  }
   return absl::OkStatus();
 }
 
@@ -234,13 +271,7 @@ REGISTER_OP(kEmbeddingReducedOpName)
     .SetShapeFn([](InferenceContext* c) {
       ShapeHandle embeddings, rows;
       TF_RETURN_IF_ERROR(EmbeddingShapes(c, &embeddings, &rows));
-      ShapeHandle weights = c->input(3);
-      if (c->RankKnown(weights) && c->Rank(weights) != 0) {
-        ShapeHandle unused;
-        if (!c->Merge(rows, weights, &unused).ok()) {
-          return ShapeMismatch("sample_weight", c->DebugString(rows), c->DebugString(weights));
-        }
-      }
+      TF_RETURN_IF_ERROR(PerRowWeights(c, 3, rows));
       TF_RETURN_IF_ERROR(RequireScalar(c, 4));
       TF_RETURN_IF_ERROR(RequireScalar(c, 5));
       c->set_output(0, c->Scalar());
@@ -253,6 +284,37 @@ REGISTER_OP(kEmbeddingReducedOpName)
 EmbeddingContrastiveLoss reduced as ContrastiveLossReduced reduces, and the
 gradients of the reduced loss with respect to both embeddings (weights and
 divisor applied), from one pass over the rows.
+)doc");
+
+REGISTER_OP(kEmbeddingPairReducedOpName)
+    .Input("labels: Tlabels")
+    .Input("pairs: T")
+    .Input("sample_weight: T")
+    .Input("margin: double")
+    .Input("loss_scale: double")
+    .Output("loss: T")
+    .Output("grad: T")
+    .Output("reduction_scale: double")
+    .Attr(kLabelTypes)
+    .Attr(kDistanceTypes)
+    .Attr(kDistanceAttr)
+    .Attr("reduction: {'sum', 'mean', 'weighted_mean'}")
+    .Attr(kSimilarLabelAttr)
+    .SetShapeFn([](InferenceContext* c) {
+      ShapeHandle pairs, rows;
+      TF_RETURN_IF_ERROR(PairShapes(c, &pairs, &rows));
+      TF_RETURN_IF_ERROR(PerRowWeights(c, 2, rows));
+      TF_RETURN_IF_ERROR(RequireScalar(c, 3));
+      TF_RETURN_IF_ERROR(RequireScalar(c, 4));
+      c->set_output(0, c->Scalar());
+      c->set_output(1, pairs);
+      c->set_output(2, c->Scalar());
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+EmbeddingContrastiveLossReduced on the two embeddings of each pair stacked on
+axis -2, pairs [..., 2, D] (a = pairs[..., 0, :], b = pairs[..., 1, :]), read
+in place; grad is d(loss)/d(pairs), written in the same layout.
 )doc");
 
 REGISTER_OP(kInBatchOpName)

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <atomic>
 #include <condition_variable>
+#include <initializer_list>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -58,6 +59,10 @@ struct ElementOps<xla::XlaOp> {
   static xla::XlaOp abs(const xla::XlaOp& x) { return xla::Abs(x); }
   static xla::XlaOp sign(const xla::XlaOp& x) { return xla::Sign(x); }
   static xla::XlaOp sqrt(const xla::XlaOp& x) { return xla::Sqrt(x); }
+  static xla::XlaOp weighted(const xla::XlaOp& w, const xla::XlaOp& x) {
+    const xla::XlaOp zero = constant(w, 0);
+    return xla::Select(xla::And(xla::Eq(w, zero), xla::Eq(x, x)), zero, w * x);
+  }
 };
 
 namespace {
@@ -254,8 +259,9 @@ class ScaleGradientXlaOp : public tensorflow::XlaOpKernel {
 // Embeddings a and b [..., D] as [rows, D] matrices in the compute type: the
 // embedding ops' kernels loop over rows, and so does their HLO.
 struct EmbeddingRows {
-  TensorShape shape;  // [..., D]
+  TensorShape shape;  // [..., D], or the stacked pair's [..., 2, D]
   TensorShape row_shape;  // [...]
+  bool stacked;  // a and b are the halves of one stacked pair input
   int64_t rows, dim;
   xla::PrimitiveType out_type, compute;
   xla::XlaOp a, b;
@@ -268,11 +274,15 @@ struct EmbeddingRows {
 
 // The shapes and types of embeddings a, b at inputs `first` and `first` + 1,
 // whose shapes the caller checked to be equal and of rank >= 1; a and b unset.
-EmbeddingRows EmbeddingRowShapes(tensorflow::XlaOpKernelContext* ctx, int first) {
+// With `stacked`, input `first` is the stacked pair [..., 2, D], whose shape
+// the caller checked (CheckPairShapes).
+EmbeddingRows EmbeddingRowShapes(tensorflow::XlaOpKernelContext* ctx, int first,
+                                 bool stacked = false) {
   EmbeddingRows e;
   e.shape = ctx->InputShape(first);
   e.row_shape = e.shape;
-  e.row_shape.RemoveLastDims(1);
+  e.row_shape.RemoveLastDims(stacked ? 2 : 1);
+  e.stacked = stacked;
   e.rows = e.row_shape.num_elements();
   e.dim = e.shape.dim_size(e.shape.dims() - 1);
   e.out_type = ctx->input_xla_type(first);
@@ -281,8 +291,16 @@ EmbeddingRows EmbeddingRowShapes(tensorflow::XlaOpKernelContext* ctx, int first)
 }
 
 // EmbeddingRowShapes, with a and b read.
-EmbeddingRows ReadEmbeddingRows(tensorflow::XlaOpKernelContext* ctx, int first) {
-  EmbeddingRows e = EmbeddingRowShapes(ctx, first);
+EmbeddingRows ReadEmbeddingRows(tensorflow::XlaOpKernelContext* ctx, int first,
+                                bool stacked = false) {
+  EmbeddingRows e = EmbeddingRowShapes(ctx, first, stacked);
+  if (stacked) {
+    const xla::XlaOp pairs =
+        xla::Reshape(xla::ConvertElementType(ctx->Input(first), e.compute), {e.rows, 2, e.dim});
+    e.a = xla::Reshape(xla::SliceInDim(pairs, 0, 1, 1, 1), {e.rows, e.dim});
+    e.b = xla::Reshape(xla::SliceInDim(pairs, 1, 2, 1, 1), {e.rows, e.dim});
+    return e;
+  }
   e.a = xla::Reshape(xla::ConvertElementType(ctx->Input(first), e.compute), {e.rows, e.dim});
   e.b = xla::Reshape(xla::ConvertElementType(ctx->Input(first + 1), e.compute), {e.rows, e.dim});
   return e;
@@ -308,10 +326,17 @@ absl::Status CheckEmbeddingShapes(tensorflow::XlaOpKernelContext* ctx) {
   return absl::OkStatus();
 }
 
+// Embeddings a, b (inputs 1, 2), or with `stacked` the stacked pair (input
+// 1), checked as the OpKernels check them.
+absl::Status CheckEmbeddingOrPairShapes(tensorflow::XlaOpKernelContext* ctx, bool stacked) {
+  return stacked ? CheckPairShapes(ctx->InputShape(0), ctx->InputShape(1))
+                 : CheckEmbeddingShapes(ctx);
+}
+
 absl::Status ReadEmbeddingInputs(tensorflow::XlaOpKernelContext* ctx, int margin_input,
-                                 EmbeddingComputeInputs* in) {
-  TF_RETURN_IF_ERROR(CheckEmbeddingShapes(ctx));
-  in->e = ReadEmbeddingRows(ctx, 1);
+                                 EmbeddingComputeInputs* in, bool stacked = false) {
+  TF_RETURN_IF_ERROR(CheckEmbeddingOrPairShapes(ctx, stacked));
+  in->e = ReadEmbeddingRows(ctx, 1, stacked);
   TF_RETURN_IF_ERROR(ReadLabelsAndMargin(ctx, margin_input, in->e.compute, &in->y, &in->margin));
   in->y = xla::Reshape(in->y, {in->e.rows});
   return absl::OkStatus();
@@ -330,27 +355,48 @@ template <Distance K>
 void RowLossAndCoefficients(const EmbeddingComputeInputs& in, int similar_label,
                             xla::XlaOp* loss, xla::XlaOp* coef) {
   xla::XlaBuilder* builder = in.e.a.builder();
-  xla::XlaOp terms[kMaxRowSums], sums[kMaxRowSums];
+  xla::XlaOp terms[kMaxRowSums], sums[kMaxRowValues];
   distance_terms<K>(in.e.a, in.e.b, terms[0], terms[1], terms[2]);
   for (int j = 0; j < NumRowSums(K); ++j) {
     sums[j] = xla::Reduce(terms[j], xla::Zero(builder, in.e.compute),
                           xla::CreateScalarAddComputation(in.e.compute, builder), {1});
   }
+  // The HLO sums rows unscaled (scales 1): unlike the kernels, it does not
+  // rescale cosine rows whose Σa² or Σb² over- or underflows.
+  for (int j = NumRowSums(K); j < NumRowValues(K); ++j) {
+    sums[j] = xla::Broadcast(xla::One(builder, in.e.compute), {in.e.rows});
+  }
   row_loss_and_coefficients<K>(sums, in.y, in.margin, similar_label, loss, coef);
 }
 
-// Sets outputs `first` and `first` + 1 to d(loss)/da and d(loss)/db from the
+// Sets outputs `first` and `first` + 1 to the gradients `grads` of a and b
+// ([rows, D] each, out type), or for a stacked pair output `first` to both
+// stacked again as [..., 2, D].
+void SetGradientOutputs(tensorflow::XlaOpKernelContext* ctx, const EmbeddingRows& e,
+                        const xla::XlaOp* grads, int first) {
+  if (e.stacked) {
+    const xla::XlaOp both = xla::ConcatInDim(
+        ctx->builder(),
+        {xla::Reshape(grads[0], {e.rows, 1, e.dim}), xla::Reshape(grads[1], {e.rows, 1, e.dim})},
+        1);
+    ctx->SetOutput(first, xla::Reshape(both, e.shape.dim_sizes()));
+    return;
+  }
+  for (int i = 0; i < 2; ++i) {
+    ctx->SetOutput(first + i, xla::Reshape(grads[i], e.shape.dim_sizes()));
+  }
+}
+
+// Sets the gradient outputs from `first` on (SetGradientOutputs) from the
 // rows' coefficients ([rows] each, compute type).
 template <Distance K>
 void SetEmbeddingGradients(tensorflow::XlaOpKernelContext* ctx, const EmbeddingRows& e,
                            const xla::XlaOp* row_coef, int first) {
-  xla::XlaOp coef[kMaxRowSums], grad_a, grad_b;
+  xla::XlaOp coef[kMaxRowValues], grads[2];
   for (int j = 0; j < NumRowCoefficients(K); ++j) coef[j] = e.AlongRows(row_coef[j]);
-  element_gradient<K>(coef, e.a, e.b, &grad_a, &grad_b);
-  for (const xla::XlaOp& grad : {grad_a, grad_b}) {
-    ctx->SetOutput(first++, xla::Reshape(xla::ConvertElementType(grad, e.out_type),
-                                         e.shape.dim_sizes()));
-  }
+  element_gradient<K>(coef, e.a, e.b, &grads[0], &grads[1]);
+  for (xla::XlaOp& grad : grads) grad = xla::ConvertElementType(grad, e.out_type);
+  SetGradientOutputs(ctx, e, grads, first);
 }
 
 class EmbeddingLossXlaOp : public tensorflow::XlaOpKernel {
@@ -370,7 +416,7 @@ class EmbeddingLossXlaOp : public tensorflow::XlaOpKernel {
     EmbeddingComputeInputs in;
     OP_REQUIRES_OK(ctx, ReadEmbeddingInputs(ctx, 3, &in));
     const EmbeddingRows& e = in.e;
-    xla::XlaOp loss, coef[kMaxRowSums];
+    xla::XlaOp loss, coef[kMaxRowValues];
     RowLossAndCoefficients<K>(in, similar_label_, &loss, coef);
     ctx->SetOutput(0, xla::Reshape(xla::ConvertElementType(loss, e.out_type),
                                    e.row_shape.dim_sizes()));
@@ -423,10 +469,12 @@ class EmbeddingGradXlaOp : public tensorflow::XlaOpKernel {
     // coefficient * upstream in float64, then the compute type, as the kernels.
     const xla::XlaOp upstream = PerRow(ctx, 3, e, xla::F64);
     const xla::XlaOp all = xla::Reshape(ctx->Input(2), {e.rows, int64_t{kCoefficients}});
-    xla::XlaOp coef[kMaxRowSums];
+    xla::XlaOp coef[kMaxRowValues];
     for (int j = 0; j < kCoefficients; ++j) {
       const xla::XlaOp column = xla::Reshape(xla::SliceInDim(all, j, j + 1, 1, 1), {e.rows});
-      coef[j] = xla::ConvertElementType(column * upstream, e.compute);
+      // Only the coefficients scale with the upstream gradient, not cosine's scales.
+      coef[j] = xla::ConvertElementType(j < NumRowSums(K) ? column * upstream : column,
+                                        e.compute);
     }
     SetEmbeddingGradients<K>(ctx, e, coef, 0);
   }
@@ -437,10 +485,12 @@ class EmbeddingGradXlaOp : public tensorflow::XlaOpKernel {
 };
 
 // The reduced embedding op: sums as ContrastiveLossReducedXlaOp, over rows.
+// The same class lowers the stacked-pair op, whose pair is input 1 and whose
+// gradient is output 1 (inputs and outputs after them shift by one).
 class EmbeddingLossReducedXlaOp : public tensorflow::XlaOpKernel {
  public:
   explicit EmbeddingLossReducedXlaOp(tensorflow::OpKernelConstruction* ctx)
-      : XlaOpKernel(ctx) {
+      : XlaOpKernel(ctx), stacked_(ctx->def().op() == kEmbeddingPairReducedOpName) {
     OP_REQUIRES_OK(ctx, ReadReduction(ctx, &reduction_));
     OP_REQUIRES_OK(ctx, ReadSimilarLabel(ctx, &similar_label_));
     OP_REQUIRES_OK(ctx, ReadDistance(ctx, &distance_));
@@ -454,25 +504,32 @@ class EmbeddingLossReducedXlaOp : public tensorflow::XlaOpKernel {
   template <Distance K>
   void Compile(tensorflow::XlaOpKernelContext* ctx) {
     EmbeddingComputeInputs in;
-    OP_REQUIRES_OK(ctx, ReadEmbeddingInputs(ctx, 4, &in));
+    OP_REQUIRES_OK(ctx, ReadEmbeddingInputs(ctx, weights_input() + 1, &in, stacked_));
     const EmbeddingRows& e = in.e;
-    const TensorShape weight_shape = ctx->InputShape(3);
+    const TensorShape weight_shape = ctx->InputShape(weights_input());
     OP_REQUIRES_OK(ctx, CheckPerRow("sample_weight", weight_shape, e.row_shape));
-    const xla::XlaOp w = PerRow(ctx, 3, e, e.compute);
+    const xla::XlaOp w = PerRow(ctx, weights_input(), e, e.compute);
     const bool scalar_weight = weight_shape.dims() == 0;
-    const xla::XlaOp scale = ReductionScale(ctx, reduction_, w, scalar_weight, e.rows, 5);
-    xla::XlaOp loss, coef[kMaxRowSums];
+    const xla::XlaOp scale =
+        ReductionScale(ctx, reduction_, w, scalar_weight, e.rows, weights_input() + 2);
+    xla::XlaOp loss, coef[kMaxRowValues];
     RowLossAndCoefficients<K>(in, similar_label_, &loss, coef);
     ctx->SetOutput(0, ReducedLoss(BlockedSum(loss * w, e.rows, e.compute), scale, e.compute,
                                   e.out_type));
     const xla::XlaOp factor = w * xla::ConvertElementType(scale, e.compute);
-    for (int j = 0; j < NumRowCoefficients(K); ++j) coef[j] = coef[j] * factor;
+    for (int j = 0; j < NumRowSums(K); ++j) coef[j] = coef[j] * factor;
     SetEmbeddingGradients<K>(ctx, e, coef, 1);
-    ctx->SetOutput(3, scale);
+    ctx->SetOutput(scale_output(), scale);
   }
 
  protected:
+  // Inputs: labels, a, b (or the pair), sample_weight, margin, loss_scale.
+  int weights_input() const { return stacked_ ? 2 : 3; }
+  // Outputs: loss, grad_a, grad_b (or the pair's gradient), reduction_scale.
+  int scale_output() const { return stacked_ ? 2 : 3; }
+
   // The host lowerings below read them too.
+  bool stacked_;
   Reduction reduction_;
   int similar_label_;
   Distance distance_;
@@ -928,24 +985,27 @@ ffi::Error RunHostKernel(ffi::ThreadPool& pool, bool read, const Call& call) {
   return Dispatched(outcome == KernelOutcome::kDone);
 }
 
-// The loss handlers' labels [rows], a, b [rows, D] and margin; false for an
-// unsupported dtype. The kernels need a valid margin: an invalid run-time one
-// is passed as 0 and *margin_valid is false, for the caller to make its
-// results NaN (the rule of CheckConstantMargin).
-bool ReadHostInputs(ffi::AnyBuffer labels, ffi::AnyBuffer a, ffi::AnyBuffer b,
-                    ffi::BufferR0<ffi::F64> margin, int32_t similar_label, int32_t distance,
-                    EmbeddingInputs* in, bool* margin_valid) {
+// The loss handlers' labels [rows], embeddings (a and b [rows, D] at a_data
+// and b_data, rows row_stride apart; `embeddings` is one of their buffers)
+// and margin; false for an unsupported dtype. The kernels need a valid
+// margin: an invalid run-time one is passed as 0 and *margin_valid is false,
+// for the caller to make its results NaN (the rule of CheckConstantMargin).
+bool ReadHostInputs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, const void* a_data,
+                    const void* b_data, int64_t row_stride, ffi::BufferR0<ffi::F64> margin,
+                    int32_t similar_label, int32_t distance, EmbeddingInputs* in,
+                    bool* margin_valid) {
   in->labels = labels.untyped_data();
-  in->a = a.untyped_data();
-  in->b = b.untyped_data();
-  in->rows = a.dimensions()[0];
-  in->dim = a.dimensions()[1];
+  in->a = a_data;
+  in->b = b_data;
+  in->rows = embeddings.dimensions()[0];
+  in->dim = embeddings.dimensions()[embeddings.dimensions().size() - 1];
+  in->row_stride = row_stride;
   *margin_valid = IsValidMargin(margin.typed_data()[0]);
   in->margin = *margin_valid ? margin.typed_data()[0] : 0.0;
   in->similar_label = similar_label;
   in->distance = static_cast<Distance>(distance);
   return FromFfi(labels.element_type(), &in->label_type) &&
-         FromFfi(a.element_type(), &in->embedding_type);
+         FromFfi(embeddings.element_type(), &in->embedding_type);
 }
 
 // Sets every value of `buffer` (of a floating-point dtype) to NaN.
@@ -966,8 +1026,9 @@ ffi::Error EmbeddingLossHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::A
                              int32_t similar_label) {
   EmbeddingInputs in;
   bool margin_valid;
-  const bool read =
-      ReadHostInputs(labels, a, b, margin, similar_label, distance, &in, &margin_valid);
+  const bool read = ReadHostInputs(labels, a, a.untyped_data(), b.untyped_data(),
+                                   a.dimensions()[1], margin, similar_label, distance, &in,
+                                   &margin_valid);
   ffi::Error error = RunHostKernel(pool, read, [&](const ParallelFor& p) {
     return EmbeddingLossCpu(in, loss->untyped_data(),
                             static_cast<double*>(coefficients->untyped_data()), p);
@@ -988,6 +1049,7 @@ ffi::Error EmbeddingGradHost(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuf
   args.b = b.untyped_data();
   args.rows = a.dimensions()[0];
   args.dim = a.dimensions()[1];
+  args.row_stride = args.dim;
   args.distance = static_cast<Distance>(distance);
   args.coefficients = static_cast<const double*>(coefficients.untyped_data());
   args.upstream = upstream.untyped_data();
@@ -996,6 +1058,30 @@ ffi::Error EmbeddingGradHost(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuf
   args.grad_b = grad_b->untyped_data();
   return RunHostKernel(pool, FromFfi(a.element_type(), &args.type),
                        [&](const ParallelFor& p) { return EmbeddingGradCpu(args, p); });
+}
+
+// The reduced handlers' common part, with args.in's embeddings and the
+// gradient pointers set: the rest of args, the call, and NaN results for an
+// invalid margin (`grads`: the gradient results).
+ffi::Error RunReducedHost(ffi::ThreadPool pool, ReducedEmbeddingArgs& args, bool read_ok,
+                          bool margin_valid, ffi::AnyBuffer weights,
+                          ffi::BufferR0<ffi::F64> loss_scale, ffi::Result<ffi::AnyBuffer> loss,
+                          ffi::Result<ffi::AnyBuffer> reduction_scale, int32_t reduction,
+                          std::initializer_list<ffi::AnyBuffer> grads) {
+  args.weights = weights.untyped_data();
+  args.scalar_weight = weights.dimensions().size() == 0;
+  args.reduction = static_cast<Reduction>(reduction);
+  args.loss_scale = loss_scale.typed_data()[0];
+  args.loss = loss->untyped_data();
+  args.reduction_scale = static_cast<double*>(reduction_scale->untyped_data());
+  ffi::Error error = RunHostKernel(
+      pool, read_ok, [&](const ParallelFor& p) { return EmbeddingLossReducedCpu(args, p); });
+  // The reduction scale does not depend on the margin: it stays.
+  if (error.success() && !margin_valid) {
+    FillNan(*loss);
+    for (const ffi::AnyBuffer& grad : grads) FillNan(grad);
+  }
+  return error;
 }
 
 ffi::Error EmbeddingLossReducedHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
@@ -1009,25 +1095,39 @@ ffi::Error EmbeddingLossReducedHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
                                     int32_t distance, int32_t reduction, int32_t similar_label) {
   ReducedEmbeddingArgs args;
   bool margin_valid;
-  args.weights = weights.untyped_data();
-  args.scalar_weight = weights.dimensions().size() == 0;
-  args.reduction = static_cast<Reduction>(reduction);
-  args.loss_scale = loss_scale.typed_data()[0];
-  args.loss = loss->untyped_data();
+  const bool read_ok = ReadHostInputs(labels, a, a.untyped_data(), b.untyped_data(),
+                                      a.dimensions()[1], margin, similar_label, distance,
+                                      &args.in, &margin_valid);
   args.grad_a = grad_a->untyped_data();
   args.grad_b = grad_b->untyped_data();
-  args.reduction_scale = static_cast<double*>(reduction_scale->untyped_data());
-  const bool read =
-      ReadHostInputs(labels, a, b, margin, similar_label, distance, &args.in, &margin_valid);
-  ffi::Error error = RunHostKernel(
-      pool, read, [&](const ParallelFor& p) { return EmbeddingLossReducedCpu(args, p); });
-  // The reduction scale does not depend on the margin: it stays.
-  if (error.success() && !margin_valid) {
-    FillNan(*loss);
-    FillNan(*grad_a);
-    FillNan(*grad_b);
-  }
-  return error;
+  return RunReducedHost(pool, args, read_ok, margin_valid, weights, loss_scale, loss,
+                        reduction_scale, reduction, {*grad_a, *grad_b});
+}
+
+// The stacked-pair op's call: pairs and their gradient [rows, 2, D], read and
+// written in place.
+ffi::Error EmbeddingPairLossReducedHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
+                                        ffi::AnyBuffer pairs, ffi::AnyBuffer weights,
+                                        ffi::BufferR0<ffi::F64> margin,
+                                        ffi::BufferR0<ffi::F64> loss_scale,
+                                        ffi::Result<ffi::AnyBuffer> loss,
+                                        ffi::Result<ffi::AnyBuffer> grad,
+                                        ffi::Result<ffi::AnyBuffer> reduction_scale,
+                                        int32_t distance, int32_t reduction,
+                                        int32_t similar_label) {
+  ReducedEmbeddingArgs args;
+  bool margin_valid;
+  DType type;
+  const int64_t dim = pairs.dimensions()[2];
+  const bool read_ok =
+      FromFfi(pairs.element_type(), &type) &&
+      ReadHostInputs(labels, pairs, pairs.untyped_data(),
+                     StackedPairB(type, pairs.untyped_data(), dim), 2 * dim, margin,
+                     similar_label, distance, &args.in, &margin_valid);
+  args.grad_a = grad->untyped_data();
+  args.grad_b = StackedPairB(type, args.grad_a, dim);
+  return RunReducedHost(pool, args, read_ok, margin_valid, weights, loss_scale, loss,
+                        reduction_scale, reduction, {*grad});
 }
 
 // The operands and results of the calls are the lowerings' below: a and b as
@@ -1036,6 +1136,7 @@ ffi::Error EmbeddingLossReducedHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
 constexpr char kEmbeddingTarget[] = "fused_contrastive_embedding_loss";
 constexpr char kEmbeddingGradTarget[] = "fused_contrastive_embedding_loss_grad";
 constexpr char kEmbeddingReducedTarget[] = "fused_contrastive_embedding_loss_reduced";
+constexpr char kEmbeddingPairReducedTarget[] = "fused_contrastive_embedding_pair_loss_reduced";
 
 XLA_FFI_DEFINE_HANDLER(kEmbeddingHandler, EmbeddingLossHost,
                        ffi::Ffi::Bind()
@@ -1077,10 +1178,27 @@ XLA_FFI_DEFINE_HANDLER(kEmbeddingReducedHandler, EmbeddingLossReducedHost,
                            .Attr<int32_t>("reduction")
                            .Attr<int32_t>("similar_label"));
 
+XLA_FFI_DEFINE_HANDLER(kEmbeddingPairReducedHandler, EmbeddingPairLossReducedHost,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::ThreadPool>()
+                           .Arg<ffi::AnyBuffer>()           // labels
+                           .Arg<ffi::AnyBuffer>()           // pairs
+                           .Arg<ffi::AnyBuffer>()           // sample_weight
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // loss_scale
+                           .Ret<ffi::AnyBuffer>()           // loss
+                           .Ret<ffi::AnyBuffer>()           // grad
+                           .Ret<ffi::AnyBuffer>()           // reduction_scale
+                           .Attr<int32_t>("distance")
+                           .Attr<int32_t>("reduction")
+                           .Attr<int32_t>("similar_label"));
+
 XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kEmbeddingTarget, "Host", kEmbeddingHandler);
 XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kEmbeddingGradTarget, "Host", kEmbeddingGradHandler);
 XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kEmbeddingReducedTarget, "Host",
                          kEmbeddingReducedHandler);
+XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kEmbeddingPairReducedTarget, "Host",
+                         kEmbeddingPairReducedHandler);
 
 // A typed-FFI custom call of `target`; returns its results, of `shapes`.
 // attrs become the MLIR dictionary XLA decodes for the handler's Attr<int32_t>.
@@ -1115,23 +1233,17 @@ xla::Shape EmbeddingMatrixShape(const EmbeddingRows& e) {
   return xla::ShapeUtil::MakeShape(e.out_type, {e.rows, e.dim});
 }
 
-// Sets outputs `first` and `first` + 1 from a call's [rows, D] gradients.
-void SetHostGradients(tensorflow::XlaOpKernelContext* ctx, const EmbeddingRows& e,
-                      const xla::XlaOp* grads, int first) {
-  for (int i = 0; i < 2; ++i) {
-    ctx->SetOutput(first + i, xla::Reshape(grads[i], e.shape.dim_sizes()));
-  }
-}
-
 // The loss ops' checks, as their HLO lowerings check, and the calls' first
-// operands: labels [rows], a, b [rows, D].
+// operands: labels [rows], a, b [rows, D] (or the stacked pair [rows, 2, D]).
 absl::Status HostLossOperands(tensorflow::XlaOpKernelContext* ctx, int margin_input,
-                              EmbeddingRows* e, std::vector<xla::XlaOp>* operands) {
+                              EmbeddingRows* e, std::vector<xla::XlaOp>* operands,
+                              bool stacked = false) {
   bool constant_margin;
-  TF_RETURN_IF_ERROR(CheckEmbeddingShapes(ctx));
+  TF_RETURN_IF_ERROR(CheckEmbeddingOrPairShapes(ctx, stacked));
   TF_RETURN_IF_ERROR(CheckConstantMargin(ctx, margin_input, &constant_margin));
-  *e = EmbeddingRowShapes(ctx, 1);
-  *operands = EmbeddingMatrices(ctx, *e, 1);
+  *e = EmbeddingRowShapes(ctx, 1, stacked);
+  *operands = stacked ? std::vector<xla::XlaOp>{xla::Reshape(ctx->Input(1), {e->rows, 2, e->dim})}
+                      : EmbeddingMatrices(ctx, *e, 1);
   operands->insert(operands->begin(), PerRow(ctx, 0, *e, ctx->input_xla_type(0)));
   return absl::OkStatus();
 }
@@ -1183,7 +1295,7 @@ class EmbeddingGradHostXlaOp : public EmbeddingGradXlaOp {
         HostCall(ctx, kEmbeddingGradTarget, operands,
                  {EmbeddingMatrixShape(e), EmbeddingMatrixShape(e)},
                  {{"distance", static_cast<int>(distance_)}});
-    SetHostGradients(ctx, e, out.data(), 0);
+    SetGradientOutputs(ctx, e, out.data(), 0);
   }
 };
 
@@ -1193,21 +1305,32 @@ class EmbeddingLossReducedHostXlaOp : public EmbeddingLossReducedXlaOp {
 
   void Compile(tensorflow::XlaOpKernelContext* ctx) override {
     if (kHloOnCpu) return EmbeddingLossReducedXlaOp::Compile(ctx);
+    const int weights = weights_input();
     EmbeddingRows e;
     std::vector<xla::XlaOp> operands;
-    OP_REQUIRES_OK(ctx, HostLossOperands(ctx, 4, &e, &operands));
-    OP_REQUIRES_OK(ctx, CheckPerRow("sample_weight", ctx->InputShape(3), e.row_shape));
-    operands.insert(operands.end(), {PerRow(ctx, 3, e, e.out_type), ctx->Input(4), ctx->Input(5)});
+    OP_REQUIRES_OK(ctx, HostLossOperands(ctx, weights + 1, &e, &operands, stacked_));
+    OP_REQUIRES_OK(ctx, CheckPerRow("sample_weight", ctx->InputShape(weights), e.row_shape));
+    operands.insert(operands.end(), {PerRow(ctx, weights, e, e.out_type),
+                                     ctx->Input(weights + 1), ctx->Input(weights + 2)});
+    std::vector<xla::Shape> shapes = {xla::ShapeUtil::MakeShape(e.out_type, {})};
+    if (stacked_) {
+      shapes.push_back(xla::ShapeUtil::MakeShape(e.out_type, {e.rows, 2, e.dim}));
+    } else {
+      shapes.insert(shapes.end(), {EmbeddingMatrixShape(e), EmbeddingMatrixShape(e)});
+    }
+    shapes.push_back(xla::ShapeUtil::MakeShape(xla::F64, {}));
     const std::vector<xla::XlaOp> out = HostCall(
-        ctx, kEmbeddingReducedTarget, operands,
-        {xla::ShapeUtil::MakeShape(e.out_type, {}), EmbeddingMatrixShape(e),
-         EmbeddingMatrixShape(e), xla::ShapeUtil::MakeShape(xla::F64, {})},
+        ctx, stacked_ ? kEmbeddingPairReducedTarget : kEmbeddingReducedTarget, operands, shapes,
         {{"distance", static_cast<int>(distance_)},
          {"reduction", static_cast<int>(reduction_)},
          {"similar_label", similar_label_}});
     ctx->SetOutput(0, out[0]);
-    SetHostGradients(ctx, e, &out[1], 1);
-    ctx->SetOutput(3, out[3]);
+    if (stacked_) {
+      ctx->SetOutput(1, xla::Reshape(out[1], e.shape.dim_sizes()));
+    } else {
+      SetGradientOutputs(ctx, e, &out[1], 1);
+    }
+    ctx->SetOutput(scale_output(), out.back());
   }
 };
 
@@ -1423,12 +1546,15 @@ REGISTER_XLA_OP(Name(kScaleOpName), ScaleGradientXlaOp);
 REGISTER_XLA_OP(Name(kEmbeddingOpName), EmbeddingLossXlaOp);
 REGISTER_XLA_OP(Name(kEmbeddingGradOpName), EmbeddingGradXlaOp);
 REGISTER_XLA_OP(Name(kEmbeddingReducedOpName), EmbeddingLossReducedXlaOp);
+REGISTER_XLA_OP(Name(kEmbeddingPairReducedOpName), EmbeddingLossReducedXlaOp);
 // A registration for one device takes precedence over the one for all.
 REGISTER_XLA_OP(Name(kEmbeddingOpName).Device(tensorflow::DEVICE_CPU_XLA_JIT),
                 EmbeddingLossHostXlaOp);
 REGISTER_XLA_OP(Name(kEmbeddingGradOpName).Device(tensorflow::DEVICE_CPU_XLA_JIT),
                 EmbeddingGradHostXlaOp);
 REGISTER_XLA_OP(Name(kEmbeddingReducedOpName).Device(tensorflow::DEVICE_CPU_XLA_JIT),
+                EmbeddingLossReducedHostXlaOp);
+REGISTER_XLA_OP(Name(kEmbeddingPairReducedOpName).Device(tensorflow::DEVICE_CPU_XLA_JIT),
                 EmbeddingLossReducedHostXlaOp);
 REGISTER_XLA_OP(Name(kInBatchOpName), InBatchLossXlaOp);
 REGISTER_XLA_OP(Name(kInBatchGradOpName), InBatchGradXlaOp);
@@ -1477,9 +1603,10 @@ const bool kLateJitKernelsRegistered = [] {
         backend, kEmbeddingOpName, "EmbeddingLossXlaOp", "EmbeddingLossHostXlaOp", true);
     RegisterJitKernels<EmbeddingGradXlaOp, EmbeddingGradHostXlaOp>(
         backend, kEmbeddingGradOpName, "EmbeddingGradXlaOp", "EmbeddingGradHostXlaOp", false);
-    RegisterJitKernels<EmbeddingLossReducedXlaOp, EmbeddingLossReducedHostXlaOp>(
-        backend, kEmbeddingReducedOpName, "EmbeddingLossReducedXlaOp",
-        "EmbeddingLossReducedHostXlaOp", true);
+    for (const char* op : {kEmbeddingReducedOpName, kEmbeddingPairReducedOpName}) {
+      RegisterJitKernels<EmbeddingLossReducedXlaOp, EmbeddingLossReducedHostXlaOp>(
+          backend, op, "EmbeddingLossReducedXlaOp", "EmbeddingLossReducedHostXlaOp", true);
+    }
     RegisterJitKernels<InBatchLossXlaOp, InBatchLossHostXlaOp>(
         backend, kInBatchOpName, "InBatchLossXlaOp", "InBatchLossHostXlaOp", false,
         IsInBatchDType);

@@ -91,23 +91,77 @@ __device__ inline C WarpSum(C value) {
   return __shfl_sync(kWholeWarp, value, 0);
 }
 
+// The row's sums of its elements times scale_a and scale_b (cosine only), as
+// the CPU kernel forms them: each chunk of kRowSumChunk elements summed in
+// the compute type (per lane, then across the warp), the chunks' sums added
+// in double. A chunk starts on a whole number of the warp's 32·kChunkSize
+// steps, so each element stays with the lane that RowGradient gives it.
 template <Distance K, bool kVector, typename T, typename C>
-__device__ inline void RowSums(const T* a, const T* b, int64_t dim, C* sums) {
-  C partial[kMaxRowSums] = {};
-  ForEachChunk<kVector>(a, b, dim, [&](int64_t, const Chunk<T>& a_chunk,
-                                       const Chunk<T>& b_chunk, int size) {
+__device__ inline void ScaledRowSums(const T* a, const T* b, int64_t dim, C scale_a, C scale_b,
+                                     C* sums) {
+  static_assert(kRowSumChunk % (kWarpSize * kChunkSize<T>) == 0, "chunks must be whole steps");
+  double total[kMaxRowSums] = {};
+  for (int64_t start = 0; start < dim; start += kRowSumChunk) {
+    C partial[kMaxRowSums] = {};
+    const int64_t size = dim - start < kRowSumChunk ? dim - start : kRowSumChunk;
+    ForEachChunk<kVector>(a + start, b + start, size, [&](int64_t, const Chunk<T>& a_chunk,
+                                                          const Chunk<T>& b_chunk, int count) {
 #pragma unroll
-    for (int i = 0; i < kChunkSize<T>; ++i) {
-      if (i == size) break;
-      C terms[kMaxRowSums];
-      distance_terms<K>(Convert<C>::from(a_chunk.v[i]), Convert<C>::from(b_chunk.v[i]), terms[0],
-                        terms[1], terms[2]);
+      for (int i = 0; i < kChunkSize<T>; ++i) {
+        if (i == count) break;
+        C x = Convert<C>::from(a_chunk.v[i]), y = Convert<C>::from(b_chunk.v[i]);
+        if constexpr (K == Distance::kCosine) {
+          x *= scale_a;
+          y *= scale_b;
+        }
+        C terms[kMaxRowSums];
+        distance_terms<K>(x, y, terms[0], terms[1], terms[2]);
 #pragma unroll
-      for (int j = 0; j < NumRowSums(K); ++j) partial[j] += terms[j];
-    }
-  });
+        for (int j = 0; j < NumRowSums(K); ++j) partial[j] += terms[j];
+      }
+    });
 #pragma unroll
-  for (int j = 0; j < NumRowSums(K); ++j) sums[j] = WarpSum(partial[j]);
+    for (int j = 0; j < NumRowSums(K); ++j) total[j] += WarpSum(partial[j]);
+  }
+#pragma unroll
+  for (int j = 0; j < NumRowSums(K); ++j) sums[j] = static_cast<C>(total[j]);
+}
+
+// The warp's largest value of one per lane, on every lane.
+template <typename C>
+__device__ inline C WarpMax(C value) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    const C other = __shfl_xor_sync(kWholeWarp, value, offset);
+    value = other > value ? other : value;
+  }
+  return value;
+}
+
+// A row's values (NumRowValues), as the CPU kernel's RowSums: the sums, and
+// for cosine the scales, rows outside CosineScaling's range summed again.
+// Every lane holds the same sums, so the warp takes the branch together.
+template <Distance K, bool kVector, typename T, typename C>
+__device__ inline void RowSums(const T* a, const T* b, int64_t dim, C* values) {
+  ScaledRowSums<K, kVector>(a, b, dim, C(1), C(1), values);
+  if constexpr (K == Distance::kCosine) {
+    values[3] = values[4] = C(1);
+    if (!cosine_sums_out_of_range(values)) return;
+    C max_a = 0, max_b = 0;
+    ForEachChunk<kVector>(a, b, dim, [&](int64_t, const Chunk<T>& a_chunk,
+                                         const Chunk<T>& b_chunk, int count) {
+#pragma unroll
+      for (int i = 0; i < kChunkSize<T>; ++i) {
+        if (i == count) break;
+        const C x = ElementOps<C>::abs(Convert<C>::from(a_chunk.v[i]));
+        const C y = ElementOps<C>::abs(Convert<C>::from(b_chunk.v[i]));
+        max_a = x > max_a ? x : max_a;
+        max_b = y > max_b ? y : max_b;
+      }
+    });
+    values[3] = cosine_scale(WarpMax(max_a));
+    values[4] = cosine_scale(WarpMax(max_b));
+    ScaledRowSums<K, kVector>(a, b, dim, values[3], values[4], values);
+  }
 }
 
 template <Distance K, bool kVector, typename T, typename C>
@@ -133,14 +187,14 @@ __device__ inline void RowGradient(const C* coef, const T* a, const T* b, int64_
 template <Distance K, bool kVector, typename L, typename T>
 __global__ void EmbeddingLossKernel(const L* __restrict__ labels, const T* __restrict__ a,
                                     const T* __restrict__ b, int64_t rows, int64_t dim,
-                                    ComputeType<T> margin, int similar_label, T* __restrict__ loss,
-                                    double* __restrict__ coefficients) {
+                                    int64_t stride, ComputeType<T> margin, int similar_label,
+                                    T* __restrict__ loss, double* __restrict__ coefficients) {
   using C = ComputeType<T>;
   constexpr int kCoefficients = NumRowCoefficients(K);
   ForEachRow(rows, [&](int64_t r) {
     const C label = Convert<C>::from(labels[r]);
-    C sums[kMaxRowSums] = {}, coef[kMaxRowSums] = {}, row_loss;
-    const int64_t offset = r * dim;
+    C sums[kMaxRowValues] = {}, coef[kMaxRowValues] = {}, row_loss;
+    const int64_t offset = r * stride;
     RowSums<K, kVector>(a + offset, b + offset, dim, sums);
     row_loss_and_coefficients<K>(sums, label, margin, similar_label, &row_loss, coef);
     if (threadIdx.x % kWarpSize != 0) return;
@@ -152,18 +206,20 @@ __global__ void EmbeddingLossKernel(const L* __restrict__ labels, const T* __res
 // No __restrict__ on the rows: the gradients may overwrite the embeddings.
 template <Distance K, bool kVector, typename T>
 __global__ void EmbeddingGradKernel(const T* a, const T* b, int64_t rows, int64_t dim,
-                                    const double* __restrict__ coefficients,
+                                    int64_t stride, const double* __restrict__ coefficients,
                                     const T* __restrict__ upstream, bool scalar_upstream,
                                     T* grad_a, T* grad_b) {
   using C = ComputeType<T>;
   constexpr int kCoefficients = NumRowCoefficients(K);
   ForEachRow(rows, [&](int64_t r) {
     const double u = Convert<double>::from(upstream[scalar_upstream ? 0 : r]);
-    C coef[kMaxRowSums] = {};
+    C coef[kMaxRowValues] = {};
     for (int j = 0; j < kCoefficients; ++j) {
-      coef[j] = static_cast<C>(coefficients[r * kCoefficients + j] * u);
+      // Only the coefficients scale with the upstream gradient, not cosine's scales.
+      const double c = coefficients[r * kCoefficients + j];
+      coef[j] = static_cast<C>(j < NumRowSums(K) ? c * u : c);
     }
-    const int64_t offset = r * dim;
+    const int64_t offset = r * stride;
     RowGradient<K, kVector>(coef, a + offset, b + offset, dim, grad_a + offset, grad_b + offset);
   });
 }
@@ -174,8 +230,9 @@ __global__ void EmbeddingGradKernel(const T* a, const T* b, int64_t rows, int64_
 template <Distance K, bool kVector, typename L, typename T>
 __global__ void EmbeddingReducedKernel(const L* __restrict__ labels, const T* a, const T* b,
                                        const T* __restrict__ weights, bool scalar_weight,
-                                       int64_t rows, int64_t dim, ComputeType<T> margin,
-                                       int similar_label, const double* scale, T* grad_a,
+                                       int64_t rows, int64_t dim, int64_t stride,
+                                       ComputeType<T> margin, int similar_label,
+                                       const double* scale, T* grad_a,
                                        T* grad_b, double* block_sums) {
   using C = ComputeType<T>;
   constexpr int kCoefficients = NumRowCoefficients(K);
@@ -184,14 +241,14 @@ __global__ void EmbeddingReducedKernel(const L* __restrict__ labels, const T* a,
   double sum = 0;
   ForEachRow(rows, [&](int64_t r) {
     const C label = Convert<C>::from(labels[r]);
-    C sums[kMaxRowSums] = {}, coef[kMaxRowSums] = {}, row_loss;
-    const int64_t offset = r * dim;
+    C sums[kMaxRowValues] = {}, coef[kMaxRowValues] = {}, row_loss;
+    const int64_t offset = r * stride;
     RowSums<K, kVector>(a + offset, b + offset, dim, sums);
     row_loss_and_coefficients<K>(sums, label, margin, similar_label, &row_loss, coef);
     const C w = scalar_weight ? scalar : Convert<C>::from(weights[r]);
     sum += static_cast<double>(row_loss) * static_cast<double>(w);
     const C factor = w * scale_c;
-    for (int j = 0; j < kCoefficients; ++j) coef[j] *= factor;
+    for (int j = 0; j < NumRowSums(K); ++j) coef[j] *= factor;
     RowGradient<K, kVector>(coef, a + offset, b + offset, dim, grad_a + offset, grad_b + offset);
   });
   // Every lane of a warp holds its rows' sum: lane 0 alone contributes it.
@@ -207,11 +264,13 @@ int RowBlocks(int64_t rows, int threads, int64_t max_blocks) {
   return static_cast<int>(std::max<int64_t>(1, std::min(max_blocks, (rows + warps - 1) / warps)));
 }
 
-// Calls f(std::true_type{}) when rows of `dim` elements of T at every
-// pointer can be accessed as whole aligned chunks, else f(std::false_type{}).
+// Calls f(std::true_type{}) when rows of `dim` elements of T, `stride`
+// apart, at every pointer can be accessed as whole aligned chunks, else
+// f(std::false_type{}).
 template <typename T, typename F>
-void VisitChunkAccess(int64_t dim, std::initializer_list<const void*> pointers, F&& f) {
-  const bool vector = dim % kChunkSize<T> == 0 &&
+void VisitChunkAccess(int64_t dim, int64_t stride, std::initializer_list<const void*> pointers,
+                      F&& f) {
+  const bool vector = dim % kChunkSize<T> == 0 && stride % kChunkSize<T> == 0 &&
                       std::all_of(pointers.begin(), pointers.end(),
                                   [](const void* p) { return Aligned(p, sizeof(Chunk<T>)); });
   if (vector) {
@@ -231,12 +290,12 @@ GpuStatus EmbeddingLossGpu(const EmbeddingInputs& in, void* loss, double* coeffi
     using L = typename decltype(l_tag)::type;
     using T = typename decltype(t_tag)::type;
     constexpr Distance K = decltype(k_tag)::value;
-    VisitChunkAccess<T>(in.dim, {in.a, in.b}, [&](auto vector) {
+    VisitChunkAccess<T>(in.dim, in.row_stride, {in.a, in.b}, [&](auto vector) {
       EmbeddingLossKernel<K, decltype(vector)::value>
           <<<RowBlocks(in.rows, kThreadsPerBlock, kMaxBlocks), kThreadsPerBlock, 0,
              static_cast<cudaStream_t>(stream)>>>(
               static_cast<const L*>(in.labels), static_cast<const T*>(in.a),
-              static_cast<const T*>(in.b), in.rows, in.dim,
+              static_cast<const T*>(in.b), in.rows, in.dim, in.row_stride,
               static_cast<ComputeType<T>>(in.margin), in.similar_label, static_cast<T*>(loss),
               coefficients);
     });
@@ -252,12 +311,12 @@ GpuStatus EmbeddingGradGpu(const EmbeddingGradArgs& g, void* stream) {
     distance_ok = VisitDistance(g.distance, [&](auto k_tag) {
       using T = typename decltype(t_tag)::type;
       constexpr Distance K = decltype(k_tag)::value;
-      VisitChunkAccess<T>(g.dim, {g.a, g.b, g.grad_a, g.grad_b}, [&](auto vector) {
+      VisitChunkAccess<T>(g.dim, g.row_stride, {g.a, g.b, g.grad_a, g.grad_b}, [&](auto vector) {
         EmbeddingGradKernel<K, decltype(vector)::value>
             <<<RowBlocks(g.rows, kThreadsPerBlock, kMaxBlocks), kThreadsPerBlock, 0,
                static_cast<cudaStream_t>(stream)>>>(
                 static_cast<const T*>(g.a), static_cast<const T*>(g.b), g.rows, g.dim,
-                g.coefficients, static_cast<const T*>(g.upstream), g.scalar_upstream,
+                g.row_stride, g.coefficients, static_cast<const T*>(g.upstream), g.scalar_upstream,
                 static_cast<T*>(g.grad_a), static_cast<T*>(g.grad_b));
       });
     });
@@ -285,10 +344,11 @@ GpuStatus EmbeddingLossReducedGpu(const ReducedEmbeddingArgs& args, void* worksp
     const auto* w = static_cast<const T*>(args.weights);
     LaunchReductionScale(args.reduction, w, args.scalar_weight, in.rows, args.loss_scale,
                          weight_sums, scale, s);
-    VisitChunkAccess<T>(in.dim, {in.a, in.b, args.grad_a, args.grad_b}, [&](auto vector) {
+    VisitChunkAccess<T>(in.dim, in.row_stride, {in.a, in.b, args.grad_a, args.grad_b},
+                        [&](auto vector) {
       EmbeddingReducedKernel<K, decltype(vector)::value><<<blocks, kReduceThreads, 0, s>>>(
           static_cast<const L*>(in.labels), static_cast<const T*>(in.a),
-          static_cast<const T*>(in.b), w, args.scalar_weight, in.rows, in.dim,
+          static_cast<const T*>(in.b), w, args.scalar_weight, in.rows, in.dim, in.row_stride,
           static_cast<ComputeType<T>>(in.margin), in.similar_label, scale,
           static_cast<T*>(args.grad_a), static_cast<T*>(args.grad_b), loss_sums);
     });

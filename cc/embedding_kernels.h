@@ -1,8 +1,11 @@
 // Kernel entry points of the loss from pair embeddings, on raw pointers (no
 // TensorFlow types), for the TF OpKernels, the pybind11 module and the
 // benchmarks. Embeddings a and b are `rows` rows of `dim` contiguous elements
-// each (row-major), one label per row; the per-row loss is the contrastive
-// loss of the row's distance (embedding_math.h).
+// each, row r at r * row_stride elements from a (and from b), one label per
+// row; the per-row loss is the contrastive loss of the row's distance
+// (embedding_math.h). row_stride is dim for two [..., D] tensors, and 2 * dim
+// for the stacked pair [..., 2, D] a Keras model outputs (StackedPairB): the
+// kernels then read the pair, and write its gradient, in place.
 #ifndef FUSED_CONTRASTIVE_EMBEDDING_KERNELS_H_
 #define FUSED_CONTRASTIVE_EMBEDDING_KERNELS_H_
 
@@ -17,23 +20,38 @@ struct EmbeddingInputs {
   DType label_type;
   DType embedding_type;  // a floating-point DType; the loss has it too
   const void* labels;    // rows values
-  const void* a;         // rows * dim values each
+  const void* a;         // rows of dim values each, row_stride apart
   const void* b;
   int64_t rows;
   int64_t dim;
+  int64_t row_stride;  // >= dim; gradients are written with the same stride
   double margin;
   int similar_label;
   Distance distance;
 };
 
+// Bytes of one element of a floating-point DType (0 for others).
+inline int64_t ElementBytes(DType type) {
+  int64_t bytes = 0;
+  VisitDistanceDType(type, [&](auto tag) { bytes = sizeof(typename decltype(tag)::type); });
+  return bytes;
+}
+
+// A stacked pair [rows, 2, dim] of `type` at `pairs` (and its gradient) is
+// a at `pairs` and b at this address, both with row_stride 2 * dim.
+inline void* StackedPairB(DType type, const void* pairs, int64_t dim) {
+  return static_cast<char*>(const_cast<void*>(pairs)) + dim * ElementBytes(type);
+}
+
 // Per-row loss (rows values of embedding_type) and the gradient coefficients
 // of embedding_math.h for g = d(loss)/d(distance): rows * NumRowCoefficients
 // doubles, row-major. A row is read once; row sums accumulate in the compute
-// type in an order fixed by the binary. False for an unsupported dtype pair.
+// type over chunks of kRowSumChunk elements, the chunks' sums in double, in an
+// order fixed by the binary. False for an unsupported dtype pair.
 bool EmbeddingLossCpu(const EmbeddingInputs& in, void* loss, double* coefficients,
                       const ParallelFor& parallel_for);
 
-// Backward of EmbeddingLossCpu: grad_a, grad_b (rows * dim values of `type`)
+// Backward of EmbeddingLossCpu: grad_a, grad_b (rows of dim values of `type`)
 // from the saved coefficients, each row's scaled by its upstream gradient.
 struct EmbeddingGradArgs {
   DType type;
@@ -41,6 +59,7 @@ struct EmbeddingGradArgs {
   const void* b;
   int64_t rows;
   int64_t dim;
+  int64_t row_stride;  // of a, b, grad_a and grad_b, as EmbeddingInputs'
   Distance distance;
   const double* coefficients;  // rows * NumRowCoefficients(distance)
   const void* upstream;        // `type`: rows values, or one when scalar_upstream
@@ -62,7 +81,7 @@ struct ReducedEmbeddingArgs {
   Reduction reduction;
   double loss_scale;
   void* loss;    // out: one value of embedding_type
-  void* grad_a;  // out: rows * dim values, d(loss)/da
+  void* grad_a;  // out: rows of dim values at in.row_stride, d(loss)/da
   void* grad_b;
   double* reduction_scale;  // out: one value
 };

@@ -40,10 +40,24 @@ inline bool ParseDistance(const std::string& name, Distance* out) {
 }
 
 // Sums per row: euclidean Σ(a−b)²; cosine Σab, Σaa, Σbb; manhattan Σ|a−b|.
+// Cosine rows also carry the scales s_a, s_b their sums were taken at
+// (cosine_scale): a row's values are its sums, then those two.
 FC_HOST_DEVICE constexpr int NumRowSums(Distance k) { return k == Distance::kCosine ? 3 : 1; }
-// Coefficients per row of the gradient (see row_coefficients).
-FC_HOST_DEVICE constexpr int NumRowCoefficients(Distance k) { return NumRowSums(k); }
+FC_HOST_DEVICE constexpr int NumRowValues(Distance k) { return k == Distance::kCosine ? 5 : 1; }
+// Values per row the gradient reads (see row_coefficients): NumRowSums
+// coefficients, linear in d(loss)/d(d), then cosine's two scales.
+FC_HOST_DEVICE constexpr int NumRowCoefficients(Distance k) { return NumRowValues(k); }
 constexpr int kMaxRowSums = 3;
+constexpr int kMaxRowValues = 5;
+
+// Elements of a row that the kernels sum in the compute type before the
+// partial sum joins the row's double total (CPU and CUDA alike). Float sums
+// of whole long rows lose accuracy with the row's length (a relative error
+// of 5.5e-5 at D = 1e6); per chunk it stays at float rounding of a short sum.
+// Rows up to this length are one chunk: their sums have the bits of a plain
+// float sum. A multiple of the CUDA kernel's warp-wide step (32 lanes × 16
+// bytes), so that its chunks start on whole steps.
+constexpr int kRowSumChunk = 1024;
 
 // What one element of a row adds to the row's sums (t1 and t2 are written by
 // cosine only). Three scalar outputs, not an array: GCC vectorises the CPU
@@ -61,6 +75,58 @@ FC_HOST_DEVICE inline void distance_terms(const C& a, const C& b, C& t0, C& t1, 
   } else {
     t0 = Ops::abs(a - b);
   }
+}
+
+// Cosine is scale-invariant, its sums Σa², Σb² are not: at scale 1e19 they
+// overflow float32 (a NaN loss), at 1e-20 the squares underflow (the vectors
+// look like zero vectors). The kernels therefore sum a row again as s_a·a,
+// s_b·b when its Σa² or Σb² leaves [kLow, kHigh], where s_a, s_b are powers
+// of two that bring each vector's largest |element| into [0.5, 1) (at most
+// 2^±kMaxShift, normal numbers). Power-of-two scalings are exact, so the
+// similarity keeps its bits, and rows inside the range (scales 1) are
+// unchanged. Inside it, squares lost to underflow weigh at most D·2^-66 of a
+// float32 sum. NaN sums are left alone: scaling cannot help them.
+template <typename C>
+struct CosineScaling;
+template <>
+struct CosineScaling<float> {
+  static constexpr float kLow = 0x1p-60f, kHigh = 0x1p100f;
+  static constexpr int kMaxShift = 100;
+};
+template <>
+struct CosineScaling<double> {
+  static constexpr double kLow = 0x1p-900, kHigh = 0x1p900;
+  static constexpr int kMaxShift = 1000;
+};
+
+template <typename C>
+FC_HOST_DEVICE inline bool cosine_sums_out_of_range(const C* sums) {
+  using S = CosineScaling<C>;
+  return sums[1] < S::kLow || sums[1] > S::kHigh || sums[2] < S::kLow || sums[2] > S::kHigh;
+}
+
+FC_HOST_DEVICE inline int binary_exponent(float x) {
+  int e;
+  frexpf(x, &e);
+  return e;
+}
+FC_HOST_DEVICE inline int binary_exponent(double x) {
+  int e;
+  ::frexp(x, &e);
+  return e;
+}
+FC_HOST_DEVICE inline float power_of_two(float, int e) { return ldexpf(1.0f, e); }
+FC_HOST_DEVICE inline double power_of_two(double, int e) { return ::ldexp(1.0, e); }
+
+// The scale of a vector whose largest |element| is max_abs (see
+// CosineScaling): 1 when it is 0 or not finite.
+template <typename C>
+FC_HOST_DEVICE inline C cosine_scale(const C& max_abs) {
+  if (!(max_abs > C(0)) || max_abs - max_abs != C(0)) return C(1);
+  int shift = -binary_exponent(max_abs);
+  const int limit = CosineScaling<C>::kMaxShift;
+  shift = shift < -limit ? -limit : (shift > limit ? limit : shift);
+  return power_of_two(max_abs, shift);
 }
 
 // The row's distance from its sums. Cosine: d = 1 − Σab / (‖a‖·‖b‖), where a
@@ -83,8 +149,11 @@ FC_HOST_DEVICE inline C distance_from_sums(const C* sums) {
 //   euclidean:  dL/da =  c0·(a − b),            dL/db = −dL/da
 //   cosine:     dL/da =  c1·a + c0·b,           dL/db =  c2·b + c0·a
 //   manhattan:  dL/da =  c0·sign(a − b),        dL/db = −dL/da
-// They are linear in g: scaling them scales the gradients (sample weights,
-// the reduction's divisor, the upstream gradient).
+// The first NumRowSums are linear in g: scaling them scales the gradients
+// (sample weights, the reduction's divisor, the upstream gradient). Cosine
+// coefficients are those of the scaled rows a' = s_a·a, b' = s_b·b its sums
+// were taken at, and c3, c4 = s_a, s_b: dL/da = s_a·(c1·a' + c0·b') (see
+// element_gradient), so no coefficient over- or underflows.
 // Zero distance (a == b, Euclidean): c0 = 0, the subgradient PyTorch's cdist
 // and vector_norm use. A similar pair's gradient 2·y·(a − b) is then exactly
 // its value; the hinge term of a dissimilar pair, whose direction is undefined
@@ -101,6 +170,8 @@ FC_HOST_DEVICE inline void row_coefficients(const C* sums, const C& d, const C& 
     coef[0] = Ops::constant(g, 0) - Ops::divide_no_nan(g, norms);
     coef[1] = Ops::divide_no_nan(g * similarity, sums[1]);
     coef[2] = Ops::divide_no_nan(g * similarity, sums[2]);
+    coef[3] = sums[3];
+    coef[4] = sums[4];
   } else {
     coef[0] = g;
   }
@@ -115,15 +186,18 @@ FC_HOST_DEVICE inline void element_gradient(const C* coef, const C& a, const C& 
     *grad_a = coef[0] * (a - b);
     *grad_b = Ops::constant(a, 0) - *grad_a;
   } else if constexpr (K == Distance::kCosine) {
-    *grad_a = coef[1] * a + coef[0] * b;
-    *grad_b = coef[2] * b + coef[0] * a;
+    const C a_scaled = coef[3] * a;
+    const C b_scaled = coef[4] * b;
+    *grad_a = coef[3] * (coef[1] * a_scaled + coef[0] * b_scaled);
+    *grad_b = coef[4] * (coef[2] * b_scaled + coef[0] * a_scaled);
   } else {
     *grad_a = coef[0] * Ops::sign(a - b);
     *grad_b = Ops::constant(a, 0) - *grad_a;
   }
 }
 
-// One row's loss and gradient coefficients (for g = d(loss)/d(d)) from its sums.
+// One row's loss and gradient coefficients (for g = d(loss)/d(d)) from its
+// values (NumRowValues: sums, and cosine's scales).
 template <Distance K, typename C>
 FC_HOST_DEVICE inline void row_loss_and_coefficients(const C* sums, const C& label,
                                                      const C& margin, int similar_label, C* loss,

@@ -267,8 +267,8 @@ EmbeddingInputs CheckedEmbeddingInputs(const Operand& labels, const Operand& a, 
                                        PairShape* pair) {
   *pair = CheckEmbeddings(a, b);
   CheckSameShape("labels", labels.shape, kRowsWhat, pair->rows_shape);
-  return EmbeddingInputs{labels.type, a.type,    labels.data, a.data,        b.data,
-                         pair->rows,  pair->dim, margin,      similar_label, distance};
+  return EmbeddingInputs{labels.type, a.type,    labels.data, a.data, b.data,       pair->rows,
+                         pair->dim,   pair->dim, margin,      similar_label, distance};
 }
 
 std::vector<int64_t> CoefficientsShape(const PairShape& pair, Distance distance) {
@@ -331,6 +331,7 @@ py::tuple EmbeddingGradCpuNumpy(py::array embeddings_a, py::array embeddings_b,
                                a.data,
                                embeddings_b.data(),
                                pair.rows,
+                               pair.dim,
                                pair.dim,
                                k,
                                static_cast<const double*>(coefficients.data()),
@@ -736,7 +737,7 @@ void EmbeddingGradCuda(const py::object& embeddings_a, const py::object& embeddi
   CheckPerRow("upstream", u.type, u.shape, "embeddings_a", a.type, kRowsWhat, pair.rows_shape);
   CheckDeviceOutput(ga, "grad_a", a.shape, "embeddings_a", a.type);
   CheckDeviceOutput(gb, "grad_b", a.shape, "embeddings_a", a.type);
-  const EmbeddingGradArgs args{a.type,    a.data, b.data, pair.rows, pair.dim, k,
+  const EmbeddingGradArgs args{a.type,    a.data, b.data, pair.rows, pair.dim, pair.dim, k,
                                static_cast<const double*>(c.data), u.data, u.shape.empty(),
                                ga.data,   gb.data};
   ThrowIfFailed(EmbeddingGradGpu(args, reinterpret_cast<void*>(stream)));

@@ -26,6 +26,8 @@ inline constexpr char kEmbeddingOpName[] = "FusedContrastive>EmbeddingContrastiv
 inline constexpr char kEmbeddingGradOpName[] = "FusedContrastive>EmbeddingContrastiveLossGrad";
 inline constexpr char kEmbeddingReducedOpName[] =
     "FusedContrastive>EmbeddingContrastiveLossReduced";
+inline constexpr char kEmbeddingPairReducedOpName[] =
+    "FusedContrastive>EmbeddingPairContrastiveLossReduced";
 inline constexpr char kInBatchOpName[] = "FusedContrastive>InBatchContrastiveLoss";
 inline constexpr char kInBatchGradOpName[] = "FusedContrastive>InBatchContrastiveLossGrad";
 inline constexpr char kInBatchReducedOpName[] = "FusedContrastive>InBatchContrastiveLossReduced";
@@ -130,6 +132,26 @@ inline absl::Status EmbeddingShapeMismatch(const std::string& labels, const std:
       "contrastive loss from embeddings: embeddings_a and embeddings_b must have the same shape "
       "[..., D] with D >= 1, and labels their shape without the last axis; got labels ",
       labels, ", embeddings_a ", a, " and embeddings_b ", b));
+}
+
+// The stacked-pair op's shape error: pairs [..., 2, D] and labels [...].
+inline absl::Status PairShapeMismatch(const std::string& labels, const std::string& pairs) {
+  return absl::InvalidArgumentError(absl::StrCat(
+      "contrastive loss from embeddings: the stacked pairs must have shape [..., 2, D] with "
+      "D >= 1, and labels their shape without the last two axes; got labels ",
+      labels, " and pairs ", pairs));
+}
+
+// The same check on known shapes (the OpKernels, the XLA lowerings).
+inline absl::Status CheckPairShapes(const tensorflow::TensorShape& labels,
+                                    const tensorflow::TensorShape& pairs) {
+  tensorflow::TensorShape rows = pairs;
+  if (pairs.dims() >= 2 && pairs.dim_size(pairs.dims() - 2) == 2 &&
+      pairs.dim_size(pairs.dims() - 1) >= 1 && rows.RemoveLastDimsWithStatus(2).ok() &&
+      labels == rows) {
+    return absl::OkStatus();
+  }
+  return PairShapeMismatch(labels.DebugString(), pairs.DebugString());
 }
 
 // The in-batch ops' shape error: embeddings [B, D] and labels [B].

@@ -281,17 +281,18 @@ def test_pybind_kernel_equals_tf_op_bit_for_bit(rng, label_dtype, distance_dtype
 @pytest.mark.parametrize("dtype", [np.float16, ml_dtypes.bfloat16])
 def test_16_bit_conversions_over_every_bit_pattern(dtype):
     # Label 1, margin 0: the float32 loss and gradient are d*d and 2*d, exact for
-    # every 16-bit input (the hinge term is 0 * finite except where d*d is inf,
-    # hence the same float32 formula below), so this checks both conversions
-    # against NumPy's / ml_dtypes' round-to-nearest-even over all 65536 inputs.
+    # every 16-bit input (the hinge term has weight 0: it contributes exactly 0,
+    # even where its square is inf, and NaN only for a NaN d), so this checks both
+    # conversions against NumPy's / ml_dtypes' round-to-nearest-even over all
+    # 65536 inputs.
     x = np.arange(1 << 16, dtype=np.uint16).view(dtype)
     loss, grad = _kernels.contrastive_loss_cpu(np.ones(x.shape, np.float32), x, 0.0)
     d = x.astype(np.float32)
     hinge = np.maximum(-d, np.float32(0))
-    zero = np.float32(0)
+    unused = np.where(np.isnan(hinge), np.float32(np.nan), np.float32(0))
     with np.errstate(all="ignore"):
-        want_loss = (d * d + zero * (hinge * hinge)).astype(dtype)
-        want_grad = (np.float32(2) * (d - zero * hinge)).astype(dtype)
+        want_loss = (d * d + unused).astype(dtype)
+        want_grad = (np.float32(2) * (d - unused)).astype(dtype)
     for got, want in ((loss, want_loss), (grad, want_grad)):
         nan = np.isnan(want.astype(np.float32))
         np.testing.assert_array_equal(np.isnan(got.astype(np.float32)), nan)
@@ -340,7 +341,8 @@ def test_pybind_reduced_kernel_equals_tf_op_bit_for_bit(rng, reduction, weights)
 # --- the embedding kernels (pair embeddings a, b of shape [..., D]) ------------
 
 DISTANCE_KINDS = ["euclidean", "cosine", "manhattan"]
-COEFFICIENTS = {"euclidean": 1, "cosine": 3, "manhattan": 1}
+# Cosine: its 3 coefficients and the 2 scales of its rows (cc/embedding_math.h).
+COEFFICIENTS = {"euclidean": 1, "cosine": 5, "manhattan": 1}
 # Relative (and, times the largest value, absolute) tolerance against float64
 # NumPy on the same (rounded) inputs: a couple of half-ulps of the stored type,
 # whose rounding dominates, or a few ulps of the compute type.
@@ -566,7 +568,7 @@ C4 = np.ones((4, 1))
     (lambda k: k.embedding_loss_cpu(Y4, E4, E4, 1.0, "l2"), ValueError,
      "distance must be one of 'euclidean', 'cosine', 'manhattan', got 'l2'"),
     (lambda k: k.embedding_grad_cpu(E4, E4, C4, np.float32(1), "cosine"), ValueError,
-     r"coefficients must have shape \(4, 3\) \(embeddings_a.shape\[:-1\] \+ \(3,\) for "
+     r"coefficients must have shape \(4, 5\) \(embeddings_a.shape\[:-1\] \+ \(5,\) for "
      r"distance 'cosine'\), got \(4, 1\)"),
     (lambda k: k.embedding_grad_cpu(E4, E4, C4.astype(np.float32), np.float32(1)), TypeError,
      "coefficients must be float64, got float32"),

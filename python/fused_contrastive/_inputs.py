@@ -173,6 +173,13 @@ def prepare_embedding_inputs(y_true, embeddings_a, embeddings_b):
         raise _shape_error("embeddings_a and embeddings_b must have the same shape [..., D] "
                            f"with D >= 1; got {a.shape} and {b.shape}")
     rows = a.shape.merge_with(b.shape)[:-1] if a.shape.rank is not None else tf.TensorShape(None)
+    return _align_row_labels(y_true, rows, lambda: tf.shape(a)[:-1]), a, b
+
+
+def _align_row_labels(y_true, rows, rows_shape):
+    """Labels aligned with the embeddings' rows (static shape `rows`;
+    `rows_shape()` gives their shape as a tensor when a rank is unknown), as
+    prepare_embedding_inputs describes."""
     labels_rank = y_true.shape.rank
     if labels_rank is not None and rows.rank is not None:
         if labels_rank == rows.rank + 1 and y_true.shape[-1] == 1:
@@ -180,7 +187,7 @@ def prepare_embedding_inputs(y_true, embeddings_a, embeddings_b):
         elif rows.rank == labels_rank + 1 and rows[-1] == 1:
             y_true = tf.expand_dims(y_true, -1)
     else:
-        rows_shape = tf.shape(a)[:-1]
+        rows_shape = rows_shape()
         rows_rank, labels_rank = tf.size(rows_shape), tf.rank(y_true)
         drop = tf.logical_and(tf.equal(labels_rank, rows_rank + 1),
                               tf.equal(_last_extent(y_true), 1))
@@ -190,15 +197,34 @@ def prepare_embedding_inputs(y_true, embeddings_a, embeddings_b):
     if not y_true.shape.is_compatible_with(rows):
         raise _shape_error("labels must have the shape of the embeddings without their last "
                            f"axis, {rows}; got {y_true.shape}")
-    return y_true, a, b
+    return y_true
+
+
+def _check_pairs_shape(y_pred):
+    if y_pred.shape.rank is not None and (y_pred.shape.rank < 2 or y_pred.shape[-2] != 2
+                                          or y_pred.shape[-1] == 0):
+        raise _shape_error("with a distance, y_pred holds the two embeddings of each pair "
+                           "stacked on axis -2, shape [..., 2, D] (e.g. keras.ops.stack([a, b], "
+                           f"axis=1)); got {y_pred.shape}")
+
+
+def prepare_pair_inputs(y_true, pairs):
+    """Converts and checks labels [...] and a Keras y_pred of stacked pairs
+    [..., 2, D], aligning the labels as prepare_embedding_inputs does with the
+    rows [...]. The pairs stay stacked: the pair op reads them in place."""
+    reject_ragged(y_true, pairs)
+    pairs = tf.convert_to_tensor(pairs)
+    _check_dtype(pairs, DISTANCE_DTYPES, "y_pred (stacked embeddings)")
+    _check_pairs_shape(pairs)
+    y_true = tf.convert_to_tensor(y_true)
+    _check_dtype(y_true, LABEL_DTYPES, "y_true (labels)")
+    rows = pairs.shape[:-2] if pairs.shape.rank is not None else tf.TensorShape(None)
+    return _align_row_labels(y_true, rows, lambda: tf.shape(pairs)[:-2]), pairs
 
 
 def split_pairs(y_pred):
     """The two embeddings of each pair of a Keras y_pred [..., 2, D]."""
-    if y_pred.shape.rank is not None and (y_pred.shape.rank < 2 or y_pred.shape[-2] != 2):
-        raise _shape_error("with a distance, y_pred holds the two embeddings of each pair "
-                           "stacked on axis -2, shape [..., 2, D] (e.g. keras.ops.stack([a, b], "
-                           f"axis=1)); got {y_pred.shape}")
+    _check_pairs_shape(y_pred)
     if y_pred.shape.rank is not None:
         # Unpack's gradient is one Pack of both gradients; two slices' would be
         # two zero-filled [..., 2, D] tensors and their sum.

@@ -19,6 +19,7 @@ SCALE_OP_NAME = "FusedContrastive>ScaleGradient"
 EMBEDDING_OP_NAME = "FusedContrastive>EmbeddingContrastiveLoss"
 EMBEDDING_GRAD_OP_NAME = "FusedContrastive>EmbeddingContrastiveLossGrad"
 EMBEDDING_REDUCED_OP_NAME = "FusedContrastive>EmbeddingContrastiveLossReduced"
+EMBEDDING_PAIR_REDUCED_OP_NAME = "FusedContrastive>EmbeddingPairContrastiveLossReduced"
 IN_BATCH_OP_NAME = "FusedContrastive>InBatchContrastiveLoss"
 IN_BATCH_GRAD_OP_NAME = "FusedContrastive>InBatchContrastiveLossGrad"
 IN_BATCH_REDUCED_OP_NAME = "FusedContrastive>InBatchContrastiveLossReduced"
@@ -193,8 +194,8 @@ def embedding_loss(labels, embeddings_a, embeddings_b, margin, distance, similar
         similar_label=similar_label)[0]
 
 
-def _reference_embedding_gradients(loss_fn, a, b, upstream):
-    """Gradients of loss_fn(a, b) (the reference) by autodiff.
+def _reference_embedding_gradients(loss_fn, tensors, upstream):
+    """Gradients of loss_fn(*tensors) (the reference) by autodiff.
 
     Used while a tape records the backward pass itself (a Hessian, a gradient
     penalty, or gradient() called inside a persistent tape's block): the fused
@@ -202,9 +203,9 @@ def _reference_embedding_gradients(loss_fn, a, b, upstream):
     differentiated again.
     """
     with tf.GradientTape() as tape:
-        tape.watch([a, b])
-        loss = loss_fn(a, b)
-    return tape.gradient(loss, [a, b], output_gradients=upstream)
+        tape.watch(tensors)
+        loss = loss_fn(*tensors)
+    return tape.gradient(loss, tensors, output_gradients=upstream)
 
 
 def _constant_scale(scale, dtype):
@@ -241,12 +242,41 @@ def reduced_embedding_loss(labels, embeddings_a, embeddings_b, sample_weight, ma
 
         def backward(upstream):
             if record.could_possibly_record():
-                return _reference_embedding_gradients(reference_loss, a, b, upstream)
+                return _reference_embedding_gradients(reference_loss, [a, b], upstream)
             return scale_gradient(grad_a, upstream), scale_gradient(grad_b, upstream)
 
         return loss, backward
 
     return fused(embeddings_a, embeddings_b)
+
+
+def reduced_pair_loss(labels, pairs, sample_weight, margin, reduction, loss_scale, distance,
+                      similar_label=1):
+    """reduced_embedding_loss on the stacked pairs [..., 2, D] a Keras model
+    outputs: the pair op reads them, and writes their gradient, in place (no
+    unstack before it, no stack of the two gradients after it)."""
+    op = _library.fused_contrastive_embedding_pair_contrastive_loss_reduced
+
+    @tf.custom_gradient
+    def fused(pairs):
+        loss, grad, scale = op(labels, pairs, sample_weight, scalar(margin), scalar(loss_scale),
+                               distance=distance, reduction=reduction,
+                               similar_label=similar_label)
+
+        def reference_loss(pairs):
+            losses = reference.reference_embedding_loss(labels, pairs[..., 0, :],
+                                                        pairs[..., 1, :], margin, distance,
+                                                        similar_label)
+            return tf.reduce_sum(losses * sample_weight) * tf.cast(scale, losses.dtype)
+
+        def backward(upstream):
+            if record.could_possibly_record():
+                return _reference_embedding_gradients(reference_loss, [pairs], upstream)[0]
+            return scale_gradient(grad, upstream)
+
+        return loss, backward
+
+    return fused(pairs)
 
 
 def _is_known_zero(grad):
@@ -319,7 +349,7 @@ def _embedding_loss_grad(op, grad_loss, _):
         grad_a, grad_b = _reference_embedding_gradients(
             lambda a, b: reference.reference_embedding_loss(
                 labels, a, b, margin, distance, op.get_attr("similar_label")),
-            a, b, grad_loss)
+            [a, b], grad_loss)
     else:
         grad_a, grad_b = _library.fused_contrastive_embedding_contrastive_loss_grad(
             a, b, op.outputs[1], grad_loss, distance=distance)

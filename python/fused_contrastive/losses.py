@@ -7,7 +7,8 @@ from fused_contrastive import _ops
 from tensorflow.python.eager import record
 
 from fused_contrastive._inputs import (number_margin, prepare_embedding_inputs,
-                                       prepare_in_batch_inputs, prepare_inputs, reject_ragged,
+                                       prepare_in_batch_inputs, prepare_inputs,
+                                       prepare_pair_inputs, reject_ragged,
                                        split_pairs, squeeze_extra_unit_axis, validate_distance,
                                        validate_in_batch_options, validate_margin,
                                        validate_max_block_rows, validate_similar_label)
@@ -179,11 +180,6 @@ class _FusedReduction:
         self.mode, self.weights, self.loss_scale = mode, weights, loss_scale
 
 
-def _unknown_rank(x):
-    """Whether x is a tensor whose rank is unknown while traced."""
-    return tf.is_tensor(x) and x.shape.rank is None
-
-
 def _fused_reduction_possible(loss, y_pred):
     """Whether a Keras loss object's reduction has a fused op: not "none" or
     None, not under the pure-TF fallback, and no Keras mask on y_pred."""
@@ -269,12 +265,9 @@ class ContrastiveLoss(keras.losses.Loss):
     def _fused_reduction(self, y_true, y_pred, sample_weight):
         """The reduced loss from the fused-reduction op, or None where Keras' own
         reduction must run (see _fused_reduction_inputs)."""
-        # The embedding op writes both embeddings' gradients as it reduces:
-        # worth it only when a tape will use them (training), not in evaluate.
-        # Keras' own reduction cannot take a loss of unknown rank, though.
-        if (self.distance is not None and not record.could_possibly_record()
-                and not _unknown_rank(y_pred)):
-            return None
+        # The pair op writes the pair's gradient as it reduces, for nothing in
+        # evaluate; but it reads the pair in place, where the per-pair path
+        # must first unstack it, which costs more than the whole loss.
         if not _fused_reduction_possible(self, y_pred):
             return None
         with tf.name_scope(self.name):
@@ -284,7 +277,7 @@ class ContrastiveLoss(keras.losses.Loss):
             if self.distance is None:
                 labels, distances = prepare_inputs(y_true, y_pred)
             else:
-                labels, a, b = prepare_embedding_inputs(y_true, *split_pairs(y_pred))
+                labels, pairs = prepare_pair_inputs(y_true, y_pred)
                 distances = labels  # only their shape matters below
             reduction = _fused_reduction_inputs(self, distances, sample_weight)
             if reduction is None:
@@ -293,9 +286,9 @@ class ContrastiveLoss(keras.losses.Loss):
                 return _ops.reduced_loss(labels, distances, reduction.weights, self.margin,
                                          reduction.mode, reduction.loss_scale,
                                          self.similar_label)
-            return _ops.reduced_embedding_loss(labels, a, b, reduction.weights, self.margin,
-                                               reduction.mode, reduction.loss_scale,
-                                               self.distance, self.similar_label)
+            return _ops.reduced_pair_loss(labels, pairs, reduction.weights, self.margin,
+                                          reduction.mode, reduction.loss_scale, self.distance,
+                                          self.similar_label)
 
     def get_config(self):
         config = super().get_config()

@@ -34,8 +34,14 @@ def reference_loss(labels, distances, margin, similar_label=1):
     """Per-sample loss on prepared inputs (see contrastive_loss_reference)."""
     y, d, m = _in_compute_dtype(labels, distances, margin, similar_label)
     hinge = tf.maximum(m - d, 0.0)
-    loss = y * tf.square(d) + (1.0 - y) * tf.square(hinge)
+    loss = _weighted(y, tf.square(d)) + _weighted(1.0 - y, tf.square(hinge))
     return tf.cast(loss, distances.dtype)
+
+
+def _weighted(w, x):
+    """w * x, exactly 0 where w is 0 and x is not NaN (even for an infinite x,
+    where 0 * inf is NaN), as ElementOps::weighted in cc/contrastive_math.h."""
+    return tf.where(tf.logical_and(tf.equal(w, 0.0), tf.equal(x, x)), tf.zeros_like(x), w * x)
 
 
 def _as_dtype(value, dtype):
@@ -50,6 +56,21 @@ def _safe(x, ok):
     return tf.where(ok, x, tf.ones_like(x))
 
 
+# Σx² outside [low, high] over- or underflows (CosineScaling in cc/embedding_math.h).
+_COSINE_RANGE = {tf.float32: (2.0**-60, 2.0**100), tf.float64: (2.0**-900, 2.0**900)}
+
+
+def _cosine_scaled(x):
+    """x, with rows whose Σx² leaves _COSINE_RANGE divided by their largest
+    |element| (cosine is scale-invariant): no NaN from Σx² = inf, no zero
+    vector from squares that underflow. Other rows are unchanged."""
+    low, high = _COSINE_RANGE[x.dtype]
+    squares = tf.reduce_sum(x * x, axis=-1, keepdims=True)
+    largest = tf.reduce_max(tf.abs(x), axis=-1, keepdims=True)
+    rescale = ((squares < low) | (squares > high)) & (largest > 0) & tf.math.is_finite(largest)
+    return x * tf.stop_gradient(tf.where(rescale, 1.0 / _safe(largest, rescale), 1.0))
+
+
 def reference_distance(a, b, distance):
     """Distance between the rows of a and b (compute dtype), with the kernels'
     conventions at zero: d = 0 and a zero gradient at a == b (euclidean),
@@ -59,6 +80,7 @@ def reference_distance(a, b, distance):
         nonzero = squared > 0
         return tf.where(nonzero, tf.sqrt(_safe(squared, nonzero)), tf.zeros_like(squared))
     if distance == "cosine":
+        a, b = _cosine_scaled(a), _cosine_scaled(b)
         aa, bb = tf.reduce_sum(a * a, axis=-1), tf.reduce_sum(b * b, axis=-1)
         ok = tf.stop_gradient(tf.sqrt(aa) * tf.sqrt(bb)) > 0
         norms = tf.sqrt(_safe(aa, ok)) * tf.sqrt(_safe(bb, ok))

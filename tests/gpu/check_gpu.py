@@ -175,7 +175,8 @@ LABEL_DTYPES = ["bool", "int32", "int64", "float16", "bfloat16", "float32", "flo
 DISTANCE_DTYPES = ["float16", "bfloat16", "float32", "float64"]
 MARGIN = 0.75
 DISTANCE_KINDS = ["euclidean", "cosine", "manhattan"]
-COEFFICIENTS = {"euclidean": 1, "cosine": 3, "manhattan": 1}
+# Cosine: its 3 coefficients and the 2 scales of its rows (cc/embedding_math.h).
+COEFFICIENTS = {"euclidean": 1, "cosine": 5, "manhattan": 1}
 REDUCTIONS = ["sum", "mean", "weighted_mean"]
 # Embedding shapes [..., D]: no rows, one row, odd row counts; D = 1 and odd D
 # (scalar loads) or a multiple of every dtype's 16-byte pack (vector loads).

@@ -1,0 +1,265 @@
+"""Issue 18 for the pair-embedding family: the Keras pair class reads the
+stacked pair [..., 2, D] in place (no unstack, no Pack of the gradients),
+long rows are summed in chunks, and a label weight of exactly 0 contributes
+exactly 0 (no 0 * inf)."""
+
+import os
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import DISTANCES, embeddings, random_labels
+
+import fused_contrastive as fc
+from fused_contrastive import _kernels, _ops
+
+REDUCTIONS = ["sum", "mean", "weighted_mean"]
+
+
+def pair_op(y, pairs, w, reduction, distance, margin=0.8, similar_label=1):
+    return _ops._library.fused_contrastive_embedding_pair_contrastive_loss_reduced(
+        y, pairs, w, _ops.scalar(margin), _ops.scalar(1.0), distance=distance,
+        reduction=reduction, similar_label=similar_label)
+
+
+def two_tensor_op(y, a, b, w, reduction, distance, margin=0.8, similar_label=1):
+    return _ops._library.fused_contrastive_embedding_contrastive_loss_reduced(
+        y, a, b, w, _ops.scalar(margin), _ops.scalar(1.0), distance=distance,
+        reduction=reduction, similar_label=similar_label)
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32", "float64"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("jit", [False, True])
+def test_pair_op_has_the_bits_of_the_two_tensor_op(rng, distance, dtype, reduction, jit):
+    # Rows of odd length (no vector access on GPU) and of several leading axes.
+    a, b = embeddings(rng, (3, 7, 5), dtype)
+    pairs = tf.stack([a, b], axis=-2)
+    y = random_labels(rng, (3, 7), "float32")
+    w = tf.cast(rng.random((3, 7)), dtype)
+
+    @tf.function(jit_compile=jit)
+    def both(y, a, b, pairs, w):
+        return (two_tensor_op(y, a, b, w, reduction, distance),
+                pair_op(y, pairs, w, reduction, distance))
+
+    (loss, grad_a, grad_b, scale), (pair_loss, pair_grad, pair_scale) = both(y, a, b, pairs, w)
+    assert pair_grad.shape == pairs.shape and pair_grad.dtype == pairs.dtype
+    np.testing.assert_array_equal(pair_loss.numpy(), loss.numpy())
+    np.testing.assert_array_equal(pair_scale.numpy(), scale.numpy())
+    np.testing.assert_array_equal(pair_grad.numpy(), tf.stack([grad_a, grad_b], -2).numpy())
+
+
+@pytest.mark.parametrize("shape, labels", [((4, 3, 2), (4, 3)), ((4, 2, 2, 0), (4, 2)),
+                                           ((4, 2), (4,)), ((4, 2, 3), (5,))])
+def test_pair_op_rejects_what_is_not_a_stacked_pair(shape, labels):
+    with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=r"\[\.\.\., 2, D\]"):
+        pair_op(tf.zeros(labels), tf.zeros(shape), tf.constant(1.0), "mean", "euclidean")
+
+
+def fwd_bwd_graph(loss_object, y, pairs):
+    @tf.function
+    def step(y, pairs):
+        with tf.GradientTape() as tape:
+            tape.watch(pairs)
+            loss = loss_object(y, pairs)
+        return loss, tape.gradient(loss, pairs)
+
+    return step.get_concrete_function(y, pairs).graph
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_keras_pair_class_reads_the_stacked_pair_in_place(rng, distance):
+    a, b = embeddings(rng, (16, 8), "float32")
+    pairs = tf.stack([a, b], axis=1)
+    y = random_labels(rng, (16,), "float32")
+    graph = fwd_bwd_graph(fc.ContrastiveLoss(distance=distance), y, pairs)
+    types = {op.type for op in graph.get_operations()}
+    assert _ops.EMBEDDING_PAIR_REDUCED_OP_NAME in types
+    # Copies of the pair before the op or of its gradients after it.
+    assert not types & {"Unpack", "Pack", "StridedSlice", "ConcatV2", "AddN"}, types
+
+
+@pytest.mark.parametrize("distance", DISTANCES)
+@pytest.mark.parametrize("jit", [False, True])
+def test_keras_pair_class_gradient_matches_the_reference(rng, distance, jit):
+    a, b = embeddings(rng, (40, 9), "float32")
+    pairs = tf.stack([a, b], axis=1)
+    y = random_labels(rng, (40, 1), "float32")
+    w = tf.constant(rng.random(40), "float32")
+    results = []
+    for impl in (fc.ContrastiveLoss(margin=0.7, distance=distance), None):
+        @tf.function(jit_compile=jit)
+        def step(pairs, impl=impl):
+            with tf.GradientTape() as tape:
+                tape.watch(pairs)
+                if impl is None:
+                    per_pair = fc.contrastive_loss_from_embeddings_reference(
+                        y, pairs[:, 0], pairs[:, 1], margin=0.7, distance=distance)
+                    loss = tf.reduce_sum(per_pair * w) / 40.0
+                else:
+                    loss = impl(y, pairs, sample_weight=w)
+            return loss, tape.gradient(loss, pairs)
+        results.append(step(pairs))
+    (loss, grad), (want_loss, want_grad) = results
+    np.testing.assert_allclose(loss, want_loss, rtol=2e-6)
+    np.testing.assert_allclose(grad, want_grad, rtol=3e-6,
+                               atol=3e-6 * np.max(np.abs(want_grad)))
+
+
+def float64_loss(y, a, b, margin, distance):
+    a = a.astype(np.float64)
+    b = b.astype(np.float64)
+    if distance == "euclidean":
+        d = np.sqrt(np.sum((a - b) ** 2, axis=-1))
+    else:
+        d = 1.0 - np.sum(a * b, -1) / np.sqrt(np.sum(a * a, -1) * np.sum(b * b, -1))
+    return y * d**2 + (1.0 - y) * np.maximum(margin - d, 0.0) ** 2
+
+
+@pytest.mark.parametrize("distance, dim", [("euclidean", 10**6), ("cosine", 10**6),
+                                           ("cosine", 10**5)])
+def test_long_rows_are_summed_to_float32_accuracy(distance, dim):
+    # Positive elements, so that the row sums have no cancellation: the error
+    # is the summation's own (5.5e-5 and 5.2e-4 with one float sum per row).
+    rng = np.random.default_rng(7)
+    a = rng.uniform(0.5, 1.0, size=(2, dim)).astype(np.float32)
+    b = rng.uniform(0.0, 0.5, size=(2, dim)).astype(np.float32)
+    y = np.array([1.0, 1.0], np.float32)
+    want = float64_loss(y, a, b, 1.0, distance)
+    ops = fc.contrastive_loss_from_embeddings(y, a, b, distance=distance).numpy()
+    kernel = _kernels.embedding_loss_cpu(y, a, b, distance=distance)[0]
+    reduced = _kernels.embedding_loss_reduced_cpu(y, a, b, distance=distance,
+                                                  reduction="sum")[0]
+    # Cosine's d = 1 - s is about s/d = 6 times as sensitive to the float32
+    # rounding of its three sums as the sums themselves: 2e-6 is that bound.
+    rtol = 1e-6 if distance == "euclidean" else 2e-6
+    for got in (ops, kernel):
+        np.testing.assert_allclose(got, want, rtol=rtol)
+    np.testing.assert_allclose(reduced, want.sum(), rtol=rtol)
+
+
+LOSS_PATHS = ["kernel", "reference", "xla"]
+
+
+def per_sample(path, y, d, margin):
+    if path == "reference":
+        return fc.contrastive_loss_reference(y, d, margin=margin)
+    if path == "xla":
+        return tf.function(lambda y, d: fc.contrastive_loss(y, d, margin=margin),
+                           jit_compile=True)(tf.constant(y), tf.constant(d))
+    return fc.contrastive_loss(y, d, margin=margin)
+
+
+@pytest.mark.parametrize("path", LOSS_PATHS)
+def test_zero_label_weight_contributes_exactly_zero(path):
+    # d² overflows float32 for the dissimilar pair; (margin - d)² for the
+    # similar one under margin 1e30. Their weights are 0: no 0 * inf.
+    y = np.array([0.0, 1.0], np.float32)
+    np.testing.assert_array_equal(per_sample(path, y, np.array([2e19, 1.0], np.float32), 1.0),
+                                  [0.0, 1.0])
+    np.testing.assert_array_equal(per_sample(path, y, np.array([3.0, 1.0], np.float32), 1e30),
+                                  [np.inf, 1.0])
+
+
+@pytest.mark.parametrize("path", LOSS_PATHS)
+def test_nan_distance_still_gives_nan_whatever_the_label(path):
+    y = np.array([0.0, 1.0], np.float32)
+    assert np.all(np.isnan(per_sample(path, y, np.array([np.nan, np.nan], np.float32), 1.0)))
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_far_dissimilar_embeddings_give_zero_loss_and_gradient(jit):
+    a = tf.constant([[1e19, 0.0], [0.0, 1.0]])
+    b = tf.constant([[-1e19, 0.0], [0.0, 0.0]])
+    y = tf.constant([0.0, 1.0])
+
+    @tf.function(jit_compile=jit)
+    def step(a, b):
+        with tf.GradientTape() as tape:
+            tape.watch([a, b])
+            loss = fc.ContrastiveLoss(distance="euclidean", reduction="sum")(
+                y, tf.stack([a, b], axis=1))
+        return loss, tape.gradient(loss, a)
+
+    loss, grad = step(a, b)
+    assert float(loss) == 1.0
+    np.testing.assert_array_equal(grad, [[0.0, 0.0], [0.0, 2.0]])
+
+
+def cosine_loss_and_grads(path, y, a, b):
+    """Per-pair loss (summed) and gradients of the cosine loss on one path."""
+    def step(a, b):
+        with tf.GradientTape() as tape:
+            tape.watch([a, b])
+            if path == "class":
+                loss = fc.ContrastiveLoss(distance="cosine", reduction="sum", dtype=a.dtype)(
+                    y, tf.stack([a, b], axis=1))
+            elif path == "reference":
+                loss = tf.reduce_sum(fc.contrastive_loss_from_embeddings_reference(
+                    y, a, b, distance="cosine"))
+            else:
+                loss = tf.reduce_sum(fc.contrastive_loss_from_embeddings(y, a, b,
+                                                                         distance="cosine"))
+        return (loss, *tape.gradient(loss, [a, b]))
+    if path == "xla":
+        step = tf.function(step, jit_compile=True)
+    return [t.numpy() for t in step(tf.constant(a), tf.constant(b))]
+
+
+SCALES = {"float32": (1e19, 1e-20), "float64": (1e160, 1e-170)}
+
+
+@pytest.mark.parametrize("path", ["op", "class", "xla", "reference"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_cosine_is_scale_invariant_at_extreme_scales(rng, path, dtype):
+    # Σa² overflows (1e19 in float32) or its squares underflow (1e-20): the
+    # loss must still be the loss of the unscaled rows, and the gradient
+    # scale with 1/scale. Row 2: identical rows, a similar pair: loss 0.
+    a = rng.normal(size=(3, 6)).astype(dtype)
+    b = rng.normal(size=(3, 6)).astype(dtype)
+    b[2] = a[2]
+    y = np.array([1.0, 0.0, 1.0], dtype)
+    loss, grad_a, grad_b = cosine_loss_and_grads(path, y, a, b)
+    for scale in SCALES[dtype]:
+        got = cosine_loss_and_grads(path, y, a * scale, b * scale)
+        assert np.all(np.isfinite(got[0])), (scale, got[0])
+        np.testing.assert_allclose(got[0], loss, rtol=1e-5 if dtype == "float32" else 1e-12,
+                                   err_msg=f"scale {scale}")
+        tolerance = 1e-5 if dtype == "float32" else 1e-12
+        for g, want in zip(got[1:], (grad_a, grad_b)):
+            np.testing.assert_allclose(g * scale, want, rtol=tolerance,
+                                       atol=tolerance * np.max(np.abs(want)),
+                                       err_msg=f"scale {scale}")
+
+
+def test_cosine_rows_in_range_are_not_rescaled(rng):
+    # In range the scales are 1 (the kernels compute what they computed
+    # before); out of it, powers of two.
+    a = rng.normal(size=(5, 8)).astype(np.float32)
+    b = rng.normal(size=(5, 8)).astype(np.float32)
+    loss, coefficients = _kernels.embedding_loss_cpu(np.ones(5, np.float32), a, b,
+                                                     distance="cosine")
+    np.testing.assert_array_equal(coefficients[:, 3:], 1.0)
+    tiny = _kernels.embedding_loss_cpu(np.ones(5, np.float32), a * 1e-20, b * 1e-20,
+                                       distance="cosine")
+    scales = tiny[1][:, 3:]
+    assert np.all(scales > 1e18) and np.all(np.log2(scales) == np.round(np.log2(scales)))
+    np.testing.assert_allclose(tiny[0], loss, rtol=1e-6)
+
+
+def test_the_hlo_lowering_of_the_pair_op_matches_too(tmp_path):
+    # XLA's GPU backend lowers the pair op to HLO (slices of the pair, one
+    # concatenation of the gradients); FUSED_CONTRASTIVE_XLA_CPU_HLO=1 makes the
+    # CPU backend compile that HLO, checked here against the two-tensor op's.
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+         "pair_op_has_the_bits and True", "-o", f"cache_dir={tmp_path}"],
+        capture_output=True, text=True,
+        env={**os.environ, "FUSED_CONTRASTIVE_XLA_CPU_HLO": "1"}, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert re.search(r"\d+ passed", result.stdout), result.stdout[-2000:]
