@@ -97,8 +97,7 @@ FC_HOST_DEVICE inline C row_statistic(const C& norm2) {
 template <typename C>
 FC_HOST_DEVICE inline int cosine_row_exponent(C max_abs) {
   if (!(max_abs > C(0)) || !isfinite(max_abs)) return 0;
-  int k = 0;
-  frexp(max_abs, &k);
+  const int k = binary_exponent(max_abs);
   return (k < -40 || k > 40) ? k : 0;
 }
 
