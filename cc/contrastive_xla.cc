@@ -599,14 +599,18 @@ xla::XlaOp RowSums(xla::XlaOp x) {
                      xla::CreateScalarAddComputation(type, builder), {1});
 }
 
-// x [B, D] less its mean row (B > 0).
-xla::XlaOp LessMeanRow(xla::XlaOp x, int64_t rows) {
+// The mean row [D] of x [B, D] (B > 0).
+xla::XlaOp MeanRow(xla::XlaOp x, int64_t rows) {
   xla::XlaBuilder* builder = x.builder();
   const xla::PrimitiveType type = builder->GetShape(x).value().element_type();
   const xla::XlaOp sums =
       xla::Reduce(x, xla::Zero(builder, type), xla::CreateScalarAddComputation(type, builder), {0});
-  const xla::XlaOp mean = sums / xla::ScalarLike(sums, static_cast<double>(rows));
-  return x - xla::BroadcastInDim(mean, builder->GetShape(x).value().dimensions(), {1});
+  return sums / xla::ScalarLike(sums, static_cast<double>(rows));
+}
+
+// x [R, D] less the row `centre` [D].
+xla::XlaOp LessRow(xla::XlaOp x, xla::XlaOp centre) {
+  return x - xla::BroadcastInDim(centre, x.builder()->GetShape(x).value().dimensions(), {1});
 }
 
 // Products at full precision: XLA's GPU backend may otherwise take float32
@@ -739,7 +743,8 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
   }
   xla::XlaOp positive_weight, negative_weight;
   TF_RETURN_IF_ERROR(InBatchPairWeights(in, weighting, &positive_weight, &negative_weight));
-  const xla::XlaOp e = K == Distance::kEuclidean ? LessMeanRow(in.e, in.rows) : in.e;
+  const xla::XlaOp centre = K == Distance::kEuclidean ? MeanRow(in.e, in.rows) : xla::XlaOp();
+  const xla::XlaOp e = K == Distance::kEuclidean ? LessRow(in.e, centre) : in.e;
   const xla::XlaOp norm2 = RowSums(e * e);
   // The loop's values: inputs first, then what it writes, then the
   // gradient's inputs and output.
@@ -754,6 +759,15 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
     values.push_back(xla::ConvertElementType(negative_weight * g, in.type));
     values.push_back(xla::Zeros(builder, xla::ShapeUtil::MakeShape(in.type, {in.rows, in.dim})));
   }
+  // A float32 block with a pair whose Gram distance cancels about the mean
+  // (gram_distance_cancels) takes its distances and gradient from float64
+  // products of the rows less the mean, both exact in float64, whose rounding
+  // is 2⁻²⁹ of float32's; the others (every block of a batch without close
+  // rows far from its mean) stay in float32. Those blocks need the rows as
+  // given and the mean.
+  const bool can_widen = K == Distance::kEuclidean && in.type == xla::F32;
+  const int raw = static_cast<int>(values.size());
+  if (can_widen) values.insert(values.end(), {in.e, centre});
   const PairBlock pairs{in.block, in.rows};
   const auto body = [&](xla::XlaOp start, std::vector<xla::XlaOp> v,
                         xla::XlaBuilder*) -> absl::StatusOr<std::vector<xla::XlaOp>> {
@@ -769,11 +783,6 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
     const xla::XlaOp stat_i = pairs.AlongRows(stat_block);
     const xla::XlaOp stat_j = pairs.AlongColumns(v[kStat]);
     xla::XlaOp d = pair_distance<K>(s, stat_i, stat_j);
-    // A float32 block with a pair whose Gram distance cancels about the mean
-    // (gram_distance_cancels) takes its distances and gradient from float64
-    // products, whose rounding is 2⁻²⁹ of float32's; the others (every block
-    // of a batch without close rows far from its mean) stay in float32.
-    const bool can_widen = K == Distance::kEuclidean && in.type == xla::F32;
     xla::XlaOp wide;
     if (can_widen) {
       const xla::XlaOp sums = stat_i + stat_j;
@@ -782,13 +791,15 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
                                              sums);
       wide = xla::Any(xla::And(other, cancels));
       const auto gram_distances = [&](const std::vector<xla::XlaOp>& x) {
-        return pair_distance<K>(PreciseDot(x[0], x[1], 1, 1),
-                                pairs.AlongRows(row_statistic<K>(RowSums(x[0] * x[0]))),
-                                pairs.AlongColumns(row_statistic<K>(RowSums(x[1] * x[1]))));
+        const xla::XlaOp rows_i = LessRow(x[0], x[2]);
+        const xla::XlaOp rows_j = LessRow(x[1], x[2]);
+        return pair_distance<K>(PreciseDot(rows_i, rows_j, 1, 1),
+                                pairs.AlongRows(row_statistic<K>(RowSums(rows_i * rows_i))),
+                                pairs.AlongColumns(row_statistic<K>(RowSums(rows_j * rows_j))));
       };
       const auto as_is = [](const std::vector<xla::XlaOp>& x) { return x[0]; };
-      TF_ASSIGN_OR_RETURN(d, InFloat64When(wide, {e_block, v[kE]}, gram_distances, {d}, as_is,
-                                           in.type));
+      TF_ASSIGN_OR_RETURN(d, InFloat64When(wide, {block_of(raw), v[raw], v[raw + 1]},
+                                           gram_distances, {d}, as_is, in.type));
     }
     xla::XlaOp positive_t, positive_slope, negative_t, negative_slope;
     positive_term(d, v[kPositiveMargin], &positive_t, &positive_slope);
@@ -806,16 +817,21 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
     const xla::XlaOp coefficient = positive * pair_sum(kPositiveCoefficient) * positive_slope +
                                    negative * pair_sum(kNegativeCoefficient) * negative_slope;
     const xla::XlaOp m = gram_coefficient<K>(coefficient, d, stat_i, stat_j);
-    const std::vector<xla::XlaOp> operands = {m, s, stat_block, e_block, v[kE]};
+    // x: m, s, stat_block, then the anchors' rows, all rows and (float64)
+    // their centre.
     const auto gradient = [](const std::vector<xla::XlaOp>& x) {
-      return GradientBlock<K>(x[0], x[1], x[2], x[3], x[4]);
+      return x.size() == 5
+                 ? GradientBlock<K>(x[0], x[1], x[2], x[3], x[4])
+                 : GradientBlock<K>(x[0], x[1], x[2], LessRow(x[3], x[5]), LessRow(x[4], x[5]));
     };
-    xla::XlaOp grad_block;
+    const std::vector<xla::XlaOp> narrow = {m, s, stat_block, e_block, v[kE]};
+    xla::XlaOp grad_block = xla::XlaOp();
     if (can_widen) {
-      TF_ASSIGN_OR_RETURN(grad_block,
-                          InFloat64When(wide, operands, gradient, operands, gradient, in.type));
+      TF_ASSIGN_OR_RETURN(
+          grad_block, InFloat64When(wide, {m, s, stat_block, block_of(raw), v[raw], v[raw + 1]},
+                                    gradient, narrow, gradient, in.type));
     } else {
-      grad_block = gradient(operands);
+      grad_block = gradient(narrow);
     }
     v[kGrad] = SetRowBlock(v[kGrad], grad_block, start);
     return v;
