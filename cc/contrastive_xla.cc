@@ -487,8 +487,8 @@ class EmbeddingLossReducedXlaOp : public tensorflow::XlaOpKernel {
 // memory grows linearly in B.
 //
 // The Euclidean Gram formula's d² carries a few ulp of ‖e_i‖² + ‖e_j‖², which
-// swamps d² when rows sit far from the origin (float32 losses 2e-2 off for
-// rows of spread 1 about a point at norm 560). The distance and its gradient
+// swamps d² when rows sit far from the origin (float32 losses 1e-2 to 2e-2
+// off for rows of spread 1 about a point at norm 560). The distance and its gradient
 // Σ_j M_ij·(e_i − e_j) are translation-invariant, so the sweep runs on the
 // rows less the batch's mean row, whose rounding is of the rows' spread, not
 // of their offset. Where close rows sit far from the mean even so (clusters
@@ -761,10 +761,10 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
   }
   // A float32 block with a pair whose Gram distance cancels about the mean
   // (gram_distance_cancels) takes its distances and gradient from float64
-  // products of the rows less the mean, both exact in float64, whose rounding
-  // is 2⁻²⁹ of float32's; the others (every block of a batch without close
-  // rows far from its mean) stay in float32. Those blocks need the rows as
-  // given and the mean.
+  // products of the rows less the mean (the subtraction exact in float64, the
+  // products' rounding 2⁻²⁹ of float32's), so it reads the rows as given and
+  // the mean; the other blocks (all of them in a batch without close rows far
+  // from its mean) stay in float32.
   const bool can_widen = K == Distance::kEuclidean && in.type == xla::F32;
   const int raw = static_cast<int>(values.size());
   if (can_widen) values.insert(values.end(), {in.e, centre});
