@@ -540,12 +540,20 @@ class EmbeddingLossReducedXlaOp : public tensorflow::XlaOpKernel {
 // a While loop over blocks of R anchor rows, each against all B rows:
 // S = E_blk·Eᵀ [R, B], the pair terms of in_batch_math.h evaluated on S, and
 // for the gradient M [R, B] and M·E. No value has more than R·B elements, so
-// memory grows linearly in B. Unlike the kernels, the HLO does not recompute
-// pairs whose Gram distance cancels (near-duplicate rows) from e_i − e_j:
-// their Euclidean distance keeps the Gram formula's rounding, a few ulp of
-// ‖e_i‖² + ‖e_j‖² in d² (for equal float32 rows d is up to about
-// 1e-3·‖e‖ instead of 0), as in the pure-TensorFlow reference, and so do
-// their loss and gradient.
+// memory grows linearly in B.
+//
+// The Euclidean Gram formula's d² carries a few ulp of ‖e_i‖² + ‖e_j‖², which
+// swamps d² when rows sit far from the origin (float32 losses 1e-2 to 2e-2
+// off for rows of spread 1 about a point at norm 560). The distance and its gradient
+// Σ_j M_ij·(e_i − e_j) are translation-invariant, so the sweep runs on the
+// rows less the batch's mean row, whose rounding is of the rows' spread, not
+// of their offset. Where close rows sit far from the mean even so (clusters
+// far apart), a float32 block with a pair that cancels takes its distances
+// and gradient from float64 products (the kernels instead recompute such
+// pairs from e_i − e_j, which a [R, B] tile cannot hold); float64 rows keep
+// the Gram formula's rounding, a few float64 ulp of ‖e_i‖² + ‖e_j‖² about the
+// mean. Cosine is not translation-invariant; it is computed as the kernels
+// compute it, with their accuracy.
 
 // Elements of an [R, B] block: a few of them live per iteration (S, M, the
 // terms), tens of MiB in float32, while the products E_blk·Eᵀ and M·E stay
@@ -647,6 +655,20 @@ xla::XlaOp RowSums(xla::XlaOp x) {
                      xla::CreateScalarAddComputation(type, builder), {1});
 }
 
+// The mean row [D] of x [B, D] (B > 0).
+xla::XlaOp MeanRow(xla::XlaOp x, int64_t rows) {
+  xla::XlaBuilder* builder = x.builder();
+  const xla::PrimitiveType type = builder->GetShape(x).value().element_type();
+  const xla::XlaOp sums =
+      xla::Reduce(x, xla::Zero(builder, type), xla::CreateScalarAddComputation(type, builder), {0});
+  return sums / xla::ScalarLike(sums, static_cast<double>(rows));
+}
+
+// x [R, D] less the row `centre` [D].
+xla::XlaOp LessRow(xla::XlaOp x, xla::XlaOp centre) {
+  return x - xla::BroadcastInDim(centre, x.builder()->GetShape(x).value().dimensions(), {1});
+}
+
 // Products at full precision: XLA's GPU backend may otherwise take float32
 // dots in TF32, whose rounding the Euclidean Gram formula would magnify.
 xla::XlaOp PreciseDot(xla::XlaOp a, xla::XlaOp b, int64_t a_contract, int64_t b_contract) {
@@ -712,6 +734,55 @@ absl::Status InBatchPairWeights(const InBatchInputs& in, PairWeighting weighting
   return absl::OkStatus();
 }
 
+// q_I·E_I − M·E: the gradient of a block of anchors I (in_batch_math.h).
+template <Distance K>
+xla::XlaOp GradientBlock(xla::XlaOp m, xla::XlaOp s, xla::XlaOp stat_block, xla::XlaOp e_block,
+                         xla::XlaOp e) {
+  const xla::XlaOp q = diagonal_factor<K>(stat_block) * RowSums(diagonal_term<K>(m, s));
+  const xla::Shape shape = e_block.builder()->GetShape(e_block).value();
+  return xla::BroadcastInDim(q, shape.dimensions(), {0}) * e_block - PreciseDot(m, e, 1, 0);
+}
+
+// A Conditional's branch: f of its operands (a tuple of those of
+// `operands`' shapes), each converted to `compute`, its result to `type`.
+template <typename F>
+absl::StatusOr<xla::XlaComputation> Branch(xla::XlaBuilder* parent, const char* name,
+                                           const std::vector<xla::XlaOp>& operands,
+                                           xla::PrimitiveType compute, xla::PrimitiveType type,
+                                           const F& f) {
+  const std::unique_ptr<xla::XlaBuilder> builder = parent->CreateSubBuilder(name);
+  std::vector<xla::Shape> shapes;
+  for (const xla::XlaOp& operand : operands) {
+    TF_ASSIGN_OR_RETURN(xla::Shape shape, parent->GetShape(operand));
+    shapes.push_back(shape);
+  }
+  const xla::XlaOp tuple =
+      xla::Parameter(builder.get(), 0, xla::ShapeUtil::MakeTupleShape(shapes), "operands");
+  std::vector<xla::XlaOp> args;
+  for (int64_t i = 0; i < static_cast<int64_t>(operands.size()); ++i) {
+    args.push_back(xla::ConvertElementType(xla::GetTupleElement(tuple, i), compute));
+  }
+  xla::ConvertElementType(f(args), type);
+  return builder->Build();
+}
+
+// wide_f(wide_operands) evaluated in float64 where the scalar PRED `wide`
+// holds, else narrow_f(narrow_operands) in `type`; the result in `type`.
+template <typename Wide, typename Narrow>
+absl::StatusOr<xla::XlaOp> InFloat64When(xla::XlaOp wide,
+                                         const std::vector<xla::XlaOp>& wide_operands,
+                                         const Wide& wide_f,
+                                         const std::vector<xla::XlaOp>& narrow_operands,
+                                         const Narrow& narrow_f, xla::PrimitiveType type) {
+  xla::XlaBuilder* builder = wide.builder();
+  TF_ASSIGN_OR_RETURN(const xla::XlaComputation wide_branch,
+                      Branch(builder, "in_float64", wide_operands, xla::F64, type, wide_f));
+  TF_ASSIGN_OR_RETURN(const xla::XlaComputation narrow_branch,
+                      Branch(builder, "as_is", narrow_operands, type, type, narrow_f));
+  return xla::Conditional(wide, xla::Tuple(builder, wide_operands), wide_branch,
+                          xla::Tuple(builder, narrow_operands), narrow_branch);
+}
+
 // The sweep: each anchor's loss [B] and, when `upstream` ([B], the
 // embeddings' type) is given, the gradient of Σ upstream_i·loss_i [B, D],
 // grouped as the CPU kernel groups them (in_batch_cpu_impl.h): weights in
@@ -728,13 +799,15 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
   }
   xla::XlaOp positive_weight, negative_weight;
   TF_RETURN_IF_ERROR(InBatchPairWeights(in, weighting, &positive_weight, &negative_weight));
-  const xla::XlaOp norm2 = RowSums(in.e * in.e);
+  const xla::XlaOp centre = K == Distance::kEuclidean ? MeanRow(in.e, in.rows) : xla::XlaOp();
+  const xla::XlaOp e = K == Distance::kEuclidean ? LessRow(in.e, centre) : in.e;
+  const xla::XlaOp norm2 = RowSums(e * e);
   // The loop's values: inputs first, then what it writes, then the
   // gradient's inputs and output.
   enum { kE, kLabels, kStat, kPositiveWeight, kNegativeWeight, kMargin, kPositiveMargin, kLoss,
          kPositiveCoefficient, kNegativeCoefficient, kGrad };
   std::vector<xla::XlaOp> values = {
-      in.e, in.labels, row_statistic<K>(norm2), positive_weight, negative_weight, in.margin,
+      e, in.labels, row_statistic<K>(norm2), positive_weight, negative_weight, in.margin,
       in.positive_margin, xla::Zeros(builder, xla::ShapeUtil::MakeShape(in.type, {in.rows}))};
   if (with_grad) {
     const xla::XlaOp g = xla::ConvertElementType(*upstream, xla::F64);
@@ -742,6 +815,15 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
     values.push_back(xla::ConvertElementType(negative_weight * g, in.type));
     values.push_back(xla::Zeros(builder, xla::ShapeUtil::MakeShape(in.type, {in.rows, in.dim})));
   }
+  // A float32 block with a pair whose Gram distance cancels about the mean
+  // (gram_distance_cancels) takes its distances and gradient from float64
+  // products of the rows less the mean (the subtraction exact in float64, the
+  // products' rounding 2⁻²⁹ of float32's), so it reads the rows as given and
+  // the mean; the other blocks (all of them in a batch without close rows far
+  // from its mean) stay in float32.
+  const bool can_widen = K == Distance::kEuclidean && in.type == xla::F32;
+  const int raw = static_cast<int>(values.size());
+  if (can_widen) values.insert(values.end(), {in.e, centre});
   const PairBlock pairs{in.block, in.rows};
   const auto body = [&](xla::XlaOp start, std::vector<xla::XlaOp> v,
                         xla::XlaBuilder*) -> absl::StatusOr<std::vector<xla::XlaOp>> {
@@ -756,7 +838,25 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
     const xla::XlaOp stat_block = block_of(kStat);
     const xla::XlaOp stat_i = pairs.AlongRows(stat_block);
     const xla::XlaOp stat_j = pairs.AlongColumns(v[kStat]);
-    const xla::XlaOp d = pair_distance<K>(s, stat_i, stat_j);
+    xla::XlaOp d = pair_distance<K>(s, stat_i, stat_j);
+    xla::XlaOp wide;
+    if (can_widen) {
+      const xla::XlaOp sums = stat_i + stat_j;
+      const xla::XlaOp cancels = xla::Le(euclidean_squared(s, stat_i, stat_j),
+                                         xla::ScalarLike(sums, GramCancellation<float>::value) *
+                                             sums);
+      wide = xla::Any(xla::And(other, cancels));
+      const auto gram_distances = [&](const std::vector<xla::XlaOp>& x) {
+        const xla::XlaOp rows_i = LessRow(x[0], x[2]);
+        const xla::XlaOp rows_j = LessRow(x[1], x[2]);
+        return pair_distance<K>(PreciseDot(rows_i, rows_j, 1, 1),
+                                pairs.AlongRows(row_statistic<K>(RowSums(rows_i * rows_i))),
+                                pairs.AlongColumns(row_statistic<K>(RowSums(rows_j * rows_j))));
+      };
+      const auto as_is = [](const std::vector<xla::XlaOp>& x) { return x[0]; };
+      TF_ASSIGN_OR_RETURN(d, InFloat64When(wide, {block_of(raw), v[raw], v[raw + 1]},
+                                           gram_distances, {d}, as_is, in.type));
+    }
     xla::XlaOp positive_t, positive_slope, negative_t, negative_slope;
     positive_term(d, v[kPositiveMargin], &positive_t, &positive_slope);
     negative_term(d, v[kMargin], &negative_t, &negative_slope);
@@ -773,9 +873,22 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
     const xla::XlaOp coefficient = positive * pair_sum(kPositiveCoefficient) * positive_slope +
                                    negative * pair_sum(kNegativeCoefficient) * negative_slope;
     const xla::XlaOp m = gram_coefficient<K>(coefficient, d, stat_i, stat_j);
-    const xla::XlaOp q = diagonal_factor<K>(stat_block) * RowSums(diagonal_term<K>(m, s));
-    const xla::XlaOp grad_block =
-        xla::BroadcastInDim(q, {in.block, in.dim}, {0}) * e_block - PreciseDot(m, v[kE], 1, 0);
+    // x: m, s, stat_block, then the anchors' rows, all rows and (float64)
+    // their centre.
+    const auto gradient = [](const std::vector<xla::XlaOp>& x) {
+      return x.size() == 5
+                 ? GradientBlock<K>(x[0], x[1], x[2], x[3], x[4])
+                 : GradientBlock<K>(x[0], x[1], x[2], LessRow(x[3], x[5]), LessRow(x[4], x[5]));
+    };
+    const std::vector<xla::XlaOp> narrow = {m, s, stat_block, e_block, v[kE]};
+    xla::XlaOp grad_block = xla::XlaOp();
+    if (can_widen) {
+      TF_ASSIGN_OR_RETURN(
+          grad_block, InFloat64When(wide, {m, s, stat_block, block_of(raw), v[raw], v[raw + 1]},
+                                    gradient, narrow, gradient, in.type));
+    } else {
+      grad_block = gradient(narrow);
+    }
     v[kGrad] = SetRowBlock(v[kGrad], grad_block, start);
     return v;
   };
