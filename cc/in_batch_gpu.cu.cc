@@ -8,7 +8,11 @@
 // kernel no symmetry is used: row i's block visits every pair (i, j) itself,
 // so each row's sums and gradient are written by one CUDA block, in a fixed
 // order, without atomics or cross-block races, and the results do not depend
-// on the GPU. Scratch is the R×B tile plus a few values per row.
+// on the GPU. Scratch is the R×B tile plus a few values per row, and for
+// the cosine distance a copy of E with rows of extreme scale divided by 2^k
+// (cosine_row_exponent, as the CPU kernel): every cosine row is copied, so
+// that the host needs no sync to learn whether any row is scaled; the copy
+// is O(B·D) next to the sweep's O(B²·D).
 #include <algorithm>
 #include <type_traits>
 
@@ -52,10 +56,11 @@ __host__ __device__ inline int64_t MaskWords(int64_t rows) {
 // The workspace, in this order, each part 256-byte aligned: per row the
 // statistic (C), the pair weights (double, as pair_weights gives them) and
 // the weights times the upstream gradient (C); then the R×B tile (T) and the
-// R×⌈B/32⌉ near-pair mask (uint32).
+// R×⌈B/32⌉ near-pair mask (uint32); for the cosine distance only, each row's
+// exponent k (int) and the scaled embeddings (T, B×D).
 struct Layout {
   int64_t stat, positive_weight, negative_weight, positive_coefficient, negative_coefficient,
-      tile, mask, total;
+      tile, mask, exponent, scaled, total;
 };
 
 Layout MakeLayout(const InBatchArgs& args) {
@@ -76,6 +81,9 @@ Layout MakeLayout(const InBatchArgs& args) {
   l.negative_coefficient = take(rows * element);
   l.tile = take(block * rows * element);
   l.mask = take(block * MaskWords(rows) * int64_t{sizeof(uint32_t)});
+  const bool cosine = args.distance == Distance::kCosine;
+  l.exponent = take(cosine ? rows * int64_t{sizeof(int)} : 0);
+  l.scaled = take(cosine ? rows * args.dim * element : 0);
   l.total = offset;
   return l;
 }
@@ -88,23 +96,64 @@ __device__ inline C WarpSum(C value) {
   return value;  // complete on lane 0 only
 }
 
+// The largest of the warp's values, on every lane; NaN is skipped (fmax),
+// as std::max skips it in the CPU kernel's ScaleRows.
+template <typename C>
+__device__ inline C WarpMax(C value) {
+  for (int offset = kWarpSize / 2; offset > 0; offset /= 2) {
+    value = fmax(value, __shfl_xor_sync(kWholeWarp, value, offset));
+  }
+  return value;
+}
+
 // One warp per row: lane-strided partial sums, then a fixed shuffle tree.
+// Cosine: the row is first divided by 2^k (cosine_row_exponent of its
+// largest magnitude; exact, k = 0 for rows of moderate scale) into `scaled`,
+// and k kept in `exponent`, so that the sums and the Gram tile are those of
+// the CPU kernel.
 template <Distance K, typename T>
 __global__ void RowStatisticKernel(const T* __restrict__ e, int64_t rows, int64_t dim,
-                                   ComputeType<T>* __restrict__ stat) {
+                                   ComputeType<T>* __restrict__ stat, int* __restrict__ exponent,
+                                   T* __restrict__ scaled) {
   using C = ComputeType<T>;
   const int64_t warps = blockDim.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
   for (int64_t r = blockIdx.x * warps + threadIdx.x / kWarpSize; r < rows;
        r += warps * gridDim.x) {
     const T* row = e + r * dim;
+    int scale_exponent = 0;
+    if constexpr (K == Distance::kCosine) {
+      C max_abs = 0;
+      for (int64_t k = lane; k < dim; k += kWarpSize) {
+        max_abs = fmax(max_abs, fabs(Convert<C>::from(row[k])));
+      }
+      scale_exponent = cosine_row_exponent(WarpMax(max_abs));
+      if (lane == 0) exponent[r] = scale_exponent;
+    }
     C sum = 0;
     for (int64_t k = lane; k < dim; k += kWarpSize) {
-      const C v = Convert<C>::from(row[k]);
+      C v = Convert<C>::from(row[k]);
+      if constexpr (K == Distance::kCosine) {
+        v = ldexp(v, -scale_exponent);
+        scaled[r * dim + k] = Store<T>::to(v);
+      }
       sum += v * v;
     }
     sum = WarpSum(sum);
     if (lane == 0) stat[r] = row_statistic<K>(sum);
+  }
+}
+
+// The gradient of each scaled cosine row, back to the input's scale: the
+// sweep computed it for the row divided by 2^k, so it is divided by 2^k.
+template <typename T>
+__global__ void UnscaleGradKernel(const int* __restrict__ exponent, int64_t rows, int64_t dim,
+                                  T* __restrict__ grad) {
+  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
+  for (int64_t x = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; x < rows * dim;
+       x += stride) {
+    const int k = exponent[x / dim];
+    if (k != 0) grad[x] = ldexp(grad[x], -k);
   }
 }
 
@@ -349,11 +398,14 @@ GpuStatus Sweep(const InBatchArgs& args, void* workspace, const GpuGemm& gemm,
   auto* negative_coefficient = reinterpret_cast<C*>(base + layout.negative_coefficient);
   auto* tile = reinterpret_cast<T*>(base + layout.tile);
   auto* mask = reinterpret_cast<uint32_t*>(base + layout.mask);
-  const T* e = static_cast<const T*>(args.embeddings);
+  auto* exponent = reinterpret_cast<int*>(base + layout.exponent);
+  auto* scaled = reinterpret_cast<T*>(base + layout.scaled);
+  // From here on the sweep reads the scaled copy (cosine).
+  const T* e = K == Distance::kCosine ? scaled : static_cast<const T*>(args.embeddings);
   T* grad = static_cast<T*>(args.grad);
 
-  RowStatisticKernel<K><<<RowStatisticBlocks(rows), kThreadsPerBlock, 0, stream>>>(e, rows, dim,
-                                                                                   stat);
+  RowStatisticKernel<K><<<RowStatisticBlocks(rows), kThreadsPerBlock, 0, stream>>>(
+      static_cast<const T*>(args.embeddings), rows, dim, stat, exponent, scaled);
   PairWeightKernel<<<PairWeightBlocks(rows), kThreadsPerBlock, 0, stream>>>(
       args.labels, rows, args.weighting, kGrad ? static_cast<const T*>(args.upstream) : nullptr,
       positive_weight, negative_weight, positive_coefficient, negative_coefficient);
@@ -381,6 +433,12 @@ GpuStatus Sweep(const InBatchArgs& args, void* workspace, const GpuGemm& gemm,
                     grad + row0 * dim, dim);
       if (!status.ok()) return status;
     }
+  }
+  if (K == Distance::kCosine && kGrad && dim > 0) {
+    const int blocks = static_cast<int>(
+        std::min(kMaxBlocks, (rows * dim + kThreadsPerBlock - 1) / kThreadsPerBlock));
+    UnscaleGradKernel<<<blocks, kThreadsPerBlock, 0, stream>>>(exponent, rows, dim, grad);
+    return LastError();
   }
   return GpuStatus{};
 }

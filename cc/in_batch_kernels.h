@@ -87,7 +87,8 @@ using GpuGemm = std::function<GpuStatus(bool trans_a, bool trans_b, int64_t m, i
                                         const void* b, int64_t ldb, double beta, void* c,
                                         int64_t ldc)>;
 
-// Device scratch bytes InBatchLossGpu needs (linear in rows).
+// Device scratch bytes InBatchLossGpu needs (linear in rows; the cosine
+// distance also holds a scaled copy of the embeddings, rows·dim values).
 int64_t InBatchLossGpuWorkspace(const InBatchArgs& args);
 
 // InBatchLossCpu on device pointers (labels, embeddings, upstream, loss and

@@ -802,26 +802,31 @@ InBatchArgs CheckedInBatchCudaArgs(const py::object& labels, const py::object& e
   return args;
 }
 
-// Workspace sizes without arrays, from what they depend on.
-InBatchArgs InBatchSizeArgs(int64_t rows, const std::string& dtype, int64_t max_block_rows) {
+// Workspace sizes without arrays, from what they depend on (the cosine
+// distance's includes a scaled copy of the embeddings: dim counts).
+InBatchArgs InBatchSizeArgs(int64_t rows, const std::string& dtype, int64_t max_block_rows,
+                            int64_t dim, const std::string& distance) {
   if (rows < 0) throw py::value_error("rows must be non-negative");
+  if (dim < 0) throw py::value_error("dim must be non-negative");
   const DType type = DTypeFromName(dtype, "dtype");
   if (!IsInBatchDType(type)) throw py::type_error("dtype must be float32 or float64");
-  InBatchArgs args{};
+  InBatchArgs args = InBatchOptions(1.0, 0.0, distance, "uniform", max_block_rows);
   args.type = type;
   args.rows = rows;
-  args.max_block_rows = max_block_rows;
+  args.dim = dim;
   return args;
 }
 
-int64_t InBatchWorkspaceBytes(int64_t rows, const std::string& dtype, int64_t max_block_rows) {
-  return InBatchLossGpuWorkspace(InBatchSizeArgs(rows, dtype, max_block_rows));
+int64_t InBatchWorkspaceBytes(int64_t rows, const std::string& dtype, int64_t max_block_rows,
+                              int64_t dim, const std::string& distance) {
+  return InBatchLossGpuWorkspace(InBatchSizeArgs(rows, dtype, max_block_rows, dim, distance));
 }
 
 int64_t InBatchReducedWorkspaceBytes(int64_t rows, const std::string& dtype,
-                                     int64_t max_block_rows) {
+                                     int64_t max_block_rows, int64_t dim,
+                                     const std::string& distance) {
   InBatchReducedArgs args{};
-  args.in = InBatchSizeArgs(rows, dtype, max_block_rows);
+  args.in = InBatchSizeArgs(rows, dtype, max_block_rows, dim, distance);
   return InBatchLossReducedGpuWorkspace(args);
 }
 
@@ -856,7 +861,7 @@ void InBatchLossCuda(const py::object& labels, const py::object& embeddings,
   }
   const DeviceBuffer ws = DeviceBufferOf(workspace, "workspace");
   CheckWorkspace(ws, InBatchLossGpuWorkspace(args),
-                 "in_batch_workspace_bytes(rows, dtype, max_block_rows)");
+                 "in_batch_workspace_bytes(rows, dtype, max_block_rows, dim, distance)");
   void* s = reinterpret_cast<void*>(stream);
   ThrowIfFailed(InBatchLossGpu(args, ws.data, TiledGemmGpu(args.type, s), s));
 }
@@ -885,7 +890,7 @@ void InBatchLossReducedCuda(const py::object& labels, const py::object& embeddin
   CheckDeviceOutput(g, "grad", {args.in.rows, args.in.dim}, "embeddings", args.in.type,
                     "embeddings");
   CheckReducedScratch(s, ws, InBatchLossReducedGpuWorkspace(args),
-                      "in_batch_reduced_workspace_bytes(rows, dtype, max_block_rows)");
+                      "in_batch_reduced_workspace_bytes(rows, dtype, max_block_rows, dim, distance)");
   args.weights = w.data;
   args.scalar_weight = w.shape.empty();
   args.loss_scale = loss_scale;
@@ -1006,11 +1011,15 @@ PYBIND11_MODULE(_kernels, m) {
         "embedding_loss_reduced_cpu on CUDA arrays: writes loss (one value), grad_a, grad_b and "
         "reduction_scale (one float64). sample_weight: a 0-d array or one weight per row.");
   m.def("in_batch_workspace_bytes", &fused_contrastive::InBatchWorkspaceBytes, py::arg("rows"),
-        py::arg("dtype") = "float32", py::arg("max_block_rows") = 0,
-        "Device scratch bytes in_batch_loss_cuda needs for `rows` embeddings of `dtype`.");
+        py::arg("dtype") = "float32", py::arg("max_block_rows") = 0, py::arg("dim") = 0,
+        py::arg("distance") = "euclidean",
+        "Device scratch bytes in_batch_loss_cuda needs for `rows` embeddings of `dtype` "
+        "(cosine: of `dim` values each).");
   m.def("in_batch_reduced_workspace_bytes", &fused_contrastive::InBatchReducedWorkspaceBytes,
         py::arg("rows"), py::arg("dtype") = "float32", py::arg("max_block_rows") = 0,
-        "Device scratch bytes in_batch_loss_reduced_cuda needs for `rows` embeddings of `dtype`.");
+        py::arg("dim") = 0, py::arg("distance") = "euclidean",
+        "Device scratch bytes in_batch_loss_reduced_cuda needs for `rows` embeddings of `dtype` "
+        "(cosine: of `dim` values each).");
   m.def("in_batch_loss_cuda", &fused_contrastive::InBatchLossCuda, py::arg("labels"),
         py::arg("embeddings"), py::arg("upstream"), py::arg("loss"), py::arg("grad"),
         py::arg("workspace"), py::arg("margin") = 1.0, py::arg("positive_margin") = 0.0,

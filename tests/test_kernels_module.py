@@ -262,6 +262,40 @@ def test_cuda_in_batch_reduced_rejects_a_small_workspace():
             FakeCudaArray((_kernels.in_batch_reduced_workspace_bytes(rows) - 1,), "|u1"))
 
 
+@needs_cuda
+@pytest.mark.parametrize("entry", ["in_batch_workspace_bytes", "in_batch_reduced_workspace_bytes"])
+def test_cuda_in_batch_cosine_workspace_holds_a_scaled_copy(entry):
+    """Cosine rows of extreme scale are divided by 2^k into the workspace
+    (issue 18 item 6): the cosine workspace holds rows·dim more values, and
+    the Euclidean size is refused for cosine embeddings."""
+    size = getattr(_kernels, entry)
+    rows, dim = 40, 33
+    for dtype, element in (("float32", 4), ("float64", 8)):
+        euclidean = size(rows, dtype, 0, dim, "euclidean")
+        assert euclidean == size(rows, dtype)
+        assert size(rows, dtype, 0, dim, "cosine") >= euclidean + rows * dim * element
+    with pytest.raises(ValueError, match="dim must be non-negative"):
+        size(rows, "float32", 0, -1, "cosine")
+    with pytest.raises(ValueError, match="max_block_rows must be >= 0"):
+        size(rows, "float32", -5, dim, "cosine")
+    with pytest.raises(ValueError, match="in-batch loss has no 'manhattan' distance"):
+        size(rows, "float32", 0, dim, "manhattan")
+    cosine = dict(distance="cosine", embeddings=FakeCudaArray((rows, dim)),
+                  labels=FakeCudaArray((rows,), "<i8"))
+    if entry == "in_batch_workspace_bytes":
+        arrays = _in_batch_cuda_arrays(rows, dim, **cosine, workspace=FakeCudaArray(
+            (size(rows, "float32", 0, dim, "euclidean"),), "|u1"))
+        with pytest.raises(ValueError, match="workspace is smaller than in_batch_workspace_bytes"):
+            _kernels.in_batch_loss_cuda(**arrays)
+    else:
+        with pytest.raises(ValueError, match="in_batch_reduced_workspace_bytes"):
+            _kernels.in_batch_loss_reduced_cuda(
+                FakeCudaArray((rows,), "<i8"), FakeCudaArray((rows, dim)), FakeCudaArray(()),
+                FakeCudaArray(()), FakeCudaArray((rows, dim)), FakeCudaArray((), "<f8"),
+                FakeCudaArray((size(rows, "float32", 0, dim, "euclidean"),), "|u1"),
+                distance="cosine")
+
+
 # --- the pybind11 kernels compute what the TensorFlow ops compute --------------
 
 @pytest.mark.parametrize("label_dtype", LABEL_DTYPES)

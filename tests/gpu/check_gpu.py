@@ -35,7 +35,9 @@ then:
      for both distances and pair weightings, float32 and float64, B = 0, 1,
      2, 37, 300, odd D, max_block_rows 0, 1 and 7, with duplicate and
      near-duplicate rows: within IN_BATCH_TOLERANCE, and the same bits on a
-     second run;
+     second run; and the cosine distance with rows far outside Σe²'s range
+     (IN_BATCH_COSINE_SCALES: the kernels divide them by a power of 2), every
+     row so scaled or a mix, each gradient row compared at its row's scale;
   8. times the in-batch kernels at B=4096, D=128 float32. The pybind11 module
      has no cuBLAS: its GEMMs are the plain tiled kernel (TiledGemmGpu), so
      these times bound the TF op's (cuBLAS) from above.
@@ -207,6 +209,8 @@ IN_BATCH_LOSS_SCALE = 0.5
 IN_BATCH_TOLERANCE = {"float32": 1e-4, "float64": 1e-10}
 IN_BATCH_ROWS = (0, 1, 2, 37, 300)
 IN_BATCH_BLOCK_ROWS = (0, 1, 7)
+# Cosine rows whose Σe² would overflow or underflow (issue 18 item 6).
+IN_BATCH_COSINE_SCALES = {"float32": (1e19, 1e-20), "float64": (1e300, 1e-300)}
 
 
 def build_kernel_module(build_dir, cuda):
@@ -526,7 +530,8 @@ class CudaDevice:
         loss = cp.full(labels.shape, np.nan, e.dtype) if with_loss else None
         grad = None if upstream is None else cp.full(e.shape, np.nan, e.dtype)
         workspace = cp.empty(self.kernels.in_batch_workspace_bytes(
-            len(labels), e.dtype.name, options["max_block_rows"]), cp.uint8)
+            len(labels), e.dtype.name, options["max_block_rows"], e.shape[1],
+            options["distance"]), cp.uint8)
         stream = cp.cuda.get_current_stream()
         self.kernels.in_batch_loss_cuda(d_labels, d_e, d_upstream, loss, grad, workspace,
                                         stream=stream.ptr, **options)
@@ -541,7 +546,8 @@ class CudaDevice:
         grad = cp.full(e.shape, np.nan, e.dtype)
         scale = cp.full((), np.nan, cp.float64)
         workspace = cp.empty(self.kernels.in_batch_reduced_workspace_bytes(
-            len(labels), e.dtype.name, options["max_block_rows"]), cp.uint8)
+            len(labels), e.dtype.name, options["max_block_rows"], e.shape[1],
+            options["distance"]), cp.uint8)
         stream = cp.cuda.get_current_stream()
         self.kernels.in_batch_loss_reduced_cuda(
             d_labels, d_e, d_weights, loss, grad, scale, workspace, reduction=reduction,
@@ -823,6 +829,55 @@ def compare_in_batch(device, kernels, rng):
             print(f"  FAIL in-batch {distance:9s} {weighting:8s} {dtype:7s} B={rows} D={dim} "
                   f"max_block_rows={block} deterministic={same} tolerance used={used:.0%}",
                   flush=True)
+    return cases, failures, worst
+
+
+def compare_in_batch_cosine_scales(device, kernels, rng):
+    """Cosine rows at IN_BATCH_COSINE_SCALES, against the CPU kernel: every
+    row at the large or at the small scale, or rows at both and at 1 mixed
+    (row 1, the duplicate of row 0, at another scale than row 0). The loss is
+    scale-free; each gradient row, about 1/scale, is compared multiplied by
+    its row's scale. Loss and gradient, loss alone, gradient alone (the same
+    bits), and the "sum" reduction. Returns (cases, failures, worst)."""
+    cases = failures = 0
+    worst = 0.0
+    for index, (weighting, dtype, rows, block, mix) in enumerate(itertools.product(
+            ("uniform", "balanced"), ("float32", "float64"), (2, 37, 300), (0, 7),
+            ("large", "small", "mixed"))):
+        dim = (33, 7, 3)[index % 3]
+        labels, e = in_batch_inputs(rng, rows, dim, dtype)
+        large, small = IN_BATCH_COSINE_SCALES[dtype]
+        row_scale = {"large": np.full(rows, large), "small": np.full(rows, small),
+                     "mixed": np.resize([large, small, 1.0], rows)}[mix]
+        e = (e.astype(np.float64) * row_scale[:, None]).astype(dtype)
+        upstream = rng.uniform(-2, 2, rows).astype(dtype)
+        options = in_batch_options("cosine", weighting, block)
+        want_loss, want_grad = kernels.in_batch_loss_cpu(labels, e, upstream, **options)
+        loss, grad = device.run_in_batch(labels, e, upstream, options)
+        loss_only, _ = device.run_in_batch(labels, e, None, options)
+        _, grad_only = device.run_in_batch(labels, e, upstream, options, with_loss=False)
+        reduced = device.run_in_batch_reduced(labels, e, None, "sum", options)
+        want_reduced = in_batch_reduced_reference(kernels, labels, e, None, "sum", options)
+
+        def at_scale(g):
+            return None if g is None else g.astype(np.float64) * row_scale[:, None]
+
+        used = max(relative_error(loss, want_loss, dtype),
+                   relative_error(loss_only, want_loss, dtype),
+                   relative_error(at_scale(grad), at_scale(want_grad), dtype),
+                   relative_error(reduced[0], want_reduced[0], dtype),
+                   relative_error(at_scale(reduced[1]), at_scale(want_reduced[1]), dtype))
+        finite = (np.all(np.isfinite(want_loss)) and np.all(np.isfinite(want_grad))
+                  and np.all(np.isfinite(loss)) and np.all(np.isfinite(grad)))
+        same = same_bits(grad_only, grad) and same_bits(loss_only, loss)
+        ok = same and finite and used <= 1
+        worst = max(worst, used)
+        cases += 1
+        failures += not ok
+        if not ok:
+            print(f"  FAIL in-batch cosine scaled rows ({mix}) {weighting:8s} {dtype:7s} B={rows} "
+                  f"D={dim} max_block_rows={block} finite={finite} deterministic={same} "
+                  f"tolerance used={used:.0%}", flush=True)
     return cases, failures, worst
 
 
@@ -1323,6 +1378,10 @@ def main(argv=None):
         failures += found
         print(f"{cases} in-batch cases compared (worst difference: {worst:.0%} of the "
               f"tolerance)", flush=True)
+        cases, found, worst = compare_in_batch_cosine_scales(device, _kernels, rng)
+        failures += found
+        print(f"{cases} in-batch cosine cases at extreme row scales compared (worst difference: "
+              f"{worst:.0%} of the tolerance)", flush=True)
         cases, found, worst = compare_in_batch_reduced(device, _kernels, rng)
         failures += found
         print(f"{cases} reduced in-batch cases compared (worst difference: {worst:.0%} of the "
