@@ -36,6 +36,9 @@ struct ElementOps {
   FC_HOST_DEVICE static C weighted(const C& w, const C& x) {
     return w == C(0) && x == x ? C(0) : w * x;
   }
+  // x where a 0/1 mask is 1, else exactly 0, even for an inf or NaN x (see
+  // masked() in in_batch_math.h).
+  FC_HOST_DEVICE static C masked(const C& mask, const C& x) { return mask != C(0) ? x : C(0); }
 };
 
 // The label value that marks a similar pair: 1 in TF Addons, 0 in the Hadsell

@@ -63,6 +63,9 @@ struct ElementOps<xla::XlaOp> {
     const xla::XlaOp zero = constant(w, 0);
     return xla::Select(xla::And(xla::Eq(w, zero), xla::Eq(x, x)), zero, w * x);
   }
+  static xla::XlaOp masked(const xla::XlaOp& mask, const xla::XlaOp& x) {
+    return xla::Select(xla::Ne(mask, constant(mask, 0)), x, xla::ZerosLike(x));
+  }
 };
 
 namespace {
@@ -862,16 +865,17 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
     negative_term(d, v[kMargin], &negative_t, &negative_slope);
     const auto f64 = [](xla::XlaOp x) { return xla::ConvertElementType(x, xla::F64); };
     const xla::XlaOp loss_block = xla::ConvertElementType(
-        block_of(kPositiveWeight) * f64(RowSums(positive * positive_t)) +
-            block_of(kNegativeWeight) * f64(RowSums(negative * negative_t)),
+        block_of(kPositiveWeight) * f64(RowSums(masked(positive, positive_t))) +
+            block_of(kNegativeWeight) * f64(RowSums(masked(negative, negative_t))),
         in.type);
     v[kLoss] = SetRowBlock(v[kLoss], loss_block, start);
     if (!with_grad) return v;
     const auto pair_sum = [&](int value) {
       return pairs.AlongRows(block_of(value)) + pairs.AlongColumns(v[value]);
     };
-    const xla::XlaOp coefficient = positive * pair_sum(kPositiveCoefficient) * positive_slope +
-                                   negative * pair_sum(kNegativeCoefficient) * negative_slope;
+    const xla::XlaOp coefficient =
+        masked(positive, pair_sum(kPositiveCoefficient) * positive_slope) +
+        masked(negative, pair_sum(kNegativeCoefficient) * negative_slope);
     const xla::XlaOp m = gram_coefficient<K>(coefficient, d, stat_i, stat_j);
     // x: m, s, stat_block, then the anchors' rows, all rows and (float64)
     // their centre.

@@ -144,14 +144,14 @@ FC_HOST_DEVICE inline bool gram_distance_cancels(const C& squared, const C& norm
   return squared <= GramCancellation<C>::value * (norm2_i + norm2_j);
 }
 
-// A pair's share of a sum under a 0/1 mask (CPU kernel): selected, not
-// multiplied, so that a pair outside the mask adds exactly 0 even where its
-// value is inf (a negative term at margin 1e30 in float32) or NaN (the row
-// with itself), while a NaN pair inside the mask (a NaN embedding) makes the
-// anchor's sums NaN. The HLO lowering should select the same way.
+// A pair's share of a sum under a 0/1 mask (CPU kernel and HLO lowering):
+// selected, not multiplied, so that a pair outside the mask adds exactly 0
+// even where its value is inf (a negative term at margin 1e30 in float32) or
+// NaN (the row with itself), while a NaN pair inside the mask (a NaN
+// embedding) makes the anchor's sums NaN.
 template <typename C>
 FC_HOST_DEVICE inline C masked(const C& mask, const C& value) {
-  return mask != C(0) ? value : C(0);
+  return ElementOps<C>::masked(mask, value);
 }
 
 // A positive pair's term max(d − positive_margin, 0)² and a negative pair's

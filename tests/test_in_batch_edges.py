@@ -113,6 +113,29 @@ def test_a_huge_margin_is_no_nan(rng, dtype):
                 assert np.isposinf(loss).all()
 
 
+
+def test_the_hlo_lowering_takes_a_huge_margin_as_the_kernel_does(rng):
+    # The loop selects masked terms as the kernel does: multiplying them by
+    # the mask made 0·inf = NaN of every anchor at margin 1e30.
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    e = rng.normal(size=(6, 3))
+    want = [fc.in_batch_contrastive_loss(labels, e.astype(dtype), margin=1e30,
+                                         pair_weighting=weighting).numpy().tolist()
+            for dtype in ("float32", "float64") for weighting in ("uniform", "balanced")]
+    result = run_python(f"""
+        import numpy as np, tensorflow as tf
+        import fused_contrastive as fc
+        e = np.array({e.tolist()})
+        f = tf.function(fc.in_batch_contrastive_loss, jit_compile=True)
+        print([f({labels.tolist()}, e.astype(dtype), margin=1e30,
+                 pair_weighting=weighting).numpy().tolist()
+               for dtype in ("float32", "float64") for weighting in ("uniform", "balanced")])
+        """, FUSED_CONTRASTIVE_XLA_CPU_HLO="1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = eval(result.stdout.strip(), {"inf": float("inf")})
+    np.testing.assert_allclose(np.array(got[2:]), np.array(want[2:]), rtol=1e-12)
+    assert np.isposinf(got[:2]).all(), got  # float32: the terms overflow, as in the kernel
+
 @pytest.mark.parametrize("scale", [1e19, 1e-20, 1e-30, 1e30])
 @pytest.mark.parametrize("path", ["eager", "xla", "reference"])
 def test_cosine_is_scale_invariant_in_float32(rng, scale, path):
