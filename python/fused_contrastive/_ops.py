@@ -267,7 +267,7 @@ def reduced_pair_loss(labels, pairs, sample_weight, margin, reduction, loss_scal
             losses = reference.reference_embedding_loss(labels, pairs[..., 0, :],
                                                         pairs[..., 1, :], margin, distance,
                                                         similar_label)
-            return tf.reduce_sum(losses * sample_weight) * tf.cast(scale, losses.dtype)
+            return tf.reduce_sum(losses * sample_weight) * _constant_scale(scale, losses.dtype)
 
         def backward(upstream):
             if record.could_possibly_record():
