@@ -40,7 +40,7 @@ if ml_dtypes is not None:
 REDUCTIONS = ["sum", "mean", "weighted_mean"]
 LAYOUTS = ["aligned", "misaligned", "big_endian", "misaligned_big_endian", "strided", "readonly"]
 # Gradient coefficients per row of each distance of the embedding kernels.
-COEFFICIENTS = {"euclidean": 1, "cosine": 3, "manhattan": 1}
+COEFFICIENTS = {"euclidean": 1, "cosine": 5, "manhattan": 1}
 
 # (rtol, atol) of an output stored in each distance dtype: rounding to the
 # output type, plus float32 arithmetic for every dtype below float64. atol
@@ -489,7 +489,7 @@ def invalid_calls(kernels):
         ("int embeddings", lambda: loss(y, e4.astype(np.int32), e4.astype(np.int32)), TypeError,
          "embeddings_a must be float16, bfloat16, float32 or float64"),
         ("coefficients of euclidean to cosine", lambda: grad(e4, e4, c4, f4, "cosine"),
-         ValueError, "coefficients must have shape (3, 3)"),
+         ValueError, "coefficients must have shape (3, 5)"),
         ("coefficients of other rows", lambda: grad(e4, e4, c4[:2], f4), ValueError,
          "coefficients must have shape (3, 1)"),
         ("float32 coefficients", lambda: grad(e4, e4, c4.astype(np.float32), f4), TypeError,
