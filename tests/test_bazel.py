@@ -119,7 +119,9 @@ def _compile_flags(args):
             next(args)
         elif arg == "-c":
             source = next(args)
-        elif arg.startswith("-I") or arg.endswith("_EXPORTS"):  # CMake's -D<target>_EXPORTS
+        # Joined include directories (CMake's -isystem<dir> for Eigen too), and
+        # CMake's -D<target>_EXPORTS.
+        elif arg.startswith(("-I", "-isystem")) or arg.endswith("_EXPORTS"):
             continue
         elif arg.startswith(("-O", "-std=")):
             last[arg[:2] if arg.startswith("-O") else "-std"] = arg
