@@ -673,7 +673,7 @@ LOSS, GRAD, REDUCED = "embedding_loss_cuda", "embedding_grad_cuda", "embedding_l
     (LOSS, dict(coefficients=FakeCudaArray((4, 1), "<f8", readonly=True)), ValueError,
      "coefficients must be writable"),
     (LOSS, dict(coefficients=FakeCudaArray((4, 1))), TypeError, "coefficients must be float64"),
-    (GRAD, dict(distance="cosine"), ValueError, r"coefficients must have shape \(4, 3\)"),
+    (GRAD, dict(distance="cosine"), ValueError, r"coefficients must have shape \(4, 5\)"),
     (GRAD, dict(upstream=FakeCudaArray((3,))), ValueError, "and upstream must have the same"),
     (GRAD, dict(upstream=FakeCudaArray((4,), "<f2")), TypeError,
      "upstream must have the dtype of embeddings_a"),
