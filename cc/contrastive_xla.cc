@@ -309,6 +309,139 @@ EmbeddingRows ReadEmbeddingRows(tensorflow::XlaOpKernelContext* ctx, int first,
   return e;
 }
 
+// A Conditional's branch: f of its operands (a tuple of those of
+// `operands`' shapes), each converted to `compute`, its result to `type`.
+template <typename F>
+absl::StatusOr<xla::XlaComputation> Branch(xla::XlaBuilder* parent, const char* name,
+                                           const std::vector<xla::XlaOp>& operands,
+                                           xla::PrimitiveType compute, xla::PrimitiveType type,
+                                           const F& f) {
+  const std::unique_ptr<xla::XlaBuilder> builder = parent->CreateSubBuilder(name);
+  std::vector<xla::Shape> shapes;
+  for (const xla::XlaOp& operand : operands) {
+    TF_ASSIGN_OR_RETURN(xla::Shape shape, parent->GetShape(operand));
+    shapes.push_back(shape);
+  }
+  const xla::XlaOp tuple =
+      xla::Parameter(builder.get(), 0, xla::ShapeUtil::MakeTupleShape(shapes), "operands");
+  std::vector<xla::XlaOp> args;
+  for (int64_t i = 0; i < static_cast<int64_t>(operands.size()); ++i) {
+    args.push_back(xla::ConvertElementType(xla::GetTupleElement(tuple, i), compute));
+  }
+  xla::ConvertElementType(f(args), type);
+  return builder->Build();
+}
+
+// The branches of a Conditional: f of its operands, evaluated in `compute`.
+template <typename F>
+struct BranchOf {
+  const char* name;
+  std::vector<xla::XlaOp> operands;
+  xla::PrimitiveType compute;
+  F f;
+};
+template <typename F>
+BranchOf(const char*, std::vector<xla::XlaOp>, xla::PrimitiveType, F) -> BranchOf<F>;
+
+// Only one of the branches runs: when the scalar PRED `pred` holds, `when`,
+// else `otherwise`; the result in `type`.
+template <typename When, typename Otherwise>
+absl::StatusOr<xla::XlaOp> Choose(xla::XlaOp pred, const BranchOf<When>& when,
+                                  const BranchOf<Otherwise>& otherwise,
+                                  xla::PrimitiveType type) {
+  xla::XlaBuilder* builder = pred.builder();
+  TF_ASSIGN_OR_RETURN(const xla::XlaComputation when_branch,
+                      Branch(builder, when.name, when.operands, when.compute, type, when.f));
+  TF_ASSIGN_OR_RETURN(
+      const xla::XlaComputation otherwise_branch,
+      Branch(builder, otherwise.name, otherwise.operands, otherwise.compute, type, otherwise.f));
+  return xla::Conditional(pred, xla::Tuple(builder, when.operands), when_branch,
+                          xla::Tuple(builder, otherwise.operands), otherwise_branch);
+}
+
+// --- Cosine's row scaling in HLO (CosineScaling, cosine_row_exponent) ---------------------
+// XLA has no frexp or ldexp; for F32 and F64 rows they are read from and
+// written into the floats' bits.
+
+struct FloatBits {
+  xla::PrimitiveType integer;
+  int mantissa_bits, bias;
+  double min_normal;
+};
+
+FloatBits BitsOf(xla::PrimitiveType type) {
+  return type == xla::F64 ? FloatBits{xla::S64, 52, 1023, std::numeric_limits<double>::min()}
+                          : FloatBits{xla::S32, 23, 127, std::numeric_limits<float>::min()};
+}
+
+// The largest |element| of each row of x [rows, D]: [rows] (NaN rows NaN).
+xla::XlaOp RowMaxAbs(xla::XlaOp x, xla::PrimitiveType type) {
+  xla::XlaBuilder* builder = x.builder();
+  return xla::Reduce(xla::Abs(x), xla::Zero(builder, type),
+                     xla::CreateScalarMaxComputation(type, builder), {1});
+}
+
+// frexp's exponent (S32) of positive finite x, normal or subnormal: x = m·2^e,
+// m in [0.5, 1). Other x give an unspecified value, for the caller to select
+// away.
+xla::XlaOp BinaryExponent(xla::XlaOp x, xla::PrimitiveType type) {
+  const FloatBits f = BitsOf(type);
+  const xla::XlaOp subnormal = xla::Lt(x, xla::ScalarLike(x, f.min_normal));
+  const xla::XlaOp normal = xla::Select(subnormal, x * xla::ScalarLike(x, 0x1p64), x);
+  const xla::XlaOp bits = xla::BitcastConvertType(normal, f.integer);
+  const xla::XlaOp biased = xla::ConvertElementType(
+      xla::And(xla::ShiftRightLogical(bits, xla::ScalarLike(bits, f.mantissa_bits)),
+               xla::ScalarLike(bits, 2 * f.bias + 1)),
+      xla::S32);
+  return biased - xla::ScalarLike(biased, f.bias - 1) -
+         xla::Select(subnormal, xla::ScalarLike(biased, 64), xla::ScalarLike(biased, 0));
+}
+
+// 2^e for S32 exponents e of normal numbers of `type`.
+xla::XlaOp PowerOfTwo(xla::XlaOp e, xla::PrimitiveType type) {
+  const FloatBits f = BitsOf(type);
+  const xla::XlaOp biased = xla::ConvertElementType(e + xla::ScalarLike(e, f.bias), f.integer);
+  return xla::BitcastConvertType(xla::ShiftLeft(biased, xla::ScalarLike(biased, f.mantissa_bits)),
+                                 type);
+}
+
+// Where the positive, finite max_abs holds (the others: zero, inf and NaN
+// rows, which scaling cannot help; the rules leave them alone).
+xla::XlaOp PositiveFinite(xla::XlaOp max_abs) {
+  return xla::And(xla::Gt(max_abs, xla::ZerosLike(max_abs)), xla::IsFinite(max_abs));
+}
+
+// cosine_scale of each row's max_abs [rows] (the embedding kernels' s_a, s_b).
+xla::XlaOp CosineScales(xla::XlaOp max_abs, xla::PrimitiveType type) {
+  const int limit =
+      type == xla::F64 ? CosineScaling<double>::kMaxShift : CosineScaling<float>::kMaxShift;
+  const xla::XlaOp shift = xla::Clamp(xla::ConstantR0<int32_t>(max_abs.builder(), -limit),
+                                      -BinaryExponent(max_abs, type),
+                                      xla::ConstantR0<int32_t>(max_abs.builder(), limit));
+  return xla::Select(PositiveFinite(max_abs), PowerOfTwo(shift, type), xla::FullLike(max_abs, 1));
+}
+
+// cosine_row_exponent of each row's max_abs [rows]: S32, 0 for rows used as
+// they are.
+xla::XlaOp CosineRowExponents(xla::XlaOp max_abs, xla::PrimitiveType type) {
+  const xla::XlaOp k = BinaryExponent(max_abs, type);
+  const xla::XlaOp limit = xla::ScalarLike(k, kCosineRowExponentLimit);
+  const xla::XlaOp extreme = xla::And(PositiveFinite(max_abs), xla::Gt(xla::Abs(k), limit));
+  return xla::Select(extreme, k, xla::ZerosLike(k));
+}
+
+// x [rows, D] with row i multiplied by 2^e_i (e [rows], S32), exactly (as
+// ldexp) for |e_i| up to twice the exponent range: in two steps of half of
+// e_i each, so that each factor is a normal number.
+xla::XlaOp ScaleRowsByPowerOfTwo(xla::XlaOp x, xla::XlaOp e, xla::PrimitiveType type,
+                                 int64_t rows, int64_t dim) {
+  const xla::XlaOp half = xla::Div(e, xla::ScalarLike(e, 2));
+  for (const xla::XlaOp& step : {half, e - half}) {
+    x = x * xla::BroadcastInDim(PowerOfTwo(step, type), {rows, dim}, {0});
+  }
+  return x;
+}
+
 // The loss-computing embedding ops' inputs, checked as the OpKernels check
 // them: labels [...] (as [rows]), embeddings a, b [..., D] and the margin.
 struct EmbeddingComputeInputs {
@@ -352,24 +485,77 @@ xla::XlaOp PerRow(tensorflow::XlaOpKernelContext* ctx, int input, const Embeddin
   return ctx->InputShape(input).dims() == 0 ? x : xla::Reshape(x, {e.rows});
 }
 
+// The row sums of a and b ([rows, D] each, in `type`): sums[j] for j below
+// NumRowSums(K), [rows] each.
+template <Distance K>
+void RowSumsOf(xla::XlaOp a, xla::XlaOp b, xla::PrimitiveType type, xla::XlaOp* sums) {
+  xla::XlaBuilder* builder = a.builder();
+  xla::XlaOp terms[kMaxRowSums];
+  distance_terms<K>(a, b, terms[0], terms[1], terms[2]);
+  for (int j = 0; j < NumRowSums(K); ++j) {
+    sums[j] = xla::Reduce(terms[j], xla::Zero(builder, type),
+                          xla::CreateScalarAddComputation(type, builder), {1});
+  }
+}
+
+// Cosine's row values sums[0..5) from its sums sums[0..3) as the kernels take
+// them (CosineScaling): the sums as they are and scales 1, except in rows
+// whose Σa² or Σb² leaves [kLow, kHigh], summed again at the scales s_a, s_b.
+// That second read of the rows runs only when some row needs it.
+absl::Status ScaleCosineRows(const EmbeddingRows& e, xla::XlaOp* sums) {
+  const xla::PrimitiveType type = e.compute;
+  const bool f64 = type == xla::F64;
+  const double low = f64 ? CosineScaling<double>::kLow : CosineScaling<float>::kLow;
+  const double high = f64 ? CosineScaling<double>::kHigh : CosineScaling<float>::kHigh;
+  const auto out_of_range = [&](xla::XlaOp norm2_a, xla::XlaOp norm2_b) {
+    const auto outside = [&](xla::XlaOp x) {
+      return xla::Or(xla::Lt(x, xla::ScalarLike(x, low)), xla::Gt(x, xla::ScalarLike(x, high)));
+    };
+    return xla::Or(outside(norm2_a), outside(norm2_b));
+  };
+  // The five row values as one [5, rows] result.
+  const auto values = [&](std::initializer_list<xla::XlaOp> rows) {
+    std::vector<xla::XlaOp> parts;
+    for (const xla::XlaOp& row : rows) parts.push_back(xla::Reshape(row, {1, e.rows}));
+    return xla::ConcatInDim(parts.front().builder(), parts, 0);
+  };
+  // x: a, b, then the three sums.
+  const auto rescaled = [&](const std::vector<xla::XlaOp>& x) {
+    const xla::XlaOp s_a = CosineScales(RowMaxAbs(x[0], type), type);
+    const xla::XlaOp s_b = CosineScales(RowMaxAbs(x[1], type), type);
+    xla::XlaOp scaled[kMaxRowSums];
+    RowSumsOf<Distance::kCosine>(x[0] * e.AlongRows(s_a), x[1] * e.AlongRows(s_b), type, scaled);
+    const xla::XlaOp redo = out_of_range(x[3], x[4]);
+    const xla::XlaOp one = xla::FullLike(s_a, 1);
+    return values({xla::Select(redo, scaled[0], x[2]), xla::Select(redo, scaled[1], x[3]),
+                   xla::Select(redo, scaled[2], x[4]), xla::Select(redo, s_a, one),
+                   xla::Select(redo, s_b, one)});
+  };
+  const auto as_is = [&](const std::vector<xla::XlaOp>& x) {
+    const xla::XlaOp one = xla::FullLike(x[0], 1);
+    return values({x[0], x[1], x[2], one, one});
+  };
+  TF_ASSIGN_OR_RETURN(
+      const xla::XlaOp all,
+      Choose(xla::Any(out_of_range(sums[1], sums[2])),
+             BranchOf{"cosine_rescaled", {e.a, e.b, sums[0], sums[1], sums[2]}, type, rescaled},
+             BranchOf{"cosine_as_is", {sums[0], sums[1], sums[2]}, type, as_is}, type));
+  for (int j = 0; j < kMaxRowValues; ++j) {
+    sums[j] = xla::Reshape(xla::SliceInDim(all, j, j + 1, 1, 0), {e.rows});
+  }
+  return absl::OkStatus();
+}
+
 // Each row's loss and gradient coefficients ([rows] each) for g = d(loss)/d(d):
 // the sums of distance_terms<K> along the rows, in the compute type.
 template <Distance K>
-void RowLossAndCoefficients(const EmbeddingComputeInputs& in, int similar_label,
-                            xla::XlaOp* loss, xla::XlaOp* coef) {
-  xla::XlaBuilder* builder = in.e.a.builder();
-  xla::XlaOp terms[kMaxRowSums], sums[kMaxRowValues];
-  distance_terms<K>(in.e.a, in.e.b, terms[0], terms[1], terms[2]);
-  for (int j = 0; j < NumRowSums(K); ++j) {
-    sums[j] = xla::Reduce(terms[j], xla::Zero(builder, in.e.compute),
-                          xla::CreateScalarAddComputation(in.e.compute, builder), {1});
-  }
-  // The HLO sums rows unscaled (scales 1): unlike the kernels, it does not
-  // rescale cosine rows whose Σa² or Σb² over- or underflows.
-  for (int j = NumRowSums(K); j < NumRowValues(K); ++j) {
-    sums[j] = xla::Broadcast(xla::One(builder, in.e.compute), {in.e.rows});
-  }
+absl::Status RowLossAndCoefficients(const EmbeddingComputeInputs& in, int similar_label,
+                                    xla::XlaOp* loss, xla::XlaOp* coef) {
+  xla::XlaOp sums[kMaxRowValues];
+  RowSumsOf<K>(in.e.a, in.e.b, in.e.compute, sums);
+  if constexpr (K == Distance::kCosine) TF_RETURN_IF_ERROR(ScaleCosineRows(in.e, sums));
   row_loss_and_coefficients<K>(sums, in.y, in.margin, similar_label, loss, coef);
+  return absl::OkStatus();
 }
 
 // Sets outputs `first` and `first` + 1 to the gradients `grads` of a and b
@@ -420,7 +606,7 @@ class EmbeddingLossXlaOp : public tensorflow::XlaOpKernel {
     OP_REQUIRES_OK(ctx, ReadEmbeddingInputs(ctx, 3, &in));
     const EmbeddingRows& e = in.e;
     xla::XlaOp loss, coef[kMaxRowValues];
-    RowLossAndCoefficients<K>(in, similar_label_, &loss, coef);
+    OP_REQUIRES_OK(ctx, RowLossAndCoefficients<K>(in, similar_label_, &loss, coef));
     ctx->SetOutput(0, xla::Reshape(xla::ConvertElementType(loss, e.out_type),
                                    e.row_shape.dim_sizes()));
     // [rows, K], row-major as the kernels write it.
@@ -516,7 +702,7 @@ class EmbeddingLossReducedXlaOp : public tensorflow::XlaOpKernel {
     const xla::XlaOp scale =
         ReductionScale(ctx, reduction_, w, scalar_weight, e.rows, weights_input() + 2);
     xla::XlaOp loss, coef[kMaxRowValues];
-    RowLossAndCoefficients<K>(in, similar_label_, &loss, coef);
+    OP_REQUIRES_OK(ctx, RowLossAndCoefficients<K>(in, similar_label_, &loss, coef));
     ctx->SetOutput(0, ReducedLoss(BlockedSum(loss * w, e.rows, e.compute), scale, e.compute,
                                   e.out_type));
     const xla::XlaOp factor = w * xla::ConvertElementType(scale, e.compute);
@@ -746,46 +932,6 @@ xla::XlaOp GradientBlock(xla::XlaOp m, xla::XlaOp s, xla::XlaOp stat_block, xla:
   return xla::BroadcastInDim(q, shape.dimensions(), {0}) * e_block - PreciseDot(m, e, 1, 0);
 }
 
-// A Conditional's branch: f of its operands (a tuple of those of
-// `operands`' shapes), each converted to `compute`, its result to `type`.
-template <typename F>
-absl::StatusOr<xla::XlaComputation> Branch(xla::XlaBuilder* parent, const char* name,
-                                           const std::vector<xla::XlaOp>& operands,
-                                           xla::PrimitiveType compute, xla::PrimitiveType type,
-                                           const F& f) {
-  const std::unique_ptr<xla::XlaBuilder> builder = parent->CreateSubBuilder(name);
-  std::vector<xla::Shape> shapes;
-  for (const xla::XlaOp& operand : operands) {
-    TF_ASSIGN_OR_RETURN(xla::Shape shape, parent->GetShape(operand));
-    shapes.push_back(shape);
-  }
-  const xla::XlaOp tuple =
-      xla::Parameter(builder.get(), 0, xla::ShapeUtil::MakeTupleShape(shapes), "operands");
-  std::vector<xla::XlaOp> args;
-  for (int64_t i = 0; i < static_cast<int64_t>(operands.size()); ++i) {
-    args.push_back(xla::ConvertElementType(xla::GetTupleElement(tuple, i), compute));
-  }
-  xla::ConvertElementType(f(args), type);
-  return builder->Build();
-}
-
-// wide_f(wide_operands) evaluated in float64 where the scalar PRED `wide`
-// holds, else narrow_f(narrow_operands) in `type`; the result in `type`.
-template <typename Wide, typename Narrow>
-absl::StatusOr<xla::XlaOp> InFloat64When(xla::XlaOp wide,
-                                         const std::vector<xla::XlaOp>& wide_operands,
-                                         const Wide& wide_f,
-                                         const std::vector<xla::XlaOp>& narrow_operands,
-                                         const Narrow& narrow_f, xla::PrimitiveType type) {
-  xla::XlaBuilder* builder = wide.builder();
-  TF_ASSIGN_OR_RETURN(const xla::XlaComputation wide_branch,
-                      Branch(builder, "in_float64", wide_operands, xla::F64, type, wide_f));
-  TF_ASSIGN_OR_RETURN(const xla::XlaComputation narrow_branch,
-                      Branch(builder, "as_is", narrow_operands, type, type, narrow_f));
-  return xla::Conditional(wide, xla::Tuple(builder, wide_operands), wide_branch,
-                          xla::Tuple(builder, narrow_operands), narrow_branch);
-}
-
 // The sweep: each anchor's loss [B] and, when `upstream` ([B], the
 // embeddings' type) is given, the gradient of Σ upstream_i·loss_i [B, D],
 // grouped as the CPU kernel groups them (in_batch_cpu_impl.h): weights in
@@ -803,7 +949,14 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
   xla::XlaOp positive_weight, negative_weight;
   TF_RETURN_IF_ERROR(InBatchPairWeights(in, weighting, &positive_weight, &negative_weight));
   const xla::XlaOp centre = K == Distance::kEuclidean ? MeanRow(in.e, in.rows) : xla::XlaOp();
-  const xla::XlaOp e = K == Distance::kEuclidean ? LessRow(in.e, centre) : in.e;
+  // Cosine rows of extreme scale divided by 2^k (cosine_row_exponent), as the
+  // kernels divide them, and their gradient rows too (below).
+  const xla::XlaOp exponents =
+      K == Distance::kCosine ? CosineRowExponents(RowMaxAbs(in.e, in.type), in.type)
+                             : xla::XlaOp();
+  const xla::XlaOp e = K == Distance::kEuclidean
+                           ? LessRow(in.e, centre)
+                           : ScaleRowsByPowerOfTwo(in.e, -exponents, in.type, in.rows, in.dim);
   const xla::XlaOp norm2 = RowSums(e * e);
   // The loop's values: inputs first, then what it writes, then the
   // gradient's inputs and output.
@@ -857,8 +1010,11 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
                                 pairs.AlongColumns(row_statistic<K>(RowSums(rows_j * rows_j))));
       };
       const auto as_is = [](const std::vector<xla::XlaOp>& x) { return x[0]; };
-      TF_ASSIGN_OR_RETURN(d, InFloat64When(wide, {block_of(raw), v[raw], v[raw + 1]},
-                                           gram_distances, {d}, as_is, in.type));
+      TF_ASSIGN_OR_RETURN(
+          d, Choose(wide,
+                    BranchOf{"in_float64", {block_of(raw), v[raw], v[raw + 1]}, xla::F64,
+                             gram_distances},
+                    BranchOf{"as_is", {d}, in.type, as_is}, in.type));
     }
     xla::XlaOp positive_t, positive_slope, negative_t, negative_slope;
     positive_term(d, v[kPositiveMargin], &positive_t, &positive_slope);
@@ -888,8 +1044,11 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
     xla::XlaOp grad_block = xla::XlaOp();
     if (can_widen) {
       TF_ASSIGN_OR_RETURN(
-          grad_block, InFloat64When(wide, {m, s, stat_block, block_of(raw), v[raw], v[raw + 1]},
-                                    gradient, narrow, gradient, in.type));
+          grad_block,
+          Choose(wide,
+                 BranchOf{"in_float64", {m, s, stat_block, block_of(raw), v[raw], v[raw + 1]},
+                          xla::F64, gradient},
+                 BranchOf{"as_is", narrow, in.type, gradient}, in.type));
     } else {
       grad_block = gradient(narrow);
     }
@@ -899,7 +1058,10 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
   TF_ASSIGN_OR_RETURN(const std::vector<xla::XlaOp> out,
                       ForEachRowBlock(in.rows, in.block, values, "in_batch_sweep", body));
   *loss = out[kLoss];
-  if (with_grad) *grad = out[kGrad];
+  if (!with_grad) return absl::OkStatus();
+  *grad = K == Distance::kCosine
+              ? ScaleRowsByPowerOfTwo(out[kGrad], -exponents, in.type, in.rows, in.dim)
+              : out[kGrad];
   return absl::OkStatus();
 }
 

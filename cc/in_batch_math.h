@@ -90,15 +90,18 @@ FC_HOST_DEVICE inline C row_statistic(const C& norm2) {
 // The cosine distance is scale-invariant, but Σe² is not: it overflows at
 // |e| ≈ 1e19 and underflows at 1e-20 in float32 (rows would count as zero
 // vectors). A row whose largest magnitude `max_abs` has a binary exponent
-// outside [−40, 40] is therefore used divided by 2^k, k that exponent: exact,
-// its largest magnitude then in [0.5, 1); its gradient is divided by 2^k
-// too. Returns k, or 0 for a row used as it is (bit for bit as without this
-// rule: every row of moderate scale; zero, inf and NaN rows).
+// outside [−40, 40] (kCosineRowExponentLimit) is therefore used divided by
+// 2^k, k that exponent: exact, its largest magnitude then in [0.5, 1); its
+// gradient is divided by 2^k too. Returns k, or 0 for a row used as it is
+// (bit for bit as without this rule: every row of moderate scale; zero, inf
+// and NaN rows). The HLO lowering applies the same rule (CosineRowExponents).
+constexpr int kCosineRowExponentLimit = 40;
+
 template <typename C>
 FC_HOST_DEVICE inline int cosine_row_exponent(C max_abs) {
   if (!(max_abs > C(0)) || !isfinite(max_abs)) return 0;
   const int k = binary_exponent(max_abs);
-  return (k < -40 || k > 40) ? k : 0;
+  return (k < -kCosineRowExponentLimit || k > kCosineRowExponentLimit) ? k : 0;
 }
 
 // Euclidean: ‖e_i‖² + ‖e_j‖² − 2·s_ij, clamped at 0 (rounding can take it

@@ -5,6 +5,7 @@ import doctest
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -159,6 +160,20 @@ def run_python(code, timeout=600, **env):
     """Runs `code` in a fresh Python process with extra environment variables."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
                           text=True, env={**os.environ, **env}, timeout=timeout)
+
+
+def run_tests_under_hlo(test_file, keyword, tmp_path):
+    """Runs the tests of `test_file` that `keyword` selects (pytest -k) in a fresh
+    pytest process with FUSED_CONTRASTIVE_XLA_CPU_HLO=1: XLA's CPU backend then
+    compiles the HLO lowering, what XLA's GPU backend runs, instead of calling
+    the CPU kernels. Asserts that some ran and all passed."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file), "-k",
+         keyword, "-o", f"cache_dir={tmp_path}"],
+        capture_output=True, text=True,
+        env={**os.environ, "FUSED_CONTRASTIVE_XLA_CPU_HLO": "1"}, timeout=1200)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert re.search(r"\d+ passed", result.stdout), result.stdout[-2000:]
 
 
 # A model TF Addons compiled with tfa.losses.ContrastiveLoss(margin=0.75) and

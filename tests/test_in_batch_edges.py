@@ -6,7 +6,7 @@ checks (item 11)."""
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_python
+from conftest import run_python, run_tests_under_hlo
 from test_in_batch import numpy_in_batch
 
 import fused_contrastive as fc
@@ -148,6 +148,12 @@ def test_cosine_is_scale_invariant_in_float32(rng, scale, path):
     np.testing.assert_allclose(got, loss, rtol=1e-5, atol=1e-6)
     # d(loss)/de scales as 1/scale.
     np.testing.assert_allclose(got_grad * scale, grad, rtol=1e-4, atol=1e-5)
+
+
+def test_the_hlo_lowering_keeps_cosine_scale_invariant(tmp_path):
+    # The HLO loop divides rows of extreme scale by 2^k as the kernels do:
+    # unscaled, Σe² overflowed to NaN losses at 1e19 in float32.
+    run_tests_under_hlo(__file__, "cosine_is_scale_invariant_in_float32 and xla", tmp_path)
 
 
 def test_ordinary_cosine_rows_keep_their_bits(rng):

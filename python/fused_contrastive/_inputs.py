@@ -225,11 +225,63 @@ def prepare_pair_inputs(y_true, pairs):
 def split_pairs(y_pred):
     """The two embeddings of each pair of a Keras y_pred [..., 2, D]."""
     _check_pairs_shape(y_pred)
+    operands = stacked_operands(y_pred)
+    if operands is not None:
+        return operands
     if y_pred.shape.rank is not None:
         # Unpack's gradient is one Pack of both gradients; two slices' would be
         # two zero-filled [..., 2, D] tensors and their sum.
         return tuple(tf.unstack(y_pred, axis=-2))
     return y_pred[..., 0, :], y_pred[..., 1, :]
+
+
+def _producer(tensor):
+    """The op computing a graph tensor, seen through Identity ops; None for an
+    eager tensor."""
+    try:
+        op = tensor.op
+    except AttributeError:  # eager tensors have no op
+        return None
+    while op.type == "Identity":
+        op = op.inputs[0].op
+    return op
+
+
+def stacked_operands(pairs):
+    """(a, b) where the graph being built makes `pairs` [..., 2, D] from two
+    tensors [..., D]: stacked on axis -2 (`tf.stack`, `keras.ops.stack`), or
+    concatenated on the last axis and reshaped to [..., 2, D] (Keras'
+    `Concatenate` then `Reshape`); None otherwise (eager tensors, other
+    producers).
+
+    Reading a and b themselves leaves the stack to the graph's other consumers
+    (Grappler prunes it when there are none) and keeps its gradient, which
+    copies the pair's gradient once more, out of the backward pass.
+    """
+    op = _producer(pairs)
+    rank = pairs.shape.rank
+    if op is None or rank is None or rank < 2:
+        return None
+    if op.type == "Pack" and len(op.inputs) == 2:
+        axis = op.get_attr("axis")
+        return tuple(op.inputs) if axis in (rank - 2, -2) else None
+    if op.type != "Reshape":
+        return None
+    concat = _producer(op.inputs[0])
+    if concat is None or concat.type != "ConcatV2" or len(concat.inputs) != 3:
+        return None
+    a, b, axis = concat.inputs
+    axis = tf.get_static_value(axis)
+    depth = pairs.shape[-1]
+    if (axis not in (rank - 2, -1) or a.shape.rank != rank - 1 or depth is None
+            or a.shape[-1] != depth or b.shape[-1] != depth):
+        return None
+    # Rank 2: [B, 2·D] holds B rows, so the reshape keeps them. Higher ranks may
+    # regroup the rows; only statically equal shapes are taken as they are.
+    rows = a.shape[:-1]
+    if rank - 1 > 2 and not (rows.is_fully_defined() and rows == pairs.shape[:-2]):
+        return None
+    return a, b
 
 
 def validate_in_batch_options(margin, positive_margin, distance, pair_weighting):

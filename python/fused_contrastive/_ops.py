@@ -11,6 +11,7 @@ import tensorflow as tf
 from tensorflow.python.eager import record
 
 from fused_contrastive import _cuda, reference
+from fused_contrastive._inputs import stacked_operands
 
 # As registered in cc/tf_shared.h (tests check that they name the library's ops).
 OP_NAME = "FusedContrastive>ContrastiveLoss"
@@ -253,8 +254,14 @@ def reduced_embedding_loss(labels, embeddings_a, embeddings_b, sample_weight, ma
 def reduced_pair_loss(labels, pairs, sample_weight, margin, reduction, loss_scale, distance,
                       similar_label=1):
     """reduced_embedding_loss on the stacked pairs [..., 2, D] a Keras model
-    outputs: the pair op reads them, and writes their gradient, in place (no
-    unstack before it, no stack of the two gradients after it)."""
+    outputs. Where the graph shows the pair's two halves (stacked_operands),
+    the two-tensor op reads them; otherwise the pair op reads the pairs, and
+    writes their gradient, in place (no unstack before it, no stack of the two
+    gradients after it)."""
+    operands = stacked_operands(pairs)
+    if operands is not None:
+        return reduced_embedding_loss(labels, *operands, sample_weight, margin, reduction,
+                                      loss_scale, distance, similar_label)
     op = _library.fused_contrastive_embedding_pair_contrastive_loss_reduced
 
     @tf.custom_gradient

@@ -8,8 +8,9 @@ from tensorflow.python.eager import record
 
 from fused_contrastive._inputs import (number_margin, prepare_embedding_inputs,
                                        prepare_in_batch_inputs, prepare_inputs,
-                                       prepare_pair_inputs, reject_ragged,
-                                       split_pairs, squeeze_extra_unit_axis, validate_distance,
+                                       prepare_pair_inputs, reject_ragged, split_pairs,
+                                       squeeze_extra_unit_axis, stacked_operands,
+                                       validate_distance,
                                        validate_in_batch_options, validate_margin,
                                        validate_max_block_rows, validate_similar_label)
 from fused_contrastive.reference import (reference_embedding_loss, reference_in_batch_loss,
@@ -267,8 +268,12 @@ class ContrastiveLoss(keras.losses.Loss):
         reduction must run (see _fused_reduction_inputs)."""
         # The pair op writes the pair's gradient as it reduces, for nothing in
         # evaluate; but it reads the pair in place, where the per-pair path
-        # must first unstack it, which costs more than the whole loss.
-        if not _fused_reduction_possible(self, y_pred):
+        # must first unstack it, which costs more than the whole loss. Where
+        # the graph shows the pair's halves (stacked_operands), evaluate takes
+        # the per-pair path on them: no unstack, and no gradient written.
+        if not _fused_reduction_possible(self, y_pred) or (
+                self.distance is not None and not record.could_possibly_record()
+                and stacked_operands(y_pred) is not None):
             return None
         with tf.name_scope(self.name):
             # Converted as Keras' own __call__ converts them.
