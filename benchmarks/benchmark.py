@@ -185,7 +185,10 @@ Output (in --out, default benchmarks/results)
                  memcpy_gbps empty, peak_mb the extra peak in MB = 1e6 bytes,
                  note the memory run's status and times, or why a number is
                  missing; median_ms nan where not timed) and "fit step" (mode
-                 "train_on_batch, jit_compile=True", ms per step)
+                 "train_on_batch, jit_compile=True", ms per step); cpu_user_ms,
+                 cpu_kernel_ms (embeddings: mean CPU ms per call over all
+                 threads, user and kernel; the kernel's share is mostly page
+                 faults on the fresh memory of TF's default CPU allocator)
     results.md   machine, versions, date and command; the distance table (fused
                  ms, reference ms, speedup, fused GB/s, % of memcpy), its targets
                  and accuracy check; the embedding table, targets and accuracy;
@@ -335,6 +338,9 @@ class Row:
     d: object = ""  # D of the embeddings; empty for distances
     peak_mb: object = ""  # in_batch: the loss's extra peak memory (MB = 1e6 bytes); else empty
     note: str = ""  # in_batch: memory-run status and times, or why a number is missing
+    # embeddings: mean CPU ms per call, all threads: user, and kernel (page faults)
+    cpu_user_ms: object = ""
+    cpu_kernel_ms: object = ""
 
 
 class ReferenceContrastiveLoss(keras.losses.Loss):
@@ -482,8 +488,10 @@ def memcpy_call(total_bytes):
     return lambda: np.copyto(dst, src)
 
 
-def time_interleaved(calls, repeats, min_sample_s):
-    """Median seconds per call of each callable; they take turns within each repetition."""
+def time_interleaved(calls, repeats, min_sample_s, cpu_ms=None):
+    """Median seconds per call of each callable; they take turns within each repetition.
+    A list `cpu_ms` receives each callable's mean CPU milliseconds per call, (user,
+    kernel), all threads (os.times): page faults on fresh memory count as kernel time."""
     batch = []
     for call in calls:
         call()
@@ -493,6 +501,7 @@ def time_interleaved(calls, repeats, min_sample_s):
         once = time.perf_counter() - start
         batch.append(max(1, math.ceil(min_sample_s / max(once, 1e-9))))
     samples = [[] for _ in calls]
+    cpu = [[0.0, 0.0] for _ in calls]
     order = list(range(len(calls)))
     gc.collect()
     gc.disable()
@@ -501,12 +510,19 @@ def time_interleaved(calls, repeats, min_sample_s):
             shift = rep % len(order)
             for i in order[shift:] + order[:shift]:
                 call, k = calls[i], batch[i]
+                before = os.times()
                 start = time.perf_counter()
                 for _ in range(k):
                     call()
                 samples[i].append((time.perf_counter() - start) / k)
+                after = os.times()
+                cpu[i][0] += after.user - before.user
+                cpu[i][1] += after.system - before.system
     finally:
         gc.enable()
+    if cpu_ms is not None:
+        cpu_ms.extend((1e3 * user / (repeats * k), 1e3 * system / (repeats * k))
+                      for (user, system), k in zip(cpu, batch))
     return [statistics.median(s) for s in samples]
 
 
@@ -542,11 +558,13 @@ def measure_embeddings(tensors, workload, settings):
         keys.append((impl, mode))
     nbytes = embedding_bytes_moved(rows_, cols, workload)
     calls.append(memcpy_call(nbytes))
+    cpu_ms = []
     *impl_s, memcpy_s = time_interleaved(calls, settings.embedding_repeats[(rows_, cols)],
-                                         settings.embedding_min_sample_s)
+                                         settings.embedding_min_sample_s, cpu_ms)
     memcpy_gbps = nbytes / memcpy_s / 1e9
     rows = [Row(impl, mode, workload, DEFAULT_REDUCTION, rows_, s * 1e3, nbytes / s / 1e9,
-                memcpy_gbps, "embeddings", cols) for (impl, mode), s in zip(keys, impl_s)]
+                memcpy_gbps, "embeddings", cols, cpu_user_ms=user, cpu_kernel_ms=kernel)
+            for (impl, mode), s, (user, kernel) in zip(keys, impl_s, cpu_ms)]
     order = list(itertools.product(EMBEDDING_IMPLS, MODES))
     return sorted(rows, key=lambda r: order.index((r.impl, r.mode)))
 
@@ -716,11 +734,16 @@ def embedding_target_lines(rows, accuracy_result):
                 f"{format_number(composite.median_ms)} ms; fused (per-pair): {per_pair}); "
                 f"target >= {target}x: {met(ratio >= target)}")
 
+    def cpu(impl, mode):
+        row = find[(impl, mode)]
+        return f"{row.cpu_user_ms:.3g} + {row.cpu_kernel_ms:.3g} ms"
+
     def class_line(mode, target):
         ratio = find[("composite", mode)].median_ms / find[("class", mode)].median_ms
         return (f"- class (stack included) vs composite, both {mode}: {ratio:.2f}x "
                 f"({format_number(find[('class', mode)].median_ms)} ms vs "
-                f"{format_number(find[('composite', mode)].median_ms)} ms); target >= {target}x: "
+                f"{format_number(find[('composite', mode)].median_ms)} ms; CPU per call, user + "
+                f"kernel: {cpu('class', mode)} vs {cpu('composite', mode)}); target >= {target}x: "
                 f"{met(ratio >= target)}")
 
     def beyond_stack_line(mode):

@@ -155,6 +155,32 @@ def test_keras_pair_class_evaluates_a_stack_with_the_per_pair_op(rng):
     assert not types & {_ops.EMBEDDING_REDUCED_OP_NAME, _ops.EMBEDDING_PAIR_REDUCED_OP_NAME}
 
 
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_keras_fit_and_evaluate_read_the_towers_outputs(rng, monkeypatch, jit_compile):
+    # A model ending in Concatenate and Reshape((2, D)), as README builds it:
+    # fit runs the two-tensor reduced op on the towers' outputs, evaluate the
+    # per-pair op, neither the pair op on the stacked pair.
+    from test_embeddings import siamese_model
+
+    calls = []
+    for name in ("reduced_embedding_loss", "embedding_loss"):
+        original = getattr(_ops, name)
+        monkeypatch.setattr(_ops, name, lambda *a, _f=original, _n=name, **k:
+                            calls.append(_n) or _f(*a, **k))
+    monkeypatch.setattr(_ops._library, "fused_contrastive_embedding_pair_contrastive_loss_reduced",
+                        None)  # any call would raise
+    x1, x2 = (rng.normal(size=(32, 6)).astype("float32") for _ in range(2))
+    y = (x1[:, 0] > 0).astype("float32")
+    model = siamese_model()
+    model.compile(optimizer="sgd", loss=fc.ContrastiveLoss(distance="cosine"),
+                  jit_compile=jit_compile)
+    model.fit([x1, x2], y, batch_size=16, epochs=1, verbose=0)
+    assert calls and set(calls) == {"reduced_embedding_loss"}, calls
+    calls.clear()
+    model.evaluate([x1, x2], y, batch_size=16, verbose=0)
+    assert calls and set(calls) == {"embedding_loss"}, calls
+
+
 @pytest.mark.parametrize("producer", list(NOT_PAIR_PRODUCERS))
 def test_keras_pair_class_reads_other_producers_as_pairs(rng, producer):
     a, b = embeddings(rng, (12, 8), "float32")
