@@ -922,6 +922,13 @@ void ScaleCuda(const py::object& gradient, const py::object& scale, const py::ob
 
 PYBIND11_MODULE(_kernels, m) {
   m.doc() = "Raw fused contrastive-loss kernels on NumPy arrays (no TensorFlow needed).";
+  // The values per row the embedding loss writes for its gradient, by distance.
+  py::dict row_coefficients;
+  for (fused_contrastive::Distance k : fused_contrastive::kAllDistances) {
+    row_coefficients[fused_contrastive::DistanceName(k)] =
+        fused_contrastive::NumRowCoefficients(k);
+  }
+  m.attr("row_coefficients") = row_coefficients;
   m.def("contrastive_loss_cpu", &fused_contrastive::ContrastiveLossCpuNumpy, py::arg("labels"),
         py::arg("distances"), py::arg("margin") = 1.0, py::arg("similar_label") = 1,
         "Per-sample loss and d(loss)/d(distance) on the CPU, single-threaded; returns "

@@ -375,8 +375,13 @@ def test_pybind_reduced_kernel_equals_tf_op_bit_for_bit(rng, reduction, weights)
 # --- the embedding kernels (pair embeddings a, b of shape [..., D]) ------------
 
 DISTANCE_KINDS = ["euclidean", "cosine", "manhattan"]
-# Cosine: its 3 coefficients and the 2 scales of its rows (cc/embedding_math.h).
-COEFFICIENTS = {"euclidean": 1, "cosine": 5, "manhattan": 1}
+COEFFICIENTS = _kernels.row_coefficients
+
+
+def test_the_module_names_the_row_coefficients_of_each_distance():
+    # Cosine: its 3 coefficients and the 2 scales of its rows (cc/embedding_math.h);
+    # the GPU check and the fuzzer read the module's numbers.
+    assert COEFFICIENTS == {"euclidean": 1, "cosine": 5, "manhattan": 1}
 # Relative (and, times the largest value, absolute) tolerance against float64
 # NumPy on the same (rounded) inputs: a couple of half-ulps of the stored type,
 # whose rounding dominates, or a few ulps of the compute type.

@@ -177,8 +177,6 @@ LABEL_DTYPES = ["bool", "int32", "int64", "float16", "bfloat16", "float32", "flo
 DISTANCE_DTYPES = ["float16", "bfloat16", "float32", "float64"]
 MARGIN = 0.75
 DISTANCE_KINDS = ["euclidean", "cosine", "manhattan"]
-# Cosine: its 3 coefficients and the 2 scales of its rows (cc/embedding_math.h).
-COEFFICIENTS = {"euclidean": 1, "cosine": 5, "manhattan": 1}
 REDUCTIONS = ["sum", "mean", "weighted_mean"]
 # Embedding shapes [..., D]: no rows, one row, odd row counts; D = 1 and odd D
 # (scalar loads) or a multiple of every dtype's 16-byte pack (vector loads).
@@ -462,7 +460,7 @@ class CudaDevice:
         d_labels, d_a, d_b = (self._device(x, o) for x, o in zip((labels, a, b), offsets))
         loss = _offset_copy(cp, cp.empty(labels.shape, d_a.dtype), offsets[3])
         coefficients = _offset_copy(
-            cp, cp.empty(labels.shape + (COEFFICIENTS[distance],), cp.float64), offsets[3])
+            cp, cp.empty(labels.shape + (self.kernels.row_coefficients[distance],), cp.float64), offsets[3])
         stream = cp.cuda.get_current_stream()
         self.kernels.embedding_loss_cuda(
             d_labels, d_a, d_b, loss, coefficients, MARGIN, distance, stream=stream.ptr,

@@ -13,7 +13,7 @@ weight or upstream gradient) and to the in-batch kernel (both distances and
 pair weightings, block caps, embeddings [B, D] with B and D down to 0,
 duplicates and zero vectors, with and without an upstream gradient) are
 checked against float64 NumPy formulas; invalid ones must raise TypeError or
-ValueError. Random case i is of kind i % 5 (KINDS) and draws from
+ValueError. Random case i is of kind i % 5 (case_kinds) and draws from
 default_rng([seed, i]), so a failure printed with its index can be replayed.
 The next to last line counts the cases of each kind; the last reads
 "fuzz: N cases, F failures"; the exit status is 1 if F > 0.
@@ -21,6 +21,7 @@ The next to last line counts the cases of each kind; the last reads
 
 import argparse
 import collections
+import functools
 import sys
 import time
 from pathlib import Path
@@ -39,8 +40,6 @@ if ml_dtypes is not None:
     DISTANCE_DTYPES.append("bfloat16")
 REDUCTIONS = ["sum", "mean", "weighted_mean"]
 LAYOUTS = ["aligned", "misaligned", "big_endian", "misaligned_big_endian", "strided", "readonly"]
-# Gradient coefficients per row of each distance of the embedding kernels.
-COEFFICIENTS = {"euclidean": 1, "cosine": 5, "manhattan": 1}
 
 # (rtol, atol) of an output stored in each distance dtype: rounding to the
 # output type, plus float32 arithmetic for every dtype below float64. atol
@@ -221,7 +220,7 @@ def random_case(rng):
                 int(rng.integers(2)))
 
 
-def random_embedding_case(rng):
+def random_embedding_case(rng, distances):
     rows = random_shape(rng)
     # Short rows where random_shape gives its long shape (many reduction blocks).
     dim = 1 if rng.random() < 0.2 else int(rng.integers(2, 4 if np.prod(rows) > 1000 else 40))
@@ -234,7 +233,7 @@ def random_embedding_case(rng):
     dtype = random_dtype(rng)
     labels, values = random_labels(rng, rows)
     return EmbeddingCase(labels, values, a.astype(dtype), b.astype(dtype), random_margin(rng),
-                         str(rng.choice(list(COEFFICIENTS))), int(rng.integers(2)))
+                         str(rng.choice(distances)), int(rng.integers(2)))
 
 
 def random_layouts(rng, case, *arrays):
@@ -323,7 +322,7 @@ def run_embedding(kernels, rng, case):
     rows = case.a.shape[:-1]
     # The row sums add a rounding per column: allow a few per term.
     check_close("loss", loss, want_loss, loss_size, case.a.dtype, slack=2)
-    want_shape = rows + (COEFFICIENTS[case.distance],)
+    want_shape = rows + (kernels.row_coefficients[case.distance],)
     assert coefficients.dtype == np.float64 and coefficients.shape == want_shape, (
         f"coefficients {coefficients.dtype}{coefficients.shape}, want float64{want_shape}")
     upstream, u = random_weights(rng, case.a.dtype, rows, optional=False)
@@ -445,9 +444,13 @@ def run_in_batch(kernels, rng, case):
 
 
 # The kinds of random case, taken in turn: (make a case, run it).
-KINDS = [(random_case, run_per_sample), (random_case, run_reduced),
-         (random_embedding_case, run_embedding), (random_embedding_case, run_embedding_reduced),
-         (random_in_batch_case, run_in_batch)]
+def case_kinds(kernels):
+    """(make a case from an rng, run it) for each kind of random case."""
+    embedding_case = functools.partial(random_embedding_case,
+                                       distances=list(kernels.row_coefficients))
+    return [(random_case, run_per_sample), (random_case, run_reduced),
+            (embedding_case, run_embedding), (embedding_case, run_embedding_reduced),
+            (random_in_batch_case, run_in_batch)]
 
 
 NOT_AN_ARRAY = "incompatible function arguments"
@@ -631,11 +634,12 @@ def main():
         attempt(lambda: description, lambda: check_raises(call, error, text))
 
     deadline = time.monotonic() + args.seconds
+    kinds = case_kinds(kernels)
     index = 0
     per_kind = collections.Counter()
     while time.monotonic() < deadline:
         rng = np.random.default_rng([args.seed, index])
-        make, run = KINDS[index % len(KINDS)]
+        make, run = kinds[index % len(kinds)]
         case = make(rng)
         per_kind[run.__name__] += 1
         attempt(lambda: f"seed {args.seed} case {index} ({run.__name__}: {', '.join(case.info)})",
