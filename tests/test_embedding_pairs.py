@@ -93,7 +93,8 @@ PAIR_PRODUCERS = {
 # (a, b) row by row, or whose rows the graph cannot match statically.
 NOT_PAIR_PRODUCERS = {
     "stack on axis 0": lambda a, b: tf.stack([a[:2], b[:2]], axis=0),
-    "concat on axis 0, reshape": lambda a, b: tf.reshape(tf.concat([a, b], 0), [-1, 2, a.shape[-1]]),
+    "concat on axis 0, reshape": lambda a, b: tf.reshape(tf.concat([a, b], 0),
+                                                         [-1, 2, a.shape[-1]]),
     "rows regrouped": lambda a, b: tf.reshape(
         tf.concat([tf.reshape(a, [4, 3, -1]), tf.reshape(b, [4, 3, -1])], -1),
         [3, 4, 2, a.shape[-1]]),

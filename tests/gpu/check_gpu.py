@@ -459,8 +459,9 @@ class CudaDevice:
         cp = self.cp
         d_labels, d_a, d_b = (self._device(x, o) for x, o in zip((labels, a, b), offsets))
         loss = _offset_copy(cp, cp.empty(labels.shape, d_a.dtype), offsets[3])
-        coefficients = _offset_copy(
-            cp, cp.empty(labels.shape + (self.kernels.row_coefficients[distance],), cp.float64), offsets[3])
+        per_row = self.kernels.row_coefficients[distance]
+        coefficients = _offset_copy(cp, cp.empty(labels.shape + (per_row,), cp.float64),
+                                    offsets[3])
         stream = cp.cuda.get_current_stream()
         self.kernels.embedding_loss_cuda(
             d_labels, d_a, d_b, loss, coefficients, MARGIN, distance, stream=stream.ptr,
