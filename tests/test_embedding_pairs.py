@@ -145,6 +145,24 @@ def test_keras_pair_class_reads_the_halves_of_a_stack_in_the_graph(rng, producer
             np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7 * np.max(np.abs(w)))
 
 
+def test_keras_pair_class_reads_the_halves_of_sequence_pairs_of_unknown_batch(rng):
+    # [B, T, D] halves, B unknown: the row axes agree but for B, so the reshape
+    # keeps the rows.
+    a, b = embeddings(rng, (4, 3, 8), "float32")
+    y = random_labels(rng, (4, 3), "float32")
+    loss = fc.ContrastiveLoss(margin=0.8, distance="euclidean")
+    def make(a, b):
+        return keras.layers.Reshape((3, 2, 8))(keras.layers.Concatenate()([a, b]))
+
+    halves = tf.TensorSpec([None, 3, 8], tf.float32)
+    step = tf.function(lambda y, a, b: class_loss_and_gradients(loss, make, y, a, b),
+                       input_signature=[tf.TensorSpec([None, 3], tf.float32), halves, halves])
+    types = {op.type for op in step.get_concrete_function().graph.get_operations()}
+    assert _ops.EMBEDDING_REDUCED_OP_NAME in types and "ConcatOffset" not in types, types
+    for g, w in zip(step(y, a, b), class_loss_and_gradients(loss, make, y, a, b)):
+        np.testing.assert_array_equal(g, w)
+
+
 def test_keras_pair_class_evaluates_a_stack_with_the_per_pair_op(rng):
     # Without a tape the reduced op would write the pair's gradient for nothing.
     a, b = embeddings(rng, (12, 8), "float32")

@@ -276,12 +276,12 @@ def stacked_operands(pairs):
     if (axis not in (rank - 2, -1) or a.shape.rank != rank - 1 or depth is None
             or a.shape[-1] != depth or b.shape[-1] != depth):
         return None
-    # Rank 2: [B, 2·D] holds B rows, so the reshape keeps them. Higher ranks may
-    # regroup the rows; only statically equal shapes are taken as they are.
-    rows = a.shape[:-1]
-    if rank - 1 > 2 and not (rows.is_fully_defined() and rows == pairs.shape[:-2]):
-        return None
-    return a, b
+    # The reshape may regroup the rows ([4, 3, 2·D] to [3, 4, 2, D]). It keeps
+    # them where the row axes agree but for one, whose sizes then agree too
+    # (the row counts are equal): [B, 2·D] to [B', 2, D] has B' = B.
+    rows, pair_rows = a.shape[:-1].as_list(), pairs.shape[:-2].as_list()
+    differing = [i for i, (n, m) in enumerate(zip(rows, pair_rows)) if n is None or n != m]
+    return (a, b) if len(differing) <= 1 else None
 
 
 def validate_in_batch_options(margin, positive_margin, distance, pair_weighting):
