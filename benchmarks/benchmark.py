@@ -136,7 +136,7 @@ What is compared: in_batch
     (marked *, one call, not a median).
     Peak memory: each (impl, mode, B) runs in a fresh subprocess
     (`benchmark.py --memory-case IMPL MODE B D`, internal) that builds the
-    inputs, runs the fwd+bwd step twice and reports its peak RSS (ru_maxrss)
+    inputs, runs the fwd+bwd step twice and reports its peak RSS (VmHWM)
     and the two call times; the "extra peak" is that minus the peak RSS of a
     baseline subprocess of the same B, D that did the same imports and built
     the same inputs but did not run the loss. It includes the first call's
@@ -221,7 +221,6 @@ import math
 import os
 import platform
 import re
-import resource
 import shlex
 import statistics
 import subprocess
@@ -1015,8 +1014,15 @@ def error_summary(error):
     return f"{type(error).__name__}: {message[:160]}"
 
 
-def maxrss_bytes():
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
+def peak_rss_bytes():
+    """This process's peak RSS: VmHWM, which belongs to the process image. Not
+    ru_maxrss, which Linux carries over fork and exec: a subprocess of a parent
+    holding 5.8 GB (after the other sections) reported at least that."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024  # kB
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def run_memory_case(impl, mode, b, d):
@@ -1035,7 +1041,7 @@ def run_memory_case(impl, mode, b, d):
             result["status"] = f"OOM ({type(error).__name__})"
         except Exception as error:  # reported in the results, whatever it is
             result["status"] = f"error: {error_summary(error)}"
-    result["maxrss_bytes"] = maxrss_bytes()
+    result["peak_rss_bytes"] = peak_rss_bytes()
     print(MEMORY_CASE_TAG + json.dumps(result), flush=True)
 
 
@@ -1051,7 +1057,7 @@ class MemoryRun:
     first_s: float = math.nan  # first call (tracing, XLA compilation) and second call
     second_s: float = math.nan
     wall_s: float = math.nan  # the whole subprocess, imports included
-    peak_bytes: float = math.nan  # the subprocess's own ru_maxrss
+    peak_bytes: float = math.nan  # the subprocess's own peak RSS (VmHWM)
 
     @property
     def ok(self):
@@ -1138,7 +1144,7 @@ def memory_subprocess(impl, mode, b, d, kill_above_bytes, timeout_s):
     else:
         result = json.loads(tagged[-1])
         run.status = result["status"]
-        run.peak_bytes = result["maxrss_bytes"]
+        run.peak_bytes = result["peak_rss_bytes"]
         times = result["times_s"] + [math.nan, math.nan]
         run.first_s, run.second_s = times[:2]
     return run
@@ -1432,7 +1438,7 @@ def in_batch_markdown(result, settings):
         f"timed up to B={PLAIN_TIMED_MAX_B}; above, its time (marked *) is the second call of "
         "its memory run (one call, not a median).",
         "- Peak MB (1 MB = 1e6 bytes): each (impl, mode, B) runs its step twice in a fresh "
-        "subprocess; the number is that process's peak RSS (ru_maxrss) minus the peak RSS of "
+        "subprocess; the number is that process's peak RSS (VmHWM) minus the peak RSS of "
         "a baseline subprocess that did the same imports and built the same inputs but did "
         "not run the loss. It includes one-time costs of the first call (tracing, XLA "
         "compilation, thread pools), which dominate at small B. Plain is skipped where its "
