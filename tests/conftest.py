@@ -162,16 +162,22 @@ def run_python(code, timeout=600, **env):
                           text=True, env={**os.environ, **env}, timeout=timeout)
 
 
-def run_tests_under_hlo(test_file, keyword, tmp_path):
-    """Runs the tests of `test_file` that `keyword` selects (pytest -k) in a fresh
-    pytest process with FUSED_CONTRASTIVE_XLA_CPU_HLO=1: XLA's CPU backend then
-    compiles the HLO lowering, what XLA's GPU backend runs, instead of calling
-    the CPU kernels. Asserts that some ran and all passed."""
+# Read by the op library when it loads (cc/contrastive_xla.cc): "1" makes XLA's
+# CPU backend compile the HLO lowering, what XLA's GPU backend runs, instead
+# of calling the CPU kernels.
+HLO_ON_CPU_ENV = "FUSED_CONTRASTIVE_XLA_CPU_HLO"
+HLO_ON_CPU = os.environ.get(HLO_ON_CPU_ENV) == "1"
+
+
+def run_tests_under_hlo(test_file, tmp_path, keyword=None):
+    """Runs the tests of `test_file` (those `keyword` selects, pytest -k, if
+    given) in a fresh pytest process with HLO_ON_CPU_ENV=1. Asserts that some
+    ran and all passed."""
+    select = ["-k", keyword] if keyword else []
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file), "-k",
-         keyword, "-o", f"cache_dir={tmp_path}"],
-        capture_output=True, text=True,
-        env={**os.environ, "FUSED_CONTRASTIVE_XLA_CPU_HLO": "1"}, timeout=1200)
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file), *select,
+         "-o", f"cache_dir={tmp_path}"],
+        capture_output=True, text=True, env={**os.environ, HLO_ON_CPU_ENV: "1"}, timeout=1200)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert re.search(r"\d+ passed", result.stdout), result.stdout[-2000:]
 

@@ -386,11 +386,10 @@ def test_cosine_rows_in_range_are_not_rescaled(rng):
 def test_the_hlo_lowering_of_the_pair_op_matches_too(tmp_path):
     # XLA's GPU backend lowers the pair op to HLO (slices of the pair, one
     # concatenation of the gradients), checked here against the two-tensor op's.
-    run_tests_under_hlo(__file__, "pair_op_has_the_bits and True", tmp_path)
+    run_tests_under_hlo(__file__, tmp_path, "pair_op_has_the_bits and True")
 
 
 def test_the_hlo_lowering_keeps_cosine_scale_invariant(tmp_path):
     # The HLO sums cosine rows at the kernels' scales: unscaled, Σa² overflowed
     # to a NaN loss at 1e19 in float32.
-    run_tests_under_hlo(__file__, "cosine_is_scale_invariant_at_extreme_scales and xla",
-                        tmp_path)
+    run_tests_under_hlo(__file__, tmp_path, "cosine_is_scale_invariant_at_extreme_scales and xla")

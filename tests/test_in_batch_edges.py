@@ -153,7 +153,7 @@ def test_cosine_is_scale_invariant_in_float32(rng, scale, path):
 def test_the_hlo_lowering_keeps_cosine_scale_invariant(tmp_path):
     # The HLO loop divides rows of extreme scale by 2^k as the kernels do:
     # unscaled, Σe² overflowed to NaN losses at 1e19 in float32.
-    run_tests_under_hlo(__file__, "cosine_is_scale_invariant_in_float32 and xla", tmp_path)
+    run_tests_under_hlo(__file__, tmp_path, "cosine_is_scale_invariant_in_float32 and xla")
 
 
 def test_ordinary_cosine_rows_keep_their_bits(rng):

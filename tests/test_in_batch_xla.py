@@ -6,23 +6,18 @@ rows. FUSED_CONTRASTIVE_XLA_CPU_HLO=1 puts the HLO lowering on the CPU backend
 too: the last test runs this file again so, which checks it without a GPU.
 """
 
-import os
 import re
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import bits, run_python
+from conftest import HLO_ON_CPU, bits, run_python, run_tests_under_hlo
 
 from fused_contrastive import _ops
 from fused_contrastive.reference import in_batch_contrastive_loss_reference
 from test_in_batch import numpy_in_batch
 
 _LIBRARY = _ops._library
-HLO_ON_CPU_ENV = "FUSED_CONTRASTIVE_XLA_CPU_HLO"
-HLO_ON_CPU = os.environ.get(HLO_ON_CPU_ENV) == "1"
 DTYPES = ["float32", "float64"]
 DISTANCES = ["euclidean", "cosine"]
 WEIGHTINGS = ["uniform", "balanced"]
@@ -379,9 +374,4 @@ def test_in_batch_xla_works_when_imported_after_the_first_xla_compilation():
 @pytest.mark.skipif(HLO_ON_CPU, reason="this is the run it starts")
 def test_the_hlo_lowering_of_the_in_batch_ops_passes_the_same_tests(tmp_path):
     # The GPU backend's lowering, on the CPU backend.
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-o",
-         f"cache_dir={tmp_path}"], capture_output=True, text=True,
-        env={**os.environ, HLO_ON_CPU_ENV: "1"}, timeout=1200)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert re.search(r"\d+ passed", result.stdout), result.stdout[-2000:]
+    run_tests_under_hlo(__file__, tmp_path)

@@ -1,16 +1,12 @@
 """cc/contrastive_xla.cc: the XLA lowerings (jit_compile, Keras) against the compiled kernels."""
 
-import os
-import re
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import (DISTANCE_DTYPES, DISTANCES, FUSED_REDUCTIONS, LABEL_DTYPES,
+from conftest import (DISTANCE_DTYPES, DISTANCES, FUSED_REDUCTIONS, HLO_ON_CPU, LABEL_DTYPES,
                       ODD_BOOL_AS_LABELS, ODD_BOOL_LOSSES, bits, distance_model, embeddings,
-                      odd_bool_labels, pair_data, random_distances, random_labels, run_python)
+                      odd_bool_labels, pair_data, random_distances, random_labels, run_python,
+                      run_tests_under_hlo)
 
 import keras
 from fused_contrastive import (ContrastiveLoss, _ops, contrastive_loss,
@@ -189,9 +185,6 @@ def test_xla_works_when_imported_after_the_first_xla_compilation():
 # --- The ops of the loss from pair embeddings ----------------------------------------------
 
 _LIBRARY = _ops._library
-# Read by the op library when it loads (cc/contrastive_xla.cc).
-HLO_ON_CPU_ENV = "FUSED_CONTRASTIVE_XLA_CPU_HLO"
-HLO_ON_CPU = os.environ.get(HLO_ON_CPU_ENV) == "1"
 # (rtol, atol) of XLA's results against the kernels', per embedding dtype.
 EMBEDDING_TOL = {"float16": (1e-3, 1e-3), "bfloat16": (1e-2, 1e-2), "float32": (1e-6, 1e-6),
                  "float64": (1e-13, 1e-14)}
@@ -466,12 +459,7 @@ def test_the_hlo_lowering_of_the_embedding_ops_passes_the_same_tests(tmp_path):
     # calls of the CPU kernels. With FUSED_CONTRASTIVE_XLA_CPU_HLO=1 the CPU
     # backend compiles the HLO too: the embedding tests above then check it
     # against the kernels without a GPU.
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "embedding", "-o", f"cache_dir={tmp_path}"], capture_output=True, text=True,
-        env={**os.environ, HLO_ON_CPU_ENV: "1"}, timeout=1200)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert re.search(r"\d+ passed", result.stdout), result.stdout[-2000:]
+    run_tests_under_hlo(__file__, tmp_path, "embedding")
 
 
 @pytest.mark.parametrize("label_shape, pairs_shape", [((6,), (6, 3)), ((6, 1), (6, 3)),
