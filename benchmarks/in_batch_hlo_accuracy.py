@@ -7,7 +7,7 @@ Accuracy: float32 batches (B = 64, D = 16) of rows of spread 1 about a point
 at norm N ("offset"), or about two opposite such points with their own classes
 ("clusters"); per-anchor loss and gradient of the CPU kernel (graph mode) and
 of the XLA lowering (the HLO with the variable above, else the CPU custom call)
-against the float64 oracle of tests/test_in_batch.py, as the largest error
+against the float64 oracle of tests/in_batch/test_in_batch.py, as the largest error
 relative to the largest oracle value. Time: the reduced op (loss and gradient)
 under XLA at B = 4096, D = 128, median of --repeats calls, on random rows and
 on rows with a duplicate pair in each of the four row blocks.

@@ -2,7 +2,7 @@
 
     python fuzz_kernels.py MODULE_DIR [--seconds S] [--seed N]
 
-MODULE_DIR holds the `_kernels` extension to test; tests/test_sanitizers.py
+MODULE_DIR holds the `_kernels` extension to test; tests/packaging/test_sanitizers.py
 builds it with -fsanitize=address,undefined and runs this script with libasan
 preloaded, so any out-of-bounds access or undefined behaviour aborts the run.
 Valid inputs to the distance kernels and the embedding kernels (every dtype

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import random_distances, random_labels
+from support import random_distances, random_labels
 
 from fused_contrastive import _inputs, contrastive_loss, contrastive_loss_reference
 

@@ -6,7 +6,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import (DISTANCE_DTYPES, LABEL_DTYPES, numpy_contrastive_loss, random_distances,
+from support import (DISTANCE_DTYPES, LABEL_DTYPES, numpy_contrastive_loss, random_distances,
                       random_labels, run_python)
 
 from fused_contrastive import _kernels, _ops, contrastive_loss
@@ -109,7 +109,7 @@ def _at_offset(a, offset):
 
 
 # Misaligned pointers are undefined behaviour that x86 forgives, so these
-# results matched before the fix too; tests/test_sanitizers.py is what sees
+# results matched before the fix too; tests/packaging/test_sanitizers.py is what sees
 # such a pointer reach the kernel (UBSan: "load of misaligned address").
 @pytest.mark.parametrize("dtype, offset", [("float32", 1), ("float64", 4), ("float64", 7),
                                            ("float16", 1)])

@@ -6,7 +6,7 @@ import warnings
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import (DISTANCE_DTYPES, LABEL_DTYPES, ODD_BOOL_AS_LABELS, ODD_BOOL_LOSSES, bits,
+from support import (DISTANCE_DTYPES, LABEL_DTYPES, ODD_BOOL_AS_LABELS, ODD_BOOL_LOSSES, bits,
                       numpy_contrastive_loss, odd_bool_labels, random_distances, random_labels,
                       run_python)
 

@@ -10,7 +10,7 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import (FUSED_REDUCTIONS, REDUCTIONS, TFA_DISTANCES, TFA_LABELS, TFA_LOSSES,
+from support import (FUSED_REDUCTIONS, REDUCTIONS, TFA_DISTANCES, TFA_LABELS, TFA_LOSSES,
                       TFA_WEIGHTS, KerasReducedReference, distance_model,
                       load_tfa_h5_in_fresh_process, loss_and_gradient, pair_data,
                       random_distances, random_labels, run_python)

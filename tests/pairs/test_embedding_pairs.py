@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import DISTANCES, embeddings, random_labels, run_tests_under_hlo
+from support import DISTANCES, embeddings, random_labels, run_tests_under_hlo
 
 import fused_contrastive as fc
 from fused_contrastive import _kernels, _ops

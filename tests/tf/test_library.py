@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import (DISTANCE_DTYPES, TFA_DISTANCES, TFA_LABELS, KerasReducedReference,
+from support import (DISTANCE_DTYPES, TFA_DISTANCES, TFA_LABELS, KerasReducedReference,
                       hessian, random_distances, random_labels, run_python)
 from tensorflow.python.framework import kernels
 

@@ -6,7 +6,7 @@ reduction of the pure-TF reference."""
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import DISTANCES, REDUCTIONS, embeddings, random_distances, run_python
+from support import DISTANCES, REDUCTIONS, embeddings, random_distances, run_python
 
 import keras
 import fused_contrastive as fc

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import tensorflow as tf
-from conftest import ROOT, run_core_tests_against
+from support import ROOT, run_core_tests_against
 from tensorflow.core.framework import types_pb2
 from tensorflow.python.framework import kernels
 

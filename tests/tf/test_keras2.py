@@ -1,7 +1,7 @@
 """fused_contrastive.keras2: the tf_keras class, which TF_USE_LEGACY_KERAS=1 makes the default."""
 
 import pytest
-from conftest import (TFA_DISTANCES, TFA_LABELS, TFA_LOSSES, TFA_WEIGHTS,
+from support import (TFA_DISTANCES, TFA_LABELS, TFA_LOSSES, TFA_WEIGHTS,
                       load_tfa_h5_in_fresh_process, run_python)
 
 LEGACY_SCRIPT = """

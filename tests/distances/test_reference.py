@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import (DISTANCE_DTYPES, LABEL_DTYPES, ODD_BOOL_AS_LABELS, ODD_BOOL_LOSSES,
+from support import (DISTANCE_DTYPES, LABEL_DTYPES, ODD_BOOL_AS_LABELS, ODD_BOOL_LOSSES,
                       TFA_DISTANCES, TFA_LABELS, TFA_LOSSES, numpy_contrastive_loss,
                       hessian, odd_bool_labels, random_distances, random_labels)
 

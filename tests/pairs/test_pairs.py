@@ -7,10 +7,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import DISTANCES, embeddings, run_python
+from support import DISTANCES, embeddings, run_python
 
 import fused_contrastive as fc
-from fused_contrastive import pairs, reference
+from fused_contrastive import reference
 
 
 def numpy_distance(a, b, distance):

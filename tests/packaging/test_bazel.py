@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 import tensorflow as tf
-from conftest import ROOT, run_core_tests_against
+from support import ROOT, run_core_tests_against
 
 import fused_contrastive
 from fused_contrastive import _cuda, _ops
 
 # Bazel builds the op library from the sources and with the flags CMake uses,
-# and that library passes the core tests (conftest.CORE_TESTS).
+# and that library passes the core tests (support.CORE_TESTS).
 TARGET = "//:fused_contrastive_ops"
 LIBRARY = "_fused_contrastive_ops.so"
 APT_COMMAND = "apt-get install -y bazel-bootstrap bazel-rules-java bazel-platforms"
@@ -170,7 +170,7 @@ def test_bazel_cuda_build_registers_gpu_kernels_with_the_recorded_device_code(
     # The registry and device-code checks of the CMake builds, on this library.
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir",
-         str(tmp_path), str(ROOT / "tests/test_build_variants.py"), "-k",
+         str(tmp_path), str(ROOT / "tests/packaging/test_build_variants.py"), "-k",
          "every_dtype_pair or exactly_when_built_with_cuda or device_code"],
         capture_output=True, text=True, timeout=900, cwd=tmp_path,
         env={**os.environ, _ops.LIBRARY_ENV: str(library)})

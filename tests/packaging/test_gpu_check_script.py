@@ -10,7 +10,7 @@ from pathlib import Path
 import fused_contrastive
 from fused_contrastive import _ops
 
-SCRIPT = Path(__file__).resolve().parent / "gpu" / "check_gpu.py"
+SCRIPT = Path(__file__).resolve().parents[1] / "gpu" / "check_gpu.py"
 
 
 def test_gpu_check_script_self_test():

@@ -20,7 +20,7 @@ whole file runs in well under 60 s on a 2-core machine.
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import KerasReducedReference, loss_and_gradient
+from support import KerasReducedReference, loss_and_gradient
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp

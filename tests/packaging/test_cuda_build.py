@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import tensorflow as tf
-from conftest import ROOT, run_python
+from support import ROOT, run_python
 
 import fused_contrastive
 from fused_contrastive import _cuda, _ops

@@ -11,7 +11,7 @@ import re
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import HLO_ON_CPU, bits, run_python, run_tests_under_hlo
+from support import HLO_ON_CPU, bits, run_python, run_tests_under_hlo
 
 from fused_contrastive import _ops
 from fused_contrastive.reference import in_batch_contrastive_loss_reference

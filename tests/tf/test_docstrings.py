@@ -4,7 +4,7 @@ import importlib
 from pathlib import Path
 
 import pytest
-from conftest import run_doctests
+from support import run_doctests
 
 import fused_contrastive
 

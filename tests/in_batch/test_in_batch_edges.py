@@ -6,7 +6,7 @@ checks (item 11)."""
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import run_python, run_tests_under_hlo
+from support import run_python, run_tests_under_hlo
 from test_in_batch import numpy_in_batch
 
 import fused_contrastive as fc

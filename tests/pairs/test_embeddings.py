@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import DISTANCES, LABEL_DTYPES, embeddings, random_labels, run_python
+from support import DISTANCES, LABEL_DTYPES, embeddings, random_labels, run_python
 
 import fused_contrastive as fc
 from fused_contrastive import _inputs, _ops
