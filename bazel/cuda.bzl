@@ -31,7 +31,7 @@ def _nvcc_object(name, src, hdrs, archs, nvcc_flags):
             NVCC,
             "-c -x cu -std=c++17 -O3 -DNDEBUG -Xcompiler -fPIC",
         ] + nvcc_flags + gencode_flags(archs) + [
-            "-I$$(dirname $(location %s))" % src,
+            "-Icc",  # sources include "core/<family>/..."
             "$(location %s) -o $@" % src,
         ])
     else:
@@ -49,12 +49,13 @@ def _nvcc_object(name, src, hdrs, archs, nvcc_flags):
 
 def cuda_library(name, srcs, hdrs, archs, nvcc_flags = []):
     """A cc_library `name` holding `srcs` compiled by nvcc (per source a
-    genrule writing `<name>_<stem>.pic.o`, linkable into a shared library).
+    genrule writing `<name>_<dir>_<stem>.pic.o`, linkable into a shared library).
     All are tagged manual: only targets that select them (--config=cuda)
     build them."""
     objects = []
     for src in srcs:
-        stem = src.split("/")[-1].split(".")[0]
+        # cc/core/<family>/gpu.cu.cc -> <family>_gpu: every family has a gpu.cu.cc
+        stem = "_".join(src.split("/")[-2:]).split(".")[0]
         objects.append(_nvcc_object(name + "_" + stem, src, hdrs, archs, nvcc_flags))
     native.cc_library(
         name = name,

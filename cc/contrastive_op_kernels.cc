@@ -11,9 +11,9 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "contrastive_kernels.h"
-#include "embedding_kernels.h"
-#include "in_batch_kernels.h"
+#include "core/distances/kernels.h"
+#include "core/pairs/kernels.h"
+#include "core/in_batch/kernels.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tf_shared.h"
 #include "unsupported/Eigen/CXX11/Tensor"

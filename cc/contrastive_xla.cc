@@ -21,10 +21,10 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "contrastive_kernels.h"
-#include "contrastive_math.h"
-#include "embedding_kernels.h"
-#include "embedding_math.h"
+#include "core/distances/kernels.h"
+#include "core/common/formula.h"
+#include "core/pairs/kernels.h"
+#include "core/pairs/math.h"
 #include "tensorflow/compiler/tf2xla/type_util.h"
 #include "tensorflow/compiler/tf2xla/xla_op_kernel.h"
 #include "tensorflow/compiler/tf2xla/xla_op_registry.h"

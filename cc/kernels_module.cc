@@ -9,9 +9,9 @@
 #include <string>
 #include <vector>
 
-#include "contrastive_kernels.h"
-#include "embedding_kernels.h"
-#include "in_batch_kernels.h"
+#include "core/distances/kernels.h"
+#include "core/pairs/kernels.h"
+#include "core/in_batch/kernels.h"
 
 namespace py = pybind11;
 

@@ -3,16 +3,19 @@
 // benchmarks. Embeddings a and b are `rows` rows of `dim` contiguous elements
 // each, row r at r * row_stride elements from a (and from b), one label per
 // row; the per-row loss is the contrastive loss of the row's distance
-// (embedding_math.h). row_stride is dim for two [..., D] tensors, and 2 * dim
+// (core/pairs/math.h). row_stride is dim for two [..., D] tensors, and 2 * dim
 // for the stacked pair [..., 2, D] a Keras model outputs (StackedPairB): the
 // kernels then read the pair, and write its gradient, in place.
-#ifndef FUSED_CONTRASTIVE_EMBEDDING_KERNELS_H_
-#define FUSED_CONTRASTIVE_EMBEDDING_KERNELS_H_
+#ifndef FUSED_CONTRASTIVE_CORE_PAIRS_KERNELS_H_
+#define FUSED_CONTRASTIVE_CORE_PAIRS_KERNELS_H_
 
 #include <cstdint>
 
-#include "contrastive_kernels.h"
-#include "embedding_math.h"
+#include "core/common/dtypes.h"
+#include "core/common/formula.h"
+#include "core/common/parallel.h"
+#include "core/common/reduction.h"
+#include "core/pairs/math.h"
 
 namespace fused_contrastive {
 
@@ -44,7 +47,7 @@ inline void* StackedPairB(DType type, const void* pairs, int64_t dim) {
 }
 
 // Per-row loss (rows values of embedding_type) and the gradient coefficients
-// of embedding_math.h for g = d(loss)/d(distance): rows * NumRowCoefficients
+// of core/pairs/math.h for g = d(loss)/d(distance): rows * NumRowCoefficients
 // doubles, row-major. A row is read once; row sums accumulate in the compute
 // type over chunks of kRowSumChunk elements, the chunks' sums in double, in an
 // order fixed by the binary. False for an unsupported dtype pair.
@@ -111,4 +114,4 @@ GpuStatus EmbeddingLossReducedGpu(const ReducedEmbeddingArgs& args, void* worksp
 
 }  // namespace fused_contrastive
 
-#endif  // FUSED_CONTRASTIVE_EMBEDDING_KERNELS_H_
+#endif  // FUSED_CONTRASTIVE_CORE_PAIRS_KERNELS_H_

@@ -1,8 +1,8 @@
 #include <algorithm>
 
-#include "cpu_reduce.h"
-#include "embedding_kernels.h"
-#include "embedding_math.h"
+#include "core/common/cpu_reduce.h"
+#include "core/pairs/kernels.h"
+#include "core/pairs/math.h"
 
 namespace fused_contrastive {
 namespace {

@@ -1,15 +1,18 @@
 // Kernel entry points of the in-batch all-pairs contrastive loss
-// (in_batch_math.h), on raw pointers, for the TF OpKernels, the XLA custom
+// (core/in_batch/math.h), on raw pointers, for the TF OpKernels, the XLA custom
 // calls and the pybind11 module. No B×B matrix is ever stored: the kernels
 // sweep the pairs in blocks of rows, with scratch linear in B.
-#ifndef FUSED_CONTRASTIVE_IN_BATCH_KERNELS_H_
-#define FUSED_CONTRASTIVE_IN_BATCH_KERNELS_H_
+#ifndef FUSED_CONTRASTIVE_CORE_IN_BATCH_KERNELS_H_
+#define FUSED_CONTRASTIVE_CORE_IN_BATCH_KERNELS_H_
 
 #include <cstdint>
 #include <functional>
 
-#include "contrastive_kernels.h"
-#include "in_batch_math.h"
+#include "core/common/dtypes.h"
+#include "core/common/formula.h"
+#include "core/common/parallel.h"
+#include "core/common/reduction.h"
+#include "core/in_batch/math.h"
 
 namespace fused_contrastive {
 
@@ -58,7 +61,7 @@ bool VisitInBatchKernel(DType type, Distance distance, F&& f) {
 bool InBatchLossCpu(const InBatchArgs& args, const ParallelFor& parallel_for);
 
 // The Keras reduction of the per-anchor losses, with the fully scaled
-// gradient, from one sweep: g_i = weight_i · reduction_scale (contrastive_math.h)
+// gradient, from one sweep: g_i = weight_i · reduction_scale (core/common/reduction.h)
 // is the upstream gradient of anchor i's loss, the loss is Σ g_i·l_i (summed
 // in double, in a fixed order), and the gradient d(loss)/d(embeddings).
 struct InBatchReducedArgs {
@@ -116,4 +119,4 @@ GpuGemm TiledGemmGpu(DType type, void* stream);
 
 }  // namespace fused_contrastive
 
-#endif  // FUSED_CONTRASTIVE_IN_BATCH_KERNELS_H_
+#endif  // FUSED_CONTRASTIVE_CORE_IN_BATCH_KERNELS_H_

@@ -1,5 +1,5 @@
 // The CUDA launch of the contrastive loss from pair embeddings. The math is
-// embedding_math.h, shared with the CPU kernel; this file adds the traversal
+// core/pairs/math.h, shared with the CPU kernel; this file adds the traversal
 // of the rows, the sums and the launches. Compiled with --fmad=false, so from
 // equal row sums a row's loss and gradients are the CPU kernel's bits; only
 // the order of the additions in sums differs.
@@ -7,9 +7,9 @@
 #include <initializer_list>
 #include <type_traits>
 
-#include "embedding_kernels.h"
-#include "embedding_math.h"
-#include "gpu_common.cuh"
+#include "core/pairs/kernels.h"
+#include "core/pairs/math.h"
+#include "core/common/gpu_common.cuh"
 
 namespace fused_contrastive {
 namespace {

@@ -15,14 +15,15 @@
 // with M_ij = gram_coefficient(A_ij, ...) (symmetric too) and
 // q_i = diagonal_factor_i · Σ_j diagonal_term(M_ij, s_ij). The kernels thus
 // need a second matrix product, M·E, and per-row sums.
-#ifndef FUSED_CONTRASTIVE_IN_BATCH_MATH_H_
-#define FUSED_CONTRASTIVE_IN_BATCH_MATH_H_
+#ifndef FUSED_CONTRASTIVE_CORE_IN_BATCH_MATH_H_
+#define FUSED_CONTRASTIVE_CORE_IN_BATCH_MATH_H_
 
 #include <math.h>
 
 #include <string>
 
-#include "embedding_math.h"
+#include "core/common/distance.h"
+#include "core/common/formula.h"
 
 namespace fused_contrastive {
 
@@ -210,4 +211,4 @@ FC_HOST_DEVICE inline C diagonal_factor(const C& stat) {
 
 }  // namespace fused_contrastive
 
-#endif  // FUSED_CONTRASTIVE_IN_BATCH_MATH_H_
+#endif  // FUSED_CONTRASTIVE_CORE_IN_BATCH_MATH_H_

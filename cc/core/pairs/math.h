@@ -5,39 +5,15 @@
 // per-row coefficients, so a kernel reads each row to sum it, computes the
 // row's loss and coefficients once, and reads the row again (from cache) to
 // write the gradients.
-#ifndef FUSED_CONTRASTIVE_EMBEDDING_MATH_H_
-#define FUSED_CONTRASTIVE_EMBEDDING_MATH_H_
+#ifndef FUSED_CONTRASTIVE_CORE_PAIRS_MATH_H_
+#define FUSED_CONTRASTIVE_CORE_PAIRS_MATH_H_
 
 #include <string>
 
-#include "contrastive_math.h"
+#include "core/common/distance.h"
+#include "core/common/formula.h"
 
 namespace fused_contrastive {
-
-enum class Distance : int { kEuclidean, kCosine, kManhattan };
-
-constexpr Distance kAllDistances[] = {Distance::kEuclidean, Distance::kCosine,
-                                      Distance::kManhattan};
-
-// The names of the `distance` attr and argument.
-inline const char* DistanceName(Distance k) {
-  switch (k) {
-    case Distance::kEuclidean: return "euclidean";
-    case Distance::kCosine: return "cosine";
-    case Distance::kManhattan: return "manhattan";
-  }
-  return "unknown";
-}
-
-inline bool ParseDistance(const std::string& name, Distance* out) {
-  for (Distance k : kAllDistances) {
-    if (name == DistanceName(k)) {
-      *out = k;
-      return true;
-    }
-  }
-  return false;
-}
 
 // Sums per row: euclidean Σ(a−b)²; cosine Σab, Σaa, Σbb; manhattan Σ|a−b|.
 // Cosine rows also carry the scales s_a, s_b their sums were taken at
@@ -104,19 +80,6 @@ FC_HOST_DEVICE inline bool cosine_sums_out_of_range(const C* sums) {
   using S = CosineScaling<C>;
   return sums[1] < S::kLow || sums[1] > S::kHigh || sums[2] < S::kLow || sums[2] > S::kHigh;
 }
-
-FC_HOST_DEVICE inline int binary_exponent(float x) {
-  int e;
-  frexpf(x, &e);
-  return e;
-}
-FC_HOST_DEVICE inline int binary_exponent(double x) {
-  int e;
-  ::frexp(x, &e);
-  return e;
-}
-FC_HOST_DEVICE inline float power_of_two(float, int e) { return ldexpf(1.0f, e); }
-FC_HOST_DEVICE inline double power_of_two(double, int e) { return ::ldexp(1.0, e); }
 
 // The scale of a vector whose largest |element| is max_abs (see
 // CosineScaling): 1 when it is 0 or not finite.
@@ -208,23 +171,6 @@ FC_HOST_DEVICE inline void row_loss_and_coefficients(const C* sums, const C& lab
   row_coefficients<K>(sums, d, g, coef);
 }
 
-// Calls f(DistanceTag<k>{}): kernels are instantiated per distance so that
-// their inner loops have no branch on it.
-template <Distance K>
-struct DistanceTag {
-  static constexpr Distance value = K;
-};
-
-template <typename F>
-inline bool VisitDistance(Distance k, F&& f) {
-  switch (k) {
-    case Distance::kEuclidean: f(DistanceTag<Distance::kEuclidean>{}); return true;
-    case Distance::kCosine: f(DistanceTag<Distance::kCosine>{}); return true;
-    case Distance::kManhattan: f(DistanceTag<Distance::kManhattan>{}); return true;
-  }
-  return false;
-}
-
 }  // namespace fused_contrastive
 
-#endif  // FUSED_CONTRASTIVE_EMBEDDING_MATH_H_
+#endif  // FUSED_CONTRASTIVE_CORE_PAIRS_MATH_H_

@@ -1,12 +1,12 @@
-// The CUDA launch of the contrastive loss. The math is contrastive_math.h,
+// The CUDA launch of the contrastive loss. The math is core/common/formula.h,
 // shared with the CPU kernel; this file adds only indexing, vector loads and
 // the launch. Compiled with --fmad=false so a*b+c is not contracted into an FMA:
 // GPU results then equal the CPU kernel's bit for bit.
 #include <algorithm>
 
-#include "contrastive_kernels.h"
-#include "contrastive_math.h"
-#include "gpu_common.cuh"
+#include "core/distances/kernels.h"
+#include "core/common/formula.h"
+#include "core/common/gpu_common.cuh"
 
 namespace fused_contrastive {
 namespace {

@@ -1,5 +1,5 @@
 // The CUDA launch of the in-batch all-pairs contrastive loss. The math is
-// in_batch_math.h, shared with the CPU kernel (in_batch_cpu_impl.h); this file
+// core/in_batch/math.h, shared with the CPU kernel (cpu_sweep.h); this file
 // adds the sweep, the sums and the launches.
 //
 // The sweep: rows are cut into blocks of R. For block I, S = E_I·Eᵀ (R×B, one
@@ -16,9 +16,9 @@
 #include <algorithm>
 #include <type_traits>
 
-#include "gpu_common.cuh"
-#include "in_batch_kernels.h"
-#include "in_batch_math.h"
+#include "core/common/gpu_common.cuh"
+#include "core/in_batch/kernels.h"
+#include "core/in_batch/math.h"
 
 namespace fused_contrastive {
 namespace {

@@ -4,8 +4,8 @@
 // neither. half_t and bfloat16_t are therefore plain 16-bit wrappers with the
 // same layout as Eigen::half / Eigen::bfloat16 / __half / __nv_bfloat16 / the
 // NumPy and ml_dtypes scalars, so callers reinterpret their buffers as these.
-#ifndef FUSED_CONTRASTIVE_NUMERIC_TYPES_H_
-#define FUSED_CONTRASTIVE_NUMERIC_TYPES_H_
+#ifndef FUSED_CONTRASTIVE_CORE_COMMON_NUMERIC_TYPES_H_
+#define FUSED_CONTRASTIVE_CORE_COMMON_NUMERIC_TYPES_H_
 
 #include <cstdint>
 #include <cstring>
@@ -136,4 +136,4 @@ struct Store<bfloat16_t> {
 
 }  // namespace fused_contrastive
 
-#endif  // FUSED_CONTRASTIVE_NUMERIC_TYPES_H_
+#endif  // FUSED_CONTRASTIVE_CORE_COMMON_NUMERIC_TYPES_H_

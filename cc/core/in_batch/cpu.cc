@@ -1,4 +1,4 @@
-// Picks the build of the in-batch CPU kernel (in_batch_cpu_impl.h) that this
+// Picks the build of the in-batch CPU kernel (cpu_sweep.h) that this
 // CPU can run.
 #include <cstdlib>
 #include <cstring>
@@ -6,8 +6,8 @@
 
 #include <vector>
 
-#include "cpu_reduce.h"
-#include "in_batch_kernels.h"
+#include "core/common/cpu_reduce.h"
+#include "core/in_batch/kernels.h"
 
 namespace fused_contrastive {
 namespace generic {

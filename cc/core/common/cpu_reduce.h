@@ -1,11 +1,13 @@
 // Deterministic parallel sums shared by the CPU kernels (not a public header).
-#ifndef FUSED_CONTRASTIVE_CPU_REDUCE_H_
-#define FUSED_CONTRASTIVE_CPU_REDUCE_H_
+#ifndef FUSED_CONTRASTIVE_CORE_COMMON_CPU_REDUCE_H_
+#define FUSED_CONTRASTIVE_CORE_COMMON_CPU_REDUCE_H_
 
 #include <algorithm>
 #include <vector>
 
-#include "contrastive_kernels.h"
+#include "core/common/numeric_types.h"
+#include "core/common/parallel.h"
+#include "core/common/reduction.h"
 
 namespace fused_contrastive {
 
@@ -33,7 +35,7 @@ double BlockedSum(int64_t n, int64_t block, const ElementCost& element_cost,
 // Elements per block of a reduction over per-element values.
 constexpr int64_t kReductionBlock = 1 << 15;
 
-// reduction_scale() of contrastive_math.h for n values with weights w (n of
+// reduction_scale() of core/common/reduction.h for n values with weights w (n of
 // them, or one when scalar_weight); reads the weights only for kWeightedMean.
 template <typename D>
 double CpuReductionScale(Reduction reduction, const D* w, bool scalar_weight, int64_t n,
@@ -57,4 +59,4 @@ double CpuReductionScale(Reduction reduction, const D* w, bool scalar_weight, in
 
 }  // namespace fused_contrastive
 
-#endif  // FUSED_CONTRASTIVE_CPU_REDUCE_H_
+#endif  // FUSED_CONTRASTIVE_CORE_COMMON_CPU_REDUCE_H_

@@ -1,11 +1,11 @@
 // The dtypes the op supports, listed once, and a dispatcher from a runtime
 // dtype to the storage type. Host and device code both use it.
-#ifndef FUSED_CONTRASTIVE_DTYPES_H_
-#define FUSED_CONTRASTIVE_DTYPES_H_
+#ifndef FUSED_CONTRASTIVE_CORE_COMMON_DTYPES_H_
+#define FUSED_CONTRASTIVE_CORE_COMMON_DTYPES_H_
 
 #include <cstdint>
 
-#include "numeric_types.h"
+#include "core/common/numeric_types.h"
 
 namespace fused_contrastive {
 
@@ -77,4 +77,4 @@ bool VisitLabelAndDistance(DType label, DType distance, F&& f) {
 
 }  // namespace fused_contrastive
 
-#endif  // FUSED_CONTRASTIVE_DTYPES_H_
+#endif  // FUSED_CONTRASTIVE_CORE_COMMON_DTYPES_H_

@@ -1,8 +1,8 @@
 #include <algorithm>
 
-#include "contrastive_kernels.h"
-#include "contrastive_math.h"
-#include "cpu_reduce.h"
+#include "core/distances/kernels.h"
+#include "core/common/formula.h"
+#include "core/common/cpu_reduce.h"
 
 namespace fused_contrastive {
 namespace {
@@ -51,10 +51,6 @@ double WeightedLossAndGradRange(const L* labels, const D* distances, const D* we
 }
 
 }  // namespace
-
-void SerialFor(int64_t n, const ElementCost&, const ShardFn& work) {
-  if (n > 0) work(0, n);
-}
 
 bool ContrastiveLossCpu(const LossInputs& in, void* loss, void* grad,
                         const ParallelFor& parallel_for) {

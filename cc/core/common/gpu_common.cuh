@@ -1,16 +1,17 @@
 // CUDA pieces shared by the .cu.cc kernel files (not a public header): vector
 // accesses, the deterministic block reductions and the Keras reduction's
 // divisor computed on the device.
-#ifndef FUSED_CONTRASTIVE_GPU_COMMON_CUH_
-#define FUSED_CONTRASTIVE_GPU_COMMON_CUH_
+#ifndef FUSED_CONTRASTIVE_CORE_COMMON_GPU_COMMON_CUH_
+#define FUSED_CONTRASTIVE_CORE_COMMON_GPU_COMMON_CUH_
 
 #include <cuda_runtime.h>
 
 #include <algorithm>
 #include <cstdint>
 
-#include "contrastive_kernels.h"
-#include "contrastive_math.h"
+#include "core/common/parallel.h"
+#include "core/common/reduction.h"
+#include "core/common/formula.h"
 
 namespace fused_contrastive {
 // Unnamed: every .cu.cc file compiles its own copy of these kernels, so no
@@ -116,4 +117,4 @@ bool Aligned(const void* p, size_t bytes) {
 }  // namespace
 }  // namespace fused_contrastive
 
-#endif  // FUSED_CONTRASTIVE_GPU_COMMON_CUH_
+#endif  // FUSED_CONTRASTIVE_CORE_COMMON_GPU_COMMON_CUH_

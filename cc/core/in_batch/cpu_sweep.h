@@ -1,6 +1,6 @@
 // The CPU kernel of the in-batch loss, compiled once per instruction set
-// (in_batch_cpu_generic.cc, in_batch_cpu_avx2.cc) inside the namespace
-// FC_IN_BATCH_ISA; in_batch_cpu.cc picks one at run time. Not a public header.
+// (cpu_generic.cc, cpu_avx2.cc) inside the namespace
+// FC_IN_BATCH_ISA; cpu.cc picks one at run time. Not a public header.
 //
 // The sweep: rows are cut into blocks of R; every unordered pair of blocks
 // (I, J) is one task: S = E_I·E_Jᵀ (an R×R GEMM), then one pass over S gives
@@ -19,7 +19,7 @@
 
 #include <Eigen/Core>
 
-#include "in_batch_kernels.h"
+#include "core/in_batch/kernels.h"
 
 namespace fused_contrastive {
 namespace FC_IN_BATCH_ISA {
