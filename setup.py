@@ -132,23 +132,11 @@ class CMakeBuild(build_ext):
 # setuptools runs this file as __main__; tests import it for its functions.
 if __name__ == "__main__":
     setup(
-        name="fused-contrastive",
         version=VERSION,
-        description="Fused contrastive loss for TensorFlow and Keras 3: one compiled pass for "
-                    "loss and gradient on CPU and GPU",
-        long_description=(ROOT / "README.md").read_text(),
-        long_description_content_type="text/markdown",
         package_dir={"": "python"},
         packages=find_packages("python"),
         ext_modules=[Extension("fused_contrastive._kernels", sources=[])],
         cmdclass={"build_ext": CMakeBuild},
-        python_requires=">=3.9",
         install_requires=[tensorflow_requirement(), "numpy"],
-        # cmake and pybind11 rebuild variants in the tests; hypothesis drives the
-        # property tests; cuobjdump reads the device code of CUDA builds;
-        # tf_keras is for the Keras 2 class; matplotlib draws the benchmark's plot.
-        extras_require={"keras2": ["tf_keras"], "bench": ["matplotlib"],
-                        "test": ["pytest>=7", "hypothesis", "cmake>=3.18", "pybind11>=2.10",
-                                 "tf_keras", "nvidia-cuda-cuobjdump; platform_system == 'Linux'"]},
         zip_safe=False,
     )
