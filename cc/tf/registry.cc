@@ -5,8 +5,8 @@
 #include "tf/registry.h"
 
 #include <array>
+#include <initializer_list>
 #include <string>
-#include <vector>
 
 #include "core/common/dtypes.h"
 #include "core/in_batch/kernels.h"
@@ -38,7 +38,9 @@ struct OpRegistration {
   const XlaKernels* xla;
 };
 
-// Margins and loss scales are float64 scalars the kernels read on the host.
+// Per op: name, Tlabels attr, T's dtypes, inputs in host memory (on every
+// device; on CPU only), OpKernels, XLA lowerings. Margins and loss scales are
+// float64 scalars the kernels read on the host.
 constexpr OpRegistration kOps[] = {
     {kOpName, kTlabels, IsDistanceDType, {"margin"}, {},
      &kContrastiveLossKernels, &kContrastiveLossXla},
@@ -67,32 +69,27 @@ constexpr OpRegistration kOps[] = {
 
 // Registers `kernel` for `op` on `device_type` (CPU, GPU or an XLA JIT device),
 // one KernelDef per supported value dtype, times every label dtype when the
-// op has typed labels. Registering each pair explicitly keeps TensorFlow's
-// kernel registry an honest list of what runs where.
+// op has typed labels, with the inputs of `host_memory` in host memory.
+// Registering each pair explicitly keeps TensorFlow's kernel registry an
+// honest list of what runs where.
 void RegisterKernels(const OpRegistration& op, const char* device_type,
-                     const KernelClass& kernel, const std::vector<const char*>& host_memory) {
+                     const KernelClass& kernel, std::initializer_list<HostInputs> host_memory) {
   for (DType value : kAllDTypes) {
     if (!op.value_types(value)) continue;
     for (DType label : kAllDTypes) {
       tensorflow::KernelDefBuilder builder(op.op);
       builder.Device(device_type).TypeConstraint("T", ToTf(value));
       if (op.labels == kTlabels) builder.TypeConstraint("Tlabels", ToTf(label));
-      for (const char* arg : host_memory) builder.HostMemory(arg);
+      for (const HostInputs& inputs : host_memory) {
+        for (const char* input : inputs) {
+          if (input != nullptr) builder.HostMemory(input);
+        }
+      }
       // The registrar copies what it keeps; it need not outlive this call.
       tensorflow::kernel_factory::OpKernelRegistrar(builder.Build(), kernel.name, kernel.create);
       if (op.labels == kNoTlabels) break;
     }
   }
-}
-
-std::vector<const char*> Names(std::initializer_list<HostInputs> lists) {
-  std::vector<const char*> names;
-  for (const HostInputs& list : lists) {
-    for (const char* name : list) {
-      if (name != nullptr) names.push_back(name);
-    }
-  }
-  return names;
 }
 
 // The lowering XLA picks for `op` on a JIT device: a registration for one
@@ -116,9 +113,9 @@ bool JitKernelsRegistered(const std::string& backend) {
 const bool kRegistered = [] {
   for (const OpRegistration& op : kOps) {
     RegisterKernels(op, tensorflow::DEVICE_CPU, op.kernels->cpu,
-                    Names({op.host_memory, op.cpu_host_memory}));
+                    {op.host_memory, op.cpu_host_memory});
     if (op.kernels->gpu.create != nullptr) {
-      RegisterKernels(op, tensorflow::DEVICE_GPU, op.kernels->gpu, Names({op.host_memory}));
+      RegisterKernels(op, tensorflow::DEVICE_GPU, op.kernels->gpu, {op.host_memory});
     }
     tensorflow::XlaOpRegistrar(
         tensorflow::XlaOpRegistrationBuilder::Name(op.op).Build(op.xla->hlo.create));

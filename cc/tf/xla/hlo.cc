@@ -16,15 +16,6 @@ xla::PrimitiveType XlaComputeType(xla::PrimitiveType type) {
   return (type == xla::F16 || type == xla::BF16) ? xla::F32 : type;
 }
 
-xla::XlaOp LabelsToCompute(xla::XlaOp labels, xla::PrimitiveType label_type,
-                           xla::PrimitiveType compute) {
-  if (label_type == xla::PRED) {
-    const xla::XlaOp bytes = xla::ConvertElementType(labels, xla::U8);
-    labels = xla::Ne(bytes, xla::ScalarLike(bytes, 0));
-  }
-  return xla::ConvertElementType(labels, compute);
-}
-
 absl::Status CheckConstantMargin(tensorflow::XlaOpKernelContext* ctx, int margin_input,
                                  bool* constant, const char* what) {
   double margin_value;
@@ -45,6 +36,23 @@ absl::Status ReadMargin(tensorflow::XlaOpKernelContext* ctx, int margin_input,
   *margin = xla::ConvertElementType(*margin, compute);
   return absl::OkStatus();
 }
+
+namespace {
+
+// XLA takes a bool's byte to be 0 or 1, and its fused code may read the low
+// bit only; a byte such as 2 (tf.io.decode_raw) must still be true, as in the
+// CPU and GPU kernels. Widening the byte and comparing it with 0 reads all of
+// it.
+xla::XlaOp LabelsToCompute(xla::XlaOp labels, xla::PrimitiveType label_type,
+                           xla::PrimitiveType compute) {
+  if (label_type == xla::PRED) {
+    const xla::XlaOp bytes = xla::ConvertElementType(labels, xla::U8);
+    labels = xla::Ne(bytes, xla::ScalarLike(bytes, 0));
+  }
+  return xla::ConvertElementType(labels, compute);
+}
+
+}  // namespace
 
 absl::Status ReadLabelsAndMargin(tensorflow::XlaOpKernelContext* ctx, int labels_input,
                                  int margin_input, xla::PrimitiveType compute, xla::XlaOp* y,

@@ -52,13 +52,6 @@ struct ElementOps<xla::XlaOp> {
 // ComputeType<T> of the kernels: float32 for the 16-bit types.
 xla::PrimitiveType XlaComputeType(xla::PrimitiveType type);
 
-// Labels in the compute type. XLA takes a bool's byte to be 0 or 1, and its
-// fused code may read the low bit only; a byte such as 2 (tf.io.decode_raw)
-// must still be true, as in the CPU and GPU kernels. Widening the byte and
-// comparing it with 0 reads all of it.
-xla::XlaOp LabelsToCompute(xla::XlaOp labels, xla::PrimitiveType label_type,
-                           xla::PrimitiveType compute);
-
 // A constant margin is checked at compile time; *constant says whether it was
 // one. XLA programs cannot raise at run time, so a margin known only then (a
 // variable) that is negative or not finite makes the loss and gradient NaN,
