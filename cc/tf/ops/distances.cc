@@ -16,9 +16,9 @@ namespace {
 using ::tensorflow::shape_inference::InferenceContext;
 using ::tensorflow::shape_inference::ShapeHandle;
 
-// Labels and distances, merged; shared by both loss ops' shape functions.
+// Labels and distances, merged, at the positions Io of either loss op.
+template <typename Io>
 absl::Status MergeLabelsAndDistances(InferenceContext* c, ShapeHandle* merged) {
-  using Io = ContrastiveLossIo;
   if (!c->Merge(c->input(Io::kLabels), c->input(Io::kDistances), merged).ok()) {
     return ShapeMismatch("distances", c->DebugString(c->input(Io::kLabels)),
                          c->DebugString(c->input(Io::kDistances)));
@@ -40,7 +40,7 @@ REGISTER_OP(kOpName)
     .SetShapeFn([](InferenceContext* c) {
       using Io = ContrastiveLossIo;
       ShapeHandle merged;
-      TF_RETURN_IF_ERROR(MergeLabelsAndDistances(c, &merged));
+      TF_RETURN_IF_ERROR(MergeLabelsAndDistances<Io>(c, &merged));
       TF_RETURN_IF_ERROR(RequireScalar(c, Io::kMargin));
       c->set_output(Io::kLoss, merged);
       c->set_output(Io::kGrad, merged);
@@ -69,7 +69,7 @@ REGISTER_OP(kReducedOpName)
     .SetShapeFn([](InferenceContext* c) {
       using Io = ContrastiveLossReducedIo;
       ShapeHandle merged;
-      TF_RETURN_IF_ERROR(MergeLabelsAndDistances(c, &merged));
+      TF_RETURN_IF_ERROR(MergeLabelsAndDistances<Io>(c, &merged));
       TF_RETURN_IF_ERROR(MergeWeights(c, Io::kWeights, merged));
       TF_RETURN_IF_ERROR(RequireScalar(c, Io::kMargin));
       TF_RETURN_IF_ERROR(RequireScalar(c, Io::kLossScale));
