@@ -192,7 +192,7 @@ py::tuple ContrastiveLossReducedCpuNumpy(py::array labels, py::array distances,
   const py::array weights =
       PerRowKernelArray(WeightsOrOne(sample_weight, distances.dtype()), "sample_weight",
                         args.in.distance_type, "distances", ShapeOf(labels), "labels");
-  args.scalar_weight = weights.ndim() == 0;
+  args.reduction.scalar_weight = weights.ndim() == 0;
   py::array loss(distances.dtype(), std::vector<int64_t>{});
   py::array grad(distances.dtype(), shape);
   double reduction_scale = 0;
@@ -201,12 +201,12 @@ py::tuple ContrastiveLossReducedCpuNumpy(py::array labels, py::array distances,
   args.in.n = CheckedElementCount(shape, distances.itemsize(), "distances");
   args.in.margin = margin;
   args.in.similar_label = similar_label;
-  args.weights = weights.data();
-  args.reduction = ReductionFromName(reduction);
-  args.loss_scale = loss_scale;
-  args.loss = loss.mutable_data();
+  args.reduction.weights = weights.data();
+  args.reduction.kind = ReductionFromName(reduction);
+  args.reduction.loss_scale = loss_scale;
+  args.reduction.loss = loss.mutable_data();
   args.grad = grad.mutable_data();
-  args.reduction_scale = &reduction_scale;
+  args.reduction.reduction_scale = &reduction_scale;
   {
     py::gil_scoped_release release;
     ContrastiveLossReducedCpu(args, SerialFor);
@@ -355,7 +355,7 @@ py::tuple EmbeddingLossReducedCpuNumpy(py::array labels, py::array embeddings_a,
   CheckSimilarLabel(similar_label);
   const Distance k = DistanceFromName(distance);
   ReducedEmbeddingArgs args;
-  args.reduction = ReductionFromName(reduction);
+  args.reduction.kind = ReductionFromName(reduction);
   labels = KernelArray(labels, "labels");
   embeddings_a = KernelArray(embeddings_a, "embeddings_a");
   embeddings_b = KernelArray(embeddings_b, "embeddings_b");
@@ -370,13 +370,13 @@ py::tuple EmbeddingLossReducedCpuNumpy(py::array labels, py::array embeddings_a,
   py::array grad_a(embeddings_a.dtype(), ShapeOf(embeddings_a));
   py::array grad_b(embeddings_a.dtype(), ShapeOf(embeddings_a));
   double reduction_scale = 0;
-  args.weights = weights.data();
-  args.scalar_weight = weights.ndim() == 0;
-  args.loss_scale = loss_scale;
-  args.loss = loss.mutable_data();
+  args.reduction.weights = weights.data();
+  args.reduction.scalar_weight = weights.ndim() == 0;
+  args.reduction.loss_scale = loss_scale;
+  args.reduction.loss = loss.mutable_data();
   args.grad_a = grad_a.mutable_data();
   args.grad_b = grad_b.mutable_data();
-  args.reduction_scale = &reduction_scale;
+  args.reduction.reduction_scale = &reduction_scale;
   {
     py::gil_scoped_release release;
     EmbeddingLossReducedCpu(args, SerialFor);
@@ -672,13 +672,13 @@ void ContrastiveLossReducedCuda(const py::object& labels, const py::object& dist
   ReducedLossArgs args;
   args.in = LossInputs{a.labels.type, a.distances.type, a.labels.data, a.distances.data,
                        n,             margin,           similar_label};
-  args.weights = w.data;
-  args.scalar_weight = w.shape.empty();
-  args.reduction = ReductionFromName(reduction);
-  args.loss_scale = loss_scale;
-  args.loss = a.loss.data;
+  args.reduction.weights = w.data;
+  args.reduction.scalar_weight = w.shape.empty();
+  args.reduction.kind = ReductionFromName(reduction);
+  args.reduction.loss_scale = loss_scale;
+  args.reduction.loss = a.loss.data;
   args.grad = a.grad.data;
-  args.reduction_scale = static_cast<double*>(s.data);
+  args.reduction.reduction_scale = static_cast<double*>(s.data);
   ThrowIfFailed(ContrastiveLossReducedGpu(args, ws.data, reinterpret_cast<void*>(stream)));
 }
 
@@ -755,7 +755,7 @@ void EmbeddingLossReducedCuda(const py::object& labels, const py::object& embedd
   CheckSimilarLabel(similar_label);
   const Distance k = DistanceFromName(distance);
   ReducedEmbeddingArgs args;
-  args.reduction = ReductionFromName(reduction);
+  args.reduction.kind = ReductionFromName(reduction);
   const DeviceArray y = FromCudaArrayInterface(labels, "labels", labels_dtype);
   const DeviceArray a = FromCudaArrayInterface(embeddings_a, "embeddings_a", embeddings_dtype);
   const DeviceArray b = FromCudaArrayInterface(embeddings_b, "embeddings_b", embeddings_dtype);
@@ -776,13 +776,13 @@ void EmbeddingLossReducedCuda(const py::object& labels, const py::object& embedd
   CheckDeviceOutput(gb, "grad_b", a.shape, "embeddings_a", a.type);
   CheckReducedScratch(s, ws, EmbeddingLossReducedGpuWorkspace(pair.rows),
                       "embedding_reduced_workspace_bytes(rows)");
-  args.weights = w.data;
-  args.scalar_weight = w.shape.empty();
-  args.loss_scale = loss_scale;
-  args.loss = out.data;
+  args.reduction.weights = w.data;
+  args.reduction.scalar_weight = w.shape.empty();
+  args.reduction.loss_scale = loss_scale;
+  args.reduction.loss = out.data;
   args.grad_a = ga.data;
   args.grad_b = gb.data;
-  args.reduction_scale = static_cast<double*>(s.data);
+  args.reduction.reduction_scale = static_cast<double*>(s.data);
   ThrowIfFailed(EmbeddingLossReducedGpu(args, ws.data, reinterpret_cast<void*>(stream)));
 }
 
@@ -876,7 +876,7 @@ void InBatchLossReducedCuda(const py::object& labels, const py::object& embeddin
   InBatchReducedArgs args;
   args.in = CheckedInBatchCudaArgs(labels, embeddings, margin, positive_margin, distance,
                                    pair_weighting, max_block_rows);
-  args.reduction = ReductionFromName(reduction);
+  args.reduction.kind = ReductionFromName(reduction);
   const DeviceArray w = FromCudaArrayInterface(sample_weight, "sample_weight", py::none());
   const DeviceArray l = FromCudaArrayInterface(loss, "loss", py::none());
   const DeviceArray g = FromCudaArrayInterface(grad, "grad", py::none());
@@ -891,12 +891,12 @@ void InBatchLossReducedCuda(const py::object& labels, const py::object& embeddin
                     "embeddings");
   CheckReducedScratch(s, ws, InBatchLossReducedGpuWorkspace(args),
                       "in_batch_reduced_workspace_bytes(rows, dtype, max_block_rows, dim, distance)");
-  args.weights = w.data;
-  args.scalar_weight = w.shape.empty();
-  args.loss_scale = loss_scale;
-  args.loss = l.data;
+  args.reduction.weights = w.data;
+  args.reduction.scalar_weight = w.shape.empty();
+  args.reduction.loss_scale = loss_scale;
+  args.reduction.loss = l.data;
   args.grad = g.data;
-  args.reduction_scale = static_cast<double*>(s.data);
+  args.reduction.reduction_scale = static_cast<double*>(s.data);
   void* st = reinterpret_cast<void*>(stream);
   ThrowIfFailed(InBatchLossReducedGpu(args, ws.data, TiledGemmGpu(args.in.type, st), st));
 }

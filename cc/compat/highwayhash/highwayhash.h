@@ -2,7 +2,8 @@
 // includes but the TensorFlow wheel does not ship. xla/printer.h names
 // HighwayHashCatT only as a member of HighwayHashPrinter, a class the XLA
 // lowering never constructs, so an empty type is enough to parse it. Only
-// contrastive_xla.cc sees this directory.
+// the sources that include XLA's headers (cc/tf/xla, cc/tf/registry.cc) see
+// this directory.
 #ifndef FUSED_CONTRASTIVE_COMPAT_HIGHWAYHASH_H_
 #define FUSED_CONTRASTIVE_COMPAT_HIGHWAYHASH_H_
 

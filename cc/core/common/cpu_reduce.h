@@ -35,14 +35,14 @@ double BlockedSum(int64_t n, int64_t block, const ElementCost& element_cost,
 // Elements per block of a reduction over per-element values.
 constexpr int64_t kReductionBlock = 1 << 15;
 
-// reduction_scale() of core/common/reduction.h for n values with weights w (n of
-// them, or one when scalar_weight); reads the weights only for kWeightedMean.
+// reduction_scale() of core/common/reduction.h for n losses with r's weights
+// (of type D); reads the weights only for kWeightedMean.
 template <typename D>
-double CpuReductionScale(Reduction reduction, const D* w, bool scalar_weight, int64_t n,
-                         double loss_scale, const ParallelFor& parallel_for) {
+double CpuReductionScale(const ReductionArgs& r, int64_t n, const ParallelFor& parallel_for) {
+  const D* w = static_cast<const D*>(r.weights);
   double weight_total = 0;
-  if (reduction == Reduction::kWeightedMean) {
-    weight_total = scalar_weight
+  if (r.kind == Reduction::kWeightedMean) {
+    weight_total = r.scalar_weight
                        ? Convert<double>::from(w[0])
                        : BlockedSum(n, kReductionBlock, ElementCost{sizeof(D), 0, 1},
                                     parallel_for, [w](int64_t begin, int64_t end) {
@@ -54,7 +54,7 @@ double CpuReductionScale(Reduction reduction, const D* w, bool scalar_weight, in
                                       return sum;
                                     });
   }
-  return reduction_scale(reduction, static_cast<double>(n), weight_total, loss_scale);
+  return reduction_scale(r.kind, static_cast<double>(n), weight_total, r.loss_scale);
 }
 
 }  // namespace fused_contrastive

@@ -80,19 +80,19 @@ __global__ void ReductionScaleKernel(Reduction reduction, const D* weights, bool
   *scale = reduction_scale(reduction, static_cast<double>(n), weight_total, loss_scale);
 }
 
-// Enqueues the computation of reduction_scale() into *scale for n values with
-// weights w (n of them, or one when scalar_weight); the weights are summed,
-// into weight_sums (kMaxReduceBlocks values), only when they are the divisor.
+// Enqueues the computation of reduction_scale() into *r.reduction_scale for n
+// losses with r's weights (of type D); the weights are summed, into
+// weight_sums (kMaxReduceBlocks values), only when they are the divisor.
 template <typename D>
-void LaunchReductionScale(Reduction reduction, const D* w, bool scalar_weight, int64_t n,
-                          double loss_scale, double* weight_sums, double* scale,
+void LaunchReductionScale(const ReductionArgs& r, int64_t n, double* weight_sums,
                           cudaStream_t stream) {
-  const bool weight_pass = reduction == Reduction::kWeightedMean && !scalar_weight;
+  const D* w = static_cast<const D*>(r.weights);
+  const bool weight_pass = r.kind == Reduction::kWeightedMean && !r.scalar_weight;
   const int blocks = static_cast<int>(ReduceBlocks(n));
   if (weight_pass) WeightSumKernel<<<blocks, kReduceThreads, 0, stream>>>(w, n, weight_sums);
-  ReductionScaleKernel<<<1, kReduceThreads, 0, stream>>>(reduction, w, scalar_weight, n,
+  ReductionScaleKernel<<<1, kReduceThreads, 0, stream>>>(r.kind, w, r.scalar_weight, n,
                                                          weight_sums, weight_pass ? blocks : 0,
-                                                         loss_scale, scale);
+                                                         r.loss_scale, r.reduction_scale);
 }
 
 // loss = (sum of the main kernel's block sums) * scale.

@@ -32,6 +32,17 @@ FC_HOST_DEVICE inline S reduction_scale(Reduction reduction, const S& count,
                                       reduction == Reduction::kMean ? count : weight_total);
 }
 
+// What every family's fused-reduction kernel reads and writes for the
+// reduction itself; each family's args add its inputs and gradients.
+struct ReductionArgs {
+  const void* weights;  // the loss dtype: one per loss, or one when scalar_weight
+  bool scalar_weight;
+  Reduction kind;
+  double loss_scale;        // Keras' 1/replicas for means, else 1 (see reduction_scale)
+  void* loss;               // out: one value of the loss dtype
+  double* reduction_scale;  // out: one value, reduction_scale()
+};
+
 // The names the TF op's attr and the pybind11 module use for the Keras
 // reductions of reduction.h.
 inline bool ParseReduction(const std::string& name, Reduction* out) {

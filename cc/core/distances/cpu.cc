@@ -78,25 +78,26 @@ bool ContrastiveLossReducedCpu(const ReducedLossArgs& a, const ParallelFor& para
     using C = ComputeType<D>;
     const auto* y = static_cast<const L*>(in.labels);
     const auto* d = static_cast<const D*>(in.distances);
-    const auto* w = static_cast<const D*>(a.weights);
+    const ReductionArgs& reduction = a.reduction;
+    const auto* w = static_cast<const D*>(reduction.weights);
     auto* grad = static_cast<D*>(a.grad);
 
-    const double scale = CpuReductionScale(a.reduction, w, a.scalar_weight, in.n, a.loss_scale,
-                                           parallel_for);
-    *a.reduction_scale = scale;
+    const double scale = CpuReductionScale<D>(reduction, in.n, parallel_for);
+    *reduction.reduction_scale = scale;
     const C m = static_cast<C>(in.margin);
     const C scale_c = static_cast<C>(scale);
     const int similar_label = in.similar_label;
-    const ElementCost cost{double(sizeof(L) + sizeof(D) * (a.scalar_weight ? 1 : 2)),
+    const ElementCost cost{double(sizeof(L) + sizeof(D) * (reduction.scalar_weight ? 1 : 2)),
                            double(sizeof(D)), 14.0};
     const double sum = BlockedSum(in.n, kReductionBlock, cost, parallel_for,
                                   [&](int64_t begin, int64_t end) {
-      return a.scalar_weight ? WeightedLossAndGradRange<true>(y, d, w, begin, end, m,
-                                                              similar_label, scale_c, grad)
-                             : WeightedLossAndGradRange<false>(y, d, w, begin, end, m,
-                                                               similar_label, scale_c, grad);
+      return reduction.scalar_weight
+                 ? WeightedLossAndGradRange<true>(y, d, w, begin, end, m, similar_label, scale_c,
+                                                  grad)
+                 : WeightedLossAndGradRange<false>(y, d, w, begin, end, m, similar_label,
+                                                   scale_c, grad);
     });
-    *static_cast<D*>(a.loss) = Store<D>::to(static_cast<C>(sum * scale));
+    *static_cast<D*>(reduction.loss) = Store<D>::to(static_cast<C>(sum * scale));
   });
 }
 

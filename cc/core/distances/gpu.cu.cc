@@ -119,21 +119,21 @@ GpuStatus ContrastiveLossReducedGpu(const ReducedLossArgs& a, void* workspace, v
   const int blocks = static_cast<int>(ReduceBlocks(in.n));
   double* loss_sums = static_cast<double*>(workspace);
   double* weight_sums = loss_sums + kMaxReduceBlocks;
-  double* scale = a.reduction_scale;
+  const ReductionArgs& reduction = a.reduction;
+  double* scale = reduction.reduction_scale;
   auto s = static_cast<cudaStream_t>(stream);
   const bool supported = VisitLabelAndDistance(in.label_type, in.distance_type, [&](auto l_tag,
                                                                                      auto d_tag) {
     using L = typename decltype(l_tag)::type;
     using D = typename decltype(d_tag)::type;
-    const auto* w = static_cast<const D*>(a.weights);
-    LaunchReductionScale(a.reduction, w, a.scalar_weight, in.n, a.loss_scale, weight_sums, scale,
-                         s);
+    const auto* w = static_cast<const D*>(reduction.weights);
+    LaunchReductionScale<D>(reduction, in.n, weight_sums, s);
     ReducedLossKernel<<<blocks, kReduceThreads, 0, s>>>(
         static_cast<const L*>(in.labels), static_cast<const D*>(in.distances), w,
-        a.scalar_weight, in.n, static_cast<ComputeType<D>>(in.margin), in.similar_label, scale,
-        static_cast<D*>(a.grad), loss_sums);
+        reduction.scalar_weight, in.n, static_cast<ComputeType<D>>(in.margin), in.similar_label,
+        scale, static_cast<D*>(a.grad), loss_sums);
     FinishLossKernel<<<1, kReduceThreads, 0, s>>>(loss_sums, blocks, scale,
-                                                  static_cast<D*>(a.loss));
+                                                  static_cast<D*>(reduction.loss));
   });
   if (!supported) return GpuStatus{"unsupported dtype pair"};
   return LastError();

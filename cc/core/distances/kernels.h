@@ -38,13 +38,8 @@ bool ContrastiveLossCpu(const LossInputs& in, void* loss, void* grad,
 
 struct ReducedLossArgs {
   LossInputs in;
-  const void* weights;  // distance_type: n values, or one when scalar_weight
-  bool scalar_weight;
-  Reduction reduction;
-  double loss_scale;  // Keras' 1/replicas for means, else 1 (see reduction_scale)
-  void* loss;         // out: one value of distance_type
-  void* grad;         // out: n values, d(loss)/d(distance) with weight and divisor applied
-  double* reduction_scale;  // out: one value, reduction_scale() of core/common/reduction.h
+  ReductionArgs reduction;  // weights and loss of distance_type, n weights unless scalar
+  void* grad;  // out: n values, d(loss)/d(distance) with weight and divisor applied
 };
 
 // One pass over labels, distances and weights (plus one over the weights alone

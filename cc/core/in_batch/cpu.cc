@@ -49,13 +49,14 @@ bool InBatchLossReducedCpu(const InBatchReducedArgs& args, const ParallelFor& pa
     using T = typename decltype(tag)::type;
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
       const int64_t rows = args.in.rows;
-      const T* w = static_cast<const T*>(args.weights);
-      const double scale = CpuReductionScale(args.reduction, w, args.scalar_weight, rows,
-                                             args.loss_scale, parallel_for);
+      const ReductionArgs& reduction = args.reduction;
+      const T* w = static_cast<const T*>(reduction.weights);
+      const double scale = CpuReductionScale<T>(reduction, rows, parallel_for);
       std::vector<T> upstream(rows);
       std::vector<T> losses(rows);
       for (int64_t i = 0; i < rows; ++i) {
-        upstream[i] = static_cast<T>(static_cast<double>(w[args.scalar_weight ? 0 : i]) * scale);
+        upstream[i] =
+            static_cast<T>(static_cast<double>(w[reduction.scalar_weight ? 0 : i]) * scale);
       }
       InBatchArgs in = args.in;
       in.upstream = upstream.data();
@@ -66,8 +67,8 @@ bool InBatchLossReducedCpu(const InBatchReducedArgs& args, const ParallelFor& pa
       for (int64_t i = 0; i < rows; ++i) {
         total += static_cast<double>(upstream[i]) * static_cast<double>(losses[i]);
       }
-      *static_cast<T*>(args.loss) = static_cast<T>(total);
-      *args.reduction_scale = scale;
+      *static_cast<T*>(reduction.loss) = static_cast<T>(total);
+      *reduction.reduction_scale = scale;
     }
   });
   return ok;

@@ -659,17 +659,17 @@ GpuStatus InBatchLossReducedGpu(const InBatchReducedArgs& args, void* workspace,
   VisitDistanceDType(args.in.type, [&](auto tag) {
     using T = typename decltype(tag)::type;
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
-      const T* w = static_cast<const T*>(args.weights);
+      const ReductionArgs& reduction = args.reduction;
+      const T* w = static_cast<const T*>(reduction.weights);
       auto* upstream = reinterpret_cast<T*>(base + layout.upstream);
       auto* losses = reinterpret_cast<T*>(base + layout.losses);
-      LaunchReductionScale(args.reduction, w, args.scalar_weight, rows, args.loss_scale,
-                           reinterpret_cast<double*>(base + layout.weight_sums),
-                           args.reduction_scale, s);
+      LaunchReductionScale<T>(reduction, rows,
+                              reinterpret_cast<double*>(base + layout.weight_sums), s);
       if (rows > 0) {
         const int blocks = static_cast<int>(
             std::min(kMaxBlocks, (rows + kThreadsPerBlock - 1) / kThreadsPerBlock));
         ReducedUpstreamKernel<<<blocks, kThreadsPerBlock, 0, s>>>(
-            w, args.scalar_weight, rows, args.reduction_scale, upstream);
+            w, reduction.scalar_weight, rows, reduction.reduction_scale, upstream);
       }
       status = LastError();
       if (!status.ok()) return;
@@ -680,7 +680,7 @@ GpuStatus InBatchLossReducedGpu(const InBatchReducedArgs& args, void* workspace,
       status = InBatchLossGpu(in, base + layout.sweep, gemm, stream);
       if (!status.ok()) return;
       ReducedLossSumKernel<<<1, kReduceThreads, 0, s>>>(upstream, losses, rows,
-                                                        static_cast<T*>(args.loss));
+                                                        static_cast<T*>(reduction.loss));
       status = LastError();
     }
   });

@@ -65,14 +65,9 @@ bool InBatchLossCpu(const InBatchArgs& args, const ParallelFor& parallel_for);
 // is the upstream gradient of anchor i's loss, the loss is Σ g_i·l_i (summed
 // in double, in a fixed order), and the gradient d(loss)/d(embeddings).
 struct InBatchReducedArgs {
-  InBatchArgs in;        // upstream, loss and grad are set by the kernel
-  const void* weights;   // in.type: rows values, or one when scalar_weight
-  bool scalar_weight;
-  Reduction reduction;
-  double loss_scale;
-  void* loss;            // out: one value of in.type
-  void* grad;            // out: rows * dim values
-  double* reduction_scale;  // out: one value
+  InBatchArgs in;           // upstream, loss and grad are set by the kernel
+  ReductionArgs reduction;  // weights and loss of in.type
+  void* grad;               // out: rows * dim values
 };
 bool InBatchLossReducedCpu(const InBatchReducedArgs& args, const ParallelFor& parallel_for);
 

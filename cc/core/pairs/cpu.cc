@@ -168,17 +168,17 @@ bool EmbeddingLossReducedCpu(const ReducedEmbeddingArgs& args, const ParallelFor
     const auto* y = static_cast<const L*>(in.labels);
     const auto* a = static_cast<const T*>(in.a);
     const auto* b = static_cast<const T*>(in.b);
-    const auto* w = static_cast<const T*>(args.weights);
+    const ReductionArgs& reduction = args.reduction;
+    const auto* w = static_cast<const T*>(reduction.weights);
     auto* grad_a = static_cast<T*>(args.grad_a);
     auto* grad_b = static_cast<T*>(args.grad_b);
     const int64_t dim = in.dim;
     const int64_t stride = in.row_stride;
-    const double scale = CpuReductionScale(args.reduction, w, args.scalar_weight, in.rows,
-                                           args.loss_scale, parallel_for);
-    *args.reduction_scale = scale;
+    const double scale = CpuReductionScale<T>(reduction, in.rows, parallel_for);
+    *reduction.reduction_scale = scale;
     const C scale_c = static_cast<C>(scale);
     const C margin = static_cast<C>(in.margin);
-    const C scalar_weight = args.scalar_weight ? Convert<C>::from(w[0]) : C(0);
+    const C scalar_weight = reduction.scalar_weight ? Convert<C>::from(w[0]) : C(0);
     const ElementCost cost = RowCost<T>(dim, sizeof(L) + sizeof(T), 2.0 * dim * sizeof(T));
     // Per-row losses are summed in the compute type in chunks of
     // kFloatSumChunk rows, the chunks in double, as ContrastiveLossReducedCpu.
@@ -193,7 +193,7 @@ bool EmbeddingLossReducedCpu(const ReducedEmbeddingArgs& args, const ParallelFor
           RowSums<K>(a + r * stride, b + r * stride, dim, sums);
           row_loss_and_coefficients<K>(sums, Convert<C>::from(y[r]), margin, in.similar_label,
                                        &row_loss, coef);
-          const C weight = args.scalar_weight ? scalar_weight : Convert<C>::from(w[r]);
+          const C weight = reduction.scalar_weight ? scalar_weight : Convert<C>::from(w[r]);
           chunk_sum += row_loss * weight;
           const C factor = weight * scale_c;
           for (int j = 0; j < NumRowSums(K); ++j) coef[j] *= factor;
@@ -204,7 +204,7 @@ bool EmbeddingLossReducedCpu(const ReducedEmbeddingArgs& args, const ParallelFor
       }
       return total;
     });
-    *static_cast<T*>(args.loss) = Store<T>::to(static_cast<C>(sum * scale));
+    *static_cast<T*>(reduction.loss) = Store<T>::to(static_cast<C>(sum * scale));
   });
 }
 

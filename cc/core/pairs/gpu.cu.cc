@@ -334,26 +334,26 @@ GpuStatus EmbeddingLossReducedGpu(const ReducedEmbeddingArgs& args, void* worksp
   const int blocks = RowBlocks(in.rows, kReduceThreads, kMaxReduceBlocks);
   double* loss_sums = static_cast<double*>(workspace);
   double* weight_sums = loss_sums + kMaxReduceBlocks;
-  double* scale = args.reduction_scale;
+  const ReductionArgs& reduction = args.reduction;
+  double* scale = reduction.reduction_scale;
   auto s = static_cast<cudaStream_t>(stream);
   const bool supported = VisitEmbeddingKernel(in.label_type, in.embedding_type, in.distance,
                                               [&](auto l_tag, auto t_tag, auto k_tag) {
     using L = typename decltype(l_tag)::type;
     using T = typename decltype(t_tag)::type;
     constexpr Distance K = decltype(k_tag)::value;
-    const auto* w = static_cast<const T*>(args.weights);
-    LaunchReductionScale(args.reduction, w, args.scalar_weight, in.rows, args.loss_scale,
-                         weight_sums, scale, s);
+    const auto* w = static_cast<const T*>(reduction.weights);
+    LaunchReductionScale<T>(reduction, in.rows, weight_sums, s);
     VisitChunkAccess<T>(in.dim, in.row_stride, {in.a, in.b, args.grad_a, args.grad_b},
                         [&](auto vector) {
       EmbeddingReducedKernel<K, decltype(vector)::value><<<blocks, kReduceThreads, 0, s>>>(
           static_cast<const L*>(in.labels), static_cast<const T*>(in.a),
-          static_cast<const T*>(in.b), w, args.scalar_weight, in.rows, in.dim, in.row_stride,
+          static_cast<const T*>(in.b), w, reduction.scalar_weight, in.rows, in.dim, in.row_stride,
           static_cast<ComputeType<T>>(in.margin), in.similar_label, scale,
           static_cast<T*>(args.grad_a), static_cast<T*>(args.grad_b), loss_sums);
     });
     FinishLossKernel<<<1, kReduceThreads, 0, s>>>(loss_sums, blocks, scale,
-                                                  static_cast<T*>(args.loss));
+                                                  static_cast<T*>(reduction.loss));
   });
   if (!supported) return GpuStatus{"unsupported dtype pair or distance"};
   return LastError();

@@ -79,14 +79,9 @@ bool EmbeddingGradCpu(const EmbeddingGradArgs& args, const ParallelFor& parallel
 // values of embedding_type, or one when scalar_weight).
 struct ReducedEmbeddingArgs {
   EmbeddingInputs in;
-  const void* weights;
-  bool scalar_weight;
-  Reduction reduction;
-  double loss_scale;
-  void* loss;    // out: one value of embedding_type
+  ReductionArgs reduction;  // weights and loss of embedding_type
   void* grad_a;  // out: rows of dim values at in.row_stride, d(loss)/da
   void* grad_b;
-  double* reduction_scale;  // out: one value
 };
 bool EmbeddingLossReducedCpu(const ReducedEmbeddingArgs& args, const ParallelFor& parallel_for);
 

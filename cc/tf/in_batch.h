@@ -1,0 +1,95 @@
+// The in-batch all-pairs loss (InBatchContrastiveLoss, its Grad and Reduced
+// ops) as its op definitions, OpKernels, XLA lowerings and host calls share
+// it: the ops' inputs and outputs by name, attrs and shape rules.
+#ifndef FUSED_CONTRASTIVE_TF_IN_BATCH_H_
+#define FUSED_CONTRASTIVE_TF_IN_BATCH_H_
+
+#include <cstdint>
+#include <string>
+
+#include "core/in_batch/kernels.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/tensor_shape.h"
+#include "tf/names.h"
+#include "tf/registry.h"
+
+namespace fused_contrastive {
+
+// Positions in the order of the op definitions (ops/in_batch.cc). The host
+// calls (xla/in_batch_host_calls.cc) take the inputs as operands and give the
+// outputs as results in the same order.
+struct InBatchLossIo {
+  enum Input { kLabels, kEmbeddings, kMargin, kPositiveMargin };
+  enum Output { kLoss };
+};
+
+struct InBatchGradIo {
+  enum Input { kLabels, kEmbeddings, kUpstream, kMargin, kPositiveMargin };
+  enum Output { kGrad };
+};
+
+struct InBatchReducedIo {
+  enum Input { kLabels, kEmbeddings, kWeights, kMargin, kPositiveMargin, kLossScale };
+  enum Output { kLoss, kGrad, kReductionScale };
+};
+
+// The attrs all three ops have.
+struct InBatchAttrs {
+  Distance distance;
+  PairWeighting weighting;
+  int64_t max_block_rows;
+};
+
+inline absl::Status ReadInBatchAttrs(tensorflow::OpKernelConstruction* ctx, InBatchAttrs* attrs) {
+  TF_RETURN_IF_ERROR(ReadDistance(ctx, &attrs->distance));
+  std::string name;
+  TF_RETURN_IF_ERROR(ctx->GetAttr("pair_weighting", &name));
+  if (!ParsePairWeighting(name, &attrs->weighting)) {
+    return absl::InvalidArgumentError(absl::StrCat("unknown pair_weighting ", name));
+  }
+  return ctx->GetAttr("max_block_rows", &attrs->max_block_rows);
+}
+
+// Embeddings [B, D] against labels [B].
+inline absl::Status InBatchShapeMismatch(const std::string& labels,
+                                         const std::string& embeddings) {
+  return absl::InvalidArgumentError(absl::StrCat(
+      "in-batch contrastive loss: embeddings must have shape [B, D] and labels [B]; got labels ",
+      labels, " and embeddings ", embeddings));
+}
+
+// The rule of the shape functions (ops/in_batch.cc) on known shapes.
+inline absl::Status CheckInBatchShapes(const tensorflow::TensorShape& labels,
+                                       const tensorflow::TensorShape& embeddings) {
+  if (embeddings.dims() == 2 && labels.dims() == 1 &&
+      labels.dim_size(0) == embeddings.dim_size(0)) {
+    return absl::OkStatus();
+  }
+  return InBatchShapeMismatch(labels.DebugString(), embeddings.DebugString());
+}
+
+// The grad op's upstream: of the labels' shape.
+inline absl::Status CheckInBatchUpstream(const tensorflow::TensorShape& labels,
+                                         const tensorflow::TensorShape& upstream) {
+  if (upstream == labels) return absl::OkStatus();
+  return absl::InvalidArgumentError(
+      absl::StrCat("in-batch contrastive loss: upstream must have the labels' shape ",
+                   labels.DebugString(), ", got ", upstream.DebugString()));
+}
+
+// The host calls' custom-call targets.
+inline constexpr char kInBatchTarget[] = "fused_contrastive_in_batch_loss";
+inline constexpr char kInBatchGradTarget[] = "fused_contrastive_in_batch_loss_grad";
+inline constexpr char kInBatchReducedTarget[] = "fused_contrastive_in_batch_loss_reduced";
+
+// For the registration table: kernels/in_batch.cc and xla/in_batch.cc.
+extern const OpKernels kInBatchLossKernels;
+extern const OpKernels kInBatchGradKernels;
+extern const OpKernels kInBatchReducedKernels;
+extern const XlaKernels kInBatchLossXla;
+extern const XlaKernels kInBatchGradXla;
+extern const XlaKernels kInBatchReducedXla;
+
+}  // namespace fused_contrastive
+
+#endif  // FUSED_CONTRASTIVE_TF_IN_BATCH_H_

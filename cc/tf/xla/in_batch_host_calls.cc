@@ -1,0 +1,152 @@
+// The host calls of the in-batch all-pairs loss: typed-FFI handlers that run
+// InBatchLossCpu and InBatchLossReducedCpu for the custom calls
+// xla/in_batch.cc emits on XLA's CPU backend. Operands and results are the
+// ops' inputs and outputs in order (tf/in_batch.h): labels int64 [B],
+// embeddings [B, D], upstream [B], sample_weight [B] or scalar, margins and
+// loss_scale float64 scalars.
+#include <cstdint>
+
+#include "core/in_batch/kernels.h"
+#include "tf/in_batch.h"
+#include "tf/xla/host_calls.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace fused_contrastive {
+namespace {
+
+// The handlers' labels, embeddings [B, D], margins and attrs; false for an
+// unsupported dtype. The kernels need valid margins: invalid run-time ones
+// are passed as 0 and *margins_valid is false, for the caller to make its
+// results NaN (the rule of CheckConstantMargin).
+bool ReadInBatchHostInputs(ffi::BufferR1<ffi::S64> labels, ffi::AnyBuffer embeddings,
+                           ffi::BufferR0<ffi::F64> margin, ffi::BufferR0<ffi::F64> positive_margin,
+                           int32_t distance, int32_t pair_weighting, int32_t max_block_rows,
+                           InBatchArgs* args, bool* margins_valid) {
+  const double margin_value = margin.typed_data()[0];
+  const double positive_margin_value = positive_margin.typed_data()[0];
+  *margins_valid = IsValidMargin(margin_value) && IsValidMargin(positive_margin_value);
+  args->labels = labels.typed_data();
+  args->embeddings = embeddings.untyped_data();
+  args->rows = embeddings.dimensions()[0];
+  args->dim = embeddings.dimensions()[1];
+  args->margin = *margins_valid ? margin_value : 0.0;
+  args->positive_margin = *margins_valid ? positive_margin_value : 0.0;
+  args->distance = static_cast<Distance>(distance);
+  args->weighting = static_cast<PairWeighting>(pair_weighting);
+  args->max_block_rows = max_block_rows;
+  args->upstream = nullptr;
+  args->loss = nullptr;
+  args->grad = nullptr;
+  return FromFfi(embeddings.element_type(), &args->type) && IsInBatchDType(args->type);
+}
+
+ffi::Error InBatchLossHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
+                           ffi::AnyBuffer embeddings, ffi::BufferR0<ffi::F64> margin,
+                           ffi::BufferR0<ffi::F64> positive_margin,
+                           ffi::Result<ffi::AnyBuffer> loss, int32_t distance,
+                           int32_t pair_weighting, int32_t max_block_rows) {
+  InBatchArgs args;
+  bool margins_valid;
+  const bool read = ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance,
+                                          pair_weighting, max_block_rows, &args, &margins_valid);
+  args.loss = loss->untyped_data();
+  ffi::Error error =
+      RunHostKernel(pool, read, [&](const ParallelFor& p) { return InBatchLossCpu(args, p); });
+  if (error.success() && !margins_valid) FillNan(*loss);
+  return error;
+}
+
+ffi::Error InBatchGradHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
+                           ffi::AnyBuffer embeddings, ffi::AnyBuffer upstream,
+                           ffi::BufferR0<ffi::F64> margin,
+                           ffi::BufferR0<ffi::F64> positive_margin,
+                           ffi::Result<ffi::AnyBuffer> grad, int32_t distance,
+                           int32_t pair_weighting, int32_t max_block_rows) {
+  InBatchArgs args;
+  bool margins_valid;
+  const bool read = ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance,
+                                          pair_weighting, max_block_rows, &args, &margins_valid);
+  args.upstream = upstream.untyped_data();
+  args.grad = grad->untyped_data();
+  ffi::Error error =
+      RunHostKernel(pool, read, [&](const ParallelFor& p) { return InBatchLossCpu(args, p); });
+  if (error.success() && !margins_valid) FillNan(*grad);
+  return error;
+}
+
+ffi::Error InBatchLossReducedHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
+                                  ffi::AnyBuffer embeddings, ffi::AnyBuffer weights,
+                                  ffi::BufferR0<ffi::F64> margin,
+                                  ffi::BufferR0<ffi::F64> positive_margin,
+                                  ffi::BufferR0<ffi::F64> loss_scale,
+                                  ffi::Result<ffi::AnyBuffer> loss,
+                                  ffi::Result<ffi::AnyBuffer> grad,
+                                  ffi::Result<ffi::AnyBuffer> reduction_scale, int32_t distance,
+                                  int32_t pair_weighting, int32_t max_block_rows,
+                                  int32_t reduction) {
+  InBatchReducedArgs args;
+  bool margins_valid;
+  const bool read = ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance,
+                                          pair_weighting, max_block_rows, &args.in,
+                                          &margins_valid);
+  args.reduction = HostReduction(weights, loss_scale, loss, reduction_scale, reduction);
+  args.grad = grad->untyped_data();
+  ffi::Error error = RunHostKernel(
+      pool, read, [&](const ParallelFor& p) { return InBatchLossReducedCpu(args, p); });
+  // The reduction scale does not depend on the margins: it stays.
+  if (error.success() && !margins_valid) {
+    FillNan(*loss);
+    FillNan(*grad);
+  }
+  return error;
+}
+
+XLA_FFI_DEFINE_HANDLER(kInBatchHandler, InBatchLossHost,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::ThreadPool>()
+                           .Arg<ffi::BufferR1<ffi::S64>>()  // labels
+                           .Arg<ffi::AnyBuffer>()           // embeddings
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
+                           .Ret<ffi::AnyBuffer>()           // loss
+                           .Attr<int32_t>("distance")
+                           .Attr<int32_t>("pair_weighting")
+                           .Attr<int32_t>("max_block_rows"));
+
+XLA_FFI_DEFINE_HANDLER(kInBatchGradHandler, InBatchGradHost,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::ThreadPool>()
+                           .Arg<ffi::BufferR1<ffi::S64>>()  // labels
+                           .Arg<ffi::AnyBuffer>()           // embeddings
+                           .Arg<ffi::AnyBuffer>()           // upstream
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
+                           .Ret<ffi::AnyBuffer>()           // grad
+                           .Attr<int32_t>("distance")
+                           .Attr<int32_t>("pair_weighting")
+                           .Attr<int32_t>("max_block_rows"));
+
+XLA_FFI_DEFINE_HANDLER(kInBatchReducedHandler, InBatchLossReducedHost,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::ThreadPool>()
+                           .Arg<ffi::BufferR1<ffi::S64>>()  // labels
+                           .Arg<ffi::AnyBuffer>()           // embeddings
+                           .Arg<ffi::AnyBuffer>()           // sample_weight
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // loss_scale
+                           .Ret<ffi::AnyBuffer>()           // loss
+                           .Ret<ffi::AnyBuffer>()           // grad
+                           .Ret<ffi::AnyBuffer>()           // reduction_scale
+                           .Attr<int32_t>("distance")
+                           .Attr<int32_t>("pair_weighting")
+                           .Attr<int32_t>("max_block_rows")
+                           .Attr<int32_t>("reduction"));
+
+XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kInBatchTarget, "Host", kInBatchHandler);
+XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kInBatchGradTarget, "Host", kInBatchGradHandler);
+XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kInBatchReducedTarget, "Host",
+                         kInBatchReducedHandler);
+
+}  // namespace
+}  // namespace fused_contrastive

@@ -1,0 +1,203 @@
+// The host calls of the loss from pair embeddings: typed-FFI handlers that run
+// the fused CPU kernels (core/pairs) for the custom calls xla/pairs.cc emits on
+// XLA's CPU backend. Operands and results are the ops' inputs and outputs in
+// order (tf/pairs.h): a and b as [rows, D], the stacked pair and its gradient
+// as [rows, 2, D], labels and per-row inputs as [rows] or scalars, margin and
+// loss_scale float64 scalars.
+#include <cstdint>
+#include <initializer_list>
+
+#include "core/pairs/kernels.h"
+#include "tf/pairs.h"
+#include "tf/xla/host_calls.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace fused_contrastive {
+namespace {
+
+// The loss handlers' labels [rows], embeddings (a and b [rows, D] at a_data
+// and b_data, rows row_stride apart; `embeddings` is one of their buffers)
+// and margin; false for an unsupported dtype. The kernels need a valid
+// margin: an invalid run-time one is passed as 0 and *margin_valid is false,
+// for the caller to make its results NaN (the rule of CheckConstantMargin).
+bool ReadHostInputs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, const void* a_data,
+                    const void* b_data, int64_t row_stride, ffi::BufferR0<ffi::F64> margin,
+                    int32_t similar_label, int32_t distance, EmbeddingInputs* in,
+                    bool* margin_valid) {
+  in->labels = labels.untyped_data();
+  in->a = a_data;
+  in->b = b_data;
+  in->rows = embeddings.dimensions()[0];
+  in->dim = embeddings.dimensions()[embeddings.dimensions().size() - 1];
+  in->row_stride = row_stride;
+  *margin_valid = IsValidMargin(margin.typed_data()[0]);
+  in->margin = *margin_valid ? margin.typed_data()[0] : 0.0;
+  in->similar_label = similar_label;
+  in->distance = static_cast<Distance>(distance);
+  return FromFfi(labels.element_type(), &in->label_type) &&
+         FromFfi(embeddings.element_type(), &in->embedding_type);
+}
+
+ffi::Error EmbeddingLossHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::AnyBuffer a,
+                             ffi::AnyBuffer b, ffi::BufferR0<ffi::F64> margin,
+                             ffi::Result<ffi::AnyBuffer> loss,
+                             ffi::Result<ffi::AnyBuffer> coefficients, int32_t distance,
+                             int32_t similar_label) {
+  EmbeddingInputs in;
+  bool margin_valid;
+  const bool read = ReadHostInputs(labels, a, a.untyped_data(), b.untyped_data(),
+                                   a.dimensions()[1], margin, similar_label, distance, &in,
+                                   &margin_valid);
+  ffi::Error error = RunHostKernel(pool, read, [&](const ParallelFor& p) {
+    return EmbeddingLossCpu(in, loss->untyped_data(),
+                            static_cast<double*>(coefficients->untyped_data()), p);
+  });
+  if (error.success() && !margin_valid) {
+    FillNan(*loss);
+    FillNan(*coefficients);
+  }
+  return error;
+}
+
+ffi::Error EmbeddingGradHost(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                             ffi::AnyBuffer coefficients, ffi::AnyBuffer upstream,
+                             ffi::Result<ffi::AnyBuffer> grad_a,
+                             ffi::Result<ffi::AnyBuffer> grad_b, int32_t distance) {
+  EmbeddingGradArgs args;
+  args.a = a.untyped_data();
+  args.b = b.untyped_data();
+  args.rows = a.dimensions()[0];
+  args.dim = a.dimensions()[1];
+  args.row_stride = args.dim;
+  args.distance = static_cast<Distance>(distance);
+  args.coefficients = static_cast<const double*>(coefficients.untyped_data());
+  args.upstream = upstream.untyped_data();
+  args.scalar_upstream = upstream.dimensions().size() == 0;
+  args.grad_a = grad_a->untyped_data();
+  args.grad_b = grad_b->untyped_data();
+  return RunHostKernel(pool, FromFfi(a.element_type(), &args.type),
+                       [&](const ParallelFor& p) { return EmbeddingGradCpu(args, p); });
+}
+
+// The reduced handlers' common part, with args set: the call, and NaN for an
+// invalid margin in `margin_results` (the loss and the gradients; the
+// reduction scale does not depend on the margin).
+ffi::Error RunReducedHost(ffi::ThreadPool pool, const ReducedEmbeddingArgs& args, bool read_ok,
+                          bool margin_valid, std::initializer_list<ffi::AnyBuffer> margin_results) {
+  ffi::Error error = RunHostKernel(
+      pool, read_ok, [&](const ParallelFor& p) { return EmbeddingLossReducedCpu(args, p); });
+  if (error.success() && !margin_valid) {
+    for (const ffi::AnyBuffer& result : margin_results) FillNan(result);
+  }
+  return error;
+}
+
+ffi::Error EmbeddingLossReducedHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
+                                    ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer weights,
+                                    ffi::BufferR0<ffi::F64> margin,
+                                    ffi::BufferR0<ffi::F64> loss_scale,
+                                    ffi::Result<ffi::AnyBuffer> loss,
+                                    ffi::Result<ffi::AnyBuffer> grad_a,
+                                    ffi::Result<ffi::AnyBuffer> grad_b,
+                                    ffi::Result<ffi::AnyBuffer> reduction_scale,
+                                    int32_t distance, int32_t reduction, int32_t similar_label) {
+  ReducedEmbeddingArgs args;
+  bool margin_valid;
+  const bool read_ok = ReadHostInputs(labels, a, a.untyped_data(), b.untyped_data(),
+                                      a.dimensions()[1], margin, similar_label, distance,
+                                      &args.in, &margin_valid);
+  args.reduction = HostReduction(weights, loss_scale, loss, reduction_scale, reduction);
+  args.grad_a = grad_a->untyped_data();
+  args.grad_b = grad_b->untyped_data();
+  return RunReducedHost(pool, args, read_ok, margin_valid, {*loss, *grad_a, *grad_b});
+}
+
+// Pairs and their gradient [rows, 2, D], read and written in place.
+ffi::Error EmbeddingPairLossReducedHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
+                                        ffi::AnyBuffer pairs, ffi::AnyBuffer weights,
+                                        ffi::BufferR0<ffi::F64> margin,
+                                        ffi::BufferR0<ffi::F64> loss_scale,
+                                        ffi::Result<ffi::AnyBuffer> loss,
+                                        ffi::Result<ffi::AnyBuffer> grad,
+                                        ffi::Result<ffi::AnyBuffer> reduction_scale,
+                                        int32_t distance, int32_t reduction,
+                                        int32_t similar_label) {
+  ReducedEmbeddingArgs args;
+  bool margin_valid;
+  DType type;
+  const int64_t dim = pairs.dimensions()[2];
+  const bool read_ok =
+      FromFfi(pairs.element_type(), &type) &&
+      ReadHostInputs(labels, pairs, pairs.untyped_data(),
+                     StackedPairB(type, pairs.untyped_data(), dim), 2 * dim, margin,
+                     similar_label, distance, &args.in, &margin_valid);
+  args.reduction = HostReduction(weights, loss_scale, loss, reduction_scale, reduction);
+  args.grad_a = grad->untyped_data();
+  args.grad_b = StackedPairB(type, args.grad_a, dim);
+  return RunReducedHost(pool, args, read_ok, margin_valid, {*loss, *grad});
+}
+
+XLA_FFI_DEFINE_HANDLER(kEmbeddingHandler, EmbeddingLossHost,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::ThreadPool>()
+                           .Arg<ffi::AnyBuffer>()           // labels
+                           .Arg<ffi::AnyBuffer>()           // a
+                           .Arg<ffi::AnyBuffer>()           // b
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                           .Ret<ffi::AnyBuffer>()           // loss
+                           .Ret<ffi::AnyBuffer>()           // coefficients
+                           .Attr<int32_t>("distance")
+                           .Attr<int32_t>("similar_label"));
+
+XLA_FFI_DEFINE_HANDLER(kEmbeddingGradHandler, EmbeddingGradHost,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::ThreadPool>()
+                           .Arg<ffi::AnyBuffer>()  // a
+                           .Arg<ffi::AnyBuffer>()  // b
+                           .Arg<ffi::AnyBuffer>()  // coefficients
+                           .Arg<ffi::AnyBuffer>()  // upstream
+                           .Ret<ffi::AnyBuffer>()  // grad_a
+                           .Ret<ffi::AnyBuffer>()  // grad_b
+                           .Attr<int32_t>("distance"));
+
+XLA_FFI_DEFINE_HANDLER(kEmbeddingReducedHandler, EmbeddingLossReducedHost,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::ThreadPool>()
+                           .Arg<ffi::AnyBuffer>()           // labels
+                           .Arg<ffi::AnyBuffer>()           // a
+                           .Arg<ffi::AnyBuffer>()           // b
+                           .Arg<ffi::AnyBuffer>()           // sample_weight
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // loss_scale
+                           .Ret<ffi::AnyBuffer>()           // loss
+                           .Ret<ffi::AnyBuffer>()           // grad_a
+                           .Ret<ffi::AnyBuffer>()           // grad_b
+                           .Ret<ffi::AnyBuffer>()           // reduction_scale
+                           .Attr<int32_t>("distance")
+                           .Attr<int32_t>("reduction")
+                           .Attr<int32_t>("similar_label"));
+
+XLA_FFI_DEFINE_HANDLER(kEmbeddingPairReducedHandler, EmbeddingPairLossReducedHost,
+                       ffi::Ffi::Bind()
+                           .Ctx<ffi::ThreadPool>()
+                           .Arg<ffi::AnyBuffer>()           // labels
+                           .Arg<ffi::AnyBuffer>()           // pairs
+                           .Arg<ffi::AnyBuffer>()           // sample_weight
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                           .Arg<ffi::BufferR0<ffi::F64>>()  // loss_scale
+                           .Ret<ffi::AnyBuffer>()           // loss
+                           .Ret<ffi::AnyBuffer>()           // grad
+                           .Ret<ffi::AnyBuffer>()           // reduction_scale
+                           .Attr<int32_t>("distance")
+                           .Attr<int32_t>("reduction")
+                           .Attr<int32_t>("similar_label"));
+
+XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kEmbeddingTarget, "Host", kEmbeddingHandler);
+XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kEmbeddingGradTarget, "Host", kEmbeddingGradHandler);
+XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kEmbeddingReducedTarget, "Host",
+                         kEmbeddingReducedHandler);
+XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kEmbeddingPairReducedTarget, "Host",
+                         kEmbeddingPairReducedHandler);
+
+}  // namespace
+}  // namespace fused_contrastive
