@@ -149,7 +149,7 @@ def run_python(code, timeout=600, **env):
                           text=True, env={**os.environ, **env}, timeout=timeout)
 
 
-# Read by the op library when it loads (cc/contrastive_xla.cc): "1" makes XLA's
+# Read by the op library when it loads (cc/tf/xla/host_calls.cc): "1" makes XLA's
 # CPU backend compile the HLO lowering, what XLA's GPU backend runs, instead
 # of calling the CPU kernels.
 HLO_ON_CPU_ENV = "FUSED_CONTRASTIVE_XLA_CPU_HLO"

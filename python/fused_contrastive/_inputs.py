@@ -8,9 +8,9 @@ import tensorflow as tf
 LABEL_DTYPES = (tf.bool, tf.int32, tf.int64, tf.float16, tf.bfloat16, tf.float32, tf.float64)
 DISTANCE_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 # The embedding ops' `distance` attr values (tests check them against the op
-# definitions of cc/embedding_math.h).
+# definitions of cc/core/pairs/math.h).
 DISTANCES = ("euclidean", "cosine", "manhattan")
-# The in-batch ops' `distance` and `pair_weighting` attr values (cc/in_batch_math.h).
+# The in-batch ops' `distance` and `pair_weighting` attr values (cc/core/in_batch/math.h).
 IN_BATCH_DISTANCES = ("euclidean", "cosine")
 PAIR_WEIGHTINGS = ("uniform", "balanced")
 # Class ids: integers, or floats compared by value (Keras passes y_true as floats).

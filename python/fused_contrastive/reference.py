@@ -40,7 +40,7 @@ def reference_loss(labels, distances, margin, similar_label=1):
 
 def _weighted(w, x):
     """w * x, exactly 0 where w is 0 and x is not NaN (even for an infinite x,
-    where 0 * inf is NaN), as ElementOps::weighted in cc/contrastive_math.h."""
+    where 0 * inf is NaN), as ElementOps::weighted in cc/core/common/element_ops.h."""
     return tf.where(tf.logical_and(tf.equal(w, 0.0), tf.equal(x, x)), tf.zeros_like(x), w * x)
 
 
@@ -56,7 +56,7 @@ def _safe(x, ok):
     return tf.where(ok, x, tf.ones_like(x))
 
 
-# Σx² outside [low, high] over- or underflows (CosineScaling in cc/embedding_math.h).
+# Σx² outside [low, high] over- or underflows (CosineScaling in cc/core/pairs/math.h).
 _COSINE_RANGE = {tf.float32: (2.0**-60, 2.0**100), tf.float64: (2.0**-900, 2.0**900)}
 
 

@@ -1,4 +1,4 @@
-"""The compiled op library (cc/contrastive_ops.cc, contrastive_op_kernels.cc): its ops
+"""The compiled op library (cc/tf/ops/distances.cc, cc/tf/kernels/distances.cc): its ops
 against the reference and NumPy."""
 
 import warnings

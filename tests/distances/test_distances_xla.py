@@ -1,4 +1,4 @@
-"""cc/contrastive_xla.cc, the loss on distances: its XLA lowering (jit_compile, Keras) against the compiled kernels."""
+"""cc/tf/xla/distances.cc: the XLA lowering (jit_compile, Keras) against the compiled kernels."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""cc/contrastive_xla.cc, in-batch ops: their XLA lowerings against the compiled kernels.
+"""cc/tf/xla/in_batch.cc and in_batch_host_calls.cc: the in-batch XLA lowerings against the kernels.
 
 On XLA's CPU backend the ops are typed-FFI calls of the CPU kernels; every
 other backend (GPU) gets the HLO lowering, a While loop over blocks of anchor

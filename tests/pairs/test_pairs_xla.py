@@ -1,4 +1,4 @@
-"""cc/contrastive_xla.cc, the pair-embedding ops: their XLA lowerings against the compiled kernels."""
+"""cc/tf/xla/pairs.cc and pairs_host_calls.cc: the XLA lowerings against the compiled kernels."""
 
 import numpy as np
 import pytest

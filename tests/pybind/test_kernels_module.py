@@ -379,7 +379,7 @@ COEFFICIENTS = _kernels.row_coefficients
 
 
 def test_the_module_names_the_row_coefficients_of_each_distance():
-    # Cosine: its 3 coefficients and the 2 scales of its rows (cc/embedding_math.h);
+    # Cosine: its 3 coefficients and the 2 scales of its rows (cc/core/pairs/math.h);
     # the GPU check and the fuzzer read the module's numbers.
     assert COEFFICIENTS == {"euclidean": 1, "cosine": 5, "manhattan": 1}
 # Relative (and, times the largest value, absolute) tolerance against float64
