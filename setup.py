@@ -20,8 +20,9 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-VERSION = re.search(r'^__version__ = "([^"]+)"$',
-                    (ROOT / "python/fused_contrastive/__init__.py").read_text(), re.M).group(1)
+VERSION = re.search(
+    r'^__version__ = "([^"]+)"$', (ROOT / "python/fused_contrastive/__init__.py").read_text(), re.M
+).group(1)
 
 
 def installed_version(distribution):
@@ -42,6 +43,7 @@ def cmake_executable():
     if found:
         return found
     import cmake  # the PyPI package, when its script is not on PATH
+
     return str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
 
 
@@ -52,7 +54,8 @@ CMAKE_OUTPUTS = ("_fused_contrastive_ops.so", "_build_info.json")
 # The toolchain and driver facts the package itself uses, loaded by path:
 # importing the package would import TensorFlow.
 _spec = importlib.util.spec_from_file_location(
-    "fc_cuda", ROOT / "python/fused_contrastive/_cuda.py")
+    "fc_cuda", ROOT / "python/fused_contrastive/_cuda.py"
+)
 cuda_toolchain = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(cuda_toolchain)
 
@@ -76,8 +79,10 @@ def cmake_args_from_environment(build_temp):
     if cuda not in ("AUTO", "ON", "OFF", "1", "0"):
         raise SystemExit(f"FUSED_CONTRASTIVE_CUDA must be auto, on or off, got {cuda!r}")
     cuda = {"1": "ON", "0": "OFF"}.get(cuda, cuda)
-    wanted = cuda == "ON" or (cuda == "AUTO" and (cuda_toolchain.nvidia_driver_present()
-                                                  or tensorflow_cuda_packages_present()))
+    wanted = cuda == "ON" or (
+        cuda == "AUTO"
+        and (cuda_toolchain.nvidia_driver_present() or tensorflow_cuda_packages_present())
+    )
     args.append(f"-DFC_CUDA={'ON' if wanted else 'OFF'}")
     if wanted and cuda_toolchain.system_nvcc() is None:
         args.append(f"-DCMAKE_CUDA_COMPILER={cuda_toolchain.pypi_nvcc(build_temp)}")
@@ -90,8 +95,7 @@ def cmake_build_dir(build_temp, cmake_args):
     """One CMake build directory per TensorFlow version, pybind11 version and
     set of CMake options: a second install of an unchanged tree recompiles
     nothing, and different options never overwrite each other's objects."""
-    key = json.dumps([installed_version("tensorflow"), installed_version("pybind11"),
-                      cmake_args])
+    key = json.dumps([installed_version("tensorflow"), installed_version("pybind11"), cmake_args])
     digest = hashlib.sha256(key.encode()).hexdigest()[:12]
     return Path(build_temp).resolve() / f"cmake-tf{installed_version('tensorflow')}-{digest}"
 
@@ -110,15 +114,27 @@ class CMakeBuild(build_ext):
         build_dir = cmake_build_dir(self.build_temp, cmake_args)
         build_dir.mkdir(parents=True, exist_ok=True)
         cuda = "-DFC_CUDA=ON" in cmake_args
-        progress(f"building the op library and kernel module for TensorFlow "
-                 f"{installed_version('tensorflow')}, {'with' if cuda else 'without'} CUDA "
-                 f"kernels, in {build_dir}: a first build takes minutes"
-                 f"{' (the CUDA kernels most of them)' if cuda else ''}; a second with the same "
-                 "TensorFlow and options compiles only what changed")
+        progress(
+            f"building the op library and kernel module for TensorFlow "
+            f"{installed_version('tensorflow')}, {'with' if cuda else 'without'} CUDA "
+            f"kernels, in {build_dir}: a first build takes minutes"
+            f"{' (the CUDA kernels most of them)' if cuda else ''}; a second with the same "
+            "TensorFlow and options compiles only what changed"
+        )
         started = time.monotonic()
-        subprocess.run([cmake_executable(), "-S", str(ROOT), "-B", str(build_dir),
-                        f"-DPython3_EXECUTABLE={sys.executable}", f"-DFC_OUTPUT_DIR={out_dir}",
-                        *cmake_args], check=True)
+        subprocess.run(
+            [
+                cmake_executable(),
+                "-S",
+                str(ROOT),
+                "-B",
+                str(build_dir),
+                f"-DPython3_EXECUTABLE={sys.executable}",
+                f"-DFC_OUTPUT_DIR={out_dir}",
+                *cmake_args,
+            ],
+            check=True,
+        )
         jobs = str(os.cpu_count() or 2)
         subprocess.run([cmake_executable(), "--build", str(build_dir), "-j", jobs], check=True)
         progress(f"built in {time.monotonic() - started:.0f} s")

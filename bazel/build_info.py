@@ -18,10 +18,10 @@ def version_of_package(init_py):
 
 def compiler_name(cc):
     """'GNU 12.2.0' or 'Clang 16.0.6', as CMake names C++ compilers."""
-    banner = subprocess.run([cc, "--version"], capture_output=True, text=True,
-                            check=True).stdout
-    version = subprocess.run([cc, "-dumpversion"], capture_output=True, text=True,
-                             check=True).stdout.strip()
+    banner = subprocess.run([cc, "--version"], capture_output=True, text=True, check=True).stdout
+    version = subprocess.run(
+        [cc, "-dumpversion"], capture_output=True, text=True, check=True
+    ).stdout.strip()
     if "clang" in banner.lower():
         return f"Clang {version}"
     full = subprocess.run([cc, "-dumpfullversion"], capture_output=True, text=True).stdout
@@ -38,9 +38,20 @@ def cuda_version(compiler):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__)
-    for arg in ("out", "init-py", "cc", "tensorflow-version", "tensorflow-cuda-version",
-                "bazel-version", "build-type", "cuda", "cuda-compiler", "cuda-compiler-source",
-                "cuda-architectures", "source-dir"):
+    for arg in (
+        "out",
+        "init-py",
+        "cc",
+        "tensorflow-version",
+        "tensorflow-cuda-version",
+        "bazel-version",
+        "build-type",
+        "cuda",
+        "cuda-compiler",
+        "cuda-compiler-source",
+        "cuda-architectures",
+        "source-dir",
+    ):
         parser.add_argument(f"--{arg}", required=True)
     args = parser.parse_args()
     cuda = args.cuda == "1"

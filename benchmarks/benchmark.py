@@ -302,25 +302,51 @@ class Settings:
             ns = (10**2, 10**4, 10**6)
             sizes = (10**3, TARGET_B), (TARGET_D,)
             in_batch_sizes = (256, 1024, IN_BATCH_TARGET_B)
-            return cls(ns, 0.005, {n: 5 for n in ns}, *sizes, 0.005,
-                       {shape: 5 for shape in itertools.product(*sizes)},
-                       in_batch_sizes, 0.005, {b: 5 for b in in_batch_sizes + (FIT_B,)})
+            return cls(
+                ns,
+                0.005,
+                {n: 5 for n in ns},
+                *sizes,
+                0.005,
+                {shape: 5 for shape in itertools.product(*sizes)},
+                in_batch_sizes,
+                0.005,
+                {b: 5 for b in in_batch_sizes + (FIT_B,)},
+            )
         ns = tuple(10**e for e in range(2, 8))
         sizes = (10**3, 10**4, TARGET_B, 2 * 10**5), (64, TARGET_D, 512)
         in_batch_sizes = tuple(2**e for e in range(8, 15))  # 256 ... 16384
-        return cls(ns, 0.040, {n: 15 if n <= 10**4 else 11 if n <= 10**5 else 9 if n <= 10**6 else 7
-                               for n in ns},
-                   *sizes, 0.020, {(b, d): 9 if b * d <= 10**6 else 7 if b * d <= 10**7
-                                   else 5 if b * d <= 3 * 10**7 else 3
-                                   for b, d in itertools.product(*sizes)},
-                   in_batch_sizes, 0.020,
-                   {b: 9 if b <= 1024 else 7 if b <= 4096 else 5 if b <= 8192 else 3
-                    for b in in_batch_sizes})
+        return cls(
+            ns,
+            0.040,
+            {n: 15 if n <= 10**4 else 11 if n <= 10**5 else 9 if n <= 10**6 else 7 for n in ns},
+            *sizes,
+            0.020,
+            {
+                (b, d): 9
+                if b * d <= 10**6
+                else 7
+                if b * d <= 10**7
+                else 5
+                if b * d <= 3 * 10**7
+                else 3
+                for b, d in itertools.product(*sizes)
+            },
+            in_batch_sizes,
+            0.020,
+            {
+                b: 9 if b <= 1024 else 7 if b <= 4096 else 5 if b <= 8192 else 3
+                for b in in_batch_sizes
+            },
+        )
 
     def embedding_shapes(self):
         """The (B, D) measured: those whose inputs and gradients fit in MAX_EMBEDDING_BYTES."""
-        return [(b, d) for b, d in itertools.product(self.batch_sizes, self.dims)
-                if 4 * b * d * 4 <= MAX_EMBEDDING_BYTES]
+        return [
+            (b, d)
+            for b, d in itertools.product(self.batch_sizes, self.dims)
+            if 4 * b * d * 4 <= MAX_EMBEDDING_BYTES
+        ]
 
 
 @dataclass
@@ -345,8 +371,7 @@ class Row:
 class ReferenceContrastiveLoss(keras.losses.Loss):
     """The baseline: the plain-TF per-sample loss, reduced and weighted by Keras."""
 
-    def __init__(self, margin=1.0, reduction=DEFAULT_REDUCTION,
-                 name="reference_contrastive_loss"):
+    def __init__(self, margin=1.0, reduction=DEFAULT_REDUCTION, name="reference_contrastive_loss"):
         super().__init__(name=name, reduction=reduction)
         self.margin = margin
 
@@ -413,14 +438,24 @@ def fused_reduced_loss(y, a, b):
     """The one-pass op ContrastiveLoss(distance=...) runs under a tape, called as it calls it."""
     if fused_contrastive.using_reference():
         return fused_per_pair_loss(y, a, b)
-    return _ops.reduced_embedding_loss(y, a, b, sample_weight=_ops.scalar(1.0, a.dtype),
-                                       margin=MARGIN, reduction="mean", loss_scale=1.0,
-                                       distance=EMBEDDING_DISTANCE)
+    return _ops.reduced_embedding_loss(
+        y,
+        a,
+        b,
+        sample_weight=_ops.scalar(1.0, a.dtype),
+        margin=MARGIN,
+        reduction="mean",
+        loss_scale=1.0,
+        distance=EMBEDDING_DISTANCE,
+    )
 
 
 def fused_per_pair_loss(y, a, b):
-    return tf.reduce_mean(fused_contrastive.contrastive_loss_from_embeddings(
-        y, a, b, margin=MARGIN, distance=EMBEDDING_DISTANCE))
+    return tf.reduce_mean(
+        fused_contrastive.contrastive_loss_from_embeddings(
+            y, a, b, margin=MARGIN, distance=EMBEDDING_DISTANCE
+        )
+    )
 
 
 def composite_loss(y, a, b):
@@ -520,8 +555,10 @@ def time_interleaved(calls, repeats, min_sample_s, cpu_ms=None):
     finally:
         gc.enable()
     if cpu_ms is not None:
-        cpu_ms.extend((1e3 * user / (repeats * k), 1e3 * system / (repeats * k))
-                      for (user, system), k in zip(cpu, batch))
+        cpu_ms.extend(
+            (1e3 * user / (repeats * k), 1e3 * system / (repeats * k))
+            for (user, system), k in zip(cpu, batch)
+        )
     return [statistics.median(s) for s in samples]
 
 
@@ -532,14 +569,19 @@ def measure(n, tensors, mode, workload, reduction, settings):
     calls = []
     for impl in IMPLS:
         step = make_step(make_loss(impl, reduction), workload, mode)
-        calls.append(lambda step=step: tf.nest.map_structure(
-            np.asarray, step(labels, distances, sample_weight)))
+        calls.append(
+            lambda step=step: tf.nest.map_structure(
+                np.asarray, step(labels, distances, sample_weight)
+            )
+        )
     nbytes = bytes_moved(n, workload, reduction)
     calls.append(memcpy_call(nbytes))
     *impl_s, memcpy_s = time_interleaved(calls, settings.repeats[n], settings.min_sample_s)
     memcpy_gbps = nbytes / memcpy_s / 1e9
-    return [Row(impl, mode, workload, reduction, n, s * 1e3, nbytes / s / 1e9, memcpy_gbps)
-            for impl, s in zip(IMPLS, impl_s)]
+    return [
+        Row(impl, mode, workload, reduction, n, s * 1e3, nbytes / s / 1e9, memcpy_gbps)
+        for impl, s in zip(IMPLS, impl_s)
+    ]
 
 
 def measure_embeddings(tensors, workload, settings):
@@ -552,18 +594,34 @@ def measure_embeddings(tensors, workload, settings):
     for impl, mode in itertools.product(embedding_impls(workload), MODES):
         step = make_embedding_step(impl, workload, mode)
         inputs = (labels, pairs) if impl == PRE_STACKED else (labels, a, b)
-        calls.append(lambda step=step, inputs=inputs: tf.nest.map_structure(
-            np.asarray, step(*inputs)))
+        calls.append(
+            lambda step=step, inputs=inputs: tf.nest.map_structure(np.asarray, step(*inputs))
+        )
         keys.append((impl, mode))
     nbytes = embedding_bytes_moved(rows_, cols, workload)
     calls.append(memcpy_call(nbytes))
     cpu_ms = []
-    *impl_s, memcpy_s = time_interleaved(calls, settings.embedding_repeats[(rows_, cols)],
-                                         settings.embedding_min_sample_s, cpu_ms)
+    *impl_s, memcpy_s = time_interleaved(
+        calls, settings.embedding_repeats[(rows_, cols)], settings.embedding_min_sample_s, cpu_ms
+    )
     memcpy_gbps = nbytes / memcpy_s / 1e9
-    rows = [Row(impl, mode, workload, DEFAULT_REDUCTION, rows_, s * 1e3, nbytes / s / 1e9,
-                memcpy_gbps, "embeddings", cols, cpu_user_ms=user, cpu_kernel_ms=kernel)
-            for (impl, mode), s, (user, kernel) in zip(keys, impl_s, cpu_ms)]
+    rows = [
+        Row(
+            impl,
+            mode,
+            workload,
+            DEFAULT_REDUCTION,
+            rows_,
+            s * 1e3,
+            nbytes / s / 1e9,
+            memcpy_gbps,
+            "embeddings",
+            cols,
+            cpu_user_ms=user,
+            cpu_kernel_ms=kernel,
+        )
+        for (impl, mode), s, (user, kernel) in zip(keys, impl_s, cpu_ms)
+    ]
     order = list(itertools.product(EMBEDDING_IMPLS, MODES))
     return sorted(rows, key=lambda r: order.index((r.impl, r.mode)))
 
@@ -577,8 +635,9 @@ def embedding_accuracy(b, d):
     hinge = np.maximum(MARGIN - dist, 0.0)
     exact = np.mean(y * dist**2 + (1.0 - y) * hinge**2)
     # d(loss)/da = 2/B * (y - (1-y) * hinge/d) * (a - b); d/db = -d/da.
-    coefficient = 2.0 / b * (y - (1.0 - y) * np.divide(hinge, dist, out=np.zeros_like(dist),
-                                                       where=dist > 0))
+    coefficient = (
+        2.0 / b * (y - (1.0 - y) * np.divide(hinge, dist, out=np.zeros_like(dist), where=dist > 0))
+    )
     exact_grad = coefficient[:, None] * diff
     grad_scale = np.max(np.abs(exact_grad))
     tensors = tuple(tf.constant(x) for x in (labels, a, b_))
@@ -589,8 +648,13 @@ def embedding_accuracy(b, d):
         step = make_embedding_step(impl, "fwd+bwd", mode)
         value, (grad_a, grad_b) = step(*tensors)
         value = float(value)
-        grad_error = max(np.max(np.abs(grad_a.numpy() - exact_grad)),
-                         np.max(np.abs(grad_b.numpy() + exact_grad))) / grad_scale
+        grad_error = (
+            max(
+                np.max(np.abs(grad_a.numpy() - exact_grad)),
+                np.max(np.abs(grad_b.numpy() + exact_grad)),
+            )
+            / grad_scale
+        )
         results.append((impl, mode, value, abs(value - exact) / exact, grad_error))
     return exact, results
 
@@ -644,8 +708,13 @@ def machine_description():
     except (OSError, StopIteration):
         pass
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True, cwd=Path(__file__).parent, check=True).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).parent,
+            check=True,
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     library = fused_contrastive.build_info()["library"]
@@ -694,10 +763,12 @@ def target_lines(rows, floors):
     from this run. The floor column is a one-op tf.function: no loss can be
     faster than it."""
     find = {(r.impl, r.mode, r.workload, r.reduction, r.n): r for r in rows}
-    lines = ["| N | fused tf.function ms | tf.function floor ms | vs reference tf.function "
-             "| vs reference XLA | fused XLA vs reference XLA | fused eager vs reference eager "
-             "| fused tf.function % of memcpy |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| N | fused tf.function ms | tf.function floor ms | vs reference tf.function "
+        "| vs reference XLA | fused XLA vs reference XLA | fused eager vs reference eager "
+        "| fused tf.function % of memcpy |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for n in sorted({r.n for r in rows}):
         get = lambda impl, mode: find[(impl, mode, "fwd+bwd", DEFAULT_REDUCTION, n)]  # noqa: E731
         fused = get("fused", "tf.function")
@@ -707,7 +778,8 @@ def target_lines(rows, floors):
             f"| {speedup(fused, get('reference', 'tf.function+jit'))} "
             f"| {speedup(get('fused', 'tf.function+jit'), get('reference', 'tf.function+jit'))} "
             f"| {speedup(get('fused', 'eager'), get('reference', 'eager'))} "
-            f"| {memcpy_percent(fused)} |")
+            f"| {memcpy_percent(fused)} |"
+        )
     return lines
 
 
@@ -719,8 +791,11 @@ def embedding_target_lines(rows, accuracy_result):
     """The embedding targets at B=TARGET_B, D=TARGET_D (fwd+bwd, default
     reduction), met or missed, with the measured numbers (ratios from the same
     repetitions)."""
-    find = {(r.impl, r.mode): r for r in rows
-            if (r.n, r.d, r.workload) == (TARGET_B, TARGET_D, "fwd+bwd")}
+    find = {
+        (r.impl, r.mode): r
+        for r in rows
+        if (r.n, r.d, r.workload) == (TARGET_B, TARGET_D, "fwd+bwd")
+    }
     if not find:
         return [f"- B={TARGET_B}, D={TARGET_D} was not measured"]
 
@@ -729,9 +804,11 @@ def embedding_target_lines(rows, accuracy_result):
         fused = find[("fused", fused_mode)]
         ratio = composite.median_ms / fused.median_ms
         per_pair = speedup(find[("fused (per-pair)", fused_mode)], composite)
-        return (f"- {label}: {ratio:.2f}x ({format_number(fused.median_ms)} ms vs "
-                f"{format_number(composite.median_ms)} ms; fused (per-pair): {per_pair}); "
-                f"target >= {target}x: {met(ratio >= target)}")
+        return (
+            f"- {label}: {ratio:.2f}x ({format_number(fused.median_ms)} ms vs "
+            f"{format_number(composite.median_ms)} ms; fused (per-pair): {per_pair}); "
+            f"target >= {target}x: {met(ratio >= target)}"
+        )
 
     def cpu(impl, mode):
         row = find[(impl, mode)]
@@ -739,18 +816,22 @@ def embedding_target_lines(rows, accuracy_result):
 
     def class_line(mode, target):
         ratio = find[("composite", mode)].median_ms / find[("class", mode)].median_ms
-        return (f"- class (stack included) vs composite, both {mode}: {ratio:.2f}x "
-                f"({format_number(find[('class', mode)].median_ms)} ms vs "
-                f"{format_number(find[('composite', mode)].median_ms)} ms; CPU per call, user + "
-                f"kernel: {cpu('class', mode)} vs {cpu('composite', mode)}); target >= {target}x: "
-                f"{met(ratio >= target)}")
+        return (
+            f"- class (stack included) vs composite, both {mode}: {ratio:.2f}x "
+            f"({format_number(find[('class', mode)].median_ms)} ms vs "
+            f"{format_number(find[('composite', mode)].median_ms)} ms; CPU per call, user + "
+            f"kernel: {cpu('class', mode)} vs {cpu('composite', mode)}); target >= {target}x: "
+            f"{met(ratio >= target)}"
+        )
 
     def beyond_stack_line(mode):
         ratio = find[(PRE_STACKED, mode)].median_ms / find[("fused", mode)].median_ms
-        return (f"- class on a pre-stacked pair (its cost beyond the stack) vs the one-pass op, "
-                f"{mode}: {ratio:.2f}x ({format_number(find[(PRE_STACKED, mode)].median_ms)} ms "
-                f"vs {format_number(find[('fused', mode)].median_ms)} ms); target <= 1.3x: "
-                f"{met(ratio <= 1.3)}")
+        return (
+            f"- class on a pre-stacked pair (its cost beyond the stack) vs the one-pass op, "
+            f"{mode}: {ratio:.2f}x ({format_number(find[(PRE_STACKED, mode)].median_ms)} ms "
+            f"vs {format_number(find[('fused', mode)].median_ms)} ms); target <= 1.3x: "
+            f"{met(ratio <= 1.3)}"
+        )
 
     fused = find[("fused", "tf.function")]
     percent = 100 * fused.gbps / fused.memcpy_gbps
@@ -767,12 +848,16 @@ def embedding_target_lines(rows, accuracy_result):
         f"{embedding_bytes_moved(TARGET_B, TARGET_D, 'fwd+bwd')} bytes; target >= 60%: "
         f"{met(percent >= 60)}",
     ]
-    errors = {(impl, mode): (loss_error, grad_error)
-              for impl, mode, _, loss_error, grad_error in accuracy_result[1]}
+    errors = {
+        (impl, mode): (loss_error, grad_error)
+        for impl, mode, _, loss_error, grad_error in accuracy_result[1]
+    }
     loss_error, grad_error = errors[("fused", "tf.function")]
-    lines.append(f"- fused tf.function relative error of the loss: {loss_error:.2e} (of its "
-                 f"gradients, / max |gradient|: {grad_error:.2e}); target <= 1e-6: "
-                 f"{met(loss_error <= 1e-6)}")
+    lines.append(
+        f"- fused tf.function relative error of the loss: {loss_error:.2e} (of its "
+        f"gradients, / max |gradient|: {grad_error:.2e}); target <= 1e-6: "
+        f"{met(loss_error <= 1e-6)}"
+    )
     return lines
 
 
@@ -794,8 +879,9 @@ def embedding_markdown(rows, accuracy_result, settings):
         "contrastive_loss_from_embeddings(...))` under a tape (two passes), `fwd+bwd` only; "
         "composite: the same loss in plain TF ops.",
         "- Samples per measurement: "
-        + ", ".join(f"{settings.embedding_repeats[s]} at B={format_count(s[0])} D={s[1]}"
-                    for s in shapes)
+        + ", ".join(
+            f"{settings.embedding_repeats[s]} at B={format_count(s[0])} D={s[1]}" for s in shapes
+        )
         + f"; each sample at least {settings.embedding_min_sample_s * 1e3:.0f} ms of "
         "back-to-back calls; all implementations and modes of one B, D and workload take turns "
         "in the same repetitions.",
@@ -822,9 +908,14 @@ def embedding_markdown(rows, accuracy_result, settings):
             f"| {format_number(composite.median_ms)} | {speedup(keras_class, composite)} "
             f"| {speedup(fused, composite)} "
             f"| {speedup(per_pair, composite) if per_pair else '—'} "
-            f"| {format_number(fused.gbps)} | {memcpy_percent(fused)} |")
-    lines += ["", f"### Targets: fwd+bwd, {DEFAULT_REDUCTION}, B={TARGET_B}, D={TARGET_D} "
-              "(speedup = composite ms / fused ms)", ""]
+            f"| {format_number(fused.gbps)} | {memcpy_percent(fused)} |"
+        )
+    lines += [
+        "",
+        f"### Targets: fwd+bwd, {DEFAULT_REDUCTION}, B={TARGET_B}, D={TARGET_D} "
+        "(speedup = composite ms / fused ms)",
+        "",
+    ]
     lines += embedding_target_lines(rows, accuracy_result)
     lines += [
         "",
@@ -844,15 +935,19 @@ def write_markdown(header, runtime_s, path, section_lines, distance_settings=Non
     Settings when the distance section ran (its samples go into the runtime line)."""
     lines = ["# fused-contrastive benchmark", ""]
     lines += [f"- {item}" for item in header]
-    lines.append("- Load average when it ended: "
-                 + ", ".join(f"{load:.2f}" for load in os.getloadavg()))
+    lines.append(
+        "- Load average when it ended: " + ", ".join(f"{load:.2f}" for load in os.getloadavg())
+    )
     runtime = f"- Runtime: {runtime_s:.0f} s"
     if distance_settings is not None:
-        runtime += ("; samples per measurement: "
-                    + ", ".join(f"{distance_settings.repeats[n]} at N={format_n(n)}"
-                                for n in distance_settings.ns)
-                    + f"; each sample at least {distance_settings.min_sample_s * 1e3:.0f} ms of "
-                    "back-to-back calls")
+        runtime += (
+            "; samples per measurement: "
+            + ", ".join(
+                f"{distance_settings.repeats[n]} at N={format_n(n)}" for n in distance_settings.ns
+            )
+            + f"; each sample at least {distance_settings.min_sample_s * 1e3:.0f} ms of "
+            "back-to-back calls"
+        )
     lines.append(runtime)
     lines += section_lines
     path.write_text("\n".join(lines) + "\n")
@@ -873,16 +968,26 @@ def distance_markdown(rows, floors, accuracy_result, settings):
         "| fused GB/s | % of memcpy |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for fused, reference in sorted(pairs(rows), key=lambda p: (
-            list(MODES).index(p[0].mode), WORKLOADS.index(p[0].workload),
-            REDUCTIONS.index(p[0].reduction), p[0].n)):
+    for fused, reference in sorted(
+        pairs(rows),
+        key=lambda p: (
+            list(MODES).index(p[0].mode),
+            WORKLOADS.index(p[0].workload),
+            REDUCTIONS.index(p[0].reduction),
+            p[0].n,
+        ),
+    ):
         lines.append(
             f"| {fused.mode} | {fused.workload} | {fused.reduction} | {format_n(fused.n)} "
             f"| {format_number(fused.median_ms)} | {format_number(reference.median_ms)} "
             f"| {speedup(fused, reference)} | {format_number(fused.gbps)} "
-            f"| {memcpy_percent(fused)} |")
-    lines += ["", f"## Targets: fwd+bwd, {DEFAULT_REDUCTION} (speedup = reference ms / fused ms)",
-              ""] + target_lines(rows, floors)
+            f"| {memcpy_percent(fused)} |"
+        )
+    lines += [
+        "",
+        f"## Targets: fwd+bwd, {DEFAULT_REDUCTION} (speedup = reference ms / fused ms)",
+        "",
+    ] + target_lines(rows, floors)
     lines += [
         "",
         f"## Accuracy at N={format_n(settings.ns[-1])} ({DEFAULT_REDUCTION}, float32 vs a "
@@ -891,8 +996,9 @@ def distance_markdown(rows, floors, accuracy_result, settings):
         "| impl | mode | float32 loss | relative error |",
         "|---|---|---:|---:|",
     ]
-    lines += [f"| {impl} | {mode} | {value:.9g} | {error:.2e} |"
-              for impl, mode, value, error in errors]
+    lines += [
+        f"| {impl} | {mode} | {value:.9g} | {error:.2e} |" for impl, mode, value, error in errors
+    ]
     return lines
 
 
@@ -902,17 +1008,31 @@ def plot(rows, path):
     for ax, (workload, title) in zip(axes, workloads):
         selected = [r for r in rows if r.workload == workload and r.reduction == DEFAULT_REDUCTION]
         for (impl, linestyle, marker), (color, mode) in itertools.product(
-                (("fused", "-", "o"), ("reference", "--", "s")), enumerate(MODES)):
-            points = sorted((r.n, r.median_ms) for r in selected
-                            if r.impl == impl and r.mode == mode)
-            ax.plot(*zip(*points), linestyle=linestyle, marker=marker, color=f"C{color}",
-                    label=f"{impl}, {mode}")
+            (("fused", "-", "o"), ("reference", "--", "s")), enumerate(MODES)
+        ):
+            points = sorted(
+                (r.n, r.median_ms) for r in selected if r.impl == impl and r.mode == mode
+            )
+            ax.plot(
+                *zip(*points),
+                linestyle=linestyle,
+                marker=marker,
+                color=f"C{color}",
+                label=f"{impl}, {mode}",
+            )
         # memcpy of the same bytes, measured with the fused runs of one mode (any would do).
-        memcpy = sorted((r.n, bytes_moved(r.n, workload, DEFAULT_REDUCTION) / r.memcpy_gbps / 1e6)
-                        for r in selected if r.impl == "fused" and r.mode == "tf.function")
+        memcpy = sorted(
+            (r.n, bytes_moved(r.n, workload, DEFAULT_REDUCTION) / r.memcpy_gbps / 1e6)
+            for r in selected
+            if r.impl == "fused" and r.mode == "tf.function"
+        )
         ax.plot(*zip(*memcpy), linestyle=":", color="gray", label="memcpy, same bytes")
-        ax.set(xscale="log", yscale="log", xlabel="N (pairs)",
-               title=f"{title}, reduction={DEFAULT_REDUCTION}")
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="N (pairs)",
+            title=f"{title}, reduction={DEFAULT_REDUCTION}",
+        )
         ax.grid(True, which="major", alpha=0.4)
         ax.grid(True, which="minor", alpha=0.1)
     axes[0].set_ylabel("median time per call (ms)")
@@ -926,20 +1046,36 @@ def plot(rows, path):
 def plot_embeddings(rows, path, d=TARGET_D):
     workloads = (("fwd+bwd", "forward + backward"), ("forward", "forward"))
     fig, axes = plt.subplots(1, len(workloads), figsize=(13, 5.5), sharey=True)
-    styles = {"class": (":", "D"), PRE_STACKED: (":", "v"), "fused": ("-", "o"),
-              "fused (per-pair)": ("-.", "^"), "composite": ("--", "s")}
+    styles = {
+        "class": (":", "D"),
+        PRE_STACKED: (":", "v"),
+        "fused": ("-", "o"),
+        "fused (per-pair)": ("-.", "^"),
+        "composite": ("--", "s"),
+    }
     for ax, (workload, title) in zip(axes, workloads):
         selected = [r for r in rows if r.workload == workload and r.d == d]
         for impl, (color, mode) in itertools.product(EMBEDDING_IMPLS, enumerate(MODES)):
-            points = sorted((r.n, r.median_ms) for r in selected
-                            if r.impl == impl and r.mode == mode and not math.isnan(r.median_ms))
+            points = sorted(
+                (r.n, r.median_ms)
+                for r in selected
+                if r.impl == impl and r.mode == mode and not math.isnan(r.median_ms)
+            )
             if points:
                 linestyle, marker = styles[impl]
-                ax.plot(*zip(*points), linestyle=linestyle, marker=marker, color=f"C{color}",
-                        label=f"{impl}, {mode}")
+                ax.plot(
+                    *zip(*points),
+                    linestyle=linestyle,
+                    marker=marker,
+                    color=f"C{color}",
+                    label=f"{impl}, {mode}",
+                )
         # memcpy of the same bytes, measured with the composite in tf.function (any would do).
-        memcpy = sorted((r.n, embedding_bytes_moved(r.n, d, workload) / r.memcpy_gbps / 1e6)
-                        for r in selected if r.impl == "composite" and r.mode == "tf.function")
+        memcpy = sorted(
+            (r.n, embedding_bytes_moved(r.n, d, workload) / r.memcpy_gbps / 1e6)
+            for r in selected
+            if r.impl == "composite" and r.mode == "tf.function"
+        )
         if memcpy:
             ax.plot(*zip(*memcpy), linestyle=":", color="gray", label="memcpy, same bytes")
         ax.set(xscale="log", yscale="log", xlabel="B (pairs)", title=f"{title}, D={d}")
@@ -947,8 +1083,10 @@ def plot_embeddings(rows, path, d=TARGET_D):
         ax.grid(True, which="minor", alpha=0.1)
     axes[0].set_ylabel("median time per call (ms)")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"Contrastive loss from embeddings, {EMBEDDING_DISTANCE}, mean over pairs, "
-                 "float32: fused ops vs plain TF (lower is better)")
+    fig.suptitle(
+        f"Contrastive loss from embeddings, {EMBEDDING_DISTANCE}, mean over pairs, "
+        "float32: fused ops vs plain TF (lower is better)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -961,18 +1099,22 @@ def plot_embeddings(rows, path, d=TARGET_D):
 class PlainInBatchContrastiveLoss(keras.losses.Loss):
     """The baseline: the plain-TF all-pairs formula (B x B matrices), reduced by Keras."""
 
-    def __init__(self, margin=1.0, reduction=DEFAULT_REDUCTION,
-                 name="plain_in_batch_contrastive_loss"):
+    def __init__(
+        self, margin=1.0, reduction=DEFAULT_REDUCTION, name="plain_in_batch_contrastive_loss"
+    ):
         super().__init__(name=name, reduction=reduction)
         self.margin = margin
 
     def call(self, y_true, y_pred):
-        return in_batch_contrastive_loss_reference(y_true, y_pred, margin=self.margin,
-                                                   distance=IN_BATCH_DISTANCE)
+        return in_batch_contrastive_loss_reference(
+            y_true, y_pred, margin=self.margin, distance=IN_BATCH_DISTANCE
+        )
 
 
-IN_BATCH_LOSSES = {"fused": lambda: fused_contrastive.InBatchContrastiveLoss(),
-                   "plain": PlainInBatchContrastiveLoss}
+IN_BATCH_LOSSES = {
+    "fused": lambda: fused_contrastive.InBatchContrastiveLoss(),
+    "plain": PlainInBatchContrastiveLoss,
+}
 
 
 def in_batch_classes(b):
@@ -1067,10 +1209,13 @@ class MemoryRun:
         if not self.ok:
             return self.status
         if self.impl == "baseline":
-            return (f"baseline, peak RSS {self.peak_bytes / 1e6:.0f} MB, "
-                    f"subprocess {self.wall_s:.1f} s")
-        return (f"memory run: first call {self.first_s:.2f} s, second {self.second_s:.3g} s, "
-                f"subprocess {self.wall_s:.1f} s")
+            return (
+                f"baseline, peak RSS {self.peak_bytes / 1e6:.0f} MB, subprocess {self.wall_s:.1f} s"
+            )
+        return (
+            f"memory run: first call {self.first_s:.2f} s, second {self.second_s:.3g} s, "
+            f"subprocess {self.wall_s:.1f} s"
+        )
 
 
 def memory_limit_bytes(limit_gb=None):
@@ -1102,8 +1247,15 @@ def memory_subprocess(impl, mode, b, d, kill_above_bytes, timeout_s):
     """Runs one memory case in a fresh Python; returns a MemoryRun (extra_bytes not
     yet set). The child is killed if its RSS passes kill_above_bytes ("OOM") or it
     runs past timeout_s."""
-    command = [sys.executable, str(Path(__file__).resolve()), "--memory-case", impl, mode,
-               str(b), str(d)]
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--memory-case",
+        impl,
+        mode,
+        str(b),
+        str(d),
+    ]
     if os.environ.get(ALLOCATOR_ENV) == "true":  # the parent ran with --bfc-allocator
         command.append("--bfc-allocator")
     killed = None
@@ -1130,14 +1282,20 @@ def memory_subprocess(impl, mode, b, d, kill_above_bytes, timeout_s):
         stdout = out.read().decode(errors="replace")
         stderr = err.read().decode(errors="replace")
     run = MemoryRun(impl, mode, b, d, "ok", wall_s=wall_s)
-    tagged = [line[len(MEMORY_CASE_TAG):] for line in stdout.splitlines()
-              if line.startswith(MEMORY_CASE_TAG)]
+    tagged = [
+        line[len(MEMORY_CASE_TAG) :]
+        for line in stdout.splitlines()
+        if line.startswith(MEMORY_CASE_TAG)
+    ]
     if killed:
         run.status = killed
     elif process.returncode < 0:
         signal_number = -process.returncode
-        run.status = (f"OOM (killed by signal {signal_number})" if signal_number == 9
-                      else f"error: killed by signal {signal_number}")
+        run.status = (
+            f"OOM (killed by signal {signal_number})"
+            if signal_number == 9
+            else f"error: killed by signal {signal_number}"
+        )
     elif process.returncode != 0 or not tagged:
         lines = [line for line in stderr.splitlines() if line.strip()]
         run.status = "error: " + (lines[-1][:200] if lines else f"exit {process.returncode}")
@@ -1157,8 +1315,9 @@ def plain_estimate(runs, mode, b):
     measured and that is less, the line through their extra peaks as a function
     of B^2 (which leaves out the fixed one-time costs); with none,
     PLAIN_BXB_FALLBACK float32 B x B matrices."""
-    smaller = sorted((r for r in runs if r.impl == "plain" and r.mode == mode and r.b < b),
-                     key=lambda r: r.b)
+    smaller = sorted(
+        (r for r in runs if r.impl == "plain" and r.mode == mode and r.b < b), key=lambda r: r.b
+    )
     if not smaller:
         return PLAIN_BXB_FALLBACK * 4.0 * b * b, None
     last = smaller[-1]
@@ -1181,10 +1340,14 @@ def measure_in_batch_memory(settings, limit_bytes, timeout_s):
     tf.function, B=MEMORY_TARGET_B, D=MEMORY_TARGET_D; plain there only through
     the skip rule), each in a fresh subprocess after a baseline subprocess of the
     same (B, D). Returns the MemoryRuns, baselines included."""
-    cases = [(b, IN_BATCH_D, mode, impl) for b in settings.in_batch_sizes
-             for mode, impl in itertools.product(IN_BATCH_MODES, IN_BATCH_IMPLS)]
-    cases += [(MEMORY_TARGET_B, MEMORY_TARGET_D, MEMORY_TARGET_MODE, impl)
-              for impl in IN_BATCH_IMPLS]
+    cases = [
+        (b, IN_BATCH_D, mode, impl)
+        for b in settings.in_batch_sizes
+        for mode, impl in itertools.product(IN_BATCH_MODES, IN_BATCH_IMPLS)
+    ]
+    cases += [
+        (MEMORY_TARGET_B, MEMORY_TARGET_D, MEMORY_TARGET_MODE, impl) for impl in IN_BATCH_IMPLS
+    ]
     runs, baselines = [], {}
     for index, (b, d, mode, impl) in enumerate(cases, 1):
         estimate, skip = math.nan, None
@@ -1208,8 +1371,11 @@ def measure_in_batch_memory(settings, limit_bytes, timeout_s):
                 run.extra_bytes = run.peak_bytes - base.peak_bytes
         runs.append(run)
         extra = f"{run.extra_bytes / 1e6:.0f} MB extra peak; " if run.ok else ""
-        print(f"[{index}/{len(cases)}] in_batch memory {impl} {mode} B={b} D={d}: "
-              f"{extra}{run.note()}", flush=True)
+        print(
+            f"[{index}/{len(cases)}] in_batch memory {impl} {mode} B={b} D={d}: "
+            f"{extra}{run.note()}",
+            flush=True,
+        )
     return runs + list(baselines.values())
 
 
@@ -1254,15 +1420,18 @@ def in_batch_agreement(b):
     for mode in IN_BATCH_MODES:
         try:
             (fused, fused_grad), (plain, plain_grad) = (
-                tf.nest.map_structure(np.asarray,
-                                      make_in_batch_step(impl, mode)(labels, embeddings))
-                for impl in IN_BATCH_IMPLS)
+                tf.nest.map_structure(
+                    np.asarray, make_in_batch_step(impl, mode)(labels, embeddings)
+                )
+                for impl in IN_BATCH_IMPLS
+            )
         except Exception as error:  # reported, not fatal
             results.append((mode, f"error: {error_summary(error)}"))
             continue
         grad_error = np.max(np.abs(fused_grad - plain_grad)) / np.max(np.abs(plain_grad))
-        results.append((mode, abs(float(fused) - float(plain)) / abs(float(plain)),
-                        float(grad_error)))
+        results.append(
+            (mode, abs(float(fused) - float(plain)) / abs(float(plain)), float(grad_error))
+        )
     return results
 
 
@@ -1277,11 +1446,16 @@ def measure_fit_step(settings):
     calls, keys, errors = [], [], {}
     for impl in IN_BATCH_IMPLS:
         keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((FIT_INPUT_D,)),
-                                  keras.layers.Dense(FIT_HIDDEN, activation="relu"),
-                                  keras.layers.Dense(IN_BATCH_D)])
-        model.compile(optimizer=keras.optimizers.Adam(1e-3), loss=IN_BATCH_LOSSES[impl](),
-                      jit_compile=True)
+        model = keras.Sequential(
+            [
+                keras.Input((FIT_INPUT_D,)),
+                keras.layers.Dense(FIT_HIDDEN, activation="relu"),
+                keras.layers.Dense(IN_BATCH_D),
+            ]
+        )
+        model.compile(
+            optimizer=keras.optimizers.Adam(1e-3), loss=IN_BATCH_LOSSES[impl](), jit_compile=True
+        )
         call = lambda model=model: model.train_on_batch(x, y)  # noqa: E731  (NumPy: synchronous)
         try:
             call()  # traces and compiles
@@ -1290,8 +1464,11 @@ def measure_fit_step(settings):
             continue
         calls.append(call)
         keys.append(impl)
-    seconds = (time_interleaved(calls, settings.in_batch_repeats[FIT_B],
-                                settings.in_batch_min_sample_s) if calls else [])
+    seconds = (
+        time_interleaved(calls, settings.in_batch_repeats[FIT_B], settings.in_batch_min_sample_s)
+        if calls
+        else []
+    )
     return dict(zip(keys, seconds)), errors
 
 
@@ -1312,8 +1489,9 @@ def in_batch_rows(times, skipped, runs, fit_s, fit_errors):
     and the two fit-step times."""
     memory = {(r.impl, r.mode, r.b, r.d): r for r in runs}
     rows = []
-    shapes = sorted({(r.b, r.d) for r in runs if r.impl != "baseline"},
-                    key=lambda s: (s[1] != IN_BATCH_D, s[0]))
+    shapes = sorted(
+        {(r.b, r.d) for r in runs if r.impl != "baseline"}, key=lambda s: (s[1] != IN_BATCH_D, s[0])
+    )
     for (b, d), mode, impl in itertools.product(shapes, IN_BATCH_MODES, IN_BATCH_IMPLS):
         run = memory.get((impl, mode, b, d))
         if run is None:
@@ -1327,14 +1505,40 @@ def in_batch_rows(times, skipped, runs, fit_s, fit_errors):
                 notes.insert(0, f"time: the memory run's second call ({why})")
             elif why:
                 notes.append(f"not timed: {why}")
-        rows.append(Row(impl, mode, IN_BATCH_WORKLOAD, DEFAULT_REDUCTION, b, seconds * 1e3,
-                        "", "", "in_batch", d,
-                        round(run.extra_bytes / 1e6, 1) if run.ok else "", "; ".join(notes)))
+        rows.append(
+            Row(
+                impl,
+                mode,
+                IN_BATCH_WORKLOAD,
+                DEFAULT_REDUCTION,
+                b,
+                seconds * 1e3,
+                "",
+                "",
+                "in_batch",
+                d,
+                round(run.extra_bytes / 1e6, 1) if run.ok else "",
+                "; ".join(notes),
+            )
+        )
     for impl in IN_BATCH_IMPLS:
         note = f"Dense {FIT_INPUT_D}-{FIT_HIDDEN} relu-{IN_BATCH_D}, Adam"
-        rows.append(Row(impl, FIT_MODE, "fit step", DEFAULT_REDUCTION, FIT_B,
-                        fit_s.get(impl, math.nan) * 1e3, "", "", "in_batch", IN_BATCH_D, "",
-                        "; ".join([note] + ([fit_errors[impl]] if impl in fit_errors else []))))
+        rows.append(
+            Row(
+                impl,
+                FIT_MODE,
+                "fit step",
+                DEFAULT_REDUCTION,
+                FIT_B,
+                fit_s.get(impl, math.nan) * 1e3,
+                "",
+                "",
+                "in_batch",
+                IN_BATCH_D,
+                "",
+                "; ".join([note] + ([fit_errors[impl]] if impl in fit_errors else [])),
+            )
+        )
     return rows
 
 
@@ -1345,27 +1549,47 @@ def run_in_batch(settings, limit_bytes, timeout_s):
     agreement_b = min(settings.in_batch_sizes, key=lambda b: abs(b - 1024))
     agreement = in_batch_agreement(agreement_b)
     for mode, *errors in agreement:
-        print(f"in_batch agreement B={agreement_b} {mode}: fused vs plain "
-              + (f"loss {errors[0]:.2e}, gradient {errors[1]:.2e}" if len(errors) == 2
-                 else errors[0]), flush=True)
+        print(
+            f"in_batch agreement B={agreement_b} {mode}: fused vs plain "
+            + (
+                f"loss {errors[0]:.2e}, gradient {errors[1]:.2e}" if len(errors) == 2 else errors[0]
+            ),
+            flush=True,
+        )
     times, skipped = {}, {}
     for index, b in enumerate(settings.in_batch_sizes, 1):
         measured, not_timed = measure_in_batch_times(b, runs, settings)
         times.update({(impl, mode, b): s for (impl, mode), s in measured.items()})
         skipped.update({(impl, mode, b): why for (impl, mode), why in not_timed.items()})
         for mode in IN_BATCH_MODES:
-            ms = {impl: (f"{format_number(measured[(impl, mode)] * 1e3)} ms"
-                         if (impl, mode) in measured else not_timed.get((impl, mode), "n/a"))
-                  for impl in IN_BATCH_IMPLS}
+            ms = {
+                impl: (
+                    f"{format_number(measured[(impl, mode)] * 1e3)} ms"
+                    if (impl, mode) in measured
+                    else not_timed.get((impl, mode), "n/a")
+                )
+                for impl in IN_BATCH_IMPLS
+            }
             fused, plain = (measured.get((impl, mode), math.nan) for impl in IN_BATCH_IMPLS)
-            print(f"[{index}/{len(settings.in_batch_sizes)}] in_batch {mode} {IN_BATCH_WORKLOAD} "
-                  f"B={b} D={IN_BATCH_D}: fused {ms['fused']}, plain {ms['plain']}, "
-                  f"speedup {format_ratio(plain / fused)}", flush=True)
+            print(
+                f"[{index}/{len(settings.in_batch_sizes)}] in_batch {mode} {IN_BATCH_WORKLOAD} "
+                f"B={b} D={IN_BATCH_D}: fused {ms['fused']}, plain {ms['plain']}, "
+                f"speedup {format_ratio(plain / fused)}",
+                flush=True,
+            )
     fit_s, fit_errors = measure_fit_step(settings)
     print(f"in_batch fit step B={FIT_B}: " + ", ".join(fit_text(fit_s, fit_errors)), flush=True)
     rows = in_batch_rows(times, skipped, runs, fit_s, fit_errors)
-    result = InBatchResult(rows, runs, fit_s, fit_errors, agreement, agreement_b, limit_bytes,
-                           time.perf_counter() - started)
+    result = InBatchResult(
+        rows,
+        runs,
+        fit_s,
+        fit_errors,
+        agreement,
+        agreement_b,
+        limit_bytes,
+        time.perf_counter() - started,
+    )
     print("\n".join(in_batch_target_lines(result)), flush=True)
     print(f"in_batch section: {result.runtime_s:.0f} s", flush=True)
     return result
@@ -1373,8 +1597,15 @@ def run_in_batch(settings, limit_bytes, timeout_s):
 
 def fit_text(fit_s, fit_errors):
     """["fused X ms/step", "plain Y ms/step", "plain/fused: Zx"], errors in place of times."""
-    parts = [f"{impl} " + (f"{format_number(fit_s[impl] * 1e3)} ms/step" if impl in fit_s
-                           else fit_errors.get(impl, "n/a")) for impl in IN_BATCH_IMPLS]
+    parts = [
+        f"{impl} "
+        + (
+            f"{format_number(fit_s[impl] * 1e3)} ms/step"
+            if impl in fit_s
+            else fit_errors.get(impl, "n/a")
+        )
+        for impl in IN_BATCH_IMPLS
+    ]
     ratio = fit_s.get("plain", math.nan) / fit_s.get("fused", math.nan)
     return parts + [f"plain/fused {format_ratio(ratio)}"]
 
@@ -1391,29 +1622,47 @@ def in_batch_target_lines(result):
     find = {(r.impl, r.mode, r.n, r.d): r for r in result.rows if r.workload == IN_BATCH_WORKLOAD}
     lines = []
     for mode, target in IN_BATCH_TARGETS.items():
-        fused, plain = (find.get((impl, mode, IN_BATCH_TARGET_B, IN_BATCH_D))
-                        for impl in IN_BATCH_IMPLS)
+        fused, plain = (
+            find.get((impl, mode, IN_BATCH_TARGET_B, IN_BATCH_D)) for impl in IN_BATCH_IMPLS
+        )
         label = f"- B={IN_BATCH_TARGET_B}, {'XLA' if MODES[mode] else mode}: fused vs plain"
         if fused is None or plain is None or math.isnan(fused.median_ms / plain.median_ms):
-            why = "; ".join(f"{row.impl}: {row.note[:200]}" for row in (fused, plain)
-                            if row is not None and math.isnan(row.median_ms))
-            lines.append(f"{label}: not measured{f' ({why})' if why else ''}; "
-                         f"target >= {target}x: MISSED")
+            why = "; ".join(
+                f"{row.impl}: {row.note[:200]}"
+                for row in (fused, plain)
+                if row is not None and math.isnan(row.median_ms)
+            )
+            lines.append(
+                f"{label}: not measured{f' ({why})' if why else ''}; target >= {target}x: MISSED"
+            )
             continue
         ratio = plain.median_ms / fused.median_ms
-        lines.append(f"{label} {ratio:.2f}x ({format_number(fused.median_ms)} ms vs "
-                     f"{format_number(plain.median_ms)} ms); target >= {target}x: "
-                     f"{met(ratio >= target)}")
-    target = next((r for r in result.runs if (r.impl, r.mode, r.b, r.d) == (
-        "fused", MEMORY_TARGET_MODE, MEMORY_TARGET_B, MEMORY_TARGET_D)), None)
-    label = (f"- B={MEMORY_TARGET_B}, D={MEMORY_TARGET_D}, fused {MEMORY_TARGET_MODE} "
-             f"{IN_BATCH_WORKLOAD}: extra peak")
+        lines.append(
+            f"{label} {ratio:.2f}x ({format_number(fused.median_ms)} ms vs "
+            f"{format_number(plain.median_ms)} ms); target >= {target}x: "
+            f"{met(ratio >= target)}"
+        )
+    target = next(
+        (
+            r
+            for r in result.runs
+            if (r.impl, r.mode, r.b, r.d)
+            == ("fused", MEMORY_TARGET_MODE, MEMORY_TARGET_B, MEMORY_TARGET_D)
+        ),
+        None,
+    )
+    label = (
+        f"- B={MEMORY_TARGET_B}, D={MEMORY_TARGET_D}, fused {MEMORY_TARGET_MODE} "
+        f"{IN_BATCH_WORKLOAD}: extra peak"
+    )
     limit = f"target < {MEMORY_TARGET_BYTES / 1e9:g} GB"
     if target is None or not target.ok:
         lines.append(f"{label}: {target.status if target else 'not measured'}; {limit}: MISSED")
     else:
-        lines.append(f"{label} {target.extra_bytes / 1e6:.0f} MB; {limit}: "
-                     f"{met(target.extra_bytes < MEMORY_TARGET_BYTES)}")
+        lines.append(
+            f"{label} {target.extra_bytes / 1e6:.0f} MB; {limit}: "
+            f"{met(target.extra_bytes < MEMORY_TARGET_BYTES)}"
+        )
     return lines
 
 
@@ -1468,26 +1717,43 @@ def in_batch_markdown(result, settings):
             return "error (see memory runs)" if run.status.startswith("error") else run.status
 
         ratio = (plain.median_ms / fused.median_ms) if fused and plain else math.nan
-        lines.append(f"| {b} | {'XLA' if MODES[mode] else mode} | {ms(fused)} | {ms(plain)} "
-                     f"| {format_ratio(ratio)} | {peak('fused', fused)} | {peak('plain', plain)} |")
-    target_runs = [memory.get((impl, MEMORY_TARGET_MODE, MEMORY_TARGET_B, MEMORY_TARGET_D))
-                   for impl in IN_BATCH_IMPLS]
-    lines.append(f"| {MEMORY_TARGET_B} (D={MEMORY_TARGET_D}) | {MEMORY_TARGET_MODE} "
-                 "| — | — | — | "
-                 + " | ".join("—" if run is None else f"{run.extra_bytes / 1e6:.0f}" if run.ok
-                              else run.status for run in target_runs) + " |")
+        lines.append(
+            f"| {b} | {'XLA' if MODES[mode] else mode} | {ms(fused)} | {ms(plain)} "
+            f"| {format_ratio(ratio)} | {peak('fused', fused)} | {peak('plain', plain)} |"
+        )
+    target_runs = [
+        memory.get((impl, MEMORY_TARGET_MODE, MEMORY_TARGET_B, MEMORY_TARGET_D))
+        for impl in IN_BATCH_IMPLS
+    ]
+    lines.append(
+        f"| {MEMORY_TARGET_B} (D={MEMORY_TARGET_D}) | {MEMORY_TARGET_MODE} "
+        "| — | — | — | "
+        + " | ".join(
+            "—" if run is None else f"{run.extra_bytes / 1e6:.0f}" if run.ok else run.status
+            for run in target_runs
+        )
+        + " |"
+    )
     lines += [
         "",
         f"- Keras train step (`model.train_on_batch`, `jit_compile=True`, Adam; Dense "
         f"{FIT_INPUT_D} → {FIT_HIDDEN} relu → {IN_BATCH_D}; B={FIT_B}, "
         f"{in_batch_classes(FIT_B)} classes; fused = `InBatchContrastiveLoss()`, plain = the "
         "plain loss class; the two models' steps take turns): "
-        + ", ".join(fit_text(result.fit_s, result.fit_errors)) + ".",
+        + ", ".join(fit_text(result.fit_s, result.fit_errors))
+        + ".",
         f"- Agreement at B={result.agreement_b} (fused vs plain in the same mode): "
-        + "; ".join(f"{'XLA' if MODES[mode] else mode}: " + (
-            f"loss relative difference {errors[0]:.1e}, gradient max difference / max "
-            f"|gradient| {errors[1]:.1e}" if len(errors) == 2 else errors[0])
-            for mode, *errors in result.agreement) + ".",
+        + "; ".join(
+            f"{'XLA' if MODES[mode] else mode}: "
+            + (
+                f"loss relative difference {errors[0]:.1e}, gradient max difference / max "
+                f"|gradient| {errors[1]:.1e}"
+                if len(errors) == 2
+                else errors[0]
+            )
+            for mode, *errors in result.agreement
+        )
+        + ".",
         "",
         "### Memory runs (each in a fresh subprocess; times include the first call's tracing "
         "and compilation)",
@@ -1496,15 +1762,21 @@ def in_batch_markdown(result, settings):
         "| status |",
         "|---:|---:|---|---|---:|---:|---:|---:|---|",
     ]
-    for run in sorted(result.runs, key=lambda r: (r.d != IN_BATCH_D, r.b, r.impl != "baseline",
-                                                   r.mode, r.impl)):
+    for run in sorted(
+        result.runs, key=lambda r: (r.d != IN_BATCH_D, r.b, r.impl != "baseline", r.mode, r.impl)
+    ):
         number = lambda x, f: "—" if math.isnan(x) else format(x, f)  # noqa: E731
-        status = (f"baseline: peak RSS {run.peak_bytes / 1e6:.0f} MB"
-                  if run.impl == "baseline" and run.ok else run.status)
-        lines.append(f"| {run.b} | {run.d} | {run.impl} | {run.mode or '—'} "
-                     f"| {number(run.extra_bytes / 1e6, '.0f')} | {number(run.first_s, '.2f')} "
-                     f"| {number(run.second_s, '.3g')} | {number(run.wall_s, '.1f')} "
-                     f"| {status} |")
+        status = (
+            f"baseline: peak RSS {run.peak_bytes / 1e6:.0f} MB"
+            if run.impl == "baseline" and run.ok
+            else run.status
+        )
+        lines.append(
+            f"| {run.b} | {run.d} | {run.impl} | {run.mode or '—'} "
+            f"| {number(run.extra_bytes / 1e6, '.0f')} | {number(run.first_s, '.2f')} "
+            f"| {number(run.second_s, '.3g')} | {number(run.wall_s, '.1f')} "
+            f"| {status} |"
+        )
     lines += ["", "### Targets (speedup = plain ms / fused ms, same mode)", ""]
     lines += in_batch_target_lines(result)
     return lines
@@ -1512,57 +1784,111 @@ def in_batch_markdown(result, settings):
 
 def plot_in_batch(result, path):
     fig, (ax_time, ax_memory) = plt.subplots(1, 2, figsize=(13, 5.5))
-    find = {(r.impl, r.mode, r.n): r for r in result.rows
-            if r.workload == IN_BATCH_WORKLOAD and r.d == IN_BATCH_D}
+    find = {
+        (r.impl, r.mode, r.n): r
+        for r in result.rows
+        if r.workload == IN_BATCH_WORKLOAD and r.d == IN_BATCH_D
+    }
     memory = [r for r in result.runs if r.impl != "baseline" and r.d == IN_BATCH_D]
     styles = {"fused": ("-", "o"), "plain": ("--", "s")}
     for impl, (color, mode) in itertools.product(IN_BATCH_IMPLS, enumerate(IN_BATCH_MODES)):
         linestyle, marker = styles[impl]
         label = f"{impl}, {'XLA' if MODES[mode] else mode}"
-        timed = sorted((b, row.median_ms) for (i, m, b), row in find.items()
-                       if (i, m) == (impl, mode) and not math.isnan(row.median_ms))
+        timed = sorted(
+            (b, row.median_ms)
+            for (i, m, b), row in find.items()
+            if (i, m) == (impl, mode) and not math.isnan(row.median_ms)
+        )
         if timed:
-            ax_time.plot(*zip(*timed), linestyle=linestyle, marker=marker, color=f"C{color}",
-                         label=label)
-        single = [(b, ms) for b, ms in timed
-                  if find[(impl, mode, b)].note.startswith("time: the memory run")]
+            ax_time.plot(
+                *zip(*timed), linestyle=linestyle, marker=marker, color=f"C{color}", label=label
+            )
+        single = [
+            (b, ms)
+            for b, ms in timed
+            if find[(impl, mode, b)].note.startswith("time: the memory run")
+        ]
         if single:
-            ax_time.plot(*zip(*single), linestyle="none", marker=marker, markersize=11,
-                         markerfacecolor="none", color=f"C{color}",
-                         label=f"{label}: one call (memory run)")
-        peaks = sorted((r.b, r.extra_bytes / 1e6) for r in memory
-                       if (r.impl, r.mode) == (impl, mode) and r.ok)
+            ax_time.plot(
+                *zip(*single),
+                linestyle="none",
+                marker=marker,
+                markersize=11,
+                markerfacecolor="none",
+                color=f"C{color}",
+                label=f"{label}: one call (memory run)",
+            )
+        peaks = sorted(
+            (r.b, r.extra_bytes / 1e6) for r in memory if (r.impl, r.mode) == (impl, mode) and r.ok
+        )
         if peaks:
-            ax_memory.plot(*zip(*peaks), linestyle=linestyle, marker=marker, color=f"C{color}",
-                           label=label)
-        missing = sorted((r.b, r.estimate_bytes / 1e6) for r in memory
-                         if (r.impl, r.mode) == (impl, mode)
-                         and r.status.startswith(("OOM", "skipped"))
-                         and not math.isnan(r.estimate_bytes))
+            ax_memory.plot(
+                *zip(*peaks), linestyle=linestyle, marker=marker, color=f"C{color}", label=label
+            )
+        missing = sorted(
+            (r.b, r.estimate_bytes / 1e6)
+            for r in memory
+            if (r.impl, r.mode) == (impl, mode)
+            and r.status.startswith(("OOM", "skipped"))
+            and not math.isnan(r.estimate_bytes)
+        )
         if missing:
-            ax_memory.plot(*zip(*missing), linestyle="none", marker="x", markersize=10,
-                           color=f"C{color}", label=f"{label}: not run / OOM (estimate)")
-    target = [r for r in result.runs if (r.impl, r.b, r.d) == (
-        "fused", MEMORY_TARGET_B, MEMORY_TARGET_D) and r.ok]
+            ax_memory.plot(
+                *zip(*missing),
+                linestyle="none",
+                marker="x",
+                markersize=10,
+                color=f"C{color}",
+                label=f"{label}: not run / OOM (estimate)",
+            )
+    target = [
+        r
+        for r in result.runs
+        if (r.impl, r.b, r.d) == ("fused", MEMORY_TARGET_B, MEMORY_TARGET_D) and r.ok
+    ]
     if target:
-        ax_memory.plot([MEMORY_TARGET_B], [target[0].extra_bytes / 1e6], linestyle="none",
-                       marker="*", markersize=13, color="black",
-                       label=f"fused, {MEMORY_TARGET_MODE}, D={MEMORY_TARGET_D}")
-    ax_memory.axhline(result.limit_bytes / 1e6, linestyle=":", color="gray",
-                      label="memory limit of this run")
-    ax_memory.axhline(MEMORY_TARGET_BYTES / 1e6, linestyle="-.", color="gray", alpha=0.6,
-                      label=f"target at B={MEMORY_TARGET_B}")
-    ax_time.set(xscale="log", yscale="log", xlabel="B", ylabel="median time per call (ms)",
-                title=f"time, fwd+bwd, D={IN_BATCH_D}")
-    ax_memory.set(xscale="log", yscale="log", xlabel="B", ylabel="extra peak RSS (MB)",
-                  title=f"peak memory over a baseline process, D={IN_BATCH_D}")
+        ax_memory.plot(
+            [MEMORY_TARGET_B],
+            [target[0].extra_bytes / 1e6],
+            linestyle="none",
+            marker="*",
+            markersize=13,
+            color="black",
+            label=f"fused, {MEMORY_TARGET_MODE}, D={MEMORY_TARGET_D}",
+        )
+    ax_memory.axhline(
+        result.limit_bytes / 1e6, linestyle=":", color="gray", label="memory limit of this run"
+    )
+    ax_memory.axhline(
+        MEMORY_TARGET_BYTES / 1e6,
+        linestyle="-.",
+        color="gray",
+        alpha=0.6,
+        label=f"target at B={MEMORY_TARGET_B}",
+    )
+    ax_time.set(
+        xscale="log",
+        yscale="log",
+        xlabel="B",
+        ylabel="median time per call (ms)",
+        title=f"time, fwd+bwd, D={IN_BATCH_D}",
+    )
+    ax_memory.set(
+        xscale="log",
+        yscale="log",
+        xlabel="B",
+        ylabel="extra peak RSS (MB)",
+        title=f"peak memory over a baseline process, D={IN_BATCH_D}",
+    )
     for ax in (ax_time, ax_memory):
         ax.set_xscale("log", base=2)
         ax.grid(True, which="major", alpha=0.4)
         ax.grid(True, which="minor", alpha=0.1)
         ax.legend(fontsize=8)
-    fig.suptitle(f"In-batch all-pairs contrastive loss, {IN_BATCH_DISTANCE}, float32: fused vs "
-                 "plain TF (lower is better)")
+    fig.suptitle(
+        f"In-batch all-pairs contrastive loss, {IN_BATCH_DISTANCE}, float32: fused vs "
+        "plain TF (lower is better)"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
@@ -1580,18 +1906,24 @@ def run_distances(settings):
         for mode, workload, reduction in configs:
             fused, reference = measure(n, tensors, mode, workload, reduction, settings)
             rows += [fused, reference]
-            print(f"[{len(rows) // 2}/{total}] {mode} {workload} {reduction} N={format_n(n)} "
-                  f"fused {format_number(fused.median_ms)} ms "
-                  f"reference {format_number(reference.median_ms)} ms "
-                  f"{speedup(fused, reference)} "
-                  f"(fused {format_number(fused.gbps)} GB/s, "
-                  f"{memcpy_percent(fused)} of memcpy)", flush=True)
+            print(
+                f"[{len(rows) // 2}/{total}] {mode} {workload} {reduction} N={format_n(n)} "
+                f"fused {format_number(fused.median_ms)} ms "
+                f"reference {format_number(reference.median_ms)} ms "
+                f"{speedup(fused, reference)} "
+                f"(fused {format_number(fused.gbps)} GB/s, "
+                f"{memcpy_percent(fused)} of memcpy)",
+                flush=True,
+            )
         copy_buffers.cache_clear()
     print("\n".join(target_lines(rows, floors)), flush=True)
     accuracy_result = accuracy(settings.ns[-1])
     for impl, mode, value, error in accuracy_result[1]:
-        print(f"accuracy N={format_n(settings.ns[-1])} {impl} {mode}: {value:.9g}, "
-              f"relative error {error:.2e}", flush=True)
+        print(
+            f"accuracy N={format_n(settings.ns[-1])} {impl} {mode}: {value:.9g}, "
+            f"relative error {error:.2e}",
+            flush=True,
+        )
     return rows, floors, accuracy_result
 
 
@@ -1610,49 +1942,79 @@ def run_embeddings(settings):
             for mode in MODES:
                 done += 1
                 get = {r.impl: r for r in measured if r.mode == mode}
-                times = ", ".join(f"{impl} {format_number(get[impl].median_ms)} ms"
-                                  for impl in embedding_impls(workload))
-                print(f"[{done}/{total}] embeddings {mode} {workload} B={format_count(b)} D={d}: "
-                      f"{times}; fused {speedup(get['fused'], get['composite'])} "
-                      f"(fused {format_number(get['fused'].gbps)} GB/s, "
-                      f"{memcpy_percent(get['fused'])} of memcpy)", flush=True)
+                times = ", ".join(
+                    f"{impl} {format_number(get[impl].median_ms)} ms"
+                    for impl in embedding_impls(workload)
+                )
+                print(
+                    f"[{done}/{total}] embeddings {mode} {workload} B={format_count(b)} D={d}: "
+                    f"{times}; fused {speedup(get['fused'], get['composite'])} "
+                    f"(fused {format_number(get['fused'].gbps)} GB/s, "
+                    f"{memcpy_percent(get['fused'])} of memcpy)",
+                    flush=True,
+                )
         del tensors
     embedding_accuracy_result = embedding_accuracy(TARGET_B, TARGET_D)
     for impl, mode, value, loss_error, grad_error in embedding_accuracy_result[1]:
-        print(f"accuracy embeddings B={TARGET_B} D={TARGET_D} {impl} {mode}: {value:.9g}, "
-              f"relative error {loss_error:.2e}, gradients {grad_error:.2e}", flush=True)
-    print("\n".join(embedding_target_lines(embedding_rows, embedding_accuracy_result)),
-          flush=True)
+        print(
+            f"accuracy embeddings B={TARGET_B} D={TARGET_D} {impl} {mode}: {value:.9g}, "
+            f"relative error {loss_error:.2e}, gradients {grad_error:.2e}",
+            flush=True,
+        )
+    print("\n".join(embedding_target_lines(embedding_rows, embedding_accuracy_result)), flush=True)
     return embedding_rows, embedding_accuracy_result
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="fewer sizes and repeats (a few minutes for all sections)")
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results",
-                        help="output directory (default: benchmarks/results)")
-    parser.add_argument("--bfc-allocator", action="store_true",
-                        help=f"set {ALLOCATOR_ENV}=true (see Allocator in the docstring)")
-    parser.add_argument("--section", action="append", choices=SECTIONS + ("all",),
-                        help="run only this section (repeatable; default: all); output files "
-                        "of a partial run are named after its sections (see Output)")
-    parser.add_argument("--memory-limit-gb", type=float, default=None,
-                        help="in_batch: the most extra memory one memory run may take (default: "
-                        "60%% of MemTotal or 80%% of MemAvailable, whichever is less)")
-    parser.add_argument("--memory-case", nargs=4, metavar=("IMPL", "MODE", "B", "D"),
-                        help=argparse.SUPPRESS)  # internal: one in_batch memory run
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="fewer sizes and repeats (a few minutes for all sections)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).parent / "results",
+        help="output directory (default: benchmarks/results)",
+    )
+    parser.add_argument(
+        "--bfc-allocator",
+        action="store_true",
+        help=f"set {ALLOCATOR_ENV}=true (see Allocator in the docstring)",
+    )
+    parser.add_argument(
+        "--section",
+        action="append",
+        choices=SECTIONS + ("all",),
+        help="run only this section (repeatable; default: all); output files "
+        "of a partial run are named after its sections (see Output)",
+    )
+    parser.add_argument(
+        "--memory-limit-gb",
+        type=float,
+        default=None,
+        help="in_batch: the most extra memory one memory run may take (default: "
+        "60%% of MemTotal or 80%% of MemAvailable, whichever is less)",
+    )
+    parser.add_argument(
+        "--memory-case", nargs=4, metavar=("IMPL", "MODE", "B", "D"), help=argparse.SUPPRESS
+    )  # internal: one in_batch memory run
     args = parser.parse_args()
     if args.memory_case:
         impl, mode, b, d = args.memory_case
         run_memory_case(impl, mode, int(b), int(d))
         return
-    sections = [s for s in SECTIONS if not args.section or s in args.section
-                or "all" in args.section]
+    sections = [
+        s for s in SECTIONS if not args.section or s in args.section or "all" in args.section
+    ]
     settings = Settings.for_run(args.quick)
     if fused_contrastive.using_reference():
-        print("WARNING: fused_contrastive is using its pure-TF fallback; 'fused' is not the op",
-              file=sys.stderr, flush=True)
+        print(
+            "WARNING: fused_contrastive is using its pure-TF fallback; 'fused' is not the op",
+            file=sys.stderr,
+            flush=True,
+        )
 
     header = machine_description()
     started = time.perf_counter()
@@ -1666,8 +2028,7 @@ def main():
         embedding_rows, embedding_accuracy_result = run_embeddings(settings)
         csv_rows += embedding_rows
         markdown_lines += embedding_markdown(embedding_rows, embedding_accuracy_result, settings)
-        plots.append(("results_embeddings.png",
-                      functools.partial(plot_embeddings, embedding_rows)))
+        plots.append(("results_embeddings.png", functools.partial(plot_embeddings, embedding_rows)))
     if "in_batch" in sections:
         limit_bytes = memory_limit_bytes(args.memory_limit_gb)
         in_batch = run_in_batch(settings, limit_bytes, timeout_s=120 if args.quick else 600)
@@ -1680,12 +2041,21 @@ def main():
     stem = "results" if sections == list(SECTIONS) else "results_" + "_".join(sections)
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(csv_rows, args.out / f"{stem}.csv")
-    write_markdown(header, runtime_s, args.out / f"{stem}.md", markdown_lines,
-                   settings if "distances" in sections else None)
+    write_markdown(
+        header,
+        runtime_s,
+        args.out / f"{stem}.md",
+        markdown_lines,
+        settings if "distances" in sections else None,
+    )
     for name, draw in plots:
         draw(args.out / name)
-    print(f"{runtime_s:.0f} s; wrote {stem}.csv, {stem}.md, "
-          + ", ".join(name for name, _ in plots) + f" to {args.out}", flush=True)
+    print(
+        f"{runtime_s:.0f} s; wrote {stem}.csv, {stem}.md, "
+        + ", ".join(name for name, _ in plots)
+        + f" to {args.out}",
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

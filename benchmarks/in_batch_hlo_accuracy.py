@@ -47,12 +47,14 @@ def loss_and_grad(labels, e, distance, weighting, jit):
         args = (scalar(MARGIN), scalar(POSITIVE_MARGIN))
         loss = OPS.fused_contrastive_in_batch_contrastive_loss(labels, e, *args, **attrs)
         grad = OPS.fused_contrastive_in_batch_contrastive_loss_grad(
-            labels, e, tf.ones_like(loss), *args, **attrs)
+            labels, e, tf.ones_like(loss), *args, **attrs
+        )
         return loss, grad
 
     with tf.device("/CPU:0"):
-        out = tf.function(f, jit_compile=jit)(tf.constant(labels, tf.int64),
-                                              tf.constant(e, tf.float32))
+        out = tf.function(f, jit_compile=jit)(
+            tf.constant(labels, tf.int64), tf.constant(e, tf.float32)
+        )
     return [x.numpy().astype(np.float64) for x in out]
 
 
@@ -68,14 +70,17 @@ def accuracy():
             labels, e = far_batch(rng, norm, clusters)
             for distance in ("euclidean", "cosine"):
                 for weighting in ("uniform", "balanced"):
-                    want = numpy_in_batch(labels, e, MARGIN, POSITIVE_MARGIN, distance,
-                                          weighting)
-                    errors = [relative_error(g, w) for jit in (False, True)
-                              for g, w in zip(loss_and_grad(labels, e, distance, weighting, jit),
-                                              want)]
-                    print(f"{'clusters' if clusters else 'offset':8s} {norm:4d}  {distance:9s}  "
-                          "{:9s}  {:.1e} / {:.1e}    {:.1e} / {:.1e}".format(weighting, *errors),
-                          flush=True)
+                    want = numpy_in_batch(labels, e, MARGIN, POSITIVE_MARGIN, distance, weighting)
+                    errors = [
+                        relative_error(g, w)
+                        for jit in (False, True)
+                        for g, w in zip(loss_and_grad(labels, e, distance, weighting, jit), want)
+                    ]
+                    print(
+                        f"{'clusters' if clusters else 'offset':8s} {norm:4d}  {distance:9s}  "
+                        "{:9s}  {:.1e} / {:.1e}    {:.1e} / {:.1e}".format(weighting, *errors),
+                        flush=True,
+                    )
 
 
 def timing(repeats):
@@ -86,14 +91,25 @@ def timing(repeats):
     duplicated = e.copy()
     duplicated[1::1024] = duplicated[::1024]
     scalar = lambda x: tf.constant(x, tf.float64)  # noqa: E731
-    for name, distance, x in (("euclidean", "euclidean", e),
-                              ("euclidean, a duplicate per block", "euclidean", duplicated),
-                              ("cosine", "cosine", e)):
+    for name, distance, x in (
+        ("euclidean", "euclidean", e),
+        ("euclidean, a duplicate per block", "euclidean", duplicated),
+        ("cosine", "cosine", e),
+    ):
+
         @tf.function(jit_compile=True)
         def step(labels, x, distance=distance):
             out = OPS.fused_contrastive_in_batch_contrastive_loss_reduced(
-                labels, x, tf.constant(1.0), scalar(1.0), scalar(0.0), scalar(1.0),
-                reduction="mean", distance=distance, pair_weighting="uniform")
+                labels,
+                x,
+                tf.constant(1.0),
+                scalar(1.0),
+                scalar(0.0),
+                scalar(1.0),
+                reduction="mean",
+                distance=distance,
+                pair_weighting="uniform",
+            )
             return out[0], out[1]
 
         x = tf.constant(x, tf.float32)
@@ -111,7 +127,10 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=9)
     options = parser.parse_args()
-    print("HLO lowering" if os.environ.get("FUSED_CONTRASTIVE_XLA_CPU_HLO") == "1"
-          else "CPU custom call (set FUSED_CONTRASTIVE_XLA_CPU_HLO=1 for the HLO)")
+    print(
+        "HLO lowering"
+        if os.environ.get("FUSED_CONTRASTIVE_XLA_CPU_HLO") == "1"
+        else "CPU custom call (set FUSED_CONTRASTIVE_XLA_CPU_HLO=1 for the HLO)"
+    )
     accuracy()
     timing(options.repeats)

@@ -82,8 +82,9 @@ def embeddings(rng, shape, dtype, special=True):
 def bits(t):
     """Raw bits, so NaN == NaN and -0 != +0 in comparisons."""
     a = t.numpy() if hasattr(t, "numpy") else np.asarray(t)
-    return a.view(np.uint16 if a.dtype.itemsize == 2 else np.uint32 if a.dtype.itemsize == 4
-                  else np.uint64)
+    return a.view(
+        np.uint16 if a.dtype.itemsize == 2 else np.uint32 if a.dtype.itemsize == 4 else np.uint64
+    )
 
 
 def numpy_contrastive_loss(y, d, margin=1.0, similar_label=1):
@@ -139,14 +140,24 @@ def pair_data(rng, n=256, features=6):
 
 def distance_model(features=6):
     """A small Keras model whose [B, 1] output is a non-negative distance."""
-    return keras.Sequential([keras.Input((features,)), keras.layers.Dense(8, activation="relu"),
-                             keras.layers.Dense(1, activation="softplus")])
+    return keras.Sequential(
+        [
+            keras.Input((features,)),
+            keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(1, activation="softplus"),
+        ]
+    )
 
 
 def run_python(code, timeout=600, **env):
     """Runs `code` in a fresh Python process with extra environment variables."""
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                          text=True, env={**os.environ, **env}, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **env},
+        timeout=timeout,
+    )
 
 
 # Read by the op library when it loads (cc/tf/xla/host_calls.cc): "1" makes XLA's
@@ -162,9 +173,23 @@ def run_tests_under_hlo(test_file, tmp_path, keyword=None):
     ran and all passed."""
     select = ["-k", keyword] if keyword else []
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test_file), *select,
-         "-o", f"cache_dir={tmp_path}"],
-        capture_output=True, text=True, env={**os.environ, HLO_ON_CPU_ENV: "1"}, timeout=1200)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(test_file),
+            *select,
+            "-o",
+            f"cache_dir={tmp_path}",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, HLO_ON_CPU_ENV: "1"},
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert re.search(r"\d+ passed", result.stdout), result.stdout[-2000:]
 
@@ -183,7 +208,8 @@ def load_tfa_h5_in_fresh_process(keras_module, package_first=False, **env):
     Checks the model against TF Addons' numbers and returns what the process saw."""
     record = json.loads(TFA_RECORD.read_text())
     assert record["saved_loss_config"]["class_name"] == "Addons>ContrastiveLoss"
-    result = run_python(f"""
+    result = run_python(
+        f"""
         import json
         import numpy as np
         {"import fused_contrastive" if package_first else ""}
@@ -214,46 +240,76 @@ def load_tfa_h5_in_fresh_process(keras_module, package_first=False, **env):
                                        batch_size=16, verbose=0),
             "evaluate_flat_labels": model.evaluate(x, y, batch_size=16, verbose=0),
         }}))
-    """, **env)
+    """,
+        **env,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
-    measured = json.loads(line[len("RESULT "):])
+    measured = json.loads(line[len("RESULT ") :])
     if not package_first:
         assert measured["failure_without_package"] is not None, "loaded without the package"
         assert "contrastive" in measured["failure_without_package"].lower(), measured
     assert measured["config"]["margin"] == record["margin"] == 0.75
     assert measured["config"]["similar_label"] == 1
     np.testing.assert_allclose(measured["predictions"], record["predictions"], rtol=1e-6)
-    np.testing.assert_allclose(measured["per_sample"], record["tfa_per_sample_loss"], rtol=1e-6,
-                               atol=1e-9)
+    np.testing.assert_allclose(
+        measured["per_sample"], record["tfa_per_sample_loss"], rtol=1e-6, atol=1e-9
+    )
     assert record["evaluate_label_shape"] == [16, 1]
     np.testing.assert_allclose(measured["evaluate"], record["tfa_evaluate_loss"], rtol=1e-6)
     # [B] labels give the same number: no [B, B] broadcast against [B, 1] outputs.
-    np.testing.assert_allclose(measured["evaluate_flat_labels"], record["tfa_evaluate_loss"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        measured["evaluate_flat_labels"], record["tfa_evaluate_loss"], rtol=1e-6
+    )
     return measured
 
 
 # What another build of the op library (CPU-only CMake, Bazel) must pass: the
 # compiled ops, their Python glue and gradients, and TF Addons' numbers.
-CORE_TESTS = ["distances/test_distances_op_library.py", "tf/test_library.py",
-              "distances/test_losses.py::TestTfaCases"]
+CORE_TESTS = [
+    "distances/test_distances_op_library.py",
+    "tf/test_library.py",
+    "distances/test_losses.py::TestTfaCases",
+]
 
 
 def run_core_tests_against(library, tmp_path):
     """Runs the core tests in a fresh pytest process that loads `library`."""
     env = {**os.environ, _ops.LIBRARY_ENV: str(library)}
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-         "--rootdir", str(tmp_path), *(str(TESTS / test) for test in CORE_TESTS)],
-        capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            *(str(TESTS / test) for test in CORE_TESTS),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=900,
+        cwd=tmp_path,
+    )
 
 
 def run_doctests(module):
     """doctest.testmod of `module` under NumPy's default print options:
     (its TestResults, the failure report doctest printed)."""
     report = io.StringIO()
-    with np.printoptions(legacy=False, precision=8, linewidth=75, floatmode="maxprec",
-                         suppress=False, threshold=1000), contextlib.redirect_stdout(report):
+    with (
+        np.printoptions(
+            legacy=False,
+            precision=8,
+            linewidth=75,
+            floatmode="maxprec",
+            suppress=False,
+            threshold=1000,
+        ),
+        contextlib.redirect_stdout(report),
+    ):
         results = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     return results, report.getvalue()

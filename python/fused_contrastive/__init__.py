@@ -17,25 +17,35 @@ import os
 import sys
 
 from fused_contrastive._ops import USE_REFERENCE_ENV, build_info, using_reference
-from fused_contrastive.losses import (contrastive_loss, contrastive_loss_from_embeddings,
-                                      in_batch_contrastive_loss)
-from fused_contrastive.reference import (contrastive_loss_from_embeddings_reference,
-                                         contrastive_loss_reference,
-                                         in_batch_contrastive_loss_reference)
+from fused_contrastive.losses import (
+    contrastive_loss,
+    contrastive_loss_from_embeddings,
+    in_batch_contrastive_loss,
+)
+from fused_contrastive.reference import (
+    contrastive_loss_from_embeddings_reference,
+    contrastive_loss_reference,
+    in_batch_contrastive_loss_reference,
+)
 
 # The test TensorFlow itself applies to decide what tf.keras is.
 if os.environ.get("TF_USE_LEGACY_KERAS", None) in ("true", "True", "1"):
     try:
-        from fused_contrastive.keras2 import (ContrastiveLoss, InBatchContrastiveLoss,
-                                             PairAccuracy, PairDistance)
+        from fused_contrastive.keras2 import (
+            ContrastiveLoss,
+            InBatchContrastiveLoss,
+            PairAccuracy,
+            PairDistance,
+        )
     except ModuleNotFoundError as error:
         if error.name != "tf_keras":
             raise
         raise ImportError(
             "TF_USE_LEGACY_KERAS is set, so fused_contrastive.ContrastiveLoss is the Keras 2 "
             "class, which needs tf_keras: pip install tf-keras (the package's [keras2] extra, "
-            "pip install \"fused-contrastive[keras2]\" where it comes from an index), or unset "
-            "TF_USE_LEGACY_KERAS to use Keras 3") from error
+            'pip install "fused-contrastive[keras2]" where it comes from an index), or unset '
+            "TF_USE_LEGACY_KERAS to use Keras 3"
+        ) from error
 else:
     from fused_contrastive.losses import ContrastiveLoss, InBatchContrastiveLoss
     from fused_contrastive.pairs import PairAccuracy, PairDistance
@@ -50,6 +60,7 @@ else:
                 return None
             import importlib.util  # the module's own names are deleted below
             import sys
+
             sys.meta_path.remove(self)
             spec = importlib.util.find_spec(name)
             if spec is not None and spec.loader is not None:

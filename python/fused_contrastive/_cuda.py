@@ -16,8 +16,12 @@ from pathlib import Path
 # The CUDA 13 toolchain on PyPI: nvcc (with cudafe++, fatbinary, nvlink,
 # ptxas), cicc, the crt headers and the runtime, all under nvidia/cu13/.
 # (PyPI's CUDA 12 nvcc package has ptxas only, no nvcc.)
-PYPI_CUDA_TOOLCHAIN = ("nvidia-cuda-nvcc>=13,<14", "nvidia-nvvm>=13,<14",
-                       "nvidia-cuda-crt>=13,<14", "nvidia-cuda-runtime>=13,<14")
+PYPI_CUDA_TOOLCHAIN = (
+    "nvidia-cuda-nvcc>=13,<14",
+    "nvidia-nvvm>=13,<14",
+    "nvidia-cuda-crt>=13,<14",
+    "nvidia-cuda-runtime>=13,<14",
+)
 PYPI_NVCC = Path("nvidia", "cu13", "bin", "nvcc")
 
 # NVIDIA's minimum Linux driver for code built by each CUDA major version
@@ -32,8 +36,7 @@ UNKNOWN_SOURCE = "<the fused-contrastive source directory>"
 
 def system_nvcc():
     """The nvcc CMake would find ($CUDACXX, PATH, /usr/local/cuda), if it runs."""
-    for candidate in (os.environ.get("CUDACXX"), shutil.which("nvcc"),
-                      "/usr/local/cuda/bin/nvcc"):
+    for candidate in (os.environ.get("CUDACXX"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
         if not candidate:
             continue
         try:
@@ -54,8 +57,19 @@ def pypi_nvcc(directory):
     target = Path(directory).resolve() / "pypi-cuda"
     nvcc = target / PYPI_NVCC
     if not nvcc.exists():
-        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--target",
-                        str(target), *PYPI_CUDA_TOOLCHAIN], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--no-deps",
+                "--target",
+                str(target),
+                *PYPI_CUDA_TOOLCHAIN,
+            ],
+            check=True,
+        )
     return nvcc
 
 
@@ -108,7 +122,7 @@ def installed_driver():
 
 
 def kernel_module_version(text):
-    """"580.65.06" from /proc/driver/nvidia/version ("... Kernel Module  580.65.06 ..."
+    """ "580.65.06" from /proc/driver/nvidia/version ("... Kernel Module  580.65.06 ..."
     or, for the open modules, "... Open Kernel Module for x86_64  580.65.06 ..."), or None."""
     match = re.search(r"Kernel Module\s+(?:for \S+\s+)?(\d+(?:\.\d+)+)", text)
     return match.group(1) if match else None
@@ -131,4 +145,5 @@ def driver_too_old_message(info, driver):
         f"has NVIDIA driver {module or '(version unknown)'}, which supports CUDA {supported}. "
         f"Update the driver, or rebuild with a CUDA toolkit it supports "
         f"(CUDACXX=/path/to/cuda-{supported}/bin/nvcc FUSED_CONTRASTIVE_CUDA=on {rebuild}) "
-        f"or with CPU kernels only (FUSED_CONTRASTIVE_CUDA=off {rebuild})")
+        f"or with CPU kernels only (FUSED_CONTRASTIVE_CUDA=off {rebuild})"
+    )

@@ -43,8 +43,9 @@ def validate_similar_label(similar_label):
     """The label value that marks a similar pair: 1 (TF Addons) or 0 (the Hadsell
     paper, keras.io's Siamese example)."""
     if isinstance(similar_label, bool) or not isinstance(similar_label, numbers.Integral):
-        raise TypeError(f"similar_label must be 0 or 1, got {similar_label!r} "
-                        f"({type(similar_label).__name__})")
+        raise TypeError(
+            f"similar_label must be 0 or 1, got {similar_label!r} ({type(similar_label).__name__})"
+        )
     if similar_label not in (0, 1):
         raise ValueError(f"similar_label must be 0 or 1, got {similar_label}")
     return int(similar_label)
@@ -68,16 +69,19 @@ def reject_ragged(*values):
         raise TypeError(
             "contrastive loss: ragged y_true/y_pred are not supported. Flatten both first, "
             "e.g. contrastive_loss(y_true.flat_values, y_pred.flat_values) and "
-            "y_pred.with_flat_values(...) to restore the rows, or use .to_tensor()")
+            "y_pred.with_flat_values(...) to restore the rows, or use .to_tensor()"
+        )
 
 
 def number_margin(margin, owner, what="margin"):
     """validate_margin for a margin that must be a number (it is saved in a config)."""
     margin = named_margin(margin, what)
     if tf.is_tensor(margin):
-        raise TypeError(f"{owner} needs a number {what} (it is saved in its config); pass "
-                        "tensor margins to the loss functions (fused_contrastive."
-                        "contrastive_loss, in_batch_contrastive_loss)")
+        raise TypeError(
+            f"{owner} needs a number {what} (it is saved in its config); pass "
+            "tensor margins to the loss functions (fused_contrastive."
+            "contrastive_loss, in_batch_contrastive_loss)"
+        )
     return margin
 
 
@@ -99,7 +103,7 @@ def _unit_axis_changed(x, drop, add):
     shapes, which XLA evaluates at compile time; not tf.cond around tf.squeeze,
     whose untaken branch XLA compiles too and fails to when the axis is not 1."""
     kept = tf.rank(x) - tf.cast(drop, tf.int32)
-    unit = tf.constant([1])[:tf.cast(add, tf.int32)]
+    unit = tf.constant([1])[: tf.cast(add, tf.int32)]
     return tf.reshape(x, tf.concat([tf.shape(x)[:kept], unit], 0))
 
 
@@ -108,15 +112,15 @@ def squeeze_extra_unit_axis(x, other_rank):
     tensor) and that axis is 1, decided at run time (ranks unknown when traced)."""
     if x.shape.rank is not None and (x.shape.rank == 0 or x.shape[-1] not in (1, None)):
         return x  # it has no unit axis to lose
-    extra = tf.logical_and(tf.equal(tf.rank(x), other_rank + 1),
-                           tf.equal(_last_extent(x), 1))
+    extra = tf.logical_and(tf.equal(tf.rank(x), other_rank + 1), tf.equal(_last_extent(x), 1))
     return _unit_axis_changed(x, extra, False)
 
 
 def _check_dtype(x, dtypes, what):
     if x.dtype not in dtypes:
-        raise TypeError(f"contrastive loss: {what} must have dtype {dtype_names(dtypes)}; "
-                        f"got {x.dtype.name}")
+        raise TypeError(
+            f"contrastive loss: {what} must have dtype {dtype_names(dtypes)}; got {x.dtype.name}"
+        )
 
 
 def _shape_error(message):
@@ -143,11 +147,15 @@ def prepare_inputs(y_true, y_pred):
         elif true_rank == pred_rank + 1 and y_true.shape[-1] == 1:
             y_true = _squeeze_last(y_true)
     else:
-        y_pred, y_true = (squeeze_extra_unit_axis(y_pred, tf.rank(y_true)),
-                          squeeze_extra_unit_axis(y_true, tf.rank(y_pred)))
+        y_pred, y_true = (
+            squeeze_extra_unit_axis(y_pred, tf.rank(y_true)),
+            squeeze_extra_unit_axis(y_true, tf.rank(y_pred)),
+        )
     if not y_true.shape.is_compatible_with(y_pred.shape):
-        raise _shape_error("labels and distances must have the same shape, got labels "
-                           f"{y_true.shape} and distances {y_pred.shape}")
+        raise _shape_error(
+            "labels and distances must have the same shape, got labels "
+            f"{y_true.shape} and distances {y_pred.shape}"
+        )
     return y_true, y_pred
 
 
@@ -164,14 +172,22 @@ def prepare_embedding_inputs(y_true, embeddings_a, embeddings_b):
     b = tf.convert_to_tensor(embeddings_b)
     _check_dtype(b, DISTANCE_DTYPES, "embeddings_b")
     if a.dtype != b.dtype:
-        raise TypeError("contrastive loss: embeddings_a and embeddings_b must have the same dtype; "
-                        f"got {a.dtype.name} and {b.dtype.name}")
+        raise TypeError(
+            "contrastive loss: embeddings_a and embeddings_b must have the same dtype; "
+            f"got {a.dtype.name} and {b.dtype.name}"
+        )
     y_true = tf.convert_to_tensor(y_true)
     _check_dtype(y_true, LABEL_DTYPES, "y_true (labels)")
-    if (a.shape.rank == 0 or b.shape.rank == 0 or not a.shape.is_compatible_with(b.shape)
-            or 0 in (a.shape[-1:] + b.shape[-1:] if a.shape.rank and b.shape.rank else ())):
-        raise _shape_error("embeddings_a and embeddings_b must have the same shape [..., D] "
-                           f"with D >= 1; got {a.shape} and {b.shape}")
+    if (
+        a.shape.rank == 0
+        or b.shape.rank == 0
+        or not a.shape.is_compatible_with(b.shape)
+        or 0 in (a.shape[-1:] + b.shape[-1:] if a.shape.rank and b.shape.rank else ())
+    ):
+        raise _shape_error(
+            "embeddings_a and embeddings_b must have the same shape [..., D] "
+            f"with D >= 1; got {a.shape} and {b.shape}"
+        )
     rows = a.shape.merge_with(b.shape)[:-1] if a.shape.rank is not None else tf.TensorShape(None)
     return _align_row_labels(y_true, rows, lambda: tf.shape(a)[:-1]), a, b
 
@@ -189,23 +205,30 @@ def _align_row_labels(y_true, rows, rows_shape):
     else:
         rows_shape = rows_shape()
         rows_rank, labels_rank = tf.size(rows_shape), tf.rank(y_true)
-        drop = tf.logical_and(tf.equal(labels_rank, rows_rank + 1),
-                              tf.equal(_last_extent(y_true), 1))
-        add = tf.logical_and(tf.equal(rows_rank, labels_rank + 1),
-                             tf.equal(_last_of(rows_shape), 1))
+        drop = tf.logical_and(
+            tf.equal(labels_rank, rows_rank + 1), tf.equal(_last_extent(y_true), 1)
+        )
+        add = tf.logical_and(
+            tf.equal(rows_rank, labels_rank + 1), tf.equal(_last_of(rows_shape), 1)
+        )
         y_true = _unit_axis_changed(y_true, drop, add)
     if not y_true.shape.is_compatible_with(rows):
-        raise _shape_error("labels must have the shape of the embeddings without their last "
-                           f"axis, {rows}; got {y_true.shape}")
+        raise _shape_error(
+            "labels must have the shape of the embeddings without their last "
+            f"axis, {rows}; got {y_true.shape}"
+        )
     return y_true
 
 
 def _check_pairs_shape(y_pred):
-    if y_pred.shape.rank is not None and (y_pred.shape.rank < 2 or y_pred.shape[-2] != 2
-                                          or y_pred.shape[-1] == 0):
-        raise _shape_error("with a distance, y_pred holds the two embeddings of each pair "
-                           "stacked on axis -2, shape [..., 2, D] (e.g. keras.ops.stack([a, b], "
-                           f"axis=1)); got {y_pred.shape}")
+    if y_pred.shape.rank is not None and (
+        y_pred.shape.rank < 2 or y_pred.shape[-2] != 2 or y_pred.shape[-1] == 0
+    ):
+        raise _shape_error(
+            "with a distance, y_pred holds the two embeddings of each pair "
+            "stacked on axis -2, shape [..., 2, D] (e.g. keras.ops.stack([a, b], "
+            f"axis=1)); got {y_pred.shape}"
+        )
 
 
 def prepare_pair_inputs(y_true, pairs):
@@ -273,8 +296,13 @@ def stacked_operands(pairs):
     a, b, axis = concat.inputs
     axis = tf.get_static_value(axis)
     depth = pairs.shape[-1]
-    if (axis not in (rank - 2, -1) or a.shape.rank != rank - 1 or depth is None
-            or a.shape[-1] != depth or b.shape[-1] != depth):
+    if (
+        axis not in (rank - 2, -1)
+        or a.shape.rank != rank - 1
+        or depth is None
+        or a.shape[-1] != depth
+        or b.shape[-1] != depth
+    ):
         return None
     # The reshape may regroup the rows ([4, 3, 2·D] to [3, 4, 2, D]). It keeps
     # them where the row axes agree but for one, whose sizes then agree too
@@ -287,9 +315,12 @@ def stacked_operands(pairs):
 def validate_in_batch_options(margin, positive_margin, distance, pair_weighting):
     """(margin, positive_margin, distance, pair_weighting) of the in-batch loss,
     checked."""
-    return (validate_margin(margin), named_margin(positive_margin, "positive_margin"),
-            validate_choice(distance, IN_BATCH_DISTANCES, "distance"),
-            validate_choice(pair_weighting, PAIR_WEIGHTINGS, "pair_weighting"))
+    return (
+        validate_margin(margin),
+        named_margin(positive_margin, "positive_margin"),
+        validate_choice(distance, IN_BATCH_DISTANCES, "distance"),
+        validate_choice(pair_weighting, PAIR_WEIGHTINGS, "pair_weighting"),
+    )
 
 
 def named_margin(value, what):
@@ -317,19 +348,27 @@ def prepare_in_batch_inputs(labels, embeddings):
     reject_ragged(labels, embeddings)
     embeddings = tf.convert_to_tensor(embeddings)
     if embeddings.dtype not in DISTANCE_DTYPES:
-        raise TypeError("in-batch contrastive loss: embeddings must be "
-                        f"{dtype_names(DISTANCE_DTYPES)}; got {embeddings.dtype.name}")
+        raise TypeError(
+            "in-batch contrastive loss: embeddings must be "
+            f"{dtype_names(DISTANCE_DTYPES)}; got {embeddings.dtype.name}"
+        )
     if embeddings.shape.rank != 2:
-        raise ValueError("in-batch contrastive loss: embeddings must have rank 2, [B, D]; got "
-                         f"shape {embeddings.shape}")
+        raise ValueError(
+            "in-batch contrastive loss: embeddings must have rank 2, [B, D]; got "
+            f"shape {embeddings.shape}"
+        )
     labels = tf.convert_to_tensor(labels)
     if labels.dtype not in CLASS_LABEL_DTYPES:
-        raise TypeError("in-batch contrastive loss: labels must be class ids "
-                        f"({dtype_names(CLASS_LABEL_DTYPES)}); got "
-                        f"{labels.dtype.name}")
+        raise TypeError(
+            "in-batch contrastive loss: labels must be class ids "
+            f"({dtype_names(CLASS_LABEL_DTYPES)}); got "
+            f"{labels.dtype.name}"
+        )
     if labels.shape.rank == 2 and labels.shape[-1] == 1:
         labels = tf.squeeze(labels, -1)
     if labels.shape.rank != 1 or not labels.shape.is_compatible_with(embeddings.shape[:1]):
-        raise ValueError("in-batch contrastive loss: labels must have shape [B] or [B, 1] for "
-                         f"embeddings [B, D] = {embeddings.shape}; got {labels.shape}")
+        raise ValueError(
+            "in-batch contrastive loss: labels must have shape [B] or [B, 1] for "
+            f"embeddings [B, D] = {embeddings.shape}; got {labels.shape}"
+        )
     return labels, embeddings

@@ -51,7 +51,8 @@ def check_tensorflow_version(built, installed, source_dir):
         raise ImportError(
             f"fused_contrastive was built against TensorFlow {built}, but TensorFlow "
             f"{installed} is installed. Rebuild it with: {_cuda.rebuild_command(source_dir)}  "
-            f"(or set {USE_REFERENCE_ENV}=1 to use the slower pure-TensorFlow implementation)")
+            f"(or set {USE_REFERENCE_ENV}=1 to use the slower pure-TensorFlow implementation)"
+        )
 
 
 def _env_flag(name):
@@ -63,7 +64,9 @@ def _load():
         warnings.warn(
             f"{USE_REFERENCE_ENV} is set: fused_contrastive uses its pure-TensorFlow "
             "implementation instead of the compiled op (same results, slower).",
-            RuntimeWarning, stacklevel=3)
+            RuntimeWarning,
+            stacklevel=3,
+        )
         return None
     path = _library_path()
     info = _read_build_info()
@@ -71,15 +74,19 @@ def _load():
         raise ImportError(
             f"fused_contrastive's compiled op library or its _build_info.json is missing: {path}. "
             "Install the package with 'pip install .' from its source tree (or set "
-            f"{USE_REFERENCE_ENV}=1 to use the pure-TensorFlow implementation)")
+            f"{USE_REFERENCE_ENV}=1 to use the pure-TensorFlow implementation)"
+        )
     check_tensorflow_version(info["tensorflow_version"], tf.__version__, info["source_dir"])
     # Before loading: loading registers the CUDA kernels' fatbinary with the
     # driver. A CPU-only build needs no driver, so none is looked up.
-    too_old = (_cuda.required_driver(info)
-               and _cuda.driver_too_old_message(info, _cuda.installed_driver()))
+    too_old = _cuda.required_driver(info) and _cuda.driver_too_old_message(
+        info, _cuda.installed_driver()
+    )
     if too_old:
-        raise ImportError(f"{too_old}; or set {USE_REFERENCE_ENV}=1 to use the slower "
-                          "pure-TensorFlow implementation")
+        raise ImportError(
+            f"{too_old}; or set {USE_REFERENCE_ENV}=1 to use the slower "
+            "pure-TensorFlow implementation"
+        )
     return tf.load_op_library(str(path))
 
 
@@ -100,14 +107,14 @@ def gpu_without_cuda_message(info, gpus):
         "FUSED_CONTRASTIVE_CUDA=off), so its losses run on the CPU and copy their inputs from "
         "the GPU every step. Rebuild with CUDA kernels (without a CUDA toolkit, the build "
         "fetches the CUDA 13 compiler from PyPI into its temporary directory): "
-        f"FUSED_CONTRASTIVE_CUDA=on {_cuda.rebuild_command(source)}")
+        f"FUSED_CONTRASTIVE_CUDA=on {_cuda.rebuild_command(source)}"
+    )
 
 
 def _warn_if_gpu_without_cuda():
     if using_reference():
         return
-    message = gpu_without_cuda_message(_read_build_info(),
-                                       tf.config.list_physical_devices("GPU"))
+    message = gpu_without_cuda_message(_read_build_info(), tf.config.list_physical_devices("GPU"))
     if message:
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
@@ -128,11 +135,12 @@ def build_info():
     info = dict(_read_build_info() or {})
     needed = _cuda.required_driver(info)
     info["cuda_driver_required"] = (
-        f"CUDA {_cuda.api_version_name(needed[0])} (Linux driver >= {needed[1]})"
-        if needed else "")
+        f"CUDA {_cuda.api_version_name(needed[0])} (Linux driver >= {needed[1]})" if needed else ""
+    )
     driver = _cuda.installed_driver()
     info["cuda_driver_found"] = (
-        f"{driver[1] or 'unknown'} (CUDA {_cuda.api_version_name(driver[0])})" if driver else "")
+        f"{driver[1] or 'unknown'} (CUDA {_cuda.api_version_name(driver[0])})" if driver else ""
+    )
     info["library"] = None if using_reference() else str(_library_path())
     info["using_reference"] = using_reference()
     return info
@@ -160,12 +168,14 @@ def scalar(value, dtype=tf.float64):
 
 def loss_and_grad(labels, distances, margin, similar_label=1):
     """Runs the fused op on prepared inputs: (per-sample loss, d(loss)/d(distance))."""
-    return _library.fused_contrastive_contrastive_loss(labels, distances, scalar(margin),
-                                                       similar_label=similar_label)
+    return _library.fused_contrastive_contrastive_loss(
+        labels, distances, scalar(margin), similar_label=similar_label
+    )
 
 
-def reduced_loss_outputs(labels, distances, sample_weight, margin, reduction, loss_scale,
-                         similar_label=1):
+def reduced_loss_outputs(
+    labels, distances, sample_weight, margin, reduction, loss_scale, similar_label=1
+):
     """Runs the fused-reduction op on prepared inputs: (reduced loss, its gradient
     with respect to the distances, reduction_scale).
 
@@ -173,8 +183,14 @@ def reduced_loss_outputs(labels, distances, sample_weight, margin, reduction, lo
     tensor of the distances' shape and dtype; loss_scale multiplies the result.
     """
     return _library.fused_contrastive_contrastive_loss_reduced(
-        labels, distances, sample_weight, scalar(margin), scalar(loss_scale),
-        reduction=reduction, similar_label=similar_label)
+        labels,
+        distances,
+        sample_weight,
+        scalar(margin),
+        scalar(loss_scale),
+        reduction=reduction,
+        similar_label=similar_label,
+    )
 
 
 def reduced_loss(*args, **kwargs):
@@ -191,8 +207,13 @@ def embedding_loss(labels, embeddings_a, embeddings_b, margin, distance, similar
     """Runs the embedding op on prepared inputs: the per-pair loss (its gradient
     reuses the row coefficients the op writes beside it)."""
     return _library.fused_contrastive_embedding_contrastive_loss(
-        labels, embeddings_a, embeddings_b, scalar(margin), distance=distance,
-        similar_label=similar_label)[0]
+        labels,
+        embeddings_a,
+        embeddings_b,
+        scalar(margin),
+        distance=distance,
+        similar_label=similar_label,
+    )[0]
 
 
 def _reference_embedding_gradients(loss_fn, tensors, upstream):
@@ -217,8 +238,17 @@ def _constant_scale(scale, dtype):
     return tf.cast(tf.stop_gradient(scale), dtype)
 
 
-def reduced_embedding_loss(labels, embeddings_a, embeddings_b, sample_weight, margin,
-                           reduction, loss_scale, distance, similar_label=1):
+def reduced_embedding_loss(
+    labels,
+    embeddings_a,
+    embeddings_b,
+    sample_weight,
+    margin,
+    reduction,
+    loss_scale,
+    distance,
+    similar_label=1,
+):
     """The reduced loss from the embedding op with the Keras reduction fused in.
 
     The op writes the fully scaled gradients of both embeddings in the same
@@ -232,13 +262,22 @@ def reduced_embedding_loss(labels, embeddings_a, embeddings_b, sample_weight, ma
     # otherwise hand the backward pass zero tensors as large as the embeddings.
     @tf.custom_gradient
     def fused(a, b):
-        loss, grad_a, grad_b, scale = op(labels, a, b, sample_weight, scalar(margin),
-                                         scalar(loss_scale), distance=distance,
-                                         reduction=reduction, similar_label=similar_label)
+        loss, grad_a, grad_b, scale = op(
+            labels,
+            a,
+            b,
+            sample_weight,
+            scalar(margin),
+            scalar(loss_scale),
+            distance=distance,
+            reduction=reduction,
+            similar_label=similar_label,
+        )
 
         def reference_loss(a, b):
-            losses = reference.reference_embedding_loss(labels, a, b, margin, distance,
-                                                        similar_label)
+            losses = reference.reference_embedding_loss(
+                labels, a, b, margin, distance, similar_label
+            )
             return tf.reduce_sum(losses * sample_weight) * _constant_scale(scale, losses.dtype)
 
         def backward(upstream):
@@ -251,8 +290,9 @@ def reduced_embedding_loss(labels, embeddings_a, embeddings_b, sample_weight, ma
     return fused(embeddings_a, embeddings_b)
 
 
-def reduced_pair_loss(labels, pairs, sample_weight, margin, reduction, loss_scale, distance,
-                      similar_label=1):
+def reduced_pair_loss(
+    labels, pairs, sample_weight, margin, reduction, loss_scale, distance, similar_label=1
+):
     """reduced_embedding_loss on the stacked pairs [..., 2, D] a Keras model
     outputs. Where the graph shows the pair's two halves (stacked_operands),
     the two-tensor op reads them; otherwise the pair op reads the pairs, and
@@ -260,20 +300,28 @@ def reduced_pair_loss(labels, pairs, sample_weight, margin, reduction, loss_scal
     gradients after it)."""
     operands = stacked_operands(pairs)
     if operands is not None:
-        return reduced_embedding_loss(labels, *operands, sample_weight, margin, reduction,
-                                      loss_scale, distance, similar_label)
+        return reduced_embedding_loss(
+            labels, *operands, sample_weight, margin, reduction, loss_scale, distance, similar_label
+        )
     op = _library.fused_contrastive_embedding_pair_contrastive_loss_reduced
 
     @tf.custom_gradient
     def fused(pairs):
-        loss, grad, scale = op(labels, pairs, sample_weight, scalar(margin), scalar(loss_scale),
-                               distance=distance, reduction=reduction,
-                               similar_label=similar_label)
+        loss, grad, scale = op(
+            labels,
+            pairs,
+            sample_weight,
+            scalar(margin),
+            scalar(loss_scale),
+            distance=distance,
+            reduction=reduction,
+            similar_label=similar_label,
+        )
 
         def reference_loss(pairs):
-            losses = reference.reference_embedding_loss(labels, pairs[..., 0, :],
-                                                        pairs[..., 1, :], margin, distance,
-                                                        similar_label)
+            losses = reference.reference_embedding_loss(
+                labels, pairs[..., 0, :], pairs[..., 1, :], margin, distance, similar_label
+            )
             return tf.reduce_sum(losses * sample_weight) * _constant_scale(scale, losses.dtype)
 
         def backward(upstream):
@@ -318,7 +366,8 @@ def _contrastive_loss_grad(op, grad_loss, grad_dloss):
     grad = grad_loss * op.outputs[1]
     if not _is_known_zero(grad_dloss):
         grad += grad_dloss * reference.reference_second_derivative(
-            labels, distances, margin, op.get_attr("similar_label"))
+            labels, distances, margin, op.get_attr("similar_label")
+        )
     # Labels and margin get no gradient (as documented in README).
     return [None, grad, None]
 
@@ -332,8 +381,13 @@ def _reduced_loss_grad(op, grad_loss, grad_dloss, _):
     if not _is_known_zero(grad_dloss):
         # dloss_ddistances = w * reduction_scale * dloss/dd: its derivative.
         scale = weights * tf.cast(op.outputs[2], weights.dtype)
-        grad += grad_dloss * scale * reference.reference_second_derivative(
-            labels, distances, margin, op.get_attr("similar_label"))
+        grad += (
+            grad_dloss
+            * scale
+            * reference.reference_second_derivative(
+                labels, distances, margin, op.get_attr("similar_label")
+            )
+        )
     # Labels, sample weights, margin and loss scale get no gradient.
     return [None, grad, None, None, None]
 
@@ -342,8 +396,7 @@ def _reduced_loss_grad(op, grad_loss, grad_dloss, _):
 def _scale_gradient_grad(op, upstream):
     # Reached only by higher-order differentiation through the reduced op.
     gradient, scale = op.inputs
-    return [scale_gradient(upstream, scale),
-            tf.reduce_sum(upstream * gradient)]
+    return [scale_gradient(upstream, scale), tf.reduce_sum(upstream * gradient)]
 
 
 @tf.RegisterGradient(EMBEDDING_OP_NAME)
@@ -355,11 +408,15 @@ def _embedding_loss_grad(op, grad_loss, _):
     if record.could_possibly_record():
         grad_a, grad_b = _reference_embedding_gradients(
             lambda a, b: reference.reference_embedding_loss(
-                labels, a, b, margin, distance, op.get_attr("similar_label")),
-            [a, b], grad_loss)
+                labels, a, b, margin, distance, op.get_attr("similar_label")
+            ),
+            [a, b],
+            grad_loss,
+        )
     else:
         grad_a, grad_b = _library.fused_contrastive_embedding_contrastive_loss_grad(
-            a, b, op.outputs[1], grad_loss, distance=distance)
+            a, b, op.outputs[1], grad_loss, distance=distance
+        )
     # Labels and margin get no gradient.
     return [None, grad_a, grad_b, None]
 
@@ -371,7 +428,8 @@ def _no_second_order(op, loss, reference_name):
     return NotImplementedError(
         f"{op.name}: tf.gradients cannot differentiate the fused {loss} loss twice; use "
         "tf.GradientTape (nested tapes differentiate it to any order) or "
-        f"fused_contrastive.{reference_name}")
+        f"fused_contrastive.{reference_name}"
+    )
 
 
 @tf.RegisterGradient(EMBEDDING_GRAD_OP_NAME)
@@ -410,18 +468,35 @@ def _in_batch_reference_gradient(labels, embeddings, options, upstream):
     return tape.gradient(loss, embeddings, output_gradients=upstream)
 
 
-def in_batch_loss(labels, embeddings, margin, positive_margin, distance, pair_weighting,
-                  max_block_rows):
+def in_batch_loss(
+    labels, embeddings, margin, positive_margin, distance, pair_weighting, max_block_rows
+):
     """Runs the in-batch op on prepared inputs: the per-anchor loss [B]."""
     ids, e = _in_batch_compute(labels, embeddings)
     loss = _library.fused_contrastive_in_batch_contrastive_loss(
-        ids, e, scalar(margin), scalar(positive_margin), distance=distance,
-        pair_weighting=pair_weighting, max_block_rows=max_block_rows)
+        ids,
+        e,
+        scalar(margin),
+        scalar(positive_margin),
+        distance=distance,
+        pair_weighting=pair_weighting,
+        max_block_rows=max_block_rows,
+    )
     return tf.cast(loss, embeddings.dtype)
 
 
-def reduced_in_batch_loss(labels, embeddings, sample_weight, margin, positive_margin,
-                          distance, pair_weighting, max_block_rows, reduction, loss_scale):
+def reduced_in_batch_loss(
+    labels,
+    embeddings,
+    sample_weight,
+    margin,
+    positive_margin,
+    distance,
+    pair_weighting,
+    max_block_rows,
+    reduction,
+    loss_scale,
+):
     """The reduced in-batch loss, with the Keras reduction fused in: one sweep
     writes the fully scaled gradient (see reduced_embedding_loss). sample_weight:
     a scalar or [B], of the embeddings' dtype."""
@@ -432,15 +507,24 @@ def reduced_in_batch_loss(labels, embeddings, sample_weight, margin, positive_ma
     @tf.custom_gradient
     def fused(e):
         loss, grad, scale = _library.fused_contrastive_in_batch_contrastive_loss_reduced(
-            ids, e, weights, scalar(margin), scalar(positive_margin), scalar(loss_scale),
-            distance=distance, pair_weighting=pair_weighting, max_block_rows=max_block_rows,
-            reduction=reduction)
+            ids,
+            e,
+            weights,
+            scalar(margin),
+            scalar(positive_margin),
+            scalar(loss_scale),
+            distance=distance,
+            pair_weighting=pair_weighting,
+            max_block_rows=max_block_rows,
+            reduction=reduction,
+        )
 
         def backward(upstream):
             if record.could_possibly_record():
                 per_anchor = weights * _constant_scale(scale, e.dtype) * upstream
                 return _in_batch_reference_gradient(
-                    ids, e, options, per_anchor * tf.ones_like(e[:, 0]))
+                    ids, e, options, per_anchor * tf.ones_like(e[:, 0])
+                )
             return scale_gradient(grad, upstream)
 
         return loss, backward
@@ -455,12 +539,21 @@ def _in_batch_loss_grad(op, grad_loss):
     attrs = {name: value.decode() for name, value in attrs.items()}
     if record.could_possibly_record():
         grad = _in_batch_reference_gradient(
-            labels, e, (margin, positive_margin, attrs["distance"], attrs["pair_weighting"]),
-            grad_loss)
+            labels,
+            e,
+            (margin, positive_margin, attrs["distance"], attrs["pair_weighting"]),
+            grad_loss,
+        )
     else:
         grad = _library.fused_contrastive_in_batch_contrastive_loss_grad(
-            labels, e, grad_loss, margin, positive_margin,
-            max_block_rows=op.get_attr("max_block_rows"), **attrs)
+            labels,
+            e,
+            grad_loss,
+            margin,
+            positive_margin,
+            max_block_rows=op.get_attr("max_block_rows"),
+            **attrs,
+        )
     # Labels and margins get no gradient.
     return [None, grad, None, None]
 

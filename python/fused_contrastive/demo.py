@@ -16,8 +16,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from fused_contrastive import (ContrastiveLoss, InBatchContrastiveLoss,
-                               contrastive_loss_from_embeddings)
+from fused_contrastive import (
+    ContrastiveLoss,
+    InBatchContrastiveLoss,
+    contrastive_loss_from_embeddings,
+)
 from fused_contrastive.reference import in_batch_contrastive_loss_reference
 
 MARGIN = 1.0
@@ -49,16 +52,22 @@ def make_pairs(rng, num_pairs, centers, noise):
     def sample(classes):
         return centers[classes] + noise * rng.standard_normal((num_pairs, centers.shape[1]))
 
-    return (sample(first).astype("float32"), sample(second).astype("float32"),
-            similar.astype("float32"))
+    return (
+        sample(first).astype("float32"),
+        sample(second).astype("float32"),
+        similar.astype("float32"),
+    )
 
 
 def make_embedding():
-    return keras.Sequential([
-        keras.Input((INPUT_DIM,)),
-        keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(16),
-    ], name="embedding")
+    return keras.Sequential(
+        [
+            keras.Input((INPUT_DIM,)),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(16),
+        ],
+        name="embedding",
+    )
 
 
 def make_siamese(embedding):
@@ -78,8 +87,10 @@ class EpochLine(keras.callbacks.Callback):
         self.epochs = epochs
 
     def on_epoch_end(self, epoch, logs=None):
-        print(f"epoch {epoch + 1}/{self.epochs}: train loss {logs['loss']:.4f}, "
-              f"val loss {logs['val_loss']:.4f}")
+        print(
+            f"epoch {epoch + 1}/{self.epochs}: train loss {logs['loss']:.4f}, "
+            f"val loss {logs['val_loss']:.4f}"
+        )
 
 
 def train(epochs, seed):
@@ -92,10 +103,20 @@ def train(epochs, seed):
     v1, v2, vy = make_pairs(rng, VAL_PAIRS, centers, scale)
 
     model = make_siamese(make_embedding())
-    model.compile(optimizer="adam", loss=ContrastiveLoss(margin=MARGIN, distance="euclidean"),
-                  jit_compile=False)
-    model.fit([x1, x2], y, validation_data=([v1, v2], vy), epochs=epochs,
-              batch_size=BATCH_SIZE, verbose=0, callbacks=[EpochLine(epochs)])
+    model.compile(
+        optimizer="adam",
+        loss=ContrastiveLoss(margin=MARGIN, distance="euclidean"),
+        jit_compile=False,
+    )
+    model.fit(
+        [x1, x2],
+        y,
+        validation_data=([v1, v2], vy),
+        epochs=epochs,
+        batch_size=BATCH_SIZE,
+        verbose=0,
+        callbacks=[EpochLine(epochs)],
+    )
 
     pairs = model.predict([v1, v2], batch_size=1024, verbose=0)
     distances = np.linalg.norm(pairs[:, 0] - pairs[:, 1], axis=-1)
@@ -118,16 +139,19 @@ def train_in_batch(epochs, seed):
     x, classes = points(IN_BATCH_POINTS)
     vx, vclasses = points(1000)
     embedding = make_embedding()
-    embedding.compile(optimizer="adam", loss=InBatchContrastiveLoss(margin=MARGIN),
-                      jit_compile=True)
+    embedding.compile(
+        optimizer="adam", loss=InBatchContrastiveLoss(margin=MARGIN), jit_compile=True
+    )
     history = embedding.fit(x, classes, epochs=epochs, batch_size=IN_BATCH_SIZE, verbose=0)
     e = embedding.predict(vx, batch_size=1024, verbose=0)
     d = np.linalg.norm(e[:, None] - e[None, :], axis=-1)
     np.fill_diagonal(d, np.inf)
     nearest = vclasses[np.argmin(d, axis=1)]
-    print(f"in-batch training ({epochs} epochs, batch {IN_BATCH_SIZE}, XLA): loss "
-          f"{history.history['loss'][0]:.4f} -> {history.history['loss'][-1]:.4f}; validation "
-          f"nearest-neighbour class accuracy {np.mean(nearest == vclasses):.1%}")
+    print(
+        f"in-batch training ({epochs} epochs, batch {IN_BATCH_SIZE}, XLA): loss "
+        f"{history.history['loss'][0]:.4f} -> {history.history['loss'][-1]:.4f}; validation "
+        f"nearest-neighbour class accuracy {np.mean(nearest == vclasses):.1%}"
+    )
 
 
 def composite_loss(labels, a, b, margin):
@@ -153,10 +177,14 @@ def benchmark(seed):
     rng = np.random.default_rng(seed)
     labels = tf.constant(rng.random(BENCH_PAIRS) < 0.5, tf.float32)
     # Scaled so that distances fall on both sides of the margin.
-    a, b = (tf.constant(rng.standard_normal((BENCH_PAIRS, BENCH_DIM)) / np.sqrt(BENCH_DIM),
-                        tf.float32) for _ in range(2))
-    steps = {"fused": make_loss_step(contrastive_loss_from_embeddings),
-             "plain TF": make_loss_step(composite_loss)}
+    a, b = (
+        tf.constant(rng.standard_normal((BENCH_PAIRS, BENCH_DIM)) / np.sqrt(BENCH_DIM), tf.float32)
+        for _ in range(2)
+    )
+    steps = {
+        "fused": make_loss_step(contrastive_loss_from_embeddings),
+        "plain TF": make_loss_step(composite_loss),
+    }
     times = {name: [] for name in steps}
     for repeat in range(BENCH_WARMUP + BENCH_REPEATS):
         for name, step in steps.items():  # interleaved so drift hits both alike
@@ -167,16 +195,19 @@ def benchmark(seed):
                 times[name].append(elapsed)
     fused, ref = (1e3 * statistics.median(times[name]) for name in steps)
     verdict = f"{ref / fused:.1f}x faster" if fused <= ref else f"{fused / ref:.1f}x slower"
-    print(f"step time: fused {fused:.2f} ms, plain TF {ref:.2f} ms -> {verdict} (loss from "
-          f"embeddings, fwd+bwd, B={BENCH_PAIRS}, D={BENCH_DIM}, median of {BENCH_REPEATS})")
+    print(
+        f"step time: fused {fused:.2f} ms, plain TF {ref:.2f} ms -> {verdict} (loss from "
+        f"embeddings, fwd+bwd, B={BENCH_PAIRS}, D={BENCH_DIM}, median of {BENCH_REPEATS})"
+    )
 
 
 def in_batch_benchmark(seed):
     """The Keras loss class against Keras reducing the plain-TF all-pairs
     formula: forward and backward, tf.function."""
     rng = np.random.default_rng(seed)
-    e = tf.constant(rng.standard_normal((IN_BATCH_BENCH_SIZE, BENCH_DIM)) / np.sqrt(BENCH_DIM),
-                    tf.float32)
+    e = tf.constant(
+        rng.standard_normal((IN_BATCH_BENCH_SIZE, BENCH_DIM)) / np.sqrt(BENCH_DIM), tf.float32
+    )
     labels = tf.constant(rng.integers(0, 64, size=IN_BATCH_BENCH_SIZE))
 
     class PlainInBatch(keras.losses.Loss):
@@ -190,10 +221,13 @@ def in_batch_benchmark(seed):
                 tape.watch(e)
                 loss = loss_object(labels, e)
             return loss, tape.gradient(loss, e)
+
         return step
 
-    steps = {"fused": make_step(InBatchContrastiveLoss(margin=MARGIN)),
-             "plain TF": make_step(PlainInBatch())}
+    steps = {
+        "fused": make_step(InBatchContrastiveLoss(margin=MARGIN)),
+        "plain TF": make_step(PlainInBatch()),
+    }
     times = {name: [] for name in steps}
     for repeat in range(1 + IN_BATCH_BENCH_REPEATS):
         for name, step in steps.items():
@@ -202,17 +236,20 @@ def in_batch_benchmark(seed):
             if repeat:
                 times[name].append(time.perf_counter() - start)
     fused, ref = (1e3 * statistics.median(times[name]) for name in steps)
-    print(f"step time: fused {fused:.1f} ms, plain TF {ref:.1f} ms -> {ref / fused:.1f}x "
-          f"(in-batch all pairs, fwd+bwd, B={IN_BATCH_BENCH_SIZE}, D={BENCH_DIM}, median of "
-          f"{IN_BATCH_BENCH_REPEATS})")
+    print(
+        f"step time: fused {fused:.1f} ms, plain TF {ref:.1f} ms -> {ref / fused:.1f}x "
+        f"(in-batch all pairs, fwd+bwd, B={IN_BATCH_BENCH_SIZE}, D={BENCH_DIM}, median of "
+        f"{IN_BATCH_BENCH_REPEATS})"
+    )
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(
         prog="python -m fused_contrastive.demo",
         description="Train a Siamese network with ContrastiveLoss(distance='euclidean') on "
-                    "synthetic pairs and an embedding network with InBatchContrastiveLoss on "
-                    "class labels, then time the fused losses against plain TensorFlow ops.")
+        "synthetic pairs and an embedding network with InBatchContrastiveLoss on "
+        "class labels, then time the fused losses against plain TensorFlow ops.",
+    )
     parser.add_argument("--epochs", type=int, default=5, help="training epochs (default 5)")
     parser.add_argument("--seed", type=int, default=0, help="seed for data and weights")
     args = parser.parse_args(argv)

@@ -7,10 +7,18 @@ import tensorflow as tf
 import tf_keras
 
 from fused_contrastive._inputs import number_margin, validate_distance, validate_similar_label
-from fused_contrastive.losses import (in_batch_options, per_anchor_loss, per_pair_loss,
-                                      set_in_batch_options)
-from fused_contrastive.pairs import (pair_accuracy, pair_accuracy_options, pair_distance,
-                                     set_pair_accuracy_options)
+from fused_contrastive.losses import (
+    in_batch_options,
+    per_anchor_loss,
+    per_pair_loss,
+    set_in_batch_options,
+)
+from fused_contrastive.pairs import (
+    pair_accuracy,
+    pair_accuracy_options,
+    pair_distance,
+    set_pair_accuracy_options,
+)
 
 
 @tf_keras.utils.register_keras_serializable(package="fused_contrastive")
@@ -27,8 +35,14 @@ class ContrastiveLoss(tf_keras.losses.Loss):
         "manhattan" (`y_pred` are the pairs' embeddings stacked, `[..., 2, D]`).
     """
 
-    def __init__(self, margin=1.0, reduction=tf_keras.losses.Reduction.SUM_OVER_BATCH_SIZE,
-                 name="contrastive_loss", similar_label=1, distance=None):
+    def __init__(
+        self,
+        margin=1.0,
+        reduction=tf_keras.losses.Reduction.SUM_OVER_BATCH_SIZE,
+        name="contrastive_loss",
+        similar_label=1,
+        distance=None,
+    ):
         super().__init__(reduction=reduction, name=name)
         self.margin = number_margin(margin, type(self).__name__)
         self.similar_label = validate_similar_label(similar_label)
@@ -38,8 +52,12 @@ class ContrastiveLoss(tf_keras.losses.Loss):
         return per_pair_loss(y_true, y_pred, self.margin, self.similar_label, self.distance)
 
     def get_config(self):
-        return {**super().get_config(), "margin": self.margin,
-                "similar_label": self.similar_label, "distance": self.distance}
+        return {
+            **super().get_config(),
+            "margin": self.margin,
+            "similar_label": self.similar_label,
+            "distance": self.distance,
+        }
 
 
 @tf_keras.utils.register_keras_serializable(package="fused_contrastive")
@@ -49,13 +67,20 @@ class InBatchContrastiveLoss(tf_keras.losses.Loss):
     [B], `y_pred` embeddings [B, D]). tf_keras reduces the per-anchor losses.
     """
 
-    def __init__(self, margin=1.0, positive_margin=0.0, distance="euclidean",
-                 pair_weighting="uniform",
-                 reduction=tf_keras.losses.Reduction.SUM_OVER_BATCH_SIZE,
-                 name="in_batch_contrastive_loss", max_block_rows=None):
+    def __init__(
+        self,
+        margin=1.0,
+        positive_margin=0.0,
+        distance="euclidean",
+        pair_weighting="uniform",
+        reduction=tf_keras.losses.Reduction.SUM_OVER_BATCH_SIZE,
+        name="in_batch_contrastive_loss",
+        max_block_rows=None,
+    ):
         super().__init__(reduction=reduction, name=name)
-        set_in_batch_options(self, margin, positive_margin, distance, pair_weighting,
-                             max_block_rows)
+        set_in_batch_options(
+            self, margin, positive_margin, distance, pair_weighting, max_block_rows
+        )
 
     def call(self, y_true, y_pred):
         return per_anchor_loss(self, y_true, y_pred)
@@ -88,14 +113,16 @@ class PairAccuracy(tf_keras.metrics.Mean):
     """Pair accuracy at a distance threshold for stacked pairs `[..., 2, D]` as
     a Keras 2 metric; see `fused_contrastive.pairs.PairAccuracy`."""
 
-    def __init__(self, threshold=0.5, distance="euclidean", similar_label=1,
-                 name="pair_accuracy", dtype=None):
+    def __init__(
+        self, threshold=0.5, distance="euclidean", similar_label=1, name="pair_accuracy", dtype=None
+    ):
         super().__init__(name=name, dtype=dtype)
         set_pair_accuracy_options(self, threshold, distance, similar_label)
 
     def update_state(self, y_true, y_pred, sample_weight=None):
         return super().update_state(
-            pair_accuracy(y_true, y_pred, **pair_accuracy_options(self)), sample_weight)
+            pair_accuracy(y_true, y_pred, **pair_accuracy_options(self)), sample_weight
+        )
 
     def get_config(self):
         return {**super().get_config(), **pair_accuracy_options(self)}

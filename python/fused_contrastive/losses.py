@@ -6,15 +6,27 @@ import tensorflow as tf
 from fused_contrastive import _ops
 from tensorflow.python.eager import record
 
-from fused_contrastive._inputs import (number_margin, prepare_embedding_inputs,
-                                       prepare_in_batch_inputs, prepare_inputs,
-                                       prepare_pair_inputs, reject_ragged, split_pairs,
-                                       squeeze_extra_unit_axis, stacked_operands,
-                                       validate_distance,
-                                       validate_in_batch_options, validate_margin,
-                                       validate_max_block_rows, validate_similar_label)
-from fused_contrastive.reference import (reference_embedding_loss, reference_in_batch_loss,
-                                         reference_loss)
+from fused_contrastive._inputs import (
+    number_margin,
+    prepare_embedding_inputs,
+    prepare_in_batch_inputs,
+    prepare_inputs,
+    prepare_pair_inputs,
+    reject_ragged,
+    split_pairs,
+    squeeze_extra_unit_axis,
+    stacked_operands,
+    validate_distance,
+    validate_in_batch_options,
+    validate_margin,
+    validate_max_block_rows,
+    validate_similar_label,
+)
+from fused_contrastive.reference import (
+    reference_embedding_loss,
+    reference_in_batch_loss,
+    reference_loss,
+)
 
 
 def contrastive_loss(y_true, y_pred, margin=1.0, similar_label=1):
@@ -57,8 +69,9 @@ def contrastive_loss(y_true, y_pred, margin=1.0, similar_label=1):
     return loss
 
 
-def contrastive_loss_from_embeddings(y_true, embeddings_a, embeddings_b, margin=1.0,
-                                     distance="euclidean", similar_label=1):
+def contrastive_loss_from_embeddings(
+    y_true, embeddings_a, embeddings_b, margin=1.0, distance="euclidean", similar_label=1
+):
     """Per-pair contrastive loss computed from the pairs' embeddings in one pass.
 
     The distance d between the rows of `embeddings_a` and `embeddings_b`, the
@@ -97,9 +110,15 @@ def contrastive_loss_from_embeddings(y_true, embeddings_a, embeddings_b, margin=
     return _ops.embedding_loss(labels, a, b, margin, distance, similar_label)
 
 
-def in_batch_contrastive_loss(labels, embeddings, margin=1.0, positive_margin=0.0,
-                              distance="euclidean", pair_weighting="uniform",
-                              max_block_rows=None):
+def in_batch_contrastive_loss(
+    labels,
+    embeddings,
+    margin=1.0,
+    positive_margin=0.0,
+    distance="euclidean",
+    pair_weighting="uniform",
+    max_block_rows=None,
+):
     """Per-anchor contrastive loss over every pair of a batch, from class labels.
 
     Every ordered pair (i, j), j != i, of the batch is used: equal class labels
@@ -147,8 +166,12 @@ def in_batch_contrastive_loss(labels, embeddings, margin=1.0, positive_margin=0.
 
 
 # Keras reduction -> the fused op's (None: Keras reduces the per-sample losses).
-_FUSED_REDUCTIONS = {"sum": "sum", "sum_over_batch_size": "mean", "mean": "mean",
-                     "mean_with_sample_weight": "weighted_mean"}
+_FUSED_REDUCTIONS = {
+    "sum": "sum",
+    "sum_over_batch_size": "mean",
+    "mean": "mean",
+    "mean_with_sample_weight": "weighted_mean",
+}
 
 
 def _align_weights(weights, distances):
@@ -165,7 +188,7 @@ def _align_weights(weights, distances):
         # Keras squeezes [1] losses against a scalar weight and returns that
         # scalar unreduced (w * loss, no divisor): its rule, not ours to change.
         return None if distances.shape.as_list() == [1] else weights
-    if (weights.shape.rank == distances.shape.rank + 1 and weights.shape[-1] == 1):
+    if weights.shape.rank == distances.shape.rank + 1 and weights.shape[-1] == 1:
         weights = tf.squeeze(weights, -1)
     if weights.shape.is_fully_defined() and weights.shape == distances.shape:
         return weights
@@ -184,8 +207,11 @@ class _FusedReduction:
 def _fused_reduction_possible(loss, y_pred):
     """Whether a Keras loss object's reduction has a fused op: not "none" or
     None, not under the pure-TF fallback, and no Keras mask on y_pred."""
-    return (_FUSED_REDUCTIONS.get(loss.reduction) is not None and not _ops.using_reference()
-            and getattr(y_pred, "_keras_mask", None) is None)
+    return (
+        _FUSED_REDUCTIONS.get(loss.reduction) is not None
+        and not _ops.using_reference()
+        and getattr(y_pred, "_keras_mask", None) is None
+    )
 
 
 def _fused_reduction_inputs(loss, losses, sample_weight):
@@ -244,8 +270,15 @@ class ContrastiveLoss(keras.losses.Loss):
     3.73
     """
 
-    def __init__(self, margin=1.0, reduction="sum_over_batch_size", name="contrastive_loss",
-                 dtype=None, similar_label=1, distance=None):
+    def __init__(
+        self,
+        margin=1.0,
+        reduction="sum_over_batch_size",
+        name="contrastive_loss",
+        dtype=None,
+        similar_label=1,
+        distance=None,
+    ):
         if reduction == "auto":
             reduction = "sum_over_batch_size"
         super().__init__(name=name, reduction=reduction, dtype=dtype)
@@ -272,8 +305,10 @@ class ContrastiveLoss(keras.losses.Loss):
         # the graph shows the pair's halves (stacked_operands), evaluate takes
         # the per-pair path on them: no unstack, and no gradient written.
         if not _fused_reduction_possible(self, y_pred) or (
-                self.distance is not None and not record.could_possibly_record()
-                and stacked_operands(y_pred) is not None):
+            self.distance is not None
+            and not record.could_possibly_record()
+            and stacked_operands(y_pred) is not None
+        ):
             return None
         with tf.name_scope(self.name):
             # Converted as Keras' own __call__ converts them.
@@ -288,17 +323,34 @@ class ContrastiveLoss(keras.losses.Loss):
             if reduction is None:
                 return None
             if self.distance is None:
-                return _ops.reduced_loss(labels, distances, reduction.weights, self.margin,
-                                         reduction.mode, reduction.loss_scale,
-                                         self.similar_label)
-            return _ops.reduced_pair_loss(labels, pairs, reduction.weights, self.margin,
-                                          reduction.mode, reduction.loss_scale, self.distance,
-                                          self.similar_label)
+                return _ops.reduced_loss(
+                    labels,
+                    distances,
+                    reduction.weights,
+                    self.margin,
+                    reduction.mode,
+                    reduction.loss_scale,
+                    self.similar_label,
+                )
+            return _ops.reduced_pair_loss(
+                labels,
+                pairs,
+                reduction.weights,
+                self.margin,
+                reduction.mode,
+                reduction.loss_scale,
+                self.distance,
+                self.similar_label,
+            )
 
     def get_config(self):
         config = super().get_config()
-        config.update(margin=self.margin, similar_label=self.similar_label,
-                      distance=self.distance, dtype=self._dtype_policy.name)
+        config.update(
+            margin=self.margin,
+            similar_label=self.similar_label,
+            distance=self.distance,
+            dtype=self._dtype_policy.name,
+        )
         return config
 
 
@@ -326,14 +378,23 @@ class InBatchContrastiveLoss(keras.losses.Loss):
     0.25
     """
 
-    def __init__(self, margin=1.0, positive_margin=0.0, distance="euclidean",
-                 pair_weighting="uniform", reduction="sum_over_batch_size",
-                 name="in_batch_contrastive_loss", dtype=None, max_block_rows=None):
+    def __init__(
+        self,
+        margin=1.0,
+        positive_margin=0.0,
+        distance="euclidean",
+        pair_weighting="uniform",
+        reduction="sum_over_batch_size",
+        name="in_batch_contrastive_loss",
+        dtype=None,
+        max_block_rows=None,
+    ):
         if reduction == "auto":
             reduction = "sum_over_batch_size"
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        set_in_batch_options(self, margin, positive_margin, distance, pair_weighting,
-                             max_block_rows)
+        set_in_batch_options(
+            self, margin, positive_margin, distance, pair_weighting, max_block_rows
+        )
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         reject_ragged(y_true, y_pred)
@@ -362,13 +423,20 @@ class InBatchContrastiveLoss(keras.losses.Loss):
             if reduction is None:
                 return None
             return _ops.reduced_in_batch_loss(
-                labels, embeddings, reduction.weights, self.margin, self.positive_margin,
-                self.distance, self.pair_weighting, validate_max_block_rows(self.max_block_rows),
-                reduction.mode, reduction.loss_scale)
+                labels,
+                embeddings,
+                reduction.weights,
+                self.margin,
+                self.positive_margin,
+                self.distance,
+                self.pair_weighting,
+                validate_max_block_rows(self.max_block_rows),
+                reduction.mode,
+                reduction.loss_scale,
+            )
 
     def get_config(self):
-        return {**super().get_config(), **in_batch_options(self),
-                "dtype": self._dtype_policy.name}
+        return {**super().get_config(), **in_batch_options(self), "dtype": self._dtype_policy.name}
 
 
 def class_labels(y_true, dtype):
@@ -403,14 +471,14 @@ class _WithLabels(keras.losses.Loss):
 IN_BATCH_OPTIONS = ("margin", "positive_margin", "distance", "pair_weighting", "max_block_rows")
 
 
-def set_in_batch_options(loss, margin, positive_margin, distance, pair_weighting,
-                         max_block_rows):
+def set_in_batch_options(loss, margin, positive_margin, distance, pair_weighting, max_block_rows):
     """Checks the options of an InBatchContrastiveLoss and sets them on it."""
     owner = type(loss).__name__
     loss.margin = number_margin(margin, owner)
     loss.positive_margin = number_margin(positive_margin, owner, "positive_margin")
     _, _, loss.distance, loss.pair_weighting = validate_in_batch_options(
-        loss.margin, loss.positive_margin, distance, pair_weighting)
+        loss.margin, loss.positive_margin, distance, pair_weighting
+    )
     validate_max_block_rows(max_block_rows)
     loss.max_block_rows = max_block_rows
 
@@ -430,8 +498,9 @@ def per_pair_loss(y_true, y_pred, margin, similar_label, distance):
     if distance is None:
         return contrastive_loss(y_true, y_pred, margin, similar_label)
     y_pred = tf.convert_to_tensor(y_pred)
-    return contrastive_loss_from_embeddings(y_true, *split_pairs(y_pred), margin, distance,
-                                            similar_label)
+    return contrastive_loss_from_embeddings(
+        y_true, *split_pairs(y_pred), margin, distance, similar_label
+    )
 
 
 # Models compiled with tfa.losses.ContrastiveLoss name it "Addons>ContrastiveLoss"

@@ -7,8 +7,12 @@ below."""
 import keras
 import tensorflow as tf
 
-from fused_contrastive._inputs import (prepare_embedding_inputs, split_pairs, validate_distance,
-                                       validate_similar_label)
+from fused_contrastive._inputs import (
+    prepare_embedding_inputs,
+    split_pairs,
+    validate_distance,
+    validate_similar_label,
+)
 from fused_contrastive.reference import compute_dtype, reference_distance
 
 
@@ -21,8 +25,7 @@ def pair_distance(pairs, distance="euclidean"):
     pairs = tf.convert_to_tensor(pairs)
     a, b = split_pairs(pairs)
     dtype = compute_dtype(a.dtype)
-    return tf.cast(reference_distance(tf.cast(a, dtype), tf.cast(b, dtype), distance),
-                   pairs.dtype)
+    return tf.cast(reference_distance(tf.cast(a, dtype), tf.cast(b, dtype), distance), pairs.dtype)
 
 
 def pair_accuracy(y_true, pairs, threshold=0.5, distance="euclidean", similar_label=1):
@@ -48,8 +51,9 @@ def pair_accuracy(y_true, pairs, threshold=0.5, distance="euclidean", similar_la
 def validate_threshold(threshold):
     """A distance threshold: a finite, non-negative number (saved in configs)."""
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(f"threshold must be a number, got {threshold!r} "
-                        f"({type(threshold).__name__})")
+        raise TypeError(
+            f"threshold must be a number, got {threshold!r} ({type(threshold).__name__})"
+        )
     if not 0.0 <= float(threshold) < float("inf"):
         raise ValueError(f"threshold must be finite and non-negative, got {threshold}")
     return float(threshold)
@@ -108,8 +112,9 @@ class PairAccuracy(keras.metrics.MeanMetricWrapper):
       name, dtype: as for any Keras metric.
     """
 
-    def __init__(self, threshold=0.5, distance="euclidean", similar_label=1,
-                 name="pair_accuracy", dtype=None):
+    def __init__(
+        self, threshold=0.5, distance="euclidean", similar_label=1, name="pair_accuracy", dtype=None
+    ):
         set_pair_accuracy_options(self, threshold, distance, similar_label)
         super().__init__(pair_accuracy, name=name, dtype=dtype, **pair_accuracy_options(self))
         self._direction = "up"  # as Keras' accuracy metrics

@@ -7,10 +7,15 @@ computes: float16/bfloat16 in float32, labels used linearly.
 
 import tensorflow as tf
 
-from fused_contrastive._inputs import (prepare_embedding_inputs, prepare_in_batch_inputs,
-                                       prepare_inputs, validate_distance,
-                                       validate_in_batch_options, validate_margin,
-                                       validate_similar_label)
+from fused_contrastive._inputs import (
+    prepare_embedding_inputs,
+    prepare_in_batch_inputs,
+    prepare_inputs,
+    validate_distance,
+    validate_in_batch_options,
+    validate_margin,
+    validate_similar_label,
+)
 
 
 def compute_dtype(dtype):
@@ -89,8 +94,7 @@ def reference_distance(a, b, distance):
     return tf.reduce_sum(tf.abs(a - b), axis=-1)
 
 
-def reference_embedding_loss(labels, embeddings_a, embeddings_b, margin, distance,
-                             similar_label=1):
+def reference_embedding_loss(labels, embeddings_a, embeddings_b, margin, distance, similar_label=1):
     """Per-pair loss on prepared inputs (see contrastive_loss_from_embeddings_reference)."""
     dtype = compute_dtype(embeddings_a.dtype)
     d = reference_distance(tf.cast(embeddings_a, dtype), tf.cast(embeddings_b, dtype), distance)
@@ -119,8 +123,9 @@ def contrastive_loss_reference(y_true, y_pred, margin=1.0, similar_label=1):
     return reference_loss(labels, distances, margin, similar_label)
 
 
-def contrastive_loss_from_embeddings_reference(y_true, embeddings_a, embeddings_b, margin=1.0,
-                                               distance="euclidean", similar_label=1):
+def contrastive_loss_from_embeddings_reference(
+    y_true, embeddings_a, embeddings_b, margin=1.0, distance="euclidean", similar_label=1
+):
     """Pure-TensorFlow per-pair contrastive loss from the pairs' embeddings;
     differentiable by autodiff (to any order), finite at zero distance.
 
@@ -138,8 +143,14 @@ def contrastive_loss_from_embeddings_reference(y_true, embeddings_a, embeddings_
     return reference_embedding_loss(labels, a, b, margin, distance, similar_label)
 
 
-def in_batch_contrastive_loss_reference(labels, embeddings, margin=1.0, positive_margin=0.0,
-                                        distance="euclidean", pair_weighting="uniform"):
+def in_batch_contrastive_loss_reference(
+    labels,
+    embeddings,
+    margin=1.0,
+    positive_margin=0.0,
+    distance="euclidean",
+    pair_weighting="uniform",
+):
     """Per-anchor contrastive loss over every ordered pair (i, j), j != i, of a
     batch, in plain TF ops; it holds B x B matrices (the fused op will not).
 
@@ -168,17 +179,18 @@ def _power_of_two_scaled_rows(e):
     underflow (1e-20). Rows without a finite normal magnitude stay as they
     are. The scale is a constant to autodiff: the distance does not depend
     on it."""
-    bits, exponent_mask = ((tf.int32, 0x7F800000) if e.dtype == tf.float32
-                           else (tf.int64, 0x7FF0000000000000))
+    bits, exponent_mask = (
+        (tf.int32, 0x7F800000) if e.dtype == tf.float32 else (tf.int64, 0x7FF0000000000000)
+    )
     largest = tf.reduce_max(tf.abs(e), axis=1, keepdims=True)
-    power = tf.bitcast(tf.bitwise.bitwise_and(tf.bitcast(largest, bits),
-                                              tf.constant(exponent_mask, bits)), e.dtype)
+    power = tf.bitcast(
+        tf.bitwise.bitwise_and(tf.bitcast(largest, bits), tf.constant(exponent_mask, bits)), e.dtype
+    )
     usable = tf.logical_and(power > 0, tf.math.is_finite(power))
     return e / tf.stop_gradient(tf.where(usable, power, tf.ones_like(power)))
 
 
-def reference_in_batch_loss(labels, embeddings, margin, positive_margin, distance,
-                            pair_weighting):
+def reference_in_batch_loss(labels, embeddings, margin, positive_margin, distance, pair_weighting):
     """Per-anchor in-batch loss on prepared inputs and validated options (see
     in_batch_contrastive_loss_reference)."""
     dtype = compute_dtype(embeddings.dtype)
@@ -211,6 +223,7 @@ def reference_in_batch_loss(labels, embeddings, margin, positive_margin, distanc
         loss = tf.math.divide_no_nan(pos_sum + neg_sum, tf.cast(tf.shape(e)[0] - 1, dtype))
     else:
         count = lambda mask: tf.reduce_sum(tf.cast(mask, dtype), axis=1)  # noqa: E731
-        loss = (tf.math.divide_no_nan(pos_sum, count(positive))
-                + tf.math.divide_no_nan(neg_sum, count(negative)))
+        loss = tf.math.divide_no_nan(pos_sum, count(positive)) + tf.math.divide_no_nan(
+            neg_sum, count(negative)
+        )
     return tf.cast(loss, embeddings.dtype)

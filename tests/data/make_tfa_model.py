@@ -78,14 +78,10 @@ def main():
     # [B, 1] predictions can broadcast to [B, B] (TFA issue 1757). Passing
     # [B, 1] labels guarantees evaluate averages exactly B per-sample losses.
     eval_labels = y[:, None]
-    tfa_evaluate_loss = model.evaluate(
-        x, eval_labels, batch_size=BATCH, verbose=0
-    )
+    tfa_evaluate_loss = model.evaluate(x, eval_labels, batch_size=BATCH, verbose=0)
 
     predictions = model(x, training=False)
-    per_sample = tfa.losses.contrastive_loss(
-        y, tf.squeeze(predictions, -1), margin=MARGIN
-    )
+    per_sample = tfa.losses.contrastive_loss(y, tf.squeeze(predictions, -1), margin=MARGIN)
 
     with h5py.File(H5_PATH, "r") as f:
         training_config = f.attrs["training_config"]

@@ -6,13 +6,21 @@ import warnings
 import numpy as np
 import pytest
 import tensorflow as tf
-from support import (DISTANCE_DTYPES, LABEL_DTYPES, ODD_BOOL_AS_LABELS, ODD_BOOL_LOSSES, bits,
-                      numpy_contrastive_loss, odd_bool_labels, random_distances, random_labels,
-                      run_python)
+from support import (
+    DISTANCE_DTYPES,
+    LABEL_DTYPES,
+    ODD_BOOL_AS_LABELS,
+    ODD_BOOL_LOSSES,
+    bits,
+    numpy_contrastive_loss,
+    odd_bool_labels,
+    random_distances,
+    random_labels,
+    run_python,
+)
 
 import fused_contrastive
-from fused_contrastive import (ContrastiveLoss, _ops, contrastive_loss,
-                               contrastive_loss_reference)
+from fused_contrastive import ContrastiveLoss, _ops, contrastive_loss, contrastive_loss_reference
 from fused_contrastive._inputs import prepare_inputs
 
 SHAPES = [(), (0,), (1,), (7,), (4, 5), (2, 3, 4), (3, 0, 2)]
@@ -30,8 +38,9 @@ def test_matches_reference_for_every_dtype_pair(rng, run, label_dtype, distance_
             fused = run(lambda a, b: contrastive_loss(a, b, margin), y, d)
             expected = contrastive_loss_reference(y, d, margin)
             assert fused.dtype == d.dtype and fused.shape == d.shape
-            np.testing.assert_array_equal(bits(fused), bits(expected),
-                                          err_msg=f"shape {shape} margin {margin}")
+            np.testing.assert_array_equal(
+                bits(fused), bits(expected), err_msg=f"shape {shape} margin {margin}"
+            )
 
 
 def test_tensor_margin_matches_number_margin(rng):
@@ -63,6 +72,7 @@ def test_large_input_uses_thread_pool_and_stays_exact(rng):
 
 # --- similar_label ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("label_dtype", LABEL_DTYPES)
 def test_similar_label_0_is_tfa_formula_on_flipped_labels(rng, run, label_dtype):
     y = random_labels(rng, (6, 7), label_dtype)
@@ -92,16 +102,19 @@ def test_reduced_op_with_similar_label_0_is_the_flipped_one(rng, reduction):
 
 # --- bool labels whose bytes are not 0/1 ---------------------------------------
 
+
 def test_bool_labels_read_any_nonzero_byte_as_true(run):
     labels = odd_bool_labels()
     d = tf.fill([4], 0.3)
     np.testing.assert_allclose(run(contrastive_loss, labels, d), ODD_BOOL_LOSSES, rtol=1e-6)
-    np.testing.assert_array_equal(run(contrastive_loss, labels, d),
-                                  contrastive_loss(tf.constant(ODD_BOOL_AS_LABELS), d))
+    np.testing.assert_array_equal(
+        run(contrastive_loss, labels, d), contrastive_loss(tf.constant(ODD_BOOL_AS_LABELS), d)
+    )
     for similar_label in (0, 1):
         np.testing.assert_array_equal(
             run(lambda y, d: contrastive_loss(y, d, 1.0, similar_label), labels, d),
-            contrastive_loss(tf.constant(ODD_BOOL_AS_LABELS), d, 1.0, similar_label))
+            contrastive_loss(tf.constant(ODD_BOOL_AS_LABELS), d, 1.0, similar_label),
+        )
 
 
 @pytest.mark.parametrize("reduction", OP_REDUCTIONS)
@@ -114,15 +127,19 @@ def test_reduced_op_reads_any_nonzero_bool_byte_as_true(reduction):
         np.testing.assert_array_equal(a, b)
     # The per-sample gradient: 2d for a similar pair, -2(1 - d) for a dissimilar one.
     scale = float(want[2])
-    np.testing.assert_allclose(got[1], np.array([0.6, 0.6, -1.4, 0.6]) * w.numpy() * scale,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        got[1], np.array([0.6, 0.6, -1.4, 0.6]) * w.numpy() * scale, rtol=1e-6
+    )
 
 
 # --- bad input the op itself checks -------------------------------------------
 
+
 def test_mismatched_shapes_known_only_at_run_time():
-    f = tf.function(lambda y, d: contrastive_loss(y, d),
-                    input_signature=[tf.TensorSpec([None]), tf.TensorSpec([None])])
+    f = tf.function(
+        lambda y, d: contrastive_loss(y, d),
+        input_signature=[tf.TensorSpec([None]), tf.TensorSpec([None])],
+    )
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"labels \[3\] and distances \[4\]"):
         f(tf.zeros([3]), tf.zeros([4]))
 
@@ -150,6 +167,7 @@ def test_bad_tensor_margin_raises_in_both_ops(margin, mode):
 
 # --- the fused reduction and its backward -------------------------------------
 
+
 def test_backward_passes_the_gradient_through_when_upstream_is_one(rng):
     y = random_labels(rng, (100,), "float32")
     d = random_distances(rng, (100,), "float32")
@@ -163,10 +181,17 @@ def test_backward_passes_the_gradient_through_when_upstream_is_one(rng):
 VECTOR_WEIGHTS = [1.0, 2.0, 1.0, 1.0, 1.0, 2.0, 1.0, 1.0]  # sum 10
 
 
-@pytest.mark.parametrize("reduction, weights, divisor", [
-    ("sum", 1.0, 1.0), ("mean", 1.0, 8.0), ("mean", VECTOR_WEIGHTS, 8.0),
-    ("weighted_mean", 2.0, 2.0), ("weighted_mean", VECTOR_WEIGHTS, 10.0),
-    ("weighted_mean", 0.0, None)])
+@pytest.mark.parametrize(
+    "reduction, weights, divisor",
+    [
+        ("sum", 1.0, 1.0),
+        ("mean", 1.0, 8.0),
+        ("mean", VECTOR_WEIGHTS, 8.0),
+        ("weighted_mean", 2.0, 2.0),
+        ("weighted_mean", VECTOR_WEIGHTS, 10.0),
+        ("weighted_mean", 0.0, None),
+    ],
+)
 def test_reduction_scale_is_the_loss_scale_over_the_divisor(reduction, weights, divisor):
     # Keras' divisors: the count for means, the sum of the weights (or the
     # scalar weight itself) for the weighted mean, and 0 for a zero divisor.
@@ -181,8 +206,9 @@ def test_reduction_scale_is_the_loss_scale_over_the_divisor(reduction, weights, 
     assert float(reduction_scale) == pytest.approx(want_scale, rel=1e-15)
     weighted = numpy_contrastive_loss(y, d) * np.broadcast_to(weights, 8)
     np.testing.assert_allclose(float(loss), weighted.sum() * want_scale, rtol=1e-6)
-    np.testing.assert_allclose(grad, np.where(y.numpy() == 1, 1.0, -1.0) * w.numpy() * want_scale,
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        grad, np.where(y.numpy() == 1, 1.0, -1.0) * w.numpy() * want_scale, rtol=1e-6
+    )
 
 
 def test_reduced_loss_is_accurate_at_ten_million(rng):
@@ -199,9 +225,11 @@ def test_reduced_loss_is_accurate_at_ten_million(rng):
 
 def test_deterministic_and_independent_of_thread_count(rng, tmp_path):
     n = 3_000_017
-    data = {"y": (rng.random(n) < 0.5).astype(np.float32),
-            "d": (2.0 * rng.random(n)).astype(np.float32),
-            "w": rng.uniform(0, 2, n).astype(np.float32)}
+    data = {
+        "y": (rng.random(n) < 0.5).astype(np.float32),
+        "d": (2.0 * rng.random(n)).astype(np.float32),
+        "w": rng.uniform(0, 2, n).astype(np.float32),
+    }
     np.savez(tmp_path / "data.npz", **data)
     script = f"""
         import hashlib, numpy as np, tensorflow as tf
@@ -224,20 +252,22 @@ def test_deterministic_and_independent_of_thread_count(rng, tmp_path):
     assert len(outputs) == 4 and len(set(outputs)) == 1, outputs
 
 
-def test_import_warns_when_tensorflow_sees_a_gpu_and_the_library_has_no_cuda_kernels(
-        monkeypatch):
+def test_import_warns_when_tensorflow_sees_a_gpu_and_the_library_has_no_cuda_kernels(monkeypatch):
     # No GPU here: the device list is faked, as TensorFlow would report one.
     gpu = tf.config.PhysicalDevice(name="/physical_device:GPU:0", device_type="GPU")
-    monkeypatch.setattr(tf.config, "list_physical_devices",
-                        lambda kind=None: [gpu] if kind in ("GPU", None) else [])
+    monkeypatch.setattr(
+        tf.config, "list_physical_devices", lambda kind=None: [gpu] if kind in ("GPU", None) else []
+    )
     info = {**fused_contrastive.build_info(), "cuda": False, "source_dir": "/src/fc"}
     monkeypatch.setattr(_ops, "_read_build_info", lambda: info)
     with pytest.warns(RuntimeWarning) as caught:
         _ops._warn_if_gpu_without_cuda()
     message = str(caught[0].message)
     assert "TensorFlow sees 1 GPU(s)" in message and "CPU kernels only" in message
-    assert message.endswith("FUSED_CONTRASTIVE_CUDA=on pip install --force-reinstall --no-deps "
-                             "--no-build-isolation /src/fc")
+    assert message.endswith(
+        "FUSED_CONTRASTIVE_CUDA=on pip install --force-reinstall --no-deps "
+        "--no-build-isolation /src/fc"
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         monkeypatch.setattr(_ops, "_read_build_info", lambda: {**info, "cuda": True})
@@ -257,8 +287,12 @@ def test_package_namespace_holds_no_foreign_modules():
     # dir(fused_contrastive) listed os, sys and importlib: the modules it uses
     # are not its API. Its own submodules are (fused_contrastive.losses, ...).
     import types
-    foreign = [name for name, value in vars(fused_contrastive).items()
-               if isinstance(value, types.ModuleType)
-               and not value.__name__.startswith("fused_contrastive.")]
+
+    foreign = [
+        name
+        for name, value in vars(fused_contrastive).items()
+        if isinstance(value, types.ModuleType)
+        and not value.__name__.startswith("fused_contrastive.")
+    ]
     assert foreign == []
     assert set(fused_contrastive.__all__) <= set(dir(fused_contrastive))

@@ -3,11 +3,22 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from support import (DISTANCE_DTYPES, FUSED_REDUCTIONS, LABEL_DTYPES,
-                      ODD_BOOL_AS_LABELS, ODD_BOOL_LOSSES, distance_model, odd_bool_labels, pair_data, random_distances, random_labels, run_python)
+from support import (
+    DISTANCE_DTYPES,
+    FUSED_REDUCTIONS,
+    LABEL_DTYPES,
+    ODD_BOOL_AS_LABELS,
+    ODD_BOOL_LOSSES,
+    distance_model,
+    odd_bool_labels,
+    pair_data,
+    random_distances,
+    random_labels,
+    run_python,
+)
 
 import keras
-from fused_contrastive import (ContrastiveLoss, _ops, contrastive_loss)
+from fused_contrastive import ContrastiveLoss, _ops, contrastive_loss
 
 
 def _loss_and_grad(y, d, margin, similar_label=1):
@@ -30,8 +41,9 @@ def test_jit_compile_matches_the_compiled_op(rng, label_dtype, distance_dtype):
         tol = {"float16": 1e-3, "bfloat16": 1e-2, "float32": 1e-6, "float64": 1e-14}[distance_dtype]
         for got, want in ((loss, want_loss), (grad, want_grad)):
             assert got.dtype == want.dtype and got.shape == want.shape
-            np.testing.assert_allclose(tf.cast(got, tf.float64), tf.cast(want, tf.float64),
-                                       rtol=tol, atol=tol)
+            np.testing.assert_allclose(
+                tf.cast(got, tf.float64), tf.cast(want, tf.float64), rtol=tol, atol=tol
+            )
 
 
 def test_jit_compile_with_similar_label_0(rng):
@@ -51,8 +63,9 @@ def test_xla_runs_the_lowering_not_a_fallback():
 
 
 def test_xla_rejects_bad_constant_margin():
-    f = tf.function(lambda y, d: contrastive_loss(y, d, tf.constant(-1.0, tf.float64)),
-                    jit_compile=True)
+    f = tf.function(
+        lambda y, d: contrastive_loss(y, d, tf.constant(-1.0, tf.float64)), jit_compile=True
+    )
     with pytest.raises(tf.errors.InvalidArgumentError, match="margin must be finite"):
         f(tf.zeros([3]), tf.zeros([3]))
 
@@ -91,8 +104,11 @@ def test_xla_good_variable_margin_is_used():
 
 
 def test_xla_shape_mismatch_names_both_shapes():
-    f = tf.function(lambda y, d: contrastive_loss(y, d), jit_compile=True,
-                    input_signature=[tf.TensorSpec([None]), tf.TensorSpec([None])])
+    f = tf.function(
+        lambda y, d: contrastive_loss(y, d),
+        jit_compile=True,
+        input_signature=[tf.TensorSpec([None]), tf.TensorSpec([None])],
+    )
     with pytest.raises(tf.errors.InvalidArgumentError, match=r"\[3\].*\[4\]"):
         f(tf.zeros([3]), tf.zeros([4]))
 
@@ -105,14 +121,15 @@ def test_xla_reads_any_nonzero_bool_byte_as_true():
     np.testing.assert_array_equal(f(odd_bool_labels(), d), f(tf.constant(ODD_BOOL_AS_LABELS), d))
     for reduction in ("sum", "mean", "weighted_mean"):
         reduced = tf.function(
-            lambda y, d: _ops.reduced_loss_outputs(y, d, w, 1.0, reduction, 1.0),
-            jit_compile=True)
+            lambda y, d: _ops.reduced_loss_outputs(y, d, w, 1.0, reduction, 1.0), jit_compile=True
+        )
         got = reduced(odd_bool_labels(), d)
         want = reduced(tf.constant(ODD_BOOL_AS_LABELS), d)
         for a, b in zip(got, want):
             np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(
-            got[0], np.sum(np.array(ODD_BOOL_LOSSES) * w.numpy()) * float(got[2]), rtol=1e-6)
+            got[0], np.sum(np.array(ODD_BOOL_LOSSES) * w.numpy()) * float(got[2]), rtol=1e-6
+        )
 
 
 @pytest.mark.parametrize("reduction", FUSED_REDUCTIONS)
@@ -138,8 +155,11 @@ def test_keras_trains_with_jit_compile(rng, jit_compile):
     keras.utils.set_random_seed(3)
     x, y = pair_data(rng)
     model = distance_model()
-    model.compile(optimizer=keras.optimizers.Adam(0.02), loss=ContrastiveLoss(margin=1.0),
-                  jit_compile=jit_compile)
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.02),
+        loss=ContrastiveLoss(margin=1.0),
+        jit_compile=jit_compile,
+    )
     losses = model.fit(x, y, epochs=6, batch_size=32, verbose=0).history["loss"]
     assert losses[-1] < 0.8 * losses[0]
 

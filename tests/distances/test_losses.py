@@ -10,10 +10,22 @@ import textwrap
 import numpy as np
 import pytest
 import tensorflow as tf
-from support import (FUSED_REDUCTIONS, REDUCTIONS, TFA_DISTANCES, TFA_LABELS, TFA_LOSSES,
-                      TFA_WEIGHTS, KerasReducedReference, distance_model,
-                      load_tfa_h5_in_fresh_process, loss_and_gradient, pair_data,
-                      random_distances, random_labels, run_python)
+from support import (
+    FUSED_REDUCTIONS,
+    REDUCTIONS,
+    TFA_DISTANCES,
+    TFA_LABELS,
+    TFA_LOSSES,
+    TFA_WEIGHTS,
+    KerasReducedReference,
+    distance_model,
+    load_tfa_h5_in_fresh_process,
+    loss_and_gradient,
+    pair_data,
+    random_distances,
+    random_labels,
+    run_python,
+)
 
 import keras
 from fused_contrastive import ContrastiveLoss, _ops, contrastive_loss, contrastive_loss_reference
@@ -46,17 +58,22 @@ class TestTfaCases:
         _close(ContrastiveLoss()(TFA_LABELS, TFA_DISTANCES, sample_weight=0.0), 0.0)
 
     def test_margin_2(self):
-        _close(ContrastiveLoss(margin=2.0, reduction="none")(TFA_LABELS, TFA_DISTANCES),
-               [3.61, 2.89, 1.69, 0.49, 0.81, 0.25])
+        _close(
+            ContrastiveLoss(margin=2.0, reduction="none")(TFA_LABELS, TFA_DISTANCES),
+            [3.61, 2.89, 1.69, 0.49, 0.81, 0.25],
+        )
         _close(ContrastiveLoss(margin=2.0)(TFA_LABELS, TFA_DISTANCES), 1.623333)
 
     def test_perfect_predictions_give_zero(self):
         _close(ContrastiveLoss()(TFA_LABELS, [1.0, 1.0, 0.0, 0.0, 1.0, 0.0]), 0.0)
 
-    @pytest.mark.parametrize("margin, expected", [
-        (1.0, [-1.8, -1.4, 2.6, 1.4, 0.0, 1.0]),
-        (2.0, [-3.8, -3.4, 2.6, 1.4, -1.8, 1.0]),
-    ])
+    @pytest.mark.parametrize(
+        "margin, expected",
+        [
+            (1.0, [-1.8, -1.4, 2.6, 1.4, 0.0, 1.0]),
+            (2.0, [-3.8, -3.4, 2.6, 1.4, -1.8, 1.0]),
+        ],
+    )
     def test_gradient_of_summed_loss(self, margin, expected):
         distances = tf.Variable(TFA_DISTANCES)
         with tf.GradientTape() as tape:
@@ -67,17 +84,26 @@ class TestTfaCases:
         # TF Addons' documented API, with only the import line changed.
         from fused_contrastive import ContrastiveLoss as TfaContrastiveLoss
 
-        for reduction, expected in (("sum_over_batch_size", 0.621666), ("sum", 3.73),
-                                    ("auto", 0.621666), ("none", TFA_LOSSES)):
-            loss_obj = TfaContrastiveLoss(margin=1.0, reduction=reduction,
-                                          name="contrastive_loss")
-            np.testing.assert_allclose(loss_obj(TFA_LABELS, TFA_DISTANCES), expected, rtol=1e-5,
-                                       atol=1e-6)
+        for reduction, expected in (
+            ("sum_over_batch_size", 0.621666),
+            ("sum", 3.73),
+            ("auto", 0.621666),
+            ("none", TFA_LOSSES),
+        ):
+            loss_obj = TfaContrastiveLoss(margin=1.0, reduction=reduction, name="contrastive_loss")
+            np.testing.assert_allclose(
+                loss_obj(TFA_LABELS, TFA_DISTANCES), expected, rtol=1e-5, atol=1e-6
+            )
             np.testing.assert_allclose(
                 loss_obj(TFA_LABELS, TFA_DISTANCES, sample_weight=tf.constant(TFA_WEIGHTS)),
-                0.4425 if reduction in ("sum_over_batch_size", "auto") else
-                2.655 if reduction == "sum" else [0.972, 0.392, 0.845, 0.196, 0.0, 0.25],
-                rtol=1e-5, atol=1e-6)
+                0.4425
+                if reduction in ("sum_over_batch_size", "auto")
+                else 2.655
+                if reduction == "sum"
+                else [0.972, 0.392, 0.845, 0.196, 0.0, 0.25],
+                rtol=1e-5,
+                atol=1e-6,
+            )
             config = loss_obj.get_config()
             restored = TfaContrastiveLoss.from_config(config)
             assert restored.get_config() == config
@@ -86,9 +112,14 @@ class TestTfaCases:
 
 # --- reductions: the fused-reduction op against Keras' own ----------------------
 
+
 def _weights(rng, kind, shape):
-    return {"none": None, "scalar": 1.7, "vector": rng.uniform(0.1, 2.0, size=shape),
-            "column": rng.uniform(0.1, 2.0, size=shape + (1,))}[kind]
+    return {
+        "none": None,
+        "scalar": 1.7,
+        "vector": rng.uniform(0.1, 2.0, size=shape),
+        "column": rng.uniform(0.1, 2.0, size=shape + (1,)),
+    }[kind]
 
 
 def _spy_on_reduced_op(monkeypatch):
@@ -139,15 +170,17 @@ def test_every_dtype_and_rank(rng, distance_dtype, reduction):
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("label_shape, distance_shape", [
-    ([1], [1]), ([1], [1, 1]), ([1, 1], [1]), ([], [])])
+@pytest.mark.parametrize(
+    "label_shape, distance_shape", [([1], [1]), ([1], [1, 1]), ([1, 1], [1]), ([], [])]
+)
 @pytest.mark.parametrize("weight", [None, 2.0, "scalar tensor", "per sample"])
 def test_single_sample_follows_keras_reduction(reduction, label_shape, distance_shape, weight):
     # Keras returns a [1] loss with a scalar weight unreduced (w * loss, no
     # divisor): the class must give Keras' number, whatever the reduction.
     y, d = tf.ones(label_shape), tf.fill(distance_shape, 0.5)
     w = {"scalar tensor": tf.constant(2.0), "per sample": tf.fill(label_shape, 2.0)}.get(
-        weight, weight)
+        weight, weight
+    )
     got = ContrastiveLoss(reduction=reduction)(y, d, sample_weight=w)
     want = KerasReducedReference(reduction=reduction)(y, d, sample_weight=w)
     assert got.shape == want.shape
@@ -155,8 +188,9 @@ def test_single_sample_follows_keras_reduction(reduction, label_shape, distance_
 
 
 def test_mean_with_sample_weight_of_one_sample_is_keras_number():
-    loss = ContrastiveLoss(reduction="mean_with_sample_weight")(tf.ones([1]), tf.fill([1], 0.5),
-                                                                 sample_weight=2.0)
+    loss = ContrastiveLoss(reduction="mean_with_sample_weight")(
+        tf.ones([1]), tf.fill([1], 0.5), sample_weight=2.0
+    )
     assert float(loss) == 0.5
 
 
@@ -169,7 +203,9 @@ def test_falls_back_to_keras_where_it_must(rng, monkeypatch):
     for reduction in FUSED_REDUCTIONS:
         np.testing.assert_allclose(
             ContrastiveLoss(reduction=reduction)(y, d, w),
-            KerasReducedReference(1.0, reduction=reduction)(y, d, w), rtol=1e-6)
+            KerasReducedReference(1.0, reduction=reduction)(y, d, w),
+            rtol=1e-6,
+        )
     # Scalar losses are returned unreduced by Keras.
     assert ContrastiveLoss()(1.0, 0.5).shape == ()
     assert ContrastiveLoss(reduction="none")(y, d).shape == (4, 3)
@@ -186,8 +222,10 @@ def test_zero_weights_give_zero_not_nan(rng):
 
 
 def test_empty_batch_with_unknown_shape_gives_zero():
-    f = tf.function(lambda y, d: ContrastiveLoss()(y, d),
-                    input_signature=[tf.TensorSpec([None]), tf.TensorSpec([None])])
+    f = tf.function(
+        lambda y, d: ContrastiveLoss()(y, d),
+        input_signature=[tf.TensorSpec([None]), tf.TensorSpec([None])],
+    )
     assert float(f(tf.zeros([0]), tf.zeros([0]))) == 0.0
 
 
@@ -195,33 +233,39 @@ UNKNOWN_RANK_CASES = [
     (reduction, weights)
     for reduction in FUSED_REDUCTIONS + ["none"]
     # With reduction "none" Keras' own weighting runs, which needs known ranks.
-    for weights in (["none", "scalar", "per sample", "column"] if reduction != "none" else
-                    ["none"])]
+    for weights in (["none", "scalar", "per sample", "column"] if reduction != "none" else ["none"])
+]
 
 
 @pytest.mark.parametrize("reduction, weights", UNKNOWN_RANK_CASES)
-@pytest.mark.parametrize("label_shape, distance_shape, loss_shape", [
-    ((6,), (6, 1), (6,)), ((6, 1), (6,), (6,)), ((2, 3), (2, 3), (2, 3))])
-def test_unknown_rank_gives_the_eager_value(rng, reduction, weights, label_shape, distance_shape,
-                                            loss_shape):
+@pytest.mark.parametrize(
+    "label_shape, distance_shape, loss_shape",
+    [((6,), (6, 1), (6,)), ((6, 1), (6,), (6,)), ((2, 3), (2, 3), (2, 3))],
+)
+def test_unknown_rank_gives_the_eager_value(
+    rng, reduction, weights, label_shape, distance_shape, loss_shape
+):
     y = random_labels(rng, label_shape, "float32")
     d = random_distances(rng, distance_shape, "float32")
     weight_shape = {"scalar": (), "per sample": loss_shape, "column": loss_shape + (1,)}
-    w = None if weights == "none" else tf.constant(
-        rng.uniform(0.1, 2.0, size=weight_shape[weights]), tf.float32)
+    w = (
+        None
+        if weights == "none"
+        else tf.constant(rng.uniform(0.1, 2.0, size=weight_shape[weights]), tf.float32)
+    )
     loss_obj = ContrastiveLoss(margin=1.2, reduction=reduction)
     unknown = tf.TensorSpec(None, tf.float32)
     if w is None:
         got = tf.function(lambda y, d: loss_obj(y, d), input_signature=[unknown] * 2)(y, d)
     else:
-        got = tf.function(lambda y, d, w: loss_obj(y, d, w), input_signature=[unknown] * 3)(
-            y, d, w)
+        got = tf.function(lambda y, d, w: loss_obj(y, d, w), input_signature=[unknown] * 3)(y, d, w)
     want = loss_obj(y, d, w)
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
 # --- similar_label --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("weights", ["none", "scalar", "vector", "column"])
@@ -235,22 +279,27 @@ def test_similar_label_0_is_the_loss_of_flipped_labels(rng, reduction, weights):
         return loss_and_gradient(loss_obj, labels, d, w)
 
     got = loss_and_grad(ContrastiveLoss(margin=1.1, reduction=reduction, similar_label=0), y)
-    for want in (loss_and_grad(KerasReducedReference(1.1, reduction=reduction), 1.0 - y),
-                 loss_and_grad(KerasReducedReference(1.1, 0, reduction=reduction), y)):
+    for want in (
+        loss_and_grad(KerasReducedReference(1.1, reduction=reduction), 1.0 - y),
+        loss_and_grad(KerasReducedReference(1.1, 0, reduction=reduction), y),
+    ):
         for a, b in zip(got, want):
             np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7)
     same_labels = loss_and_grad(ContrastiveLoss(margin=1.1, reduction=reduction), y)
     assert not np.allclose(got[0], same_labels[0])
 
 
-@pytest.mark.parametrize("similar_label, error", [
-    (2, ValueError), (-1, ValueError), (0.5, TypeError), (True, TypeError), ("1", TypeError)])
+@pytest.mark.parametrize(
+    "similar_label, error",
+    [(2, ValueError), (-1, ValueError), (0.5, TypeError), (True, TypeError), ("1", TypeError)],
+)
 def test_bad_similar_label_raises_at_construction(similar_label, error):
     with pytest.raises(error, match="similar_label"):
         ContrastiveLoss(similar_label=similar_label)
 
 
 # --- ragged ---------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("reduction", ["sum_over_batch_size", "none"])
 @pytest.mark.parametrize("sample_weight", [None, 2.0])
@@ -264,14 +313,21 @@ def test_ragged_inputs_are_rejected_with_the_way_out(reduction, sample_weight):
 
 # --- the class: construction, config, registration -----------------------------
 
+
 def test_config_round_trip():
-    loss = ContrastiveLoss(margin=0.7, reduction="sum", name="pairs", dtype="float64",
-                           similar_label=0)
+    loss = ContrastiveLoss(
+        margin=0.7, reduction="sum", name="pairs", dtype="float64", similar_label=0
+    )
     config = loss.get_config()
     assert config["margin"] == 0.7 and config["similar_label"] == 0
     restored = ContrastiveLoss.from_config(config)
-    assert (restored.margin, restored.reduction, restored.name, restored.dtype,
-            restored.similar_label) == (0.7, "sum", "pairs", "float64", 0)
+    assert (
+        restored.margin,
+        restored.reduction,
+        restored.name,
+        restored.dtype,
+        restored.similar_label,
+    ) == (0.7, "sum", "pairs", "float64", 0)
     again = keras.losses.deserialize(keras.losses.serialize(loss))
     assert isinstance(again, ContrastiveLoss) and again.margin == 0.7
     assert again.similar_label == 0
@@ -314,11 +370,13 @@ def test_dtype_float64_computes_in_float64(rng):
 
 # --- Keras models: fit, evaluate, predict, masks ----------------------------------
 
+
 def _siamese_data(rng, n=512, dim=8):
     a = rng.normal(size=(n, dim)).astype("float32")
     similar = rng.integers(0, 2, size=n)
-    b = np.where(similar[:, None] == 1, a + 0.1 * rng.normal(size=(n, dim)),
-                 rng.normal(size=(n, dim))).astype("float32")
+    b = np.where(
+        similar[:, None] == 1, a + 0.1 * rng.normal(size=(n, dim)), rng.normal(size=(n, dim))
+    ).astype("float32")
     return a, b, similar.astype("float32")
 
 
@@ -334,8 +392,11 @@ def _siamese_model(dim=8, margin=1.0):
     left, right = keras.Input((dim,)), keras.Input((dim,))
     embed = keras.Sequential([keras.layers.Dense(16, activation="relu"), keras.layers.Dense(8)])
     model = keras.Model([left, right], PairDistance()(embed(left), embed(right)))
-    model.compile(optimizer=keras.optimizers.Adam(0.01), loss=ContrastiveLoss(margin=margin),
-                  jit_compile=False)
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.01),
+        loss=ContrastiveLoss(margin=margin),
+        jit_compile=False,
+    )
     return model
 
 
@@ -353,15 +414,15 @@ def test_fit_evaluate_predict(rng):
     keras.utils.set_random_seed(4)
     x, y = pair_data(rng)
     model = distance_model()
-    model.compile(optimizer=keras.optimizers.Adam(0.02), loss=ContrastiveLoss(margin=1.0),
-                  jit_compile=False)
+    model.compile(
+        optimizer=keras.optimizers.Adam(0.02), loss=ContrastiveLoss(margin=1.0), jit_compile=False
+    )
     losses = model.fit(x, y, epochs=5, batch_size=32, verbose=0).history["loss"]
     assert losses[-1] < losses[0]
     distances = model.predict(x, verbose=0)
     assert distances.shape == (256, 1)
     expected = float(tf.reduce_mean(contrastive_loss_reference(y, distances)))
-    np.testing.assert_allclose(model.evaluate(x, y, batch_size=256, verbose=0), expected,
-                               rtol=1e-5)
+    np.testing.assert_allclose(model.evaluate(x, y, batch_size=256, verbose=0), expected, rtol=1e-5)
 
 
 def test_masked_timesteps_are_handled_like_any_keras_loss(rng):
@@ -369,20 +430,27 @@ def test_masked_timesteps_are_handled_like_any_keras_loss(rng):
     x = rng.normal(size=(16, 7, 3)).astype("float32")
     x[:, 4:, :] = 0.0  # padding: masked by the Masking layer
     y = rng.integers(0, 2, size=(16, 7)).astype("float32")
-    model = keras.Sequential([keras.Input((7, 3)), keras.layers.Masking(0.0),
-                              keras.layers.Dense(1, activation="softplus")])
+    model = keras.Sequential(
+        [
+            keras.Input((7, 3)),
+            keras.layers.Masking(0.0),
+            keras.layers.Dense(1, activation="softplus"),
+        ]
+    )
     results = {}
     for loss in (ContrastiveLoss(), KerasReducedReference()):
         model.compile(loss=loss, jit_compile=False)
         results[type(loss).__name__] = model.evaluate(x, y, batch_size=16, verbose=0)
-    np.testing.assert_allclose(results["ContrastiveLoss"], results["KerasReducedReference"],
-                               rtol=1e-6)
+    np.testing.assert_allclose(
+        results["ContrastiveLoss"], results["KerasReducedReference"], rtol=1e-6
+    )
     # And the padded steps really are excluded: changing their labels changes nothing.
     y_padded = y.copy()
     y_padded[:, 4:] = 1.0 - y_padded[:, 4:]
     model.compile(loss=ContrastiveLoss(), jit_compile=False)
-    np.testing.assert_allclose(model.evaluate(x, y_padded, batch_size=16, verbose=0),
-                               results["ContrastiveLoss"], rtol=1e-6)
+    np.testing.assert_allclose(
+        model.evaluate(x, y_padded, batch_size=16, verbose=0), results["ContrastiveLoss"], rtol=1e-6
+    )
 
 
 def test_lookup_by_registered_name(rng):
@@ -390,16 +458,16 @@ def test_lookup_by_registered_name(rng):
     # (and reads a dict as one loss per output), so the registered name goes
     # through Keras' deserialisation instead.
     x, y = pair_data(rng, n=32)
-    loss = keras.losses.deserialize({"class_name": "fused_contrastive>ContrastiveLoss",
-                                     "config": {"margin": 2.0}})
+    loss = keras.losses.deserialize(
+        {"class_name": "fused_contrastive>ContrastiveLoss", "config": {"margin": 2.0}}
+    )
     assert isinstance(loss, ContrastiveLoss) and loss.margin == 2.0
     registered = keras.saving.get_registered_object("fused_contrastive>ContrastiveLoss")
     assert registered is ContrastiveLoss
     model = distance_model()
     model.compile(loss=loss)
     expected = tf.reduce_mean(contrastive_loss_reference(y, model.predict(x, verbose=0), 2.0))
-    np.testing.assert_allclose(model.evaluate(x, y, batch_size=32, verbose=0), expected,
-                               rtol=1e-6)
+    np.testing.assert_allclose(model.evaluate(x, y, batch_size=32, verbose=0), expected, rtol=1e-6)
 
 
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
@@ -434,6 +502,7 @@ def test_explicit_loss_scale_optimizer(rng):
 
 # --- saving: .keras files, TF Addons' h5 files ------------------------------------
 
+
 def test_keras_file_round_trip_keeps_the_margin(rng, tmp_path):
     keras.utils.set_random_seed(2)
     a, b, y = _siamese_data(rng, n=64)
@@ -443,8 +512,9 @@ def test_keras_file_round_trip_keeps_the_margin(rng, tmp_path):
     model.save(path)
     loaded = keras.models.load_model(path)
     assert isinstance(loaded.loss, ContrastiveLoss) and loaded.loss.margin == 2.5
-    np.testing.assert_allclose(loaded.evaluate([a, b], y, verbose=0),
-                               model.evaluate([a, b], y, verbose=0), rtol=1e-6)
+    np.testing.assert_allclose(
+        loaded.evaluate([a, b], y, verbose=0), model.evaluate([a, b], y, verbose=0), rtol=1e-6
+    )
 
 
 def test_keras_file_loads_in_a_fresh_process(rng, tmp_path):
@@ -459,8 +529,10 @@ def test_keras_file_loads_in_a_fresh_process(rng, tmp_path):
     expected = model.evaluate(x, y, batch_size=64, verbose=0)
     # similar_label=0 is in use: the flipped labels under the default give it too.
     np.testing.assert_allclose(
-        expected, float(ContrastiveLoss(margin=1.7, reduction="sum")(1.0 - y, model.predict(
-            x, verbose=0))), rtol=1e-5)
+        expected,
+        float(ContrastiveLoss(margin=1.7, reduction="sum")(1.0 - y, model.predict(x, verbose=0))),
+        rtol=1e-5,
+    )
     result = run_python(f"""
         import numpy as np, keras
         import fused_contrastive
@@ -487,6 +559,7 @@ def test_tfa_h5_model_loads_with_this_loss():
 
 # --- SavedModel -------------------------------------------------------------------
 
+
 class Exported(tf.Module):
     """What a user serves: the model, plus loss and gradients for fine-tuning."""
 
@@ -499,13 +572,13 @@ class Exported(tf.Module):
     def serve(self, x):
         return {"distance": self.model(x)}
 
-    @tf.function(input_signature=[tf.TensorSpec([None, 6], tf.float32),
-                                  tf.TensorSpec([None], tf.float32)])
+    @tf.function(
+        input_signature=[tf.TensorSpec([None, 6], tf.float32), tf.TensorSpec([None], tf.float32)]
+    )
     def loss_and_gradients(self, x, y):
         with tf.GradientTape() as tape:
             loss = self.loss(y, self.model(x))
-        return {"loss": loss,
-                "gradients": tape.gradient(loss, self.model.trainable_variables)}
+        return {"loss": loss, "gradients": tape.gradient(loss, self.model.trainable_variables)}
 
 
 def test_saved_model_round_trip_in_a_fresh_process(rng, tmp_path):
@@ -518,8 +591,14 @@ def test_saved_model_round_trip_in_a_fresh_process(rng, tmp_path):
     path = str(tmp_path / "saved")
     tf.saved_model.save(exported, path, signatures={"serving_default": exported.serve})
     expected = exported.loss_and_gradients(x, y)
-    np.savez(tmp_path / "expected.npz", x=x, y=y, distance=exported.serve(x)["distance"],
-             loss=expected["loss"], **{f"g{i}": g for i, g in enumerate(expected["gradients"])})
+    np.savez(
+        tmp_path / "expected.npz",
+        x=x,
+        y=y,
+        distance=exported.serve(x)["distance"],
+        loss=expected["loss"],
+        **{f"g{i}": g for i, g in enumerate(expected["gradients"])},
+    )
 
     result = run_python(f"""
         import numpy as np, tensorflow as tf
@@ -596,7 +675,9 @@ COMMON = """
         return float(first(loss)), [first(g).tolist() for g in grads]
 """
 
-MIRRORED_SCRIPT = COMMON + """
+MIRRORED_SCRIPT = (
+    COMMON
+    + """
     def fit_losses(strategy):
         with strategy.scope():
             model = make_model()
@@ -614,6 +695,7 @@ MIRRORED_SCRIPT = COMMON + """
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
     print("mirrored matches one device")
 """
+)
 
 # Logical devices must be configured before TensorFlow initialises them.
 TWO_CPUS = """
@@ -632,12 +714,15 @@ def test_mirrored_strategy_matches_one_device():
 # Keras 3's fit() cannot take MultiWorkerMirroredStrategy's per-replica inputs
 # (it fails converting a PerReplica value, with or without this loss), so the
 # workers run the custom training loop step.
-WORKER_SCRIPT = COMMON + """
+WORKER_SCRIPT = (
+    COMMON
+    + """
     strategy = (tf.distribute.MultiWorkerMirroredStrategy() if "TF_CONFIG" in os.environ
                 else tf.distribute.OneDeviceStrategy("/cpu:0"))
     loss, grads = custom_loop_step(strategy)
     print("RESULT", json.dumps([loss, grads]))
 """
+)
 
 
 def _free_ports(count):
@@ -652,7 +737,7 @@ def _free_ports(count):
 
 def _result(stdout):
     line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def test_multi_worker_mirrored_strategy_on_localhost():
@@ -660,10 +745,15 @@ def test_multi_worker_mirrored_strategy_on_localhost():
     procs = []
     for index in range(2):
         config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-        procs.append(subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(WORKER_SCRIPT)], stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "TF_CONFIG": json.dumps(config)}))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", textwrap.dedent(WORKER_SCRIPT)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "TF_CONFIG": json.dumps(config)},
+            )
+        )
     outputs = [p.communicate(timeout=600) for p in procs]
     for p, (_, err) in zip(procs, outputs):
         assert p.returncode == 0, err[-4000:]

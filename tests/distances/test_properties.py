@@ -31,21 +31,29 @@ from fused_contrastive.losses import ContrastiveLoss  # Keras 3's, even with TF_
 from fused_contrastive._inputs import DISTANCE_DTYPES, LABEL_DTYPES
 
 pytestmark = pytest.mark.skipif(
-    using_reference(), reason="compares the compiled op with the pure-TF reference, which "
-    "FUSED_CONTRASTIVE_USE_REFERENCE puts in its place")
+    using_reference(),
+    reason="compares the compiled op with the pure-TF reference, which "
+    "FUSED_CONTRASTIVE_USE_REFERENCE puts in its place",
+)
 
 REDUCTIONS = ["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", "none", None]
 LOSS_DTYPES = [None, "float16", "bfloat16", "float32", "float64"]  # None: floatx
 
 
 def _settings(examples):
-    return settings(max_examples=examples, deadline=None, derandomize=True, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    return settings(
+        max_examples=examples,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
 
 
 # ---------------------------------------------------------------------------
 # Strategies
 # ---------------------------------------------------------------------------
+
 
 def _mixture(values, specials, odds=4):
     """`values` about `odds` times in `odds` + 1, else one of `specials`.
@@ -55,7 +63,8 @@ def _mixture(values, specials, odds=4):
     most losses 0, which hide weighting, reduction and margin mistakes."""
     n = len(specials)
     return st.tuples(st.integers(0, (odds + 1) * n - 1), values).map(
-        lambda pick: specials[pick[0]] if pick[0] < n else pick[1])
+        lambda pick: specials[pick[0]] if pick[0] < n else pick[1]
+    )
 
 
 def _margins(high):
@@ -122,8 +131,9 @@ def _case(draw, max_side, max_margin):
         margin = _round_to(margin, distance_dtype)
     loss_shape = draw(_shapes(max_side))
     column = loss_shape + (1,)
-    label_shape, distance_shape = draw(st.sampled_from(
-        [(loss_shape, loss_shape), (loss_shape, column), (column, loss_shape)]))
+    label_shape, distance_shape = draw(
+        st.sampled_from([(loss_shape, loss_shape), (loss_shape, column), (column, loss_shape)])
+    )
     y = _labels(draw, label_shape, label_dtype)
     d = _distances(draw, distance_shape, distance_dtype, margin)
     similar_label = draw(st.sampled_from([0, 1]))
@@ -149,11 +159,14 @@ def _sample_weight(draw, loss_shape, distance_shape):
         return None
     if kind == "number":
         return draw(_WEIGHTS)
-    shape = {"scalar": (), "per_sample": loss_shape, "distances": distance_shape,
-             "column": loss_shape + (1,)}.get(kind)
+    shape = {
+        "scalar": (),
+        "per_sample": loss_shape,
+        "distances": distance_shape,
+        "column": loss_shape + (1,),
+    }.get(kind)
     if kind == "broadcast":
-        units = draw(st.lists(st.booleans(), min_size=len(loss_shape),
-                              max_size=len(loss_shape)))
+        units = draw(st.lists(st.booleans(), min_size=len(loss_shape), max_size=len(loss_shape)))
         shape = tuple(1 if unit else side for unit, side in zip(units, loss_shape))
     return tf.constant(_array(draw, np.float64, shape, _WEIGHTS), tf.float32)
 
@@ -162,8 +175,12 @@ def _sample_weight(draw, loss_shape, distance_shape):
 # Comparisons
 # ---------------------------------------------------------------------------
 
-_BITS = {tf.float16: tf.uint16, tf.bfloat16: tf.uint16, tf.float32: tf.uint32,
-         tf.float64: tf.uint64}
+_BITS = {
+    tf.float16: tf.uint16,
+    tf.bfloat16: tf.uint16,
+    tf.float32: tf.uint32,
+    tf.float64: tf.uint64,
+}
 # Relative tolerance of gradients and reduced losses: a few roundings in the
 # dtype (float16/bfloat16 are computed in float32 and rounded once; Keras'
 # own reduction of 16-bit losses rounds at every step).
@@ -177,8 +194,10 @@ _SUBNORMAL_SLACK = {tf.float16: 2.0**-18}
 def _assert_bitwise_equal(got, want):
     assert got.dtype == want.dtype and got.shape == want.shape, (got, want)
     np.testing.assert_array_equal(
-        tf.bitcast(got, _BITS[got.dtype]).numpy(), tf.bitcast(want, _BITS[want.dtype]).numpy(),
-        err_msg=f"bits differ: got {_as_float64(got)}, want {_as_float64(want)}")
+        tf.bitcast(got, _BITS[got.dtype]).numpy(),
+        tf.bitcast(want, _BITS[want.dtype]).numpy(),
+        err_msg=f"bits differ: got {_as_float64(got)}, want {_as_float64(want)}",
+    )
 
 
 def _as_float64(x):
@@ -200,7 +219,8 @@ def _assert_close(got, want, tol, scale=0.0, slack=None):
     bound = tol * (np.abs(want64) + scale) + (_slack(got.dtype) if slack is None else slack)
     excess = np.abs(got64 - want64) - bound
     assert np.all(np.isfinite(got64[finite])) and not np.any(excess[finite] > 0), (
-        f"got {got64}, want {want64}, tolerance {bound}")
+        f"got {got64}, want {want64}, tolerance {bound}"
+    )
 
 
 def _gradient_scale(d, margin, upstream):
@@ -216,24 +236,33 @@ def _function_and_reference(y, d, margin, similar_label, upstream):
         tape.watch(d)
         fused = contrastive_loss(y, d, margin, similar_label)
         reference = contrastive_loss_reference(y, d, margin, similar_label)
-    return (fused, tape.gradient(fused, d, output_gradients=upstream),
-            reference, tape.gradient(reference, d, output_gradients=upstream))
+    return (
+        fused,
+        tape.gradient(fused, d, output_gradients=upstream),
+        reference,
+        tape.gradient(reference, d, output_gradients=upstream),
+    )
 
 
-def _check_function(y, d, margin, similar_label, upstream, fused, fused_grad, reference,
-                    reference_grad):
+def _check_function(
+    y, d, margin, similar_label, upstream, fused, fused_grad, reference, reference_grad
+):
     _assert_bitwise_equal(fused, reference)
     # The gradient at an exact tie d == margin is 0 both ways: max(m-d, 0)
     # has gradient 1 or 0 there depending on TF's tie rule, but it is
     # multiplied by 2*max(m-d, 0) = 0, so ties stay in the gradient checks too.
-    tol = _TOLERANCE[d.dtype] if d.dtype in (tf.float16, tf.bfloat16) else 4 * np.finfo(
-        d.dtype.as_numpy_dtype).eps
+    tol = (
+        _TOLERANCE[d.dtype]
+        if d.dtype in (tf.float16, tf.bfloat16)
+        else 4 * np.finfo(d.dtype.as_numpy_dtype).eps
+    )
     _assert_close(fused_grad, reference_grad, tol, _gradient_scale(d, margin, upstream))
 
 
 # ---------------------------------------------------------------------------
 # contrastive_loss vs contrastive_loss_reference
 # ---------------------------------------------------------------------------
+
 
 @st.composite
 def _function_inputs(draw):
@@ -277,12 +306,18 @@ def _traced_per_sample_function(rank_mode, y, d, similar_label):
         make = lambda: tf.function(_traced_per_sample, reduce_retracing=True)  # noqa: E731
     else:
         key = (rank_mode, y.dtype, d.dtype, similar_label)
-        signature = [tf.TensorSpec(None, y.dtype), tf.TensorSpec(None, d.dtype),
-                     tf.TensorSpec([], tf.float64), tf.TensorSpec(None, d.dtype)]
+        signature = [
+            tf.TensorSpec(None, y.dtype),
+            tf.TensorSpec(None, d.dtype),
+            tf.TensorSpec([], tf.float64),
+            tf.TensorSpec(None, d.dtype),
+        ]
         make = lambda: tf.function(  # noqa: E731
-            lambda y, d, margin, upstream: _traced_per_sample(y, d, margin, upstream,
-                                                             similar_label),
-            input_signature=signature)
+            lambda y, d, margin, upstream: _traced_per_sample(
+                y, d, margin, upstream, similar_label
+            ),
+            input_signature=signature,
+        )
     if key not in _TRACED_PER_SAMPLE:
         _TRACED_PER_SAMPLE[key] = make()
     function = _TRACED_PER_SAMPLE[key]
@@ -299,18 +334,20 @@ def test_function_matches_reference_in_tf_function(inputs, rank_mode):
     function = _traced_per_sample_function(rank_mode, y, d, similar_label)
     fused, fused_grad = function(y, d, margin, upstream)
     # The oracle is the eager reference (a graph of it could be rewritten).
-    _, _, reference, reference_grad = _function_and_reference(y, d, margin, similar_label,
-                                                              upstream)
-    _check_function(y, d, margin, similar_label, upstream, fused, fused_grad, reference,
-                    reference_grad)
+    _, _, reference, reference_grad = _function_and_reference(y, d, margin, similar_label, upstream)
+    _check_function(
+        y, d, margin, similar_label, upstream, fused, fused_grad, reference, reference_grad
+    )
 
 
 # Hypothesis found this: one side of known rank and the other of unknown rank
 # used to fail to trace (a squeeze built for a side that cannot lose an axis).
 @pytest.mark.parametrize("function", [contrastive_loss, contrastive_loss_reference])
 def test_known_and_unknown_rank_trace(function):
-    traced = tf.function(lambda y, d: function(y, d), input_signature=[
-        tf.TensorSpec([3], tf.float32), tf.TensorSpec(None, tf.float32)])
+    traced = tf.function(
+        lambda y, d: function(y, d),
+        input_signature=[tf.TensorSpec([3], tf.float32), tf.TensorSpec(None, tf.float32)],
+    )
     y, d = tf.constant([1.0, 0.0, 1.0]), tf.constant([0.5, 0.25, 2.0])
     _assert_bitwise_equal(traced(y, d), contrastive_loss_reference(y, d))
 
@@ -319,6 +356,7 @@ def test_known_and_unknown_rank_trace(function):
 # ContrastiveLoss vs Keras' own reduction of the reference
 # ---------------------------------------------------------------------------
 
+
 @st.composite
 def _class_inputs(draw, margins=None, loss_dtypes=LOSS_DTYPES):
     loss_dtype = draw(st.sampled_from(loss_dtypes))
@@ -326,7 +364,8 @@ def _class_inputs(draw, margins=None, loss_dtypes=LOSS_DTYPES):
     # sums of <= 64 losses (weights <= 2) stay finite; the fused op sums in
     # float64 and would not overflow where Keras does.
     y, d, margin, similar_label, loss_shape = draw(
-        _case(max_side=4, max_margin=8.0 if loss_dtype == "float16" else 1000.0))
+        _case(max_side=4, max_margin=8.0 if loss_dtype == "float16" else 1000.0)
+    )
     if margins is not None:
         margin = draw(st.sampled_from(margins))
     reduction = draw(st.sampled_from(REDUCTIONS))
@@ -345,15 +384,30 @@ def _check_class(d, loss_dtype, got, want):
     # values a rounding apart in the loss dtype can round to neighbours there.
     # Per element it is upstream * w * dloss/dd / divisor, rounded in another
     # order by each side; relative to the largest element.
-    _assert_close(grad, want_grad, max(_TOLERANCE[loss_dtype], _TOLERANCE[d.dtype]),
-                  float(np.max(np.abs(_as_float64(want_grad)), initial=0.0)),
-                  _slack(loss_dtype, d.dtype))
+    _assert_close(
+        grad,
+        want_grad,
+        max(_TOLERANCE[loss_dtype], _TOLERANCE[d.dtype]),
+        float(np.max(np.abs(_as_float64(want_grad)), initial=0.0)),
+        _slack(loss_dtype, d.dtype),
+    )
 
 
-def _example(y, d, margin, reduction, sample_weight, upstream=2.0, similar_label=1,
-             loss_dtype=None):
-    return example((tf.constant(y, tf.float32), tf.constant(d, tf.float32), margin,
-                    similar_label, reduction, loss_dtype, sample_weight, upstream))
+def _example(
+    y, d, margin, reduction, sample_weight, upstream=2.0, similar_label=1, loss_dtype=None
+):
+    return example(
+        (
+            tf.constant(y, tf.float32),
+            tf.constant(d, tf.float32),
+            margin,
+            similar_label,
+            reduction,
+            loss_dtype,
+            sample_weight,
+            upstream,
+        )
+    )
 
 
 # Keras' corner cases, always run: a [1] loss (here from [1] labels and a
@@ -370,8 +424,7 @@ def _example(y, d, margin, reduction, sample_weight, upstream=2.0, similar_label
 @given(_class_inputs())
 def test_class_matches_keras_reduction_eager(inputs):
     y, d, margin, similar_label, reduction, loss_dtype, sample_weight, upstream = inputs
-    kwargs = dict(margin=margin, similar_label=similar_label, reduction=reduction,
-                  dtype=loss_dtype)
+    kwargs = dict(margin=margin, similar_label=similar_label, reduction=reduction, dtype=loss_dtype)
     got = loss_and_gradient(ContrastiveLoss(**kwargs), y, d, sample_weight, upstream)
     want = loss_and_gradient(KerasReducedReference(**kwargs), y, d, sample_weight, upstream)
     _check_class(d, loss_dtype, got, want)
@@ -402,36 +455,56 @@ def _unknown_dims_spec(x, loss_rank):
 def _traced_class(shape_mode, margin, similar_label, reduction, loss_dtype, y, d, sample_weight):
     loss_rank = min(y.shape.rank, d.shape.rank)
     weight_spec = None if sample_weight is None else _unknown_dims_spec(sample_weight, loss_rank)
-    key = (shape_mode, margin, similar_label, reduction, loss_dtype, y.dtype, d.dtype,
-           y.shape.rank, d.shape.rank, weight_spec)
+    key = (
+        shape_mode,
+        margin,
+        similar_label,
+        reduction,
+        loss_dtype,
+        y.dtype,
+        d.dtype,
+        y.shape.rank,
+        d.shape.rank,
+        weight_spec,
+    )
     if key not in _TRACED:
-        kwargs = dict(margin=margin, similar_label=similar_label, reduction=reduction,
-                      dtype=loss_dtype)
+        kwargs = dict(
+            margin=margin, similar_label=similar_label, reduction=reduction, dtype=loss_dtype
+        )
         fused, oracle = ContrastiveLoss(**kwargs), KerasReducedReference(**kwargs)
 
         def both(y, d, upstream, sample_weight=None):
-            return (loss_and_gradient(fused, y, d, sample_weight, upstream),
-                    loss_and_gradient(oracle, y, d, sample_weight, upstream))
+            return (
+                loss_and_gradient(fused, y, d, sample_weight, upstream),
+                loss_and_gradient(oracle, y, d, sample_weight, upstream),
+            )
 
         if shape_mode == "known":
             _TRACED[key] = tf.function(both, reduce_retracing=True)
         else:
-            specs = [_unknown_dims_spec(y, loss_rank), _unknown_dims_spec(d, loss_rank),
-                     tf.TensorSpec([], tf.float64)]
-            _TRACED[key] = tf.function(both, input_signature=specs + (
-                [] if weight_spec is None else [weight_spec]))
+            specs = [
+                _unknown_dims_spec(y, loss_rank),
+                _unknown_dims_spec(d, loss_rank),
+                tf.TensorSpec([], tf.float64),
+            ]
+            _TRACED[key] = tf.function(
+                both, input_signature=specs + ([] if weight_spec is None else [weight_spec])
+            )
     return _TRACED[key]
 
 
 @_settings(50)
-@given(_class_inputs(margins=[0.0, 1.0, 2.5], loss_dtypes=[None, "float16", "float64"]),
-       st.sampled_from(["known", "unknown_dims"]))
+@given(
+    _class_inputs(margins=[0.0, 1.0, 2.5], loss_dtypes=[None, "float16", "float64"]),
+    st.sampled_from(["known", "unknown_dims"]),
+)
 def test_class_matches_keras_reduction_in_tf_function(inputs, shape_mode):
     y, d, margin, similar_label, reduction, loss_dtype, sample_weight, upstream = inputs
     if isinstance(sample_weight, float):
         sample_weight = tf.constant(sample_weight)
-    both = _traced_class(shape_mode, margin, similar_label, reduction, loss_dtype, y, d,
-                         sample_weight)
+    both = _traced_class(
+        shape_mode, margin, similar_label, reduction, loss_dtype, y, d, sample_weight
+    )
     args = (y, d, tf.constant(upstream, tf.float64))
     got, want = both(*args) if sample_weight is None else both(*args, sample_weight)
     _check_class(d, loss_dtype, got, want)
@@ -448,8 +521,9 @@ _EMBEDDING_VALUES = _mixture(st.floats(-2.0, 2.0), [0.0, 1.0, -1.0])
 def _embedding_cases(draw):
     """Labels [...], embeddings a, b [..., D] with identical pairs and zero
     rows mixed in, a distance, a margin and similar_label."""
-    rows = draw(st.integers(0, 2).flatmap(
-        lambda rank: st.tuples(*[st.sampled_from([0, 1, 2, 5])] * rank)))
+    rows = draw(
+        st.integers(0, 2).flatmap(lambda rank: st.tuples(*[st.sampled_from([0, 1, 2, 5])] * rank))
+    )
     dim = draw(st.sampled_from([1, 2, 3, 8, 17]))
     dtype = draw(st.sampled_from(["float32", "float64"]))
     a = draw(hnp.arrays(np.float64, rows + (dim,), elements=_EMBEDDING_VALUES))
@@ -457,15 +531,24 @@ def _embedding_cases(draw):
     copy = draw(hnp.arrays(np.bool_, rows))  # identical pairs
     b = np.where(copy[..., None], a, b)
     labels = draw(hnp.arrays(np.float64, rows, elements=_SOFT_LABELS))
-    return (labels, a.astype(dtype), b.astype(dtype), draw(st.sampled_from(
-        ["euclidean", "cosine", "manhattan"])), draw(_margins(10.0)), draw(st.integers(0, 1)))
+    return (
+        labels,
+        a.astype(dtype),
+        b.astype(dtype),
+        draw(st.sampled_from(["euclidean", "cosine", "manhattan"])),
+        draw(_margins(10.0)),
+        draw(st.integers(0, 1)),
+    )
 
 
 @_settings(60)
 @given(_embedding_cases())
 def test_embedding_loss_and_gradients_equal_the_reference(case):
-    from fused_contrastive import (contrastive_loss_from_embeddings,
-                                   contrastive_loss_from_embeddings_reference)
+    from fused_contrastive import (
+        contrastive_loss_from_embeddings,
+        contrastive_loss_from_embeddings_reference,
+    )
+
     labels, a, b, distance, margin, similar_label = case
     a, b = tf.constant(a), tf.constant(b)
     results = []

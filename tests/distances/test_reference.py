@@ -3,9 +3,20 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from support import (DISTANCE_DTYPES, LABEL_DTYPES, ODD_BOOL_AS_LABELS, ODD_BOOL_LOSSES,
-                      TFA_DISTANCES, TFA_LABELS, TFA_LOSSES, numpy_contrastive_loss,
-                      hessian, odd_bool_labels, random_distances, random_labels)
+from support import (
+    DISTANCE_DTYPES,
+    LABEL_DTYPES,
+    ODD_BOOL_AS_LABELS,
+    ODD_BOOL_LOSSES,
+    TFA_DISTANCES,
+    TFA_LABELS,
+    TFA_LOSSES,
+    numpy_contrastive_loss,
+    hessian,
+    odd_bool_labels,
+    random_distances,
+    random_labels,
+)
 
 from fused_contrastive import contrastive_loss_reference
 from fused_contrastive.reference import reference_second_derivative
@@ -29,19 +40,22 @@ def test_16_bit_distances_are_computed_in_float32(rng, distance_dtype):
     y = random_labels(rng, (50,), "float32")
     d = random_distances(rng, (50,), distance_dtype)
     in_float32 = contrastive_loss_reference(y, tf.cast(d, tf.float32), 0.3)
-    np.testing.assert_array_equal(contrastive_loss_reference(y, d, 0.3),
-                                  tf.cast(in_float32, distance_dtype))
+    np.testing.assert_array_equal(
+        contrastive_loss_reference(y, d, 0.3), tf.cast(in_float32, distance_dtype)
+    )
 
 
 def test_float64_margin_is_not_rounded_to_float32():
-    loss = contrastive_loss_reference(tf.constant([0.0], tf.float64),
-                                      tf.constant([0.0], tf.float64), 0.1)
+    loss = contrastive_loss_reference(
+        tf.constant([0.0], tf.float64), tf.constant([0.0], tf.float64), 0.1
+    )
     assert loss.numpy()[0] == 0.1 * 0.1
 
 
 def test_tfa_case():
-    np.testing.assert_allclose(contrastive_loss_reference(TFA_LABELS, TFA_DISTANCES), TFA_LOSSES,
-                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(
+        contrastive_loss_reference(TFA_LABELS, TFA_DISTANCES), TFA_LOSSES, rtol=1e-6, atol=1e-7
+    )
 
 
 @pytest.mark.parametrize("label_dtype", LABEL_DTYPES)
@@ -51,8 +65,7 @@ def test_similar_label_0_is_tfa_formula_on_flipped_labels(rng, label_dtype):
     flipped = 1.0 - tf.cast(y, tf.float64).numpy()
     loss = contrastive_loss_reference(y, d, 1.2, similar_label=0)
     np.testing.assert_allclose(loss, numpy_contrastive_loss(flipped, d, 1.2), rtol=1e-14)
-    np.testing.assert_allclose(loss, numpy_contrastive_loss(y, d, 1.2, similar_label=0),
-                               rtol=1e-14)
+    np.testing.assert_allclose(loss, numpy_contrastive_loss(y, d, 1.2, similar_label=0), rtol=1e-14)
     assert not np.allclose(loss, contrastive_loss_reference(y, d, 1.2))
 
 
@@ -63,7 +76,8 @@ def test_bool_labels_read_any_nonzero_byte_as_true():
     np.testing.assert_array_equal(loss, contrastive_loss_reference(ODD_BOOL_AS_LABELS, d))
     np.testing.assert_array_equal(
         contrastive_loss_reference(odd_bool_labels(), d, similar_label=0),
-        contrastive_loss_reference(ODD_BOOL_AS_LABELS, d, similar_label=0))
+        contrastive_loss_reference(ODD_BOOL_AS_LABELS, d, similar_label=0),
+    )
 
 
 @pytest.mark.parametrize("similar_label", [1, 0])
@@ -71,5 +85,6 @@ def test_second_derivative_is_autodiff_of_the_loss(rng, similar_label):
     y = random_labels(rng, (12,), "float64")
     d = tf.constant(rng.uniform(0.0, 2.0, size=12))
     got = hessian(lambda d: tf.reduce_sum(contrastive_loss_reference(y, d, 1.1, similar_label)), d)
-    np.testing.assert_allclose(np.diag(got), reference_second_derivative(y, d, 1.1, similar_label),
-                               rtol=1e-15)
+    np.testing.assert_allclose(
+        np.diag(got), reference_second_derivative(y, d, 1.1, similar_label), rtol=1e-15
+    )

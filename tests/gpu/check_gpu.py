@@ -88,18 +88,24 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--self-test", action="store_true",
-                        help="no GPU: run every check with the CPU kernel standing in")
-    parser.add_argument("--installed", action="store_true",
-                        help="check the kernel module installed with fused_contrastive instead "
-                             "of building one")
+    parser.add_argument(
+        "--self-test",
+        action="store_true",
+        help="no GPU: run every check with the CPU kernel standing in",
+    )
+    parser.add_argument(
+        "--installed",
+        action="store_true",
+        help="check the kernel module installed with fused_contrastive instead of building one",
+    )
     return parser.parse_args(argv)
 
 
 def cuda_toolchain():
     """fused_contrastive/_cuda.py, loaded by path: it imports no TensorFlow."""
     spec = importlib.util.spec_from_file_location(
-        "fc_cuda", ROOT / "python" / "fused_contrastive" / "_cuda.py")
+        "fc_cuda", ROOT / "python" / "fused_contrastive" / "_cuda.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -111,6 +117,7 @@ def cmake_command():
     if found or importlib.util.find_spec("cmake") is None:
         return found
     import cmake
+
     return str(Path(cmake.CMAKE_BIN_DIR) / "cmake")
 
 
@@ -120,8 +127,11 @@ def eigen_include():
     not). CMake stays the authority; this only lets the check name it first."""
     if os.environ.get("FC_EIGEN_INCLUDE"):
         chosen = Path(os.environ["FC_EIGEN_INCLUDE"])
-        return (chosen, None) if (chosen / "Eigen" / "Core").exists() else (
-            None, f"FC_EIGEN_INCLUDE={chosen} has no Eigen/Core")
+        return (
+            (chosen, None)
+            if (chosen / "Eigen" / "Core").exists()
+            else (None, f"FC_EIGEN_INCLUDE={chosen} has no Eigen/Core")
+        )
     tensorflow = importlib.util.find_spec("tensorflow")
     candidates = [Path(tensorflow.submodule_search_locations[0]) / "include"] if tensorflow else []
     for candidate in candidates + [Path("/usr/include/eigen3")]:
@@ -139,9 +149,10 @@ def missing_prerequisites(args):
     problems = []
     if absent:
         packages = " ".join("cupy-cuda12x" if name == "cupy" else name for name in absent)
-        problems.append(f"Python modules {', '.join(absent)}: {sys.executable} -m pip install "
-                        f"{packages}" + (" (cupy-cuda13x for a CUDA 13 driver)"
-                                         if "cupy" in absent else ""))
+        problems.append(
+            f"Python modules {', '.join(absent)}: {sys.executable} -m pip install "
+            f"{packages}" + (" (cupy-cuda13x for a CUDA 13 driver)" if "cupy" in absent else "")
+        )
     if building and cmake_command() is None:
         problems.append(f"cmake: {sys.executable} -m pip install cmake")
     if building:
@@ -150,7 +161,8 @@ def missing_prerequisites(args):
             problems.append(
                 f"Eigen headers ({why}): set FC_EIGEN_INCLUDE to a directory holding "
                 "Eigen/Core (an unpacked Eigen 3.4 release from https://eigen.tuxfamily.org), "
-                "or apt-get install libeigen3-dev, or pip install tensorflow")
+                "or apt-get install libeigen3-dev, or pip install tensorflow"
+            )
     return problems
 
 
@@ -159,11 +171,16 @@ def check_prerequisites(argv):
     args = parse_args(argv)
     problems = missing_prerequisites(args)
     if problems:
-        raise SystemExit("check_gpu.py cannot run; nothing was built. Missing:\n" +
-                         "\n".join(f"  - {problem}" for problem in problems))
+        raise SystemExit(
+            "check_gpu.py cannot run; nothing was built. Missing:\n"
+            + "\n".join(f"  - {problem}" for problem in problems)
+        )
     if not (args.self_test or args.installed) and cuda_toolchain().system_nvcc() is None:
-        print("no system nvcc: the build fetches the CUDA 13 compiler from PyPI (119 MiB of "
-              "wheels) into its temporary directory", flush=True)
+        print(
+            "no system nvcc: the build fetches the CUDA 13 compiler from PyPI (119 MiB of "
+            "wheels) into its temporary directory",
+            flush=True,
+        )
 
 
 # Before the imports below fail one at a time.
@@ -181,8 +198,18 @@ REDUCTIONS = ["sum", "mean", "weighted_mean"]
 # Embedding shapes [..., D]: no rows, one row, odd row counts; D = 1 and odd D
 # (scalar loads) or a multiple of every dtype's 16-byte pack (vector loads).
 # main() adds a larger one.
-EMBEDDING_SHAPES = [(0, 8), (1, 1), (1, 128), (7, 3), (7, 16), (3, 5, 16), (1001, 1), (1001, 33),
-                    (1001, 128), (4097, 257)]
+EMBEDDING_SHAPES = [
+    (0, 8),
+    (1, 1),
+    (1, 128),
+    (7, 3),
+    (7, 16),
+    (3, 5, 16),
+    (1001, 1),
+    (1001, 33),
+    (1001, 128),
+    (4097, 257),
+]
 # The GPU sums a row in another order than the CPU (each fixed), so results
 # differ by rounding: allowed EMBEDDING_ULPS ulps of the compute type times
 # the largest magnitude in the array before cancellation (rounding_scales),
@@ -215,9 +242,17 @@ def build_kernel_module(build_dir, cuda):
     """Configures and builds only the pybind11 module; returns its directory."""
     out = Path(build_dir) / "out"
     cmake = cmake_command()
-    configure = [cmake, "-S", str(ROOT), "-B", str(Path(build_dir) / "build"),
-                 f"-DPython3_EXECUTABLE={sys.executable}", f"-DFC_OUTPUT_DIR={out}",
-                 "-DFC_WITH_TENSORFLOW=OFF", f"-DFC_CUDA={cuda}"]
+    configure = [
+        cmake,
+        "-S",
+        str(ROOT),
+        "-B",
+        str(Path(build_dir) / "build"),
+        f"-DPython3_EXECUTABLE={sys.executable}",
+        f"-DFC_OUTPUT_DIR={out}",
+        "-DFC_WITH_TENSORFLOW=OFF",
+        f"-DFC_CUDA={cuda}",
+    ]
     if os.environ.get("FC_EIGEN_INCLUDE"):
         configure.append(f"-DFC_EIGEN_INCLUDE={os.environ['FC_EIGEN_INCLUDE']}")
     if os.environ.get("CUDA_ARCHS"):
@@ -229,9 +264,19 @@ def build_kernel_module(build_dir, cuda):
         if toolchain.system_nvcc() is None:
             configure.append(f"-DCMAKE_CUDA_COMPILER={toolchain.pypi_nvcc(build_dir)}")
     subprocess.run(configure, check=True, stdout=subprocess.DEVNULL)
-    subprocess.run([cmake, "--build", str(Path(build_dir) / "build"), "-j",
-                    str(os.cpu_count() or 2), "--target", "_kernels"], check=True,
-                   stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [
+            cmake,
+            "--build",
+            str(Path(build_dir) / "build"),
+            "-j",
+            str(os.cpu_count() or 2),
+            "--target",
+            "_kernels",
+        ],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
     return out
 
 
@@ -239,11 +284,16 @@ def installed_kernel_module():
     """The pybind11 module installed with fused_contrastive, loaded without
     importing the package (which imports TensorFlow)."""
     package = importlib.util.find_spec("fused_contrastive")
-    found = [path for directory in (package.submodule_search_locations if package else [])
-             for path in sorted(Path(directory).glob("_kernels.*.so"))]
+    found = [
+        path
+        for directory in (package.submodule_search_locations if package else [])
+        for path in sorted(Path(directory).glob("_kernels.*.so"))
+    ]
     if not found:
-        raise SystemExit("--installed: no fused_contrastive with its _kernels module is installed "
-                         f"for {sys.executable}")
+        raise SystemExit(
+            "--installed: no fused_contrastive with its _kernels module is installed "
+            f"for {sys.executable}"
+        )
     spec = importlib.util.spec_from_file_location("_kernels", found[0])
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -276,12 +326,14 @@ class CpuStandIn:
     def run(self, labels, distances, offsets=(0, 0, 0, 0), similar_label=1):
         labels = _offset_copy(np, labels, offsets[0])
         distances = _offset_copy(np, distances, offsets[1])
-        return self.kernels.contrastive_loss_cpu(labels, distances, MARGIN,
-                                                 similar_label=similar_label)
+        return self.kernels.contrastive_loss_cpu(
+            labels, distances, MARGIN, similar_label=similar_label
+        )
 
     def run_reduced(self, labels, distances, weights, reduction):
-        return self.kernels.contrastive_loss_reduced_cpu(labels, distances, weights, MARGIN,
-                                                         reduction)
+        return self.kernels.contrastive_loss_reduced_cpu(
+            labels, distances, weights, MARGIN, reduction
+        )
 
     def scale(self, gradient, scale):
         return _cpu_scale(gradient, scale)
@@ -290,28 +342,33 @@ class CpuStandIn:
     # as the GPU's would be, so the self-test meets the rounding it tolerates.
     def run_embedding(self, labels, a, b, distance, similar_label, offsets=(0, 0, 0, 0)):
         labels, a, b = (_offset_copy(np, x, o) for x, o in zip((labels, a, b), offsets))
-        return self.kernels.embedding_loss_cpu(labels, a[..., ::-1], b[..., ::-1], MARGIN,
-                                               distance, similar_label)
+        return self.kernels.embedding_loss_cpu(
+            labels, a[..., ::-1], b[..., ::-1], MARGIN, distance, similar_label
+        )
 
     def run_embedding_grad(self, a, b, coefficients, upstream, distance, offsets=(0, 0, 0, 0)):
         a, b = _offset_copy(np, a, offsets[1]), _offset_copy(np, b, offsets[2])
         coefficients = _offset_copy(np, coefficients, offsets[0])
         upstream = _offset_copy(np, upstream, offsets[0])
-        grad_a, grad_b = self.kernels.embedding_grad_cpu(a[..., ::-1], b[..., ::-1], coefficients,
-                                                         upstream, distance)
+        grad_a, grad_b = self.kernels.embedding_grad_cpu(
+            a[..., ::-1], b[..., ::-1], coefficients, upstream, distance
+        )
         return grad_a[..., ::-1], grad_b[..., ::-1]
 
     def run_embedding_reduced(self, labels, a, b, weights, distance, reduction):
         loss, grad_a, grad_b, scale = self.kernels.embedding_loss_reduced_cpu(
-            labels, a[..., ::-1], b[..., ::-1], weights, MARGIN, distance, reduction)
+            labels, a[..., ::-1], b[..., ::-1], weights, MARGIN, distance, reduction
+        )
         return loss, grad_a[..., ::-1], grad_b[..., ::-1], scale
 
     def embedding_bandwidth(self, rows, dim):
-        labels, a, b = host_embeddings(np.random.default_rng(0), (rows, dim), "float32",
-                                       "float32", "euclidean")
+        labels, a, b = host_embeddings(
+            np.random.default_rng(0), (rows, dim), "float32", "float32", "euclidean"
+        )
         sync = lambda: None  # noqa: E731
         fused = _median_seconds(
-            lambda: self.kernels.embedding_loss_reduced_cpu(labels, a, b, None, MARGIN), sync, 5)
+            lambda: self.kernels.embedding_loss_reduced_cpu(labels, a, b, None, MARGIN), sync, 5
+        )
         return fused, _copy_seconds(np, rows * dim, sync, lambda t, s: np.copyto(t, s), 5)
 
     def bandwidth(self, n):
@@ -319,17 +376,21 @@ class CpuStandIn:
         sync = lambda: None  # noqa: E731
         times = {
             "fused loss+grad": _median_seconds(
-                lambda: self.kernels.contrastive_loss_cpu(labels, distances, MARGIN), sync, 5),
+                lambda: self.kernels.contrastive_loss_cpu(labels, distances, MARGIN), sync, 5
+            ),
             "fused reduced": _median_seconds(
                 lambda: self.kernels.contrastive_loss_reduced_cpu(labels, distances, None, MARGIN),
-                sync, 5),
+                sync,
+                5,
+            ),
             "unfused loss+grad": _median_seconds(
-                lambda: _unfused_formula(np, labels, distances), sync, 5),
+                lambda: _unfused_formula(np, labels, distances), sync, 5
+            ),
             "unfused reduced": _median_seconds(
-                lambda: _unfused_reduced(np, labels, distances), sync, 5),
+                lambda: _unfused_reduced(np, labels, distances), sync, 5
+            ),
         }
         return times, _copy_seconds(np, n, sync, lambda t, s: np.copyto(t, s), repeats=5)
-
 
     # As for the embeddings: the embedding axis reversed, so the Gram entries
     # are summed in another order, and a block size of its own.
@@ -340,8 +401,14 @@ class CpuStandIn:
 
     def run_in_batch_reduced(self, labels, e, weights, reduction, options):
         loss, grad, scale = in_batch_reduced_reference(
-            self.kernels, labels, e[:, ::-1], weights, reduction, options,
-            weight_total=lambda w: np.sum(w[::-1]))
+            self.kernels,
+            labels,
+            e[:, ::-1],
+            weights,
+            reduction,
+            options,
+            weight_total=lambda w: np.sum(w[::-1]),
+        )
         return loss, grad[:, ::-1], scale
 
     def in_batch_seconds(self, rows, dim):
@@ -351,7 +418,8 @@ class CpuStandIn:
         return {
             "loss": _median_seconds(lambda: self.kernels.in_batch_loss_cpu(labels, e), sync, 3),
             "loss+grad": _median_seconds(
-                lambda: self.kernels.in_batch_loss_cpu(labels, e, upstream), sync, 3),
+                lambda: self.kernels.in_batch_loss_cpu(labels, e, upstream), sync, 3
+            ),
         }
 
 
@@ -360,6 +428,7 @@ class CudaDevice:
 
     def __init__(self, kernels):
         import cupy
+
         self.cp = cupy
         self.kernels = kernels
         props = cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
@@ -378,10 +447,16 @@ class CudaDevice:
         grad = _offset_copy(cp, cp.empty_like(d_distances), offsets[3])
         stream = cp.cuda.get_current_stream()
         self.kernels.contrastive_loss_cuda(
-            d_labels, d_distances, loss, grad, MARGIN, stream=stream.ptr,
+            d_labels,
+            d_distances,
+            loss,
+            grad,
+            MARGIN,
+            stream=stream.ptr,
             labels_dtype="bfloat16" if labels.dtype == ml_dtypes.bfloat16 else None,
             distances_dtype="bfloat16" if distances.dtype == ml_dtypes.bfloat16 else None,
-            similar_label=similar_label)
+            similar_label=similar_label,
+        )
         stream.synchronize()
         out_dtype = distances.dtype
         return loss.get().view(out_dtype), grad.get().view(out_dtype)
@@ -401,12 +476,25 @@ class CudaDevice:
         workspace = cp.empty(self.kernels.reduced_workspace_bytes(distances.size), cp.uint8)
         stream = cp.cuda.get_current_stream()
         self.kernels.contrastive_loss_reduced_cuda(
-            d_labels, d_distances, d_weights, loss, grad, scale, workspace, MARGIN, reduction,
-            stream=stream.ptr, labels_dtype=self._bf16(labels),
-            distances_dtype=self._bf16(distances))
+            d_labels,
+            d_distances,
+            d_weights,
+            loss,
+            grad,
+            scale,
+            workspace,
+            MARGIN,
+            reduction,
+            stream=stream.ptr,
+            labels_dtype=self._bf16(labels),
+            distances_dtype=self._bf16(distances),
+        )
         stream.synchronize()
-        return (loss.get().view(distances.dtype), grad.get().view(distances.dtype),
-                float(scale.get()))
+        return (
+            loss.get().view(distances.dtype),
+            grad.get().view(distances.dtype),
+            float(scale.get()),
+        )
 
     def scale(self, gradient, scale):
         cp = self.cp
@@ -415,8 +503,9 @@ class CudaDevice:
         d_scale = cp.asarray(np.asarray(scale, gradient.dtype).view(raw.dtype))
         out = cp.empty_like(d_gradient)
         stream = cp.cuda.get_current_stream()
-        self.kernels.scale_cuda(d_gradient, d_scale, out, stream=stream.ptr,
-                                dtype=self._bf16(gradient))
+        self.kernels.scale_cuda(
+            d_gradient, d_scale, out, stream=stream.ptr, dtype=self._bf16(gradient)
+        )
         stream.synchronize()
         return out.get().view(gradient.dtype)
 
@@ -432,24 +521,44 @@ class CudaDevice:
         sync = stream.synchronize
         times = {
             "fused loss+grad": _median_seconds(
-                lambda: self.kernels.contrastive_loss_cuda(labels, distances, loss, grad, MARGIN,
-                                                           stream=stream.ptr), sync),
+                lambda: self.kernels.contrastive_loss_cuda(
+                    labels, distances, loss, grad, MARGIN, stream=stream.ptr
+                ),
+                sync,
+            ),
             "fused reduced": _median_seconds(
                 lambda: self.kernels.contrastive_loss_reduced_cuda(
-                    labels, distances, ones, reduced, grad, scale, workspace, MARGIN, "mean",
-                    stream=stream.ptr), sync),
+                    labels,
+                    distances,
+                    ones,
+                    reduced,
+                    grad,
+                    scale,
+                    workspace,
+                    MARGIN,
+                    "mean",
+                    stream=stream.ptr,
+                ),
+                sync,
+            ),
             "unfused loss+grad": _median_seconds(
-                lambda: _unfused_formula(cp, labels, distances), sync),
+                lambda: _unfused_formula(cp, labels, distances), sync
+            ),
             "unfused reduced": _median_seconds(
-                lambda: _unfused_reduced(cp, labels, distances), sync),
+                lambda: _unfused_reduced(cp, labels, distances), sync
+            ),
         }
         return times, _copy_seconds(cp, n, sync, self._copy)
 
     def _copy(self, target, source):
         cp = self.cp
-        cp.cuda.runtime.memcpyAsync(target.data.ptr, source.data.ptr, source.nbytes,
-                                    cp.cuda.runtime.memcpyDeviceToDevice,
-                                    cp.cuda.get_current_stream().ptr)
+        cp.cuda.runtime.memcpyAsync(
+            target.data.ptr,
+            source.data.ptr,
+            source.nbytes,
+            cp.cuda.runtime.memcpyDeviceToDevice,
+            cp.cuda.get_current_stream().ptr,
+        )
 
     def _host(self, device, dtype):
         """A device array's values as a host array of `dtype` (bfloat16 travels as uint16)."""
@@ -460,13 +569,21 @@ class CudaDevice:
         d_labels, d_a, d_b = (self._device(x, o) for x, o in zip((labels, a, b), offsets))
         loss = _offset_copy(cp, cp.empty(labels.shape, d_a.dtype), offsets[3])
         per_row = self.kernels.row_coefficients[distance]
-        coefficients = _offset_copy(cp, cp.empty(labels.shape + (per_row,), cp.float64),
-                                    offsets[3])
+        coefficients = _offset_copy(cp, cp.empty(labels.shape + (per_row,), cp.float64), offsets[3])
         stream = cp.cuda.get_current_stream()
         self.kernels.embedding_loss_cuda(
-            d_labels, d_a, d_b, loss, coefficients, MARGIN, distance, stream=stream.ptr,
-            labels_dtype=self._bf16(labels), embeddings_dtype=self._bf16(a),
-            similar_label=similar_label)
+            d_labels,
+            d_a,
+            d_b,
+            loss,
+            coefficients,
+            MARGIN,
+            distance,
+            stream=stream.ptr,
+            labels_dtype=self._bf16(labels),
+            embeddings_dtype=self._bf16(a),
+            similar_label=similar_label,
+        )
         stream.synchronize()
         return self._host(loss, a.dtype), coefficients.get()
 
@@ -477,9 +594,17 @@ class CudaDevice:
         d_upstream = self._device(upstream, offsets[0])
         grad_a, grad_b = (_offset_copy(cp, cp.empty_like(d_a), offsets[3]) for _ in range(2))
         stream = cp.cuda.get_current_stream()
-        self.kernels.embedding_grad_cuda(d_a, d_b, d_coefficients, d_upstream, grad_a, grad_b,
-                                         distance, stream=stream.ptr,
-                                         embeddings_dtype=self._bf16(a))
+        self.kernels.embedding_grad_cuda(
+            d_a,
+            d_b,
+            d_coefficients,
+            d_upstream,
+            grad_a,
+            grad_b,
+            distance,
+            stream=stream.ptr,
+            embeddings_dtype=self._bf16(a),
+        )
         stream.synchronize()
         return self._host(grad_a, a.dtype), self._host(grad_b, a.dtype)
 
@@ -490,16 +615,32 @@ class CudaDevice:
         loss = cp.empty((), d_a.dtype)
         grad_a, grad_b = cp.empty_like(d_a), cp.empty_like(d_b)
         scale = cp.empty((), cp.float64)
-        workspace = cp.empty(self.kernels.embedding_reduced_workspace_bytes(labels.size),
-                             cp.uint8)
+        workspace = cp.empty(self.kernels.embedding_reduced_workspace_bytes(labels.size), cp.uint8)
         stream = cp.cuda.get_current_stream()
         self.kernels.embedding_loss_reduced_cuda(
-            d_labels, d_a, d_b, d_weights, loss, grad_a, grad_b, scale, workspace, MARGIN,
-            distance, reduction, stream=stream.ptr, labels_dtype=self._bf16(labels),
-            embeddings_dtype=self._bf16(a))
+            d_labels,
+            d_a,
+            d_b,
+            d_weights,
+            loss,
+            grad_a,
+            grad_b,
+            scale,
+            workspace,
+            MARGIN,
+            distance,
+            reduction,
+            stream=stream.ptr,
+            labels_dtype=self._bf16(labels),
+            embeddings_dtype=self._bf16(a),
+        )
         stream.synchronize()
-        return (self._host(loss, a.dtype), self._host(grad_a, a.dtype),
-                self._host(grad_b, a.dtype), float(scale.get()))
+        return (
+            self._host(loss, a.dtype),
+            self._host(grad_a, a.dtype),
+            self._host(grad_b, a.dtype),
+            float(scale.get()),
+        )
 
     def embedding_bandwidth(self, rows, dim):
         cp = self.cp
@@ -512,10 +653,21 @@ class CudaDevice:
         stream = cp.cuda.get_current_stream()
         fused = _median_seconds(
             lambda: self.kernels.embedding_loss_reduced_cuda(
-                labels, a, b, ones, loss, grad_a, grad_b, scale, workspace, MARGIN,
-                stream=stream.ptr), stream.synchronize)
+                labels,
+                a,
+                b,
+                ones,
+                loss,
+                grad_a,
+                grad_b,
+                scale,
+                workspace,
+                MARGIN,
+                stream=stream.ptr,
+            ),
+            stream.synchronize,
+        )
         return fused, _copy_seconds(cp, rows * dim, stream.synchronize, self._copy)
-
 
     def _in_batch_operands(self, labels, e):
         cp = self.cp
@@ -528,12 +680,20 @@ class CudaDevice:
         d_upstream = None if upstream is None else cp.asarray(upstream)
         loss = cp.full(labels.shape, np.nan, e.dtype) if with_loss else None
         grad = None if upstream is None else cp.full(e.shape, np.nan, e.dtype)
-        workspace = cp.empty(self.kernels.in_batch_workspace_bytes(
-            len(labels), e.dtype.name, options["max_block_rows"], e.shape[1],
-            options["distance"]), cp.uint8)
+        workspace = cp.empty(
+            self.kernels.in_batch_workspace_bytes(
+                len(labels),
+                e.dtype.name,
+                options["max_block_rows"],
+                e.shape[1],
+                options["distance"],
+            ),
+            cp.uint8,
+        )
         stream = cp.cuda.get_current_stream()
-        self.kernels.in_batch_loss_cuda(d_labels, d_e, d_upstream, loss, grad, workspace,
-                                        stream=stream.ptr, **options)
+        self.kernels.in_batch_loss_cuda(
+            d_labels, d_e, d_upstream, loss, grad, workspace, stream=stream.ptr, **options
+        )
         stream.synchronize()
         return (None if loss is None else loss.get()), (None if grad is None else grad.get())
 
@@ -544,13 +704,30 @@ class CudaDevice:
         loss = cp.full((), np.nan, e.dtype)
         grad = cp.full(e.shape, np.nan, e.dtype)
         scale = cp.full((), np.nan, cp.float64)
-        workspace = cp.empty(self.kernels.in_batch_reduced_workspace_bytes(
-            len(labels), e.dtype.name, options["max_block_rows"], e.shape[1],
-            options["distance"]), cp.uint8)
+        workspace = cp.empty(
+            self.kernels.in_batch_reduced_workspace_bytes(
+                len(labels),
+                e.dtype.name,
+                options["max_block_rows"],
+                e.shape[1],
+                options["distance"],
+            ),
+            cp.uint8,
+        )
         stream = cp.cuda.get_current_stream()
         self.kernels.in_batch_loss_reduced_cuda(
-            d_labels, d_e, d_weights, loss, grad, scale, workspace, reduction=reduction,
-            loss_scale=IN_BATCH_LOSS_SCALE, stream=stream.ptr, **options)
+            d_labels,
+            d_e,
+            d_weights,
+            loss,
+            grad,
+            scale,
+            workspace,
+            reduction=reduction,
+            loss_scale=IN_BATCH_LOSS_SCALE,
+            stream=stream.ptr,
+            **options,
+        )
         stream.synchronize()
         return loss.get(), grad.get(), float(scale.get())
 
@@ -563,9 +740,12 @@ class CudaDevice:
         workspace = cp.empty(self.kernels.in_batch_workspace_bytes(rows, "float32"), cp.uint8)
         stream = cp.cuda.get_current_stream()
         run = lambda u, g: self.kernels.in_batch_loss_cuda(  # noqa: E731
-            d_labels, d_e, u, loss, g, workspace, IN_BATCH_MARGIN, stream=stream.ptr)
-        return {"loss": _median_seconds(lambda: run(None, None), stream.synchronize),
-                "loss+grad": _median_seconds(lambda: run(upstream, grad), stream.synchronize)}
+            d_labels, d_e, u, loss, g, workspace, IN_BATCH_MARGIN, stream=stream.ptr
+        )
+        return {
+            "loss": _median_seconds(lambda: run(None, None), stream.synchronize),
+            "loss+grad": _median_seconds(lambda: run(upstream, grad), stream.synchronize),
+        }
 
 
 def _offset_copy(xp, array, offset):
@@ -642,11 +822,18 @@ def tolerance_used(got, want, compute, stored=None, scale=None):
         return np.inf
     stored = ml_dtypes.finfo(stored or compute)
     largest = np.max(np.abs(want) if scale is None else scale, initial=0)
-    limit = (EMBEDDING_ULPS * ml_dtypes.finfo(compute).eps * largest
-             + stored.eps * np.abs(want) + stored.smallest_subnormal)
+    limit = (
+        EMBEDDING_ULPS * ml_dtypes.finfo(compute).eps * largest
+        + stored.eps * np.abs(want)
+        + stored.smallest_subnormal
+    )
     error = np.abs(np.where(np.isnan(want), 0, got - want))
-    return float(np.max(np.divide(error, limit, out=np.where(error > 0, np.inf, 0.0),
-                                  where=limit > 0), initial=0))
+    return float(
+        np.max(
+            np.divide(error, limit, out=np.where(error > 0, np.inf, 0.0), where=limit > 0),
+            initial=0,
+        )
+    )
 
 
 def compare_embeddings(device, kernels, rng, cases, offsets=(0, 0, 0, 0)):
@@ -669,9 +856,14 @@ def compare_embeddings(device, kernels, rng, cases, offsets=(0, 0, 0, 0)):
         used = [tolerance_used(got[0], want[0], compute, dtype, loss_scale)]
         if got[1].dtype == want[1].dtype and got[1].shape == want[1].shape:
             one = np.ones((), numpy_dtype(dtype))
-            used += [tolerance_used(g, w, compute, dtype, scale) for g, w, scale in zip(
-                kernels.embedding_grad_cpu(a, b, got[1], one, distance),
-                kernels.embedding_grad_cpu(a, b, want[1], one, distance), grad_scales)]
+            used += [
+                tolerance_used(g, w, compute, dtype, scale)
+                for g, w, scale in zip(
+                    kernels.embedding_grad_cpu(a, b, got[1], one, distance),
+                    kernels.embedding_grad_cpu(a, b, want[1], one, distance),
+                    grad_scales,
+                )
+            ]
         else:
             used.append(np.inf)
         same = [same_bits(x, y) for x, y in zip(got, again)]
@@ -681,17 +873,22 @@ def compare_embeddings(device, kernels, rng, cases, offsets=(0, 0, 0, 0)):
             grads = device.run_embedding_grad(a, b, want[1], upstream, distance, offsets)
             grads_again = device.run_embedding_grad(a, b, want[1], upstream, distance, offsets)
             u = np.abs(upstream.astype(np.float64))[..., None]
-            used += [tolerance_used(g, w, compute, dtype, u * scale)
-                     for g, w, scale in zip(grads, want_grads, grad_scales)]
+            used += [
+                tolerance_used(g, w, compute, dtype, u * scale)
+                for g, w, scale in zip(grads, want_grads, grad_scales)
+            ]
             same += [same_bits(x, y) for x, y in zip(grads, grads_again)]
         ok = all(same) and max(used) <= 1
         worst = max(worst, *used) if dtype in UNROUNDED else worst
         failures += not ok
         if not ok or np.prod(shape) >= 10**6:
-            print(f"  {'ok  ' if ok else 'FAIL'} embeddings {distance:9s} {dtype:8s} "
-                  f"labels={label_dtype:8s} shape={shape} offsets={offsets} "
-                  f"similar_label={similar_label} deterministic={all(same)} "
-                  f"tolerance used={max(used):.0%}", flush=True)
+            print(
+                f"  {'ok  ' if ok else 'FAIL'} embeddings {distance:9s} {dtype:8s} "
+                f"labels={label_dtype:8s} shape={shape} offsets={offsets} "
+                f"similar_label={similar_label} deterministic={all(same)} "
+                f"tolerance used={max(used):.0%}",
+                flush=True,
+            )
     return failures, worst
 
 
@@ -706,30 +903,42 @@ def compare_embedding_reduced(device, kernels, rng, cases):
         loss_scale, *grad_scales = rounding_scales(labels, a, b, distance, 1)
         vector = rng.uniform(0, 2, shape[:-1]).astype(numpy_dtype(dtype))
         for weights in (None, np.asarray(0.7, numpy_dtype(dtype)), vector):
-            row_weights = np.broadcast_to(np.float64(1 if weights is None else weights),
-                                          shape[:-1])
+            row_weights = np.broadcast_to(np.float64(1 if weights is None else weights), shape[:-1])
             for reduction in REDUCTIONS:
-                want = kernels.embedding_loss_reduced_cpu(labels, a, b, weights, MARGIN, distance,
-                                                          reduction)
+                want = kernels.embedding_loss_reduced_cpu(
+                    labels, a, b, weights, MARGIN, distance, reduction
+                )
                 got = device.run_embedding_reduced(labels, a, b, weights, distance, reduction)
                 again = device.run_embedding_reduced(labels, a, b, weights, distance, reduction)
                 factor = np.abs(row_weights * want[3])
-                scales = [np.sum(factor * loss_scale)] + [factor[..., None] * grad_scale
-                                                          for grad_scale in grad_scales]
-                used = max(tolerance_used(x, y, compute_dtype(dtype), dtype, scale)
-                           for x, y, scale in zip(got[:3], want[:3], scales))
+                scales = [np.sum(factor * loss_scale)] + [
+                    factor[..., None] * grad_scale for grad_scale in grad_scales
+                ]
+                used = max(
+                    tolerance_used(x, y, compute_dtype(dtype), dtype, scale)
+                    for x, y, scale in zip(got[:3], want[:3], scales)
+                )
                 summed = reduction == "weighted_mean" and weights is vector
-                ok = (all(same_bits(x, y) for x, y in zip(got[:3], again[:3]))
-                      and got[3] == again[3] and used <= 1
-                      and (np.isclose(got[3], want[3], rtol=1e-13, atol=0) if summed
-                           else got[3] == want[3]))
+                ok = (
+                    all(same_bits(x, y) for x, y in zip(got[:3], again[:3]))
+                    and got[3] == again[3]
+                    and used <= 1
+                    and (
+                        np.isclose(got[3], want[3], rtol=1e-13, atol=0)
+                        if summed
+                        else got[3] == want[3]
+                    )
+                )
                 worst = max(worst, used) if dtype in UNROUNDED else worst
                 failures += not ok
                 if not ok:
                     kind = weight_form(weights)
-                    print(f"  FAIL reduced embeddings {distance:9s} {reduction:13s} "
-                          f"weights={kind:6s} labels={label_dtype:8s} {dtype:8s} shape={shape} "
-                          f"tolerance used={used:.0%}", flush=True)
+                    print(
+                        f"  FAIL reduced embeddings {distance:9s} {reduction:13s} "
+                        f"weights={kind:6s} labels={label_dtype:8s} {dtype:8s} shape={shape} "
+                        f"tolerance used={used:.0%}",
+                        flush=True,
+                    )
     return failures, worst
 
 
@@ -756,12 +965,18 @@ def in_batch_inputs(rng, rows, dim, dtype):
 
 
 def in_batch_options(distance, weighting, max_block_rows):
-    return dict(margin=IN_BATCH_MARGIN, positive_margin=IN_BATCH_POSITIVE_MARGIN,
-                distance=distance, pair_weighting=weighting, max_block_rows=max_block_rows)
+    return dict(
+        margin=IN_BATCH_MARGIN,
+        positive_margin=IN_BATCH_POSITIVE_MARGIN,
+        distance=distance,
+        pair_weighting=weighting,
+        max_block_rows=max_block_rows,
+    )
 
 
-def in_batch_reduced_reference(kernels, labels, e, weights, reduction, options,
-                               weight_total=math.fsum):
+def in_batch_reduced_reference(
+    kernels, labels, e, weights, reduction, options, weight_total=math.fsum
+):
     """InBatchLossReducedCpu from in_batch_loss_cpu: g_i = w_i·reduction_scale
     rounded to the embeddings' dtype is the upstream gradient, the loss is
     Σ g_i·l_i in float64. weight_total adds up per-row weights (float64)."""
@@ -801,9 +1016,15 @@ def compare_in_batch(device, kernels, rng):
     the loss). Returns (cases, failures, worst relative_error)."""
     cases = failures = 0
     worst = 0.0
-    for index, (distance, weighting, dtype, rows, block) in enumerate(itertools.product(
-            ("euclidean", "cosine"), ("uniform", "balanced"), ("float32", "float64"),
-            IN_BATCH_ROWS, IN_BATCH_BLOCK_ROWS)):
+    for index, (distance, weighting, dtype, rows, block) in enumerate(
+        itertools.product(
+            ("euclidean", "cosine"),
+            ("uniform", "balanced"),
+            ("float32", "float64"),
+            IN_BATCH_ROWS,
+            IN_BATCH_BLOCK_ROWS,
+        )
+    ):
         dim = (33, 7, 3)[index % 3]
         labels, e = in_batch_inputs(rng, rows, dim, dtype)
         if index % 5 == 4 and rows >= 8:
@@ -815,19 +1036,27 @@ def compare_in_batch(device, kernels, rng):
         loss_again, grad_again = device.run_in_batch(labels, e, upstream, options)
         loss_only, _ = device.run_in_batch(labels, e, None, options)
         _, grad_only = device.run_in_batch(labels, e, upstream, options, with_loss=False)
-        used = max(relative_error(loss, want_loss, dtype),
-                   relative_error(grad, want_grad, dtype),
-                   relative_error(loss_only, want_loss, dtype))
-        same = (same_bits(loss, loss_again) and same_bits(grad, grad_again)
-                and same_bits(grad_only, grad) and same_bits(loss_only, loss))
+        used = max(
+            relative_error(loss, want_loss, dtype),
+            relative_error(grad, want_grad, dtype),
+            relative_error(loss_only, want_loss, dtype),
+        )
+        same = (
+            same_bits(loss, loss_again)
+            and same_bits(grad, grad_again)
+            and same_bits(grad_only, grad)
+            and same_bits(loss_only, loss)
+        )
         ok = same and used <= 1
         worst = max(worst, used)
         cases += 1
         failures += not ok
         if not ok:
-            print(f"  FAIL in-batch {distance:9s} {weighting:8s} {dtype:7s} B={rows} D={dim} "
-                  f"max_block_rows={block} deterministic={same} tolerance used={used:.0%}",
-                  flush=True)
+            print(
+                f"  FAIL in-batch {distance:9s} {weighting:8s} {dtype:7s} B={rows} D={dim} "
+                f"max_block_rows={block} deterministic={same} tolerance used={used:.0%}",
+                flush=True,
+            )
     return cases, failures, worst
 
 
@@ -840,14 +1069,23 @@ def compare_in_batch_cosine_scales(device, kernels, rng):
     bits), and the "sum" reduction. Returns (cases, failures, worst)."""
     cases = failures = 0
     worst = 0.0
-    for index, (weighting, dtype, rows, block, mix) in enumerate(itertools.product(
-            ("uniform", "balanced"), ("float32", "float64"), (2, 37, 300), (0, 7),
-            ("large", "small", "mixed"))):
+    for index, (weighting, dtype, rows, block, mix) in enumerate(
+        itertools.product(
+            ("uniform", "balanced"),
+            ("float32", "float64"),
+            (2, 37, 300),
+            (0, 7),
+            ("large", "small", "mixed"),
+        )
+    ):
         dim = (33, 7, 3)[index % 3]
         labels, e = in_batch_inputs(rng, rows, dim, dtype)
         large, small = IN_BATCH_COSINE_SCALES[dtype]
-        row_scale = {"large": np.full(rows, large), "small": np.full(rows, small),
-                     "mixed": np.resize([large, small, 1.0], rows)}[mix]
+        row_scale = {
+            "large": np.full(rows, large),
+            "small": np.full(rows, small),
+            "mixed": np.resize([large, small, 1.0], rows),
+        }[mix]
         e = (e.astype(np.float64) * row_scale[:, None]).astype(dtype)
         upstream = rng.uniform(-2, 2, rows).astype(dtype)
         options = in_batch_options("cosine", weighting, block)
@@ -861,22 +1099,31 @@ def compare_in_batch_cosine_scales(device, kernels, rng):
         def at_scale(g):
             return None if g is None else g.astype(np.float64) * row_scale[:, None]
 
-        used = max(relative_error(loss, want_loss, dtype),
-                   relative_error(loss_only, want_loss, dtype),
-                   relative_error(at_scale(grad), at_scale(want_grad), dtype),
-                   relative_error(reduced[0], want_reduced[0], dtype),
-                   relative_error(at_scale(reduced[1]), at_scale(want_reduced[1]), dtype))
-        finite = (np.all(np.isfinite(want_loss)) and np.all(np.isfinite(want_grad))
-                  and np.all(np.isfinite(loss)) and np.all(np.isfinite(grad)))
+        used = max(
+            relative_error(loss, want_loss, dtype),
+            relative_error(loss_only, want_loss, dtype),
+            relative_error(at_scale(grad), at_scale(want_grad), dtype),
+            relative_error(reduced[0], want_reduced[0], dtype),
+            relative_error(at_scale(reduced[1]), at_scale(want_reduced[1]), dtype),
+        )
+        finite = (
+            np.all(np.isfinite(want_loss))
+            and np.all(np.isfinite(want_grad))
+            and np.all(np.isfinite(loss))
+            and np.all(np.isfinite(grad))
+        )
         same = same_bits(grad_only, grad) and same_bits(loss_only, loss)
         ok = same and finite and used <= 1
         worst = max(worst, used)
         cases += 1
         failures += not ok
         if not ok:
-            print(f"  FAIL in-batch cosine scaled rows ({mix}) {weighting:8s} {dtype:7s} B={rows} "
-                  f"D={dim} max_block_rows={block} finite={finite} deterministic={same} "
-                  f"tolerance used={used:.0%}", flush=True)
+            print(
+                f"  FAIL in-batch cosine scaled rows ({mix}) {weighting:8s} {dtype:7s} B={rows} "
+                f"D={dim} max_block_rows={block} finite={finite} deterministic={same} "
+                f"tolerance used={used:.0%}",
+                flush=True,
+            )
     return cases, failures, worst
 
 
@@ -887,9 +1134,11 @@ def compare_in_batch_reduced(device, kernels, rng):
     failures, worst relative_error)."""
     cases = failures = 0
     worst = 0.0
-    for index, (distance, weighting, dtype, rows) in enumerate(itertools.product(
-            ("euclidean", "cosine"), ("uniform", "balanced"), ("float32", "float64"),
-            IN_BATCH_ROWS)):
+    for index, (distance, weighting, dtype, rows) in enumerate(
+        itertools.product(
+            ("euclidean", "cosine"), ("uniform", "balanced"), ("float32", "float64"), IN_BATCH_ROWS
+        )
+    ):
         dim = (33, 7)[index % 2]
         labels, e = in_batch_inputs(rng, rows, dim, dtype)
         options = in_batch_options(distance, weighting, (0, 7)[index % 2])
@@ -901,26 +1150,40 @@ def compare_in_batch_reduced(device, kernels, rng):
                 want = in_batch_reduced_reference(kernels, labels, e, weights, reduction, options)
                 got = device.run_in_batch_reduced(labels, e, weights, reduction, options)
                 again = device.run_in_batch_reduced(labels, e, weights, reduction, options)
-                row_weights = np.broadcast_to(np.abs(np.float64(
-                    1 if weights is None else weights)), (rows,))
+                row_weights = np.broadcast_to(
+                    np.abs(np.float64(1 if weights is None else weights)), (rows,)
+                )
                 magnitude = float(np.sum(terms * row_weights) * abs(want[2]))
-                used = max(relative_error(got[0], want[0], dtype, magnitude),
-                           relative_error(got[1], want[1], dtype))
+                used = max(
+                    relative_error(got[0], want[0], dtype, magnitude),
+                    relative_error(got[1], want[1], dtype),
+                )
                 summed = reduction == "weighted_mean" and weights is vector
-                same = (same_bits(got[0], again[0]) and same_bits(got[1], again[1])
-                        and got[2] == again[2])
-                ok = (same and used <= 1
-                      and (math.isclose(got[2], want[2], rel_tol=1e-13) if summed
-                           else got[2] == want[2]))
+                same = (
+                    same_bits(got[0], again[0])
+                    and same_bits(got[1], again[1])
+                    and got[2] == again[2]
+                )
+                ok = (
+                    same
+                    and used <= 1
+                    and (
+                        math.isclose(got[2], want[2], rel_tol=1e-13)
+                        if summed
+                        else got[2] == want[2]
+                    )
+                )
                 worst = max(worst, used)
                 cases += 1
                 failures += not ok
                 if not ok:
                     kind = weight_form(weights)
-                    print(f"  FAIL reduced in-batch {distance:9s} {weighting:8s} {reduction:13s} "
-                          f"weights={kind:6s} {dtype:7s} B={rows} D={dim} deterministic={same} "
-                          f"scale={got[2]!r} want {want[2]!r} tolerance used={used:.0%}",
-                          flush=True)
+                    print(
+                        f"  FAIL reduced in-batch {distance:9s} {weighting:8s} {reduction:13s} "
+                        f"weights={kind:6s} {dtype:7s} B={rows} D={dim} deterministic={same} "
+                        f"scale={got[2]!r} want {want[2]!r} tolerance used={used:.0%}",
+                        flush=True,
+                    )
     return cases, failures, worst
 
 
@@ -971,19 +1234,24 @@ def compare(device, kernels, rng, cases, offsets=(0, 0, 0, 0), similar_label=1):
     failures = 0
     for label_dtype, distance_dtype, n in cases:
         labels, distances = host_inputs(rng, n, label_dtype, distance_dtype)
-        want_loss, want_grad = kernels.contrastive_loss_cpu(labels, distances, MARGIN,
-                                                            similar_label=similar_label)
+        want_loss, want_grad = kernels.contrastive_loss_cpu(
+            labels, distances, MARGIN, similar_label=similar_label
+        )
         loss, grad = device.run(labels, distances, offsets, similar_label)
         ok = same_bits(loss, want_loss) and same_bits(grad, want_grad)
         if label_dtype == "bool":  # the bytes' truth, not their values, counts
-            truth = kernels.contrastive_loss_cpu(labels != 0, distances, MARGIN,
-                                                 similar_label=similar_label)
+            truth = kernels.contrastive_loss_cpu(
+                labels != 0, distances, MARGIN, similar_label=similar_label
+            )
             ok = ok and same_bits(loss, truth[0]) and same_bits(grad, truth[1])
         failures += not ok
         if not ok or n >= 10**6:
-            print(f"  {'ok  ' if ok else 'FAIL'} labels={label_dtype:8s} distances="
-                  f"{distance_dtype:8s} n={n:>11,d} offsets={offsets} "
-                  f"similar_label={similar_label}", flush=True)
+            print(
+                f"  {'ok  ' if ok else 'FAIL'} labels={label_dtype:8s} distances="
+                f"{distance_dtype:8s} n={n:>11,d} offsets={offsets} "
+                f"similar_label={similar_label}",
+                flush=True,
+            )
     return failures
 
 
@@ -997,24 +1265,37 @@ def compare_reduced(device, kernels, rng, cases):
         vector = rng.uniform(0, 2, n).astype(numpy_dtype(distance_dtype))
         for weights in (None, np.asarray(0.7, numpy_dtype(distance_dtype)), vector):
             for reduction in ("sum", "mean", "weighted_mean"):
-                want = kernels.contrastive_loss_reduced_cpu(labels, distances, weights, MARGIN,
-                                                            reduction)
+                want = kernels.contrastive_loss_reduced_cpu(
+                    labels, distances, weights, MARGIN, reduction
+                )
                 got = device.run_reduced(labels, distances, weights, reduction)
                 again = device.run_reduced(labels, distances, weights, reduction)
                 exact = not (reduction == "weighted_mean" and weights is vector)
                 tol = REDUCED_TOLERANCE[distance_dtype]
-                ok = (same_bits(got[1], again[1]) and same_bits(got[0], again[0])
-                      and np.allclose(np.float64(got[0]), np.float64(want[0]), rtol=tol, atol=0)
-                      and (same_bits(got[1], want[1]) if exact else np.allclose(
-                          got[1].astype(np.float64), want[1].astype(np.float64), rtol=tol,
-                          atol=1e-30))
-                      and np.isclose(got[2], want[2], rtol=1e-15, atol=0))
+                ok = (
+                    same_bits(got[1], again[1])
+                    and same_bits(got[0], again[0])
+                    and np.allclose(np.float64(got[0]), np.float64(want[0]), rtol=tol, atol=0)
+                    and (
+                        same_bits(got[1], want[1])
+                        if exact
+                        else np.allclose(
+                            got[1].astype(np.float64),
+                            want[1].astype(np.float64),
+                            rtol=tol,
+                            atol=1e-30,
+                        )
+                    )
+                    and np.isclose(got[2], want[2], rtol=1e-15, atol=0)
+                )
                 failures += not ok
                 if not ok or n >= 10**6:
                     kind = weight_form(weights)
-                    print(f"  {'ok  ' if ok else 'FAIL'} reduced {reduction:13s} weights={kind:6s} "
-                          f"labels={label_dtype:8s} distances={distance_dtype:8s} n={n:>11,d}",
-                          flush=True)
+                    print(
+                        f"  {'ok  ' if ok else 'FAIL'} reduced {reduction:13s} weights={kind:6s} "
+                        f"labels={label_dtype:8s} distances={distance_dtype:8s} n={n:>11,d}",
+                        flush=True,
+                    )
         gradient = (rng.standard_normal(max(n, 1)) * 3).astype(numpy_dtype(distance_dtype))
         for factor in (1.0, 0.37):
             ok = same_bits(device.scale(gradient, factor), _cpu_scale(gradient, factor))
@@ -1044,8 +1325,11 @@ def check_tf_ops(self_test):
         import tensorflow as tf
         import fused_contrastive as fc
     except ImportError as error:
-        print(f"TF-op part not run (not a failure): TensorFlow or fused_contrastive is not "
-              f"importable here ({error})", flush=True)
+        print(
+            f"TF-op part not run (not a failure): TensorFlow or fused_contrastive is not "
+            f"importable here ({error})",
+            flush=True,
+        )
         return 0
     from fused_contrastive import _ops
     from tensorflow.python.framework import kernels
@@ -1056,20 +1340,30 @@ def check_tf_ops(self_test):
     if self_test:
         label = "CPU:0 (self-test stand-in for the GPU)"
     else:
-        name = (tf.config.experimental.get_device_details(gpus[0]).get("device_name", "?")
-                if gpus else "none seen by TensorFlow")
+        name = (
+            tf.config.experimental.get_device_details(gpus[0]).get("device_name", "?")
+            if gpus
+            else "none seen by TensorFlow"
+        )
         label = f"GPU:0 ({name})"
-    print(f"TF ops (TensorFlow {tf.__version__}) on {label} against /CPU:0; fused_contrastive "
-          f"build_info: {info}", flush=True)
+    print(
+        f"TF ops (TensorFlow {tf.__version__}) on {label} against /CPU:0; fused_contrastive "
+        f"build_info: {info}",
+        flush=True,
+    )
     problem = None
     if fc.using_reference():
-        problem = (f"fused_contrastive runs its pure-TF fallback ({fc.USE_REFERENCE_ENV} is "
-                   "set): there are no ops to check")
+        problem = (
+            f"fused_contrastive runs its pure-TF fallback ({fc.USE_REFERENCE_ENV} is "
+            "set): there are no ops to check"
+        )
     elif not self_test and not info.get("cuda"):
-        problem = (f"the installed fused_contrastive has CPU kernels only (build_info: "
-                   f"cuda={info.get('cuda')!r}, cuda_compiler={info.get('cuda_compiler')!r}, "
-                   f"library={info.get('library')!r}); reinstall it with "
-                   "FUSED_CONTRASTIVE_CUDA=on pip install .")
+        problem = (
+            f"the installed fused_contrastive has CPU kernels only (build_info: "
+            f"cuda={info.get('cuda')!r}, cuda_compiler={info.get('cuda_compiler')!r}, "
+            f"library={info.get('library')!r}); reinstall it with "
+            "FUSED_CONTRASTIVE_CUDA=on pip install ."
+        )
     elif not gpus and not self_test:
         problem = "TensorFlow sees no GPU"
     if problem:
@@ -1080,12 +1374,15 @@ def check_tf_ops(self_test):
     failures = 0
     names = sorted(value for key, value in vars(_ops).items() if key.endswith("OP_NAME"))
     for name in names:
-        types = {kernel.device_type
-                 for kernel in kernels.get_registered_kernels_for_op(name).kernel}
+        types = {
+            kernel.device_type for kernel in kernels.get_registered_kernels_for_op(name).kernel
+        }
         if device_type not in types:
             failures += 1
-            print(f"  FAIL {name} has no {device_type} kernel (registered: {sorted(types)})",
-                  flush=True)
+            print(
+                f"  FAIL {name} has no {device_type} kernel (registered: {sorted(types)})",
+                flush=True,
+            )
     print(f"{len(names)} TF ops checked for a registered {device_type} kernel", flush=True)
 
     # An op without a kernel on the device then raises instead of running on
@@ -1093,33 +1390,52 @@ def check_tf_ops(self_test):
     tf.config.set_soft_device_placement(False)
     cases, found, worst = compare_tf_ops(tf, device, tf_op_cases(fc, np.random.default_rng(9)))
     failures += found
-    print(f"{cases} TF-op cases compared, {device} against /CPU:0 (worst difference: "
-          f"{worst:.0%} of the tolerance)", flush=True)
+    print(
+        f"{cases} TF-op cases compared, {device} against /CPU:0 (worst difference: "
+        f"{worst:.0%} of the tolerance)",
+        flush=True,
+    )
 
     n = 10**6 if self_test else 10**8
     rows, dim = (512 if self_test else 4096), 128
     repeats = 10 if self_test else 20
     fused = functools.partial(fc.contrastive_loss, margin=MARGIN)
     reference = functools.partial(fc.contrastive_loss_reference, margin=MARGIN)
-    steps = {"fused": (fused, False), "fused reduced": (fc.ContrastiveLoss(margin=MARGIN), False),
-             "plain": (reference, False), "XLA": (reference, True), "fused XLA": (fused, True)}
-    times, found = time_tf_steps(tf, device, steps, host_inputs(
-        np.random.default_rng(0), n, "float32", "float32"), repeats)
+    steps = {
+        "fused": (fused, False),
+        "fused reduced": (fc.ContrastiveLoss(margin=MARGIN), False),
+        "plain": (reference, False),
+        "XLA": (reference, True),
+        "fused XLA": (fused, True),
+    }
+    times, found = time_tf_steps(
+        tf, device, steps, host_inputs(np.random.default_rng(0), n, "float32", "float32"), repeats
+    )
     failures += found
     options = in_batch_options("euclidean", "uniform", None)
     in_batch = functools.partial(fc.in_batch_contrastive_loss, **options)
     del options["max_block_rows"]  # the reference has no blocks
     in_batch_reference = functools.partial(fc.in_batch_contrastive_loss_reference, **options)
-    in_batch_steps = {"fused": (in_batch, False), "plain": (in_batch_reference, False),
-                      "XLA": (in_batch_reference, True)}
+    in_batch_steps = {
+        "fused": (in_batch, False),
+        "plain": (in_batch_reference, False),
+        "XLA": (in_batch_reference, True),
+    }
     in_batch_times, found = time_tf_steps(
-        tf, device, in_batch_steps, in_batch_inputs(np.random.default_rng(0), rows, dim,
-                                                    "float32"), repeats)
+        tf,
+        device,
+        in_batch_steps,
+        in_batch_inputs(np.random.default_rng(0), rows, dim, "float32"),
+        repeats,
+    )
     failures += found
-    print(f"TF-op summary: device={label} ops={'FAIL' if failures else 'PASS'} "
-          f"N=1e{round(math.log10(n))} fwd+bwd {format_tf_times(times)}; in-batch B={rows} "
-          f"D={dim} fwd+bwd {format_tf_times(in_batch_times)} (float32, median of {repeats}; "
-          f"(x): time / fused time)", flush=True)
+    print(
+        f"TF-op summary: device={label} ops={'FAIL' if failures else 'PASS'} "
+        f"N=1e{round(math.log10(n))} fwd+bwd {format_tf_times(times)}; in-batch B={rows} "
+        f"D={dim} fwd+bwd {format_tf_times(in_batch_times)} (float32, median of {repeats}; "
+        f"(x): time / fused time)",
+        flush=True,
+    )
     return failures
 
 
@@ -1132,16 +1448,21 @@ def tf_op_cases(fc, rng):
     Keras classes (their fused reductions) a scalar that is not 1, so their
     backward kernel multiplies. Labels are float32 or int64: TensorFlow keeps
     int32 tensors of a GPU in host memory."""
+
     def exact(got, want):
         return 0.0 if all(map(same_bits, got, want)) else np.inf
 
     def reduced(dtype):  # the divisor is the same: the gradient bit for bit
-        return lambda got, want: (np.inf if not same_bits(got[1], want[1]) else relative_error(
-            got[0], want[0], dtype, tolerances=REDUCED_TOLERANCE))
+        return lambda got, want: (
+            np.inf
+            if not same_bits(got[1], want[1])
+            else relative_error(got[0], want[0], dtype, tolerances=REDUCED_TOLERANCE)
+        )
 
     def embeddings(dtype, scales):
-        return lambda got, want: max(tolerance_used(g, w, dtype, dtype, scale)
-                                     for g, w, scale in zip(got, want, scales))
+        return lambda got, want: max(
+            tolerance_used(g, w, dtype, dtype, scale) for g, w, scale in zip(got, want, scales)
+        )
 
     def in_batch(dtype):
         return lambda got, want: max(relative_error(g, w, dtype) for g, w in zip(got, want))
@@ -1150,10 +1471,22 @@ def tf_op_cases(fc, rng):
     for dtype in ("float32", "float64"):
         label_dtype = "float32" if dtype == "float32" else "int64"
         labels, distances = host_inputs(rng, 10**6 + 3, label_dtype, dtype)
-        yield (f"contrastive_loss {dtype}", functools.partial(fc.contrastive_loss, margin=MARGIN),
-               labels, [distances], rng.standard_normal(distances.shape).astype(dtype), exact)
-        yield (f"ContrastiveLoss {dtype}", fc.ContrastiveLoss(margin=MARGIN, dtype=dtype),
-               labels, [distances], np.asarray(scalar_upstream, dtype), reduced(dtype))
+        yield (
+            f"contrastive_loss {dtype}",
+            functools.partial(fc.contrastive_loss, margin=MARGIN),
+            labels,
+            [distances],
+            rng.standard_normal(distances.shape).astype(dtype),
+            exact,
+        )
+        yield (
+            f"ContrastiveLoss {dtype}",
+            fc.ContrastiveLoss(margin=MARGIN, dtype=dtype),
+            labels,
+            [distances],
+            np.asarray(scalar_upstream, dtype),
+            reduced(dtype),
+        )
 
         for distance, shape in itertools.product(DISTANCE_KINDS, [(37, 3), (1001, 128)]):
             rows = shape[0]
@@ -1162,30 +1495,52 @@ def tf_op_cases(fc, rng):
             upstream = rng.uniform(-2, 2, rows).astype(dtype)
             u = np.abs(upstream.astype(np.float64))[:, None]
             case = f"{distance} {dtype} shape={shape}"
-            yield (f"contrastive_loss_from_embeddings {case}",
-                   functools.partial(fc.contrastive_loss_from_embeddings, margin=MARGIN,
-                                     distance=distance),
-                   labels, [a, b], upstream,
-                   embeddings(dtype, [loss_scale] + [u * scale for scale in grad_scales]))
+            yield (
+                f"contrastive_loss_from_embeddings {case}",
+                functools.partial(
+                    fc.contrastive_loss_from_embeddings, margin=MARGIN, distance=distance
+                ),
+                labels,
+                [a, b],
+                upstream,
+                embeddings(dtype, [loss_scale] + [u * scale for scale in grad_scales]),
+            )
             # Reduced to the mean: each row's share of the loss and gradients
             # (and so of their rounding) is 1/rows of it.
-            yield (f"ContrastiveLoss(distance) {case}",
-                   fc.ContrastiveLoss(margin=MARGIN, distance=distance, dtype=dtype),
-                   labels, [np.stack([a, b], -2)], np.asarray(scalar_upstream, dtype),
-                   embeddings(dtype, [np.sum(loss_scale) / rows,
-                                      scalar_upstream / rows * np.stack(grad_scales, -2)]))
+            yield (
+                f"ContrastiveLoss(distance) {case}",
+                fc.ContrastiveLoss(margin=MARGIN, distance=distance, dtype=dtype),
+                labels,
+                [np.stack([a, b], -2)],
+                np.asarray(scalar_upstream, dtype),
+                embeddings(
+                    dtype,
+                    [np.sum(loss_scale) / rows, scalar_upstream / rows * np.stack(grad_scales, -2)],
+                ),
+            )
 
         for distance, weighting, (rows, dim) in itertools.product(
-                ("euclidean", "cosine"), ("uniform", "balanced"), [(300, 33), (1024, 128)]):
+            ("euclidean", "cosine"), ("uniform", "balanced"), [(300, 33), (1024, 128)]
+        ):
             labels, e = in_batch_inputs(rng, rows, dim, dtype)
             options = in_batch_options(distance, weighting, None)
             case = f"{distance} {weighting} {dtype} B={rows} D={dim}"
-            yield (f"in_batch_contrastive_loss {case}",
-                   functools.partial(fc.in_batch_contrastive_loss, **options), labels, [e],
-                   rng.uniform(-2, 2, rows).astype(dtype), in_batch(dtype))
-            yield (f"InBatchContrastiveLoss {case}",
-                   fc.InBatchContrastiveLoss(**options, dtype=dtype), labels, [e],
-                   np.asarray(scalar_upstream, dtype), in_batch(dtype))
+            yield (
+                f"in_batch_contrastive_loss {case}",
+                functools.partial(fc.in_batch_contrastive_loss, **options),
+                labels,
+                [e],
+                rng.uniform(-2, 2, rows).astype(dtype),
+                in_batch(dtype),
+            )
+            yield (
+                f"InBatchContrastiveLoss {case}",
+                fc.InBatchContrastiveLoss(**options, dtype=dtype),
+                labels,
+                [e],
+                np.asarray(scalar_upstream, dtype),
+                in_batch(dtype),
+            )
 
 
 def tf_loss_and_grads(tf, device, loss_fn, labels, inputs, upstream):
@@ -1201,8 +1556,10 @@ def tf_loss_and_grads(tf, device, loss_fn, labels, inputs, upstream):
         grads = tape.gradient(loss, inputs, output_gradients=upstream)
     outputs = [loss, *grads]
     wanted = tf.DeviceSpec.from_string(device)
-    placed = all((spec.device_type, spec.device_index) == (wanted.device_type, wanted.device_index)
-                 for spec in (tf.DeviceSpec.from_string(x.device) for x in outputs))
+    placed = all(
+        (spec.device_type, spec.device_index) == (wanted.device_type, wanted.device_index)
+        for spec in (tf.DeviceSpec.from_string(x.device) for x in outputs)
+    )
     return [x.numpy() for x in outputs], placed
 
 
@@ -1244,25 +1601,33 @@ def time_tf_steps(tf, device, steps, host, repeats):
             # TF's device-to-host stream wait for all the work queued on the
             # compute stream, the gradient's included.
             try:
-                times[name] = _median_seconds(lambda: results.append(step(labels, x)),
-                                              lambda: results.pop()[0].numpy(), repeats)
+                times[name] = _median_seconds(
+                    lambda: results.append(step(labels, x)),
+                    lambda: results.pop()[0].numpy(),
+                    repeats,
+                )
             except tf.errors.OpError as raised:
                 times[name] = math.nan
                 failures += 1
-                print(f"  FAIL timing {name} raised {type(raised).__name__}: "
-                      f"{raised.message.splitlines()[0]}", flush=True)
+                print(
+                    f"  FAIL timing {name} raised {type(raised).__name__}: "
+                    f"{raised.message.splitlines()[0]}",
+                    flush=True,
+                )
     return times, failures
 
 
 def tf_forward_backward(tf, loss_fn, jit_compile):
     """A tf.function: the mean of loss_fn(labels, x) and its gradient with
     respect to x."""
+
     @tf.function(jit_compile=jit_compile)
     def step(labels, x):
         with tf.GradientTape() as tape:
             tape.watch(x)
             loss = tf.reduce_mean(loss_fn(labels, x))
         return loss, tape.gradient(loss, x)
+
     return step
 
 
@@ -1270,8 +1635,10 @@ def format_tf_times(times):
     """'fused 1.23 ms | plain 4.56 ms (3.7x) | ...': each time, and after the
     first its ratio to the first."""
     (name, first), *others = times.items()
-    return " | ".join([f"{name} {first * 1e3:.3g} ms"] + [
-        f"{other} {seconds * 1e3:.3g} ms ({seconds / first:.1f}x)" for other, seconds in others])
+    return " | ".join(
+        [f"{name} {first * 1e3:.3g} ms"]
+        + [f"{other} {seconds * 1e3:.3g} ms ({seconds / first:.1f}x)" for other, seconds in others]
+    )
 
 
 def main(argv=None):
@@ -1285,36 +1652,52 @@ def main(argv=None):
             out = build_kernel_module(build_dir, cuda="AUTO" if args.self_test else "ON")
             sys.path.insert(0, str(out))
             import _kernels
-        print(f"{'loaded' if args.installed else 'built'} {_kernels.__file__} "
-              f"(has_cuda={_kernels.has_cuda}) in {time.perf_counter() - started:.0f} s",
-              flush=True)
+        print(
+            f"{'loaded' if args.installed else 'built'} {_kernels.__file__} "
+            f"(has_cuda={_kernels.has_cuda}) in {time.perf_counter() - started:.0f} s",
+            flush=True,
+        )
         if not args.self_test and not _kernels.has_cuda:
-            raise SystemExit("this kernel module has no CUDA kernels: reinstall with "
-                             "FUSED_CONTRASTIVE_CUDA=on, or run without --installed")
+            raise SystemExit(
+                "this kernel module has no CUDA kernels: reinstall with "
+                "FUSED_CONTRASTIVE_CUDA=on, or run without --installed"
+            )
         device = CpuStandIn(_kernels) if args.self_test else CudaDevice(_kernels)
         big = 10**6 if args.self_test else 10**8
         print(f"checking {device.name}", flush=True)
 
         rng = np.random.default_rng(7)
         small = [0, 1, 3, 17, 1001, 65537, 10**6 + 3]
-        cases = [(l, d, n) for l in LABEL_DTYPES for d in DISTANCE_DTYPES for n in small]
-        cases += [("float32", "float32", big), ("int32", "float16", big),
-                  ("float64", "float64", big), ("bool", "bfloat16", big)]
+        cases = [(y, d, n) for y in LABEL_DTYPES for d in DISTANCE_DTYPES for n in small]
+        cases += [
+            ("float32", "float32", big),
+            ("int32", "float16", big),
+            ("float64", "float64", big),
+            ("bool", "bfloat16", big),
+        ]
         failures = compare(device, _kernels, rng, cases)
         print(f"{len(cases)} aligned cases compared", flush=True)
         flipped = [case for case in cases if case[2] <= 1001]
         failures += compare(device, _kernels, rng, flipped, similar_label=0)
         print(f"{len(flipped)} aligned cases compared with similar_label=0", flush=True)
 
-        misaligned = [(l, d, 10**4 + 7) for l in ("bool", "float32", "int64")
-                      for d in DISTANCE_DTYPES]
+        misaligned = [
+            (y, d, 10**4 + 7) for y in ("bool", "float32", "int64") for d in DISTANCE_DTYPES
+        ]
         for offsets in [(1, 0, 0, 0), (0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 3), (3, 1, 2, 1)]:
             failures += compare(device, _kernels, rng, misaligned, offsets)
         print(f"{len(misaligned) * 5} misaligned cases compared", flush=True)
 
-        reduced_cases = [(l, d, n) for l, d in [("float32", "float32"), ("int32", "float16"),
-                                                 ("bool", "bfloat16"), ("float64", "float64")]
-                         for n in (0, 1, 17, 10**6 + 3)]
+        reduced_cases = [
+            (y, d, n)
+            for y, d in [
+                ("float32", "float32"),
+                ("int32", "float16"),
+                ("bool", "bfloat16"),
+                ("float64", "float64"),
+            ]
+            for n in (0, 1, 17, 10**6 + 3)
+        ]
         reduced_cases.append(("float32", "float32", big))
         failures += compare_reduced(device, _kernels, rng, reduced_cases)
         print(f"{len(reduced_cases) * 9} reduced cases compared", flush=True)
@@ -1323,80 +1706,131 @@ def main(argv=None):
         times, copy = device.bandwidth(n)
         # float32 bytes each must move: labels and distances read, then loss
         # and grad written (loss+grad) or grad written (reduced).
-        moved = {"fused loss+grad": 16 * n, "fused reduced": 12 * n,
-                 "unfused loss+grad": 16 * n, "unfused reduced": 12 * n}
+        moved = {
+            "fused loss+grad": 16 * n,
+            "fused reduced": 12 * n,
+            "unfused loss+grad": 16 * n,
+            "unfused reduced": 12 * n,
+        }
         print(f"bandwidth at N={n:,} float32 (median; copy: 16N bytes read+written):")
         print(f"  same-bytes copy      {copy * 1e3:8.3f} ms  {16 * n / copy / 1e9:8.1f} GB/s")
         for name, seconds in times.items():
             gbps = moved[name] / seconds / 1e9
-            print(f"  {name:20s} {seconds * 1e3:8.3f} ms  {gbps:8.1f} GB/s  "
-                  f"{gbps / (16 * n / copy / 1e9):5.0%} of copy")
+            print(
+                f"  {name:20s} {seconds * 1e3:8.3f} ms  {gbps:8.1f} GB/s  "
+                f"{gbps / (16 * n / copy / 1e9):5.0%} of copy"
+            )
         for kind in ("loss+grad", "reduced"):
-            print(f"  unfused/fused time, {kind}: "
-                  f"{times['unfused ' + kind] / times['fused ' + kind]:.1f}x")
+            print(
+                f"  unfused/fused time, {kind}: "
+                f"{times['unfused ' + kind] / times['fused ' + kind]:.1f}x"
+            )
 
         # Many blocks of rows on the GPU; fewer where the CPU stands in.
         shapes = EMBEDDING_SHAPES + [(8191 if args.self_test else 65537, 64)]
         embedding_cases = [
             (LABEL_DTYPES[index % len(LABEL_DTYPES)], dtype, distance, shape)
             for index, (dtype, distance, shape) in enumerate(
-                itertools.product(DISTANCE_DTYPES, DISTANCE_KINDS, shapes))]
+                itertools.product(DISTANCE_DTYPES, DISTANCE_KINDS, shapes)
+            )
+        ]
         found, worst = compare_embeddings(device, _kernels, rng, embedding_cases)
         failures += found
-        print(f"{len(embedding_cases)} embedding cases compared (worst float32/float64 "
-              f"difference: {worst:.0%} of the tolerance)", flush=True)
-        misaligned = [("float32", dtype, distance, shape) for dtype, distance, shape in
-                      itertools.product(DISTANCE_DTYPES, DISTANCE_KINDS, [(7, 3), (1001, 128)])]
+        print(
+            f"{len(embedding_cases)} embedding cases compared (worst float32/float64 "
+            f"difference: {worst:.0%} of the tolerance)",
+            flush=True,
+        )
+        misaligned = [
+            ("float32", dtype, distance, shape)
+            for dtype, distance, shape in itertools.product(
+                DISTANCE_DTYPES, DISTANCE_KINDS, [(7, 3), (1001, 128)]
+            )
+        ]
         worst = 0.0
         for offsets in [(0, 1, 0, 0), (0, 0, 1, 0), (0, 0, 0, 1), (1, 3, 2, 1)]:
             found, used = compare_embeddings(device, _kernels, rng, misaligned, offsets)
             failures, worst = failures + found, max(worst, used)
-        print(f"{len(misaligned) * 4} misaligned embedding cases compared (worst float32/float64 "
-              f"difference: {worst:.0%} of the tolerance)", flush=True)
+        print(
+            f"{len(misaligned) * 4} misaligned embedding cases compared (worst float32/float64 "
+            f"difference: {worst:.0%} of the tolerance)",
+            flush=True,
+        )
         reduced_embedding_cases = [
-            (labels, dtype, distance, shape) for distance, (labels, dtype), shape in
-            itertools.product(DISTANCE_KINDS, [("float32", "float32"), ("int32", "float16"),
-                                               ("bool", "bfloat16"), ("float64", "float64")],
-                              [(0, 8), (1, 3), (1001, 33), (4097, 128)])]
+            (labels, dtype, distance, shape)
+            for distance, (labels, dtype), shape in itertools.product(
+                DISTANCE_KINDS,
+                [
+                    ("float32", "float32"),
+                    ("int32", "float16"),
+                    ("bool", "bfloat16"),
+                    ("float64", "float64"),
+                ],
+                [(0, 8), (1, 3), (1001, 33), (4097, 128)],
+            )
+        ]
         found, worst = compare_embedding_reduced(device, _kernels, rng, reduced_embedding_cases)
         failures += found
-        print(f"{len(reduced_embedding_cases) * 9} reduced embedding cases compared (worst "
-              f"float32/float64 difference: {worst:.0%} of the tolerance)", flush=True)
+        print(
+            f"{len(reduced_embedding_cases) * 9} reduced embedding cases compared (worst "
+            f"float32/float64 difference: {worst:.0%} of the tolerance)",
+            flush=True,
+        )
 
         dim = 128
-        print(f"embedding reduced (forward+backward) at D={dim} float32 (median; "
-              f"4*rows*D*4 bytes: a, b read, both gradients written; copy: the same bytes):")
+        print(
+            f"embedding reduced (forward+backward) at D={dim} float32 (median; "
+            f"4*rows*D*4 bytes: a, b read, both gradients written; copy: the same bytes):"
+        )
         for rows in (4096, 16384) if args.self_test else (65536, 262144, 10**6):
             fused, copy = device.embedding_bandwidth(rows, dim)
             moved = 16 * rows * dim
-            print(f"  rows={rows:>9,d}  fused {fused * 1e3:8.3f} ms {moved / fused / 1e9:8.1f} GB/s"
-                  f"  copy {copy * 1e3:8.3f} ms {moved / copy / 1e9:8.1f} GB/s  "
-                  f"{copy / fused:5.0%} of copy", flush=True)
+            print(
+                f"  rows={rows:>9,d}  fused {fused * 1e3:8.3f} ms {moved / fused / 1e9:8.1f} GB/s"
+                f"  copy {copy * 1e3:8.3f} ms {moved / copy / 1e9:8.1f} GB/s  "
+                f"{copy / fused:5.0%} of copy",
+                flush=True,
+            )
 
         cases, found, worst = compare_in_batch(device, _kernels, rng)
         failures += found
-        print(f"{cases} in-batch cases compared (worst difference: {worst:.0%} of the "
-              f"tolerance)", flush=True)
+        print(
+            f"{cases} in-batch cases compared (worst difference: {worst:.0%} of the tolerance)",
+            flush=True,
+        )
         cases, found, worst = compare_in_batch_cosine_scales(device, _kernels, rng)
         failures += found
-        print(f"{cases} in-batch cosine cases at extreme row scales compared (worst difference: "
-              f"{worst:.0%} of the tolerance)", flush=True)
+        print(
+            f"{cases} in-batch cosine cases at extreme row scales compared (worst difference: "
+            f"{worst:.0%} of the tolerance)",
+            flush=True,
+        )
         cases, found, worst = compare_in_batch_reduced(device, _kernels, rng)
         failures += found
-        print(f"{cases} reduced in-batch cases compared (worst difference: {worst:.0%} of the "
-              f"tolerance)", flush=True)
+        print(
+            f"{cases} reduced in-batch cases compared (worst difference: {worst:.0%} of the "
+            f"tolerance)",
+            flush=True,
+        )
         rows, dim = 4096, 128
         flops = 2 * rows * rows * dim  # one B×B×D product
-        print(f"in-batch at B={rows:,} D={dim} float32 (median; the GPU without symmetry runs "
-              f"one B×B×D product for the loss, two with the gradient):")
+        print(
+            f"in-batch at B={rows:,} D={dim} float32 (median; the GPU without symmetry runs "
+            f"one B×B×D product for the loss, two with the gradient):"
+        )
         for name, seconds in device.in_batch_seconds(rows, dim).items():
             products = 2 if name == "loss+grad" else 1
-            print(f"  {name:10s} {seconds * 1e3:9.3f} ms  "
-                  f"{products * flops / seconds / 1e12:7.2f} TFLOP/s in its products", flush=True)
+            print(
+                f"  {name:10s} {seconds * 1e3:9.3f} ms  "
+                f"{products * flops / seconds / 1e12:7.2f} TFLOP/s in its products",
+                flush=True,
+            )
 
     failures += check_tf_ops(args.self_test)
-    print(f"{'FAILED' if failures else 'PASSED'}: {failures} mismatches, "
-          f"{time.perf_counter() - started:.0f} s total")
+    print(
+        f"{'FAILED' if failures else 'PASSED'}: {failures} mismatches, "
+        f"{time.perf_counter() - started:.0f} s total"
+    )
     return 1 if failures else 0
 
 

@@ -20,8 +20,15 @@ MARGINS = [(1.0, 0.0), (0.7, 0.2)]
 RTOL = {"float16": 2e-2, "bfloat16": 1e-1, "float32": 2e-4, "float64": 1e-9}
 
 
-def numpy_in_batch(labels, e, margin=1.0, positive_margin=0.0, distance="euclidean",
-                   weighting="uniform", upstream=None):
+def numpy_in_batch(
+    labels,
+    e,
+    margin=1.0,
+    positive_margin=0.0,
+    distance="euclidean",
+    weighting="uniform",
+    upstream=None,
+):
     """Per-anchor losses and the gradient of sum(upstream * loss), in float64,
     from every ordered pair's explicit difference e_i - e_j."""
     labels = np.asarray(labels).reshape(-1)
@@ -41,8 +48,11 @@ def numpy_in_batch(labels, e, margin=1.0, positive_margin=0.0, distance="euclide
         ok = (norms > 0)[..., None]
         safe_norms = np.where(ok, norms[..., None], 1.0)
         safe_n2 = np.where(ok, (n**2)[:, None, None], 1.0)
-        dd = np.where(ok, -e[None, :, :] / safe_norms
-                      + s[..., None] * e[:, None, :] / (safe_norms * safe_n2), 0.0)
+        dd = np.where(
+            ok,
+            -e[None, :, :] / safe_norms + s[..., None] * e[:, None, :] / (safe_norms * safe_n2),
+            0.0,
+        )
     others = ~np.eye(b, dtype=bool)
     same = labels[:, None] == labels[None, :]
     pos, neg = same & others, ~same & others
@@ -90,8 +100,9 @@ def fused_loss_and_gradient(labels, e, dtype, upstream, **options):
 def assert_close(got, want, dtype, what):
     rtol = RTOL[dtype]
     scale = max(np.max(np.abs(want)), 1.0) if np.size(want) else 1.0
-    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=rtol,
-                               atol=rtol * scale, err_msg=what)
+    np.testing.assert_allclose(
+        np.asarray(got, np.float64), want, rtol=rtol, atol=rtol * scale, err_msg=what
+    )
 
 
 @pytest.mark.parametrize("distance", IN_BATCH_DISTANCES)
@@ -104,10 +115,17 @@ def test_matches_float64_numpy(rng, distance, weighting, margins, b, max_block_r
     upstream = rng.uniform(0.5, 1.5, size=b)
     want_loss, want_grad = numpy_in_batch(labels, e, *margins, distance, weighting, upstream)
     for dtype in ("float64", "float32"):
-        loss, grad = fused_loss_and_gradient(labels, e, dtype, upstream, margin=margins[0],
-                                             positive_margin=margins[1], distance=distance,
-                                             pair_weighting=weighting,
-                                             max_block_rows=max_block_rows)
+        loss, grad = fused_loss_and_gradient(
+            labels,
+            e,
+            dtype,
+            upstream,
+            margin=margins[0],
+            positive_margin=margins[1],
+            distance=distance,
+            pair_weighting=weighting,
+            max_block_rows=max_block_rows,
+        )
         assert loss.shape == (b,) and loss.dtype == dtype and grad.shape == (b, 6)
         assert_close(loss, want_loss, dtype, f"{dtype} loss")
         assert_close(grad, want_grad, dtype, f"{dtype} gradient")
@@ -122,9 +140,16 @@ def test_sparse_and_dense_gradient_paths(rng, distance, margin):
     upstream = rng.uniform(0.5, 1.5, size=200)
     want_loss, want_grad = numpy_in_batch(labels, e, margin, 0.0, distance, "balanced", upstream)
     for dtype in ("float64", "float32"):
-        loss, grad = fused_loss_and_gradient(labels, e, dtype, upstream, margin=margin,
-                                             distance=distance, pair_weighting="balanced",
-                                             max_block_rows=32)
+        loss, grad = fused_loss_and_gradient(
+            labels,
+            e,
+            dtype,
+            upstream,
+            margin=margin,
+            distance=distance,
+            pair_weighting="balanced",
+            max_block_rows=32,
+        )
         assert_close(loss, want_loss, dtype, f"{dtype} loss")
         assert_close(grad, want_grad, dtype, f"{dtype} gradient")
 
@@ -149,8 +174,9 @@ def test_equal_embeddings_give_zero_distance_and_gradient(distance):
     row = [0.3, -1.7, 2.9, 0.1, 5.0]
     atol = 0 if distance == "euclidean" else 1e-6
     for labels, want in (([4, 4], 0.0), ([4, 5], 1.0)):
-        loss, grad = fused_loss_and_gradient(labels, [row, row], "float32", np.ones(2),
-                                             distance=distance)
+        loss, grad = fused_loss_and_gradient(
+            labels, [row, row], "float32", np.ones(2), distance=distance
+        )
         np.testing.assert_allclose(loss, [want, want], rtol=1e-6, atol=atol**2)
         np.testing.assert_allclose(grad, np.zeros((2, 5)), rtol=0, atol=atol)
 
@@ -168,8 +194,11 @@ def test_near_duplicates_keep_an_accurate_distance(rng):
 def test_labels_as_floats_or_column_like_keras_passes_them(rng):
     labels, e = batch(rng, 12)
     want = fc.in_batch_contrastive_loss(labels.astype(np.int32), e)
-    for form in (labels.astype(np.float32), labels.astype(np.float64)[:, None],
-                 labels.astype(np.int64)):
+    for form in (
+        labels.astype(np.float32),
+        labels.astype(np.float64)[:, None],
+        labels.astype(np.int64),
+    ):
         np.testing.assert_array_equal(bits(fc.in_batch_contrastive_loss(form, e)), bits(want))
 
 
@@ -208,7 +237,8 @@ def test_generic_cpu_build_matches(rng, tmp_path):
     labels, e = batch(rng, 50)
     want_loss, want_grad = numpy_in_batch(labels, e, upstream=np.ones(50))
     np.save(tmp_path / "in.npy", np.concatenate([labels[:, None], e], axis=1))
-    result = run_python(f"""
+    result = run_python(
+        f"""
         import numpy as np
         from fused_contrastive import _kernels
         data = np.load({str(tmp_path / "in.npy")!r})
@@ -216,7 +246,9 @@ def test_generic_cpu_build_matches(rng, tmp_path):
                                                 np.ones(len(data)))
         print(_kernels.in_batch_cpu_isa())
         np.save({str(tmp_path / "out.npy")!r}, np.concatenate([loss[:, None], grad], 1))
-        """, FUSED_CONTRASTIVE_CPU_ISA="generic")
+        """,
+        FUSED_CONTRASTIVE_CPU_ISA="generic",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split()[-1] == "generic"
     out = np.load(tmp_path / "out.npy")
@@ -256,39 +288,77 @@ def test_graph_mode_gradients_of_gradients_say_to_use_tapes(rng):
         second_order(tf.constant(e))
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((3, 2))), ValueError,
-     r"labels must have shape \[B\] or \[B, 1\]"),
-    (lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2, 1))), ValueError,
-     "must have rank 2"),
-    (lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros(2)), ValueError, "must have rank 2"),
-    (lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2)), distance="manhattan"),
-     ValueError, "distance must be one of 'euclidean', 'cosine'"),
-    (lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2)), pair_weighting="mean"),
-     ValueError, "pair_weighting must be one of 'uniform', 'balanced'"),
-    (lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2)), positive_margin=-1.0),
-     ValueError, "positive_margin must be finite and non-negative"),
-    (lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2)), margin=float("nan")),
-     ValueError, "margin must be finite"),
-    (lambda: fc.in_batch_contrastive_loss([True, False], np.zeros((2, 2))), TypeError,
-     "labels must be class ids"),
-    (lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2), np.int32)), TypeError,
-     "embeddings must be"),
-    (lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2)), max_block_rows=0),
-     ValueError, "max_block_rows"),
-    (lambda: fc.InBatchContrastiveLoss(pair_weighting="x"), ValueError, "pair_weighting"),
-    (lambda: fc.InBatchContrastiveLoss(positive_margin=tf.constant(1.0)), TypeError,
-     "needs a number positive_margin"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (
+            lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((3, 2))),
+            ValueError,
+            r"labels must have shape \[B\] or \[B, 1\]",
+        ),
+        (
+            lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2, 1))),
+            ValueError,
+            "must have rank 2",
+        ),
+        (lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros(2)), ValueError, "must have rank 2"),
+        (
+            lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2)), distance="manhattan"),
+            ValueError,
+            "distance must be one of 'euclidean', 'cosine'",
+        ),
+        (
+            lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2)), pair_weighting="mean"),
+            ValueError,
+            "pair_weighting must be one of 'uniform', 'balanced'",
+        ),
+        (
+            lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2)), positive_margin=-1.0),
+            ValueError,
+            "positive_margin must be finite and non-negative",
+        ),
+        (
+            lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2)), margin=float("nan")),
+            ValueError,
+            "margin must be finite",
+        ),
+        (
+            lambda: fc.in_batch_contrastive_loss([True, False], np.zeros((2, 2))),
+            TypeError,
+            "labels must be class ids",
+        ),
+        (
+            lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2), np.int32)),
+            TypeError,
+            "embeddings must be",
+        ),
+        (
+            lambda: fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2)), max_block_rows=0),
+            ValueError,
+            "max_block_rows",
+        ),
+        (lambda: fc.InBatchContrastiveLoss(pair_weighting="x"), ValueError, "pair_weighting"),
+        (
+            lambda: fc.InBatchContrastiveLoss(positive_margin=tf.constant(1.0)),
+            TypeError,
+            "needs a number positive_margin",
+        ),
+    ],
+)
 def test_bad_input_raises_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
 
 
 @pytest.mark.parametrize("ragged", ["labels", "embeddings"])
-@pytest.mark.parametrize("loss", [fc.in_batch_contrastive_loss,
-                                  fc.in_batch_contrastive_loss_reference,
-                                  fc.InBatchContrastiveLoss()])
+@pytest.mark.parametrize(
+    "loss",
+    [
+        fc.in_batch_contrastive_loss,
+        fc.in_batch_contrastive_loss_reference,
+        fc.InBatchContrastiveLoss(),
+    ],
+)
 def test_ragged_inputs_get_the_documented_message(loss, ragged):
     # Issue 18 (11): the function and the reference said "TypeError: object of
     # type 'RaggedTensor' has no len()" inside a ValueError.
@@ -303,8 +373,9 @@ def test_ragged_inputs_get_the_documented_message(loss, ragged):
 
 
 def test_shapes_known_only_at_run_time_are_checked_by_the_op():
-    @tf.function(input_signature=[tf.TensorSpec([None], tf.int64),
-                                  tf.TensorSpec([None, None], tf.float32)])
+    @tf.function(
+        input_signature=[tf.TensorSpec([None], tf.int64), tf.TensorSpec([None, None], tf.float32)]
+    )
     def loss(labels, e):
         return fc.in_batch_contrastive_loss(labels, e)
 
@@ -327,18 +398,23 @@ class KerasReducedInBatch(keras.losses.Loss):
     """Keras' own reduction of the reference's per-anchor losses."""
 
     def call(self, y_true, y_pred):
-        return fc.in_batch_contrastive_loss_reference(y_true, y_pred, 0.9, 0.1, "cosine",
-                                                      "balanced")
+        return fc.in_batch_contrastive_loss_reference(
+            y_true, y_pred, 0.9, 0.1, "cosine", "balanced"
+        )
 
 
-@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "mean",
-                                       "mean_with_sample_weight", "none"])
+@pytest.mark.parametrize(
+    "reduction", ["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", "none"]
+)
 @pytest.mark.parametrize("weights", [None, "scalar", "per_anchor"])
 def test_keras_class_reduces_as_keras(rng, reduction, weights):
     labels, e = batch(rng, 24)
     x = tf.constant(e, tf.float32)
-    sample_weight = {None: None, "scalar": 0.5,
-                     "per_anchor": rng.uniform(size=24).astype(np.float32)}[weights]
+    sample_weight = {
+        None: None,
+        "scalar": 0.5,
+        "per_anchor": rng.uniform(size=24).astype(np.float32),
+    }[weights]
     ours = fc.InBatchContrastiveLoss(0.9, 0.1, "cosine", "balanced", reduction=reduction)
     keras_own = KerasReducedInBatch(reduction=reduction)
     results = []
@@ -347,8 +423,9 @@ def test_keras_class_reduces_as_keras(rng, reduction, weights):
             tape.watch(x)
             value = loss_object(labels.astype(np.float32), x, sample_weight=sample_weight)
         results.append((value, tape.gradient(value, x)))
-        results.append((loss_object(labels.astype(np.float32), x, sample_weight=sample_weight),
-                        None))
+        results.append(
+            (loss_object(labels.astype(np.float32), x, sample_weight=sample_weight), None)
+        )
     want = results[2][0].numpy()
     for value, grad in (results[0], results[1]):
         np.testing.assert_allclose(value, want, rtol=2e-5, atol=1e-7)
@@ -357,8 +434,15 @@ def test_keras_class_reduces_as_keras(rng, reduction, weights):
 
 # Class ids that float32 (what Keras 3 casts y_true to) cannot tell apart, with
 # small ids of the same classes: offset + k against k for k in 0, 1, 2.
-LARGE_IDS = [("int64", 2**24), ("int64", 2**40), ("int64", 2**63 - 3), ("int64", -2**63),
-             ("int32", 2**31 - 3), ("uint64", 2**64 - 3), ("list", 2**53 + 1)]
+LARGE_IDS = [
+    ("int64", 2**24),
+    ("int64", 2**40),
+    ("int64", 2**63 - 3),
+    ("int64", -(2**63)),
+    ("int32", 2**31 - 3),
+    ("uint64", 2**64 - 3),
+    ("list", 2**53 + 1),
+]
 
 
 def large_ids(k, dtype, offset):
@@ -368,8 +452,9 @@ def large_ids(k, dtype, offset):
 
 
 @pytest.mark.parametrize("dtype, offset", LARGE_IDS)
-@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "mean_with_sample_weight",
-                                       "none"])
+@pytest.mark.parametrize(
+    "reduction", ["sum_over_batch_size", "sum", "mean_with_sample_weight", "none"]
+)
 @pytest.mark.parametrize("tape", [True, False])
 def test_keras_class_keeps_integer_ids_exact(rng, run, dtype, offset, reduction, tape):
     # Issue 18 (2): Keras 3's Loss.__call__ casts y_true to float32, where ids
@@ -402,8 +487,11 @@ def test_keras_fit_and_evaluate_keep_integer_ids_exact(rng, jit_compile):
     for y in (k, k + 2**40):
         keras.utils.set_random_seed(5)
         model = embedding_model()
-        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=fc.InBatchContrastiveLoss(),
-                      jit_compile=jit_compile)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1),
+            loss=fc.InBatchContrastiveLoss(),
+            jit_compile=jit_compile,
+        )
         history = model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
         results.append((history.history["loss"], model.evaluate(x, y, batch_size=32, verbose=0)))
     np.testing.assert_allclose(results[1][0], results[0][0], rtol=1e-6)
@@ -411,13 +499,28 @@ def test_keras_fit_and_evaluate_keep_integer_ids_exact(rng, jit_compile):
 
 
 def test_keras_class_config_and_keras_file_round_trip(tmp_path, rng):
-    loss = fc.InBatchContrastiveLoss(0.9, 0.2, "cosine", "balanced", reduction="sum",
-                                     max_block_rows=64)
+    loss = fc.InBatchContrastiveLoss(
+        0.9, 0.2, "cosine", "balanced", reduction="sum", max_block_rows=64
+    )
     config = loss.get_config()
-    assert {k: config[k] for k in ("margin", "positive_margin", "distance", "pair_weighting",
-                                   "max_block_rows", "reduction")} == {
-        "margin": 0.9, "positive_margin": 0.2, "distance": "cosine",
-        "pair_weighting": "balanced", "max_block_rows": 64, "reduction": "sum"}
+    assert {
+        k: config[k]
+        for k in (
+            "margin",
+            "positive_margin",
+            "distance",
+            "pair_weighting",
+            "max_block_rows",
+            "reduction",
+        )
+    } == {
+        "margin": 0.9,
+        "positive_margin": 0.2,
+        "distance": "cosine",
+        "pair_weighting": "balanced",
+        "max_block_rows": 64,
+        "reduction": "sum",
+    }
     json.dumps(config)
     clone = fc.InBatchContrastiveLoss.from_config(config)
     assert clone.get_config() == config
@@ -430,8 +533,9 @@ def test_keras_class_config_and_keras_file_round_trip(tmp_path, rng):
 
 
 def embedding_model():
-    return keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"),
-                             keras.layers.Dense(4)])
+    return keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(4)]
+    )
 
 
 @pytest.mark.parametrize("jit_compile", [True, "auto"])
@@ -442,8 +546,9 @@ def test_keras_fit_compiles_the_loss_with_xla(rng, jit_compile):
     for jit in (jit_compile, False):
         keras.utils.set_random_seed(3)
         model = embedding_model()
-        model.compile(optimizer=keras.optimizers.SGD(0.1), loss=fc.InBatchContrastiveLoss(),
-                      jit_compile=jit)
+        model.compile(
+            optimizer=keras.optimizers.SGD(0.1), loss=fc.InBatchContrastiveLoss(), jit_compile=jit
+        )
         history = model.fit(x, y, batch_size=64, epochs=3, shuffle=False, verbose=0)
         losses[jit] = history.history["loss"]
     assert losses[False][-1] < losses[False][0]  # it learns

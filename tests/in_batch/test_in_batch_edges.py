@@ -48,8 +48,9 @@ def test_a_nan_partner_makes_every_anchor_nan(path, distance, dtype, margins):
     # Every anchor has row 2 as a partner; margins (0, 5) leave no hinge
     # active on finite pairs, so only NaN propagation can make them NaN.
     labels, e = nan_batch(dtype)
-    loss, grad = loss_and_gradient(PATHS[path], labels, e, margin=margins[0],
-                                   positive_margin=margins[1], distance=distance)
+    loss, grad = loss_and_gradient(
+        PATHS[path], labels, e, margin=margins[0], positive_margin=margins[1], distance=distance
+    )
     assert np.isnan(loss).all(), loss
     assert np.isnan(grad).any(axis=1).all(), grad
 
@@ -64,14 +65,17 @@ def test_a_nan_partner_in_the_kernel_module_and_the_keras_class(distance):
 
 
 def test_the_hlo_lowering_gives_nan_too():
-    result = run_python("""
+    result = run_python(
+        """
         import numpy as np, tensorflow as tf
         import fused_contrastive as fc
         e = np.array([[0.0, 0.0], [1.0, 0.0], [np.nan, 0.0]])
         for distance in ("euclidean", "cosine"):
             f = tf.function(fc.in_batch_contrastive_loss, jit_compile=True)
             print(distance, np.isnan(f([0, 1, 0], e, distance=distance).numpy()).all())
-        """, FUSED_CONTRASTIVE_XLA_CPU_HLO="1")
+        """,
+        FUSED_CONTRASTIVE_XLA_CPU_HLO="1",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["euclidean", "True", "cosine", "True"], result.stdout
 
@@ -86,14 +90,16 @@ def test_keras_fit_with_a_nan_row_reports_nan_and_terminates():
     keras.utils.set_random_seed(1)
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)])
     model.compile(optimizer="sgd", loss=fc.InBatchContrastiveLoss(), jit_compile=False)
-    history = model.fit(x, y, batch_size=64, epochs=5, verbose=0,
-                        callbacks=[keras.callbacks.TerminateOnNaN()])
+    history = model.fit(
+        x, y, batch_size=64, epochs=5, verbose=0, callbacks=[keras.callbacks.TerminateOnNaN()]
+    )
     assert len(history.history["loss"]) == 1  # stopped after the first epoch
     assert np.isnan(history.history["loss"][0])
     assert model.stop_training
 
 
 # --- item 6: extreme scales ---------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 def test_a_huge_margin_is_no_nan(rng, dtype):
@@ -104,8 +110,9 @@ def test_a_huge_margin_is_no_nan(rng, dtype):
     for weighting in ("uniform", "balanced"):
         want, _ = numpy_in_batch(labels, e, margin=1e30, weighting=weighting)
         for function in (fc.in_batch_contrastive_loss, in_batch_contrastive_loss_reference):
-            loss, grad = loss_and_gradient(function, labels, e.astype(dtype), margin=1e30,
-                                           pair_weighting=weighting)
+            loss, grad = loss_and_gradient(
+                function, labels, e.astype(dtype), margin=1e30, pair_weighting=weighting
+            )
             assert not np.isnan(loss).any() and np.isfinite(grad).all(), (function, loss)
             if dtype == "float64":
                 np.testing.assert_allclose(loss, want, rtol=1e-12)
@@ -113,16 +120,20 @@ def test_a_huge_margin_is_no_nan(rng, dtype):
                 assert np.isposinf(loss).all()
 
 
-
 def test_the_hlo_lowering_takes_a_huge_margin_as_the_kernel_does(rng):
     # The loop selects masked terms as the kernel does: multiplying them by
     # the mask made 0·inf = NaN of every anchor at margin 1e30.
     labels = np.array([0, 0, 1, 1, 2, 2])
     e = rng.normal(size=(6, 3))
-    want = [fc.in_batch_contrastive_loss(labels, e.astype(dtype), margin=1e30,
-                                         pair_weighting=weighting).numpy().tolist()
-            for dtype in ("float32", "float64") for weighting in ("uniform", "balanced")]
-    result = run_python(f"""
+    want = [
+        fc.in_batch_contrastive_loss(labels, e.astype(dtype), margin=1e30, pair_weighting=weighting)
+        .numpy()
+        .tolist()
+        for dtype in ("float32", "float64")
+        for weighting in ("uniform", "balanced")
+    ]
+    result = run_python(
+        f"""
         import numpy as np, tensorflow as tf
         import fused_contrastive as fc
         e = np.array({e.tolist()})
@@ -130,11 +141,14 @@ def test_the_hlo_lowering_takes_a_huge_margin_as_the_kernel_does(rng):
         print([f({labels.tolist()}, e.astype(dtype), margin=1e30,
                  pair_weighting=weighting).numpy().tolist()
                for dtype in ("float32", "float64") for weighting in ("uniform", "balanced")])
-        """, FUSED_CONTRASTIVE_XLA_CPU_HLO="1")
+        """,
+        FUSED_CONTRASTIVE_XLA_CPU_HLO="1",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     got = eval(result.stdout.strip(), {"inf": float("inf")})
     np.testing.assert_allclose(np.array(got[2:]), np.array(want[2:]), rtol=1e-12)
     assert np.isposinf(got[:2]).all(), got  # float32: the terms overflow, as in the kernel
+
 
 @pytest.mark.parametrize("scale", [1e19, 1e-20, 1e-30, 1e30])
 @pytest.mark.parametrize("path", ["eager", "xla", "reference"])
@@ -164,10 +178,12 @@ def test_ordinary_cosine_rows_keep_their_bits(rng):
     mixed = e.copy()
     mixed[3] *= 2.0**60  # the cosine distance of row 3 is the same, exactly
     for max_block_rows in (0, 8):
-        a = _kernels.in_batch_loss_cpu(labels, e, np.ones(40), distance="cosine",
-                                       max_block_rows=max_block_rows)
-        b = _kernels.in_batch_loss_cpu(labels, mixed, np.ones(40), distance="cosine",
-                                       max_block_rows=max_block_rows)
+        a = _kernels.in_batch_loss_cpu(
+            labels, e, np.ones(40), distance="cosine", max_block_rows=max_block_rows
+        )
+        b = _kernels.in_batch_loss_cpu(
+            labels, mixed, np.ones(40), distance="cosine", max_block_rows=max_block_rows
+        )
         assert a[0].tobytes() == b[0].tobytes()
         others = np.arange(40) != 3
         assert a[1][others].tobytes() == b[1][others].tobytes()
@@ -176,11 +192,15 @@ def test_ordinary_cosine_rows_keep_their_bits(rng):
 
 # --- item 11: the kernel module's argument checks ----------------------------------------
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(positive_margin=-1.0), "positive_margin must be finite and non-negative"),
-    (dict(margin=NAN), "^margin must be finite"),
-    (dict(max_block_rows=-5), "max_block_rows must be >= 0"),
-])
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(positive_margin=-1.0), "positive_margin must be finite and non-negative"),
+        (dict(margin=NAN), "^margin must be finite"),
+        (dict(max_block_rows=-5), "max_block_rows must be >= 0"),
+    ],
+)
 def test_kernel_module_names_the_bad_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         _kernels.in_batch_loss_cpu([0, 1], np.ones((2, 2)), None, **kwargs)
@@ -188,11 +208,13 @@ def test_kernel_module_names_the_bad_argument(kwargs, match):
 
 # --- item 3: scratch linear in B, exhausted memory is an error ----------------------------
 
+
 def test_one_row_blocks_keep_scratch_linear():
     # The block-pair schedule of B = 16384 one-row blocks held 16 bytes per
     # pair: 2 GiB. Peak RSS may now grow by the inputs' and outputs' size
     # (about 1 MiB) and allocator slack only.
-    result = run_python("""
+    result = run_python(
+        """
         import resource
         import numpy as np
         from fused_contrastive import _kernels
@@ -203,7 +225,9 @@ def test_one_row_blocks_keep_scratch_linear():
         loss, _ = _kernels.in_batch_loss_cpu(labels, e, None, max_block_rows=1)
         assert np.isfinite(loss).all()
         print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
-        """, timeout=1200)
+        """,
+        timeout=1200,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     extra_kib = int(result.stdout.split()[-1])
     assert extra_kib < 64 * 1024, f"extra peak RSS {extra_kib / 1024:.0f} MiB"
@@ -213,7 +237,8 @@ def test_exhausted_memory_is_an_error_not_a_crash():
     # The address space is capped a little above what the process holds with
     # its inputs, far below the in-batch kernel's linear scratch for 2^24
     # rows (about 1 GiB); every path must raise, and the process go on.
-    result = run_python("""
+    result = run_python(
+        """
         import resource
         import numpy as np
         import tensorflow as tf
@@ -252,18 +277,26 @@ def test_exhausted_memory_is_an_error_not_a_crash():
         call("xla", lambda: jit(y, x))
         call("pybind", lambda: _kernels.in_batch_loss_cpu(labels, e, None))
         print("alive", float(small[0]))
-        """, timeout=900)
+        """,
+        timeout=900,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines[-1].startswith("alive"), result.stdout
     # The op's error is the kernels' own (its scratch), not TF's allocator's.
-    want = ["op ResourceExhaustedError True", "grad ResourceExhaustedError",
-            "keras ResourceExhaustedError", "xla ResourceExhaustedError", "pybind MemoryError"]
+    want = [
+        "op ResourceExhaustedError True",
+        "grad ResourceExhaustedError",
+        "keras ResourceExhaustedError",
+        "xla ResourceExhaustedError",
+        "pybind MemoryError",
+    ]
     got = [line for line in lines if line.split()[0] in ("op", "grad", "keras", "xla", "pybind")]
-    assert [g[:len(w)] for g, w in zip(got, want)] == want and len(got) == 5, result.stdout
+    assert [g[: len(w)] for g, w in zip(got, want)] == want and len(got) == 5, result.stdout
 
 
 # --- item 7: accuracy on both sides of the Gram-cancellation threshold -------------------
+
 
 def exact_squared_distance(a, b):
     from fractions import Fraction
@@ -271,10 +304,13 @@ def exact_squared_distance(a, b):
     return float(sum((Fraction(float(x)) - Fraction(float(y))) ** 2 for x, y in zip(a, b)))
 
 
-@pytest.mark.parametrize("dtype, bound, exponents", [
-    ("float32", 2e-4, range(-16, -4)),
-    ("float64", 1e-9, range(-30, -12)),
-])
+@pytest.mark.parametrize(
+    "dtype, bound, exponents",
+    [
+        ("float32", 2e-4, range(-16, -4)),
+        ("float64", 1e-9, range(-30, -12)),
+    ],
+)
 def test_close_positive_pairs_meet_the_readme_accuracy(rng, dtype, bound, exponents):
     # README: float32 losses within 2e-4 relative of the exact value, float64
     # within 1e-9. A positive pair (margins 0, B = 2) has loss d²; its Gram

@@ -25,8 +25,10 @@ def numpy_in_batch(labels, e, margin, positive_margin, distance, weighting):
     neg_terms = np.where(neg, np.maximum(margin - d, 0.0) ** 2, 0.0)
     if weighting == "uniform":
         return (pos_terms.sum(1) + neg_terms.sum(1)) / max(b - 1, 1)
-    mean = lambda terms, mask: np.divide(terms.sum(1), mask.sum(1),  # noqa: E731
-                                         out=np.zeros(b), where=mask.sum(1) > 0)
+
+    def mean(terms, mask):
+        return np.divide(terms.sum(1), mask.sum(1), out=np.zeros(b), where=mask.sum(1) > 0)
+
     return mean(pos_terms, pos) + mean(neg_terms, neg)
 
 
@@ -43,7 +45,8 @@ def test_matches_float64_numpy(rng, distance, weighting, margins, b):
     want = numpy_in_batch(labels, e, *margins, distance, weighting)
     for dtype, rtol in (("float64", 1e-9), ("float32", 2e-4)):
         got = in_batch_contrastive_loss_reference(
-            labels.astype("float32"), tf.constant(e, dtype), *margins, distance, weighting)
+            labels.astype("float32"), tf.constant(e, dtype), *margins, distance, weighting
+        )
         assert got.shape == (b,) and got.dtype == dtype
         np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * 1e-2)
 
@@ -53,21 +56,31 @@ def test_duplicates_and_zero_vectors_have_finite_gradients(distance):
     e = tf.constant([[0.0, 0.0], [0.0, 0.0], [1.0, 2.0], [1.0, 2.0]])
     with tf.GradientTape() as tape:
         tape.watch(e)
-        loss = tf.reduce_sum(in_batch_contrastive_loss_reference([0, 1, 0, 1], e,
-                                                                 distance=distance))
+        loss = tf.reduce_sum(
+            in_batch_contrastive_loss_reference([0, 1, 0, 1], e, distance=distance)
+        )
     assert np.all(np.isfinite(tape.gradient(loss, e)))
 
 
-@pytest.mark.parametrize("kwargs, error, message", [
-    (dict(labels=[0, 1], embeddings=[1.0, 2.0]), ValueError, "rank 2"),
-    (dict(labels=[0, 1, 2], embeddings=[[1.0], [2.0]]), ValueError, "labels must have shape"),
-    (dict(labels=[0, 1], embeddings=[[1.0], [2.0]], distance="manhattan"), ValueError,
-     "'euclidean', 'cosine'"),
-    (dict(labels=[0, 1], embeddings=[[1.0], [2.0]], pair_weighting="mean"), ValueError,
-     "'uniform', 'balanced'"),
-    (dict(labels=[True, False], embeddings=[[1.0], [2.0]]), TypeError, "class ids"),
-    (dict(labels=[0, 1], embeddings=[[1], [2]]), TypeError, "embeddings must be"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(labels=[0, 1], embeddings=[1.0, 2.0]), ValueError, "rank 2"),
+        (dict(labels=[0, 1, 2], embeddings=[[1.0], [2.0]]), ValueError, "labels must have shape"),
+        (
+            dict(labels=[0, 1], embeddings=[[1.0], [2.0]], distance="manhattan"),
+            ValueError,
+            "'euclidean', 'cosine'",
+        ),
+        (
+            dict(labels=[0, 1], embeddings=[[1.0], [2.0]], pair_weighting="mean"),
+            ValueError,
+            "'uniform', 'balanced'",
+        ),
+        (dict(labels=[True, False], embeddings=[[1.0], [2.0]]), TypeError, "class ids"),
+        (dict(labels=[0, 1], embeddings=[[1], [2]]), TypeError, "embeddings must be"),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(kwargs, error, message):
     with pytest.raises(error, match=message):
         in_batch_contrastive_loss_reference(**kwargs)

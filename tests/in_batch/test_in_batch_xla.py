@@ -22,9 +22,11 @@ DTYPES = ["float32", "float64"]
 DISTANCES = ["euclidean", "cosine"]
 WEIGHTINGS = ["uniform", "balanced"]
 REDUCTIONS = ["sum", "mean", "weighted_mean"]
-TARGETS = {"InBatchContrastiveLoss": "fused_contrastive_in_batch_loss",
-           "InBatchContrastiveLossGrad": "fused_contrastive_in_batch_loss_grad",
-           "InBatchContrastiveLossReduced": "fused_contrastive_in_batch_loss_reduced"}
+TARGETS = {
+    "InBatchContrastiveLoss": "fused_contrastive_in_batch_loss",
+    "InBatchContrastiveLossGrad": "fused_contrastive_in_batch_loss_grad",
+    "InBatchContrastiveLossReduced": "fused_contrastive_in_batch_loss_reduced",
+}
 # Several loop iterations and an overlapping last block at B = 37.
 BLOCK = 8
 # (rtol, atol) of the HLO lowering against the kernels on inputs without
@@ -46,24 +48,42 @@ def _per_row(rng, rows, dtype):
     return tf.constant(rng.uniform(0.5, 2.0, size=rows), dtype)
 
 
-def _all_three(labels, e, u, w, margin, positive_margin, loss_scale, *, distance,
-               pair_weighting, reduction="weighted_mean", max_block_rows=BLOCK):
+def _all_three(
+    labels,
+    e,
+    u,
+    w,
+    margin,
+    positive_margin,
+    loss_scale,
+    *,
+    distance,
+    pair_weighting,
+    reduction="weighted_mean",
+    max_block_rows=BLOCK,
+):
     attrs = dict(distance=distance, pair_weighting=pair_weighting, max_block_rows=max_block_rows)
-    loss = _LIBRARY.fused_contrastive_in_batch_contrastive_loss(labels, e, margin,
-                                                                positive_margin, **attrs)
-    grad = _LIBRARY.fused_contrastive_in_batch_contrastive_loss_grad(labels, e, u, margin,
-                                                                     positive_margin, **attrs)
+    loss = _LIBRARY.fused_contrastive_in_batch_contrastive_loss(
+        labels, e, margin, positive_margin, **attrs
+    )
+    grad = _LIBRARY.fused_contrastive_in_batch_contrastive_loss_grad(
+        labels, e, u, margin, positive_margin, **attrs
+    )
     reduced = _LIBRARY.fused_contrastive_in_batch_contrastive_loss_reduced(
-        labels, e, w, margin, positive_margin, loss_scale, reduction=reduction, **attrs)
+        labels, e, w, margin, positive_margin, loss_scale, reduction=reduction, **attrs
+    )
     return (loss, grad, *reduced)
 
 
 def _graph_and_xla(f, *args, **kwargs):
     def call(*args):
         return f(*args, **kwargs)
+
     with tf.device("/CPU:0"):
-        return (tf.function(call, jit_compile=False)(*args),
-                tf.function(call, jit_compile=True)(*args))
+        return (
+            tf.function(call, jit_compile=False)(*args),
+            tf.function(call, jit_compile=True)(*args),
+        )
 
 
 def _assert_same(got, want, dtype, tol=None):
@@ -74,8 +94,9 @@ def _assert_same(got, want, dtype, tol=None):
         if HLO_ON_CPU:
             rtol, atol = tol or HLO_TOL[dtype]
             assert np.all(np.isfinite(g.numpy())), i
-            np.testing.assert_allclose(g.numpy(), w.numpy(), rtol=rtol, atol=atol,
-                                       err_msg=f"output {i}")
+            np.testing.assert_allclose(
+                g.numpy(), w.numpy(), rtol=rtol, atol=atol, err_msg=f"output {i}"
+            )
         else:
             np.testing.assert_array_equal(bits(g), bits(w), err_msg=f"output {i}")
 
@@ -87,8 +108,18 @@ def _assert_same(got, want, dtype, tol=None):
 def test_in_batch_ops_under_xla_match_the_kernels(rng, distance, pair_weighting, dtype, rows):
     labels, e = _batch(rng, rows, 6, dtype)
     u = _per_row(rng, rows, dtype)
-    want, got = _graph_and_xla(_all_three, labels, e, u, u, _f64(1.2), _f64(0.1), _f64(0.5),
-                               distance=distance, pair_weighting=pair_weighting)
+    want, got = _graph_and_xla(
+        _all_three,
+        labels,
+        e,
+        u,
+        u,
+        _f64(1.2),
+        _f64(0.1),
+        _f64(0.5),
+        distance=distance,
+        pair_weighting=pair_weighting,
+    )
     _assert_same(got, want, dtype)
     assert got[0].shape == [rows] and got[1].shape == got[3].shape == [rows, 6]
     if rows < 2:  # no pairs: nothing to pay, nothing to move
@@ -104,9 +135,19 @@ def test_reduced_in_batch_op_under_xla_matches_the_kernel(rng, pair_weighting, r
     weight_forms = {"per-row": u, "scalar": tf.constant(0.75), "zero total": tf.zeros([37])}
     for form, w in weight_forms.items():
         for distance in DISTANCES:
-            want, got = _graph_and_xla(_all_three, labels, e, u, w, _f64(1.0), _f64(0.0),
-                                       _f64(0.5), distance=distance,
-                                       pair_weighting=pair_weighting, reduction=reduction)
+            want, got = _graph_and_xla(
+                _all_three,
+                labels,
+                e,
+                u,
+                w,
+                _f64(1.0),
+                _f64(0.0),
+                _f64(0.5),
+                distance=distance,
+                pair_weighting=pair_weighting,
+                reduction=reduction,
+            )
             _assert_same(got, want, "float32")
             np.testing.assert_allclose(got[4], want[4], rtol=1e-15, err_msg=form)
 
@@ -126,8 +167,18 @@ def test_in_batch_ops_under_xla_with_duplicate_and_zero_rows(rng, distance, dtyp
     labels, e = tf.constant(labels), tf.constant(e)
     u = _per_row(rng, 37, dtype)
     for pair_weighting in WEIGHTINGS:
-        want, got = _graph_and_xla(_all_three, labels, e, u, u, _f64(1.0), _f64(0.0), _f64(1.0),
-                                   distance=distance, pair_weighting=pair_weighting)
+        want, got = _graph_and_xla(
+            _all_three,
+            labels,
+            e,
+            u,
+            u,
+            _f64(1.0),
+            _f64(0.0),
+            _f64(1.0),
+            distance=distance,
+            pair_weighting=pair_weighting,
+        )
         # The HLO takes a duplicate pair's Euclidean distance from the Gram
         # formula (the kernels recompute it from e_i - e_j), in float64 for
         # float32 rows: d is then a few float64 ulp's square root instead of
@@ -146,13 +197,23 @@ def test_in_batch_ops_under_xla_match_the_reference(rng, distance, pair_weightin
     def reference(e):
         with tf.GradientTape() as tape:
             tape.watch(e)
-            loss = in_batch_contrastive_loss_reference(labels, e, 1.2, 0.1, distance,
-                                                       pair_weighting)
+            loss = in_batch_contrastive_loss_reference(
+                labels, e, 1.2, 0.1, distance, pair_weighting
+            )
         return loss, tape.gradient(loss, e, output_gradients=u)
 
     def fused(e):
-        return _all_three(labels, e, u, u, _f64(1.2), _f64(0.1), _f64(1.0), distance=distance,
-                          pair_weighting=pair_weighting)[:2]
+        return _all_three(
+            labels,
+            e,
+            u,
+            u,
+            _f64(1.2),
+            _f64(0.1),
+            _f64(1.0),
+            distance=distance,
+            pair_weighting=pair_weighting,
+        )[:2]
 
     want = reference(e)
     got = tf.function(fused, jit_compile=True)(e)
@@ -185,15 +246,27 @@ def _assert_matches_float64(rng, labels, e, distance, pair_weighting, loss_tol, 
     margin, positive_margin = 1.5, 0.2
     f32 = lambda x: tf.constant(x, tf.float32)  # noqa: E731
     with tf.device("/CPU:0"):
-        got = tf.function(lambda e: _all_three(
-            tf.constant(labels, tf.int64), e, f32(u), f32(w), _f64(margin),
-            _f64(positive_margin), _f64(1.0), distance=distance,
-            pair_weighting=pair_weighting), jit_compile=True)(f32(e))
+        got = tf.function(
+            lambda e: _all_three(
+                tf.constant(labels, tf.int64),
+                e,
+                f32(u),
+                f32(w),
+                _f64(margin),
+                _f64(positive_margin),
+                _f64(1.0),
+                distance=distance,
+                pair_weighting=pair_weighting,
+            ),
+            jit_compile=True,
+        )(f32(e))
     loss, grad, reduced, reduced_grad, scale = (np.asarray(x, np.float64) for x in got)
-    want_loss, want_grad = numpy_in_batch(labels, e, margin, positive_margin, distance,
-                                          pair_weighting, upstream=u)
-    _, want_reduced_grad = numpy_in_batch(labels, e, margin, positive_margin, distance,
-                                          pair_weighting, upstream=w * scale)
+    want_loss, want_grad = numpy_in_batch(
+        labels, e, margin, positive_margin, distance, pair_weighting, upstream=u
+    )
+    _, want_reduced_grad = numpy_in_batch(
+        labels, e, margin, positive_margin, distance, pair_weighting, upstream=w * scale
+    )
     _assert_within(loss, want_loss, loss_tol, "loss")
     _assert_within(grad, want_grad, grad_tol, "gradient")
     _assert_within(reduced, scale * np.sum(w * want_loss), loss_tol, "reduced loss")
@@ -204,7 +277,8 @@ def _assert_matches_float64(rng, labels, e, distance, pair_weighting, loss_tol, 
 @pytest.mark.parametrize("pair_weighting", WEIGHTINGS)
 @pytest.mark.parametrize("distance", DISTANCES)
 def test_in_batch_ops_under_xla_with_a_large_common_offset_match_float64(
-        rng, distance, pair_weighting, norm):
+    rng, distance, pair_weighting, norm
+):
     # Issue 18: the HLO lowering's Gram formula lost the Euclidean distances
     # of close rows far from the origin (float32 losses 2.7e-3 off at norm
     # 100, 0.21 at 560, gradients up to 100%) where the CPU kernel stays at
@@ -218,7 +292,8 @@ def test_in_batch_ops_under_xla_with_a_large_common_offset_match_float64(
 @pytest.mark.parametrize("norm", [100, 560])
 @pytest.mark.parametrize("pair_weighting", WEIGHTINGS)
 def test_in_batch_ops_under_xla_with_close_rows_far_from_the_mean_match_float64(
-        rng, pair_weighting, norm):
+    rng, pair_weighting, norm
+):
     # Two clusters at ±offset: the batch's mean is near 0, so centring leaves
     # the pairs within a cluster cancelling; the HLO lowering takes their
     # blocks in float64 (float32 alone: losses 2.6e-2 off at norm 560).
@@ -236,8 +311,18 @@ def test_xla_runs_the_in_batch_lowerings_not_a_fallback(rng):
     u = _per_row(rng, 12, "float32")
 
     def f(labels, e, u):
-        return _all_three(labels, e, u, u, _f64(1.0), _f64(0.0), _f64(1.0), distance="cosine",
-                          pair_weighting="balanced", max_block_rows=5)
+        return _all_three(
+            labels,
+            e,
+            u,
+            u,
+            _f64(1.0),
+            _f64(0.0),
+            _f64(1.0),
+            distance="cosine",
+            pair_weighting="balanced",
+            max_block_rows=5,
+        )
 
     hlo = _hlo(f, labels, e, u)
     calls = [line for line in hlo.splitlines() if " custom-call(" in line]
@@ -246,16 +331,21 @@ def test_xla_runs_the_in_batch_lowerings_not_a_fallback(rng):
         return
     assert len(calls) == len(TARGETS), calls
     for op, target in TARGETS.items():
-        assert any(f'op_type="FusedContrastive>{op}"' in line
-                   and f'custom_call_target="{target}"' in line
-                   and "API_VERSION_TYPED_FFI" in line
-                   and "max_block_rows = 5 : i32" in line for line in calls), op
+        assert any(
+            f'op_type="FusedContrastive>{op}"' in line
+            and f'custom_call_target="{target}"' in line
+            and "API_VERSION_TYPED_FFI" in line
+            and "max_block_rows = 5 : i32" in line
+            for line in calls
+        ), op
 
 
 def _shapes(hlo):
     """Every array shape in HLO text, as tuples of sizes."""
-    return [tuple(int(n) for n in dims.split(",") if n)
-            for dims in re.findall(r"\b(?:pred|s\d+|u\d+|f\d+|bf16)\[([\d,]*)\]", hlo)]
+    return [
+        tuple(int(n) for n in dims.split(",") if n)
+        for dims in re.findall(r"\b(?:pred|s\d+|u\d+|f\d+|bf16)\[([\d,]*)\]", hlo)
+    ]
 
 
 def test_no_b_by_b_tensor_in_either_lowering(rng):
@@ -265,10 +355,20 @@ def test_no_b_by_b_tensor_in_either_lowering(rng):
     labels, e = _batch(rng, rows, 16, "float32")
     u = _per_row(rng, rows, "float32")
     for pair_weighting in WEIGHTINGS:
+
         def f(labels, e, u):
-            return _all_three(labels, e, u, u, _f64(1.0), _f64(0.0), _f64(1.0),
-                              distance="euclidean", pair_weighting=pair_weighting,
-                              max_block_rows=64)
+            return _all_three(
+                labels,
+                e,
+                u,
+                u,
+                _f64(1.0),
+                _f64(0.0),
+                _f64(1.0),
+                distance="euclidean",
+                pair_weighting=pair_weighting,
+                max_block_rows=64,
+            )
 
         for stage in ("hlo", "optimized_hlo"):
             shapes = _shapes(_hlo(f, labels, e, u, stage=stage))
@@ -279,12 +379,24 @@ def test_no_b_by_b_tensor_in_either_lowering(rng):
 
 def test_xla_rejects_bad_constant_margins_at_compile_time(rng):
     labels, e = _batch(rng, 4, 3, "float32")
-    for bad, message in (((-1.0, 0.0), "margin must be finite and non-negative, got -1"),
-                         ((1.0, float("inf")), "positive_margin must be finite and non-negative")):
+    for bad, message in (
+        ((-1.0, 0.0), "margin must be finite and non-negative, got -1"),
+        ((1.0, float("inf")), "positive_margin must be finite and non-negative"),
+    ):
+
         def f(labels, e):
             # Const nodes of the graph XLA compiles.
-            return _all_three(labels, e, tf.ones([4]), tf.ones([4]), _f64(bad[0]), _f64(bad[1]),
-                              _f64(1.0), distance="euclidean", pair_weighting="uniform")
+            return _all_three(
+                labels,
+                e,
+                tf.ones([4]),
+                tf.ones([4]),
+                _f64(bad[0]),
+                _f64(bad[1]),
+                _f64(1.0),
+                distance="euclidean",
+                pair_weighting="uniform",
+            )
 
         with pytest.raises(ValueError, match="Failed getting HLO text") as error:
             _hlo(f, labels, e)
@@ -300,21 +412,28 @@ def test_xla_bad_run_time_margins_give_nan(rng, which, value):
     labels, e = _batch(rng, 9, 3, "float32")
     u = _per_row(rng, 9, "float32")
     for distance in DISTANCES:
-        out = tf.function(lambda e: _all_three(labels, e, u, u, *margins, _f64(1.0),
-                                               distance=distance, pair_weighting="balanced"),
-                          jit_compile=True)(e)
+        out = tf.function(
+            lambda e: _all_three(
+                labels, e, u, u, *margins, _f64(1.0), distance=distance, pair_weighting="balanced"
+            ),
+            jit_compile=True,
+        )(e)
         for output in out[:4]:
             assert np.all(np.isnan(output.numpy())), (distance, output)
         # The reduction scale does not depend on the margins.
-        np.testing.assert_allclose(out[4], 1.0 / np.sum(u.numpy(), dtype=np.float64),
-                                   rtol=1e-15)
+        np.testing.assert_allclose(out[4], 1.0 / np.sum(u.numpy(), dtype=np.float64), rtol=1e-15)
 
 
 def test_xla_in_batch_shape_mismatch_at_compile_time():
     def loss(labels, e):
         return _LIBRARY.fused_contrastive_in_batch_contrastive_loss(
-            tf.cast(labels, tf.int64), e, _f64(1.0), _f64(0.0), distance="cosine",
-            pair_weighting="uniform")
+            tf.cast(labels, tf.int64),
+            e,
+            _f64(1.0),
+            _f64(0.0),
+            distance="cosine",
+            pair_weighting="uniform",
+        )
 
     relaxed = tf.function(loss, input_signature=[tf.TensorSpec(None)] * 2, jit_compile=True)
     with pytest.raises(ValueError, match="Failed getting HLO text") as error:
@@ -327,8 +446,14 @@ def test_max_block_rows_beyond_int32_under_xla(rng):
 
     def loss(labels, e):
         return _LIBRARY.fused_contrastive_in_batch_contrastive_loss(
-            labels, e, _f64(1.0), _f64(0.0), distance="euclidean", pair_weighting="uniform",
-            max_block_rows=2**31)
+            labels,
+            e,
+            _f64(1.0),
+            _f64(0.0),
+            distance="euclidean",
+            pair_weighting="uniform",
+            max_block_rows=2**31,
+        )
 
     if HLO_ON_CPU:  # only bounds the block size there
         want, got = _graph_and_xla(loss, labels, e)

@@ -26,7 +26,8 @@ DEBIAN_RULES = [Path("/usr/share/bazel/rules/java"), Path("/usr/share/bazel/tool
 pytestmark = pytest.mark.skipif(
     shutil.which("bazel") is None or not all(p.is_dir() for p in DEBIAN_RULES),
     reason=f"Debian's offline Bazel (bazel and its rules_java, platforms) is not installed: "
-           f"{APT_COMMAND}")
+    f"{APT_COMMAND}",
+)
 
 
 class Bazel:
@@ -40,9 +41,14 @@ class Bazel:
 
     def __call__(self, command, *args, check=True, env=None):
         extra = ["--symlink_prefix=/"] if command == "build" else []
-        result = subprocess.run(self.startup + [command, *extra, *args], cwd=ROOT,
-                                env={**self.env, **(env or {})}, capture_output=True, text=True,
-                                timeout=1800)
+        result = subprocess.run(
+            self.startup + [command, *extra, *args],
+            cwd=ROOT,
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         if check and result.returncode != 0:
             pytest.fail(f"bazel {command} {' '.join(args)} failed:\n{result.stderr[-6000:]}")
         return result.stdout
@@ -73,10 +79,16 @@ def cpu_library(bazel, tmp_path_factory):
 def loaded_build_info(library):
     """fused_contrastive.build_info() in a fresh process that loads `library`."""
     result = subprocess.run(
-        [sys.executable, "-c",
-         "import json, fused_contrastive as fc; print(json.dumps(fc.build_info()))"],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, _ops.LIBRARY_ENV: str(library)})
+        [
+            sys.executable,
+            "-c",
+            "import json, fused_contrastive as fc; print(json.dumps(fc.build_info()))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, _ops.LIBRARY_ENV: str(library)},
+    )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -96,8 +108,9 @@ def test_bazel_library_reports_how_it_was_built(cpu_library):
 
 
 def test_bazel_library_links_tensorflow_after_its_objects(cpu_library):
-    dynamic = subprocess.run(["readelf", "-d", str(cpu_library)], capture_output=True, text=True,
-                             check=True).stdout
+    dynamic = subprocess.run(
+        ["readelf", "-d", str(cpu_library)], capture_output=True, text=True, check=True
+    ).stdout
     assert "[libtensorflow_framework.so.2]" in dynamic
     assert "[libtensorflow_cc.so.2]" in dynamic
 
@@ -131,16 +144,28 @@ def _compile_flags(args):
 
 
 def test_bazel_compiles_the_sources_cmake_compiles_with_its_flags(bazel, cpu_library, tmp_path):
-    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path), "-DFC_CUDA=OFF",
-                    f"-DPython3_EXECUTABLE={sys.executable}", "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON"],
-                   check=True, capture_output=True)
+    subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(ROOT),
+            "-B",
+            str(tmp_path),
+            "-DFC_CUDA=OFF",
+            f"-DPython3_EXECUTABLE={sys.executable}",
+            "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON",
+        ],
+        check=True,
+        capture_output=True,
+    )
     cmake = {}
     for entry in json.loads((tmp_path / "compile_commands.json").read_text()):
         if "_fused_contrastive_ops.dir" in entry["command"]:
             source, flags = _compile_flags(shlex.split(entry["command"]))
             cmake[str(Path(source).relative_to(ROOT))] = flags
-    actions = json.loads(bazel("aquery", f"mnemonic('CppCompile', deps(//:{LIBRARY}))",
-                               "--output=jsonproto"))["actions"]
+    actions = json.loads(
+        bazel("aquery", f"mnemonic('CppCompile', deps(//:{LIBRARY}))", "--output=jsonproto")
+    )["actions"]
     compiled = {}
     for action in actions:
         if "-fPIC" in action["arguments"]:  # the objects a shared library links
@@ -153,26 +178,45 @@ def test_bazel_compiles_the_sources_cmake_compiles_with_its_flags(bazel, cpu_lib
 
 
 def test_bazel_cuda_build_registers_gpu_kernels_with_the_recorded_device_code(
-        bazel, cpu_library, tmp_path_factory, tmp_path):
+    bazel, cpu_library, tmp_path_factory, tmp_path
+):
     # The system nvcc where there is one, else the PyPI toolchain setup.py uses.
     nvcc = _cuda.system_nvcc()
     source = "system" if nvcc else "pypi"
     nvcc = nvcc or str(_cuda.pypi_nvcc(tmp_path_factory.mktemp("pypi_cuda")))
-    library = bazel.build(tmp_path_factory.mktemp("bazel_cuda") / "out", "--config=cuda",
-                          env={"NVCC": nvcc})
+    library = bazel.build(
+        tmp_path_factory.mktemp("bazel_cuda") / "out", "--config=cuda", env={"NVCC": nvcc}
+    )
     info = loaded_build_info(library)
-    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True,
-                             check=True).stdout.split(", V")[-1].split()[0]
+    version = (
+        subprocess.run([nvcc, "--version"], capture_output=True, text=True, check=True)
+        .stdout.split(", V")[-1]
+        .split()[0]
+    )
     assert info["cuda"] is True and info["cuda_compiler"] == f"NVIDIA {version}"
     assert info["cuda_version"] == ".".join(version.split(".")[:2])
     assert info["cuda_compiler_source"] == source
     assert info["build_system"].startswith("bazel ")
     # The registry and device-code checks of the CMake builds, on this library.
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir",
-         str(tmp_path), str(ROOT / "tests/packaging/test_build_variants.py"), "-k",
-         "every_dtype_pair or exactly_when_built_with_cuda or device_code"],
-        capture_output=True, text=True, timeout=900, cwd=tmp_path,
-        env={**os.environ, _ops.LIBRARY_ENV: str(library)})
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            str(ROOT / "tests/packaging/test_build_variants.py"),
+            "-k",
+            "every_dtype_pair or exactly_when_built_with_cuda or device_code",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        cwd=tmp_path,
+        env={**os.environ, _ops.LIBRARY_ENV: str(library)},
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 passed" in result.stdout

@@ -21,8 +21,11 @@ def _enum_name(dtype):
     return types_pb2.DataType.Name(dtype.as_datatype_enum)
 
 
-ALL_PAIRS = {(_enum_name(label), _enum_name(distance))
-             for label in _inputs.LABEL_DTYPES for distance in _inputs.DISTANCE_DTYPES}
+ALL_PAIRS = {
+    (_enum_name(label), _enum_name(distance))
+    for label in _inputs.LABEL_DTYPES
+    for distance in _inputs.DISTANCE_DTYPES
+}
 
 
 def registered_pairs(device_type):
@@ -31,8 +34,10 @@ def registered_pairs(device_type):
     for kernel in kernels.get_registered_kernels_for_op(_ops.OP_NAME).kernel:
         if kernel.device_type == device_type:
             assert list(kernel.host_memory_arg) == ["margin"]
-            types = {c.name: types_pb2.DataType.Name(c.allowed_values.list.type[0])
-                     for c in kernel.constraint}
+            types = {
+                c.name: types_pb2.DataType.Name(c.allowed_values.list.type[0])
+                for c in kernel.constraint
+            }
             pairs.add((types["Tlabels"], types["T"]))
     return pairs
 
@@ -51,6 +56,7 @@ def _cuobjdump():
     if found:
         return found
     import nvidia  # PyPI's nvidia-cuda-cuobjdump, a test dependency
+
     return str(Path(list(nvidia.__path__)[0]) / "cu13" / "bin" / "cuobjdump")
 
 
@@ -58,35 +64,67 @@ def test_device_code_matches_the_recorded_architectures():
     info = fused_contrastive.build_info()
     library = info["library"]
     if not info["cuda"]:
-        sections = subprocess.run(["readelf", "-S", library], capture_output=True, text=True,
-                                  check=True).stdout
+        sections = subprocess.run(
+            ["readelf", "-S", library], capture_output=True, text=True, check=True
+        ).stdout
         assert ".nv_fatbin" not in sections
         return
     assert info["cuda_architectures"] == "80-real,90"
-    elf = subprocess.run([_cuobjdump(), "--list-elf", library], capture_output=True, text=True,
-                         check=True).stdout
-    ptx = subprocess.run([_cuobjdump(), "--list-ptx", library], capture_output=True, text=True,
-                         check=True).stdout
+    elf = subprocess.run(
+        [_cuobjdump(), "--list-elf", library], capture_output=True, text=True, check=True
+    ).stdout
+    ptx = subprocess.run(
+        [_cuobjdump(), "--list-ptx", library], capture_output=True, text=True, check=True
+    ).stdout
     assert "sm_80.cubin" in elf and "sm_90.cubin" in elf
     assert "sm_90.ptx" in ptx  # compute_90 PTX for GPUs newer than sm_90
 
 
 def test_cpu_only_build_loads_and_passes_core_tests(tmp_path):
     out = tmp_path / "out"
-    subprocess.run(["cmake", "-S", str(ROOT), "-B", str(tmp_path / "build"),
-                    f"-DPython3_EXECUTABLE={sys.executable}", f"-DFC_OUTPUT_DIR={out}",
-                    "-DFC_CUDA=OFF"], check=True, capture_output=True)
-    subprocess.run(["cmake", "--build", str(tmp_path / "build"), "-j", "2",
-                    "--target", "_fused_contrastive_ops"], check=True, capture_output=True)
+    subprocess.run(
+        [
+            "cmake",
+            "-S",
+            str(ROOT),
+            "-B",
+            str(tmp_path / "build"),
+            f"-DPython3_EXECUTABLE={sys.executable}",
+            f"-DFC_OUTPUT_DIR={out}",
+            "-DFC_CUDA=OFF",
+        ],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        [
+            "cmake",
+            "--build",
+            str(tmp_path / "build"),
+            "-j",
+            "2",
+            "--target",
+            "_fused_contrastive_ops",
+        ],
+        check=True,
+        capture_output=True,
+    )
     info = json.loads((out / "_build_info.json").read_text())
     assert info["cuda"] is False and info["tensorflow_version"] == tf.__version__
     check = subprocess.run(
-        [sys.executable, "-c", "import fused_contrastive as fc; "
-         "from tensorflow.python.framework import kernels; "
-         "ks = kernels.get_registered_kernels_for_op('FusedContrastive>ContrastiveLoss').kernel; "
-         "assert not any(k.device_type == 'GPU' for k in ks); print(fc.build_info()['library'])"],
-        capture_output=True, text=True,
-        env={**os.environ, _ops.LIBRARY_ENV: str(out / "_fused_contrastive_ops.so")})
+        [
+            sys.executable,
+            "-c",
+            "import fused_contrastive as fc; "
+            "from tensorflow.python.framework import kernels; "
+            "op = 'FusedContrastive>ContrastiveLoss'; "
+            "ks = kernels.get_registered_kernels_for_op(op).kernel; "
+            "assert not any(k.device_type == 'GPU' for k in ks); print(fc.build_info()['library'])",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, _ops.LIBRARY_ENV: str(out / "_fused_contrastive_ops.so")},
+    )
     assert check.returncode == 0, check.stderr
     assert check.stdout.strip().endswith(str(out / "_fused_contrastive_ops.so"))
     result = run_core_tests_against(out / "_fused_contrastive_ops.so", tmp_path)
@@ -102,21 +140,37 @@ def test_configure_takes_a_relative_python_and_survives_pips_deleted_environment
     equal, so that make recompiles nothing. The first names its Python by a
     relative path, as README's CMake line does (CMake took another Python)."""
     import pybind11
+
     build, commands = tmp_path / "build", []
-    for name, python in (("env-a", os.path.relpath(sys.executable, tmp_path)),
-                         ("env-b", sys.executable)):
+    for name, python in (
+        ("env-a", os.path.relpath(sys.executable, tmp_path)),
+        ("env-b", sys.executable),
+    ):
         environment = tmp_path / name
         environment.mkdir()
         for package in (tf, pybind11):
             source = Path(package.__file__).parent
             (environment / source.name).symlink_to(source, target_is_directory=True)
         result = subprocess.run(
-            ["cmake", "-S", str(ROOT), "-B", str(build), f"-DPython3_EXECUTABLE={python}",
-             f"-DFC_OUTPUT_DIR={tmp_path / 'out'}", "-DFC_CUDA=OFF",
-             "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON"],
-            capture_output=True, text=True, cwd=tmp_path,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(
-                [str(environment), os.environ.get("PYTHONPATH", "")])})
+            [
+                "cmake",
+                "-S",
+                str(ROOT),
+                "-B",
+                str(build),
+                f"-DPython3_EXECUTABLE={python}",
+                f"-DFC_OUTPUT_DIR={tmp_path / 'out'}",
+                "-DFC_CUDA=OFF",
+                "-DCMAKE_EXPORT_COMPILE_COMMANDS=ON",
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env={
+                **os.environ,
+                "PYTHONPATH": os.pathsep.join([str(environment), os.environ.get("PYTHONPATH", "")]),
+            },
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         assert f"TensorFlow {tf.__version__}: {environment}/tensorflow" in result.stdout
         commands.append((build / "compile_commands.json").read_text())

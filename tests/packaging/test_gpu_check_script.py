@@ -14,8 +14,12 @@ SCRIPT = Path(__file__).resolve().parents[1] / "gpu" / "check_gpu.py"
 
 
 def test_gpu_check_script_self_test():
-    result = subprocess.run([sys.executable, str(SCRIPT), "--self-test", "--installed"],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--self-test", "--installed"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     installed = Path(fused_contrastive.__file__).parent
@@ -37,8 +41,9 @@ def test_gpu_check_script_self_test():
     assert "60 TF-op cases compared, /CPU:0 against /CPU:0" in out
     summary = [line for line in out.splitlines() if line.startswith("TF-op summary: ")]
     assert len(summary) == 1, out
-    assert ("device=CPU:0 (self-test stand-in for the GPU) ops=PASS N=1e6 fwd+bwd fused "
-            in summary[0]), summary[0]
+    assert (
+        "device=CPU:0 (self-test stand-in for the GPU) ops=PASS N=1e6 fwd+bwd fused " in summary[0]
+    ), summary[0]
     for timed in ("fused reduced", "plain", "XLA", "fused XLA", "in-batch B=512 D=128"):
         assert f" {timed} " in summary[0], summary[0]
     assert " nan " not in summary[0]
@@ -51,19 +56,30 @@ def test_missing_prerequisites_are_named_at_once_before_building(tmp_path):
     # Eigen: the script failed on the first import, or after minutes of
     # compiling on the next; now one message names all three, and the cure.
     result = subprocess.run(
-        [sys.executable, "-c", "import runpy, sys; sys.modules['ml_dtypes'] = None; "
-         "sys.modules['cupy'] = None; sys.argv = [sys.argv[0]]; "
-         f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')"],
-        capture_output=True, text=True, timeout=120,
-        env={**os.environ, "FC_EIGEN_INCLUDE": str(tmp_path)})
+        [
+            sys.executable,
+            "-c",
+            "import runpy, sys; sys.modules['ml_dtypes'] = None; "
+            "sys.modules['cupy'] = None; sys.argv = [sys.argv[0]]; "
+            f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "FC_EIGEN_INCLUDE": str(tmp_path)},
+    )
     assert result.returncode == 1, result.stdout + result.stderr
     assert "Traceback" not in result.stderr, result.stderr
     lines = result.stderr.strip().splitlines()
     assert lines[0] == "check_gpu.py cannot run; nothing was built. Missing:", lines
-    assert lines[1] == (f"  - Python modules ml_dtypes, cupy: {sys.executable} -m pip install "
-                        "ml_dtypes cupy-cuda12x (cupy-cuda13x for a CUDA 13 driver)"), lines
-    assert lines[2].startswith(f"  - Eigen headers (FC_EIGEN_INCLUDE={tmp_path} has no "
-                               "Eigen/Core): set FC_EIGEN_INCLUDE to a directory holding "), lines
+    assert lines[1] == (
+        f"  - Python modules ml_dtypes, cupy: {sys.executable} -m pip install "
+        "ml_dtypes cupy-cuda12x (cupy-cuda13x for a CUDA 13 driver)"
+    ), lines
+    assert lines[2].startswith(
+        f"  - Eigen headers (FC_EIGEN_INCLUDE={tmp_path} has no "
+        "Eigen/Core): set FC_EIGEN_INCLUDE to a directory holding "
+    ), lines
     assert len(lines) == 3, lines
     assert not list(tmp_path.iterdir())  # and nothing was built there
 
@@ -71,9 +87,17 @@ def test_missing_prerequisites_are_named_at_once_before_building(tmp_path):
 def test_self_test_needs_no_cupy():
     # --self-test --installed (what CI runs) needs only NumPy and ml_dtypes.
     result = subprocess.run(
-        [sys.executable, "-c", "import sys; sys.modules['cupy'] = None; "
-         f"sys.path.insert(0, {str(SCRIPT.parent)!r}); import check_gpu; "
-         "print(check_gpu.missing_prerequisites(check_gpu.parse_args(['--self-test', "
-         "'--installed'])))"], capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.modules['cupy'] = None; "
+            f"sys.path.insert(0, {str(SCRIPT.parent)!r}); import check_gpu; "
+            "print(check_gpu.missing_prerequisites(check_gpu.parse_args(['--self-test', "
+            "'--installed'])))",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"

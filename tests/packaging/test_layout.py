@@ -33,8 +33,11 @@ def test_the_kernels_include_no_tensorflow_or_xla_header():
             if match:
                 includes.setdefault(match.group(1), []).append(str(path.relative_to(ROOT)))
     assert includes, "no includes found under cc/core"
-    foreign = {header: files for header, files in includes.items()
-               if re.match(r"(tensorflow|xla|absl|tsl|third_party|unsupported)/", header)}
+    foreign = {
+        header: files
+        for header, files in includes.items()
+        if re.match(r"(tensorflow|xla|absl|tsl|third_party|unsupported)/", header)
+    }
     assert foreign == {}
     # Kernel headers include each other by their path from cc/ only.
     local = [h for h in includes if h.endswith((".h", ".cuh")) and "/" not in h]
@@ -74,8 +77,11 @@ def test_no_file_under_cc_mixes_families(family):
     # of the other families appear in shared files only (the registration
     # table and the pybind11 module's list of registrations).
     entry = {"distances": "ContrastiveLoss", "pairs": "EmbeddingLoss", "in_batch": "InBatchLoss"}
-    own = [p for p in _sources("cc") if family in p.relative_to(ROOT).parts
-           or p.stem in (family, f"{family}_host_calls")]
+    own = [
+        p
+        for p in _sources("cc")
+        if family in p.relative_to(ROOT).parts or p.stem in (family, f"{family}_host_calls")
+    ]
     assert own, family
     for path in own:
         text = path.read_text()

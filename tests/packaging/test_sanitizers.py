@@ -37,25 +37,44 @@ def test_fuzzing_the_sanitized_kernel_module_reports_nothing(tmp_path):
     build, module_dir = tmp_path / "build", tmp_path / "module"
     # Debug (-O0) compiles in about a quarter of the time Release (-O3, LTO)
     # takes on two cores; the sanitizers check the same accesses.
-    run([cmake(), "-S", ROOT, "-B", build, "-DCMAKE_BUILD_TYPE=Debug", "-DFC_WITH_TENSORFLOW=OFF",
-         "-DFC_CUDA=OFF", "-DFC_SANITIZE=ON", f"-DPython3_EXECUTABLE={sys.executable}",
-         f"-DFC_OUTPUT_DIR={module_dir}"], timeout=300)
-    run([cmake(), "--build", build, "-j", os.cpu_count() or 2, "--target", "_kernels"],
-        timeout=600)
+    run(
+        [
+            cmake(),
+            "-S",
+            ROOT,
+            "-B",
+            build,
+            "-DCMAKE_BUILD_TYPE=Debug",
+            "-DFC_WITH_TENSORFLOW=OFF",
+            "-DFC_CUDA=OFF",
+            "-DFC_SANITIZE=ON",
+            f"-DPython3_EXECUTABLE={sys.executable}",
+            f"-DFC_OUTPUT_DIR={module_dir}",
+        ],
+        timeout=300,
+    )
+    run([cmake(), "--build", build, "-j", os.cpu_count() or 2, "--target", "_kernels"], timeout=600)
     (module,) = module_dir.glob("_kernels*.so")
     binary = module.read_bytes()
     assert b"__asan_report" in binary and b"__ubsan_handle" in binary, "module not instrumented"
 
-    env = {**os.environ,
-           # ASan's runtime must be loaded first. libstdc++ must be there when
-           # it starts, too: Python links none, and ASan's __cxa_throw
-           # interceptor would otherwise abort on the first C++ exception.
-           "LD_PRELOAD": f"{compiler_runtime(build, 'libasan.so')}:"
-                         f"{compiler_runtime(build, 'libstdc++.so')}",
-           "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
-           "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1"}
-    result = subprocess.run([sys.executable, str(FUZZ), str(module_dir), "--seconds", "5"],
-                            capture_output=True, text=True, env=env, timeout=300)
+    env = {
+        **os.environ,
+        # ASan's runtime must be loaded first. libstdc++ must be there when
+        # it starts, too: Python links none, and ASan's __cxa_throw
+        # interceptor would otherwise abort on the first C++ exception.
+        "LD_PRELOAD": f"{compiler_runtime(build, 'libasan.so')}:"
+        f"{compiler_runtime(build, 'libstdc++.so')}",
+        "ASAN_OPTIONS": "detect_leaks=0:abort_on_error=1",
+        "UBSAN_OPTIONS": "halt_on_error=1:print_stacktrace=1",
+    }
+    result = subprocess.run(
+        [sys.executable, str(FUZZ), str(module_dir), "--seconds", "5"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     report = f"exit status {result.returncode}\n{result.stdout}\n{result.stderr}"
     assert result.returncode == 0, report
     assert "runtime error" not in result.stderr, report

@@ -17,14 +17,29 @@ REDUCTIONS = ["sum", "mean", "weighted_mean"]
 
 def pair_op(y, pairs, w, reduction, distance, margin=0.8, similar_label=1):
     return _ops._library.fused_contrastive_embedding_pair_contrastive_loss_reduced(
-        y, pairs, w, _ops.scalar(margin), _ops.scalar(1.0), distance=distance,
-        reduction=reduction, similar_label=similar_label)
+        y,
+        pairs,
+        w,
+        _ops.scalar(margin),
+        _ops.scalar(1.0),
+        distance=distance,
+        reduction=reduction,
+        similar_label=similar_label,
+    )
 
 
 def two_tensor_op(y, a, b, w, reduction, distance, margin=0.8, similar_label=1):
     return _ops._library.fused_contrastive_embedding_contrastive_loss_reduced(
-        y, a, b, w, _ops.scalar(margin), _ops.scalar(1.0), distance=distance,
-        reduction=reduction, similar_label=similar_label)
+        y,
+        a,
+        b,
+        w,
+        _ops.scalar(margin),
+        _ops.scalar(1.0),
+        distance=distance,
+        reduction=reduction,
+        similar_label=similar_label,
+    )
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
@@ -40,8 +55,10 @@ def test_pair_op_has_the_bits_of_the_two_tensor_op(rng, distance, dtype, reducti
 
     @tf.function(jit_compile=jit)
     def both(y, a, b, pairs, w):
-        return (two_tensor_op(y, a, b, w, reduction, distance),
-                pair_op(y, pairs, w, reduction, distance))
+        return (
+            two_tensor_op(y, a, b, w, reduction, distance),
+            pair_op(y, pairs, w, reduction, distance),
+        )
 
     (loss, grad_a, grad_b, scale), (pair_loss, pair_grad, pair_scale) = both(y, a, b, pairs, w)
     assert pair_grad.shape == pairs.shape and pair_grad.dtype == pairs.dtype
@@ -50,8 +67,10 @@ def test_pair_op_has_the_bits_of_the_two_tensor_op(rng, distance, dtype, reducti
     np.testing.assert_array_equal(pair_grad.numpy(), tf.stack([grad_a, grad_b], -2).numpy())
 
 
-@pytest.mark.parametrize("shape, labels", [((4, 3, 2), (4, 3)), ((4, 2, 2, 0), (4, 2)),
-                                           ((4, 2), (4,)), ((4, 2, 3), (5,))])
+@pytest.mark.parametrize(
+    "shape, labels",
+    [((4, 3, 2), (4, 3)), ((4, 2, 2, 0), (4, 2)), ((4, 2), (4,)), ((4, 2, 3), (5,))],
+)
 def test_pair_op_rejects_what_is_not_a_stacked_pair(shape, labels):
     with pytest.raises((tf.errors.InvalidArgumentError, ValueError), match=r"\[\.\.\., 2, D\]"):
         pair_op(tf.zeros(labels), tf.zeros(shape), tf.constant(1.0), "mean", "euclidean")
@@ -85,25 +104,30 @@ PAIR_PRODUCERS = {
     "tf.stack": lambda a, b: tf.stack([a, b], axis=1),
     "keras.ops.stack -2": lambda a, b: keras.ops.stack([a, b], axis=-2),
     "Concatenate, Reshape": lambda a, b: keras.layers.Reshape((2, a.shape[-1]))(
-        keras.layers.Concatenate()([a, b])),
+        keras.layers.Concatenate()([a, b])
+    ),
     "concat, reshape, identity": lambda a, b: tf.identity(
-        tf.reshape(tf.concat([a, b], -1), [-1, 2, a.shape[-1]])),
+        tf.reshape(tf.concat([a, b], -1), [-1, 2, a.shape[-1]])
+    ),
 }
 # Producers whose output has the shape [..., 2, D] without being the pairs
 # (a, b) row by row, or whose rows the graph cannot match statically.
 NOT_PAIR_PRODUCERS = {
     "stack on axis 0": lambda a, b: tf.stack([a[:2], b[:2]], axis=0),
-    "concat on axis 0, reshape": lambda a, b: tf.reshape(tf.concat([a, b], 0),
-                                                         [-1, 2, a.shape[-1]]),
+    "concat on axis 0, reshape": lambda a, b: tf.reshape(
+        tf.concat([a, b], 0), [-1, 2, a.shape[-1]]
+    ),
     "rows regrouped": lambda a, b: tf.reshape(
         tf.concat([tf.reshape(a, [4, 3, -1]), tf.reshape(b, [4, 3, -1])], -1),
-        [3, 4, 2, a.shape[-1]]),
+        [3, 4, 2, a.shape[-1]],
+    ),
 }
 
 
 def class_loss_and_gradients(loss_object, producer, y, a, b, tape=True):
     """The class's loss on the pair `producer` makes of a, b inside the call, as
     a model makes it, and with a tape the gradients of a and b."""
+
     def loss():
         pairs = producer(a, b)
         return loss_object(tf.reshape(y, tf.shape(pairs)[:-2]), pairs) * 3.0
@@ -117,8 +141,10 @@ def class_loss_and_gradients(loss_object, producer, y, a, b, tape=True):
 
 
 def class_step(loss_object, producer, tape=True, jit=False):
-    return tf.function(lambda y, a, b: class_loss_and_gradients(loss_object, producer, y, a, b,
-                                                                tape), jit_compile=jit)
+    return tf.function(
+        lambda y, a, b: class_loss_and_gradients(loss_object, producer, y, a, b, tape),
+        jit_compile=jit,
+    )
 
 
 @pytest.mark.parametrize("producer", list(PAIR_PRODUCERS))
@@ -151,12 +177,15 @@ def test_keras_pair_class_reads_the_halves_of_sequence_pairs_of_unknown_batch(rn
     a, b = embeddings(rng, (4, 3, 8), "float32")
     y = random_labels(rng, (4, 3), "float32")
     loss = fc.ContrastiveLoss(margin=0.8, distance="euclidean")
+
     def make(a, b):
         return keras.layers.Reshape((3, 2, 8))(keras.layers.Concatenate()([a, b]))
 
     halves = tf.TensorSpec([None, 3, 8], tf.float32)
-    step = tf.function(lambda y, a, b: class_loss_and_gradients(loss, make, y, a, b),
-                       input_signature=[tf.TensorSpec([None, 3], tf.float32), halves, halves])
+    step = tf.function(
+        lambda y, a, b: class_loss_and_gradients(loss, make, y, a, b),
+        input_signature=[tf.TensorSpec([None, 3], tf.float32), halves, halves],
+    )
     types = {op.type for op in step.get_concrete_function().graph.get_operations()}
     assert _ops.EMBEDDING_REDUCED_OP_NAME in types and "ConcatOffset" not in types, types
     for g, w in zip(step(y, a, b), class_loss_and_gradients(loss, make, y, a, b)):
@@ -167,8 +196,7 @@ def test_keras_pair_class_evaluates_a_stack_with_the_per_pair_op(rng):
     # Without a tape the reduced op would write the pair's gradient for nothing.
     a, b = embeddings(rng, (12, 8), "float32")
     y = random_labels(rng, (12,), "float32")
-    step = class_step(fc.ContrastiveLoss(distance="cosine"), PAIR_PRODUCERS["tf.stack"],
-                      tape=False)
+    step = class_step(fc.ContrastiveLoss(distance="cosine"), PAIR_PRODUCERS["tf.stack"], tape=False)
     types = {op.type for op in step.get_concrete_function(y, a, b).graph.get_operations()}
     assert _ops.EMBEDDING_OP_NAME in types
     assert not types & {_ops.EMBEDDING_REDUCED_OP_NAME, _ops.EMBEDDING_PAIR_REDUCED_OP_NAME}
@@ -184,15 +212,18 @@ def test_keras_fit_and_evaluate_read_the_towers_outputs(rng, monkeypatch, jit_co
     calls = []
     for name in ("reduced_embedding_loss", "embedding_loss"):
         original = getattr(_ops, name)
-        monkeypatch.setattr(_ops, name, lambda *a, _f=original, _n=name, **k:
-                            calls.append(_n) or _f(*a, **k))
-    monkeypatch.setattr(_ops._library, "fused_contrastive_embedding_pair_contrastive_loss_reduced",
-                        None)  # any call would raise
+        monkeypatch.setattr(
+            _ops, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k)
+        )
+    monkeypatch.setattr(
+        _ops._library, "fused_contrastive_embedding_pair_contrastive_loss_reduced", None
+    )  # any call would raise
     x1, x2 = (rng.normal(size=(32, 6)).astype("float32") for _ in range(2))
     y = (x1[:, 0] > 0).astype("float32")
     model = siamese_model()
-    model.compile(optimizer="sgd", loss=fc.ContrastiveLoss(distance="cosine"),
-                  jit_compile=jit_compile)
+    model.compile(
+        optimizer="sgd", loss=fc.ContrastiveLoss(distance="cosine"), jit_compile=jit_compile
+    )
     model.fit([x1, x2], y, batch_size=16, epochs=1, verbose=0)
     assert calls and set(calls) == {"reduced_embedding_loss"}, calls
     calls.clear()
@@ -224,22 +255,24 @@ def test_keras_pair_class_gradient_matches_the_reference(rng, distance, jit):
     w = tf.constant(rng.random(40), "float32")
     results = []
     for impl in (fc.ContrastiveLoss(margin=0.7, distance=distance), None):
+
         @tf.function(jit_compile=jit)
         def step(pairs, impl=impl):
             with tf.GradientTape() as tape:
                 tape.watch(pairs)
                 if impl is None:
                     per_pair = fc.contrastive_loss_from_embeddings_reference(
-                        y, pairs[:, 0], pairs[:, 1], margin=0.7, distance=distance)
+                        y, pairs[:, 0], pairs[:, 1], margin=0.7, distance=distance
+                    )
                     loss = tf.reduce_sum(per_pair * w) / 40.0
                 else:
                     loss = impl(y, pairs, sample_weight=w)
             return loss, tape.gradient(loss, pairs)
+
         results.append(step(pairs))
     (loss, grad), (want_loss, want_grad) = results
     np.testing.assert_allclose(loss, want_loss, rtol=2e-6)
-    np.testing.assert_allclose(grad, want_grad, rtol=3e-6,
-                               atol=3e-6 * np.max(np.abs(want_grad)))
+    np.testing.assert_allclose(grad, want_grad, rtol=3e-6, atol=3e-6 * np.max(np.abs(want_grad)))
 
 
 def float64_loss(y, a, b, margin, distance):
@@ -252,8 +285,9 @@ def float64_loss(y, a, b, margin, distance):
     return y * d**2 + (1.0 - y) * np.maximum(margin - d, 0.0) ** 2
 
 
-@pytest.mark.parametrize("distance, dim", [("euclidean", 10**6), ("cosine", 10**6),
-                                           ("cosine", 10**5)])
+@pytest.mark.parametrize(
+    "distance, dim", [("euclidean", 10**6), ("cosine", 10**6), ("cosine", 10**5)]
+)
 def test_long_rows_are_summed_to_float32_accuracy(distance, dim):
     # Positive elements, so that the row sums have no cancellation: the error
     # is the summation's own (5.5e-5 and 5.2e-4 with one float sum per row).
@@ -264,8 +298,7 @@ def test_long_rows_are_summed_to_float32_accuracy(distance, dim):
     want = float64_loss(y, a, b, 1.0, distance)
     ops = fc.contrastive_loss_from_embeddings(y, a, b, distance=distance).numpy()
     kernel = _kernels.embedding_loss_cpu(y, a, b, distance=distance)[0]
-    reduced = _kernels.embedding_loss_reduced_cpu(y, a, b, distance=distance,
-                                                  reduction="sum")[0]
+    reduced = _kernels.embedding_loss_reduced_cpu(y, a, b, distance=distance, reduction="sum")[0]
     # Cosine's d = 1 - s is about s/d = 6 times as sensitive to the float32
     # rounding of its three sums as the sums themselves: 2e-6 is that bound.
     rtol = 1e-6 if distance == "euclidean" else 2e-6
@@ -281,8 +314,9 @@ def per_sample(path, y, d, margin):
     if path == "reference":
         return fc.contrastive_loss_reference(y, d, margin=margin)
     if path == "xla":
-        return tf.function(lambda y, d: fc.contrastive_loss(y, d, margin=margin),
-                           jit_compile=True)(tf.constant(y), tf.constant(d))
+        return tf.function(lambda y, d: fc.contrastive_loss(y, d, margin=margin), jit_compile=True)(
+            tf.constant(y), tf.constant(d)
+        )
     return fc.contrastive_loss(y, d, margin=margin)
 
 
@@ -291,10 +325,12 @@ def test_zero_label_weight_contributes_exactly_zero(path):
     # d² overflows float32 for the dissimilar pair; (margin - d)² for the
     # similar one under margin 1e30. Their weights are 0: no 0 * inf.
     y = np.array([0.0, 1.0], np.float32)
-    np.testing.assert_array_equal(per_sample(path, y, np.array([2e19, 1.0], np.float32), 1.0),
-                                  [0.0, 1.0])
-    np.testing.assert_array_equal(per_sample(path, y, np.array([3.0, 1.0], np.float32), 1e30),
-                                  [np.inf, 1.0])
+    np.testing.assert_array_equal(
+        per_sample(path, y, np.array([2e19, 1.0], np.float32), 1.0), [0.0, 1.0]
+    )
+    np.testing.assert_array_equal(
+        per_sample(path, y, np.array([3.0, 1.0], np.float32), 1e30), [np.inf, 1.0]
+    )
 
 
 @pytest.mark.parametrize("path", LOSS_PATHS)
@@ -314,7 +350,8 @@ def test_far_dissimilar_embeddings_give_zero_loss_and_gradient(jit):
         with tf.GradientTape() as tape:
             tape.watch([a, b])
             loss = fc.ContrastiveLoss(distance="euclidean", reduction="sum")(
-                y, tf.stack([a, b], axis=1))
+                y, tf.stack([a, b], axis=1)
+            )
         return loss, tape.gradient(loss, a)
 
     loss, grad = step(a, b)
@@ -324,19 +361,24 @@ def test_far_dissimilar_embeddings_give_zero_loss_and_gradient(jit):
 
 def cosine_loss_and_grads(path, y, a, b):
     """Per-pair loss (summed) and gradients of the cosine loss on one path."""
+
     def step(a, b):
         with tf.GradientTape() as tape:
             tape.watch([a, b])
             if path == "class":
                 loss = fc.ContrastiveLoss(distance="cosine", reduction="sum", dtype=a.dtype)(
-                    y, tf.stack([a, b], axis=1))
+                    y, tf.stack([a, b], axis=1)
+                )
             elif path == "reference":
-                loss = tf.reduce_sum(fc.contrastive_loss_from_embeddings_reference(
-                    y, a, b, distance="cosine"))
+                loss = tf.reduce_sum(
+                    fc.contrastive_loss_from_embeddings_reference(y, a, b, distance="cosine")
+                )
             else:
-                loss = tf.reduce_sum(fc.contrastive_loss_from_embeddings(y, a, b,
-                                                                         distance="cosine"))
+                loss = tf.reduce_sum(
+                    fc.contrastive_loss_from_embeddings(y, a, b, distance="cosine")
+                )
         return (loss, *tape.gradient(loss, [a, b]))
+
     if path == "xla":
         step = tf.function(step, jit_compile=True)
     return [t.numpy() for t in step(tf.constant(a), tf.constant(b))]
@@ -359,13 +401,18 @@ def test_cosine_is_scale_invariant_at_extreme_scales(rng, path, dtype):
     for scale in SCALES[dtype]:
         got = cosine_loss_and_grads(path, y, a * scale, b * scale)
         assert np.all(np.isfinite(got[0])), (scale, got[0])
-        np.testing.assert_allclose(got[0], loss, rtol=1e-5 if dtype == "float32" else 1e-12,
-                                   err_msg=f"scale {scale}")
+        np.testing.assert_allclose(
+            got[0], loss, rtol=1e-5 if dtype == "float32" else 1e-12, err_msg=f"scale {scale}"
+        )
         tolerance = 1e-5 if dtype == "float32" else 1e-12
         for g, want in zip(got[1:], (grad_a, grad_b)):
-            np.testing.assert_allclose(g * scale, want, rtol=tolerance,
-                                       atol=tolerance * np.max(np.abs(want)),
-                                       err_msg=f"scale {scale}")
+            np.testing.assert_allclose(
+                g * scale,
+                want,
+                rtol=tolerance,
+                atol=tolerance * np.max(np.abs(want)),
+                err_msg=f"scale {scale}",
+            )
 
 
 def test_cosine_rows_in_range_are_not_rescaled(rng):
@@ -373,11 +420,13 @@ def test_cosine_rows_in_range_are_not_rescaled(rng):
     # before); out of it, powers of two.
     a = rng.normal(size=(5, 8)).astype(np.float32)
     b = rng.normal(size=(5, 8)).astype(np.float32)
-    loss, coefficients = _kernels.embedding_loss_cpu(np.ones(5, np.float32), a, b,
-                                                     distance="cosine")
+    loss, coefficients = _kernels.embedding_loss_cpu(
+        np.ones(5, np.float32), a, b, distance="cosine"
+    )
     np.testing.assert_array_equal(coefficients[:, 3:], 1.0)
-    tiny = _kernels.embedding_loss_cpu(np.ones(5, np.float32), a * 1e-20, b * 1e-20,
-                                       distance="cosine")
+    tiny = _kernels.embedding_loss_cpu(
+        np.ones(5, np.float32), a * 1e-20, b * 1e-20, distance="cosine"
+    )
     scales = tiny[1][:, 3:]
     assert np.all(scales > 1e18) and np.all(np.log2(scales) == np.round(np.log2(scales)))
     np.testing.assert_allclose(tiny[0], loss, rtol=1e-6)

@@ -31,8 +31,9 @@ def numpy_loss_and_gradients(y, a, b, margin=1.0, distance="euclidean", similar_
         d = np.sqrt(np.sum(diff**2, axis=-1))
     elif distance == "cosine":
         norms = np.sqrt(np.sum(a * a, axis=-1)) * np.sqrt(np.sum(b * b, axis=-1))
-        similarity = np.divide(np.sum(a * b, axis=-1), norms, out=np.zeros_like(norms),
-                               where=norms > 0)
+        similarity = np.divide(
+            np.sum(a * b, axis=-1), norms, out=np.zeros_like(norms), where=norms > 0
+        )
         d = 1.0 - similarity
     else:
         d = np.sum(np.abs(diff), axis=-1)
@@ -63,6 +64,7 @@ def fused_loss_and_gradients(run, y, a, b, **kwargs):
             tape.watch([a, b])
             loss = fc.contrastive_loss_from_embeddings(y, a, b, **kwargs)
         return (loss, *tape.gradient(loss, [a, b]))
+
     return run(step, a, b)
 
 
@@ -72,8 +74,7 @@ def assert_close_to(got, want, dtype, what):
     exact arithmetic, such as the cosine's for D = 1, is rounding noise)."""
     got = np.asarray(tf.cast(got, tf.float64))
     scale = max(np.max(np.abs(want), initial=0.0), 1.0)
-    np.testing.assert_allclose(got, want, rtol=RTOL[dtype], atol=RTOL[dtype] * scale,
-                               err_msg=what)
+    np.testing.assert_allclose(got, want, rtol=RTOL[dtype], atol=RTOL[dtype] * scale, err_msg=what)
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
@@ -83,10 +84,10 @@ def test_loss_and_both_gradients_match_float64(rng, run, distance, dtype, shape)
     a, b = embeddings(rng, shape, dtype)
     y = random_labels(rng, shape[:-1], "float32")
     margin = 0.9
-    loss, grad_a, grad_b = fused_loss_and_gradients(run, y, a, b, margin=margin,
-                                                    distance=distance)
-    want = numpy_loss_and_gradients(y, tf.cast(a, tf.float64), tf.cast(b, tf.float64), margin,
-                                    distance)
+    loss, grad_a, grad_b = fused_loss_and_gradients(run, y, a, b, margin=margin, distance=distance)
+    want = numpy_loss_and_gradients(
+        y, tf.cast(a, tf.float64), tf.cast(b, tf.float64), margin, distance
+    )
     assert loss.dtype == a.dtype and loss.shape == shape[:-1]
     assert grad_a.dtype == a.dtype and grad_a.shape == shape and grad_b.shape == shape
     for got, expected, what in zip((loss, grad_a, grad_b), want, ("loss", "grad_a", "grad_b")):
@@ -101,9 +102,9 @@ def test_every_label_dtype_and_similar_label(rng, distance, label_dtype):
     y = random_labels(rng, (12,), label_dtype)
     for similar_label in (0, 1):
         loss, grad_a, grad_b = fused_loss_and_gradients(
-            lambda f, *args: f(*args), y, a, b, distance=distance, similar_label=similar_label)
-        want = numpy_loss_and_gradients(tf.cast(y, tf.float64), a, b, 1.0, distance,
-                                        similar_label)
+            lambda f, *args: f(*args), y, a, b, distance=distance, similar_label=similar_label
+        )
+        want = numpy_loss_and_gradients(tf.cast(y, tf.float64), a, b, 1.0, distance, similar_label)
         for got, expected in zip((loss, grad_a, grad_b), want):
             assert_close_to(got, expected, "float32", f"similar_label={similar_label}")
 
@@ -115,8 +116,9 @@ def test_zero_distance_is_finite_with_zero_gradient(run, dtype, label):
     a = tf.cast(tf.constant([[0.5, -1.0, 2.0], [0.0, 0.0, 0.0]]), dtype)
     y = tf.constant([label, label], tf.float64)
     loss, grad_a, grad_b = fused_loss_and_gradients(run, y, a, a, margin=1.5)
-    np.testing.assert_allclose(tf.cast(loss, tf.float64), [(1 - label) * 2.25] * 2,
-                               rtol=RTOL[dtype])
+    np.testing.assert_allclose(
+        tf.cast(loss, tf.float64), [(1 - label) * 2.25] * 2, rtol=RTOL[dtype]
+    )
     np.testing.assert_array_equal(tf.cast(grad_a, tf.float64), np.zeros((2, 3)))
     np.testing.assert_array_equal(tf.cast(grad_b, tf.float64), np.zeros((2, 3)))
     with tf.GradientTape() as tape:
@@ -130,8 +132,7 @@ def test_cosine_zero_vector_has_similarity_0_and_no_gradient(run, dtype):
     a = tf.cast(tf.constant([[0.0, 0.0], [3.0, 4.0]]), dtype)
     b = tf.cast(tf.constant([[1.0, 2.0], [0.0, 0.0]]), dtype)
     y = tf.constant([0.0, 1.0])
-    loss, grad_a, grad_b = fused_loss_and_gradients(run, y, a, b, margin=2.0,
-                                                    distance="cosine")
+    loss, grad_a, grad_b = fused_loss_and_gradients(run, y, a, b, margin=2.0, distance="cosine")
     np.testing.assert_array_equal(tf.cast(loss, tf.float64), [1.0, 1.0])  # d = 1 for both
     assert not np.any(tf.cast(grad_a, tf.float64)) and not np.any(tf.cast(grad_b, tf.float64))
 
@@ -139,8 +140,9 @@ def test_cosine_zero_vector_has_similarity_0_and_no_gradient(run, dtype):
 def test_manhattan_sign_of_zero_is_zero():
     a = tf.constant([[1.0, 2.0, 3.0]])
     b = tf.constant([[1.0, 0.0, 5.0]])
-    _, grad_a, grad_b = fused_loss_and_gradients(lambda f, *x: f(*x), [1.0], a, b,
-                                                 distance="manhattan")
+    _, grad_a, grad_b = fused_loss_and_gradients(
+        lambda f, *x: f(*x), [1.0], a, b, distance="manhattan"
+    )
     # d = 4, g = 2*d = 8: dL/da = 8*sign(a - b).
     np.testing.assert_array_equal(grad_a, [[0.0, 8.0, -8.0]])
     np.testing.assert_array_equal(grad_b, [[0.0, -8.0, 8.0]])
@@ -157,8 +159,7 @@ def test_reference_matches_the_fused_op_and_autodiff(rng, distance):
             loss = fc.contrastive_loss_from_embeddings_reference(y, a, b, 0.8, distance)
         return (loss, *tape.gradient(loss, [a, b]))
 
-    fused = fused_loss_and_gradients(lambda f, *x: f(*x), y, a, b, margin=0.8,
-                                     distance=distance)
+    fused = fused_loss_and_gradients(lambda f, *x: f(*x), y, a, b, margin=0.8, distance=distance)
     for got, want in zip(reference(a, b), fused):
         assert np.all(np.isfinite(got))
         np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
@@ -174,36 +175,54 @@ def test_labels_follow_the_trailing_unit_axis_rule(rng):
     np.testing.assert_array_equal(column[:, 0], want)
 
 
-@pytest.mark.parametrize("args, error, message", [
-    (([1.0], [[1.0]], [[1.0]], 1.0, "cosin"), ValueError, "'euclidean', 'cosine', 'manhattan'"),
-    (([1.0], [[1.0]], [[1.0]], 1.0, None), ValueError, "distance must be one of"),
-    (([1.0, 0.0], [[1.0], [2.0]], [[1.0, 2.0]]), tf.errors.InvalidArgumentError,
-     "same shape [..., D]"),
-    (([1.0], [[1.0, 2.0]], [[1.0, 2.0]]), None, None),
-    (([1.0, 0.0, 1.0], [[1.0, 2.0]], [[1.0, 2.0]]), tf.errors.InvalidArgumentError,
-     "without their last axis"),
-    ((1.0, [1.0, 2.0], [1.0, 2.0]), None, None),
-    (([1.0], 1.0, 2.0), tf.errors.InvalidArgumentError, "[..., D]"),
-    (([], np.zeros((0, 0), "f"), np.zeros((0, 0), "f")), tf.errors.InvalidArgumentError,
-     "D >= 1"),
-    (([1.0], [[1.0]], np.ones((1, 1), "float64")), TypeError, "same dtype"),
-    (([1.0], [[1]], [[1]]), TypeError, "embeddings_a must have dtype"),
-    ((["x"], [[1.0]], [[1.0]]), TypeError, "y_true (labels) must have dtype"),
-    (([1.0], [[1.0]], [[1.0]], -1.0), ValueError, "margin"),
-])
+@pytest.mark.parametrize(
+    "args, error, message",
+    [
+        (([1.0], [[1.0]], [[1.0]], 1.0, "cosin"), ValueError, "'euclidean', 'cosine', 'manhattan'"),
+        (([1.0], [[1.0]], [[1.0]], 1.0, None), ValueError, "distance must be one of"),
+        (
+            ([1.0, 0.0], [[1.0], [2.0]], [[1.0, 2.0]]),
+            tf.errors.InvalidArgumentError,
+            "same shape [..., D]",
+        ),
+        (([1.0], [[1.0, 2.0]], [[1.0, 2.0]]), None, None),
+        (
+            ([1.0, 0.0, 1.0], [[1.0, 2.0]], [[1.0, 2.0]]),
+            tf.errors.InvalidArgumentError,
+            "without their last axis",
+        ),
+        ((1.0, [1.0, 2.0], [1.0, 2.0]), None, None),
+        (([1.0], 1.0, 2.0), tf.errors.InvalidArgumentError, "[..., D]"),
+        (
+            ([], np.zeros((0, 0), "f"), np.zeros((0, 0), "f")),
+            tf.errors.InvalidArgumentError,
+            "D >= 1",
+        ),
+        (([1.0], [[1.0]], np.ones((1, 1), "float64")), TypeError, "same dtype"),
+        (([1.0], [[1]], [[1]]), TypeError, "embeddings_a must have dtype"),
+        ((["x"], [[1.0]], [[1.0]]), TypeError, "y_true (labels) must have dtype"),
+        (([1.0], [[1.0]], [[1.0]], -1.0), ValueError, "margin"),
+    ],
+)
 def test_bad_inputs_raise_clear_errors(args, error, message):
     if error is None:  # valid corner cases: one pair; a single pair of rank 1
         assert np.all(np.isfinite(fc.contrastive_loss_from_embeddings(*args)))
         return
-    with pytest.raises(error, match=message.replace("[", r"\[").replace("(", r"\(")
-                       .replace(")", r"\)").replace(".", r"\.")):
+    with pytest.raises(
+        error,
+        match=message.replace("[", r"\[")
+        .replace("(", r"\(")
+        .replace(")", r"\)")
+        .replace(".", r"\."),
+    ):
         fc.contrastive_loss_from_embeddings(*args)
 
 
 def test_shape_mismatch_unknown_when_traced_fails_at_run_time():
-    f = tf.function(fc.contrastive_loss_from_embeddings,
-                    input_signature=[tf.TensorSpec(None), tf.TensorSpec(None),
-                                     tf.TensorSpec(None)])
+    f = tf.function(
+        fc.contrastive_loss_from_embeddings,
+        input_signature=[tf.TensorSpec(None), tf.TensorSpec(None), tf.TensorSpec(None)],
+    )
     with pytest.raises(tf.errors.InvalidArgumentError, match="embeddings_a and embeddings_b"):
         f(tf.ones([2]), tf.ones([2, 3]), tf.ones([2, 4]))
     np.testing.assert_allclose(f(tf.ones([2, 1]), tf.ones([2, 3]), tf.zeros([2, 3])), [3.0, 3.0])
@@ -233,8 +252,12 @@ def test_graph_has_the_fused_ops_and_no_distance_arithmetic(rng):
 
 def test_distances_are_the_op_definitions(rng):
     from tensorflow.python.framework import op_def_registry
-    for name in (_ops.EMBEDDING_OP_NAME, _ops.EMBEDDING_GRAD_OP_NAME,
-                 _ops.EMBEDDING_REDUCED_OP_NAME):
+
+    for name in (
+        _ops.EMBEDDING_OP_NAME,
+        _ops.EMBEDDING_GRAD_OP_NAME,
+        _ops.EMBEDDING_REDUCED_OP_NAME,
+    ):
         attr = {a.name: a for a in op_def_registry.get(name).attr}["distance"]
         assert tuple(v.decode() for v in attr.allowed_values.list.s) == _inputs.DISTANCES
 
@@ -244,8 +267,10 @@ def test_second_order_through_nested_tapes_equals_the_reference(rng):
     y = random_labels(rng, (5,), "float64")
     for distance in DISTANCES:
         hessians = []
-        for loss_fn in (fc.contrastive_loss_from_embeddings,
-                        fc.contrastive_loss_from_embeddings_reference):
+        for loss_fn in (
+            fc.contrastive_loss_from_embeddings,
+            fc.contrastive_loss_from_embeddings_reference,
+        ):
             with tf.GradientTape() as outer:
                 outer.watch(a)
                 with tf.GradientTape() as inner:
@@ -279,7 +304,8 @@ class KerasEmbeddingReference(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         return fc.contrastive_loss_from_embeddings_reference(
-            y_true, y_pred[..., 0, :], y_pred[..., 1, :], self.margin, self.distance)
+            y_true, y_pred[..., 0, :], y_pred[..., 1, :], self.margin, self.distance
+        )
 
 
 def keras_loss_and_gradient(loss_object, y, pairs, sample_weight=None, tape=True):
@@ -293,18 +319,24 @@ def keras_loss_and_gradient(loss_object, y, pairs, sample_weight=None, tape=True
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
-@pytest.mark.parametrize("reduction", ["sum_over_batch_size", "sum", "mean",
-                                       "mean_with_sample_weight", "none"])
+@pytest.mark.parametrize(
+    "reduction", ["sum_over_batch_size", "sum", "mean", "mean_with_sample_weight", "none"]
+)
 @pytest.mark.parametrize("weights", ["none", "scalar", "vector", "column"])
 def test_keras_class_matches_keras_reduction(rng, run, distance, reduction, weights):
     a, b = embeddings(rng, (30, 5), "float32")
     pairs = tf.stack([a, b], axis=1)
     y = random_labels(rng, (30, 1), "float32")
-    w = {"none": None, "scalar": tf.constant(1.7), "vector": tf.constant(rng.random(30), "float32"),
-         "column": tf.constant(rng.random((30, 1)), "float32")}[weights]
+    w = {
+        "none": None,
+        "scalar": tf.constant(1.7),
+        "vector": tf.constant(rng.random(30), "float32"),
+        "column": tf.constant(rng.random((30, 1)), "float32"),
+    }[weights]
     fused = fc.ContrastiveLoss(margin=0.8, reduction=reduction, distance=distance)
-    want = keras_loss_and_gradient(KerasEmbeddingReference(distance, 0.8, reduction=reduction),
-                                   y, pairs, w)
+    want = keras_loss_and_gradient(
+        KerasEmbeddingReference(distance, 0.8, reduction=reduction), y, pairs, w
+    )
     for tape in (True, False):  # training (one-pass reduced op) and evaluation
         got = run(lambda p: keras_loss_and_gradient(fused, y, p, w, tape), pairs)
         for g, e in zip(got, want[:2] if tape else want[:1]):
@@ -325,8 +357,9 @@ def test_keras_class_with_unknown_rank_pairs_gives_the_eager_value(rng, tape, re
     loss = fc.ContrastiveLoss(margin=0.8, reduction=reduction, distance="cosine")
     unknown = tf.TensorSpec(None, tf.float32)
     want = keras_loss_and_gradient(loss, y, pairs, tape=tape)
-    got = tf.function(lambda y, p: keras_loss_and_gradient(loss, y, p, tape=tape),
-                      input_signature=[unknown] * 2)(y, pairs)
+    got = tf.function(
+        lambda y, p: keras_loss_and_gradient(loss, y, p, tape=tape), input_signature=[unknown] * 2
+    )(y, pairs)
     for g, w in zip(got, want[:2] if tape else want[:1]):
         np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
 
@@ -334,8 +367,11 @@ def test_keras_class_with_unknown_rank_pairs_gives_the_eager_value(rng, tape, re
 def test_keras_class_uses_the_one_pass_pair_op(rng, monkeypatch):
     calls = []
     original = _ops.reduced_pair_loss
-    monkeypatch.setattr(_ops, "reduced_pair_loss",
-                        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs))
+    monkeypatch.setattr(
+        _ops,
+        "reduced_pair_loss",
+        lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs),
+    )
     a, b = embeddings(rng, (4, 3), "float32")
     loss = fc.ContrastiveLoss(distance="euclidean")
     keras_loss_and_gradient(loss, [1.0, 0.0, 1.0, 0.0], tf.stack([a, b], axis=1))
@@ -418,7 +454,8 @@ def test_keras_file_with_distance_loads_in_a_fresh_process(rng, tmp_path):
 
 
 def test_reference_fallback_computes_the_same_in_a_fresh_process(rng):
-    result = run_python("""
+    result = run_python(
+        """
         import numpy as np, tensorflow as tf, warnings
         warnings.simplefilter("ignore")
         import fused_contrastive as fc
@@ -429,7 +466,9 @@ def test_reference_fallback_computes_the_same_in_a_fresh_process(rng):
             loss = fc.ContrastiveLoss(margin=2.0, distance="euclidean")(
                 [1.0, 0.0], tf.stack([a, b], axis=1))
         print(float(loss), tape.gradient(loss, a).numpy().ravel().tolist())
-    """, FUSED_CONTRASTIVE_USE_REFERENCE="1")
+    """,
+        FUSED_CONTRASTIVE_USE_REFERENCE="1",
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     loss, grad = result.stdout.split(maxsplit=1)
     assert float(loss) == 14.5  # (25 + 4) / 2
@@ -454,17 +493,22 @@ def test_masked_time_steps_are_handled_like_any_keras_loss(rng):
     results = {}
     for loss in (fc.ContrastiveLoss(distance="cosine"), KerasEmbeddingReference("cosine")):
         keras.utils.set_random_seed(5)
-        model = keras.Sequential([keras.Input((7, 3)), keras.layers.Masking(0.0),
-                                  keras.layers.Dense(8), PairsPerStep()])
+        model = keras.Sequential(
+            [keras.Input((7, 3)), keras.layers.Masking(0.0), keras.layers.Dense(8), PairsPerStep()]
+        )
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss, jit_compile=False)
         history = model.fit(x, y, batch_size=8, epochs=2, verbose=0, shuffle=False)
-        results[type(loss).__name__] = (history.history["loss"],
-                                        model.evaluate(x, y, batch_size=16, verbose=0), model)
+        results[type(loss).__name__] = (
+            history.history["loss"],
+            model.evaluate(x, y, batch_size=16, verbose=0),
+            model,
+        )
     fused, reference = results["ContrastiveLoss"], results["KerasEmbeddingReference"]
     np.testing.assert_allclose(fused[0], reference[0], rtol=1e-5)
     np.testing.assert_allclose(fused[1], reference[1], rtol=1e-5)
     # The padded steps really are excluded: changing their labels changes nothing.
     y_padded = y.copy()
     y_padded[:, 4:] = 1.0 - y_padded[:, 4:]
-    np.testing.assert_allclose(fused[2].evaluate(x, y_padded, batch_size=16, verbose=0),
-                               fused[1], rtol=1e-6)
+    np.testing.assert_allclose(
+        fused[2].evaluate(x, y_padded, batch_size=16, verbose=0), fused[1], rtol=1e-6
+    )

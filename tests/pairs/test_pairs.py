@@ -20,13 +20,11 @@ def numpy_distance(a, b, distance):
     if distance == "manhattan":
         return np.sum(np.abs(a - b), axis=-1)
     norms = np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1)
-    return 1.0 - np.divide(np.sum(a * b, axis=-1), norms, out=np.zeros_like(norms),
-                           where=norms > 0)
+    return 1.0 - np.divide(np.sum(a * b, axis=-1), norms, out=np.zeros_like(norms), where=norms > 0)
 
 
 @pytest.mark.parametrize("distance", DISTANCES)
-@pytest.mark.parametrize("dtype, rtol", [("float32", 2e-6), ("float64", 1e-13),
-                                         ("float16", 2e-3)])
+@pytest.mark.parametrize("dtype, rtol", [("float32", 2e-6), ("float64", 1e-13), ("float16", 2e-3)])
 @pytest.mark.parametrize("shape", [(7, 5), (3, 4, 2)])
 def test_pair_distance_layer_is_the_package_distance(rng, distance, dtype, rtol, shape):
     a, b = embeddings(rng, shape, dtype)
@@ -37,16 +35,23 @@ def test_pair_distance_layer_is_the_package_distance(rng, distance, dtype, rtol,
     np.testing.assert_allclose(tf.cast(got, tf.float64), want, rtol=rtol, atol=rtol)
     # The reference's definitions, zero vectors and a == b included.
     np.testing.assert_array_equal(
-        got, tf.cast(reference.reference_distance(tf.cast(a, tf.float64 if dtype == "float64"
-                                                          else tf.float32),
-                                                  tf.cast(b, tf.float64 if dtype == "float64"
-                                                          else tf.float32), distance), dtype))
+        got,
+        tf.cast(
+            reference.reference_distance(
+                tf.cast(a, tf.float64 if dtype == "float64" else tf.float32),
+                tf.cast(b, tf.float64 if dtype == "float64" else tf.float32),
+                distance,
+            ),
+            dtype,
+        ),
+    )
 
 
 @pytest.mark.parametrize("similar_label", [1, 0])
 @pytest.mark.parametrize("distance", DISTANCES)
-def test_pair_accuracy_counts_pairs_on_the_right_side_of_the_threshold(rng, similar_label,
-                                                                       distance):
+def test_pair_accuracy_counts_pairs_on_the_right_side_of_the_threshold(
+    rng, similar_label, distance
+):
     a, b = embeddings(rng, (40, 3), "float32")
     d = numpy_distance(a, b, distance)
     threshold = float(np.median(d))
@@ -56,22 +61,29 @@ def test_pair_accuracy_counts_pairs_on_the_right_side_of_the_threshold(rng, simi
     correct = ((d < threshold) == similar).astype(np.float64)
     assert 0 < correct.mean() < 1
     metric = fc.PairAccuracy(threshold, distance, similar_label)
-    metric.update_state(labels[:25, None].astype(np.float32), tf.stack([a, b], 1)[:25],
-                        sample_weight=w[:25])
+    metric.update_state(
+        labels[:25, None].astype(np.float32), tf.stack([a, b], 1)[:25], sample_weight=w[:25]
+    )
     metric.update_state(labels[25:], tf.stack([a, b], 1)[25:], sample_weight=w[25:])
     np.testing.assert_allclose(metric.result(), np.sum(correct * w) / np.sum(w), rtol=1e-6)
 
 
-@pytest.mark.parametrize("make, error, match", [
-    (lambda: fc.PairAccuracy(threshold=-1.0), ValueError, "threshold"),
-    (lambda: fc.PairAccuracy(threshold=float("nan")), ValueError, "threshold"),
-    (lambda: fc.PairAccuracy(threshold="0.5"), TypeError, "threshold"),
-    (lambda: fc.PairAccuracy(distance="l2"), ValueError, "'euclidean', 'cosine', 'manhattan'"),
-    (lambda: fc.PairAccuracy(similar_label=2), ValueError, "similar_label"),
-    (lambda: fc.PairDistance("l2"), ValueError, "'euclidean', 'cosine', 'manhattan'"),
-    (lambda: fc.PairDistance()(tf.zeros([4, 3, 2])), tf.errors.InvalidArgumentError,
-     r"\[\.\.\., 2, D\]"),
-])
+@pytest.mark.parametrize(
+    "make, error, match",
+    [
+        (lambda: fc.PairAccuracy(threshold=-1.0), ValueError, "threshold"),
+        (lambda: fc.PairAccuracy(threshold=float("nan")), ValueError, "threshold"),
+        (lambda: fc.PairAccuracy(threshold="0.5"), TypeError, "threshold"),
+        (lambda: fc.PairAccuracy(distance="l2"), ValueError, "'euclidean', 'cosine', 'manhattan'"),
+        (lambda: fc.PairAccuracy(similar_label=2), ValueError, "similar_label"),
+        (lambda: fc.PairDistance("l2"), ValueError, "'euclidean', 'cosine', 'manhattan'"),
+        (
+            lambda: fc.PairDistance()(tf.zeros([4, 3, 2])),
+            tf.errors.InvalidArgumentError,
+            r"\[\.\.\., 2, D\]",
+        ),
+    ],
+)
 def test_bad_options_and_inputs_raise_clear_errors(make, error, match):
     with pytest.raises(error, match=match):
         make()
@@ -82,7 +94,11 @@ def test_configs_round_trip():
     config = json.loads(json.dumps(metric.get_config()))
     again = fc.PairAccuracy.from_config(config)
     assert (again.threshold, again.distance, again.similar_label, again.name) == (
-        0.7, "cosine", 0, "acc")
+        0.7,
+        "cosine",
+        0,
+        "acc",
+    )
     layer = fc.PairDistance("manhattan", name="d")
     assert fc.PairDistance.from_config(layer.get_config()).distance == "manhattan"
     for obj in (metric, layer):
@@ -103,9 +119,11 @@ def test_fit_reports_pair_accuracy_and_the_keras_files_round_trip(rng, tmp_path)
     y = (x1[:, 0] * x2[:, 0] > 0).astype("float32")
     keras.utils.set_random_seed(1)
     model = siamese()
-    model.compile(optimizer=keras.optimizers.SGD(0.05),
-                  loss=fc.ContrastiveLoss(margin=1.0, distance="euclidean"),
-                  metrics=[fc.PairAccuracy(threshold=0.5, distance="euclidean")])
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.05),
+        loss=fc.ContrastiveLoss(margin=1.0, distance="euclidean"),
+        metrics=[fc.PairAccuracy(threshold=0.5, distance="euclidean")],
+    )
     history = model.fit([x1, x2], y, batch_size=16, epochs=2, verbose=0).history
     assert len(history["pair_accuracy"]) == 2
     _, accuracy = model.evaluate([x1, x2], y, batch_size=64, verbose=0)
@@ -139,7 +157,8 @@ def test_fit_reports_pair_accuracy_and_the_keras_files_round_trip(rng, tmp_path)
 
 
 def test_tf_keras_pair_distance_and_accuracy(tmp_path):
-    result = run_python(f"""
+    result = run_python(
+        f"""
         import numpy as np, tensorflow as tf, tf_keras
         import fused_contrastive as fc
         from fused_contrastive import keras2
@@ -179,7 +198,9 @@ def test_tf_keras_pair_distance_and_accuracy(tmp_path):
         again = fc.PairAccuracy.from_config(config)
         assert (again.threshold, again.distance, again.similar_label) == (0.3, "manhattan", 0)
         print("tf_keras pairs ok")
-    """, TF_USE_LEGACY_KERAS="1")
+    """,
+        TF_USE_LEGACY_KERAS="1",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "tf_keras pairs ok" in result.stdout
 

@@ -3,21 +3,38 @@
 import numpy as np
 import pytest
 import tensorflow as tf
-from support import (DISTANCE_DTYPES, DISTANCES, FUSED_REDUCTIONS, HLO_ON_CPU, ODD_BOOL_AS_LABELS, bits, embeddings,
-                      odd_bool_labels, random_distances, random_labels, run_tests_under_hlo)
+from support import (
+    DISTANCE_DTYPES,
+    DISTANCES,
+    FUSED_REDUCTIONS,
+    HLO_ON_CPU,
+    ODD_BOOL_AS_LABELS,
+    bits,
+    embeddings,
+    odd_bool_labels,
+    random_distances,
+    random_labels,
+    run_tests_under_hlo,
+)
 
-from fused_contrastive import (ContrastiveLoss, _ops, contrastive_loss,
-                               contrastive_loss_from_embeddings)
-
-
+from fused_contrastive import (
+    ContrastiveLoss,
+    _ops,
+    contrastive_loss,
+    contrastive_loss_from_embeddings,
+)
 
 
 # --- The ops of the loss from pair embeddings ----------------------------------------------
 
 _LIBRARY = _ops._library
 # (rtol, atol) of XLA's results against the kernels', per embedding dtype.
-EMBEDDING_TOL = {"float16": (1e-3, 1e-3), "bfloat16": (1e-2, 1e-2), "float32": (1e-6, 1e-6),
-                 "float64": (1e-13, 1e-14)}
+EMBEDDING_TOL = {
+    "float16": (1e-3, 1e-3),
+    "bfloat16": (1e-2, 1e-2),
+    "float32": (1e-6, 1e-6),
+    "float64": (1e-13, 1e-14),
+}
 
 
 def _assert_embedding_outputs_close(got, want, dtype):
@@ -28,30 +45,46 @@ def _assert_embedding_outputs_close(got, want, dtype):
     for i, (g, w) in enumerate(zip(got, want)):
         assert g.dtype == w.dtype and g.shape == w.shape, i
         assert np.all(np.isfinite(tf.cast(g, tf.float64))), i
-        np.testing.assert_allclose(tf.cast(g, tf.float64), tf.cast(w, tf.float64), rtol=rtol,
-                                   atol=atol, err_msg=f"output {i}")
+        np.testing.assert_allclose(
+            tf.cast(g, tf.float64),
+            tf.cast(w, tf.float64),
+            rtol=rtol,
+            atol=atol,
+            err_msg=f"output {i}",
+        )
 
 
 def _embedding_loss_and_grads(y, a, b, upstream, margin, distance, similar_label=1):
     loss, coef = _LIBRARY.fused_contrastive_embedding_contrastive_loss(
-        y, a, b, margin, distance=distance, similar_label=similar_label)
+        y, a, b, margin, distance=distance, similar_label=similar_label
+    )
     grad_a, grad_b = _LIBRARY.fused_contrastive_embedding_contrastive_loss_grad(
-        a, b, coef, upstream, distance=distance)
+        a, b, coef, upstream, distance=distance
+    )
     return loss, coef, grad_a, grad_b
 
 
-def _reduced_embedding_outputs(y, a, b, w, margin, loss_scale, distance, reduction,
-                               similar_label=1):
+def _reduced_embedding_outputs(
+    y, a, b, w, margin, loss_scale, distance, reduction, similar_label=1
+):
     return _LIBRARY.fused_contrastive_embedding_contrastive_loss_reduced(
-        y, a, b, w, margin, loss_scale, distance=distance, reduction=reduction,
-        similar_label=similar_label)
+        y,
+        a,
+        b,
+        w,
+        margin,
+        loss_scale,
+        distance=distance,
+        reduction=reduction,
+        similar_label=similar_label,
+    )
 
 
 def _graph_and_xla(f, *args, **kwargs):
     def call(*args):
         return f(*args, **kwargs)
-    return (tf.function(call, jit_compile=False)(*args),
-            tf.function(call, jit_compile=True)(*args))
+
+    return (tf.function(call, jit_compile=False)(*args), tf.function(call, jit_compile=True)(*args))
 
 
 def _margin(value=1.0):
@@ -67,8 +100,9 @@ def test_embedding_ops_under_xla_match_the_kernels(rng, distance, dtype, label_d
     y = random_labels(rng, (3, 5), label_dtype)
     per_row = tf.cast(rng.uniform(0.5, 2.0, size=(3, 5)), dtype)
     for upstream, similar_label in ((per_row, 1), (tf.constant(0.5, dtype), 0)):
-        want, got = _graph_and_xla(_embedding_loss_and_grads, y, a, b, upstream, _margin(1.2),
-                                   distance, similar_label)
+        want, got = _graph_and_xla(
+            _embedding_loss_and_grads, y, a, b, upstream, _margin(1.2), distance, similar_label
+        )
         _assert_embedding_outputs_close(got, want, dtype)
     _, coef, grad_a, grad_b = got
     assert coef.shape == [3, 5, 5 if distance == "cosine" else 1]  # cosine: 3 and 2 scales
@@ -85,11 +119,15 @@ def test_embedding_ops_under_xla_match_the_kernels(rng, distance, dtype, label_d
 def test_reduced_embedding_op_under_xla_matches_the_kernel(rng, reduction, distance, dtype):
     a, b = embeddings(rng, (3, 5, 7), dtype)
     y = random_labels(rng, (3, 5), "float32")
-    weight_forms = {"per-row": tf.cast(rng.uniform(0.1, 2.0, size=(3, 5)), dtype),
-                    "scalar": tf.constant(0.75, dtype), "zero total": tf.zeros([3, 5], dtype)}
+    weight_forms = {
+        "per-row": tf.cast(rng.uniform(0.1, 2.0, size=(3, 5)), dtype),
+        "scalar": tf.constant(0.75, dtype),
+        "zero total": tf.zeros([3, 5], dtype),
+    }
     for form, w in weight_forms.items():
-        want, got = _graph_and_xla(_reduced_embedding_outputs, y, a, b, w, _margin(1.2),
-                                   _margin(0.5), distance, reduction)
+        want, got = _graph_and_xla(
+            _reduced_embedding_outputs, y, a, b, w, _margin(1.2), _margin(0.5), distance, reduction
+        )
         _assert_embedding_outputs_close(got, want, dtype)
         # The weights are added in float64 by both: only the order differs.
         np.testing.assert_allclose(got[3], want[3], rtol=1e-15, err_msg=form)
@@ -101,8 +139,9 @@ def test_reduced_embedding_op_handles_more_rows_than_a_sum_chunk(rng):
     y = random_labels(rng, (4, 25), "float32")
     w = tf.constant(rng.uniform(0.1, 2.0, size=(4, 25)), tf.float32)
     for distance in DISTANCES:
-        want, got = _graph_and_xla(_reduced_embedding_outputs, y, a, b, w, _margin(),
-                                   _margin(), distance, "weighted_mean")
+        want, got = _graph_and_xla(
+            _reduced_embedding_outputs, y, a, b, w, _margin(), _margin(), distance, "weighted_mean"
+        )
         _assert_embedding_outputs_close(got, want, "float32")
 
 
@@ -129,6 +168,7 @@ def test_keras_class_with_distance_under_xla_matches(rng, reduction):
     y = random_labels(rng, (33,), "float32")
     w = tf.constant(rng.uniform(0.1, 2.0, size=33), tf.float32)
     for distance in DISTANCES:
+
         def loss_and_grad(pairs):
             with tf.GradientTape() as tape:
                 tape.watch(pairs)
@@ -141,29 +181,37 @@ def test_keras_class_with_distance_under_xla_matches(rng, reduction):
 
 def test_xla_runs_the_embedding_lowerings_not_a_fallback():
     def all_three(y, a, b):
-        loss, coef, grad_a, _ = _embedding_loss_and_grads(y, a, b, tf.constant(1.0), _margin(),
-                                                           "cosine")
-        reduced = _reduced_embedding_outputs(y, a, b, tf.constant(1.0), _margin(), _margin(),
-                                             "manhattan", "mean")
+        loss, coef, grad_a, _ = _embedding_loss_and_grads(
+            y, a, b, tf.constant(1.0), _margin(), "cosine"
+        )
+        reduced = _reduced_embedding_outputs(
+            y, a, b, tf.constant(1.0), _margin(), _margin(), "manhattan", "mean"
+        )
         return loss, grad_a, reduced[0]
 
     f = tf.function(all_three, jit_compile=True)
     with tf.device("/CPU:0"):
         hlo = f.experimental_get_compiler_ir(tf.zeros([4]), tf.zeros([4, 3]), tf.ones([4, 3]))(
-            stage="hlo")
+            stage="hlo"
+        )
     calls = [line for line in hlo.splitlines() if " custom-call(" in line]
     if HLO_ON_CPU:  # the other backends' lowering: plain HLO, no call out
         assert not calls and " reduce(" in hlo, calls
         return
     # On XLA's CPU backend each op is one typed-FFI call of its fused kernel.
-    targets = {"EmbeddingContrastiveLoss": "fused_contrastive_embedding_loss",
-               "EmbeddingContrastiveLossGrad": "fused_contrastive_embedding_loss_grad",
-               "EmbeddingContrastiveLossReduced": "fused_contrastive_embedding_loss_reduced"}
+    targets = {
+        "EmbeddingContrastiveLoss": "fused_contrastive_embedding_loss",
+        "EmbeddingContrastiveLossGrad": "fused_contrastive_embedding_loss_grad",
+        "EmbeddingContrastiveLossReduced": "fused_contrastive_embedding_loss_reduced",
+    }
     assert len(calls) == len(targets), calls
     for op, target in targets.items():
-        assert any(f'op_type="FusedContrastive>{op}"' in line
-                   and f'custom_call_target="{target}"' in line
-                   and "API_VERSION_TYPED_FFI" in line for line in calls), op
+        assert any(
+            f'op_type="FusedContrastive>{op}"' in line
+            and f'custom_call_target="{target}"' in line
+            and "API_VERSION_TYPED_FFI" in line
+            for line in calls
+        ), op
 
 
 @pytest.mark.skipif(HLO_ON_CPU, reason="the HLO lowering sums rows in XLA's order")
@@ -176,9 +224,12 @@ def test_xla_cpu_embedding_ops_are_the_cpu_kernels_bit_for_bit(rng, distance, dt
     w = tf.cast(rng.uniform(0.1, 2.0, size=shape[:-1]), dtype)
 
     def all_three(y, a, b, w):
-        return (*_embedding_loss_and_grads(y, a, b, w, _margin(1.2), distance, 0),
-                *_reduced_embedding_outputs(y, a, b, w, _margin(1.2), _margin(0.5), distance,
-                                            "weighted_mean"))
+        return (
+            *_embedding_loss_and_grads(y, a, b, w, _margin(1.2), distance, 0),
+            *_reduced_embedding_outputs(
+                y, a, b, w, _margin(1.2), _margin(0.5), distance, "weighted_mean"
+            ),
+        )
 
     with tf.device("/CPU:0"):
         want, got = _graph_and_xla(all_three, y, a, b, w)
@@ -190,11 +241,18 @@ def test_xla_cpu_embedding_ops_are_the_cpu_kernels_bit_for_bit(rng, distance, dt
 def test_xla_embedding_ops_read_any_nonzero_bool_byte_as_true(rng):
     a, b = embeddings(rng, (4, 5), "float32", special=False)
     for distance in DISTANCES:
+
         def outputs(y):
             loss, coef = _LIBRARY.fused_contrastive_embedding_contrastive_loss(
-                y, a, b, _margin(), distance=distance)
-            return (loss, coef, *_reduced_embedding_outputs(y, a, b, tf.constant(1.0), _margin(),
-                                                            _margin(), distance, "sum"))
+                y, a, b, _margin(), distance=distance
+            )
+            return (
+                loss,
+                coef,
+                *_reduced_embedding_outputs(
+                    y, a, b, tf.constant(1.0), _margin(), _margin(), distance, "sum"
+                ),
+            )
 
         f = tf.function(outputs, jit_compile=True)
         for got, want in zip(f(odd_bool_labels()), f(tf.constant(ODD_BOOL_AS_LABELS))):
@@ -215,8 +273,9 @@ def test_xla_embedding_ops_reject_bad_constant_margin_at_compile_time():
 
     def reduced(y, a):
         bad = tf.constant(-1.0, tf.float64)
-        return _reduced_embedding_outputs(y, a, a, tf.constant(1.0), bad, _margin(), "euclidean",
-                                          "sum")
+        return _reduced_embedding_outputs(
+            y, a, a, tf.constant(1.0), bad, _margin(), "euclidean", "sum"
+        )
 
     for f in (loss, reduced):
         message = _compile_error(tf.function(f, jit_compile=True), tf.zeros([3]), tf.zeros([3, 4]))
@@ -229,11 +288,14 @@ def test_xla_embedding_ops_bad_run_time_margin_gives_nan(rng, margin):
     a, b = embeddings(rng, (4, 3), "float32", special=False)
     y = tf.constant([1.0, 0.0, 1.0, 0.0])
     for distance in DISTANCES:
+
         def outputs(a, b):
-            loss, coef, grad_a, grad_b = _embedding_loss_and_grads(y, a, b, tf.constant(1.0), m,
-                                                                   distance)
-            reduced = _reduced_embedding_outputs(y, a, b, tf.constant(1.0), m, _margin(),
-                                                 distance, "mean")
+            loss, coef, grad_a, grad_b = _embedding_loss_and_grads(
+                y, a, b, tf.constant(1.0), m, distance
+            )
+            reduced = _reduced_embedding_outputs(
+                y, a, b, tf.constant(1.0), m, _margin(), distance, "mean"
+            )
             return loss, coef, grad_a, grad_b, *reduced[:3]
 
         results = list(tf.function(outputs, jit_compile=True)(a, b))
@@ -248,16 +310,20 @@ def _relaxed(f, inputs):
     return tf.function(f, input_signature=[tf.TensorSpec(None)] * inputs, jit_compile=True)
 
 
-@pytest.mark.parametrize("labels, a, b", [([3], [3, 4], [3, 5]), ([2], [3, 4], [3, 4]),
-                                          ([3], [3, 0], [3, 0]), ([], [], [])])
+@pytest.mark.parametrize(
+    "labels, a, b",
+    [([3], [3, 4], [3, 5]), ([2], [3, 4], [3, 4]), ([3], [3, 0], [3, 0]), ([], [], [])],
+)
 def test_xla_embedding_shape_mismatch_at_compile_time(labels, a, b):
     def loss(y, a, b):
-        return _LIBRARY.fused_contrastive_embedding_contrastive_loss(y, a, b, _margin(),
-                                                                     distance="cosine")[0]
+        return _LIBRARY.fused_contrastive_embedding_contrastive_loss(
+            y, a, b, _margin(), distance="cosine"
+        )[0]
 
     def reduced(y, a, b):
-        return _reduced_embedding_outputs(y, a, b, tf.constant(1.0), _margin(), _margin(),
-                                          "euclidean", "sum")[0]
+        return _reduced_embedding_outputs(
+            y, a, b, tf.constant(1.0), _margin(), _margin(), "euclidean", "sum"
+        )[0]
 
     for f in (loss, reduced):
         message = _compile_error(_relaxed(f, 3), tf.zeros(labels), tf.zeros(a), tf.zeros(b))
@@ -268,19 +334,24 @@ def test_xla_embedding_shape_mismatch_at_compile_time(labels, a, b):
 
 def test_xla_embedding_per_row_inputs_must_be_scalars_or_of_the_labels_shape():
     def reduced(y, a, w):
-        return _reduced_embedding_outputs(y, a, a, w, _margin(), _margin(), "euclidean",
-                                          "weighted_mean")[0]
+        return _reduced_embedding_outputs(
+            y, a, a, w, _margin(), _margin(), "euclidean", "weighted_mean"
+        )[0]
 
     def grads(a, coef, u):
         return _LIBRARY.fused_contrastive_embedding_contrastive_loss_grad(
-            a, a, tf.cast(coef, tf.float64), u, distance="euclidean")[0]
+            a, a, tf.cast(coef, tf.float64), u, distance="euclidean"
+        )[0]
 
     assert "sample_weight must be a scalar or of shape [3], got [4]" in _compile_error(
-        _relaxed(reduced, 3), tf.zeros([3]), tf.zeros([3, 2]), tf.zeros([4]))
+        _relaxed(reduced, 3), tf.zeros([3]), tf.zeros([3, 2]), tf.zeros([4])
+    )
     assert "upstream must be a scalar or of shape [3], got [3,1]" in _compile_error(
-        _relaxed(grads, 3), tf.zeros([3, 2]), tf.zeros([3, 1]), tf.zeros([3, 1]))
+        _relaxed(grads, 3), tf.zeros([3, 2]), tf.zeros([3, 1]), tf.zeros([3, 1])
+    )
     assert "row_coefficients must have shape [3,1], got [3,2]" in _compile_error(
-        _relaxed(grads, 3), tf.zeros([3, 2]), tf.zeros([3, 2]), tf.zeros([]))
+        _relaxed(grads, 3), tf.zeros([3, 2]), tf.zeros([3, 2]), tf.zeros([])
+    )
 
 
 @pytest.mark.skipif(HLO_ON_CPU, reason="this is the run it starts")
@@ -292,11 +363,13 @@ def test_the_hlo_lowering_of_the_embedding_ops_passes_the_same_tests(tmp_path):
     run_tests_under_hlo(__file__, tmp_path, "embedding")
 
 
-@pytest.mark.parametrize("label_shape, pairs_shape", [((6,), (6, 3)), ((6, 1), (6, 3)),
-                                                      ((6,), (6, 1, 3)), ((2, 3), (2, 3, 4)),
-                                                      ((), (5,))])
+@pytest.mark.parametrize(
+    "label_shape, pairs_shape",
+    [((6,), (6, 3)), ((6, 1), (6, 3)), ((6,), (6, 1, 3)), ((2, 3), (2, 3, 4)), ((), (5,))],
+)
 def test_unknown_rank_under_xla_gives_the_eager_values_embedding_and_distance(
-        rng, label_shape, pairs_shape):
+    rng, label_shape, pairs_shape
+):
     # Issue 18 (9): the run-time alignment of a trailing unit axis used to be
     # a tf.cond around tf.squeeze, whose untaken branch XLA could not compile.
     y = random_labels(rng, label_shape, "float32")

@@ -44,8 +44,12 @@ LAYOUTS = ["aligned", "misaligned", "big_endian", "misaligned_big_endian", "stri
 # (rtol, atol) of an output stored in each distance dtype: rounding to the
 # output type, plus float32 arithmetic for every dtype below float64. atol
 # covers results that land among the subnormals.
-TOLERANCE = {"float16": (2e-3, 1e-7), "bfloat16": (1e-2, 1e-37), "float32": (1e-5, 1e-40),
-             "float64": (1e-12, 1e-300)}
+TOLERANCE = {
+    "float16": (2e-3, 1e-7),
+    "bfloat16": (1e-2, 1e-37),
+    "float32": (1e-5, 1e-40),
+    "float64": (1e-12, 1e-300),
+}
 
 
 def dtype_of(name):
@@ -62,8 +66,12 @@ class Case:
         self.y = label_values
         self.d = distances.astype(np.float64)
         self.margin, self.similar_label = margin, similar_label
-        self.info = [f"labels {labels.dtype}{labels.shape}", f"distances {distances.dtype}",
-                     f"margin={margin}", f"similar_label={similar_label}"]
+        self.info = [
+            f"labels {labels.dtype}{labels.shape}",
+            f"distances {distances.dtype}",
+            f"margin={margin}",
+            f"similar_label={similar_label}",
+        ]
 
 
 class EmbeddingCase:
@@ -74,8 +82,13 @@ class EmbeddingCase:
         self.labels, self.a, self.b = labels, a, b
         self.y = label_values
         self.margin, self.distance, self.similar_label = margin, distance, similar_label
-        self.info = [f"labels {labels.dtype}{labels.shape}", f"embeddings {a.dtype}{a.shape}",
-                     f"distance={distance}", f"margin={margin}", f"similar_label={similar_label}"]
+        self.info = [
+            f"labels {labels.dtype}{labels.shape}",
+            f"embeddings {a.dtype}{a.shape}",
+            f"distance={distance}",
+            f"margin={margin}",
+            f"similar_label={similar_label}",
+        ]
 
 
 def contrastive_terms(y, d, d_size, margin, similar_label, dtype):
@@ -96,8 +109,9 @@ def contrastive_terms(y, d, d_size, margin, similar_label, dtype):
 
 def reference(case):
     """Per-sample loss, gradient and the sizes of their terms (contrastive_terms)."""
-    return contrastive_terms(case.y, case.d, case.d, case.margin, case.similar_label,
-                             case.distances.dtype)
+    return contrastive_terms(
+        case.y, case.d, case.d, case.margin, case.similar_label, case.distances.dtype
+    )
 
 
 def embedding_reference(case):
@@ -115,8 +129,10 @@ def embedding_reference(case):
             d, d_size = 1 - s[..., 0], 1 + np.abs(s[..., 0])
             dd_da = np.where(zero, 0, s * a / aa - b / norms)
             dd_db = np.where(zero, 0, s * b / bb - a / norms)
-            terms = (np.where(zero, 0, np.abs(a) / aa + np.abs(b) / norms),
-                     np.where(zero, 0, np.abs(b) / bb + np.abs(a) / norms))
+            terms = (
+                np.where(zero, 0, np.abs(a) / aa + np.abs(b) / norms),
+                np.where(zero, 0, np.abs(b) / bb + np.abs(a) / norms),
+            )
         else:
             diff = a - b
             if case.distance == "euclidean":
@@ -125,8 +141,9 @@ def embedding_reference(case):
             else:
                 d, dd_da = np.sum(np.abs(diff), -1), np.sign(diff)
             d_size, dd_db, terms = d, -dd_da, (np.abs(dd_da),) * 2
-    loss, g, loss_size, g_size = contrastive_terms(case.y, d, d_size, case.margin,
-                                                   case.similar_label, case.a.dtype)
+    loss, g, loss_size, g_size = contrastive_terms(
+        case.y, d, d_size, case.margin, case.similar_label, case.a.dtype
+    )
     g, g_size = g[..., None], g_size[..., None]
     return loss, (g * dd_da, g * dd_db), loss_size, tuple(g_size * t for t in terms)
 
@@ -146,10 +163,13 @@ def check_close(what, got, want, size, dtype, slack=1.0):
     borderline = np.abs(want) * (1 + slack * rtol) > largest
     with np.errstate(invalid="ignore"):
         close = np.abs(got - want) <= slack * rtol * (np.abs(want) + size) + atol
-    good = np.where(overflows, got == np.copysign(np.inf, want),
-                    close | (borderline & np.isinf(got)))
-    assert good.all(), (f"{what}: {int((~good).sum())} of {good.size} off, e.g. got "
-                        f"{got[~good][:3]} want {np.asarray(want)[~good][:3]}")
+    good = np.where(
+        overflows, got == np.copysign(np.inf, want), close | (borderline & np.isinf(got))
+    )
+    assert good.all(), (
+        f"{what}: {int((~good).sum())} of {good.size} off, e.g. got "
+        f"{got[~good][:3]} want {np.asarray(want)[~good][:3]}"
+    )
 
 
 def laid_out(rng, a, layout):
@@ -216,24 +236,32 @@ def random_case(rng):
     labels, values = random_labels(rng, shape)
     distances = np.asarray(rng.uniform(0, 3, size=shape))
     distances[np.asarray(rng.random(size=shape)) < 0.05] = 0
-    return Case(labels, values, distances.astype(dtype), random_margin(rng),
-                int(rng.integers(2)))
+    return Case(labels, values, distances.astype(dtype), random_margin(rng), int(rng.integers(2)))
 
 
 def random_embedding_case(rng, distances):
     rows = random_shape(rng)
     # Short rows where random_shape gives its long shape (many reduction blocks).
     dim = 1 if rng.random() < 0.2 else int(rng.integers(2, 4 if np.prod(rows) > 1000 else 40))
-    a, b = (rng.standard_normal(rows + (dim,)) * rng.uniform(0.2, 1.5, rows + (1,)) / np.sqrt(dim)
-            for _ in range(2))
+    a, b = (
+        rng.standard_normal(rows + (dim,)) * rng.uniform(0.2, 1.5, rows + (1,)) / np.sqrt(dim)
+        for _ in range(2)
+    )
     special = np.asarray(rng.integers(25, size=rows))  # about one row in six:
     a[special <= 1] = 0  # 0, 1: a is a zero vector
     b[(special == 1) | (special == 2)] = 0  # 1, 2: b is
     b[special == 3] = a[special == 3]  # 3: an identical pair
     dtype = random_dtype(rng)
     labels, values = random_labels(rng, rows)
-    return EmbeddingCase(labels, values, a.astype(dtype), b.astype(dtype), random_margin(rng),
-                         str(rng.choice(distances)), int(rng.integers(2)))
+    return EmbeddingCase(
+        labels,
+        values,
+        a.astype(dtype),
+        b.astype(dtype),
+        random_margin(rng),
+        str(rng.choice(distances)),
+        int(rng.integers(2)),
+    )
 
 
 def random_layouts(rng, case, *arrays):
@@ -244,9 +272,11 @@ def random_layouts(rng, case, *arrays):
 
 
 def run_per_sample(kernels, rng, case):
-    loss, grad = kernels.contrastive_loss_cpu(*random_layouts(rng, case, case.labels,
-                                                              case.distances),
-                                              case.margin, similar_label=case.similar_label)
+    loss, grad = kernels.contrastive_loss_cpu(
+        *random_layouts(rng, case, case.labels, case.distances),
+        case.margin,
+        similar_label=case.similar_label,
+    )
     want_loss, want_grad, loss_size, grad_size = reference(case)
     check_close("loss", loss, want_loss, loss_size, case.distances.dtype)
     check_close("grad", grad, want_grad, grad_size, case.distances.dtype)
@@ -275,8 +305,11 @@ def random_reduction(rng, case, dtype, shape):
     weights, w = random_weights(rng, dtype, shape)
     reduction = str(rng.choice(REDUCTIONS))
     loss_scale = float(rng.choice([1.0, 0.5, rng.uniform(0.1, 2)]))
-    case.info += [f"reduction={reduction}", f"weights {None if w is None else np.shape(w)}",
-                  f"loss_scale={loss_scale}"]
+    case.info += [
+        f"reduction={reduction}",
+        f"weights {None if w is None else np.shape(w)}",
+        f"loss_scale={loss_scale}",
+    ]
     return weights, w, reduction, loss_scale
 
 
@@ -284,13 +317,22 @@ def check_reduction(w, reduction, loss_scale, loss, scale, per_sample, loss_size
     """Checks reduction_scale and the reduced loss of the per-sample losses;
     returns the factor (weight times scale) of each sample's gradient."""
     w = np.float64(1) if w is None else w
-    divisor = {"sum": 1.0, "mean": float(per_sample.size),
-               "weighted_mean": float(np.sum(w) if np.ndim(w) else w)}[reduction]
+    divisor = {
+        "sum": 1.0,
+        "mean": float(per_sample.size),
+        "weighted_mean": float(np.sum(w) if np.ndim(w) else w),
+    }[reduction]
     want_scale = loss_scale / divisor if divisor != 0 else 0.0
     assert abs(scale - want_scale) <= 1e-12 * abs(want_scale), f"scale {scale}, want {want_scale}"
     # Sums accumulate float32 chunks: allow a few roundings per term.
-    check_close("loss", loss, want_scale * np.sum(w * per_sample),
-                abs(want_scale) * np.sum(np.abs(w) * loss_size), dtype, slack=4)
+    check_close(
+        "loss",
+        loss,
+        want_scale * np.sum(w * per_sample),
+        abs(want_scale) * np.sum(np.abs(w) * loss_size),
+        dtype,
+        slack=4,
+    )
     return w * want_scale
 
 
@@ -298,12 +340,16 @@ def run_reduced(kernels, rng, case):
     dtype = case.distances.dtype
     weights, w, reduction, loss_scale = random_reduction(rng, case, dtype, case.d.shape)
     loss, grad, scale = kernels.contrastive_loss_reduced_cpu(
-        *random_layouts(rng, case, case.labels, case.distances), weights, case.margin,
-        reduction, loss_scale, similar_label=case.similar_label)
+        *random_layouts(rng, case, case.labels, case.distances),
+        weights,
+        case.margin,
+        reduction,
+        loss_scale,
+        similar_label=case.similar_label,
+    )
     per_sample, per_sample_grad, loss_size, grad_size = reference(case)
     factor = check_reduction(w, reduction, loss_scale, loss, scale, per_sample, loss_size, dtype)
-    check_close("grad", grad, per_sample_grad * factor, grad_size * np.abs(factor), dtype,
-                slack=2)
+    check_close("grad", grad, per_sample_grad * factor, grad_size * np.abs(factor), dtype, slack=2)
 
 
 def check_embedding_grads(case, grads, want, sizes, factor):
@@ -316,31 +362,42 @@ def check_embedding_grads(case, grads, want, sizes, factor):
 def run_embedding(kernels, rng, case):
     """embedding_loss_cpu, then embedding_grad_cpu on the coefficients it gave."""
     loss, coefficients = kernels.embedding_loss_cpu(
-        *random_layouts(rng, case, case.labels, case.a, case.b), case.margin, case.distance,
-        case.similar_label)
+        *random_layouts(rng, case, case.labels, case.a, case.b),
+        case.margin,
+        case.distance,
+        case.similar_label,
+    )
     want_loss, want_grads, loss_size, grad_sizes = embedding_reference(case)
     rows = case.a.shape[:-1]
     # The row sums add a rounding per column: allow a few per term.
     check_close("loss", loss, want_loss, loss_size, case.a.dtype, slack=2)
     want_shape = rows + (kernels.row_coefficients[case.distance],)
     assert coefficients.dtype == np.float64 and coefficients.shape == want_shape, (
-        f"coefficients {coefficients.dtype}{coefficients.shape}, want float64{want_shape}")
+        f"coefficients {coefficients.dtype}{coefficients.shape}, want float64{want_shape}"
+    )
     upstream, u = random_weights(rng, case.a.dtype, rows, optional=False)
     case.info.append(f"upstream {np.shape(u)}")
-    grads = kernels.embedding_grad_cpu(*random_layouts(rng, case, case.a, case.b, coefficients),
-                                       upstream, case.distance)
+    grads = kernels.embedding_grad_cpu(
+        *random_layouts(rng, case, case.a, case.b, coefficients), upstream, case.distance
+    )
     check_embedding_grads(case, grads, want_grads, grad_sizes, u)
 
 
 def run_embedding_reduced(kernels, rng, case):
-    weights, w, reduction, loss_scale = random_reduction(rng, case, case.a.dtype,
-                                                         case.a.shape[:-1])
+    weights, w, reduction, loss_scale = random_reduction(rng, case, case.a.dtype, case.a.shape[:-1])
     loss, grad_a, grad_b, scale = kernels.embedding_loss_reduced_cpu(
-        *random_layouts(rng, case, case.labels, case.a, case.b), weights, case.margin,
-        case.distance, reduction, loss_scale, case.similar_label)
+        *random_layouts(rng, case, case.labels, case.a, case.b),
+        weights,
+        case.margin,
+        case.distance,
+        reduction,
+        loss_scale,
+        case.similar_label,
+    )
     per_row, want_grads, loss_size, grad_sizes = embedding_reference(case)
-    factor = check_reduction(w, reduction, loss_scale, loss, scale, per_row, loss_size,
-                             case.a.dtype)
+    factor = check_reduction(
+        w, reduction, loss_scale, loss, scale, per_row, loss_size, case.a.dtype
+    )
     check_embedding_grads(case, (grad_a, grad_b), want_grads, grad_sizes, factor)
 
 
@@ -349,14 +406,22 @@ class InBatchCase:
     an empty array NumPy may place at any address), options and the upstream
     gradient [B] or None, as Case."""
 
-    def __init__(self, labels, e, upstream, margin, positive_margin, distance, weighting,
-                 max_block_rows):
+    def __init__(
+        self, labels, e, upstream, margin, positive_margin, distance, weighting, max_block_rows
+    ):
         self.labels, self.e, self.upstream = labels, e, upstream
-        self.options = dict(margin=margin, positive_margin=positive_margin, distance=distance,
-                            pair_weighting=weighting, max_block_rows=max_block_rows)
-        self.info = [f"labels {labels.dtype}{labels.shape}", f"embeddings {e.dtype}{e.shape}",
-                     f"upstream {upstream is not None}"] + [f"{k}={v}" for k, v in
-                                                            self.options.items()]
+        self.options = dict(
+            margin=margin,
+            positive_margin=positive_margin,
+            distance=distance,
+            pair_weighting=weighting,
+            max_block_rows=max_block_rows,
+        )
+        self.info = [
+            f"labels {labels.dtype}{labels.shape}",
+            f"embeddings {e.dtype}{e.shape}",
+            f"upstream {upstream is not None}",
+        ] + [f"{k}={v}" for k, v in self.options.items()]
 
 
 def in_batch_reference(case):
@@ -379,12 +444,18 @@ def in_batch_reference(case):
             ok = norms > 0
             s = np.where(ok, (e @ e.T) / norms, 0)
             d = 1 - s
-            dd = np.where(ok[..., None], -e[None] / norms[..., None]
-                          + s[..., None] * e[:, None] / (n * n)[:, None, None], 0)
+            dd = np.where(
+                ok[..., None],
+                -e[None] / norms[..., None] + s[..., None] * e[:, None] / (n * n)[:, None, None],
+                0,
+            )
             dd_other = np.swapaxes(dd, 0, 1)
             # The terms of dd, which cancel for parallel rows.
-            dd_size = np.where(ok[..., None], np.abs(e[None]) / norms[..., None]
-                               + np.abs(e[:, None]) / (n * n)[:, None, None], 0)
+            dd_size = np.where(
+                ok[..., None],
+                np.abs(e[None]) / norms[..., None] + np.abs(e[:, None]) / (n * n)[:, None, None],
+                0,
+            )
     others = ~np.eye(b, dtype=bool)
     same = labels[:, None] == labels[None]
     pos, neg = same & others, ~same & others
@@ -400,14 +471,19 @@ def in_batch_reference(case):
     if case.upstream is None:
         return terms.sum(1), None, size.sum(1), None
     g = case.upstream.astype(np.float64)
-    c = g[:, None] * (np.where(pos, 2 * hp * wp[:, None], 0)
-                      - np.where(neg, 2 * hn * wn[:, None], 0))
+    c = g[:, None] * (
+        np.where(pos, 2 * hp * wp[:, None], 0) - np.where(neg, 2 * hn * wn[:, None], 0)
+    )
     grad = np.einsum("ij,ijk->ik", c, dd) + np.einsum("ji,jik->ik", c, dd_other)
     # A hinge the kernel finds active by a rounding of d counts too.
-    scale = np.abs(g)[:, None] * 2 * (np.where(pos, wp[:, None] * (hp + 1), 0)
-                                      + np.where(neg, wn[:, None] * (hn + 1), 0))
+    scale = (
+        np.abs(g)[:, None]
+        * 2
+        * (np.where(pos, wp[:, None] * (hp + 1), 0) + np.where(neg, wn[:, None] * (hn + 1), 0))
+    )
     grad_size = np.einsum("ij,ijk->ik", scale, dd_size) + np.einsum(
-        "ji,jik->ik", scale, np.swapaxes(dd_size, 0, 1))
+        "ji,jik->ik", scale, np.swapaxes(dd_size, 0, 1)
+    )
     return terms.sum(1), grad, size.sum(1), grad_size
 
 
@@ -422,10 +498,16 @@ def random_in_batch_case(rng):
         e[special == 1] = e[0]  # duplicates of row 0
     labels = np.asarray(rng.integers(0, 3, size=b), str(rng.choice(["int32", "int64"])))
     upstream = rng.uniform(0, 2, size=b).astype(dtype) if rng.random() < 0.6 else None
-    return InBatchCase(labels, e.astype(dtype), upstream, random_margin(rng), random_margin(rng),
-                       str(rng.choice(["euclidean", "cosine"])),
-                       str(rng.choice(["uniform", "balanced"])),
-                       int(rng.choice([0, 1, 3, 16])))
+    return InBatchCase(
+        labels,
+        e.astype(dtype),
+        upstream,
+        random_margin(rng),
+        random_margin(rng),
+        str(rng.choice(["euclidean", "cosine"])),
+        str(rng.choice(["uniform", "balanced"])),
+        int(rng.choice([0, 1, 3, 16])),
+    )
 
 
 def run_in_batch(kernels, rng, case):
@@ -446,11 +528,16 @@ def run_in_batch(kernels, rng, case):
 # The kinds of random case, taken in turn: (make a case, run it).
 def case_kinds(kernels):
     """(make a case from an rng, run it) for each kind of random case."""
-    embedding_case = functools.partial(random_embedding_case,
-                                       distances=list(kernels.row_coefficients))
-    return [(random_case, run_per_sample), (random_case, run_reduced),
-            (embedding_case, run_embedding), (embedding_case, run_embedding_reduced),
-            (random_in_batch_case, run_in_batch)]
+    embedding_case = functools.partial(
+        random_embedding_case, distances=list(kernels.row_coefficients)
+    )
+    return [
+        (random_case, run_per_sample),
+        (random_case, run_reduced),
+        (embedding_case, run_embedding),
+        (embedding_case, run_embedding_reduced),
+        (random_in_batch_case, run_in_batch),
+    ]
 
 
 NOT_AN_ARRAY = "incompatible function arguments"
@@ -472,85 +559,176 @@ def invalid_calls(kernels):
     e_reduced = kernels.embedding_loss_reduced_cpu
     in_batch = kernels.in_batch_loss_cpu
     return [
-        ("bad distance", lambda: loss(y, e4, e4, 1.0, "l2"), ValueError,
-         "distance must be one of 'euclidean', 'cosine', 'manhattan', got 'l2'"),
+        (
+            "bad distance",
+            lambda: loss(y, e4, e4, 1.0, "l2"),
+            ValueError,
+            "distance must be one of 'euclidean', 'cosine', 'manhattan', got 'l2'",
+        ),
         ("bad distance of grad", lambda: grad(e4, e4, c4, f4, "cos"), ValueError, "distance"),
-        ("bad distance of reduced", lambda: e_reduced(y, e4, e4, distance=""), ValueError,
-         "distance"),
-        ("a/b shape mismatch", lambda: loss(y, e4, np.ones((3, 5), np.float32)), ValueError,
-         "embeddings_a and embeddings_b must have the same shape"),
-        ("a/b shape mismatch of grad", lambda: grad(e4, e4[:2], c4, f4), ValueError,
-         "same shape"),
-        ("a/b dtype mismatch", lambda: e_reduced(y, e4, e4.astype(np.float16)), TypeError,
-         "embeddings_b must have the dtype of embeddings_a"),
-        ("labels shape", lambda: loss(np.ones(4, np.float32), e4, e4), ValueError,
-         "embeddings_a.shape[:-1] and labels must have the same shape"),
+        (
+            "bad distance of reduced",
+            lambda: e_reduced(y, e4, e4, distance=""),
+            ValueError,
+            "distance",
+        ),
+        (
+            "a/b shape mismatch",
+            lambda: loss(y, e4, np.ones((3, 5), np.float32)),
+            ValueError,
+            "embeddings_a and embeddings_b must have the same shape",
+        ),
+        ("a/b shape mismatch of grad", lambda: grad(e4, e4[:2], c4, f4), ValueError, "same shape"),
+        (
+            "a/b dtype mismatch",
+            lambda: e_reduced(y, e4, e4.astype(np.float16)),
+            TypeError,
+            "embeddings_b must have the dtype of embeddings_a",
+        ),
+        (
+            "labels shape",
+            lambda: loss(np.ones(4, np.float32), e4, e4),
+            ValueError,
+            "embeddings_a.shape[:-1] and labels must have the same shape",
+        ),
         ("labels of one pair", lambda: e_reduced(y, f4, f4), ValueError, "same shape"),
         ("D = 0", lambda: loss(y, e4[:, :0], e4[:, :0]), ValueError, "non-empty last axis"),
-        ("0-d embeddings", lambda: grad(*[np.ones((), np.float32)] * 2, c4, f4[0]), ValueError,
-         "rank >= 1"),
-        ("int embeddings", lambda: loss(y, e4.astype(np.int32), e4.astype(np.int32)), TypeError,
-         "embeddings_a must be float16, bfloat16, float32 or float64"),
-        ("coefficients of euclidean to cosine", lambda: grad(e4, e4, c4, f4, "cosine"),
-         ValueError, "coefficients must have shape (3, 5)"),
-        ("coefficients of other rows", lambda: grad(e4, e4, c4[:2], f4), ValueError,
-         "coefficients must have shape (3, 1)"),
-        ("float32 coefficients", lambda: grad(e4, e4, c4.astype(np.float32), f4), TypeError,
-         "coefficients must be float64, got float32"),
-        ("upstream shape", lambda: grad(e4, e4, c4, np.ones(4, np.float32)), ValueError,
-         "embeddings_a.shape[:-1] and upstream must have the same shape"),
+        (
+            "0-d embeddings",
+            lambda: grad(*[np.ones((), np.float32)] * 2, c4, f4[0]),
+            ValueError,
+            "rank >= 1",
+        ),
+        (
+            "int embeddings",
+            lambda: loss(y, e4.astype(np.int32), e4.astype(np.int32)),
+            TypeError,
+            "embeddings_a must be float16, bfloat16, float32 or float64",
+        ),
+        (
+            "coefficients of euclidean to cosine",
+            lambda: grad(e4, e4, c4, f4, "cosine"),
+            ValueError,
+            "coefficients must have shape (3, 5)",
+        ),
+        (
+            "coefficients of other rows",
+            lambda: grad(e4, e4, c4[:2], f4),
+            ValueError,
+            "coefficients must have shape (3, 1)",
+        ),
+        (
+            "float32 coefficients",
+            lambda: grad(e4, e4, c4.astype(np.float32), f4),
+            TypeError,
+            "coefficients must be float64, got float32",
+        ),
+        (
+            "upstream shape",
+            lambda: grad(e4, e4, c4, np.ones(4, np.float32)),
+            ValueError,
+            "embeddings_a.shape[:-1] and upstream must have the same shape",
+        ),
         ("upstream per element", lambda: grad(e4, e4, c4, e4), ValueError, "upstream"),
-        ("upstream of another dtype", lambda: grad(e4, e4, c4, np.ones(3)), TypeError,
-         "upstream must have the dtype of embeddings_a (float32), got float64"),
+        (
+            "upstream of another dtype",
+            lambda: grad(e4, e4, c4, np.ones(3)),
+            TypeError,
+            "upstream must have the dtype of embeddings_a (float32), got float64",
+        ),
         ("no upstream", lambda: grad(e4, e4, c4, None), TypeError, "upstream"),
-        ("embedding weights shape", lambda: e_reduced(y, e4, e4, np.ones(4, np.float32)),
-         ValueError, "sample_weight"),
+        (
+            "embedding weights shape",
+            lambda: e_reduced(y, e4, e4, np.ones(4, np.float32)),
+            ValueError,
+            "sample_weight",
+        ),
         ("embedding negative margin", lambda: loss(y, e4, e4, -1.0), ValueError, "margin"),
         ("negative margin", lambda: cpu(y, f4, -1.0), ValueError, "margin"),
         ("nan margin", lambda: reduced(y, f4, None, float("nan")), ValueError, "margin"),
         ("infinite margin", lambda: cpu(y, f4, float("inf")), ValueError, "margin"),
         ("similar_label 2", lambda: cpu(y, f4, similar_label=2), ValueError, "similar_label"),
-        ("similar_label -1", lambda: reduced(y, f4, similar_label=-1), ValueError,
-         "similar_label"),
+        ("similar_label -1", lambda: reduced(y, f4, similar_label=-1), ValueError, "similar_label"),
         ("bad reduction", lambda: reduced(y, f4, None, 1.0, "avg"), ValueError, "reduction"),
         ("shape mismatch", lambda: cpu(np.ones(4, np.float32), f4), ValueError, "same shape"),
         ("0-d vs 1-d", lambda: cpu(np.ones((), np.float32), f4), ValueError, "same shape"),
-        ("weight shape", lambda: reduced(y, f4, np.ones(2, np.float32)), ValueError,
-         "sample_weight"),
+        (
+            "weight shape",
+            lambda: reduced(y, f4, np.ones(2, np.float32)),
+            ValueError,
+            "sample_weight",
+        ),
         ("int distances", lambda: cpu(y, np.ones(3, np.int32)), TypeError, "distances"),
         ("bool distances", lambda: reduced(y, np.ones(3, bool)), TypeError, "distances"),
         ("uint8 labels", lambda: cpu(np.ones(3, np.uint8), f4), TypeError, "labels"),
         ("complex labels", lambda: cpu(np.ones(3, np.complex64), f4), TypeError, "labels"),
         ("object distances", lambda: cpu(y, np.ones(3, object)), TypeError, "distances"),
         ("string labels", lambda: cpu(np.array(["a", "b", "c"]), f4), TypeError, "labels"),
-        ("weights of another dtype", lambda: reduced(y, f4, np.ones(3)), TypeError,
-         "sample_weight"),
+        (
+            "weights of another dtype",
+            lambda: reduced(y, f4, np.ones(3)),
+            TypeError,
+            "sample_weight",
+        ),
         ("weights from a Python float", lambda: reduced(y, f4, 0.5), TypeError, "sample_weight"),
-        ("unconvertible weights", lambda: reduced(y, f4, Unconvertible()), TypeError,
-         "sample_weight"),
-        ("ragged weights", lambda: reduced(np.ones((2, 1), np.float32),
-                                           np.ones((2, 1), np.float32), [[1.0], [1.0, 2.0]]),
-         TypeError, "sample_weight"),
+        (
+            "unconvertible weights",
+            lambda: reduced(y, f4, Unconvertible()),
+            TypeError,
+            "sample_weight",
+        ),
+        (
+            "ragged weights",
+            lambda: reduced(
+                np.ones((2, 1), np.float32), np.ones((2, 1), np.float32), [[1.0], [1.0, 2.0]]
+            ),
+            TypeError,
+            "sample_weight",
+        ),
         ("string weights", lambda: reduced(y, f4, "abc"), TypeError, "sample_weight"),
         ("object weights", lambda: reduced(y, f4, [None, 1, 2]), TypeError, "sample_weight"),
         # labels and distances must already be arrays: pybind11 refuses the rest.
         ("unconvertible labels", lambda: cpu(Unconvertible(), f4), TypeError, NOT_AN_ARRAY),
         ("ragged labels", lambda: reduced([[1.0], [1.0, 2.0]], f4), TypeError, NOT_AN_ARRAY),
         ("list distances", lambda: cpu(y, [1.0, 2.0, 3.0]), TypeError, NOT_AN_ARRAY),
-        ("in-batch negative positive_margin",
-         lambda: in_batch(y, e4, positive_margin=-1.0), ValueError, "positive_margin must be"),
-        ("in-batch negative max_block_rows", lambda: in_batch(y, e4, max_block_rows=-5),
-         ValueError, "max_block_rows must be >= 0"),
+        (
+            "in-batch negative positive_margin",
+            lambda: in_batch(y, e4, positive_margin=-1.0),
+            ValueError,
+            "positive_margin must be",
+        ),
+        (
+            "in-batch negative max_block_rows",
+            lambda: in_batch(y, e4, max_block_rows=-5),
+            ValueError,
+            "max_block_rows must be >= 0",
+        ),
         ("in-batch 3-d embeddings", lambda: in_batch(y, e4[None]), ValueError, "[B, D]"),
-        ("in-batch float16 embeddings", lambda: in_batch(y, e4.astype(np.float16)), TypeError,
-         "float32 or float64"),
+        (
+            "in-batch float16 embeddings",
+            lambda: in_batch(y, e4.astype(np.float16)),
+            TypeError,
+            "float32 or float64",
+        ),
         ("in-batch float labels", lambda: in_batch(y, e4), TypeError, "class ids"),
-        ("in-batch labels of other rows", lambda: in_batch(np.ones(4, np.int64), e4), ValueError,
-         "same shape"),
-        ("in-batch upstream of another dtype", lambda: in_batch(np.ones(3, np.int64), e4,
-                                                                np.ones(3)), TypeError, "upstream"),
-        ("in-batch manhattan", lambda: in_batch(np.ones(3, np.int64), e4, distance="manhattan"),
-         ValueError, "no 'manhattan' distance"),
+        (
+            "in-batch labels of other rows",
+            lambda: in_batch(np.ones(4, np.int64), e4),
+            ValueError,
+            "same shape",
+        ),
+        (
+            "in-batch upstream of another dtype",
+            lambda: in_batch(np.ones(3, np.int64), e4, np.ones(3)),
+            TypeError,
+            "upstream",
+        ),
+        (
+            "in-batch manhattan",
+            lambda: in_batch(np.ones(3, np.int64), e4, distance="manhattan"),
+            ValueError,
+            "no 'manhattan' distance",
+        ),
     ]
 
 
@@ -575,33 +753,55 @@ def reproducer_cases(kernels):
     def same_result(labels, distances, twin_labels, twin_distances):
         for got, want in zip(cpu(labels, distances), cpu(twin_labels, twin_distances)):
             assert got.dtype == want.dtype and got.tobytes() == want.tobytes(), (
-                f"got {got!r}, want {want!r}")
+                f"got {got!r}, want {want!r}"
+            )
 
     def same_in_batch(e, twin):
         labels = np.array([0, 1, 0])
-        for got, want in zip(kernels.in_batch_loss_cpu(labels, e, np.ones(3, e.dtype)),
-                             kernels.in_batch_loss_cpu(labels, twin, np.ones(3))):
+        for got, want in zip(
+            kernels.in_batch_loss_cpu(labels, e, np.ones(3, e.dtype)),
+            kernels.in_batch_loss_cpu(labels, twin, np.ones(3)),
+        ):
             assert got.tobytes() == want.tobytes(), f"got {got!r}, want {want!r}"
 
     def at_offset(values, dtype, offset):
-        return np.frombuffer(b"\0" * offset + np.asarray(values, dtype).tobytes(), dtype,
-                             offset=offset)
+        return np.frombuffer(
+            b"\0" * offset + np.asarray(values, dtype).tobytes(), dtype, offset=offset
+        )
 
     return [
         ("big-endian float32 distances", lambda: same_result(ones, d.astype(">f4"), ones, f4)),
-        ("big-endian int64 labels",
-         lambda: same_result(np.array([1, 0, 1, 0], ">i8"), f4, np.array([1, 0, 1, 0]), f4)),
-        ("float32 distances at byte offset 1",
-         lambda: same_result(ones, at_offset(d, np.float32, 1), ones, f4)),
-        ("float64 labels and distances at byte offset 4",
-         lambda: same_result(at_offset([1, 0, 1, 0], np.float64, 4), at_offset(d, np.float64, 4),
-                             np.array([1.0, 0, 1, 0]), d)),
-        ("bool bytes 02 01 00 ff",
-         lambda: same_result(np.frombuffer(b"\x02\x01\x00\xff", np.bool_), f4,
-                             np.array([True, True, False, True]), f4)),
+        (
+            "big-endian int64 labels",
+            lambda: same_result(np.array([1, 0, 1, 0], ">i8"), f4, np.array([1, 0, 1, 0]), f4),
+        ),
+        (
+            "float32 distances at byte offset 1",
+            lambda: same_result(ones, at_offset(d, np.float32, 1), ones, f4),
+        ),
+        (
+            "float64 labels and distances at byte offset 4",
+            lambda: same_result(
+                at_offset([1, 0, 1, 0], np.float64, 4),
+                at_offset(d, np.float64, 4),
+                np.array([1.0, 0, 1, 0]),
+                d,
+            ),
+        ),
+        (
+            "bool bytes 02 01 00 ff",
+            lambda: same_result(
+                np.frombuffer(b"\x02\x01\x00\xff", np.bool_),
+                f4,
+                np.array([True, True, False, True]),
+                f4,
+            ),
+        ),
         # NumPy marks empty arrays aligned wherever they point.
-        ("in-batch [3, 0] float64 embeddings at byte offset 1",
-         lambda: same_in_batch(at_offset([], np.float64, 1).reshape(3, 0), np.zeros((3, 0)))),
+        (
+            "in-batch [3, 0] float64 embeddings at byte offset 1",
+            lambda: same_in_batch(at_offset([], np.float64, 1).reshape(3, 0), np.zeros((3, 0))),
+        ),
     ]
 
 
@@ -642,8 +842,10 @@ def main():
         make, run = kinds[index % len(kinds)]
         case = make(rng)
         per_kind[run.__name__] += 1
-        attempt(lambda: f"seed {args.seed} case {index} ({run.__name__}: {', '.join(case.info)})",
-                lambda: run(kernels, rng, case))
+        attempt(
+            lambda: f"seed {args.seed} case {index} ({run.__name__}: {', '.join(case.info)})",
+            lambda: run(kernels, rng, case),
+        )
         index += 1
 
     print("random cases: " + ", ".join(f"{n} {kind}" for kind, n in per_kind.items()))

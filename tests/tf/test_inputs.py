@@ -12,12 +12,24 @@ LOSS_FUNCTIONS = [contrastive_loss, contrastive_loss_reference]
 
 def test_dtype_lists_are_the_readme_ones():
     assert [d.name for d in _inputs.LABEL_DTYPES] == [
-        "bool", "int32", "int64", "float16", "bfloat16", "float32", "float64"]
+        "bool",
+        "int32",
+        "int64",
+        "float16",
+        "bfloat16",
+        "float32",
+        "float64",
+    ]
     assert [d.name for d in _inputs.DISTANCE_DTYPES] == [
-        "float16", "bfloat16", "float32", "float64"]
+        "float16",
+        "bfloat16",
+        "float32",
+        "float64",
+    ]
 
 
 # --- dtypes -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", ["int32", "int64", "bool", "complex64", "uint8"])
 def test_unsupported_distance_dtypes(dtype):
@@ -32,6 +44,7 @@ def test_unsupported_label_dtypes(dtype):
 
 
 # --- margin -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("margin", [-1.0, float("nan"), float("inf"), -float("inf")])
 def test_bad_margins(margin):
@@ -52,10 +65,20 @@ def test_tensor_margin_must_be_a_scalar():
 
 # --- similar_label ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("function", LOSS_FUNCTIONS)
-@pytest.mark.parametrize("similar_label, error", [
-    (2, ValueError), (-1, ValueError), (0.5, TypeError), (True, TypeError), ("1", TypeError),
-    (1.0, TypeError), (None, TypeError)])
+@pytest.mark.parametrize(
+    "similar_label, error",
+    [
+        (2, ValueError),
+        (-1, ValueError),
+        (0.5, TypeError),
+        (True, TypeError),
+        ("1", TypeError),
+        (1.0, TypeError),
+        (None, TypeError),
+    ],
+)
 def test_bad_similar_label(function, similar_label, error):
     with pytest.raises(error, match="similar_label must be 0 or 1"):
         function([1.0], [0.5], 1.0, similar_label)
@@ -67,6 +90,7 @@ def test_similar_label_accepts_integers_of_any_kind():
 
 
 # --- shapes -------------------------------------------------------------------
+
 
 def test_model_output_column_pairs_with_flat_labels(rng):
     # [B] labels with [B, 1] distances: B losses (TF Addons gave B x B, its issue 1757).
@@ -92,11 +116,21 @@ UNKNOWN_RANK = [tf.TensorSpec(None, tf.float32)] * 2
 
 
 @pytest.mark.parametrize("function", LOSS_FUNCTIONS)
-@pytest.mark.parametrize("label_shape, distance_shape", [
-    ((5,), (5, 1)), ((5, 1), (5,)), ((5,), (5,)), ((5, 1), (5, 1)), ((2, 3), (2, 3, 1)), ((), ()),
-    ((1,), (1, 1))])
-def test_unknown_rank_aligns_a_trailing_unit_axis_at_run_time(rng, function, label_shape,
-                                                              distance_shape):
+@pytest.mark.parametrize(
+    "label_shape, distance_shape",
+    [
+        ((5,), (5, 1)),
+        ((5, 1), (5,)),
+        ((5,), (5,)),
+        ((5, 1), (5, 1)),
+        ((2, 3), (2, 3, 1)),
+        ((), ()),
+        ((1,), (1, 1)),
+    ],
+)
+def test_unknown_rank_aligns_a_trailing_unit_axis_at_run_time(
+    rng, function, label_shape, distance_shape
+):
     y = random_labels(rng, label_shape, "float32")
     d = random_distances(rng, distance_shape, "float32")
     traced = tf.function(lambda y, d: function(y, d), input_signature=UNKNOWN_RANK)

@@ -1,8 +1,14 @@
 """fused_contrastive.keras2: the tf_keras class, which TF_USE_LEGACY_KERAS=1 makes the default."""
 
 import pytest
-from support import (TFA_DISTANCES, TFA_LABELS, TFA_LOSSES, TFA_WEIGHTS,
-                      load_tfa_h5_in_fresh_process, run_python)
+from support import (
+    TFA_DISTANCES,
+    TFA_LABELS,
+    TFA_LOSSES,
+    TFA_WEIGHTS,
+    load_tfa_h5_in_fresh_process,
+    run_python,
+)
 
 LEGACY_SCRIPT = """
     import numpy as np, tensorflow as tf, tf_keras
@@ -92,8 +98,13 @@ LEGACY_SCRIPT = """
 
 
 def test_legacy_keras_class(tmp_path):
-    constants = dict(TFA_LABELS=TFA_LABELS, TFA_DISTANCES=TFA_DISTANCES, TFA_LOSSES=TFA_LOSSES,
-                     TFA_WEIGHTS=TFA_WEIGHTS, OUT=str(tmp_path))
+    constants = dict(
+        TFA_LABELS=TFA_LABELS,
+        TFA_DISTANCES=TFA_DISTANCES,
+        TFA_LOSSES=TFA_LOSSES,
+        TFA_WEIGHTS=TFA_WEIGHTS,
+        OUT=str(tmp_path),
+    )
     header = "".join(f"    {name} = {value!r}\n" for name, value in constants.items())
     result = run_python(header + LEGACY_SCRIPT, TF_USE_LEGACY_KERAS="1")
     assert result.returncode == 0, result.stderr[-4000:]
@@ -146,32 +157,39 @@ EMBEDDINGS_SCRIPT = """
 
 
 def test_legacy_keras_class_with_distance(tmp_path):
-    result = run_python(f"    OUT = {str(tmp_path)!r}\n" + EMBEDDINGS_SCRIPT,
-                        TF_USE_LEGACY_KERAS="1")
+    result = run_python(
+        f"    OUT = {str(tmp_path)!r}\n" + EMBEDDINGS_SCRIPT, TF_USE_LEGACY_KERAS="1"
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "tf_keras embeddings ok" in result.stdout
 
 
-@pytest.mark.parametrize("legacy_env, package_first", [(True, False), (False, False),
-                                                       (False, True)],
-                         ids=["TF_USE_LEGACY_KERAS=1", "tf_keras imported first",
-                              "tf_keras imported after"])
+@pytest.mark.parametrize(
+    "legacy_env, package_first",
+    [(True, False), (False, False), (False, True)],
+    ids=["TF_USE_LEGACY_KERAS=1", "tf_keras imported first", "tf_keras imported after"],
+)
 def test_tfa_h5_model_loads_in_tf_keras(legacy_env, package_first):
     # TF_USE_LEGACY_KERAS=1: the package's class is the Keras 2 one. Without
     # it, a process that imports tf_keras before or after fused_contrastive
     # gets the Keras 2 class registered too (and keeps the Keras 3 one as the
     # package's).
     measured = load_tfa_h5_in_fresh_process(
-        "tf_keras", package_first, **({"TF_USE_LEGACY_KERAS": "1"} if legacy_env else {}))
+        "tf_keras", package_first, **({"TF_USE_LEGACY_KERAS": "1"} if legacy_env else {})
+    )
     assert measured["loss_class"] == "fused_contrastive.keras2.ContrastiveLoss"
-    assert measured["package_class"] == ("fused_contrastive.keras2.ContrastiveLoss" if legacy_env
-                                         else "fused_contrastive.losses.ContrastiveLoss")
+    assert measured["package_class"] == (
+        "fused_contrastive.keras2.ContrastiveLoss"
+        if legacy_env
+        else "fused_contrastive.losses.ContrastiveLoss"
+    )
     assert measured["config"]["reduction"] == "sum_over_batch_size"
 
 
 def test_legacy_keras_without_tf_keras_says_what_to_install():
     # tf_keras made unimportable, as if it were not installed.
-    result = run_python("""
+    result = run_python(
+        """
         import sys
         sys.modules["tf_keras"] = None
         try:
@@ -180,9 +198,11 @@ def test_legacy_keras_without_tf_keras_says_what_to_install():
             print("ImportError:", error)
         else:
             print("imported", fused_contrastive.ContrastiveLoss)
-    """, TF_USE_LEGACY_KERAS="1")
+    """,
+        TF_USE_LEGACY_KERAS="1",
+    )
     assert result.returncode == 0, result.stderr[-4000:]
-    assert 'ImportError: ' in result.stdout, result.stdout
+    assert "ImportError: " in result.stdout, result.stdout
     # tf-keras is what the [keras2] extra installs: the one name that works for
     # a package built from source, which no index knows.
     assert "pip install tf-keras " in result.stdout, result.stdout

@@ -5,8 +5,16 @@ import json
 import numpy as np
 import pytest
 import tensorflow as tf
-from support import (DISTANCE_DTYPES, TFA_DISTANCES, TFA_LABELS, KerasReducedReference,
-                      hessian, random_distances, random_labels, run_python)
+from support import (
+    DISTANCE_DTYPES,
+    TFA_DISTANCES,
+    TFA_LABELS,
+    KerasReducedReference,
+    hessian,
+    random_distances,
+    random_labels,
+    run_python,
+)
 from tensorflow.python.framework import kernels
 
 import fused_contrastive
@@ -34,16 +42,21 @@ def test_tensorflow_mismatch_names_both_versions_and_the_fix():
         _ops.check_tensorflow_version("2.20.0", "2.21.0", "/src/fused-contrastive")
     message = str(error.value)
     assert "2.20.0" in message and "2.21.0" in message
-    assert ("pip install --force-reinstall --no-deps --no-build-isolation /src/fused-contrastive"
-            in message)
+    assert (
+        "pip install --force-reinstall --no-deps --no-build-isolation /src/fused-contrastive"
+        in message
+    )
     _ops.check_tensorflow_version("2.21.0", "2.21.0", "/src")  # a match passes
 
 
 def _fake_library(directory, tensorflow_version):
     """A library file (never loaded) with its _build_info.json beside it."""
     directory.mkdir(exist_ok=True)
-    (directory / "_build_info.json").write_text(json.dumps(
-        {"tensorflow_version": tensorflow_version, "source_dir": "/src/fused-contrastive"}))
+    (directory / "_build_info.json").write_text(
+        json.dumps(
+            {"tensorflow_version": tensorflow_version, "source_dir": "/src/fused-contrastive"}
+        )
+    )
     library = directory / "_fused_contrastive_ops.so"
     library.write_bytes(b"not a library")
     return library
@@ -68,8 +81,10 @@ def test_missing_library_or_build_info_names_the_path_and_the_fallback(tmp_path,
         _fake_library(tmp_path / "lib", tf.__version__)
 
 
-@pytest.mark.parametrize("value, uses_reference", [
-    ("1", True), ("true", True), ("yes", True), ("", False), ("0", False), ("false", False)])
+@pytest.mark.parametrize(
+    "value, uses_reference",
+    [("1", True), ("true", True), ("yes", True), ("", False), ("0", False), ("false", False)],
+)
 def test_reference_environment_flag(monkeypatch, value, uses_reference):
     monkeypatch.setenv(_ops.USE_REFERENCE_ENV, value)
     assert _ops._env_flag(_ops.USE_REFERENCE_ENV) is uses_reference
@@ -79,7 +94,8 @@ def test_reference_environment_flag(monkeypatch, value, uses_reference):
 
 
 def test_reference_fallback_by_environment_variable():
-    result = run_python(f"""
+    result = run_python(
+        f"""
         import warnings
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -88,7 +104,9 @@ def test_reference_fallback_by_environment_variable():
         assert fc.build_info()["using_reference"] and fc.build_info()["library"] is None
         assert any(fc.USE_REFERENCE_ENV in str(w.message) for w in caught), caught
         print(float(fc.ContrastiveLoss()({TFA_LABELS}, {TFA_DISTANCES})))
-    """, FUSED_CONTRASTIVE_USE_REFERENCE="1")
+    """,
+        FUSED_CONTRASTIVE_USE_REFERENCE="1",
+    )
     assert result.returncode == 0, result.stderr
     assert abs(float(result.stdout.split()[-1]) - 0.621666) < 1e-6
 
@@ -142,8 +160,9 @@ def test_gradient_equals_autodiff_of_reference(rng, run, distance_dtype):
 
     fused, ref = run(grads, d)
     tol = {"float16": 2e-3, "bfloat16": 2e-2, "float32": 1e-6, "float64": 1e-14}[distance_dtype]
-    np.testing.assert_allclose(tf.cast(fused, tf.float64), tf.cast(ref, tf.float64),
-                               rtol=tol, atol=tol)
+    np.testing.assert_allclose(
+        tf.cast(fused, tf.float64), tf.cast(ref, tf.float64), rtol=tol, atol=tol
+    )
 
 
 def test_first_order_gradient_is_the_saved_derivative(rng):
@@ -164,7 +183,8 @@ def test_numeric_gradient_away_from_hinge(rng, dtype, max_error):
     d = np.where(np.abs(d - margin) < 0.05, d + 0.1, d)  # keep off the kink
     y = random_labels(rng, (12,), dtype)
     theoretical, numerical = tf.test.compute_gradient(
-        lambda x: contrastive_loss(y, x, margin), [tf.constant(d, dtype)])
+        lambda x: contrastive_loss(y, x, margin), [tf.constant(d, dtype)]
+    )
     assert np.max(np.abs(theoretical[0] - numerical[0])) < max_error
 
 
@@ -213,16 +233,20 @@ def test_similar_label_0_gradients_are_those_of_flipped_labels(rng, run):
     upstream = tf.constant(rng.normal(size=11))
 
     def both(d):
-        return (_first_and_second_order(lambda d: contrastive_loss(y, d, 0.9, 0), d, upstream),
-                _first_and_second_order(
-                    lambda d: contrastive_loss_reference(1.0 - y, d, 0.9), d, upstream))
+        return (
+            _first_and_second_order(lambda d: contrastive_loss(y, d, 0.9, 0), d, upstream),
+            _first_and_second_order(
+                lambda d: contrastive_loss_reference(1.0 - y, d, 0.9), d, upstream
+            ),
+        )
 
     (grad, hessian), (want_grad, want_hessian) = run(both, d)
     np.testing.assert_allclose(grad, want_grad, rtol=1e-12, atol=1e-15)
     np.testing.assert_allclose(hessian, want_hessian, rtol=1e-12, atol=1e-15)
     # And it is not the similar_label=1 gradient.
-    assert not np.allclose(grad, _first_and_second_order(
-        lambda d: contrastive_loss(y, d, 0.9), d, upstream)[0])
+    assert not np.allclose(
+        grad, _first_and_second_order(lambda d: contrastive_loss(y, d, 0.9), d, upstream)[0]
+    )
 
 
 @pytest.mark.parametrize("similar_label", [1, 0])
@@ -230,9 +254,13 @@ def test_second_derivative_through_the_reduced_loss(rng, similar_label):
     y = random_labels(rng, (6,), "float64")
     d = tf.constant(rng.uniform(0, 2, size=6))
     w = tf.constant(rng.uniform(0.5, 1.5, size=6))
-    fused, keras_way = (hessian(lambda d: loss_obj(y, d, w), d) for loss_obj in (
-        ContrastiveLoss(dtype="float64", similar_label=similar_label),
-        KerasReducedReference(1.0, similar_label, dtype="float64")))
+    fused, keras_way = (
+        hessian(lambda d: loss_obj(y, d, w), d)
+        for loss_obj in (
+            ContrastiveLoss(dtype="float64", similar_label=similar_label),
+            KerasReducedReference(1.0, similar_label, dtype="float64"),
+        )
+    )
     np.testing.assert_allclose(fused, keras_way, rtol=1e-12)
 
 
@@ -243,8 +271,7 @@ def test_reduced_op_gradient_is_its_scaled_output(rng):
     labels, distances = prepare_inputs(y, d)
     with tf.GradientTape() as tape:
         tape.watch(distances)
-        loss, dloss, _ = _ops.reduced_loss_outputs(labels, distances, w, 1.0, "weighted_mean",
-                                                   1.0)
+        loss, dloss, _ = _ops.reduced_loss_outputs(labels, distances, w, 1.0, "weighted_mean", 1.0)
         scaled = loss * 2.5
     np.testing.assert_allclose(tape.gradient(scaled, distances), dloss * 2.5, rtol=1e-6)
     with tf.GradientTape() as tape:
@@ -252,4 +279,3 @@ def test_reduced_op_gradient_is_its_scaled_output(rng):
         loss = _ops.reduced_loss(labels, distances, w, 1.0, "weighted_mean", 1.0)
     # Sample weights get no gradient (README).
     assert tape.gradient(loss, w) is None
-

@@ -28,22 +28,41 @@ class KerasReference(keras.losses.Loss):
 
 def pair_reference(distance, margin):
     return lambda y, p: fc.contrastive_loss_from_embeddings_reference(
-        y, p[..., 0, :], p[..., 1, :], margin, distance)
+        y, p[..., 0, :], p[..., 1, :], margin, distance
+    )
 
 
 # (name, the class with its options, the reference per-sample loss, y_pred's shape)
 CASES = [
-    ("distances", lambda **kw: losses.ContrastiveLoss(margin=0.9, **kw),
-     lambda y, d: fc.contrastive_loss_reference(y, d, 0.9), (B,)),
-    *[(f"pairs-{distance}",
-       lambda distance=distance, **kw: losses.ContrastiveLoss(0.9, distance=distance, **kw),
-       pair_reference(distance, 0.9), (B, 2, 4)) for distance in DISTANCES],
-    *[(f"in-batch-{distance}-{weighting}",
-       lambda distance=distance, weighting=weighting, **kw: losses.InBatchContrastiveLoss(
-           1.3, 0.1, distance, weighting, **kw),
-       lambda y, e, distance=distance, weighting=weighting:
-           fc.in_batch_contrastive_loss_reference(y, e, 1.3, 0.1, distance, weighting),
-       (B, 4)) for distance in ("euclidean", "cosine") for weighting in ("uniform", "balanced")],
+    (
+        "distances",
+        lambda **kw: losses.ContrastiveLoss(margin=0.9, **kw),
+        lambda y, d: fc.contrastive_loss_reference(y, d, 0.9),
+        (B,),
+    ),
+    *[
+        (
+            f"pairs-{distance}",
+            lambda distance=distance, **kw: losses.ContrastiveLoss(0.9, distance=distance, **kw),
+            pair_reference(distance, 0.9),
+            (B, 2, 4),
+        )
+        for distance in DISTANCES
+    ],
+    *[
+        (
+            f"in-batch-{distance}-{weighting}",
+            lambda distance=distance, weighting=weighting, **kw: losses.InBatchContrastiveLoss(
+                1.3, 0.1, distance, weighting, **kw
+            ),
+            lambda y, e, distance=distance, weighting=weighting: (
+                fc.in_batch_contrastive_loss_reference(y, e, 1.3, 0.1, distance, weighting)
+            ),
+            (B, 4),
+        )
+        for distance in ("euclidean", "cosine")
+        for weighting in ("uniform", "balanced")
+    ],
 ]
 
 
@@ -72,11 +91,17 @@ def hvp_and_penalty(loss_object, y, x, v, w):
 
 
 @pytest.mark.parametrize("name, make, reference, shape", CASES, ids=[c[0] for c in CASES])
-@pytest.mark.parametrize("reduction, weighted", [
-    *((reduction, True) for reduction in REDUCTIONS),
-    ("sum_over_batch_size", False), ("mean_with_sample_weight", False)])
-def test_nested_tapes_through_every_class_match_the_reference(rng, run, name, make, reference,
-                                                              shape, reduction, weighted):
+@pytest.mark.parametrize(
+    "reduction, weighted",
+    [
+        *((reduction, True) for reduction in REDUCTIONS),
+        ("sum_over_batch_size", False),
+        ("mean_with_sample_weight", False),
+    ],
+)
+def test_nested_tapes_through_every_class_match_the_reference(
+    rng, run, name, make, reference, shape, reduction, weighted
+):
     y, x = inputs(rng, name, shape)
     v = tf.constant(rng.normal(size=x.shape), tf.float64)
     w = tf.constant(rng.uniform(0.5, 1.5, size=B), tf.float64) if weighted else None
@@ -84,8 +109,9 @@ def test_nested_tapes_through_every_class_match_the_reference(rng, run, name, ma
     theirs = KerasReference(reference, reduction=reduction, dtype="float64")
     got = run(lambda x: hvp_and_penalty(ours, y, x, v, w), x)
     want = hvp_and_penalty(theirs, y, x, v, w)
-    for what, g, e in zip(("loss", "gradient", "Hessian-vector product", "penalty gradient"),
-                          got, want):
+    for what, g, e in zip(
+        ("loss", "gradient", "Hessian-vector product", "penalty gradient"), got, want
+    ):
         np.testing.assert_allclose(g, e, rtol=1e-9, atol=1e-12, err_msg=what)
     assert np.any(want[2].numpy() != 0)
 
