@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "in_batch"))
 from test_in_batch import numpy_in_batch  # noqa: E402
 
 from fused_contrastive import _ops  # noqa: E402
