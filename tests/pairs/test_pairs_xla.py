@@ -6,7 +6,7 @@ import tensorflow as tf
 from support import (DISTANCE_DTYPES, DISTANCES, FUSED_REDUCTIONS, HLO_ON_CPU, ODD_BOOL_AS_LABELS, bits, embeddings,
                       odd_bool_labels, random_distances, random_labels, run_tests_under_hlo)
 
-from fused_contrastive import (ContrastiveLoss, _ops, contrastive_loss,
+from fused_contrastive import (ContrastiveLoss, _library, contrastive_loss,
                                contrastive_loss_from_embeddings)
 
 
@@ -14,7 +14,7 @@ from fused_contrastive import (ContrastiveLoss, _ops, contrastive_loss,
 
 # --- The ops of the loss from pair embeddings ----------------------------------------------
 
-_LIBRARY = _ops._library
+_LIBRARY = _library.op_library
 # (rtol, atol) of XLA's results against the kernels', per embedding dtype.
 EMBEDDING_TOL = {"float16": (1e-3, 1e-3), "bfloat16": (1e-2, 1e-2), "float32": (1e-6, 1e-6),
                  "float64": (1e-13, 1e-14)}
