@@ -1,5 +1,5 @@
-"""The ops of the loss on distances (ContrastiveLoss, ContrastiveLossReduced)
-and ScaleGradient, the backward of every reduced op: wrappers and gradients."""
+"""The ops of the loss on distances (ContrastiveLoss, ContrastiveLossReduced) and
+ScaleGradient, every reduced op's backward: their wrappers and registered gradients."""
 
 import tensorflow as tf
 

@@ -1,5 +1,5 @@
-"""The ops of the in-batch all-pairs loss (InBatchContrastiveLoss and its Grad,
-InBatchContrastiveLossReduced): wrappers and gradients."""
+"""The ops of the in-batch all-pairs loss (the InBatch* ops): their wrappers and
+registered gradients."""
 
 import tensorflow as tf
 

@@ -1,6 +1,5 @@
-"""The ops of the loss from pair embeddings (EmbeddingContrastiveLoss and its
-Grad, EmbeddingContrastiveLossReduced, EmbeddingPairContrastiveLossReduced):
-wrappers and gradients."""
+"""The ops of the loss from pair embeddings (the Embedding* ops): their wrappers
+and registered gradients."""
 
 import tensorflow as tf
 

@@ -229,7 +229,8 @@ class ContrastiveLossMixin:
         self.distance = None if distance is None else validate_distance(distance)
 
     def call(self, y_true, y_pred):
-        # y_pred are distances (distance None) or stacked pair embeddings [..., 2, D].
+        """The per-sample loss: y_pred are distances (distance None) or stacked
+        pair embeddings [..., 2, D]."""
         if self.distance is None:
             return contrastive_loss(y_true, y_pred, self.margin, self.similar_label)
         y_pred = tf.convert_to_tensor(y_pred)
@@ -321,7 +322,7 @@ class ContrastiveLoss(ContrastiveLossMixin, keras.losses.Loss):
                                                 self.distance, self.similar_label)
 
     def get_config(self):
-        # The policy's name where Keras would save its config.
+        # Keras' Loss config has no dtype; the policy's name restores mixed ones too.
         return {**super().get_config(), "dtype": dtype_policy(self).name}
 
 
