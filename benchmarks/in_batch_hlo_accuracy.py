@@ -25,9 +25,9 @@ import tensorflow as tf
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "in_batch"))
 from test_in_batch import numpy_in_batch  # noqa: E402
 
-from fused_contrastive import _ops  # noqa: E402
+from fused_contrastive import _library  # noqa: E402
 
-OPS = _ops._library
+OPS = _library.op_library
 MARGIN, POSITIVE_MARGIN = 1.5, 0.2
 
 

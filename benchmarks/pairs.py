@@ -12,7 +12,7 @@ What is compared: embeddings
                       without a tape.
     class (pre-stacked)  the same class fed a stacked tensor and differentiated
                       with respect to it: the class's cost beyond the stack.
-    fused             "fwd+bwd": `_ops.reduced_embedding_loss` (reduction
+    fused             "fwd+bwd": `_pairs_ops.reduced_embedding_loss` (reduction
                       "mean", sample weight 1, loss scale 1), the one-pass op
                       `ContrastiveLoss(distance="euclidean")` runs while a tape
                       records (loss and both gradients written in one pass;
@@ -66,7 +66,7 @@ import numpy as np
 import tensorflow as tf
 
 import fused_contrastive
-from fused_contrastive import _ops
+from fused_contrastive import _library, _pairs_ops
 from harness import (
     DEFAULT_REDUCTION,
     MARGIN,
@@ -148,11 +148,11 @@ def fused_reduced_loss(y, a, b):
     """The one-pass op ContrastiveLoss(distance=...) runs under a tape, called as it calls it."""
     if fused_contrastive.using_reference():
         return fused_per_pair_loss(y, a, b)
-    return _ops.reduced_embedding_loss(
+    return _pairs_ops.reduced_embedding_loss(
         y,
         a,
         b,
-        sample_weight=_ops.scalar(1.0, a.dtype),
+        sample_weight=_library.scalar(1.0, a.dtype),
         margin=MARGIN,
         reduction="mean",
         loss_scale=1.0,
@@ -383,7 +383,7 @@ def embedding_markdown(rows, accuracy_result, settings):
         "(and its gradient) included, what a Keras user runs; class (pre-stacked): the same fed "
         "a stacked tensor, differentiated with respect to it (the class's cost beyond the "
         "stack).",
-        "- fused: `fwd+bwd` is the one-pass reduced op (`_ops.reduced_embedding_loss`, what "
+        "- fused: `fwd+bwd` is the one-pass reduced op (`_pairs_ops.reduced_embedding_loss`, what "
         "`ContrastiveLoss(distance=...)` runs under a tape), `forward` is `tf.reduce_mean("
         "contrastive_loss_from_embeddings(...))`; fused (per-pair): `tf.reduce_mean("
         "contrastive_loss_from_embeddings(...))` under a tape (two passes), `fwd+bwd` only; "

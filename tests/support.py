@@ -18,7 +18,7 @@ import numpy as np
 import tensorflow as tf
 
 import keras
-from fused_contrastive import _inputs, _ops, contrastive_loss_reference
+from fused_contrastive import _inputs, _library, contrastive_loss_reference
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = ROOT / "tests"
@@ -275,7 +275,7 @@ CORE_TESTS = [
 
 def run_core_tests_against(library, tmp_path):
     """Runs the core tests in a fresh pytest process that loads `library`."""
-    env = {**os.environ, _ops.LIBRARY_ENV: str(library)}
+    env = {**os.environ, _library.LIBRARY_ENV: str(library)}
     return subprocess.run(
         [
             sys.executable,

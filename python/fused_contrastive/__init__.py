@@ -16,7 +16,7 @@ import importlib.util
 import os
 import sys
 
-from fused_contrastive._ops import USE_REFERENCE_ENV, build_info, using_reference
+from fused_contrastive._library import USE_REFERENCE_ENV, build_info, using_reference
 from fused_contrastive.losses import (
     contrastive_loss,
     contrastive_loss_from_embeddings,

@@ -1,5 +1,6 @@
 """Input checks and shape alignment shared by the fused op and the reference."""
 
+import dataclasses
 import math
 import numbers
 
@@ -116,11 +117,14 @@ def squeeze_extra_unit_axis(x, other_rank):
     return _unit_axis_changed(x, extra, False)
 
 
-def _check_dtype(x, dtypes, what):
+def _converted(x, dtypes, what):
+    """x as a tensor, whose dtype must be one of `dtypes`."""
+    x = tf.convert_to_tensor(x)
     if x.dtype not in dtypes:
         raise TypeError(
             f"contrastive loss: {what} must have dtype {dtype_names(dtypes)}; got {x.dtype.name}"
         )
+    return x
 
 
 def _shape_error(message):
@@ -136,10 +140,8 @@ def prepare_inputs(y_true, y_pred):
     broadcast.
     """
     reject_ragged(y_true, y_pred)
-    y_pred = tf.convert_to_tensor(y_pred)
-    _check_dtype(y_pred, DISTANCE_DTYPES, "y_pred (distances)")
-    y_true = tf.convert_to_tensor(y_true)
-    _check_dtype(y_true, LABEL_DTYPES, "y_true (labels)")
+    y_pred = _converted(y_pred, DISTANCE_DTYPES, "y_pred (distances)")
+    y_true = _converted(y_true, LABEL_DTYPES, "y_true (labels)")
     true_rank, pred_rank = y_true.shape.rank, y_pred.shape.rank
     if true_rank is not None and pred_rank is not None:
         if pred_rank == true_rank + 1 and y_pred.shape[-1] == 1:
@@ -167,17 +169,14 @@ def prepare_embedding_inputs(y_true, embeddings_a, embeddings_b):
     with [B, 1, D] ones. Other mismatches raise; nothing is broadcast.
     """
     reject_ragged(y_true, embeddings_a, embeddings_b)
-    a = tf.convert_to_tensor(embeddings_a)
-    _check_dtype(a, DISTANCE_DTYPES, "embeddings_a")
-    b = tf.convert_to_tensor(embeddings_b)
-    _check_dtype(b, DISTANCE_DTYPES, "embeddings_b")
+    a = _converted(embeddings_a, DISTANCE_DTYPES, "embeddings_a")
+    b = _converted(embeddings_b, DISTANCE_DTYPES, "embeddings_b")
     if a.dtype != b.dtype:
         raise TypeError(
             "contrastive loss: embeddings_a and embeddings_b must have the same dtype; "
             f"got {a.dtype.name} and {b.dtype.name}"
         )
-    y_true = tf.convert_to_tensor(y_true)
-    _check_dtype(y_true, LABEL_DTYPES, "y_true (labels)")
+    y_true = _converted(y_true, LABEL_DTYPES, "y_true (labels)")
     if (
         a.shape.rank == 0
         or b.shape.rank == 0
@@ -236,11 +235,9 @@ def prepare_pair_inputs(y_true, pairs):
     [..., 2, D], aligning the labels as prepare_embedding_inputs does with the
     rows [...]. The pairs stay stacked: the pair op reads them in place."""
     reject_ragged(y_true, pairs)
-    pairs = tf.convert_to_tensor(pairs)
-    _check_dtype(pairs, DISTANCE_DTYPES, "y_pred (stacked embeddings)")
+    pairs = _converted(pairs, DISTANCE_DTYPES, "y_pred (stacked embeddings)")
     _check_pairs_shape(pairs)
-    y_true = tf.convert_to_tensor(y_true)
-    _check_dtype(y_true, LABEL_DTYPES, "y_true (labels)")
+    y_true = _converted(y_true, LABEL_DTYPES, "y_true (labels)")
     rows = pairs.shape[:-2] if pairs.shape.rank is not None else tf.TensorShape(None)
     return _align_row_labels(y_true, rows, lambda: tf.shape(pairs)[:-2]), pairs
 
@@ -312,17 +309,6 @@ def stacked_operands(pairs):
     return (a, b) if len(differing) <= 1 else None
 
 
-def validate_in_batch_options(margin, positive_margin, distance, pair_weighting):
-    """(margin, positive_margin, distance, pair_weighting) of the in-batch loss,
-    checked."""
-    return (
-        validate_margin(margin),
-        named_margin(positive_margin, "positive_margin"),
-        validate_choice(distance, IN_BATCH_DISTANCES, "distance"),
-        validate_choice(pair_weighting, PAIR_WEIGHTINGS, "pair_weighting"),
-    )
-
-
 def named_margin(value, what):
     """validate_margin, its errors naming the argument `what`."""
     try:
@@ -331,16 +317,52 @@ def named_margin(value, what):
         raise type(error)(str(error).replace("margin", what, 1)) from None
 
 
-def validate_max_block_rows(max_block_rows):
-    """The cap on the rows per block of the in-batch sweep: None (the op's
-    choice) or a positive int; 0 for the op's attr."""
+def _check_max_block_rows(max_block_rows):
+    """The cap on the rows per block of the in-batch sweep, as given: None (the
+    op's choice) or a positive int."""
     if max_block_rows is None:
-        return 0
+        return None
     if isinstance(max_block_rows, bool) or not isinstance(max_block_rows, numbers.Integral):
         raise TypeError(f"max_block_rows must be None or a positive int, got {max_block_rows!r}")
     if not 0 < max_block_rows < 2**31:
         raise ValueError(f"max_block_rows must be None or a positive int, got {max_block_rows}")
-    return int(max_block_rows)
+    return max_block_rows
+
+
+@dataclasses.dataclass(frozen=True)
+class InBatchOptions:
+    """The options of the in-batch loss, as the public functions and the Keras
+    classes hand them to the ops and the reference. `checked` builds them from
+    what a caller passed; the gradients rebuild them from an op's inputs and
+    attrs, which the op has accepted."""
+
+    margin: object  # a float, or a float64 scalar tensor (the functions take tensors)
+    positive_margin: object
+    distance: str
+    pair_weighting: str
+    max_block_rows: object = None  # None or a positive int, as given (configs save it)
+
+    @classmethod
+    def checked(
+        cls, margin, positive_margin, distance, pair_weighting, max_block_rows=None, owner=None
+    ):
+        """The options, checked. owner: the name of the Keras class whose config
+        saves them, which takes number margins only; None for the functions."""
+        if owner is not None:
+            margin = number_margin(margin, owner)
+            positive_margin = number_margin(positive_margin, owner, "positive_margin")
+        return cls(
+            validate_margin(margin),
+            named_margin(positive_margin, "positive_margin"),
+            validate_choice(distance, IN_BATCH_DISTANCES, "distance"),
+            validate_choice(pair_weighting, PAIR_WEIGHTINGS, "pair_weighting"),
+            _check_max_block_rows(max_block_rows),
+        )
+
+    @property
+    def op_max_block_rows(self):
+        """max_block_rows as the ops' attr takes it: 0 lets the op choose."""
+        return 0 if self.max_block_rows is None else int(self.max_block_rows)
 
 
 def prepare_in_batch_inputs(labels, embeddings):

@@ -6,23 +6,12 @@ set, as `tf.keras` is then tf_keras."""
 import tensorflow as tf
 import tf_keras
 
-from fused_contrastive._inputs import number_margin, validate_distance, validate_similar_label
-from fused_contrastive.losses import (
-    in_batch_options,
-    per_anchor_loss,
-    per_pair_loss,
-    set_in_batch_options,
-)
-from fused_contrastive.pairs import (
-    pair_accuracy,
-    pair_accuracy_options,
-    pair_distance,
-    set_pair_accuracy_options,
-)
+from fused_contrastive.losses import ContrastiveLossMixin, InBatchLossMixin
+from fused_contrastive.pairs import PairAccuracyMixin, PairDistanceMixin, pair_accuracy
 
 
 @tf_keras.utils.register_keras_serializable(package="fused_contrastive")
-class ContrastiveLoss(tf_keras.losses.Loss):
+class ContrastiveLoss(ContrastiveLossMixin, tf_keras.losses.Loss):
     """Contrastive loss as a Keras 2 loss; see `fused_contrastive.losses.ContrastiveLoss`.
 
     Args:
@@ -44,24 +33,11 @@ class ContrastiveLoss(tf_keras.losses.Loss):
         distance=None,
     ):
         super().__init__(reduction=reduction, name=name)
-        self.margin = number_margin(margin, type(self).__name__)
-        self.similar_label = validate_similar_label(similar_label)
-        self.distance = None if distance is None else validate_distance(distance)
-
-    def call(self, y_true, y_pred):
-        return per_pair_loss(y_true, y_pred, self.margin, self.similar_label, self.distance)
-
-    def get_config(self):
-        return {
-            **super().get_config(),
-            "margin": self.margin,
-            "similar_label": self.similar_label,
-            "distance": self.distance,
-        }
+        self._set_options(margin, similar_label, distance)
 
 
 @tf_keras.utils.register_keras_serializable(package="fused_contrastive")
-class InBatchContrastiveLoss(tf_keras.losses.Loss):
+class InBatchContrastiveLoss(InBatchLossMixin, tf_keras.losses.Loss):
     """The in-batch all-pairs contrastive loss as a Keras 2 loss; see
     `fused_contrastive.losses.InBatchContrastiveLoss` (`y_true` class labels
     [B], `y_pred` embeddings [B, D]). tf_keras reduces the per-anchor losses.
@@ -78,38 +54,20 @@ class InBatchContrastiveLoss(tf_keras.losses.Loss):
         max_block_rows=None,
     ):
         super().__init__(reduction=reduction, name=name)
-        set_in_batch_options(
-            self, margin, positive_margin, distance, pair_weighting, max_block_rows
-        )
-
-    def call(self, y_true, y_pred):
-        return per_anchor_loss(self, y_true, y_pred)
-
-    def get_config(self):
-        return {**super().get_config(), **in_batch_options(self)}
+        self._set_options(margin, positive_margin, distance, pair_weighting, max_block_rows)
 
 
 @tf_keras.utils.register_keras_serializable(package="fused_contrastive")
-class PairDistance(tf_keras.layers.Layer):
+class PairDistance(PairDistanceMixin, tf_keras.layers.Layer):
     """Stacked pairs `[..., 2, D]` to their distance `[...]` as a Keras 2 layer;
     see `fused_contrastive.pairs.PairDistance`."""
-
-    def __init__(self, distance="euclidean", **kwargs):
-        super().__init__(**kwargs)
-        self.distance = validate_distance(distance)
-
-    def call(self, pairs):
-        return pair_distance(pairs, self.distance)
 
     def compute_output_shape(self, input_shape):
         return tf.TensorShape(input_shape)[:-2]
 
-    def get_config(self):
-        return {**super().get_config(), "distance": self.distance}
-
 
 @tf_keras.utils.register_keras_serializable(package="fused_contrastive")
-class PairAccuracy(tf_keras.metrics.Mean):
+class PairAccuracy(PairAccuracyMixin, tf_keras.metrics.Mean):
     """Pair accuracy at a distance threshold for stacked pairs `[..., 2, D]` as
     a Keras 2 metric; see `fused_contrastive.pairs.PairAccuracy`."""
 
@@ -117,15 +75,13 @@ class PairAccuracy(tf_keras.metrics.Mean):
         self, threshold=0.5, distance="euclidean", similar_label=1, name="pair_accuracy", dtype=None
     ):
         super().__init__(name=name, dtype=dtype)
-        set_pair_accuracy_options(self, threshold, distance, similar_label)
+        self._set_options(threshold, distance, similar_label)
 
     def update_state(self, y_true, y_pred, sample_weight=None):
-        return super().update_state(
-            pair_accuracy(y_true, y_pred, **pair_accuracy_options(self)), sample_weight
-        )
+        return super().update_state(pair_accuracy(y_true, y_pred, **self._options()), sample_weight)
 
     def get_config(self):
-        return {**super().get_config(), **pair_accuracy_options(self)}
+        return {**super().get_config(), **self._options()}
 
 
 # Models saved with tfa.losses.ContrastiveLoss load as this class (see losses.py).

@@ -1,12 +1,14 @@
-"""The public loss: a function and a Keras 3 Loss class."""
+"""The public losses: the functions, the Keras 3 Loss classes, and the mixins
+that the tf_keras classes (keras2.py) share with them."""
+
+import dataclasses
 
 import keras
 import tensorflow as tf
 
-from fused_contrastive import _ops
-from tensorflow.python.eager import record
-
+from fused_contrastive import _distances_ops, _in_batch_ops, _pairs_ops
 from fused_contrastive._inputs import (
+    InBatchOptions,
     number_margin,
     prepare_embedding_inputs,
     prepare_in_batch_inputs,
@@ -17,11 +19,11 @@ from fused_contrastive._inputs import (
     squeeze_extra_unit_axis,
     stacked_operands,
     validate_distance,
-    validate_in_batch_options,
     validate_margin,
-    validate_max_block_rows,
     validate_similar_label,
 )
+from fused_contrastive._library import scalar, using_reference
+from fused_contrastive._private_api import could_possibly_record, dtype_policy, keras_mask
 from fused_contrastive.reference import (
     reference_embedding_loss,
     reference_in_batch_loss,
@@ -63,9 +65,9 @@ def contrastive_loss(y_true, y_pred, margin=1.0, similar_label=1):
     margin = validate_margin(margin)
     similar_label = validate_similar_label(similar_label)
     labels, distances = prepare_inputs(y_true, y_pred)
-    if _ops.using_reference():
+    if using_reference():
         return reference_loss(labels, distances, margin, similar_label)
-    loss, _ = _ops.loss_and_grad(labels, distances, margin, similar_label)
+    loss, _ = _distances_ops.loss_and_grad(labels, distances, margin, similar_label)
     return loss
 
 
@@ -105,9 +107,9 @@ def contrastive_loss_from_embeddings(
     distance = validate_distance(distance)
     similar_label = validate_similar_label(similar_label)
     labels, a, b = prepare_embedding_inputs(y_true, embeddings_a, embeddings_b)
-    if _ops.using_reference():
+    if using_reference():
         return reference_embedding_loss(labels, a, b, margin, distance, similar_label)
-    return _ops.embedding_loss(labels, a, b, margin, distance, similar_label)
+    return _pairs_ops.embedding_loss(labels, a, b, margin, distance, similar_label)
 
 
 def in_batch_contrastive_loss(
@@ -157,12 +159,18 @@ def in_batch_contrastive_loss(
     ...     [0, 0, 1], [[0.0, 0.0], [0.0, 0.5], [0.0, 2.0]], margin=1.0).numpy())
     [0.125 0.125 0.   ]
     """
-    options = validate_in_batch_options(margin, positive_margin, distance, pair_weighting)
-    max_block_rows = validate_max_block_rows(max_block_rows)
+    options = InBatchOptions.checked(
+        margin, positive_margin, distance, pair_weighting, max_block_rows
+    )
+    return _per_anchor_loss(labels, embeddings, options)
+
+
+def _per_anchor_loss(labels, embeddings, options):
+    """in_batch_contrastive_loss with checked InBatchOptions."""
     labels, embeddings = prepare_in_batch_inputs(labels, embeddings)
-    if _ops.using_reference():
-        return reference_in_batch_loss(labels, embeddings, *options)
-    return _ops.in_batch_loss(labels, embeddings, *options, max_block_rows)
+    if using_reference():
+        return reference_in_batch_loss(labels, embeddings, options)
+    return _in_batch_ops.in_batch_loss(labels, embeddings, options)
 
 
 # Keras reduction -> the fused op's (None: Keras reduces the per-sample losses).
@@ -209,8 +217,8 @@ def _fused_reduction_possible(loss, y_pred):
     None, not under the pure-TF fallback, and no Keras mask on y_pred."""
     return (
         _FUSED_REDUCTIONS.get(loss.reduction) is not None
-        and not _ops.using_reference()
-        and getattr(y_pred, "_keras_mask", None) is None
+        and not using_reference()
+        and keras_mask(y_pred) is None
     )
 
 
@@ -224,7 +232,7 @@ def _fused_reduction_inputs(loss, losses, sample_weight):
     if rank == 0 or (rank == 1 and losses.shape[0] == 0):
         return None
     if sample_weight is None:
-        weights = _ops.scalar(1.0, losses.dtype)
+        weights = scalar(1.0, losses.dtype)
         if mode == "weighted_mean":  # Keras divides by the count then
             mode = "mean"
     else:
@@ -237,8 +245,37 @@ def _fused_reduction_inputs(loss, losses, sample_weight):
     return _FusedReduction(mode, weights, loss_scale)
 
 
+class ContrastiveLossMixin:
+    """What both ContrastiveLoss classes (Keras 3 here, tf_keras in keras2.py)
+    share: their options, checked and saved in the config, and the per-sample
+    loss. It comes before the Keras base class, whose methods it extends."""
+
+    def _set_options(self, margin, similar_label, distance):
+        self.margin = number_margin(margin, type(self).__name__)
+        self.similar_label = validate_similar_label(similar_label)
+        self.distance = None if distance is None else validate_distance(distance)
+
+    def call(self, y_true, y_pred):
+        """The per-sample loss: y_pred are distances (distance None) or stacked
+        pair embeddings [..., 2, D]."""
+        if self.distance is None:
+            return contrastive_loss(y_true, y_pred, self.margin, self.similar_label)
+        y_pred = tf.convert_to_tensor(y_pred)
+        return contrastive_loss_from_embeddings(
+            y_true, *split_pairs(y_pred), self.margin, self.distance, self.similar_label
+        )
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "margin": self.margin,
+            "similar_label": self.similar_label,
+            "distance": self.distance,
+        }
+
+
 @keras.saving.register_keras_serializable(package="fused_contrastive")
-class ContrastiveLoss(keras.losses.Loss):
+class ContrastiveLoss(ContrastiveLossMixin, keras.losses.Loss):
     """Contrastive loss (Hadsell, Chopra & LeCun 2006) as a Keras 3 loss.
 
     A drop-in for `tfa.losses.ContrastiveLoss`: `y_true` are pair labels (1 =
@@ -282,9 +319,7 @@ class ContrastiveLoss(keras.losses.Loss):
         if reduction == "auto":
             reduction = "sum_over_batch_size"
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self.margin = number_margin(margin, type(self).__name__)
-        self.similar_label = validate_similar_label(similar_label)
-        self.distance = None if distance is None else validate_distance(distance)
+        self._set_options(margin, similar_label, distance)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         reject_ragged(y_true, y_pred)
@@ -292,9 +327,6 @@ class ContrastiveLoss(keras.losses.Loss):
         if reduced is None:
             return super().__call__(y_true, y_pred, sample_weight)
         return reduced
-
-    def call(self, y_true, y_pred):
-        return per_pair_loss(y_true, y_pred, self.margin, self.similar_label, self.distance)
 
     def _fused_reduction(self, y_true, y_pred, sample_weight):
         """The reduced loss from the fused-reduction op, or None where Keras' own
@@ -306,7 +338,7 @@ class ContrastiveLoss(keras.losses.Loss):
         # the per-pair path on them: no unstack, and no gradient written.
         if not _fused_reduction_possible(self, y_pred) or (
             self.distance is not None
-            and not record.could_possibly_record()
+            and not could_possibly_record()
             and stacked_operands(y_pred) is not None
         ):
             return None
@@ -323,7 +355,7 @@ class ContrastiveLoss(keras.losses.Loss):
             if reduction is None:
                 return None
             if self.distance is None:
-                return _ops.reduced_loss(
+                return _distances_ops.reduced_loss(
                     labels,
                     distances,
                     reduction.weights,
@@ -332,7 +364,7 @@ class ContrastiveLoss(keras.losses.Loss):
                     reduction.loss_scale,
                     self.similar_label,
                 )
-            return _ops.reduced_pair_loss(
+            return _pairs_ops.reduced_pair_loss(
                 labels,
                 pairs,
                 reduction.weights,
@@ -344,18 +376,51 @@ class ContrastiveLoss(keras.losses.Loss):
             )
 
     def get_config(self):
-        config = super().get_config()
-        config.update(
-            margin=self.margin,
-            similar_label=self.similar_label,
-            distance=self.distance,
-            dtype=self._dtype_policy.name,
+        # Keras' Loss config has no dtype; the policy's name restores mixed ones too.
+        return {**super().get_config(), "dtype": dtype_policy(self).name}
+
+
+def _in_batch_option(name):
+    """An attribute of the loss that reads its InBatchOptions; setting it
+    checks and replaces them (they are frozen)."""
+
+    def set_option(self, value):
+        self._set_options(**{**dataclasses.asdict(self._in_batch_options), name: value})
+
+    return property(lambda self: getattr(self._in_batch_options, name), set_option)
+
+
+class InBatchLossMixin:
+    """What both InBatchContrastiveLoss classes (Keras 3 here, tf_keras in
+    keras2.py) share: their options, one InBatchOptions, checked once and saved
+    in the config, and the per-anchor loss. It comes before the Keras base
+    class, whose methods it extends."""
+
+    margin = _in_batch_option("margin")
+    positive_margin = _in_batch_option("positive_margin")
+    distance = _in_batch_option("distance")
+    pair_weighting = _in_batch_option("pair_weighting")
+    max_block_rows = _in_batch_option("max_block_rows")
+
+    def _set_options(self, margin, positive_margin, distance, pair_weighting, max_block_rows):
+        self._in_batch_options = InBatchOptions.checked(
+            margin,
+            positive_margin,
+            distance,
+            pair_weighting,
+            max_block_rows,
+            owner=type(self).__name__,
         )
-        return config
+
+    def call(self, y_true, y_pred):
+        return _per_anchor_loss(y_true, y_pred, self._in_batch_options)
+
+    def get_config(self):
+        return {**super().get_config(), **dataclasses.asdict(self._in_batch_options)}
 
 
 @keras.saving.register_keras_serializable(package="fused_contrastive")
-class InBatchContrastiveLoss(keras.losses.Loss):
+class InBatchContrastiveLoss(InBatchLossMixin, keras.losses.Loss):
     """The in-batch all-pairs contrastive loss as a Keras 3 loss.
 
     `y_true` are class labels `[B]` (integers, or floats as Keras passes them),
@@ -392,9 +457,7 @@ class InBatchContrastiveLoss(keras.losses.Loss):
         if reduction == "auto":
             reduction = "sum_over_batch_size"
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        set_in_batch_options(
-            self, margin, positive_margin, distance, pair_weighting, max_block_rows
-        )
+        self._set_options(margin, positive_margin, distance, pair_weighting, max_block_rows)
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         reject_ragged(y_true, y_pred)
@@ -402,7 +465,7 @@ class InBatchContrastiveLoss(keras.losses.Loss):
         reduced = None
         # The fused reduction writes the gradient as it reduces: worth it only
         # when a tape will use it (training), not in evaluate.
-        if record.could_possibly_record() and _fused_reduction_possible(self, y_pred):
+        if could_possibly_record() and _fused_reduction_possible(self, y_pred):
             reduced = self._fused_reduction(labels, y_pred, sample_weight)
         if reduced is None:
             # Keras' Loss.__call__ converts y_true to the loss dtype, which
@@ -410,9 +473,6 @@ class InBatchContrastiveLoss(keras.losses.Loss):
             # a loss that takes the ids from here instead.
             return _WithLabels(self, labels)(labels, y_pred, sample_weight)
         return reduced
-
-    def call(self, y_true, y_pred):
-        return per_anchor_loss(self, y_true, y_pred)
 
     def _fused_reduction(self, labels, y_pred, sample_weight):
         with tf.name_scope(self.name):
@@ -422,21 +482,17 @@ class InBatchContrastiveLoss(keras.losses.Loss):
             reduction = _fused_reduction_inputs(self, per_anchor, sample_weight)
             if reduction is None:
                 return None
-            return _ops.reduced_in_batch_loss(
+            return _in_batch_ops.reduced_in_batch_loss(
                 labels,
                 embeddings,
                 reduction.weights,
-                self.margin,
-                self.positive_margin,
-                self.distance,
-                self.pair_weighting,
-                validate_max_block_rows(self.max_block_rows),
+                self._in_batch_options,
                 reduction.mode,
                 reduction.loss_scale,
             )
 
     def get_config(self):
-        return {**super().get_config(), **in_batch_options(self), "dtype": self._dtype_policy.name}
+        return {**super().get_config(), "dtype": dtype_policy(self).name}
 
 
 def class_labels(y_true, dtype):
@@ -459,48 +515,11 @@ class _WithLabels(keras.losses.Loss):
     not on the y_true that __call__ converts to the loss dtype."""
 
     def __init__(self, loss, labels):
-        super().__init__(name=loss.name, reduction=loss.reduction, dtype=loss._dtype_policy)
+        super().__init__(name=loss.name, reduction=loss.reduction, dtype=dtype_policy(loss))
         self._loss, self._labels = loss, labels
 
     def call(self, y_true, y_pred):
-        return per_anchor_loss(self._loss, self._labels, y_pred)
-
-
-# What both InBatchContrastiveLoss classes (Keras 3, tf_keras) keep, check and
-# save in their configs.
-IN_BATCH_OPTIONS = ("margin", "positive_margin", "distance", "pair_weighting", "max_block_rows")
-
-
-def set_in_batch_options(loss, margin, positive_margin, distance, pair_weighting, max_block_rows):
-    """Checks the options of an InBatchContrastiveLoss and sets them on it."""
-    owner = type(loss).__name__
-    loss.margin = number_margin(margin, owner)
-    loss.positive_margin = number_margin(positive_margin, owner, "positive_margin")
-    _, _, loss.distance, loss.pair_weighting = validate_in_batch_options(
-        loss.margin, loss.positive_margin, distance, pair_weighting
-    )
-    validate_max_block_rows(max_block_rows)
-    loss.max_block_rows = max_block_rows
-
-
-def in_batch_options(loss):
-    return {name: getattr(loss, name) for name in IN_BATCH_OPTIONS}
-
-
-def per_anchor_loss(loss, y_true, y_pred):
-    """The per-anchor loss of an InBatchContrastiveLoss with its options."""
-    return in_batch_contrastive_loss(y_true, y_pred, **in_batch_options(loss))
-
-
-def per_pair_loss(y_true, y_pred, margin, similar_label, distance):
-    """The per-sample loss of both ContrastiveLoss classes: y_pred are distances
-    (distance None) or stacked pair embeddings [..., 2, D]."""
-    if distance is None:
-        return contrastive_loss(y_true, y_pred, margin, similar_label)
-    y_pred = tf.convert_to_tensor(y_pred)
-    return contrastive_loss_from_embeddings(
-        y_true, *split_pairs(y_pred), margin, distance, similar_label
-    )
+        return self._loss.call(self._labels, y_pred)
 
 
 # Models compiled with tfa.losses.ContrastiveLoss name it "Addons>ContrastiveLoss"

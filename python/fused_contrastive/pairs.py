@@ -1,7 +1,7 @@
 """What a model that outputs stacked pairs `[..., 2, D]` needs besides the loss:
 the pair's distance at inference (`PairDistance`, a Keras 3 layer) and pair
 accuracy at a distance threshold (`PairAccuracy`, a Keras 3 metric). The
-tf_keras versions (fused_contrastive.keras2) share the functions and options
+tf_keras versions (fused_contrastive.keras2) share the functions and mixins
 below."""
 
 import keras
@@ -13,6 +13,7 @@ from fused_contrastive._inputs import (
     validate_distance,
     validate_similar_label,
 )
+from fused_contrastive._private_api import set_metric_direction
 from fused_contrastive.reference import compute_dtype, reference_distance
 
 
@@ -59,29 +60,10 @@ def validate_threshold(threshold):
     return float(threshold)
 
 
-# What both PairAccuracy classes (Keras 3, tf_keras) keep, check and save.
-PAIR_ACCURACY_OPTIONS = ("threshold", "distance", "similar_label")
-
-
-def set_pair_accuracy_options(metric, threshold, distance, similar_label):
-    """Checks the options of a PairAccuracy and sets them on it."""
-    metric.threshold = validate_threshold(threshold)
-    metric.distance = validate_distance(distance)
-    metric.similar_label = validate_similar_label(similar_label)
-
-
-def pair_accuracy_options(metric):
-    return {name: getattr(metric, name) for name in PAIR_ACCURACY_OPTIONS}
-
-
-@keras.saving.register_keras_serializable(package="fused_contrastive")
-class PairDistance(keras.layers.Layer):
-    """The distance between the two embeddings of each pair: `[..., 2, D]`, what
-    a model trained with `ContrastiveLoss(distance=...)` outputs, to `[...]`.
-
-    >>> print(PairDistance("manhattan")(tf.constant([[[0.0, 3.0], [1.0, 1.0]]])).numpy())
-    [3.]
-    """
+class PairDistanceMixin:
+    """What both PairDistance layers (Keras 3 here, tf_keras in keras2.py)
+    share: the distance, checked and saved in the config, and the call. It
+    comes before the Keras base class, whose methods it extends."""
 
     def __init__(self, distance="euclidean", **kwargs):
         super().__init__(**kwargs)
@@ -90,15 +72,43 @@ class PairDistance(keras.layers.Layer):
     def call(self, pairs):
         return pair_distance(pairs, self.distance)
 
-    def compute_output_shape(self, input_shape):
-        return tuple(input_shape)[:-2]
-
     def get_config(self):
         return {**super().get_config(), "distance": self.distance}
 
 
+class PairAccuracyMixin:
+    """What both PairAccuracy metrics (Keras 3 here, tf_keras in keras2.py)
+    share: their options, checked, and passed to pair_accuracy and saved in the
+    config as keyword arguments."""
+
+    def _set_options(self, threshold, distance, similar_label):
+        self.threshold = validate_threshold(threshold)
+        self.distance = validate_distance(distance)
+        self.similar_label = validate_similar_label(similar_label)
+
+    def _options(self):
+        return {
+            "threshold": self.threshold,
+            "distance": self.distance,
+            "similar_label": self.similar_label,
+        }
+
+
 @keras.saving.register_keras_serializable(package="fused_contrastive")
-class PairAccuracy(keras.metrics.MeanMetricWrapper):
+class PairDistance(PairDistanceMixin, keras.layers.Layer):
+    """The distance between the two embeddings of each pair: `[..., 2, D]`, what
+    a model trained with `ContrastiveLoss(distance=...)` outputs, to `[...]`.
+
+    >>> print(PairDistance("manhattan")(tf.constant([[[0.0, 3.0], [1.0, 1.0]]])).numpy())
+    [3.]
+    """
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)[:-2]
+
+
+@keras.saving.register_keras_serializable(package="fused_contrastive")
+class PairAccuracy(PairAccuracyMixin, keras.metrics.MeanMetricWrapper):
     """Pair accuracy of a model that outputs stacked pairs `[..., 2, D]`: the
     fraction of pairs whose distance is below `threshold` exactly when their
     label marks them similar (see `pair_accuracy`). Keras' `"accuracy"`
@@ -115,12 +125,12 @@ class PairAccuracy(keras.metrics.MeanMetricWrapper):
     def __init__(
         self, threshold=0.5, distance="euclidean", similar_label=1, name="pair_accuracy", dtype=None
     ):
-        set_pair_accuracy_options(self, threshold, distance, similar_label)
-        super().__init__(pair_accuracy, name=name, dtype=dtype, **pair_accuracy_options(self))
-        self._direction = "up"  # as Keras' accuracy metrics
+        self._set_options(threshold, distance, similar_label)
+        super().__init__(pair_accuracy, name=name, dtype=dtype, **self._options())
+        set_metric_direction(self, "up")  # as Keras' accuracy metrics
 
     def get_config(self):
-        return {"name": self.name, "dtype": self.dtype, **pair_accuracy_options(self)}
+        return {"name": self.name, "dtype": self.dtype, **self._options()}
 
     @classmethod
     def from_config(cls, config):

@@ -8,11 +8,11 @@ computes: float16/bfloat16 in float32, labels used linearly.
 import tensorflow as tf
 
 from fused_contrastive._inputs import (
+    InBatchOptions,
     prepare_embedding_inputs,
     prepare_in_batch_inputs,
     prepare_inputs,
     validate_distance,
-    validate_in_batch_options,
     validate_margin,
     validate_similar_label,
 )
@@ -167,9 +167,9 @@ def in_batch_contrastive_loss_reference(
     ...     [0, 0, 1], [[0.0, 0.0], [0.0, 0.5], [0.0, 2.0]], margin=1.0).numpy())
     [0.125 0.125 0.   ]
     """
-    options = validate_in_batch_options(margin, positive_margin, distance, pair_weighting)
+    options = InBatchOptions.checked(margin, positive_margin, distance, pair_weighting)
     labels, embeddings = prepare_in_batch_inputs(labels, embeddings)
-    return reference_in_batch_loss(labels, embeddings, *options)
+    return reference_in_batch_loss(labels, embeddings, options)
 
 
 def _power_of_two_scaled_rows(e):
@@ -190,16 +190,16 @@ def _power_of_two_scaled_rows(e):
     return e / tf.stop_gradient(tf.where(usable, power, tf.ones_like(power)))
 
 
-def reference_in_batch_loss(labels, embeddings, margin, positive_margin, distance, pair_weighting):
-    """Per-anchor in-batch loss on prepared inputs and validated options (see
-    in_batch_contrastive_loss_reference)."""
+def reference_in_batch_loss(labels, embeddings, options):
+    """Per-anchor in-batch loss on prepared inputs and InBatchOptions (see
+    in_batch_contrastive_loss_reference); max_block_rows plays no part."""
     dtype = compute_dtype(embeddings.dtype)
     e = tf.cast(embeddings, dtype)
-    if distance == "cosine":
+    if options.distance == "cosine":
         e = _power_of_two_scaled_rows(e)
     gram = tf.matmul(e, e, transpose_b=True)
     norms2 = tf.linalg.diag_part(gram)
-    if distance == "euclidean":
+    if options.distance == "euclidean":
         squared = tf.maximum(norms2[:, None] + norms2[None, :] - 2.0 * gram, 0.0)
         # NaN stays NaN (the kernels' rule): a NaN partner makes the loss NaN.
         nonzero = tf.not_equal(squared, 0.0)
@@ -214,12 +214,12 @@ def reference_in_batch_loss(labels, embeddings, margin, positive_margin, distanc
     same = tf.equal(labels[:, None], labels[None, :])
     positive = tf.logical_and(same, others)
     negative = tf.logical_and(tf.logical_not(same), others)
-    pos_terms = tf.square(tf.maximum(d - _as_dtype(positive_margin, dtype), 0.0))
-    neg_terms = tf.square(tf.maximum(_as_dtype(margin, dtype) - d, 0.0))
+    pos_terms = tf.square(tf.maximum(d - _as_dtype(options.positive_margin, dtype), 0.0))
+    neg_terms = tf.square(tf.maximum(_as_dtype(options.margin, dtype) - d, 0.0))
     zeros = tf.zeros_like(d)
     pos_sum = tf.reduce_sum(tf.where(positive, pos_terms, zeros), axis=1)
     neg_sum = tf.reduce_sum(tf.where(negative, neg_terms, zeros), axis=1)
-    if pair_weighting == "uniform":
+    if options.pair_weighting == "uniform":
         loss = tf.math.divide_no_nan(pos_sum + neg_sum, tf.cast(tf.shape(e)[0] - 1, dtype))
     else:
         count = lambda mask: tf.reduce_sum(tf.cast(mask, dtype), axis=1)  # noqa: E731

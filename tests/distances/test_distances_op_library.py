@@ -20,7 +20,13 @@ from support import (
 )
 
 import fused_contrastive
-from fused_contrastive import ContrastiveLoss, _ops, contrastive_loss, contrastive_loss_reference
+from fused_contrastive import (
+    ContrastiveLoss,
+    _distances_ops,
+    _library,
+    contrastive_loss,
+    contrastive_loss_reference,
+)
 from fused_contrastive._inputs import prepare_inputs
 
 SHAPES = [(), (0,), (1,), (7,), (4, 5), (2, 3, 4), (3, 0, 2)]
@@ -94,8 +100,8 @@ def test_reduced_op_with_similar_label_0_is_the_flipped_one(rng, reduction):
     y = random_labels(rng, (30,), "float32")
     d = random_distances(rng, (30,), "float32")
     w = tf.constant(rng.uniform(0.1, 2.0, size=30), tf.float32)
-    got = _ops.reduced_loss_outputs(y, d, w, 0.9, reduction, 1.0, similar_label=0)
-    want = _ops.reduced_loss_outputs(1.0 - y, d, w, 0.9, reduction, 1.0)
+    got = _distances_ops.reduced_loss_outputs(y, d, w, 0.9, reduction, 1.0, similar_label=0)
+    want = _distances_ops.reduced_loss_outputs(1.0 - y, d, w, 0.9, reduction, 1.0)
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
 
@@ -121,8 +127,10 @@ def test_bool_labels_read_any_nonzero_byte_as_true(run):
 def test_reduced_op_reads_any_nonzero_bool_byte_as_true(reduction):
     d = tf.fill([4], 0.3)
     w = tf.constant([1.0, 2.0, 0.5, 1.5])
-    got = _ops.reduced_loss_outputs(odd_bool_labels(), d, w, 1.0, reduction, 1.0)
-    want = _ops.reduced_loss_outputs(tf.constant(ODD_BOOL_AS_LABELS), d, w, 1.0, reduction, 1.0)
+    got = _distances_ops.reduced_loss_outputs(odd_bool_labels(), d, w, 1.0, reduction, 1.0)
+    want = _distances_ops.reduced_loss_outputs(
+        tf.constant(ODD_BOOL_AS_LABELS), d, w, 1.0, reduction, 1.0
+    )
     for a, b in zip(got, want):
         np.testing.assert_array_equal(a, b)
     # The per-sample gradient: 2d for a similar pair, -2(1 - d) for a dissimilar one.
@@ -156,7 +164,9 @@ def test_bad_tensor_margin_raises_in_both_ops(margin, mode):
     y, d = tf.constant([1.0, 0.0, 1.0]), tf.constant([0.5, 0.2, 0.3])
     calls = {
         "per-sample": lambda: contrastive_loss(y, d, m),
-        "reduced": lambda: _ops.reduced_loss_outputs(y, d, tf.constant(1.0), m, "mean", 1.0)[0],
+        "reduced": lambda: _distances_ops.reduced_loss_outputs(
+            y, d, tf.constant(1.0), m, "mean", 1.0
+        )[0],
     }
     for name, call in calls.items():
         if mode == "graph":
@@ -172,10 +182,12 @@ def test_backward_passes_the_gradient_through_when_upstream_is_one(rng):
     y = random_labels(rng, (100,), "float32")
     d = random_distances(rng, (100,), "float32")
     labels, distances = prepare_inputs(y, d)
-    _, grad, scale = _ops.reduced_loss_outputs(labels, distances, tf.ones([]), 1.0, "mean", 1.0)
+    _, grad, scale = _distances_ops.reduced_loss_outputs(
+        labels, distances, tf.ones([]), 1.0, "mean", 1.0
+    )
     assert float(scale) == 1 / 100
-    np.testing.assert_array_equal(_ops.scale_gradient(grad, tf.constant(1.0)), grad)
-    np.testing.assert_array_equal(_ops.scale_gradient(grad, tf.constant(2.5)), grad * 2.5)
+    np.testing.assert_array_equal(_distances_ops.scale_gradient(grad, tf.constant(1.0)), grad)
+    np.testing.assert_array_equal(_distances_ops.scale_gradient(grad, tf.constant(2.5)), grad * 2.5)
 
 
 VECTOR_WEIGHTS = [1.0, 2.0, 1.0, 1.0, 1.0, 2.0, 1.0, 1.0]  # sum 10
@@ -198,7 +210,7 @@ def test_reduction_scale_is_the_loss_scale_over_the_divisor(reduction, weights, 
     y = tf.constant([1.0, 0.0] * 4)
     d = tf.fill([8], 0.5)
     w = tf.constant(weights)
-    outputs = _ops.reduced_loss_outputs(y, d, w, 1.0, reduction, 3.0)
+    outputs = _distances_ops.reduced_loss_outputs(y, d, w, 1.0, reduction, 3.0)
     assert outputs._fields == ("loss", "dloss_ddistances", "reduction_scale")
     loss, grad, reduction_scale = outputs
     assert reduction_scale.dtype == tf.float64
@@ -259,9 +271,9 @@ def test_import_warns_when_tensorflow_sees_a_gpu_and_the_library_has_no_cuda_ker
         tf.config, "list_physical_devices", lambda kind=None: [gpu] if kind in ("GPU", None) else []
     )
     info = {**fused_contrastive.build_info(), "cuda": False, "source_dir": "/src/fc"}
-    monkeypatch.setattr(_ops, "_read_build_info", lambda: info)
+    monkeypatch.setattr(_library, "_read_build_info", lambda: info)
     with pytest.warns(RuntimeWarning) as caught:
-        _ops._warn_if_gpu_without_cuda()
+        _library._warn_if_gpu_without_cuda()
     message = str(caught[0].message)
     assert "TensorFlow sees 1 GPU(s)" in message and "CPU kernels only" in message
     assert message.endswith(
@@ -270,11 +282,11 @@ def test_import_warns_when_tensorflow_sees_a_gpu_and_the_library_has_no_cuda_ker
     )
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        monkeypatch.setattr(_ops, "_read_build_info", lambda: {**info, "cuda": True})
-        _ops._warn_if_gpu_without_cuda()  # CUDA kernels: silent
+        monkeypatch.setattr(_library, "_read_build_info", lambda: {**info, "cuda": True})
+        _library._warn_if_gpu_without_cuda()  # CUDA kernels: silent
         monkeypatch.setattr(tf.config, "list_physical_devices", lambda kind=None: [])
-        monkeypatch.setattr(_ops, "_read_build_info", lambda: info)
-        _ops._warn_if_gpu_without_cuda()  # no GPU: silent
+        monkeypatch.setattr(_library, "_read_build_info", lambda: info)
+        _library._warn_if_gpu_without_cuda()  # no GPU: silent
 
 
 def test_import_without_a_gpu_does_not_warn():

@@ -18,7 +18,7 @@ from support import (
 )
 
 import keras
-from fused_contrastive import ContrastiveLoss, _ops, contrastive_loss
+from fused_contrastive import ContrastiveLoss, _distances_ops, contrastive_loss
 
 
 def _loss_and_grad(y, d, margin, similar_label=1):
@@ -86,7 +86,9 @@ def test_xla_bad_run_time_margin_gives_nan(margin):
     def reduced(d):
         with tf.GradientTape() as tape:
             tape.watch(d)
-            loss, dloss, _ = _ops.reduced_loss_outputs(y, d, tf.constant(1.0), m, "mean", 1.0)
+            loss, dloss, _ = _distances_ops.reduced_loss_outputs(
+                y, d, tf.constant(1.0), m, "mean", 1.0
+            )
         return loss, dloss, tape.gradient(loss, d)
 
     for function in (per_sample, reduced):
@@ -121,7 +123,8 @@ def test_xla_reads_any_nonzero_bool_byte_as_true():
     np.testing.assert_array_equal(f(odd_bool_labels(), d), f(tf.constant(ODD_BOOL_AS_LABELS), d))
     for reduction in ("sum", "mean", "weighted_mean"):
         reduced = tf.function(
-            lambda y, d: _ops.reduced_loss_outputs(y, d, w, 1.0, reduction, 1.0), jit_compile=True
+            lambda y, d: _distances_ops.reduced_loss_outputs(y, d, w, 1.0, reduction, 1.0),
+            jit_compile=True,
         )
         got = reduced(odd_bool_labels(), d)
         want = reduced(tf.constant(ODD_BOOL_AS_LABELS), d)
@@ -174,7 +177,7 @@ def test_xla_works_when_imported_after_the_first_xla_compilation():
         f = tf.function(lambda y, d: tf.reduce_sum(fc.contrastive_loss(y, d)), jit_compile=True)
         print(float(f(tf.constant([0., 0., 1., 1., 0., 1.]),
                       tf.constant([0.1, 0.3, 1.3, 0.7, 1.1, 0.5]))))
-        ops = fc._ops._library
+        ops = fc._library.op_library
         one = tf.constant(1.0, tf.float64)
 
         @tf.function(jit_compile=True)

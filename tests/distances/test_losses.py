@@ -28,7 +28,12 @@ from support import (
 )
 
 import keras
-from fused_contrastive import ContrastiveLoss, _ops, contrastive_loss, contrastive_loss_reference
+from fused_contrastive import (
+    ContrastiveLoss,
+    _distances_ops,
+    contrastive_loss,
+    contrastive_loss_reference,
+)
 
 
 def _close(actual, expected, rtol=1e-6, atol=1e-6):
@@ -125,13 +130,13 @@ def _weights(rng, kind, shape):
 def _spy_on_reduced_op(monkeypatch):
     """The reductions the class handed to the fused-reduction op."""
     calls = []
-    original = _ops.reduced_loss
+    original = _distances_ops.reduced_loss
 
     def spy(*args, **kwargs):
         calls.append(args[4] if len(args) > 4 else kwargs["reduction"])
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(_ops, "reduced_loss", spy)
+    monkeypatch.setattr(_distances_ops, "reduced_loss", spy)
     return calls
 
 

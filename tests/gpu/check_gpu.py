@@ -46,7 +46,7 @@ then:
      failure). To run it, install the package with its CUDA kernels into an
      environment with TensorFlow, `FUSED_CONTRASTIVE_CUDA=on pip install .`,
      then `python tests/gpu/check_gpu.py --installed`. It fails unless
-     build_info() says cuda and every op of fused_contrastive._ops has a GPU
+     build_info() says cuda and every op of fused_contrastive._library has a GPU
      kernel registered. With soft device placement off (a missing GPU kernel
      raises instead of copying to the CPU), it runs on /GPU:0 the distance
      loss, the loss from pair embeddings (every distance) and the in-batch

@@ -41,7 +41,7 @@ def check_tf_ops(self_test):
             flush=True,
         )
         return 0
-    from fused_contrastive import _ops
+    from fused_contrastive import _library
     from tensorflow.python.framework import kernels
 
     info = fc.build_info()
@@ -82,7 +82,7 @@ def check_tf_ops(self_test):
 
     device_type = tf.DeviceSpec.from_string(device).device_type
     failures = 0
-    names = sorted(value for key, value in vars(_ops).items() if key.endswith("OP_NAME"))
+    names = sorted(value for key, value in vars(_library).items() if key.endswith("OP_NAME"))
     for name in names:
         types = {
             kernel.device_type for kernel in kernels.get_registered_kernels_for_op(name).kernel

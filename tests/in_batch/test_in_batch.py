@@ -10,7 +10,7 @@ import tensorflow as tf
 from support import bits, run_python
 
 import fused_contrastive as fc
-from fused_contrastive import _inputs, _kernels, _ops
+from fused_contrastive import _in_batch_ops, _inputs, _kernels
 
 IN_BATCH_DISTANCES = list(_inputs.IN_BATCH_DISTANCES)
 PAIR_WEIGHTINGS = list(_inputs.PAIR_WEIGHTINGS)
@@ -211,7 +211,7 @@ def test_float_labels_are_compared_by_value(rng):
     for run in (lambda f: f(), tf.function(lambda f: f(), jit_compile=True)):
         got = run(lambda: fc.in_batch_contrastive_loss(labels, e, pair_weighting="balanced"))
         np.testing.assert_allclose(got, want, rtol=1e-9)
-    ids = _ops.class_ids(tf.constant(labels)).numpy()
+    ids = _in_batch_ops.class_ids(tf.constant(labels)).numpy()
     assert ids[0] == ids[1] and ids[2] == ids[3] and len(set(ids[4:])) == 3
 
 

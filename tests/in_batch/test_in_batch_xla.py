@@ -13,11 +13,11 @@ import pytest
 import tensorflow as tf
 from support import HLO_ON_CPU, bits, run_python, run_tests_under_hlo
 
-from fused_contrastive import _ops
+from fused_contrastive import _library
 from fused_contrastive.reference import in_batch_contrastive_loss_reference
 from test_in_batch import numpy_in_batch
 
-_LIBRARY = _ops._library
+_LIBRARY = _library.op_library
 DTYPES = ["float32", "float64"]
 DISTANCES = ["euclidean", "cosine"]
 WEIGHTINGS = ["uniform", "balanced"]
@@ -469,7 +469,7 @@ def test_in_batch_xla_works_when_imported_after_the_first_xla_compilation():
         import tensorflow as tf
         tf.function(lambda x: x * 2, jit_compile=True)(tf.constant(1.0))
         import fused_contrastive as fc
-        ops = fc._ops._library
+        ops = fc._library.op_library
         one = tf.constant(1.0, tf.float64)
         zero = tf.constant(0.0, tf.float64)
         attrs = dict(distance="euclidean", pair_weighting="uniform")

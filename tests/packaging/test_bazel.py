@@ -13,7 +13,7 @@ import tensorflow as tf
 from support import ROOT, run_core_tests_against
 
 import fused_contrastive
-from fused_contrastive import _cuda, _ops
+from fused_contrastive import _cuda, _library
 
 # Bazel builds the op library from the sources and with the flags CMake uses,
 # and that library passes the core tests (support.CORE_TESTS).
@@ -87,7 +87,7 @@ def loaded_build_info(library):
         capture_output=True,
         text=True,
         timeout=600,
-        env={**os.environ, _ops.LIBRARY_ENV: str(library)},
+        env={**os.environ, _library.LIBRARY_ENV: str(library)},
     )
     assert result.returncode == 0, result.stderr
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -216,7 +216,7 @@ def test_bazel_cuda_build_registers_gpu_kernels_with_the_recorded_device_code(
         text=True,
         timeout=900,
         cwd=tmp_path,
-        env={**os.environ, _ops.LIBRARY_ENV: str(library)},
+        env={**os.environ, _library.LIBRARY_ENV: str(library)},
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "3 passed" in result.stdout

@@ -14,7 +14,7 @@ from tensorflow.core.framework import types_pb2
 from tensorflow.python.framework import kernels
 
 import fused_contrastive
-from fused_contrastive import _inputs, _ops
+from fused_contrastive import _inputs, _library
 
 
 def _enum_name(dtype):
@@ -31,7 +31,7 @@ ALL_PAIRS = {
 def registered_pairs(device_type):
     """(labels dtype, distances dtype) of every kernel TensorFlow has for the op."""
     pairs = set()
-    for kernel in kernels.get_registered_kernels_for_op(_ops.OP_NAME).kernel:
+    for kernel in kernels.get_registered_kernels_for_op(_library.OP_NAME).kernel:
         if kernel.device_type == device_type:
             assert list(kernel.host_memory_arg) == ["margin"]
             types = {
@@ -123,7 +123,7 @@ def test_cpu_only_build_loads_and_passes_core_tests(tmp_path):
         ],
         capture_output=True,
         text=True,
-        env={**os.environ, _ops.LIBRARY_ENV: str(out / "_fused_contrastive_ops.so")},
+        env={**os.environ, _library.LIBRARY_ENV: str(out / "_fused_contrastive_ops.so")},
     )
     assert check.returncode == 0, check.stderr
     assert check.stdout.strip().endswith(str(out / "_fused_contrastive_ops.so"))

@@ -15,7 +15,7 @@ import tensorflow as tf
 from support import ROOT, run_python
 
 import fused_contrastive
-from fused_contrastive import _cuda, _ops
+from fused_contrastive import _cuda, _library
 
 
 @pytest.fixture
@@ -206,7 +206,7 @@ def library_claiming_cuda_13(tmp_path_factory):
     directory = tmp_path_factory.mktemp("cuda13_build")
     library = directory / "_fused_contrastive_ops.so"
     shutil.copy(fused_contrastive.build_info()["library"], library)
-    info = json.loads((_ops._library_path().parent / "_build_info.json").read_text())
+    info = json.loads((_library._library_path().parent / "_build_info.json").read_text())
     info.update(
         cuda=True, cuda_version="13.5", cuda_compiler="NVIDIA 13.5.37", cuda_compiler_source="pypi"
     )
@@ -220,7 +220,7 @@ def _import_with_driver(fake_libcuda, library, version):
         "print(i['cuda_driver_found'], '|', i['cuda_driver_required'])",
         LD_LIBRARY_PATH=str(fake_libcuda),
         FAKE_CUDA_DRIVER_VERSION=str(version),
-        **{_ops.LIBRARY_ENV: str(library)},
+        **{_library.LIBRARY_ENV: str(library)},
     )
 
 
@@ -233,7 +233,7 @@ def test_import_refuses_a_cuda_13_build_on_a_cuda_12_driver(fake_libcuda, librar
     )
     assert "supports CUDA 12.4" in error and "Linux driver >= 580.65.06" in error
     assert error.endswith(
-        f"or set {_ops.USE_REFERENCE_ENV}=1 to use the slower pure-TensorFlow implementation"
+        f"or set {_library.USE_REFERENCE_ENV}=1 to use the slower pure-TensorFlow implementation"
     )
 
 

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import fused_contrastive
-from fused_contrastive import _ops
+from fused_contrastive import _library
 
 SCRIPT = Path(__file__).resolve().parents[1] / "gpu" / "check_gpu.py"
 
@@ -36,7 +36,7 @@ def test_gpu_check_script_self_test():
     assert "360 reduced in-batch cases compared" in out
     assert "in-batch at B=4,096 D=128" in out and "loss+grad" in out
     assert "72 in-batch cosine cases at extreme row scales compared" in out
-    ops = [key for key in vars(_ops) if key.endswith("OP_NAME")]
+    ops = [key for key in vars(_library) if key.endswith("OP_NAME")]
     assert f"{len(ops)} TF ops checked for a registered CPU kernel" in out
     assert "60 TF-op cases compared, /CPU:0 against /CPU:0" in out
     summary = [line for line in out.splitlines() if line.startswith("TF-op summary: ")]

@@ -10,18 +10,18 @@ import tensorflow as tf
 from support import DISTANCES, embeddings, random_labels, run_tests_under_hlo
 
 import fused_contrastive as fc
-from fused_contrastive import _kernels, _ops
+from fused_contrastive import _kernels, _library, _pairs_ops
 
 REDUCTIONS = ["sum", "mean", "weighted_mean"]
 
 
 def pair_op(y, pairs, w, reduction, distance, margin=0.8, similar_label=1):
-    return _ops._library.fused_contrastive_embedding_pair_contrastive_loss_reduced(
+    return _library.op_library.fused_contrastive_embedding_pair_contrastive_loss_reduced(
         y,
         pairs,
         w,
-        _ops.scalar(margin),
-        _ops.scalar(1.0),
+        _library.scalar(margin),
+        _library.scalar(1.0),
         distance=distance,
         reduction=reduction,
         similar_label=similar_label,
@@ -29,13 +29,13 @@ def pair_op(y, pairs, w, reduction, distance, margin=0.8, similar_label=1):
 
 
 def two_tensor_op(y, a, b, w, reduction, distance, margin=0.8, similar_label=1):
-    return _ops._library.fused_contrastive_embedding_contrastive_loss_reduced(
+    return _library.op_library.fused_contrastive_embedding_contrastive_loss_reduced(
         y,
         a,
         b,
         w,
-        _ops.scalar(margin),
-        _ops.scalar(1.0),
+        _library.scalar(margin),
+        _library.scalar(1.0),
         distance=distance,
         reduction=reduction,
         similar_label=similar_label,
@@ -94,7 +94,7 @@ def test_keras_pair_class_reads_the_stacked_pair_in_place(rng, distance):
     y = random_labels(rng, (16,), "float32")
     graph = fwd_bwd_graph(fc.ContrastiveLoss(distance=distance), y, pairs)
     types = {op.type for op in graph.get_operations()}
-    assert _ops.EMBEDDING_PAIR_REDUCED_OP_NAME in types
+    assert _library.EMBEDDING_PAIR_REDUCED_OP_NAME in types
     # Copies of the pair before the op or of its gradients after it.
     assert not types & {"Unpack", "Pack", "StridedSlice", "ConcatV2", "AddN"}, types
 
@@ -159,8 +159,8 @@ def test_keras_pair_class_reads_the_halves_of_a_stack_in_the_graph(rng, producer
     loss = fc.ContrastiveLoss(margin=0.8, distance=distance)
     step = class_step(loss, PAIR_PRODUCERS[producer])
     types = {op.type for op in step.get_concrete_function(y, a, b).graph.get_operations()}
-    assert _ops.EMBEDDING_REDUCED_OP_NAME in types, types
-    assert not types & {_ops.EMBEDDING_PAIR_REDUCED_OP_NAME, "Unpack", "ConcatOffset"}, types
+    assert _library.EMBEDDING_REDUCED_OP_NAME in types, types
+    assert not types & {_library.EMBEDDING_PAIR_REDUCED_OP_NAME, "Unpack", "ConcatOffset"}, types
     got = step(y, a, b)
     want = class_loss_and_gradients(loss, PAIR_PRODUCERS[producer], y, a, b)
     for g, w in zip(got, want):
@@ -187,7 +187,7 @@ def test_keras_pair_class_reads_the_halves_of_sequence_pairs_of_unknown_batch(rn
         input_signature=[tf.TensorSpec([None, 3], tf.float32), halves, halves],
     )
     types = {op.type for op in step.get_concrete_function().graph.get_operations()}
-    assert _ops.EMBEDDING_REDUCED_OP_NAME in types and "ConcatOffset" not in types, types
+    assert _library.EMBEDDING_REDUCED_OP_NAME in types and "ConcatOffset" not in types, types
     for g, w in zip(step(y, a, b), class_loss_and_gradients(loss, make, y, a, b)):
         np.testing.assert_array_equal(g, w)
 
@@ -198,8 +198,8 @@ def test_keras_pair_class_evaluates_a_stack_with_the_per_pair_op(rng):
     y = random_labels(rng, (12,), "float32")
     step = class_step(fc.ContrastiveLoss(distance="cosine"), PAIR_PRODUCERS["tf.stack"], tape=False)
     types = {op.type for op in step.get_concrete_function(y, a, b).graph.get_operations()}
-    assert _ops.EMBEDDING_OP_NAME in types
-    assert not types & {_ops.EMBEDDING_REDUCED_OP_NAME, _ops.EMBEDDING_PAIR_REDUCED_OP_NAME}
+    assert _library.EMBEDDING_OP_NAME in types
+    assert not types & {_library.EMBEDDING_REDUCED_OP_NAME, _library.EMBEDDING_PAIR_REDUCED_OP_NAME}
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
@@ -211,12 +211,12 @@ def test_keras_fit_and_evaluate_read_the_towers_outputs(rng, monkeypatch, jit_co
 
     calls = []
     for name in ("reduced_embedding_loss", "embedding_loss"):
-        original = getattr(_ops, name)
+        original = getattr(_pairs_ops, name)
         monkeypatch.setattr(
-            _ops, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k)
+            _pairs_ops, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k)
         )
     monkeypatch.setattr(
-        _ops._library, "fused_contrastive_embedding_pair_contrastive_loss_reduced", None
+        _library.op_library, "fused_contrastive_embedding_pair_contrastive_loss_reduced", None
     )  # any call would raise
     x1, x2 = (rng.normal(size=(32, 6)).astype("float32") for _ in range(2))
     y = (x1[:, 0] > 0).astype("float32")
@@ -239,7 +239,7 @@ def test_keras_pair_class_reads_other_producers_as_pairs(rng, producer):
     step = class_step(loss, NOT_PAIR_PRODUCERS[producer])
     y_rows = y[:2] if producer == "stack on axis 0" else y
     types = {op.type for op in step.get_concrete_function(y_rows, a, b).graph.get_operations()}
-    assert _ops.EMBEDDING_PAIR_REDUCED_OP_NAME in types, types
+    assert _library.EMBEDDING_PAIR_REDUCED_OP_NAME in types, types
     got = step(y_rows, a, b)
     want = class_loss_and_gradients(loss, NOT_PAIR_PRODUCERS[producer], y_rows, a, b)
     for g, w in zip(got, want):

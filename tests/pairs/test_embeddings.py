@@ -10,7 +10,7 @@ import tensorflow as tf
 from support import DISTANCES, LABEL_DTYPES, embeddings, random_labels, run_python
 
 import fused_contrastive as fc
-from fused_contrastive import _inputs, _ops
+from fused_contrastive import _inputs, _library, _pairs_ops
 
 DTYPES = ["float16", "bfloat16", "float32", "float64"]
 # Relative tolerance against float64, per embedding dtype: 16-bit results are
@@ -246,7 +246,7 @@ def test_graph_has_the_fused_ops_and_no_distance_arithmetic(rng):
         return tape.gradient(loss, [a, b])
 
     ops = {op.type for op in step.get_concrete_function(a, b).graph.get_operations()}
-    assert {_ops.EMBEDDING_OP_NAME, _ops.EMBEDDING_GRAD_OP_NAME} <= ops, ops
+    assert {_library.EMBEDDING_OP_NAME, _library.EMBEDDING_GRAD_OP_NAME} <= ops, ops
     assert not ops & {"Sub", "Square", "Sqrt", "Norm", "Abs", "SquaredDifference"}, ops
 
 
@@ -254,9 +254,9 @@ def test_distances_are_the_op_definitions(rng):
     from tensorflow.python.framework import op_def_registry
 
     for name in (
-        _ops.EMBEDDING_OP_NAME,
-        _ops.EMBEDDING_GRAD_OP_NAME,
-        _ops.EMBEDDING_REDUCED_OP_NAME,
+        _library.EMBEDDING_OP_NAME,
+        _library.EMBEDDING_GRAD_OP_NAME,
+        _library.EMBEDDING_REDUCED_OP_NAME,
     ):
         attr = {a.name: a for a in op_def_registry.get(name).attr}["distance"]
         assert tuple(v.decode() for v in attr.allowed_values.list.s) == _inputs.DISTANCES
@@ -366,9 +366,9 @@ def test_keras_class_with_unknown_rank_pairs_gives_the_eager_value(rng, tape, re
 
 def test_keras_class_uses_the_one_pass_pair_op(rng, monkeypatch):
     calls = []
-    original = _ops.reduced_pair_loss
+    original = _pairs_ops.reduced_pair_loss
     monkeypatch.setattr(
-        _ops,
+        _pairs_ops,
         "reduced_pair_loss",
         lambda *args, **kwargs: calls.append(1) or original(*args, **kwargs),
     )

@@ -19,7 +19,7 @@ from support import (
 
 from fused_contrastive import (
     ContrastiveLoss,
-    _ops,
+    _library,
     contrastive_loss,
     contrastive_loss_from_embeddings,
 )
@@ -27,7 +27,7 @@ from fused_contrastive import (
 
 # --- The ops of the loss from pair embeddings ----------------------------------------------
 
-_LIBRARY = _ops._library
+_LIBRARY = _library.op_library
 # (rtol, atol) of XLA's results against the kernels', per embedding dtype.
 EMBEDDING_TOL = {
     "float16": (1e-3, 1e-3),

@@ -15,7 +15,7 @@ from support import (
     run_python,
 )
 
-from fused_contrastive import _kernels, _ops, contrastive_loss
+from fused_contrastive import _distances_ops, _kernels, contrastive_loss
 from fused_contrastive._inputs import prepare_inputs
 
 DISTANCES = np.array([0.5, 0.3, 2.0, 1.5])
@@ -394,7 +394,7 @@ def test_pybind_kernel_equals_tf_op_bit_for_bit(rng, label_dtype, distance_dtype
     y = random_labels(rng, (3, 17), label_dtype)
     d = random_distances(rng, (3, 17), distance_dtype)
     for similar_label in (1, 0):
-        op_loss, op_grad = _ops.loss_and_grad(*prepare_inputs(y, d), 0.9, similar_label)
+        op_loss, op_grad = _distances_ops.loss_and_grad(*prepare_inputs(y, d), 0.9, similar_label)
         # bfloat16 tensors come back as ml_dtypes.bfloat16 arrays.
         loss, grad = _kernels.contrastive_loss_cpu(y.numpy(), d.numpy(), 0.9, similar_label)
         assert loss.dtype == op_loss.numpy().dtype and loss.shape == (3, 17)
@@ -454,7 +454,7 @@ def test_pybind_reduced_kernel_equals_tf_op_bit_for_bit(rng, reduction, weights)
         "vector": rng.uniform(0, 2, 70_001).astype(np.float32),
     }[weights]
     for similar_label in (1, 0):
-        op_loss, op_grad, op_scale = _ops.reduced_loss_outputs(
+        op_loss, op_grad, op_scale = _distances_ops.reduced_loss_outputs(
             y, d, tf.ones([]) if w is None else w, 0.8, reduction, 0.5, similar_label
         )
         loss, grad, scale = _kernels.contrastive_loss_reduced_cpu(

@@ -1,4 +1,5 @@
-"""fused_contrastive._ops: loading, version guard, env overrides, scalar cache, gradients."""
+"""fused_contrastive._library: loading, version guard, env overrides, scalar cache; the
+distance ops' gradients."""
 
 import json
 
@@ -18,7 +19,13 @@ from support import (
 from tensorflow.python.framework import kernels
 
 import fused_contrastive
-from fused_contrastive import ContrastiveLoss, _ops, contrastive_loss, contrastive_loss_reference
+from fused_contrastive import (
+    ContrastiveLoss,
+    _distances_ops,
+    _library,
+    contrastive_loss,
+    contrastive_loss_reference,
+)
 from fused_contrastive._inputs import prepare_inputs
 
 # --- loading ------------------------------------------------------------------
@@ -32,21 +39,21 @@ def test_build_info_records_the_tensorflow_it_was_built_against():
 
 
 def test_op_names_are_the_library_ones():
-    for name in (_ops.OP_NAME, _ops.REDUCED_OP_NAME, _ops.SCALE_OP_NAME):
+    for name in (_library.OP_NAME, _library.REDUCED_OP_NAME, _library.SCALE_OP_NAME):
         devices = {k.device_type for k in kernels.get_registered_kernels_for_op(name).kernel}
         assert "CPU" in devices, name
 
 
 def test_tensorflow_mismatch_names_both_versions_and_the_fix():
     with pytest.raises(ImportError) as error:
-        _ops.check_tensorflow_version("2.20.0", "2.21.0", "/src/fused-contrastive")
+        _library.check_tensorflow_version("2.20.0", "2.21.0", "/src/fused-contrastive")
     message = str(error.value)
     assert "2.20.0" in message and "2.21.0" in message
     assert (
         "pip install --force-reinstall --no-deps --no-build-isolation /src/fused-contrastive"
         in message
     )
-    _ops.check_tensorflow_version("2.21.0", "2.21.0", "/src")  # a match passes
+    _library.check_tensorflow_version("2.21.0", "2.21.0", "/src")  # a match passes
 
 
 def _fake_library(directory, tensorflow_version):
@@ -64,19 +71,19 @@ def _fake_library(directory, tensorflow_version):
 
 def test_library_override_is_version_checked_before_loading(tmp_path, monkeypatch):
     library = _fake_library(tmp_path / "old", "2.0.0")
-    monkeypatch.setenv(_ops.LIBRARY_ENV, str(library))
-    assert _ops._library_path() == library.resolve()
+    monkeypatch.setenv(_library.LIBRARY_ENV, str(library))
+    assert _library._library_path() == library.resolve()
     with pytest.raises(ImportError, match=rf"TensorFlow 2\.0\.0.*{tf.__version__}"):
-        _ops._load()
+        _library._load()
 
 
 def test_missing_library_or_build_info_names_the_path_and_the_fallback(tmp_path, monkeypatch):
     library = _fake_library(tmp_path / "lib", tf.__version__)
     for missing in (library, tmp_path / "lib" / "_build_info.json"):
         missing.unlink()
-        monkeypatch.setenv(_ops.LIBRARY_ENV, str(library))
-        with pytest.raises(ImportError, match=_ops.USE_REFERENCE_ENV) as error:
-            _ops._load()
+        monkeypatch.setenv(_library.LIBRARY_ENV, str(library))
+        with pytest.raises(ImportError, match=_library.USE_REFERENCE_ENV) as error:
+            _library._load()
         assert str(library) in str(error.value)
         _fake_library(tmp_path / "lib", tf.__version__)
 
@@ -86,11 +93,11 @@ def test_missing_library_or_build_info_names_the_path_and_the_fallback(tmp_path,
     [("1", True), ("true", True), ("yes", True), ("", False), ("0", False), ("false", False)],
 )
 def test_reference_environment_flag(monkeypatch, value, uses_reference):
-    monkeypatch.setenv(_ops.USE_REFERENCE_ENV, value)
-    assert _ops._env_flag(_ops.USE_REFERENCE_ENV) is uses_reference
+    monkeypatch.setenv(_library.USE_REFERENCE_ENV, value)
+    assert _library._env_flag(_library.USE_REFERENCE_ENV) is uses_reference
     if uses_reference:
-        with pytest.warns(RuntimeWarning, match=_ops.USE_REFERENCE_ENV):
-            assert _ops._load() is None
+        with pytest.warns(RuntimeWarning, match=_library.USE_REFERENCE_ENV):
+            assert _library._load() is None
 
 
 def test_reference_fallback_by_environment_variable():
@@ -115,27 +122,27 @@ def test_reference_fallback_by_environment_variable():
 
 
 def test_eager_scalars_are_reused():
-    assert _ops.scalar(0.3) is _ops.scalar(0.3)
-    assert _ops.scalar(0.3, tf.float32).dtype == tf.float32
+    assert _library.scalar(0.3) is _library.scalar(0.3)
+    assert _library.scalar(0.3, tf.float32).dtype == tf.float32
     tensor = tf.constant(2.0)
-    assert _ops.scalar(tensor) is tensor
+    assert _library.scalar(tensor) is tensor
 
 
 def test_scalar_cache_stays_bounded_under_a_margin_schedule():
     y, d = tf.constant([1.0, 0.0]), tf.constant([0.5, 0.25])
-    maxsize = _ops._eager_scalar.cache_info().maxsize
+    maxsize = _library._eager_scalar.cache_info().maxsize
     assert maxsize is not None
     for step in range(10_000):
         margin = 1.0 + step * 1e-4
         loss = contrastive_loss(y, d, margin)
-        assert _ops._eager_scalar.cache_info().currsize <= maxsize
+        assert _library._eager_scalar.cache_info().currsize <= maxsize
     np.testing.assert_allclose(loss, [0.25, (margin - 0.25) ** 2], rtol=1e-6)
 
 
 def test_graph_scalars_are_constants_not_cached_tensors():
     @tf.function
     def margin_node():
-        return _ops.scalar(0.7)
+        return _library.scalar(0.7)
 
     assert float(margin_node()) == 0.7
     graph = margin_node.get_concrete_function().graph
@@ -169,7 +176,7 @@ def test_first_order_gradient_is_the_saved_derivative(rng):
     # Backward multiplies by the forward pass's derivative output, no recomputation.
     y = random_labels(rng, (50,), "float32")
     d = random_distances(rng, (50,), "float32")
-    _, dloss = _ops.loss_and_grad(*prepare_inputs(y, d), 1.0)
+    _, dloss = _distances_ops.loss_and_grad(*prepare_inputs(y, d), 1.0)
     with tf.GradientTape() as tape:
         tape.watch(d)
         total = tf.reduce_sum(contrastive_loss(y, d))
@@ -271,11 +278,13 @@ def test_reduced_op_gradient_is_its_scaled_output(rng):
     labels, distances = prepare_inputs(y, d)
     with tf.GradientTape() as tape:
         tape.watch(distances)
-        loss, dloss, _ = _ops.reduced_loss_outputs(labels, distances, w, 1.0, "weighted_mean", 1.0)
+        loss, dloss, _ = _distances_ops.reduced_loss_outputs(
+            labels, distances, w, 1.0, "weighted_mean", 1.0
+        )
         scaled = loss * 2.5
     np.testing.assert_allclose(tape.gradient(scaled, distances), dloss * 2.5, rtol=1e-6)
     with tf.GradientTape() as tape:
         tape.watch([w, distances])
-        loss = _ops.reduced_loss(labels, distances, w, 1.0, "weighted_mean", 1.0)
+        loss = _distances_ops.reduced_loss(labels, distances, w, 1.0, "weighted_mean", 1.0)
     # Sample weights get no gradient (README).
     assert tape.gradient(loss, w) is None

@@ -1,0 +1,123 @@
+"""The ops of the in-batch all-pairs loss (the InBatch* ops): their wrappers and
+registered gradients."""
+
+import tensorflow as tf
+
+from fused_contrastive import reference
+from fused_contrastive._distances_ops import scale_gradient
+from fused_contrastive._inputs import InBatchOptions
+from fused_contrastive._library import (
+    IN_BATCH_GRAD_OP_NAME,
+    IN_BATCH_OP_NAME,
+    constant_scale,
+    no_second_order,
+    op_library,
+    reference_gradients,
+    scalar,
+)
+from fused_contrastive._private_api import could_possibly_record
+
+
+def class_ids(labels):
+    """Class labels as the in-batch ops take them: int64 ids equal exactly
+    where the labels compare equal. Float labels (Keras passes y_true as
+    floats) become the bits of their float64 value, with -0 made +0, and NaN
+    labels ids of their own (NaN equals nothing, as in the reference): NaN bit
+    patterns with the row number as payload, which no number has. No assert:
+    XLA could not raise it anyway."""
+    if labels.dtype.is_integer:
+        return tf.cast(labels, tf.int64)
+    x = tf.cast(labels, tf.float64)
+    x = tf.where(tf.equal(x, 0.0), tf.zeros_like(x), x)
+    rows = tf.range(1, tf.size(x, out_type=tf.int64) + 1, dtype=tf.int64)
+    nan_ids = tf.bitwise.bitwise_or(rows, tf.constant(0x7FF8000000000000, tf.int64))
+    return tf.where(tf.math.is_nan(x), nan_ids, tf.bitcast(x, tf.int64))
+
+
+def _in_batch_compute(labels, embeddings):
+    """int64 class ids, and the embeddings in the ops' dtype (16-bit ones in
+    float32, as everywhere in the package)."""
+    return class_ids(labels), tf.cast(embeddings, reference.compute_dtype(embeddings.dtype))
+
+
+def _reference_gradient(labels, embeddings, options, upstream):
+    """The gradient while a tape records the backward pass itself (see
+    reference_gradients)."""
+    return reference_gradients(
+        lambda e: reference.reference_in_batch_loss(labels, e, options), [embeddings], upstream
+    )[0]
+
+
+def _attrs(options):
+    """The ops' attrs for `options` (an InBatchOptions)."""
+    return {
+        "distance": options.distance,
+        "pair_weighting": options.pair_weighting,
+        "max_block_rows": options.op_max_block_rows,
+    }
+
+
+def in_batch_loss(labels, embeddings, options):
+    """Runs the in-batch op on prepared inputs and checked InBatchOptions: the
+    per-anchor loss [B]."""
+    ids, e = _in_batch_compute(labels, embeddings)
+    loss = op_library.fused_contrastive_in_batch_contrastive_loss(
+        ids, e, scalar(options.margin), scalar(options.positive_margin), **_attrs(options)
+    )
+    return tf.cast(loss, embeddings.dtype)
+
+
+def reduced_in_batch_loss(labels, embeddings, sample_weight, options, reduction, loss_scale):
+    """The reduced in-batch loss, with the Keras reduction fused in: one sweep
+    writes the fully scaled gradient (see _pairs_ops.reduced_embedding_loss).
+    sample_weight: a scalar or [B], of the embeddings' dtype."""
+    ids, e = _in_batch_compute(labels, embeddings)
+    weights = tf.cast(sample_weight, e.dtype)
+
+    @tf.custom_gradient
+    def fused(e):
+        loss, grad, scale = op_library.fused_contrastive_in_batch_contrastive_loss_reduced(
+            ids,
+            e,
+            weights,
+            scalar(options.margin),
+            scalar(options.positive_margin),
+            scalar(loss_scale),
+            reduction=reduction,
+            **_attrs(options),
+        )
+
+        def backward(upstream):
+            if could_possibly_record():
+                per_anchor = weights * constant_scale(scale, e.dtype) * upstream
+                return _reference_gradient(ids, e, options, per_anchor * tf.ones_like(e[:, 0]))
+            return scale_gradient(grad, upstream)
+
+        return loss, backward
+
+    return tf.cast(fused(e), embeddings.dtype)
+
+
+@tf.RegisterGradient(IN_BATCH_OP_NAME)
+def _in_batch_loss_grad(op, grad_loss):
+    labels, e, margin, positive_margin = op.inputs
+    options = InBatchOptions(
+        margin,
+        positive_margin,
+        op.get_attr("distance").decode(),
+        op.get_attr("pair_weighting").decode(),
+        op.get_attr("max_block_rows") or None,
+    )
+    if could_possibly_record():
+        grad = _reference_gradient(labels, e, options, grad_loss)
+    else:
+        grad = op_library.fused_contrastive_in_batch_contrastive_loss_grad(
+            labels, e, grad_loss, margin, positive_margin, **_attrs(options)
+        )
+    # Labels and margins get no gradient.
+    return [None, grad, None, None]
+
+
+@tf.RegisterGradient(IN_BATCH_GRAD_OP_NAME)
+def _in_batch_grad_grad(op, *_):
+    raise no_second_order(op, "in-batch", "in_batch_contrastive_loss_reference")
