@@ -160,7 +160,7 @@ def run_python(code, timeout=600, **env):
     )
 
 
-# Read by the op library when it loads (cc/tf/xla/host_calls.cc): "1" makes XLA's
+# Read by the op library when it loads (cc/tf/xla/hlo.cc): "1" makes XLA's
 # CPU backend compile the HLO lowering, what XLA's GPU backend runs, instead
 # of calling the CPU kernels.
 HLO_ON_CPU_ENV = "FUSED_CONTRASTIVE_XLA_CPU_HLO"

@@ -79,8 +79,8 @@ Operand HostOperand(const py::array& a, const char* what);
 template <typename ReducedArgs>
 void FillReduction(const Operand& weights, Reduction reduction, double loss_scale, void* loss,
                    double* reduction_scale, ReducedArgs* args) {
-  args->reduction = ReductionArgs{weights.data, weights.shape.empty(), reduction, loss_scale, loss,
-                                  reduction_scale};
+  args->reduction = ReductionArgs{weights.data, weights.shape.empty(), reduction, loss_scale,
+                                  loss,         reduction_scale};
 }
 
 #if FC_WITH_CUDA

@@ -27,10 +27,9 @@ absl::Status RunOnCpu(tensorflow::OpKernelContext* ctx,
                       const std::function<bool(const ParallelFor&)>& call) {
   const Eigen::ThreadPoolDevice* device = &ctx->eigen_cpu_device();
   const ParallelFor pool = [device](int64_t size, const ElementCost& cost, const ShardFn& work) {
-    device->parallelFor(size,
-                        Eigen::TensorOpCost(cost.bytes_loaded, cost.bytes_stored,
-                                            cost.compute_cycles),
-                        [&work](Eigen::Index begin, Eigen::Index end) { work(begin, end); });
+    device->parallelFor(
+        size, Eigen::TensorOpCost(cost.bytes_loaded, cost.bytes_stored, cost.compute_cycles),
+        [&work](Eigen::Index begin, Eigen::Index end) { work(begin, end); });
   };
   const KernelOutcome outcome = RunKernel(pool, call);
   if (outcome == KernelOutcome::kOutOfMemory) {
@@ -62,8 +61,8 @@ namespace se = ::stream_executor;
 template <typename T>
 absl::Status RowMajorBlasGemm(se::blas::BlasSupport* blas, se::Stream* stream, bool trans_a,
                               bool trans_b, int64_t m, int64_t n, int64_t k, double alpha,
-                              const void* a, int64_t lda, const void* b, int64_t ldb,
-                              double beta, void* c, int64_t ldc) {
+                              const void* a, int64_t lda, const void* b, int64_t ldb, double beta,
+                              void* c, int64_t ldc) {
   const auto op = [](bool t) {
     return t ? se::blas::Transpose::kTranspose : se::blas::Transpose::kNoTranspose;
   };
@@ -81,10 +80,9 @@ absl::Status RowMajorBlasGemm(se::blas::BlasSupport* blas, se::Stream* stream, b
                                   /*require_command_buffer=*/false);
   return blas->DoBlasGemm(stream, op(trans_b), op(trans_a), static_cast<uint64_t>(n),
                           static_cast<uint64_t>(m), static_cast<uint64_t>(k),
-                          se::blas::ToDataType<T>::value, &alpha_t, b_memory,
-                          static_cast<int>(ldb), a_memory, static_cast<int>(lda), &beta_t,
-                          &c_memory, static_cast<int>(ldc), options,
-                          se::blas::CallContext::kNone);
+                          se::blas::ToDataType<T>::value, &alpha_t, b_memory, static_cast<int>(ldb),
+                          a_memory, static_cast<int>(lda), &beta_t, &c_memory,
+                          static_cast<int>(ldc), options, se::blas::CallContext::kNone);
 }
 
 }  // namespace
@@ -101,19 +99,18 @@ absl::Status WithTfGemm(tensorflow::OpKernelContext* ctx, DType type,
                            double alpha, const void* a, int64_t lda, const void* b, int64_t ldb,
                            double beta, void* c, int64_t ldc) -> GpuStatus {
     const absl::Status status =
-        type == DType::kFloat64
-            ? RowMajorBlasGemm<double>(blas, stream, trans_a, trans_b, m, n, k, alpha, a, lda,
-                                       b, ldb, beta, c, ldc)
-            : RowMajorBlasGemm<float>(blas, stream, trans_a, trans_b, m, n, k, alpha, a, lda, b,
-                                      ldb, beta, c, ldc);
+        type == DType::kFloat64 ? RowMajorBlasGemm<double>(blas, stream, trans_a, trans_b, m, n, k,
+                                                           alpha, a, lda, b, ldb, beta, c, ldc)
+                                : RowMajorBlasGemm<float>(blas, stream, trans_a, trans_b, m, n, k,
+                                                          alpha, a, lda, b, ldb, beta, c, ldc);
     if (status.ok()) return GpuStatus{};
     gemm_status = status;
     return GpuStatus{"cuBLAS GEMM failed"};
   };
   const GpuStatus launched = launch(gemm);
   if (!gemm_status.ok()) {
-    return absl::InternalError(absl::StrCat("in-batch contrastive loss: cuBLAS GEMM failed: ",
-                                            gemm_status.message()));
+    return absl::InternalError(
+        absl::StrCat("in-batch contrastive loss: cuBLAS GEMM failed: ", gemm_status.message()));
   }
   return FromGpu(launched);
 }

@@ -51,8 +51,7 @@ inline absl::Status ReadInBatchAttrs(tensorflow::OpKernelConstruction* ctx, InBa
 }
 
 // Embeddings [B, D] against labels [B].
-inline absl::Status InBatchShapeMismatch(const std::string& labels,
-                                         const std::string& embeddings) {
+inline absl::Status InBatchShapeMismatch(const std::string& labels, const std::string& embeddings) {
   return absl::InvalidArgumentError(absl::StrCat(
       "in-batch contrastive loss: embeddings must have shape [B, D] and labels [B]; got labels ",
       labels, " and embeddings ", embeddings));

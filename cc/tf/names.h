@@ -33,13 +33,20 @@ inline constexpr char kInBatchReducedOpName[] = "FusedContrastive>InBatchContras
 
 inline tensorflow::DataType ToTf(DType t) {
   switch (t) {
-    case DType::kBool: return tensorflow::DT_BOOL;
-    case DType::kInt32: return tensorflow::DT_INT32;
-    case DType::kInt64: return tensorflow::DT_INT64;
-    case DType::kFloat16: return tensorflow::DT_HALF;
-    case DType::kBFloat16: return tensorflow::DT_BFLOAT16;
-    case DType::kFloat32: return tensorflow::DT_FLOAT;
-    case DType::kFloat64: return tensorflow::DT_DOUBLE;
+    case DType::kBool:
+      return tensorflow::DT_BOOL;
+    case DType::kInt32:
+      return tensorflow::DT_INT32;
+    case DType::kInt64:
+      return tensorflow::DT_INT64;
+    case DType::kFloat16:
+      return tensorflow::DT_HALF;
+    case DType::kBFloat16:
+      return tensorflow::DT_BFLOAT16;
+    case DType::kFloat32:
+      return tensorflow::DT_FLOAT;
+    case DType::kFloat64:
+      return tensorflow::DT_DOUBLE;
   }
   return tensorflow::DT_INVALID;
 }
@@ -98,8 +105,8 @@ inline absl::Status ReadReduction(tensorflow::OpKernelConstruction* ctx, Reducti
 inline absl::Status ReadSimilarLabel(tensorflow::OpKernelConstruction* ctx, int* similar_label) {
   TF_RETURN_IF_ERROR(ctx->GetAttr("similar_label", similar_label));
   if (!IsValidSimilarLabel(*similar_label)) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "contrastive loss: similar_label must be 0 or 1, got ", *similar_label));
+    return absl::InvalidArgumentError(
+        absl::StrCat("contrastive loss: similar_label must be 0 or 1, got ", *similar_label));
   }
   return absl::OkStatus();
 }
@@ -133,10 +140,9 @@ inline absl::Status CheckMargin(double margin, const char* what = "margin") {
 inline absl::Status CheckPerRow(const char* what, const tensorflow::TensorShape& shape,
                                 const tensorflow::TensorShape& rows) {
   if (shape.dims() == 0 || shape == rows) return absl::OkStatus();
-  return absl::InvalidArgumentError(absl::StrCat("contrastive loss from embeddings: ", what,
-                                                 " must be a scalar or of shape ",
-                                                 rows.DebugString(), ", got ",
-                                                 shape.DebugString()));
+  return absl::InvalidArgumentError(
+      absl::StrCat("contrastive loss from embeddings: ", what, " must be a scalar or of shape ",
+                   rows.DebugString(), ", got ", shape.DebugString()));
 }
 
 }  // namespace fused_contrastive

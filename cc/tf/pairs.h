@@ -80,8 +80,7 @@ inline absl::Status CheckEmbeddingShapes(const tensorflow::TensorShape& labels,
     return absl::OkStatus();
   }
   return stacked ? PairShapeMismatch(labels.DebugString(), a.DebugString())
-                 : EmbeddingShapeMismatch(labels.DebugString(), a.DebugString(),
-                                          b->DebugString());
+                 : EmbeddingShapeMismatch(labels.DebugString(), a.DebugString(), b->DebugString());
 }
 
 // The grad op's a, b [..., D], row_coefficients ([...] plus an axis of the
@@ -99,9 +98,9 @@ inline absl::Status CheckGradShapes(const tensorflow::TensorShape& a,
   tensorflow::TensorShape expected = *rows;
   expected.AddDim(NumRowCoefficients(distance));
   if (coefficients != expected) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "contrastive loss from embeddings: row_coefficients must have shape ",
-        expected.DebugString(), ", got ", coefficients.DebugString()));
+    return absl::InvalidArgumentError(
+        absl::StrCat("contrastive loss from embeddings: row_coefficients must have shape ",
+                     expected.DebugString(), ", got ", coefficients.DebugString()));
   }
   return CheckPerRow("upstream", upstream, *rows);
 }

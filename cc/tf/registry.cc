@@ -41,6 +41,7 @@ struct OpRegistration {
 // Per op: name, Tlabels attr, T's dtypes, inputs in host memory (on every
 // device; on CPU only), OpKernels, XLA lowerings. Margins and loss scales are
 // float64 scalars the kernels read on the host.
+// clang-format off: one op per row reads as a table.
 constexpr OpRegistration kOps[] = {
     {kOpName, kTlabels, IsDistanceDType, {"margin"}, {},
      &kContrastiveLossKernels, &kContrastiveLossXla},
@@ -66,14 +67,15 @@ constexpr OpRegistration kOps[] = {
      {"margin", "positive_margin", "loss_scale"}, {},
      &kInBatchReducedKernels, &kInBatchReducedXla},
 };
+// clang-format on
 
 // Registers `kernel` for `op` on `device_type` (CPU, GPU or an XLA JIT device),
 // one KernelDef per supported value dtype, times every label dtype when the
 // op has typed labels, with the inputs of `host_memory` in host memory.
 // Registering each pair explicitly keeps TensorFlow's kernel registry an
 // honest list of what runs where.
-void RegisterKernels(const OpRegistration& op, const char* device_type,
-                     const KernelClass& kernel, std::initializer_list<HostInputs> host_memory) {
+void RegisterKernels(const OpRegistration& op, const char* device_type, const KernelClass& kernel,
+                     std::initializer_list<HostInputs> host_memory) {
   for (DType value : kAllDTypes) {
     if (!op.value_types(value)) continue;
     for (DType label : kAllDTypes) {

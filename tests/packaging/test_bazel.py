@@ -143,6 +143,16 @@ def _compile_flags(args):
     return source, flags | set(last.values())
 
 
+def _unity_sources(source):
+    """The sources a CMake compile command compiles: those a unity source
+    (CMake's generated Unity/*.cxx, which CMake writes at configure time)
+    includes, else the source itself."""
+    if source.parent.name != "Unity":
+        return [source]
+    lines = source.read_text().splitlines()
+    return [Path(line.split('"')[1]) for line in lines if line.startswith("#include")]
+
+
 def test_bazel_compiles_the_sources_cmake_compiles_with_its_flags(bazel, cpu_library, tmp_path):
     subprocess.run(
         [
@@ -162,7 +172,8 @@ def test_bazel_compiles_the_sources_cmake_compiles_with_its_flags(bazel, cpu_lib
     for entry in json.loads((tmp_path / "compile_commands.json").read_text()):
         if "_fused_contrastive_ops.dir" in entry["command"]:
             source, flags = _compile_flags(shlex.split(entry["command"]))
-            cmake[str(Path(source).relative_to(ROOT))] = flags
+            for compiled_source in _unity_sources(Path(source)):
+                cmake[str(compiled_source.relative_to(ROOT))] = flags
     actions = json.loads(
         bazel("aquery", f"mnemonic('CppCompile', deps(//:{LIBRARY}))", "--output=jsonproto")
     )["actions"]

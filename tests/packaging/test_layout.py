@@ -45,6 +45,30 @@ def test_the_kernels_include_no_tensorflow_or_xla_header():
     assert local == []
 
 
+def _includes_of(path, seen):
+    """Every header `path` includes, following the tree's own headers (cc/...)."""
+    for line in path.read_text().splitlines():
+        match = re.match(r'\s*#\s*include\s*"([^"]+)"', line)
+        if match and match.group(1) not in seen:
+            seen.add(match.group(1))
+            own = ROOT / "cc" / match.group(1)
+            if own.is_file():
+                _includes_of(own, seen)
+    return seen
+
+
+def test_host_call_handlers_compile_without_the_tf2xla_compiler_headers():
+    # xla_op_kernel.h takes about 40 s per file to compile; the handlers only
+    # need XLA's FFI API, the lowerings emit the calls (xla/hlo.h).
+    handlers = sorted((ROOT / "cc/tf/xla").glob("*host_calls.cc"))
+    assert len(handlers) >= 3
+    heavy = {
+        str(p.relative_to(ROOT)): sorted(h for h in _includes_of(p, set()) if "xla_op_kernel" in h)
+        for p in handlers
+    }
+    assert {path: found for path, found in heavy.items() if found} == {}
+
+
 def _layout_block():
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Layout and architecture", 1)[1]

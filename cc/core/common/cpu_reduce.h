@@ -42,17 +42,16 @@ double CpuReductionScale(const ReductionArgs& r, int64_t n, const ParallelFor& p
   const D* w = static_cast<const D*>(r.weights);
   double weight_total = 0;
   if (r.kind == Reduction::kWeightedMean) {
-    weight_total = r.scalar_weight
-                       ? Convert<double>::from(w[0])
-                       : BlockedSum(n, kReductionBlock, ElementCost{sizeof(D), 0, 1},
-                                    parallel_for, [w](int64_t begin, int64_t end) {
-                                      double sum = 0;
+    weight_total = r.scalar_weight ? Convert<double>::from(w[0])
+                                   : BlockedSum(n, kReductionBlock, ElementCost{sizeof(D), 0, 1},
+                                                parallel_for, [w](int64_t begin, int64_t end) {
+                                                  double sum = 0;
 #pragma omp simd reduction(+ : sum)
-                                      for (int64_t i = begin; i < end; ++i) {
-                                        sum += Convert<double>::from(w[i]);
-                                      }
-                                      return sum;
-                                    });
+                                                  for (int64_t i = begin; i < end; ++i) {
+                                                    sum += Convert<double>::from(w[i]);
+                                                  }
+                                                  return sum;
+                                                });
   }
   return reduction_scale(r.kind, static_cast<double>(n), weight_total, r.loss_scale);
 }

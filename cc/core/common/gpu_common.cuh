@@ -9,9 +9,9 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "core/common/formula.h"
 #include "core/common/parallel.h"
 #include "core/common/reduction.h"
-#include "core/common/formula.h"
 
 namespace fused_contrastive {
 // Unnamed: every .cu.cc file compiles its own copy of these kernels, so no
@@ -90,9 +90,9 @@ void LaunchReductionScale(const ReductionArgs& r, int64_t n, double* weight_sums
   const bool weight_pass = r.kind == Reduction::kWeightedMean && !r.scalar_weight;
   const int blocks = static_cast<int>(ReduceBlocks(n));
   if (weight_pass) WeightSumKernel<<<blocks, kReduceThreads, 0, stream>>>(w, n, weight_sums);
-  ReductionScaleKernel<<<1, kReduceThreads, 0, stream>>>(r.kind, w, r.scalar_weight, n,
-                                                         weight_sums, weight_pass ? blocks : 0,
-                                                         r.loss_scale, r.reduction_scale);
+  ReductionScaleKernel<<<1, kReduceThreads, 0, stream>>>(r.kind, w, r.scalar_weight, n, weight_sums,
+                                                         weight_pass ? blocks : 0, r.loss_scale,
+                                                         r.reduction_scale);
 }
 
 // loss = (sum of the main kernel's block sums) * scale.
@@ -110,9 +110,7 @@ GpuStatus LastError() {
   return error == cudaSuccess ? GpuStatus{} : GpuStatus{cudaGetErrorString(error)};
 }
 
-bool Aligned(const void* p, size_t bytes) {
-  return reinterpret_cast<uintptr_t>(p) % bytes == 0;
-}
+bool Aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
 
 }  // namespace
 }  // namespace fused_contrastive

@@ -25,8 +25,8 @@ enum class Reduction : int { kSum, kMean, kWeightedMean };
 // it is one scalar, as Keras does). A zero divisor gives 0 (divide_no_nan).
 // loss_scale is Keras' 1/num_replicas_in_sync for means, 1 otherwise.
 template <typename S>
-FC_HOST_DEVICE inline S reduction_scale(Reduction reduction, const S& count,
-                                        const S& weight_total, const S& loss_scale) {
+FC_HOST_DEVICE inline S reduction_scale(Reduction reduction, const S& count, const S& weight_total,
+                                        const S& loss_scale) {
   if (reduction == Reduction::kSum) return loss_scale;
   return ElementOps<S>::divide_no_nan(loss_scale,
                                       reduction == Reduction::kMean ? count : weight_total);

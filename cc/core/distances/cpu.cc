@@ -1,8 +1,8 @@
 #include <algorithm>
 
-#include "core/distances/kernels.h"
-#include "core/common/formula.h"
 #include "core/common/cpu_reduce.h"
+#include "core/common/formula.h"
+#include "core/distances/kernels.h"
 
 namespace fused_contrastive {
 namespace {
@@ -39,8 +39,8 @@ double WeightedLossAndGradRange(const L* labels, const D* distances, const D* we
 #pragma omp simd reduction(+ : chunk_sum)
     for (int64_t i = chunk; i < stop; ++i) {
       C l, g;
-      contrastive_loss_and_grad(Convert<C>::from(labels[i]), Convert<C>::from(distances[i]),
-                                margin, similar_label, &l, &g);
+      contrastive_loss_and_grad(Convert<C>::from(labels[i]), Convert<C>::from(distances[i]), margin,
+                                similar_label, &l, &g);
       const C w = kScalarWeight ? scalar_weight : Convert<C>::from(weights[i]);
       grad[i] = Store<D>::to(g * (w * scale));
       chunk_sum += l * w;
@@ -89,14 +89,14 @@ bool ContrastiveLossReducedCpu(const ReducedLossArgs& a, const ParallelFor& para
     const int similar_label = in.similar_label;
     const ElementCost cost{double(sizeof(L) + sizeof(D) * (reduction.scalar_weight ? 1 : 2)),
                            double(sizeof(D)), 14.0};
-    const double sum = BlockedSum(in.n, kReductionBlock, cost, parallel_for,
-                                  [&](int64_t begin, int64_t end) {
-      return reduction.scalar_weight
-                 ? WeightedLossAndGradRange<true>(y, d, w, begin, end, m, similar_label, scale_c,
-                                                  grad)
-                 : WeightedLossAndGradRange<false>(y, d, w, begin, end, m, similar_label,
-                                                   scale_c, grad);
-    });
+    const double sum =
+        BlockedSum(in.n, kReductionBlock, cost, parallel_for, [&](int64_t begin, int64_t end) {
+          return reduction.scalar_weight
+                     ? WeightedLossAndGradRange<true>(y, d, w, begin, end, m, similar_label,
+                                                      scale_c, grad)
+                     : WeightedLossAndGradRange<false>(y, d, w, begin, end, m, similar_label,
+                                                       scale_c, grad);
+        });
     *static_cast<D*>(reduction.loss) = Store<D>::to(static_cast<C>(sum * scale));
   });
 }

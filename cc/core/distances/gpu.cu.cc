@@ -4,17 +4,17 @@
 // GPU results then equal the CPU kernel's bit for bit.
 #include <algorithm>
 
-#include "core/distances/kernels.h"
 #include "core/common/formula.h"
 #include "core/common/gpu_common.cuh"
+#include "core/distances/kernels.h"
 
 namespace fused_contrastive {
 namespace {
 
 template <int V, typename L, typename D>
 __global__ void ContrastiveLossKernel(const L* __restrict__ labels, const D* __restrict__ distances,
-                                      int64_t n, ComputeType<D> margin, int similar_label,
-                                      D* loss, D* grad) {
+                                      int64_t n, ComputeType<D> margin, int similar_label, D* loss,
+                                      D* grad) {
   using C = ComputeType<D>;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -91,23 +91,23 @@ void Launch(const LossInputs& in, D* loss, D* grad, cudaStream_t stream) {
 
 GpuStatus ContrastiveLossGpu(const LossInputs& in, void* loss, void* grad, void* stream) {
   if (in.n == 0) return GpuStatus{};
-  const bool supported = VisitLabelAndDistance(in.label_type, in.distance_type, [&](auto l_tag,
-                                                                                     auto d_tag) {
-    using L = typename decltype(l_tag)::type;
-    using D = typename decltype(d_tag)::type;
-    // 16-byte accesses for the distance-typed streams (labels follow with the
-    // same element count) whenever every pointer allows it.
-    constexpr int V = 16 / sizeof(D);
-    auto* out_loss = static_cast<D*>(loss);
-    auto* out_grad = static_cast<D*>(grad);
-    auto s = static_cast<cudaStream_t>(stream);
-    if (Aligned(in.labels, sizeof(Pack<L, V>)) && Aligned(in.distances, sizeof(Pack<D, V>)) &&
-        Aligned(out_loss, sizeof(Pack<D, V>)) && Aligned(out_grad, sizeof(Pack<D, V>))) {
-      Launch<V, L>(in, out_loss, out_grad, s);
-    } else {
-      Launch<1, L>(in, out_loss, out_grad, s);
-    }
-  });
+  const bool supported =
+      VisitLabelAndDistance(in.label_type, in.distance_type, [&](auto l_tag, auto d_tag) {
+        using L = typename decltype(l_tag)::type;
+        using D = typename decltype(d_tag)::type;
+        // 16-byte accesses for the distance-typed streams (labels follow with the
+        // same element count) whenever every pointer allows it.
+        constexpr int V = 16 / sizeof(D);
+        auto* out_loss = static_cast<D*>(loss);
+        auto* out_grad = static_cast<D*>(grad);
+        auto s = static_cast<cudaStream_t>(stream);
+        if (Aligned(in.labels, sizeof(Pack<L, V>)) && Aligned(in.distances, sizeof(Pack<D, V>)) &&
+            Aligned(out_loss, sizeof(Pack<D, V>)) && Aligned(out_grad, sizeof(Pack<D, V>))) {
+          Launch<V, L>(in, out_loss, out_grad, s);
+        } else {
+          Launch<1, L>(in, out_loss, out_grad, s);
+        }
+      });
   if (!supported) return GpuStatus{"unsupported dtype pair"};
   return LastError();
 }
@@ -122,19 +122,19 @@ GpuStatus ContrastiveLossReducedGpu(const ReducedLossArgs& a, void* workspace, v
   const ReductionArgs& reduction = a.reduction;
   double* scale = reduction.reduction_scale;
   auto s = static_cast<cudaStream_t>(stream);
-  const bool supported = VisitLabelAndDistance(in.label_type, in.distance_type, [&](auto l_tag,
-                                                                                     auto d_tag) {
-    using L = typename decltype(l_tag)::type;
-    using D = typename decltype(d_tag)::type;
-    const auto* w = static_cast<const D*>(reduction.weights);
-    LaunchReductionScale<D>(reduction, in.n, weight_sums, s);
-    ReducedLossKernel<<<blocks, kReduceThreads, 0, s>>>(
-        static_cast<const L*>(in.labels), static_cast<const D*>(in.distances), w,
-        reduction.scalar_weight, in.n, static_cast<ComputeType<D>>(in.margin), in.similar_label,
-        scale, static_cast<D*>(a.grad), loss_sums);
-    FinishLossKernel<<<1, kReduceThreads, 0, s>>>(loss_sums, blocks, scale,
-                                                  static_cast<D*>(reduction.loss));
-  });
+  const bool supported =
+      VisitLabelAndDistance(in.label_type, in.distance_type, [&](auto l_tag, auto d_tag) {
+        using L = typename decltype(l_tag)::type;
+        using D = typename decltype(d_tag)::type;
+        const auto* w = static_cast<const D*>(reduction.weights);
+        LaunchReductionScale<D>(reduction, in.n, weight_sums, s);
+        ReducedLossKernel<<<blocks, kReduceThreads, 0, s>>>(
+            static_cast<const L*>(in.labels), static_cast<const D*>(in.distances), w,
+            reduction.scalar_weight, in.n, static_cast<ComputeType<D>>(in.margin), in.similar_label,
+            scale, static_cast<D*>(a.grad), loss_sums);
+        FinishLossKernel<<<1, kReduceThreads, 0, s>>>(loss_sums, blocks, scale,
+                                                      static_cast<D*>(reduction.loss));
+      });
   if (!supported) return GpuStatus{"unsupported dtype pair"};
   return LastError();
 }

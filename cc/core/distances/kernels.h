@@ -39,7 +39,7 @@ bool ContrastiveLossCpu(const LossInputs& in, void* loss, void* grad,
 struct ReducedLossArgs {
   LossInputs in;
   ReductionArgs reduction;  // weights and loss of distance_type, n weights unless scalar
-  void* grad;  // out: n values, d(loss)/d(distance) with weight and divisor applied
+  void* grad;               // out: n values, d(loss)/d(distance) with weight and divisor applied
 };
 
 // One pass over labels, distances and weights (plus one over the weights alone

@@ -218,11 +218,11 @@ class Sweep {
       const int64_t i = i0 + r;
       T* row = scratch.data() + r * nj;
       if (K == Distance::kEuclidean && RowCancels(row, i, kDiagonal ? r : -1, j0, nj)) {
-        active += ExactRow<kDiagonal>(row, i, j0, nj, column_positive, column_negative,
-                                      column_diagonal);
+        active +=
+            ExactRow<kDiagonal>(row, i, j0, nj, column_positive, column_negative, column_diagonal);
       } else {
-        active += FastRow<kDiagonal>(row, i, j0, nj, column_positive, column_negative,
-                                     column_diagonal);
+        active +=
+            FastRow<kDiagonal>(row, i, j0, nj, column_positive, column_negative, column_diagonal);
       }
     }
     if constexpr (!kDiagonal) {
@@ -258,8 +258,8 @@ class Sweep {
     int cancels = 0;
 #pragma omp simd reduction(| : cancels)
     for (int64_t c = 0; c < nj; ++c) {
-      cancels |= c != self && gram_distance_cancels(euclidean_squared(row[c], ni, nj_norm2[c]),
-                                                    ni, nj_norm2[c]);
+      cancels |= c != self &&
+                 gram_distance_cancels(euclidean_squared(row[c], ni, nj_norm2[c]), ni, nj_norm2[c]);
     }
     return cancels != 0;
   }
@@ -305,8 +305,8 @@ class Sweep {
 
   // FastRow and ExactRow return the row's number of nonzero M entries.
   template <bool kDiagonal>
-  int64_t FastRow(T* row, int64_t i, int64_t j0, int64_t nj, T* column_positive,
-                  T* column_negative, T* column_diagonal) {
+  int64_t FastRow(T* row, int64_t i, int64_t j0, int64_t nj, T* column_positive, T* column_negative,
+                  T* column_diagonal) {
     const int64_t self = kDiagonal ? i - j0 : -1;
     T positive = 0, negative = 0, diagonal = 0;
     int active = 0;
@@ -359,8 +359,8 @@ class Sweep {
       const T s = row[c];
       row[c] = T(0);
       if (j == i) continue;
-      const bool exact = gram_distance_cancels(euclidean_squared(s, norm2_[i], norm2_[j]),
-                                               norm2_[i], norm2_[j]);
+      const bool exact =
+          gram_distance_cancels(euclidean_squared(s, norm2_[i], norm2_[j]), norm2_[i], norm2_[j]);
       const T* ej = e_ + j * dim_;
       T d;
       if (exact) {

@@ -59,8 +59,8 @@ __host__ __device__ inline int64_t MaskWords(int64_t rows) {
 // R×⌈B/32⌉ near-pair mask (uint32); for the cosine distance only, each row's
 // exponent k (int) and the scaled embeddings (T, B×D).
 struct Layout {
-  int64_t stat, positive_weight, negative_weight, positive_coefficient, negative_coefficient,
-      tile, mask, exponent, scaled, total;
+  int64_t stat, positive_weight, negative_weight, positive_coefficient, negative_coefficient, tile,
+      mask, exponent, scaled, total;
 };
 
 Layout MakeLayout(const InBatchArgs& args) {
@@ -118,8 +118,7 @@ __global__ void RowStatisticKernel(const T* __restrict__ e, int64_t rows, int64_
   using C = ComputeType<T>;
   const int64_t warps = blockDim.x / kWarpSize;
   const int lane = threadIdx.x % kWarpSize;
-  for (int64_t r = blockIdx.x * warps + threadIdx.x / kWarpSize; r < rows;
-       r += warps * gridDim.x) {
+  for (int64_t r = blockIdx.x * warps + threadIdx.x / kWarpSize; r < rows; r += warps * gridDim.x) {
     const T* row = e + r * dim;
     int scale_exponent = 0;
     if constexpr (K == Distance::kCosine) {
@@ -203,8 +202,7 @@ __global__ void PairWeightKernel(const int64_t* __restrict__ labels, int64_t row
         positives += warp_counts[threadIdx.x][w];
       }
       double wp, wn;
-      pair_weights(weighting, static_cast<double>(rows), static_cast<double>(positives), &wp,
-                   &wn);
+      pair_weights(weighting, static_cast<double>(rows), static_cast<double>(positives), &wp, &wn);
       positive_weight[i] = wp;
       negative_weight[i] = wn;
       if (upstream != nullptr) {
@@ -259,9 +257,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
                   const double* __restrict__ positive_weight,
                   const double* __restrict__ negative_weight,
                   const ComputeType<T>* __restrict__ positive_coefficient,
-                  const ComputeType<T>* __restrict__ negative_coefficient,
-                  ComputeType<T> margin, ComputeType<T> positive_margin, T* __restrict__ tile,
-                  uint32_t* __restrict__ mask, T* __restrict__ loss, T* __restrict__ grad) {
+                  const ComputeType<T>* __restrict__ negative_coefficient, ComputeType<T> margin,
+                  ComputeType<T> positive_margin, T* __restrict__ tile, uint32_t* __restrict__ mask,
+                  T* __restrict__ loss, T* __restrict__ grad) {
   using C = ComputeType<T>;
   constexpr bool kNear = kGrad && K == Distance::kEuclidean;
   const int64_t r = blockIdx.x;
@@ -328,8 +326,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
   BlockSum3(sums);
   if (loss != nullptr && threadIdx.x == 0) {
-    loss[i] = Store<T>::to(static_cast<C>(positive_weight[i] * sums[0] +
-                                          negative_weight[i] * sums[1]));
+    loss[i] =
+        Store<T>::to(static_cast<C>(positive_weight[i] * sums[0] + negative_weight[i] * sums[1]));
   }
   if constexpr (kGrad) {
     const C q = diagonal_factor<K>(stat_i) * static_cast<C>(sums[2]);
@@ -417,9 +415,9 @@ GpuStatus Sweep(const InBatchArgs& args, void* workspace, const GpuGemm& gemm,
     const int64_t n = std::min(block, rows - row0);
     // With dim 0 the Gram tile is zero; not left to the GEMM, whose k = 0
     // behaviour (cuBLAS: c = beta·c) is not every implementation's.
-    status = dim > 0 ? gemm(false, true, n, rows, dim, 1.0, e + row0 * dim, dim, e, dim, 0.0,
-                            tile, rows)
-                     : ZeroFill<T>(tile, n * rows, stream);
+    status =
+        dim > 0 ? gemm(false, true, n, rows, dim, 1.0, e + row0 * dim, dim, e, dim, 0.0, tile, rows)
+                : ZeroFill<T>(tile, n * rows, stream);
     if (!status.ok()) return status;
     PairRowKernel<K, kGrad><<<static_cast<unsigned>(n), kThreadsPerBlock, 0, stream>>>(
         args.labels, e, rows, dim, row0, stat, positive_weight, negative_weight,
@@ -429,8 +427,8 @@ GpuStatus Sweep(const InBatchArgs& args, void* workspace, const GpuGemm& gemm,
     if (!status.ok()) return status;
     // beta = 1: PairRowKernel has written q_i·e_i and the near pairs' terms.
     if (kGrad && dim > 0) {
-      status = gemm(false, false, n, dim, rows, -1.0, tile, rows, e, dim, 1.0,
-                    grad + row0 * dim, dim);
+      status =
+          gemm(false, false, n, dim, rows, -1.0, tile, rows, e, dim, 1.0, grad + row0 * dim, dim);
       if (!status.ok()) return status;
     }
   }
@@ -457,8 +455,8 @@ constexpr int64_t kMaxGemmBlocks = int64_t{1} << 20;
 
 template <bool kTransA, bool kTransB, typename T>
 __global__ void __launch_bounds__(kGemmThreads)
-    TiledGemmKernel(int64_t m, int64_t n, int64_t k, T alpha, const T* __restrict__ a,
-                    int64_t lda, const T* __restrict__ b, int64_t ldb, T beta, T* c, int64_t ldc,
+    TiledGemmKernel(int64_t m, int64_t n, int64_t k, T alpha, const T* __restrict__ a, int64_t lda,
+                    const T* __restrict__ b, int64_t ldb, T beta, T* c, int64_t ldc,
                     int64_t tiles_n, int64_t tiles) {
   // +1 column: the non-transposed loads store down a column of these arrays;
   // the padding spreads them over the banks.
@@ -530,11 +528,9 @@ GpuStatus TiledGemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
   const int64_t tiles = (m + kGemmTile - 1) / kGemmTile * tiles_n;
   const int blocks = static_cast<int>(std::min(tiles, kMaxGemmBlocks));
   const auto launch = [&](auto ta, auto tb) {
-    TiledGemmKernel<decltype(ta)::value, decltype(tb)::value>
-        <<<blocks, kGemmThreads, 0, stream>>>(m, n, k, static_cast<T>(alpha),
-                                              static_cast<const T*>(a), lda,
-                                              static_cast<const T*>(b), ldb, static_cast<T>(beta),
-                                              static_cast<T*>(c), ldc, tiles_n, tiles);
+    TiledGemmKernel<decltype(ta)::value, decltype(tb)::value><<<blocks, kGemmThreads, 0, stream>>>(
+        m, n, k, static_cast<T>(alpha), static_cast<const T*>(a), lda, static_cast<const T*>(b),
+        ldb, static_cast<T>(beta), static_cast<T*>(c), ldc, tiles_n, tiles);
   };
   using False = std::false_type;
   using True = std::true_type;
@@ -632,8 +628,7 @@ GpuGemm TiledGemmGpu(DType type, void* stream) {
       case DType::kFloat32:
         return TiledGemm<float>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, s);
       case DType::kFloat64:
-        return TiledGemm<double>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc,
-                                 s);
+        return TiledGemm<double>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, s);
       default:
         return GpuStatus{"TiledGemmGpu: unsupported dtype"};
     }
@@ -663,8 +658,8 @@ GpuStatus InBatchLossReducedGpu(const InBatchReducedArgs& args, void* workspace,
       const T* w = static_cast<const T*>(reduction.weights);
       auto* upstream = reinterpret_cast<T*>(base + layout.upstream);
       auto* losses = reinterpret_cast<T*>(base + layout.losses);
-      LaunchReductionScale<T>(reduction, rows,
-                              reinterpret_cast<double*>(base + layout.weight_sums), s);
+      LaunchReductionScale<T>(reduction, rows, reinterpret_cast<double*>(base + layout.weight_sums),
+                              s);
       if (rows > 0) {
         const int blocks = static_cast<int>(
             std::min(kMaxBlocks, (rows + kThreadsPerBlock - 1) / kThreadsPerBlock));

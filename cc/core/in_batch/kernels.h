@@ -17,16 +17,16 @@
 namespace fused_contrastive {
 
 struct InBatchArgs {
-  DType type;               // kFloat32 or kFloat64: embeddings, upstream, loss and grad
-  const int64_t* labels;    // rows class ids
-  const void* embeddings;   // rows * dim values, row-major
+  DType type;              // kFloat32 or kFloat64: embeddings, upstream, loss and grad
+  const int64_t* labels;   // rows class ids
+  const void* embeddings;  // rows * dim values, row-major
   int64_t rows;
   int64_t dim;
   double margin;
   double positive_margin;
-  Distance distance;        // one of kInBatchDistances
+  Distance distance;  // one of kInBatchDistances
   PairWeighting weighting;
-  int64_t max_block_rows;   // caps the rows per block; 0 leaves it to the kernel
+  int64_t max_block_rows;  // caps the rows per block; 0 leaves it to the kernel
   // d(objective)/d(loss_i), rows values; null when no gradient is wanted.
   const void* upstream;
   void* loss;  // out: rows per-anchor losses, or null
@@ -47,9 +47,14 @@ bool VisitInBatchKernel(DType type, Distance distance, F&& f) {
     });
   };
   switch (type) {
-    case DType::kFloat32: visit_distance(TypeTag<float>{}); return true;
-    case DType::kFloat64: visit_distance(TypeTag<double>{}); return true;
-    default: return false;
+    case DType::kFloat32:
+      visit_distance(TypeTag<float>{});
+      return true;
+    case DType::kFloat64:
+      visit_distance(TypeTag<double>{});
+      return true;
+    default:
+      return false;
   }
 }
 
@@ -80,10 +85,9 @@ const char* InBatchCpuIsa();
 // A matrix product the caller supplies, enqueued on the kernel's stream:
 // c = alpha·op(a)·op(b) + beta·c, all row-major, op(x) = xᵀ when trans_x,
 // c is m×n, op(a) m×k, op(b) k×n; values of the args' dtype.
-using GpuGemm = std::function<GpuStatus(bool trans_a, bool trans_b, int64_t m, int64_t n,
-                                        int64_t k, double alpha, const void* a, int64_t lda,
-                                        const void* b, int64_t ldb, double beta, void* c,
-                                        int64_t ldc)>;
+using GpuGemm = std::function<GpuStatus(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
+                                        double alpha, const void* a, int64_t lda, const void* b,
+                                        int64_t ldb, double beta, void* c, int64_t ldc)>;
 
 // Device scratch bytes InBatchLossGpu needs (linear in rows; the cosine
 // distance also holds a scaled copy of the embeddings, rows·dim values).

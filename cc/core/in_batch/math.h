@@ -29,8 +29,7 @@ namespace fused_contrastive {
 
 enum class PairWeighting : int { kUniform, kBalanced };
 
-constexpr PairWeighting kAllPairWeightings[] = {PairWeighting::kUniform,
-                                                PairWeighting::kBalanced};
+constexpr PairWeighting kAllPairWeightings[] = {PairWeighting::kUniform, PairWeighting::kBalanced};
 
 // The names of the `pair_weighting` attr and argument.
 inline const char* PairWeightingName(PairWeighting w) {
@@ -62,9 +61,8 @@ inline bool IsInBatchDistance(Distance k) {
 // kernels, XlaOps in the lowering). "uniform": 1/(B−1) each; "balanced":
 // 1/positives and 1/negatives. A mean over no pairs is 0 (divide_no_nan).
 template <typename C>
-FC_HOST_DEVICE inline void pair_weights(PairWeighting weighting, const C& rows,
-                                        const C& positives, C* positive_weight,
-                                        C* negative_weight) {
+FC_HOST_DEVICE inline void pair_weights(PairWeighting weighting, const C& rows, const C& positives,
+                                        C* positive_weight, C* negative_weight) {
   using Ops = ElementOps<C>;
   const C one = Ops::constant(rows, 1);
   const C others = rows - one;
@@ -162,8 +160,7 @@ FC_HOST_DEVICE inline C masked(const C& mask, const C& value) {
 // max(margin − d, 0)², with their slopes d(term)/d(d); NaN for a NaN d (a
 // NaN partner makes the anchor's loss and gradient NaN on every path).
 template <typename C>
-FC_HOST_DEVICE inline void positive_term(const C& d, const C& positive_margin, C* term,
-                                         C* slope) {
+FC_HOST_DEVICE inline void positive_term(const C& d, const C& positive_margin, C* term, C* slope) {
   const C h = ElementOps<C>::positive_part(d - positive_margin);
   *term = h * h;
   *slope = ElementOps<C>::constant(h, 2) * h;

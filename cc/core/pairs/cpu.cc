@@ -88,35 +88,34 @@ ElementCost RowCost(int64_t dim, double extra_loaded, double stored) {
 
 bool EmbeddingLossCpu(const EmbeddingInputs& in, void* loss, double* coefficients,
                       const ParallelFor& parallel_for) {
-  return VisitEmbeddingKernel(in.label_type, in.embedding_type, in.distance, [&](auto l_tag,
-                                                                                  auto t_tag,
-                                                                                  auto k_tag) {
-    using L = typename decltype(l_tag)::type;
-    using T = typename decltype(t_tag)::type;
-    using C = ComputeType<T>;
-    constexpr Distance K = decltype(k_tag)::value;
-    constexpr int kCoefficients = NumRowCoefficients(K);
-    const auto* y = static_cast<const L*>(in.labels);
-    const auto* a = static_cast<const T*>(in.a);
-    const auto* b = static_cast<const T*>(in.b);
-    auto* out = static_cast<T*>(loss);
-    const int64_t dim = in.dim;
-    const int64_t stride = in.row_stride;
-    const C margin = static_cast<C>(in.margin);
-    const int similar_label = in.similar_label;
-    const ElementCost cost = RowCost<T>(dim, sizeof(L), sizeof(T) + 8.0 * kCoefficients);
-    parallel_for(in.rows, cost, [=](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        RowValues<C> sums, coef = {};
-        C row_loss;
-        RowSums<K>(a + r * stride, b + r * stride, dim, sums);
-        row_loss_and_coefficients<K>(sums, Convert<C>::from(y[r]), margin, similar_label,
-                                     &row_loss, coef);
-        out[r] = Store<T>::to(row_loss);
-        for (int j = 0; j < kCoefficients; ++j) coefficients[r * kCoefficients + j] = coef[j];
-      }
-    });
-  });
+  return VisitEmbeddingKernel(
+      in.label_type, in.embedding_type, in.distance, [&](auto l_tag, auto t_tag, auto k_tag) {
+        using L = typename decltype(l_tag)::type;
+        using T = typename decltype(t_tag)::type;
+        using C = ComputeType<T>;
+        constexpr Distance K = decltype(k_tag)::value;
+        constexpr int kCoefficients = NumRowCoefficients(K);
+        const auto* y = static_cast<const L*>(in.labels);
+        const auto* a = static_cast<const T*>(in.a);
+        const auto* b = static_cast<const T*>(in.b);
+        auto* out = static_cast<T*>(loss);
+        const int64_t dim = in.dim;
+        const int64_t stride = in.row_stride;
+        const C margin = static_cast<C>(in.margin);
+        const int similar_label = in.similar_label;
+        const ElementCost cost = RowCost<T>(dim, sizeof(L), sizeof(T) + 8.0 * kCoefficients);
+        parallel_for(in.rows, cost, [=](int64_t begin, int64_t end) {
+          for (int64_t r = begin; r < end; ++r) {
+            RowValues<C> sums, coef = {};
+            C row_loss;
+            RowSums<K>(a + r * stride, b + r * stride, dim, sums);
+            row_loss_and_coefficients<K>(sums, Convert<C>::from(y[r]), margin, similar_label,
+                                         &row_loss, coef);
+            out[r] = Store<T>::to(row_loss);
+            for (int j = 0; j < kCoefficients; ++j) coefficients[r * kCoefficients + j] = coef[j];
+          }
+        });
+      });
 }
 
 bool EmbeddingGradCpu(const EmbeddingGradArgs& g, const ParallelFor& parallel_for) {
@@ -136,8 +135,8 @@ bool EmbeddingGradCpu(const EmbeddingGradArgs& g, const ParallelFor& parallel_fo
       const bool scalar_upstream = g.scalar_upstream;
       const int64_t dim = g.dim;
       const int64_t stride = g.row_stride;
-      const ElementCost cost = RowCost<T>(dim, sizeof(T) + 8.0 * kCoefficients,
-                                          2.0 * dim * sizeof(T));
+      const ElementCost cost =
+          RowCost<T>(dim, sizeof(T) + 8.0 * kCoefficients, 2.0 * dim * sizeof(T));
       parallel_for(g.rows, cost, [=](int64_t begin, int64_t end) {
         for (int64_t r = begin; r < end; ++r) {
           const double u = Convert<double>::from(upstream[scalar_upstream ? 0 : r]);
@@ -158,54 +157,53 @@ bool EmbeddingGradCpu(const EmbeddingGradArgs& g, const ParallelFor& parallel_fo
 
 bool EmbeddingLossReducedCpu(const ReducedEmbeddingArgs& args, const ParallelFor& parallel_for) {
   const EmbeddingInputs& in = args.in;
-  return VisitEmbeddingKernel(in.label_type, in.embedding_type, in.distance, [&](auto l_tag,
-                                                                                  auto t_tag,
-                                                                                  auto k_tag) {
-    using L = typename decltype(l_tag)::type;
-    using T = typename decltype(t_tag)::type;
-    using C = ComputeType<T>;
-    constexpr Distance K = decltype(k_tag)::value;
-    const auto* y = static_cast<const L*>(in.labels);
-    const auto* a = static_cast<const T*>(in.a);
-    const auto* b = static_cast<const T*>(in.b);
-    const ReductionArgs& reduction = args.reduction;
-    const auto* w = static_cast<const T*>(reduction.weights);
-    auto* grad_a = static_cast<T*>(args.grad_a);
-    auto* grad_b = static_cast<T*>(args.grad_b);
-    const int64_t dim = in.dim;
-    const int64_t stride = in.row_stride;
-    const double scale = CpuReductionScale<T>(reduction, in.rows, parallel_for);
-    *reduction.reduction_scale = scale;
-    const C scale_c = static_cast<C>(scale);
-    const C margin = static_cast<C>(in.margin);
-    const C scalar_weight = reduction.scalar_weight ? Convert<C>::from(w[0]) : C(0);
-    const ElementCost cost = RowCost<T>(dim, sizeof(L) + sizeof(T), 2.0 * dim * sizeof(T));
-    // Per-row losses are summed in the compute type in chunks of
-    // kFloatSumChunk rows, the chunks in double, as ContrastiveLossReducedCpu.
-    const double sum = BlockedSum(in.rows, kRowBlock, cost, parallel_for,
-                                  [&](int64_t begin, int64_t end) {
-      double total = 0;
-      for (int64_t chunk = begin; chunk < end; chunk += kFloatSumChunk) {
-        C chunk_sum = 0;
-        for (int64_t r = chunk; r < std::min(end, chunk + kFloatSumChunk); ++r) {
-          RowValues<C> sums, coef = {};
-          C row_loss;
-          RowSums<K>(a + r * stride, b + r * stride, dim, sums);
-          row_loss_and_coefficients<K>(sums, Convert<C>::from(y[r]), margin, in.similar_label,
-                                       &row_loss, coef);
-          const C weight = reduction.scalar_weight ? scalar_weight : Convert<C>::from(w[r]);
-          chunk_sum += row_loss * weight;
-          const C factor = weight * scale_c;
-          for (int j = 0; j < NumRowSums(K); ++j) coef[j] *= factor;
-          RowGradient<K>(coef, a + r * stride, b + r * stride, dim, grad_a + r * stride,
-                         grad_b + r * stride);
-        }
-        total += static_cast<double>(chunk_sum);
-      }
-      return total;
-    });
-    *static_cast<T*>(reduction.loss) = Store<T>::to(static_cast<C>(sum * scale));
-  });
+  return VisitEmbeddingKernel(
+      in.label_type, in.embedding_type, in.distance, [&](auto l_tag, auto t_tag, auto k_tag) {
+        using L = typename decltype(l_tag)::type;
+        using T = typename decltype(t_tag)::type;
+        using C = ComputeType<T>;
+        constexpr Distance K = decltype(k_tag)::value;
+        const auto* y = static_cast<const L*>(in.labels);
+        const auto* a = static_cast<const T*>(in.a);
+        const auto* b = static_cast<const T*>(in.b);
+        const ReductionArgs& reduction = args.reduction;
+        const auto* w = static_cast<const T*>(reduction.weights);
+        auto* grad_a = static_cast<T*>(args.grad_a);
+        auto* grad_b = static_cast<T*>(args.grad_b);
+        const int64_t dim = in.dim;
+        const int64_t stride = in.row_stride;
+        const double scale = CpuReductionScale<T>(reduction, in.rows, parallel_for);
+        *reduction.reduction_scale = scale;
+        const C scale_c = static_cast<C>(scale);
+        const C margin = static_cast<C>(in.margin);
+        const C scalar_weight = reduction.scalar_weight ? Convert<C>::from(w[0]) : C(0);
+        const ElementCost cost = RowCost<T>(dim, sizeof(L) + sizeof(T), 2.0 * dim * sizeof(T));
+        // Per-row losses are summed in the compute type in chunks of
+        // kFloatSumChunk rows, the chunks in double, as ContrastiveLossReducedCpu.
+        const double sum =
+            BlockedSum(in.rows, kRowBlock, cost, parallel_for, [&](int64_t begin, int64_t end) {
+              double total = 0;
+              for (int64_t chunk = begin; chunk < end; chunk += kFloatSumChunk) {
+                C chunk_sum = 0;
+                for (int64_t r = chunk; r < std::min(end, chunk + kFloatSumChunk); ++r) {
+                  RowValues<C> sums, coef = {};
+                  C row_loss;
+                  RowSums<K>(a + r * stride, b + r * stride, dim, sums);
+                  row_loss_and_coefficients<K>(sums, Convert<C>::from(y[r]), margin,
+                                               in.similar_label, &row_loss, coef);
+                  const C weight = reduction.scalar_weight ? scalar_weight : Convert<C>::from(w[r]);
+                  chunk_sum += row_loss * weight;
+                  const C factor = weight * scale_c;
+                  for (int j = 0; j < NumRowSums(K); ++j) coef[j] *= factor;
+                  RowGradient<K>(coef, a + r * stride, b + r * stride, dim, grad_a + r * stride,
+                                 grad_b + r * stride);
+                }
+                total += static_cast<double>(chunk_sum);
+              }
+              return total;
+            });
+        *static_cast<T*>(reduction.loss) = Store<T>::to(static_cast<C>(sum * scale));
+      });
 }
 
 }  // namespace fused_contrastive

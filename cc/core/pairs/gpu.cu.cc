@@ -7,9 +7,9 @@
 #include <initializer_list>
 #include <type_traits>
 
+#include "core/common/gpu_common.cuh"
 #include "core/pairs/kernels.h"
 #include "core/pairs/math.h"
-#include "core/common/gpu_common.cuh"
 
 namespace fused_contrastive {
 namespace {
@@ -104,22 +104,23 @@ __device__ inline void ScaledRowSums(const T* a, const T* b, int64_t dim, C scal
   for (int64_t start = 0; start < dim; start += kRowSumChunk) {
     C partial[kMaxRowSums] = {};
     const int64_t size = dim - start < kRowSumChunk ? dim - start : kRowSumChunk;
-    ForEachChunk<kVector>(a + start, b + start, size, [&](int64_t, const Chunk<T>& a_chunk,
-                                                          const Chunk<T>& b_chunk, int count) {
+    ForEachChunk<kVector>(
+        a + start, b + start, size,
+        [&](int64_t, const Chunk<T>& a_chunk, const Chunk<T>& b_chunk, int count) {
 #pragma unroll
-      for (int i = 0; i < kChunkSize<T>; ++i) {
-        if (i == count) break;
-        C x = Convert<C>::from(a_chunk.v[i]), y = Convert<C>::from(b_chunk.v[i]);
-        if constexpr (K == Distance::kCosine) {
-          x *= scale_a;
-          y *= scale_b;
-        }
-        C terms[kMaxRowSums];
-        distance_terms<K>(x, y, terms[0], terms[1], terms[2]);
+          for (int i = 0; i < kChunkSize<T>; ++i) {
+            if (i == count) break;
+            C x = Convert<C>::from(a_chunk.v[i]), y = Convert<C>::from(b_chunk.v[i]);
+            if constexpr (K == Distance::kCosine) {
+              x *= scale_a;
+              y *= scale_b;
+            }
+            C terms[kMaxRowSums];
+            distance_terms<K>(x, y, terms[0], terms[1], terms[2]);
 #pragma unroll
-        for (int j = 0; j < NumRowSums(K); ++j) partial[j] += terms[j];
-      }
-    });
+            for (int j = 0; j < NumRowSums(K); ++j) partial[j] += terms[j];
+          }
+        });
 #pragma unroll
     for (int j = 0; j < NumRowSums(K); ++j) total[j] += WarpSum(partial[j]);
   }
@@ -147,17 +148,17 @@ __device__ inline void RowSums(const T* a, const T* b, int64_t dim, C* values) {
     values[3] = values[4] = C(1);
     if (!cosine_sums_out_of_range(values)) return;
     C max_a = 0, max_b = 0;
-    ForEachChunk<kVector>(a, b, dim, [&](int64_t, const Chunk<T>& a_chunk,
-                                         const Chunk<T>& b_chunk, int count) {
+    ForEachChunk<kVector>(
+        a, b, dim, [&](int64_t, const Chunk<T>& a_chunk, const Chunk<T>& b_chunk, int count) {
 #pragma unroll
-      for (int i = 0; i < kChunkSize<T>; ++i) {
-        if (i == count) break;
-        const C x = ElementOps<C>::abs(Convert<C>::from(a_chunk.v[i]));
-        const C y = ElementOps<C>::abs(Convert<C>::from(b_chunk.v[i]));
-        max_a = x > max_a ? x : max_a;
-        max_b = y > max_b ? y : max_b;
-      }
-    });
+          for (int i = 0; i < kChunkSize<T>; ++i) {
+            if (i == count) break;
+            const C x = ElementOps<C>::abs(Convert<C>::from(a_chunk.v[i]));
+            const C y = ElementOps<C>::abs(Convert<C>::from(b_chunk.v[i]));
+            max_a = x > max_a ? x : max_a;
+            max_b = y > max_b ? y : max_b;
+          }
+        });
     values[3] = cosine_scale(WarpMax(max_a));
     values[4] = cosine_scale(WarpMax(max_b));
     ScaledRowSums<K, kVector>(a, b, dim, values[3], values[4], values);
@@ -167,21 +168,21 @@ __device__ inline void RowSums(const T* a, const T* b, int64_t dim, C* values) {
 template <Distance K, bool kVector, typename T, typename C>
 __device__ inline void RowGradient(const C* coef, const T* a, const T* b, int64_t dim, T* grad_a,
                                    T* grad_b) {
-  ForEachChunk<kVector>(a, b, dim, [&](int64_t c, const Chunk<T>& a_chunk,
-                                       const Chunk<T>& b_chunk, int size) {
-    Chunk<T> ga, gb;
+  ForEachChunk<kVector>(a, b, dim,
+                        [&](int64_t c, const Chunk<T>& a_chunk, const Chunk<T>& b_chunk, int size) {
+                          Chunk<T> ga, gb;
 #pragma unroll
-    for (int i = 0; i < kChunkSize<T>; ++i) {
-      if (i == size) break;
-      C ga_i, gb_i;
-      element_gradient<K>(coef, Convert<C>::from(a_chunk.v[i]), Convert<C>::from(b_chunk.v[i]),
-                          &ga_i, &gb_i);
-      ga.v[i] = Store<T>::to(ga_i);
-      gb.v[i] = Store<T>::to(gb_i);
-    }
-    StoreChunk<kVector>(ga, c, size, grad_a);
-    StoreChunk<kVector>(gb, c, size, grad_b);
-  });
+                          for (int i = 0; i < kChunkSize<T>; ++i) {
+                            if (i == size) break;
+                            C ga_i, gb_i;
+                            element_gradient<K>(coef, Convert<C>::from(a_chunk.v[i]),
+                                                Convert<C>::from(b_chunk.v[i]), &ga_i, &gb_i);
+                            ga.v[i] = Store<T>::to(ga_i);
+                            gb.v[i] = Store<T>::to(gb_i);
+                          }
+                          StoreChunk<kVector>(ga, c, size, grad_a);
+                          StoreChunk<kVector>(gb, c, size, grad_b);
+                        });
 }
 
 template <Distance K, bool kVector, typename L, typename T>
@@ -207,8 +208,8 @@ __global__ void EmbeddingLossKernel(const L* __restrict__ labels, const T* __res
 template <Distance K, bool kVector, typename T>
 __global__ void EmbeddingGradKernel(const T* a, const T* b, int64_t rows, int64_t dim,
                                     int64_t stride, const double* __restrict__ coefficients,
-                                    const T* __restrict__ upstream, bool scalar_upstream,
-                                    T* grad_a, T* grad_b) {
+                                    const T* __restrict__ upstream, bool scalar_upstream, T* grad_a,
+                                    T* grad_b) {
   using C = ComputeType<T>;
   constexpr int kCoefficients = NumRowCoefficients(K);
   ForEachRow(rows, [&](int64_t r) {
@@ -232,8 +233,8 @@ __global__ void EmbeddingReducedKernel(const L* __restrict__ labels, const T* a,
                                        const T* __restrict__ weights, bool scalar_weight,
                                        int64_t rows, int64_t dim, int64_t stride,
                                        ComputeType<T> margin, int similar_label,
-                                       const double* scale, T* grad_a,
-                                       T* grad_b, double* block_sums) {
+                                       const double* scale, T* grad_a, T* grad_b,
+                                       double* block_sums) {
   using C = ComputeType<T>;
   constexpr int kCoefficients = NumRowCoefficients(K);
   const C scale_c = static_cast<C>(*scale);
@@ -285,21 +286,21 @@ void VisitChunkAccess(int64_t dim, int64_t stride, std::initializer_list<const v
 GpuStatus EmbeddingLossGpu(const EmbeddingInputs& in, void* loss, double* coefficients,
                            void* stream) {
   if (in.rows == 0) return GpuStatus{};
-  const bool supported = VisitEmbeddingKernel(in.label_type, in.embedding_type, in.distance,
-                                              [&](auto l_tag, auto t_tag, auto k_tag) {
-    using L = typename decltype(l_tag)::type;
-    using T = typename decltype(t_tag)::type;
-    constexpr Distance K = decltype(k_tag)::value;
-    VisitChunkAccess<T>(in.dim, in.row_stride, {in.a, in.b}, [&](auto vector) {
-      EmbeddingLossKernel<K, decltype(vector)::value>
-          <<<RowBlocks(in.rows, kThreadsPerBlock, kMaxBlocks), kThreadsPerBlock, 0,
-             static_cast<cudaStream_t>(stream)>>>(
-              static_cast<const L*>(in.labels), static_cast<const T*>(in.a),
-              static_cast<const T*>(in.b), in.rows, in.dim, in.row_stride,
-              static_cast<ComputeType<T>>(in.margin), in.similar_label, static_cast<T*>(loss),
-              coefficients);
-    });
-  });
+  const bool supported = VisitEmbeddingKernel(
+      in.label_type, in.embedding_type, in.distance, [&](auto l_tag, auto t_tag, auto k_tag) {
+        using L = typename decltype(l_tag)::type;
+        using T = typename decltype(t_tag)::type;
+        constexpr Distance K = decltype(k_tag)::value;
+        VisitChunkAccess<T>(in.dim, in.row_stride, {in.a, in.b}, [&](auto vector) {
+          EmbeddingLossKernel<K, decltype(vector)::value>
+              <<<RowBlocks(in.rows, kThreadsPerBlock, kMaxBlocks), kThreadsPerBlock, 0,
+                 static_cast<cudaStream_t>(stream)>>>(
+                  static_cast<const L*>(in.labels), static_cast<const T*>(in.a),
+                  static_cast<const T*>(in.b), in.rows, in.dim, in.row_stride,
+                  static_cast<ComputeType<T>>(in.margin), in.similar_label, static_cast<T*>(loss),
+                  coefficients);
+        });
+      });
   if (!supported) return GpuStatus{"unsupported dtype pair or distance"};
   return LastError();
 }
@@ -315,8 +316,8 @@ GpuStatus EmbeddingGradGpu(const EmbeddingGradArgs& g, void* stream) {
         EmbeddingGradKernel<K, decltype(vector)::value>
             <<<RowBlocks(g.rows, kThreadsPerBlock, kMaxBlocks), kThreadsPerBlock, 0,
                static_cast<cudaStream_t>(stream)>>>(
-                static_cast<const T*>(g.a), static_cast<const T*>(g.b), g.rows, g.dim,
-                g.row_stride, g.coefficients, static_cast<const T*>(g.upstream), g.scalar_upstream,
+                static_cast<const T*>(g.a), static_cast<const T*>(g.b), g.rows, g.dim, g.row_stride,
+                g.coefficients, static_cast<const T*>(g.upstream), g.scalar_upstream,
                 static_cast<T*>(g.grad_a), static_cast<T*>(g.grad_b));
       });
     });
@@ -328,8 +329,7 @@ GpuStatus EmbeddingGradGpu(const EmbeddingGradArgs& g, void* stream) {
 int64_t EmbeddingLossReducedGpuWorkspace(int64_t) { return kReducedWorkspaceBytes; }
 
 // Runs for rows == 0 too: the loss (0) and the reduction scale are outputs.
-GpuStatus EmbeddingLossReducedGpu(const ReducedEmbeddingArgs& args, void* workspace,
-                                  void* stream) {
+GpuStatus EmbeddingLossReducedGpu(const ReducedEmbeddingArgs& args, void* workspace, void* stream) {
   const EmbeddingInputs& in = args.in;
   const int blocks = RowBlocks(in.rows, kReduceThreads, kMaxReduceBlocks);
   double* loss_sums = static_cast<double*>(workspace);
@@ -337,24 +337,24 @@ GpuStatus EmbeddingLossReducedGpu(const ReducedEmbeddingArgs& args, void* worksp
   const ReductionArgs& reduction = args.reduction;
   double* scale = reduction.reduction_scale;
   auto s = static_cast<cudaStream_t>(stream);
-  const bool supported = VisitEmbeddingKernel(in.label_type, in.embedding_type, in.distance,
-                                              [&](auto l_tag, auto t_tag, auto k_tag) {
-    using L = typename decltype(l_tag)::type;
-    using T = typename decltype(t_tag)::type;
-    constexpr Distance K = decltype(k_tag)::value;
-    const auto* w = static_cast<const T*>(reduction.weights);
-    LaunchReductionScale<T>(reduction, in.rows, weight_sums, s);
-    VisitChunkAccess<T>(in.dim, in.row_stride, {in.a, in.b, args.grad_a, args.grad_b},
-                        [&](auto vector) {
-      EmbeddingReducedKernel<K, decltype(vector)::value><<<blocks, kReduceThreads, 0, s>>>(
-          static_cast<const L*>(in.labels), static_cast<const T*>(in.a),
-          static_cast<const T*>(in.b), w, reduction.scalar_weight, in.rows, in.dim, in.row_stride,
-          static_cast<ComputeType<T>>(in.margin), in.similar_label, scale,
-          static_cast<T*>(args.grad_a), static_cast<T*>(args.grad_b), loss_sums);
-    });
-    FinishLossKernel<<<1, kReduceThreads, 0, s>>>(loss_sums, blocks, scale,
-                                                  static_cast<T*>(reduction.loss));
-  });
+  const bool supported = VisitEmbeddingKernel(
+      in.label_type, in.embedding_type, in.distance, [&](auto l_tag, auto t_tag, auto k_tag) {
+        using L = typename decltype(l_tag)::type;
+        using T = typename decltype(t_tag)::type;
+        constexpr Distance K = decltype(k_tag)::value;
+        const auto* w = static_cast<const T*>(reduction.weights);
+        LaunchReductionScale<T>(reduction, in.rows, weight_sums, s);
+        VisitChunkAccess<T>(
+            in.dim, in.row_stride, {in.a, in.b, args.grad_a, args.grad_b}, [&](auto vector) {
+              EmbeddingReducedKernel<K, decltype(vector)::value><<<blocks, kReduceThreads, 0, s>>>(
+                  static_cast<const L*>(in.labels), static_cast<const T*>(in.a),
+                  static_cast<const T*>(in.b), w, reduction.scalar_weight, in.rows, in.dim,
+                  in.row_stride, static_cast<ComputeType<T>>(in.margin), in.similar_label, scale,
+                  static_cast<T*>(args.grad_a), static_cast<T*>(args.grad_b), loss_sums);
+            });
+        FinishLossKernel<<<1, kReduceThreads, 0, s>>>(loss_sums, blocks, scale,
+                                                      static_cast<T*>(reduction.loss));
+      });
   if (!supported) return GpuStatus{"unsupported dtype pair or distance"};
   return LastError();
 }

@@ -80,7 +80,7 @@ bool EmbeddingGradCpu(const EmbeddingGradArgs& args, const ParallelFor& parallel
 struct ReducedEmbeddingArgs {
   EmbeddingInputs in;
   ReductionArgs reduction;  // weights and loss of embedding_type
-  void* grad_a;  // out: rows of dim values at in.row_stride, d(loss)/da
+  void* grad_a;             // out: rows of dim values at in.row_stride, d(loss)/da
   void* grad_b;
 };
 bool EmbeddingLossReducedCpu(const ReducedEmbeddingArgs& args, const ParallelFor& parallel_for);
@@ -104,8 +104,7 @@ GpuStatus EmbeddingLossGpu(const EmbeddingInputs& in, void* loss, double* coeffi
                            void* stream);
 GpuStatus EmbeddingGradGpu(const EmbeddingGradArgs& args, void* stream);
 int64_t EmbeddingLossReducedGpuWorkspace(int64_t rows);
-GpuStatus EmbeddingLossReducedGpu(const ReducedEmbeddingArgs& args, void* workspace,
-                                  void* stream);
+GpuStatus EmbeddingLossReducedGpu(const ReducedEmbeddingArgs& args, void* workspace, void* stream);
 
 }  // namespace fused_contrastive
 

@@ -162,9 +162,8 @@ FC_HOST_DEVICE inline void element_gradient(const C* coef, const C& a, const C& 
 // One row's loss and gradient coefficients (for g = d(loss)/d(d)) from its
 // values (NumRowValues: sums, and cosine's scales).
 template <Distance K, typename C>
-FC_HOST_DEVICE inline void row_loss_and_coefficients(const C* sums, const C& label,
-                                                     const C& margin, int similar_label, C* loss,
-                                                     C* coef) {
+FC_HOST_DEVICE inline void row_loss_and_coefficients(const C* sums, const C& label, const C& margin,
+                                                     int similar_label, C* loss, C* coef) {
   const C d = distance_from_sums<K>(sums);
   C g;
   contrastive_loss_and_grad(label, d, margin, similar_label, loss, &g);

@@ -14,9 +14,8 @@ absl::Status CheckDispatched(bool supported) {
 
 absl::Status ReadScalar(const Tensor& t, const char* what, double* value) {
   if (t.NumElements() != 1) {
-    return absl::InvalidArgumentError(absl::StrCat("contrastive loss: ", what,
-                                                   " must be a scalar, got shape ",
-                                                   t.shape().DebugString()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "contrastive loss: ", what, " must be a scalar, got shape ", t.shape().DebugString()));
   }
   *value = t.flat<double>()(0);
   return absl::OkStatus();

@@ -30,8 +30,8 @@ absl::Status PrepareReduction(tensorflow::OpKernelContext* ctx, Reduction kind,
   tensorflow::Tensor* loss = nullptr;
   tensorflow::Tensor* reduction_scale = nullptr;
   TF_RETURN_IF_ERROR(ctx->allocate_output(Io::kLoss, tensorflow::TensorShape({}), &loss));
-  TF_RETURN_IF_ERROR(ctx->allocate_output(Io::kReductionScale, tensorflow::TensorShape({}),
-                                          &reduction_scale));
+  TF_RETURN_IF_ERROR(
+      ctx->allocate_output(Io::kReductionScale, tensorflow::TensorShape({}), &reduction_scale));
   out->loss = loss->data();
   out->reduction_scale = reduction_scale->flat<double>().data();
   return absl::OkStatus();

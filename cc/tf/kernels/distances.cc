@@ -1,9 +1,9 @@
 // The OpKernels of the loss on distances: they validate, allocate and run the
 // core kernels (core/distances) on the op's device.
+#include "tf/distances.h"
 #include "core/distances/kernels.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tf/device.h"
-#include "tf/distances.h"
 #include "tf/kernels/common.h"
 
 namespace fused_contrastive {
@@ -21,9 +21,8 @@ absl::Status ReadLossInputs(OpKernelContext* ctx, int similar_label, LossInputs*
   const Tensor& labels = ctx->input(Io::kLabels);
   const Tensor& distances = ctx->input(Io::kDistances);
   TF_RETURN_IF_ERROR(CheckDistanceShapes(labels.shape(), distances.shape()));
-  TF_RETURN_IF_ERROR(
-      CheckDispatched(FromTf(labels.dtype(), &in->label_type) &&
-                      FromTf(distances.dtype(), &in->distance_type)));
+  TF_RETURN_IF_ERROR(CheckDispatched(FromTf(labels.dtype(), &in->label_type) &&
+                                     FromTf(distances.dtype(), &in->distance_type)));
   TF_RETURN_IF_ERROR(ReadScalar(ctx->input(Io::kMargin), "margin", &in->margin));
   TF_RETURN_IF_ERROR(CheckMargin(in->margin));
   in->labels = labels.data();
@@ -112,8 +111,8 @@ class ContrastiveLossOp : public OpKernel {
     // Reuse an input buffer for an output when nothing else holds it.
     Tensor* loss = nullptr;
     Tensor* grad = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({Io::kDistances}, Io::kLoss, shape,
-                                                              &loss));
+    OP_REQUIRES_OK(
+        ctx, ctx->forward_input_or_allocate_output({Io::kDistances}, Io::kLoss, shape, &loss));
     OP_REQUIRES_OK(ctx,
                    ctx->forward_input_or_allocate_output({Io::kLabels}, Io::kGrad, shape, &grad));
     OP_REQUIRES_OK(ctx, Launch<Device>::Loss(ctx, in, loss->data(), grad->data()));

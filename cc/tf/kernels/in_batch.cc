@@ -1,10 +1,10 @@
 // The OpKernels of the in-batch all-pairs loss: they validate, allocate and
 // run the core kernels (core/in_batch) on the op's device; on GPU with
 // TensorFlow's cuBLAS as their GEMM.
+#include "tf/in_batch.h"
 #include "core/in_batch/kernels.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tf/device.h"
-#include "tf/in_batch.h"
 #include "tf/kernels/common.h"
 
 namespace fused_contrastive {
@@ -65,8 +65,8 @@ class InBatchOpBase : public OpKernel {
     const Tensor& labels = ctx->input(Io::kLabels);
     const Tensor& embeddings = ctx->input(Io::kEmbeddings);
     TF_RETURN_IF_ERROR(CheckInBatchShapes(labels.shape(), embeddings.shape()));
-    TF_RETURN_IF_ERROR(CheckDispatched(FromTf(embeddings.dtype(), &args->type) &&
-                                       IsInBatchDType(args->type)));
+    TF_RETURN_IF_ERROR(
+        CheckDispatched(FromTf(embeddings.dtype(), &args->type) && IsInBatchDType(args->type)));
     TF_RETURN_IF_ERROR(ReadScalar(ctx->input(Io::kMargin), "margin", &args->margin));
     TF_RETURN_IF_ERROR(CheckMargin(args->margin));
     TF_RETURN_IF_ERROR(

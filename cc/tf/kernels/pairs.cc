@@ -1,10 +1,10 @@
 // The OpKernels of the loss from pair embeddings: they validate, allocate and
 // run the core kernels (core/pairs) on the op's device.
+#include "tf/pairs.h"
 #include "core/pairs/kernels.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tf/device.h"
 #include "tf/kernels/common.h"
-#include "tf/pairs.h"
 
 namespace fused_contrastive {
 namespace {
@@ -101,8 +101,8 @@ class EmbeddingLossOp : public OpKernel {
     Tensor* coefficients = nullptr;
     OP_REQUIRES_OK(ctx, ctx->allocate_output(Io::kLoss, rows, &loss));
     OP_REQUIRES_OK(ctx, ctx->allocate_output(Io::kCoefficients, coefficient_shape, &coefficients));
-    OP_REQUIRES_OK(ctx, Launch<Device>::Loss(ctx, in, loss->data(),
-                                             coefficients->flat<double>().data()));
+    OP_REQUIRES_OK(
+        ctx, Launch<Device>::Loss(ctx, in, loss->data(), coefficients->flat<double>().data()));
   }
 
  private:
@@ -130,10 +130,10 @@ class EmbeddingGradOp : public OpKernel {
     OP_REQUIRES_OK(ctx, CheckDispatched(FromTf(a.dtype(), &args.type)));
     Tensor* grad_a = nullptr;
     Tensor* grad_b = nullptr;
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({Io::kA}, Io::kGradA, a.shape(),
-                                                              &grad_a));
-    OP_REQUIRES_OK(ctx, ctx->forward_input_or_allocate_output({Io::kB}, Io::kGradB, b.shape(),
-                                                              &grad_b));
+    OP_REQUIRES_OK(ctx,
+                   ctx->forward_input_or_allocate_output({Io::kA}, Io::kGradA, a.shape(), &grad_a));
+    OP_REQUIRES_OK(ctx,
+                   ctx->forward_input_or_allocate_output({Io::kB}, Io::kGradB, b.shape(), &grad_b));
     args.a = a.data();
     args.b = b.data();
     args.rows = rows.num_elements();

@@ -5,9 +5,9 @@
 //                           per-sample gradient with weight and divisor applied
 //   ScaleGradient           backward of the reduced ops: gradient * upstream
 //                           scalar, a no-op when the upstream gradient is 1
+#include "tf/distances.h"
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/shape_inference.h"
-#include "tf/distances.h"
 #include "tf/ops/common.h"
 
 namespace fused_contrastive {

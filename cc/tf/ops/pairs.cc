@@ -34,8 +34,7 @@ absl::Status EmbeddingShapes(InferenceContext* c, ShapeHandle* embeddings, Shape
   } else {
     const ShapeHandle a = c->input(Io::kA);
     const ShapeHandle b = c->input(Io::kB);
-    mismatch = EmbeddingShapeMismatch(c->DebugString(labels), c->DebugString(a),
-                                      c->DebugString(b));
+    mismatch = EmbeddingShapeMismatch(c->DebugString(labels), c->DebugString(a), c->DebugString(b));
     if (!c->Merge(a, b, embeddings).ok()) return mismatch;
   }
   // The axes after the rows: [D], or the pair's [2, D].

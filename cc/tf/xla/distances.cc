@@ -2,9 +2,9 @@
 // and Keras' jit_compile the ops become HLO that XLA fuses with their
 // neighbours, the formula of core/common/formula.h itself on XlaOps, on every
 // backend.
+#include "tf/distances.h"
 #include "core/common/formula.h"
 #include "tensorflow/compiler/tf2xla/xla_op_kernel.h"
-#include "tf/distances.h"
 #include "tf/xla/hlo.h"
 
 namespace fused_contrastive {
@@ -53,8 +53,7 @@ class ContrastiveLossXlaOp : public tensorflow::XlaOpKernel {
 // The reduced op, with its sums in float64 (blocked, as on CPU and GPU).
 class ContrastiveLossReducedXlaOp : public tensorflow::XlaOpKernel {
  public:
-  explicit ContrastiveLossReducedXlaOp(tensorflow::OpKernelConstruction* ctx)
-      : XlaOpKernel(ctx) {
+  explicit ContrastiveLossReducedXlaOp(tensorflow::OpKernelConstruction* ctx) : XlaOpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ReadReduction(ctx, &reduction_));
     OP_REQUIRES_OK(ctx, ReadSimilarLabel(ctx, &similar_label_));
   }
@@ -97,11 +96,10 @@ class ScaleGradientXlaOp : public tensorflow::XlaOpKernel {
 
 }  // namespace
 
-constexpr XlaKernels kContrastiveLossXla = {
-    {"ContrastiveLossXlaOp", Create<ContrastiveLossXlaOp>}, {}};
+constexpr XlaKernels kContrastiveLossXla = {{"ContrastiveLossXlaOp", Create<ContrastiveLossXlaOp>},
+                                            {}};
 constexpr XlaKernels kContrastiveLossReducedXla = {
     {"ContrastiveLossReducedXlaOp", Create<ContrastiveLossReducedXlaOp>}, {}};
-constexpr XlaKernels kScaleGradientXla = {{"ScaleGradientXlaOp", Create<ScaleGradientXlaOp>},
-                                          {}};
+constexpr XlaKernels kScaleGradientXla = {{"ScaleGradientXlaOp", Create<ScaleGradientXlaOp>}, {}};
 
 }  // namespace fused_contrastive

@@ -1,9 +1,12 @@
 // What every family's HLO lowering shares (xla/hlo.h).
 #include "tf/xla/hlo.h"
 
+#include <cstdlib>
 #include <initializer_list>
 #include <limits>
+#include <string>
 
+#include "absl/strings/str_cat.h"
 #include "core/common/formula.h"
 #include "core/in_batch/math.h"
 #include "core/pairs/math.h"
@@ -174,8 +177,8 @@ xla::XlaOp CosineRowExponents(xla::XlaOp max_abs, xla::PrimitiveType type) {
 }
 
 // In two steps of half of e_i each, so that each factor is a normal number.
-xla::XlaOp ScaleRowsByPowerOfTwo(xla::XlaOp x, xla::XlaOp e, xla::PrimitiveType type,
-                                 int64_t rows, int64_t dim) {
+xla::XlaOp ScaleRowsByPowerOfTwo(xla::XlaOp x, xla::XlaOp e, xla::PrimitiveType type, int64_t rows,
+                                 int64_t dim) {
   const xla::XlaOp half = xla::Div(e, xla::ScalarLike(e, 2));
   for (const xla::XlaOp& step : {half, e - half}) {
     x = x * xla::BroadcastInDim(PowerOfTwo(step, type), {rows, dim}, {0});
@@ -207,8 +210,8 @@ xla::XlaOp SetRowBlock(xla::XlaOp x, xla::XlaOp block_values, xla::XlaOp start) 
 xla::XlaOp RowSums(xla::XlaOp x) {
   xla::XlaBuilder* builder = x.builder();
   const xla::PrimitiveType type = builder->GetShape(x).value().element_type();
-  return xla::Reduce(x, xla::Zero(builder, type),
-                     xla::CreateScalarAddComputation(type, builder), {1});
+  return xla::Reduce(x, xla::Zero(builder, type), xla::CreateScalarAddComputation(type, builder),
+                     {1});
 }
 
 xla::XlaOp MeanRow(xla::XlaOp x, int64_t rows) {
@@ -231,6 +234,38 @@ xla::XlaOp PreciseDot(xla::XlaOp a, xla::XlaOp b, int64_t a_contract, int64_t b_
   precision.add_operand_precision(xla::PrecisionConfig::HIGHEST);
   precision.add_operand_precision(xla::PrecisionConfig::HIGHEST);
   return xla::DotGeneral(a, b, dims, &precision);
+}
+
+namespace {
+
+// Read once, when the library loads.
+const bool kHloOnCpu = [] {
+  const char* value = std::getenv("FUSED_CONTRASTIVE_XLA_CPU_HLO");
+  return value != nullptr && std::string(value) == "1";
+}();
+
+}  // namespace
+
+bool HloOnCpu() { return kHloOnCpu; }
+
+std::vector<xla::XlaOp> HostCall(tensorflow::XlaOpKernelContext* ctx, const char* target,
+                                 const std::vector<xla::XlaOp>& operands,
+                                 const std::vector<xla::Shape>& shapes,
+                                 const std::vector<std::pair<const char*, int>>& attrs) {
+  std::string dictionary;
+  for (const auto& [name, value] : attrs) {
+    absl::StrAppend(&dictionary, dictionary.empty() ? "{" : ", ", name, " = ", value, " : i32");
+  }
+  absl::StrAppend(&dictionary, "}");
+  const xla::XlaOp call = xla::CustomCall(
+      ctx->builder(), target, operands, xla::ShapeUtil::MakeTupleShape(shapes), dictionary,
+      /*has_side_effect=*/false, /*output_operand_aliasing=*/{}, /*literal=*/nullptr,
+      xla::CustomCallSchedule::SCHEDULE_NONE, xla::CustomCallApiVersion::API_VERSION_TYPED_FFI);
+  std::vector<xla::XlaOp> results;
+  for (int i = 0; i < static_cast<int>(shapes.size()); ++i) {
+    results.push_back(xla::GetTupleElement(call, i));
+  }
+  return results;
 }
 
 }  // namespace fused_contrastive

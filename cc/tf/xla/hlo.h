@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -129,8 +130,7 @@ BranchOf(const char*, std::vector<xla::XlaOp>, xla::PrimitiveType, F) -> BranchO
 // else `otherwise`; the result in `type`.
 template <typename When, typename Otherwise>
 absl::StatusOr<xla::XlaOp> Choose(xla::XlaOp pred, const BranchOf<When>& when,
-                                  const BranchOf<Otherwise>& otherwise,
-                                  xla::PrimitiveType type) {
+                                  const BranchOf<Otherwise>& otherwise, xla::PrimitiveType type) {
   xla::XlaBuilder* builder = pred.builder();
   TF_ASSIGN_OR_RETURN(const xla::XlaComputation when_branch,
                       Branch(builder, when.name, when.operands, when.compute, type, when.f));
@@ -155,8 +155,8 @@ xla::XlaOp CosineRowExponents(xla::XlaOp max_abs, xla::PrimitiveType type);
 
 // x [rows, D] with row i multiplied by 2^e_i (e [rows], S32), exactly (as
 // ldexp) for |e_i| up to twice the exponent range.
-xla::XlaOp ScaleRowsByPowerOfTwo(xla::XlaOp x, xla::XlaOp e, xla::PrimitiveType type,
-                                 int64_t rows, int64_t dim);
+xla::XlaOp ScaleRowsByPowerOfTwo(xla::XlaOp x, xla::XlaOp e, xla::PrimitiveType type, int64_t rows,
+                                 int64_t dim);
 
 // --- Blocks of rows --------------------------------------------------------------
 
@@ -199,6 +199,20 @@ xla::XlaOp LessRow(xla::XlaOp x, xla::XlaOp centre);
 // Products at full precision: XLA's GPU backend may otherwise take float32
 // dots in TF32, whose rounding the Euclidean Gram formula would magnify.
 xla::XlaOp PreciseDot(xla::XlaOp a, xla::XlaOp b, int64_t a_contract, int64_t b_contract);
+
+// --- Host calls (XLA's CPU backend; handlers in xla/host_calls.h) --------------
+
+// FUSED_CONTRASTIVE_XLA_CPU_HLO=1 keeps the HLO lowering on the CPU backend
+// too, so that the GPU backend's lowering is tested where there is no GPU
+// (the XLA tests rerun so in a subprocess).
+bool HloOnCpu();
+
+// A typed-FFI custom call of `target`; returns its results, of `shapes`.
+// attrs become the MLIR dictionary XLA decodes for the handler's Attr<int32_t>.
+std::vector<xla::XlaOp> HostCall(tensorflow::XlaOpKernelContext* ctx, const char* target,
+                                 const std::vector<xla::XlaOp>& operands,
+                                 const std::vector<xla::Shape>& shapes,
+                                 const std::vector<std::pair<const char*, int>>& attrs);
 
 }  // namespace fused_contrastive
 

@@ -9,52 +9,17 @@
 #include <algorithm>
 #include <atomic>
 #include <condition_variable>
-#include <cstdlib>
 #include <functional>
 #include <limits>
 #include <memory>
 #include <mutex>
-#include <string>
 
-#include "absl/strings/str_cat.h"
 #include "core/common/numeric_types.h"
 #include "tensorflow/compiler/tf2xla/type_util.h"
 #include "tf/names.h"
 #include "unsupported/Eigen/CXX11/Tensor"
 
 namespace fused_contrastive {
-
-namespace {
-
-// Read once, when the library loads.
-const bool kHloOnCpu = [] {
-  const char* value = std::getenv("FUSED_CONTRASTIVE_XLA_CPU_HLO");
-  return value != nullptr && std::string(value) == "1";
-}();
-
-}  // namespace
-
-bool HloOnCpu() { return kHloOnCpu; }
-
-std::vector<xla::XlaOp> HostCall(tensorflow::XlaOpKernelContext* ctx, const char* target,
-                                 const std::vector<xla::XlaOp>& operands,
-                                 const std::vector<xla::Shape>& shapes,
-                                 const std::vector<std::pair<const char*, int>>& attrs) {
-  std::string dictionary;
-  for (const auto& [name, value] : attrs) {
-    absl::StrAppend(&dictionary, dictionary.empty() ? "{" : ", ", name, " = ", value, " : i32");
-  }
-  absl::StrAppend(&dictionary, "}");
-  const xla::XlaOp call = xla::CustomCall(
-      ctx->builder(), target, operands, xla::ShapeUtil::MakeTupleShape(shapes), dictionary,
-      /*has_side_effect=*/false, /*output_operand_aliasing=*/{}, /*literal=*/nullptr,
-      xla::CustomCallSchedule::SCHEDULE_NONE, xla::CustomCallApiVersion::API_VERSION_TYPED_FFI);
-  std::vector<xla::XlaOp> results;
-  for (int i = 0; i < static_cast<int>(shapes.size()); ++i) {
-    results.push_back(xla::GetTupleElement(call, i));
-  }
-  return results;
-}
 
 bool FromFfi(ffi::DataType type, DType* out) {
   const absl::StatusOr<tensorflow::DataType> tf_type =

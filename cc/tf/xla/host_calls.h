@@ -1,38 +1,20 @@
 // What the host calls of every family share. On XLA's CPU backend the
 // embedding and in-batch ops are typed-FFI custom calls of the fused CPU
-// kernels rather than HLO: the lowerings emit them (HostCall), and the
-// handlers run the kernels on the pool XLA lends them (RunHostKernel).
+// kernels rather than HLO: the lowerings emit them (HostCall in xla/hlo.h),
+// and the handlers here run the kernels on the pool XLA lends them
+// (RunHostKernel). Handlers see only XLA's FFI API, never the tf2xla
+// compiler headers, which take about 40 s to compile per file.
 #ifndef FUSED_CONTRASTIVE_TF_XLA_HOST_CALLS_H_
 #define FUSED_CONTRASTIVE_TF_XLA_HOST_CALLS_H_
 
 #include <cstdint>
-#include <utility>
-#include <vector>
 
 #include "core/common/dtypes.h"
 #include "core/common/parallel.h"
 #include "core/common/reduction.h"
-#include "tensorflow/compiler/tf2xla/xla_op_kernel.h"
 #include "xla/ffi/api/ffi.h"
-#include "xla/hlo/builder/xla_builder.h"
 
 namespace fused_contrastive {
-
-// --- Lowering side ---------------------------------------------------------------
-
-// FUSED_CONTRASTIVE_XLA_CPU_HLO=1 keeps the HLO lowering on the CPU backend
-// too, so that the GPU backend's lowering is tested where there is no GPU
-// (the XLA tests rerun so in a subprocess).
-bool HloOnCpu();
-
-// A typed-FFI custom call of `target`; returns its results, of `shapes`.
-// attrs become the MLIR dictionary XLA decodes for the handler's Attr<int32_t>.
-std::vector<xla::XlaOp> HostCall(tensorflow::XlaOpKernelContext* ctx, const char* target,
-                                 const std::vector<xla::XlaOp>& operands,
-                                 const std::vector<xla::Shape>& shapes,
-                                 const std::vector<std::pair<const char*, int>>& attrs);
-
-// --- Handler side ------------------------------------------------------------------
 
 namespace ffi = ::xla::ffi;
 

@@ -36,7 +36,6 @@
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tf/in_batch.h"
 #include "tf/xla/hlo.h"
-#include "tf/xla/host_calls.h"
 #include "xla/hlo/builder/lib/arithmetic.h"
 
 namespace fused_contrastive {
@@ -158,19 +157,35 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
   // Cosine rows of extreme scale divided by 2^k (cosine_row_exponent), as the
   // kernels divide them, and their gradient rows too (below).
   const xla::XlaOp exponents =
-      K == Distance::kCosine ? CosineRowExponents(RowMaxAbs(in.e, in.type), in.type)
-                             : xla::XlaOp();
+      K == Distance::kCosine ? CosineRowExponents(RowMaxAbs(in.e, in.type), in.type) : xla::XlaOp();
   const xla::XlaOp e = K == Distance::kEuclidean
                            ? LessRow(in.e, centre)
                            : ScaleRowsByPowerOfTwo(in.e, -exponents, in.type, in.rows, in.dim);
   const xla::XlaOp norm2 = RowSums(e * e);
   // The loop's values: inputs first, then what it writes, then the
   // gradient's inputs and output.
-  enum { kE, kLabels, kStat, kPositiveWeight, kNegativeWeight, kMargin, kPositiveMargin, kLoss,
-         kPositiveCoefficient, kNegativeCoefficient, kGrad };
+  enum {
+    kE,
+    kLabels,
+    kStat,
+    kPositiveWeight,
+    kNegativeWeight,
+    kMargin,
+    kPositiveMargin,
+    kLoss,
+    kPositiveCoefficient,
+    kNegativeCoefficient,
+    kGrad
+  };
   std::vector<xla::XlaOp> values = {
-      e, in.labels, row_statistic<K>(norm2), positive_weight, negative_weight, in.margin,
-      in.positive_margin, xla::Zeros(builder, xla::ShapeUtil::MakeShape(in.type, {in.rows}))};
+      e,
+      in.labels,
+      row_statistic<K>(norm2),
+      positive_weight,
+      negative_weight,
+      in.margin,
+      in.positive_margin,
+      xla::Zeros(builder, xla::ShapeUtil::MakeShape(in.type, {in.rows}))};
   if (with_grad) {
     const xla::XlaOp g = xla::ConvertElementType(*upstream, xla::F64);
     values.push_back(xla::ConvertElementType(positive_weight * g, in.type));
@@ -204,9 +219,9 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
     xla::XlaOp wide;
     if (can_widen) {
       const xla::XlaOp sums = stat_i + stat_j;
-      const xla::XlaOp cancels = xla::Le(euclidean_squared(s, stat_i, stat_j),
-                                         xla::ScalarLike(sums, GramCancellation<float>::value) *
-                                             sums);
+      const xla::XlaOp cancels =
+          xla::Le(euclidean_squared(s, stat_i, stat_j),
+                  xla::ScalarLike(sums, GramCancellation<float>::value) * sums);
       wide = xla::Any(xla::And(other, cancels));
       const auto gram_distances = [&](const std::vector<xla::XlaOp>& x) {
         const xla::XlaOp rows_i = LessRow(x[0], x[2]);
@@ -217,10 +232,11 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
       };
       const auto as_is = [](const std::vector<xla::XlaOp>& x) { return x[0]; };
       TF_ASSIGN_OR_RETURN(
-          d, Choose(wide,
-                    BranchOf{"in_float64", {block_of(raw), v[raw], v[raw + 1]}, xla::F64,
-                             gram_distances},
-                    BranchOf{"as_is", {d}, in.type, as_is}, in.type));
+          d,
+          Choose(
+              wide,
+              BranchOf{"in_float64", {block_of(raw), v[raw], v[raw + 1]}, xla::F64, gram_distances},
+              BranchOf{"as_is", {d}, in.type, as_is}, in.type));
     }
     xla::XlaOp positive_t, positive_slope, negative_t, negative_slope;
     positive_term(d, v[kPositiveMargin], &positive_t, &positive_slope);
@@ -249,12 +265,13 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
     const std::vector<xla::XlaOp> narrow = {m, s, stat_block, e_block, v[kE]};
     xla::XlaOp grad_block = xla::XlaOp();
     if (can_widen) {
-      TF_ASSIGN_OR_RETURN(
-          grad_block,
-          Choose(wide,
-                 BranchOf{"in_float64", {m, s, stat_block, block_of(raw), v[raw], v[raw + 1]},
-                          xla::F64, gradient},
-                 BranchOf{"as_is", narrow, in.type, gradient}, in.type));
+      TF_ASSIGN_OR_RETURN(grad_block,
+                          Choose(wide,
+                                 BranchOf{"in_float64",
+                                          {m, s, stat_block, block_of(raw), v[raw], v[raw + 1]},
+                                          xla::F64,
+                                          gradient},
+                                 BranchOf{"as_is", narrow, in.type, gradient}, in.type));
     } else {
       grad_block = gradient(narrow);
     }
@@ -287,9 +304,8 @@ class InBatchXlaOpBase : public tensorflow::XlaOpKernel {
   template <typename F>
   void Dispatch(tensorflow::XlaOpKernelContext* ctx, F&& f) {
     DType type;
-    const bool supported =
-        FromTf(ctx->input_type(InBatchLossIo::kEmbeddings), &type) &&
-        VisitInBatchKernel(type, attrs_.distance, [&](auto, auto k) { f(k); });
+    const bool supported = FromTf(ctx->input_type(InBatchLossIo::kEmbeddings), &type) &&
+                           VisitInBatchKernel(type, attrs_.distance, [&](auto, auto k) { f(k); });
     OP_REQUIRES(ctx, supported,
                 absl::InternalError("in-batch contrastive loss: unsupported dtype or distance"));
   }
@@ -301,8 +317,7 @@ class InBatchXlaOpBase : public tensorflow::XlaOpKernel {
     in->labels = ctx->Input(Io::kLabels);
     in->e = ctx->Input(Io::kEmbeddings);
     TF_RETURN_IF_ERROR(ReadMargin(ctx, Io::kMargin, in->type, &in->margin));
-    return ReadMargin(ctx, Io::kPositiveMargin, in->type, &in->positive_margin,
-                      "positive_margin");
+    return ReadMargin(ctx, Io::kPositiveMargin, in->type, &in->positive_margin, "positive_margin");
   }
 
   // For the host lowerings below: the checks of ReadInputs, the call's
@@ -320,8 +335,7 @@ class InBatchXlaOpBase : public tensorflow::XlaOpKernel {
     TF_RETURN_IF_ERROR(InBatchShapes<Io>(ctx, attrs_.max_block_rows, in));
     bool constant;
     TF_RETURN_IF_ERROR(CheckConstantMargin(ctx, Io::kMargin, &constant));
-    TF_RETURN_IF_ERROR(
-        CheckConstantMargin(ctx, Io::kPositiveMargin, &constant, "positive_margin"));
+    TF_RETURN_IF_ERROR(CheckConstantMargin(ctx, Io::kPositiveMargin, &constant, "positive_margin"));
     operands->clear();
     for (int i = 0; i < ctx->num_inputs(); ++i) operands->push_back(ctx->Input(i));
     *attrs = {{"distance", static_cast<int>(attrs_.distance)},
@@ -343,8 +357,8 @@ class InBatchLossXlaOp : public InBatchXlaOpBase {
       InBatchInputs in;
       OP_REQUIRES_OK(ctx, ReadInputs<Io>(ctx, &in));
       xla::XlaOp loss;
-      OP_REQUIRES_OK(ctx, InBatchSweep<decltype(k)::value>(in, attrs_.weighting, nullptr, &loss,
-                                                           nullptr));
+      OP_REQUIRES_OK(
+          ctx, InBatchSweep<decltype(k)::value>(in, attrs_.weighting, nullptr, &loss, nullptr));
       ctx->SetOutput(Io::kLoss, loss);
     });
   }
@@ -359,12 +373,12 @@ class InBatchGradXlaOp : public InBatchXlaOpBase {
     Dispatch(ctx, [&](auto k) {
       InBatchInputs in;
       OP_REQUIRES_OK(ctx, ReadInputs<Io>(ctx, &in));
-      OP_REQUIRES_OK(ctx, CheckInBatchUpstream(ctx->InputShape(Io::kLabels),
-                                               ctx->InputShape(Io::kUpstream)));
+      OP_REQUIRES_OK(
+          ctx, CheckInBatchUpstream(ctx->InputShape(Io::kLabels), ctx->InputShape(Io::kUpstream)));
       const xla::XlaOp upstream = ctx->Input(Io::kUpstream);
       xla::XlaOp loss, grad;
-      OP_REQUIRES_OK(ctx, InBatchSweep<decltype(k)::value>(in, attrs_.weighting, &upstream,
-                                                           &loss, &grad));
+      OP_REQUIRES_OK(
+          ctx, InBatchSweep<decltype(k)::value>(in, attrs_.weighting, &upstream, &loss, &grad));
       ctx->SetOutput(Io::kGrad, grad);
     });
   }
@@ -375,8 +389,7 @@ class InBatchGradXlaOp : public InBatchXlaOpBase {
 // the reduced embedding op reduces its rows.
 class InBatchLossReducedXlaOp : public InBatchXlaOpBase {
  public:
-  explicit InBatchLossReducedXlaOp(tensorflow::OpKernelConstruction* ctx)
-      : InBatchXlaOpBase(ctx) {
+  explicit InBatchLossReducedXlaOp(tensorflow::OpKernelConstruction* ctx) : InBatchXlaOpBase(ctx) {
     OP_REQUIRES_OK(ctx, ReadReduction(ctx, &reduction_));
   }
 
@@ -386,20 +399,19 @@ class InBatchLossReducedXlaOp : public InBatchXlaOpBase {
       InBatchInputs in;
       OP_REQUIRES_OK(ctx, ReadInputs<Io>(ctx, &in));
       const TensorShape weight_shape = ctx->InputShape(Io::kWeights);
-      OP_REQUIRES_OK(ctx,
-                     CheckPerRow("sample_weight", weight_shape, ctx->InputShape(Io::kLabels)));
+      OP_REQUIRES_OK(ctx, CheckPerRow("sample_weight", weight_shape, ctx->InputShape(Io::kLabels)));
       const bool scalar_weight = weight_shape.dims() == 0;
       const xla::XlaOp w = ctx->Input(Io::kWeights);
       const xla::XlaOp scale =
           ReductionScale(ctx, reduction_, w, scalar_weight, in.rows, Io::kLossScale);
-      xla::XlaOp upstream = xla::ConvertElementType(xla::ConvertElementType(w, xla::F64) * scale,
-                                                    in.type);
+      xla::XlaOp upstream =
+          xla::ConvertElementType(xla::ConvertElementType(w, xla::F64) * scale, in.type);
       if (scalar_weight) upstream = xla::Broadcast(upstream, {in.rows});
       xla::XlaOp loss, grad;
-      OP_REQUIRES_OK(ctx, InBatchSweep<decltype(k)::value>(in, attrs_.weighting, &upstream,
-                                                           &loss, &grad));
-      ctx->SetOutput(Io::kLoss, ReducedLoss(BlockedSum(loss * w, in.rows, in.type), scale,
-                                            in.type, in.type));
+      OP_REQUIRES_OK(
+          ctx, InBatchSweep<decltype(k)::value>(in, attrs_.weighting, &upstream, &loss, &grad));
+      ctx->SetOutput(Io::kLoss,
+                     ReducedLoss(BlockedSum(loss * w, in.rows, in.type), scale, in.type, in.type));
       ctx->SetOutput(Io::kGrad, grad);
       ctx->SetOutput(Io::kReductionScale, scale);
     });
@@ -439,8 +451,8 @@ class InBatchGradHostXlaOp : public InBatchGradXlaOp {
     InBatchInputs in;
     std::vector<xla::XlaOp> operands;
     std::vector<std::pair<const char*, int>> attrs;
-    OP_REQUIRES_OK(ctx, CheckInBatchUpstream(ctx->InputShape(Io::kLabels),
-                                             ctx->InputShape(Io::kUpstream)));
+    OP_REQUIRES_OK(
+        ctx, CheckInBatchUpstream(ctx->InputShape(Io::kLabels), ctx->InputShape(Io::kUpstream)));
     OP_REQUIRES_OK(ctx, HostOperands<Io>(ctx, &in, &operands, &attrs));
     ctx->SetOutput(Io::kGrad, HostCall(ctx, kInBatchGradTarget, operands,
                                        {xla::ShapeUtil::MakeShape(in.type, {in.rows, in.dim})},
@@ -462,12 +474,12 @@ class InBatchLossReducedHostXlaOp : public InBatchLossReducedXlaOp {
                                     ctx->InputShape(Io::kLabels)));
     OP_REQUIRES_OK(ctx, HostOperands<Io>(ctx, &in, &operands, &attrs));
     attrs.emplace_back("reduction", static_cast<int>(reduction_));
-    const std::vector<xla::XlaOp> out = HostCall(
-        ctx, kInBatchReducedTarget, operands,
-        {xla::ShapeUtil::MakeShape(in.type, {}),
-         xla::ShapeUtil::MakeShape(in.type, {in.rows, in.dim}),
-         xla::ShapeUtil::MakeShape(xla::F64, {})},
-        attrs);
+    const std::vector<xla::XlaOp> out =
+        HostCall(ctx, kInBatchReducedTarget, operands,
+                 {xla::ShapeUtil::MakeShape(in.type, {}),
+                  xla::ShapeUtil::MakeShape(in.type, {in.rows, in.dim}),
+                  xla::ShapeUtil::MakeShape(xla::F64, {})},
+                 attrs);
     for (int i : {Io::kLoss, Io::kGrad, Io::kReductionScale}) ctx->SetOutput(i, out[i]);
   }
 };

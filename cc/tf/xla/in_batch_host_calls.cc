@@ -58,8 +58,7 @@ ffi::Error InBatchLossHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
 
 ffi::Error InBatchGradHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
                            ffi::AnyBuffer embeddings, ffi::AnyBuffer upstream,
-                           ffi::BufferR0<ffi::F64> margin,
-                           ffi::BufferR0<ffi::F64> positive_margin,
+                           ffi::BufferR0<ffi::F64> margin, ffi::BufferR0<ffi::F64> positive_margin,
                            ffi::Result<ffi::AnyBuffer> grad, int32_t distance,
                            int32_t pair_weighting, int32_t max_block_rows) {
   InBatchArgs args;
@@ -74,21 +73,16 @@ ffi::Error InBatchGradHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
   return error;
 }
 
-ffi::Error InBatchLossReducedHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
-                                  ffi::AnyBuffer embeddings, ffi::AnyBuffer weights,
-                                  ffi::BufferR0<ffi::F64> margin,
-                                  ffi::BufferR0<ffi::F64> positive_margin,
-                                  ffi::BufferR0<ffi::F64> loss_scale,
-                                  ffi::Result<ffi::AnyBuffer> loss,
-                                  ffi::Result<ffi::AnyBuffer> grad,
-                                  ffi::Result<ffi::AnyBuffer> reduction_scale, int32_t distance,
-                                  int32_t pair_weighting, int32_t max_block_rows,
-                                  int32_t reduction) {
+ffi::Error InBatchLossReducedHost(
+    ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels, ffi::AnyBuffer embeddings,
+    ffi::AnyBuffer weights, ffi::BufferR0<ffi::F64> margin, ffi::BufferR0<ffi::F64> positive_margin,
+    ffi::BufferR0<ffi::F64> loss_scale, ffi::Result<ffi::AnyBuffer> loss,
+    ffi::Result<ffi::AnyBuffer> grad, ffi::Result<ffi::AnyBuffer> reduction_scale, int32_t distance,
+    int32_t pair_weighting, int32_t max_block_rows, int32_t reduction) {
   InBatchReducedArgs args;
   bool margins_valid;
   const bool read = ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance,
-                                          pair_weighting, max_block_rows, &args.in,
-                                          &margins_valid);
+                                          pair_weighting, max_block_rows, &args.in, &margins_valid);
   args.reduction = HostReduction(weights, loss_scale, loss, reduction_scale, reduction);
   args.grad = grad->untyped_data();
   ffi::Error error = RunHostKernel(
@@ -145,8 +139,7 @@ XLA_FFI_DEFINE_HANDLER(kInBatchReducedHandler, InBatchLossReducedHost,
 
 XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kInBatchTarget, "Host", kInBatchHandler);
 XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kInBatchGradTarget, "Host", kInBatchGradHandler);
-XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kInBatchReducedTarget, "Host",
-                         kInBatchReducedHandler);
+XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kInBatchReducedTarget, "Host", kInBatchReducedHandler);
 
 }  // namespace
 }  // namespace fused_contrastive

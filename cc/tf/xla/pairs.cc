@@ -12,7 +12,6 @@
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tf/pairs.h"
 #include "tf/xla/hlo.h"
-#include "tf/xla/host_calls.h"
 #include "xla/hlo/builder/lib/arithmetic.h"
 
 namespace fused_contrastive {
@@ -89,8 +88,7 @@ struct EmbeddingComputeInputs {
 };
 
 template <typename Io>
-absl::Status ReadEmbeddingInputs(tensorflow::XlaOpKernelContext* ctx,
-                                 EmbeddingComputeInputs* in) {
+absl::Status ReadEmbeddingInputs(tensorflow::XlaOpKernelContext* ctx, EmbeddingComputeInputs* in) {
   TF_RETURN_IF_ERROR(CheckLossShapes<Io>(ctx));
   in->e = ReadEmbeddingRows(ctx, Io::kEmbeddings, Io::kStacked);
   TF_RETURN_IF_ERROR(
@@ -287,8 +285,7 @@ class EmbeddingGradXlaOp : public tensorflow::XlaOpKernel {
     for (int j = 0; j < kCoefficients; ++j) {
       const xla::XlaOp column = xla::Reshape(xla::SliceInDim(all, j, j + 1, 1, 1), {e.rows});
       // Only the coefficients scale with the upstream gradient, not cosine's scales.
-      coef[j] = xla::ConvertElementType(j < NumRowSums(K) ? column * upstream : column,
-                                        e.compute);
+      coef[j] = xla::ConvertElementType(j < NumRowSums(K) ? column * upstream : column, e.compute);
     }
     SetEmbeddingGradients<K>(ctx, e, coef, Io::kGradA);
   }
@@ -327,8 +324,8 @@ class EmbeddingLossReducedXlaOp : public tensorflow::XlaOpKernel {
         ReductionScale(ctx, reduction_, w, scalar_weight, e.rows, Io::kLossScale);
     xla::XlaOp loss, coef[kMaxRowValues];
     OP_REQUIRES_OK(ctx, RowLossAndCoefficients<K>(in, similar_label_, &loss, coef));
-    ctx->SetOutput(Io::kLoss, ReducedLoss(BlockedSum(loss * w, e.rows, e.compute), scale,
-                                          e.compute, e.out_type));
+    ctx->SetOutput(Io::kLoss, ReducedLoss(BlockedSum(loss * w, e.rows, e.compute), scale, e.compute,
+                                          e.out_type));
     const xla::XlaOp factor = w * xla::ConvertElementType(scale, e.compute);
     for (int j = 0; j < NumRowSums(K); ++j) coef[j] = coef[j] * factor;
     SetEmbeddingGradients<K>(ctx, e, coef, Io::kGrads);
@@ -367,9 +364,10 @@ absl::Status HostLossOperands(tensorflow::XlaOpKernelContext* ctx, EmbeddingRows
   TF_RETURN_IF_ERROR(CheckLossShapes<Io>(ctx));
   TF_RETURN_IF_ERROR(CheckConstantMargin(ctx, Io::kMargin, &constant_margin));
   *e = EmbeddingRowShapes(ctx, Io::kEmbeddings, Io::kStacked);
-  *operands = Io::kStacked ? std::vector<xla::XlaOp>{xla::Reshape(ctx->Input(Io::kEmbeddings),
-                                                                  {e->rows, 2, e->dim})}
-                           : EmbeddingMatrices(ctx, *e, Io::kEmbeddings);
+  *operands =
+      Io::kStacked
+          ? std::vector<xla::XlaOp>{xla::Reshape(ctx->Input(Io::kEmbeddings), {e->rows, 2, e->dim})}
+          : EmbeddingMatrices(ctx, *e, Io::kEmbeddings);
   operands->insert(operands->begin(),
                    PerRow(ctx, Io::kLabels, *e, ctx->input_xla_type(Io::kLabels)));
   return absl::OkStatus();
@@ -414,10 +412,9 @@ class EmbeddingGradHostXlaOp : public EmbeddingGradXlaOp {
     operands.push_back(xla::Reshape(ctx->Input(Io::kCoefficients),
                                     {e.rows, int64_t{NumRowCoefficients(distance_)}}));
     operands.push_back(PerRow(ctx, Io::kUpstream, e, e.out_type));
-    const std::vector<xla::XlaOp> out =
-        HostCall(ctx, kEmbeddingGradTarget, operands,
-                 {EmbeddingMatrixShape(e), EmbeddingMatrixShape(e)},
-                 {{"distance", static_cast<int>(distance_)}});
+    const std::vector<xla::XlaOp> out = HostCall(ctx, kEmbeddingGradTarget, operands,
+                                                 {EmbeddingMatrixShape(e), EmbeddingMatrixShape(e)},
+                                                 {{"distance", static_cast<int>(distance_)}});
     SetGradientOutputs(ctx, e, out.data(), Io::kGradA);
   }
 };
@@ -432,8 +429,7 @@ class EmbeddingLossReducedHostXlaOp : public EmbeddingLossReducedXlaOp<Io> {
     EmbeddingRows e;
     std::vector<xla::XlaOp> operands;
     OP_REQUIRES_OK(ctx, HostLossOperands<Io>(ctx, &e, &operands));
-    OP_REQUIRES_OK(ctx,
-                   CheckPerRow("sample_weight", ctx->InputShape(Io::kWeights), e.row_shape));
+    OP_REQUIRES_OK(ctx, CheckPerRow("sample_weight", ctx->InputShape(Io::kWeights), e.row_shape));
     operands.insert(operands.end(), {PerRow(ctx, Io::kWeights, e, e.out_type),
                                      ctx->Input(Io::kMargin), ctx->Input(Io::kLossScale)});
     std::vector<xla::Shape> shapes = {xla::ShapeUtil::MakeShape(e.out_type, {})};
@@ -444,8 +440,7 @@ class EmbeddingLossReducedHostXlaOp : public EmbeddingLossReducedXlaOp<Io> {
     }
     shapes.push_back(xla::ShapeUtil::MakeShape(xla::F64, {}));
     const std::vector<xla::XlaOp> out = HostCall(
-        ctx, Io::kStacked ? kEmbeddingPairReducedTarget : kEmbeddingReducedTarget, operands,
-        shapes,
+        ctx, Io::kStacked ? kEmbeddingPairReducedTarget : kEmbeddingReducedTarget, operands, shapes,
         {{"distance", static_cast<int>(this->distance_)},
          {"reduction", static_cast<int>(this->reduction_)},
          {"similar_label", this->similar_label_}});
@@ -469,8 +464,7 @@ constexpr XlaKernels kEmbeddingGradXla = {
     {"EmbeddingGradHostXlaOp", Create<EmbeddingGradHostXlaOp>}};
 constexpr XlaKernels kEmbeddingReducedXla = {
     {"EmbeddingLossReducedXlaOp", Create<EmbeddingLossReducedXlaOp<EmbeddingReducedIo>>},
-    {"EmbeddingLossReducedHostXlaOp",
-     Create<EmbeddingLossReducedHostXlaOp<EmbeddingReducedIo>>}};
+    {"EmbeddingLossReducedHostXlaOp", Create<EmbeddingLossReducedHostXlaOp<EmbeddingReducedIo>>}};
 constexpr XlaKernels kEmbeddingPairReducedXla = {
     {"EmbeddingLossReducedXlaOp", Create<EmbeddingLossReducedXlaOp<EmbeddingPairReducedIo>>},
     {"EmbeddingLossReducedHostXlaOp",

@@ -45,9 +45,8 @@ ffi::Error EmbeddingLossHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::A
                              int32_t similar_label) {
   EmbeddingInputs in;
   bool margin_valid;
-  const bool read = ReadHostInputs(labels, a, a.untyped_data(), b.untyped_data(),
-                                   a.dimensions()[1], margin, similar_label, distance, &in,
-                                   &margin_valid);
+  const bool read = ReadHostInputs(labels, a, a.untyped_data(), b.untyped_data(), a.dimensions()[1],
+                                   margin, similar_label, distance, &in, &margin_valid);
   ffi::Error error = RunHostKernel(pool, read, [&](const ParallelFor& p) {
     return EmbeddingLossCpu(in, loss->untyped_data(),
                             static_cast<double*>(coefficients->untyped_data()), p);
@@ -61,8 +60,8 @@ ffi::Error EmbeddingLossHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::A
 
 ffi::Error EmbeddingGradHost(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                              ffi::AnyBuffer coefficients, ffi::AnyBuffer upstream,
-                             ffi::Result<ffi::AnyBuffer> grad_a,
-                             ffi::Result<ffi::AnyBuffer> grad_b, int32_t distance) {
+                             ffi::Result<ffi::AnyBuffer> grad_a, ffi::Result<ffi::AnyBuffer> grad_b,
+                             int32_t distance) {
   EmbeddingGradArgs args;
   args.a = a.untyped_data();
   args.b = b.untyped_data();
@@ -92,20 +91,17 @@ ffi::Error RunReducedHost(ffi::ThreadPool pool, const ReducedEmbeddingArgs& args
   return error;
 }
 
-ffi::Error EmbeddingLossReducedHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
-                                    ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer weights,
-                                    ffi::BufferR0<ffi::F64> margin,
-                                    ffi::BufferR0<ffi::F64> loss_scale,
-                                    ffi::Result<ffi::AnyBuffer> loss,
-                                    ffi::Result<ffi::AnyBuffer> grad_a,
-                                    ffi::Result<ffi::AnyBuffer> grad_b,
-                                    ffi::Result<ffi::AnyBuffer> reduction_scale,
-                                    int32_t distance, int32_t reduction, int32_t similar_label) {
+ffi::Error EmbeddingLossReducedHost(
+    ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::AnyBuffer a, ffi::AnyBuffer b,
+    ffi::AnyBuffer weights, ffi::BufferR0<ffi::F64> margin, ffi::BufferR0<ffi::F64> loss_scale,
+    ffi::Result<ffi::AnyBuffer> loss, ffi::Result<ffi::AnyBuffer> grad_a,
+    ffi::Result<ffi::AnyBuffer> grad_b, ffi::Result<ffi::AnyBuffer> reduction_scale,
+    int32_t distance, int32_t reduction, int32_t similar_label) {
   ReducedEmbeddingArgs args;
   bool margin_valid;
-  const bool read_ok = ReadHostInputs(labels, a, a.untyped_data(), b.untyped_data(),
-                                      a.dimensions()[1], margin, similar_label, distance,
-                                      &args.in, &margin_valid);
+  const bool read_ok =
+      ReadHostInputs(labels, a, a.untyped_data(), b.untyped_data(), a.dimensions()[1], margin,
+                     similar_label, distance, &args.in, &margin_valid);
   args.reduction = HostReduction(weights, loss_scale, loss, reduction_scale, reduction);
   args.grad_a = grad_a->untyped_data();
   args.grad_b = grad_b->untyped_data();
@@ -113,24 +109,20 @@ ffi::Error EmbeddingLossReducedHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
 }
 
 // Pairs and their gradient [rows, 2, D], read and written in place.
-ffi::Error EmbeddingPairLossReducedHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
-                                        ffi::AnyBuffer pairs, ffi::AnyBuffer weights,
-                                        ffi::BufferR0<ffi::F64> margin,
-                                        ffi::BufferR0<ffi::F64> loss_scale,
-                                        ffi::Result<ffi::AnyBuffer> loss,
-                                        ffi::Result<ffi::AnyBuffer> grad,
-                                        ffi::Result<ffi::AnyBuffer> reduction_scale,
-                                        int32_t distance, int32_t reduction,
-                                        int32_t similar_label) {
+ffi::Error EmbeddingPairLossReducedHost(
+    ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::AnyBuffer pairs, ffi::AnyBuffer weights,
+    ffi::BufferR0<ffi::F64> margin, ffi::BufferR0<ffi::F64> loss_scale,
+    ffi::Result<ffi::AnyBuffer> loss, ffi::Result<ffi::AnyBuffer> grad,
+    ffi::Result<ffi::AnyBuffer> reduction_scale, int32_t distance, int32_t reduction,
+    int32_t similar_label) {
   ReducedEmbeddingArgs args;
   bool margin_valid;
   DType type;
   const int64_t dim = pairs.dimensions()[2];
-  const bool read_ok =
-      FromFfi(pairs.element_type(), &type) &&
-      ReadHostInputs(labels, pairs, pairs.untyped_data(),
-                     StackedPairB(type, pairs.untyped_data(), dim), 2 * dim, margin,
-                     similar_label, distance, &args.in, &margin_valid);
+  const bool read_ok = FromFfi(pairs.element_type(), &type) &&
+                       ReadHostInputs(labels, pairs, pairs.untyped_data(),
+                                      StackedPairB(type, pairs.untyped_data(), dim), 2 * dim,
+                                      margin, similar_label, distance, &args.in, &margin_valid);
   args.reduction = HostReduction(weights, loss_scale, loss, reduction_scale, reduction);
   args.grad_a = grad->untyped_data();
   args.grad_b = StackedPairB(type, args.grad_a, dim);
