@@ -33,20 +33,13 @@ inline constexpr char kInBatchReducedOpName[] = "FusedContrastive>InBatchContras
 
 inline tensorflow::DataType ToTf(DType t) {
   switch (t) {
-    case DType::kBool:
-      return tensorflow::DT_BOOL;
-    case DType::kInt32:
-      return tensorflow::DT_INT32;
-    case DType::kInt64:
-      return tensorflow::DT_INT64;
-    case DType::kFloat16:
-      return tensorflow::DT_HALF;
-    case DType::kBFloat16:
-      return tensorflow::DT_BFLOAT16;
-    case DType::kFloat32:
-      return tensorflow::DT_FLOAT;
-    case DType::kFloat64:
-      return tensorflow::DT_DOUBLE;
+    case DType::kBool: return tensorflow::DT_BOOL;
+    case DType::kInt32: return tensorflow::DT_INT32;
+    case DType::kInt64: return tensorflow::DT_INT64;
+    case DType::kFloat16: return tensorflow::DT_HALF;
+    case DType::kBFloat16: return tensorflow::DT_BFLOAT16;
+    case DType::kFloat32: return tensorflow::DT_FLOAT;
+    case DType::kFloat64: return tensorflow::DT_DOUBLE;
   }
   return tensorflow::DT_INVALID;
 }

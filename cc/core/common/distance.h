@@ -15,12 +15,9 @@ constexpr Distance kAllDistances[] = {Distance::kEuclidean, Distance::kCosine,
 // The names of the `distance` attr and argument.
 inline const char* DistanceName(Distance k) {
   switch (k) {
-    case Distance::kEuclidean:
-      return "euclidean";
-    case Distance::kCosine:
-      return "cosine";
-    case Distance::kManhattan:
-      return "manhattan";
+    case Distance::kEuclidean: return "euclidean";
+    case Distance::kCosine: return "cosine";
+    case Distance::kManhattan: return "manhattan";
   }
   return "unknown";
 }
@@ -45,15 +42,9 @@ struct DistanceTag {
 template <typename F>
 inline bool VisitDistance(Distance k, F&& f) {
   switch (k) {
-    case Distance::kEuclidean:
-      f(DistanceTag<Distance::kEuclidean>{});
-      return true;
-    case Distance::kCosine:
-      f(DistanceTag<Distance::kCosine>{});
-      return true;
-    case Distance::kManhattan:
-      f(DistanceTag<Distance::kManhattan>{});
-      return true;
+    case Distance::kEuclidean: f(DistanceTag<Distance::kEuclidean>{}); return true;
+    case Distance::kCosine: f(DistanceTag<Distance::kCosine>{}); return true;
+    case Distance::kManhattan: f(DistanceTag<Distance::kManhattan>{}); return true;
   }
   return false;
 }

@@ -17,20 +17,13 @@ constexpr DType kAllDTypes[] = {DType::kBool,     DType::kInt32,   DType::kInt64
 // NumPy / TensorFlow spelling.
 inline const char* DTypeName(DType t) {
   switch (t) {
-    case DType::kBool:
-      return "bool";
-    case DType::kInt32:
-      return "int32";
-    case DType::kInt64:
-      return "int64";
-    case DType::kFloat16:
-      return "float16";
-    case DType::kBFloat16:
-      return "bfloat16";
-    case DType::kFloat32:
-      return "float32";
-    case DType::kFloat64:
-      return "float64";
+    case DType::kBool: return "bool";
+    case DType::kInt32: return "int32";
+    case DType::kInt64: return "int64";
+    case DType::kFloat16: return "float16";
+    case DType::kBFloat16: return "bfloat16";
+    case DType::kFloat32: return "float32";
+    case DType::kFloat64: return "float64";
   }
   return "unknown";
 }
@@ -50,27 +43,13 @@ struct TypeTag {
 template <typename F>
 bool VisitDType(DType t, F&& f) {
   switch (t) {
-    case DType::kBool:
-      f(TypeTag<bool_t>{});
-      return true;
-    case DType::kInt32:
-      f(TypeTag<int32_t>{});
-      return true;
-    case DType::kInt64:
-      f(TypeTag<int64_t>{});
-      return true;
-    case DType::kFloat16:
-      f(TypeTag<half_t>{});
-      return true;
-    case DType::kBFloat16:
-      f(TypeTag<bfloat16_t>{});
-      return true;
-    case DType::kFloat32:
-      f(TypeTag<float>{});
-      return true;
-    case DType::kFloat64:
-      f(TypeTag<double>{});
-      return true;
+    case DType::kBool: f(TypeTag<bool_t>{}); return true;
+    case DType::kInt32: f(TypeTag<int32_t>{}); return true;
+    case DType::kInt64: f(TypeTag<int64_t>{}); return true;
+    case DType::kFloat16: f(TypeTag<half_t>{}); return true;
+    case DType::kBFloat16: f(TypeTag<bfloat16_t>{}); return true;
+    case DType::kFloat32: f(TypeTag<float>{}); return true;
+    case DType::kFloat64: f(TypeTag<double>{}); return true;
   }
   return false;
 }
@@ -78,20 +57,11 @@ bool VisitDType(DType t, F&& f) {
 template <typename F>
 bool VisitDistanceDType(DType t, F&& f) {
   switch (t) {
-    case DType::kFloat16:
-      f(TypeTag<half_t>{});
-      return true;
-    case DType::kBFloat16:
-      f(TypeTag<bfloat16_t>{});
-      return true;
-    case DType::kFloat32:
-      f(TypeTag<float>{});
-      return true;
-    case DType::kFloat64:
-      f(TypeTag<double>{});
-      return true;
-    default:
-      return false;
+    case DType::kFloat16: f(TypeTag<half_t>{}); return true;
+    case DType::kBFloat16: f(TypeTag<bfloat16_t>{}); return true;
+    case DType::kFloat32: f(TypeTag<float>{}); return true;
+    case DType::kFloat64: f(TypeTag<double>{}); return true;
+    default: return false;
   }
 }
 

@@ -629,8 +629,7 @@ GpuGemm TiledGemmGpu(DType type, void* stream) {
         return TiledGemm<float>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, s);
       case DType::kFloat64:
         return TiledGemm<double>(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, s);
-      default:
-        return GpuStatus{"TiledGemmGpu: unsupported dtype"};
+      default: return GpuStatus{"TiledGemmGpu: unsupported dtype"};
     }
   };
 }

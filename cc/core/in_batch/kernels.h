@@ -47,14 +47,9 @@ bool VisitInBatchKernel(DType type, Distance distance, F&& f) {
     });
   };
   switch (type) {
-    case DType::kFloat32:
-      visit_distance(TypeTag<float>{});
-      return true;
-    case DType::kFloat64:
-      visit_distance(TypeTag<double>{});
-      return true;
-    default:
-      return false;
+    case DType::kFloat32: visit_distance(TypeTag<float>{}); return true;
+    case DType::kFloat64: visit_distance(TypeTag<double>{}); return true;
+    default: return false;
   }
 }
 
