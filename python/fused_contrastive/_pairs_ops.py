@@ -50,37 +50,8 @@ def reduced_embedding_loss(
     written for nothing. Arguments as _distances_ops.reduced_loss_outputs.
     """
     op = op_library.fused_contrastive_embedding_contrastive_loss_reduced
-
-    # custom_gradient hides the gradient outputs from the tape, which would
-    # otherwise hand the backward pass zero tensors as large as the embeddings.
-    @tf.custom_gradient
-    def fused(a, b):
-        loss, grad_a, grad_b, scale = op(
-            labels,
-            a,
-            b,
-            sample_weight,
-            scalar(margin),
-            scalar(loss_scale),
-            distance=distance,
-            reduction=reduction,
-            similar_label=similar_label,
-        )
-
-        def reference_loss(a, b):
-            losses = reference.reference_embedding_loss(
-                labels, a, b, margin, distance, similar_label
-            )
-            return tf.reduce_sum(losses * sample_weight) * constant_scale(scale, losses.dtype)
-
-        def backward(upstream):
-            if could_possibly_record():
-                return reference_gradients(reference_loss, [a, b], upstream)
-            return scale_gradient(grad_a, upstream), scale_gradient(grad_b, upstream)
-
-        return loss, backward
-
-    return fused(embeddings_a, embeddings_b)
+    loss_args = (labels, sample_weight, margin, reduction, loss_scale, distance, similar_label)
+    return _fused_reduced(op, [embeddings_a, embeddings_b], lambda a, b: (a, b), *loss_args)
 
 
 def reduced_pair_loss(
@@ -97,12 +68,33 @@ def reduced_pair_loss(
             labels, *operands, sample_weight, margin, reduction, loss_scale, distance, similar_label
         )
     op = op_library.fused_contrastive_embedding_pair_contrastive_loss_reduced
+    loss_args = (labels, sample_weight, margin, reduction, loss_scale, distance, similar_label)
+    return _fused_reduced(op, [pairs], lambda p: (p[..., 0, :], p[..., 1, :]), *loss_args)
 
+
+def _fused_reduced(
+    op,
+    operands,
+    halves,
+    labels,
+    sample_weight,
+    margin,
+    reduction,
+    loss_scale,
+    distance,
+    similar_label,
+):
+    """Runs a reduced embedding op (outputs: loss, the gradient of each operand,
+    the reduction scale) on `operands`, the embeddings it differentiates;
+    `halves(*operands)` are the two embeddings of each pair, for the reference."""
+
+    # custom_gradient hides the gradient outputs from the tape, which would
+    # otherwise hand the backward pass zero tensors as large as the embeddings.
     @tf.custom_gradient
-    def fused(pairs):
-        loss, grad, scale = op(
+    def fused(*operands):
+        loss, *grads, scale = op(
             labels,
-            pairs,
+            *operands,
             sample_weight,
             scalar(margin),
             scalar(loss_scale),
@@ -111,20 +103,20 @@ def reduced_pair_loss(
             similar_label=similar_label,
         )
 
-        def reference_loss(pairs):
+        def reference_loss(*operands):
             losses = reference.reference_embedding_loss(
-                labels, pairs[..., 0, :], pairs[..., 1, :], margin, distance, similar_label
+                labels, *halves(*operands), margin, distance, similar_label
             )
             return tf.reduce_sum(losses * sample_weight) * constant_scale(scale, losses.dtype)
 
         def backward(upstream):
             if could_possibly_record():
-                return reference_gradients(reference_loss, [pairs], upstream)[0]
-            return scale_gradient(grad, upstream)
+                return reference_gradients(reference_loss, list(operands), upstream)
+            return [scale_gradient(grad, upstream) for grad in grads]
 
         return loss, backward
 
-    return fused(pairs)
+    return fused(*operands)
 
 
 @tf.RegisterGradient(EMBEDDING_OP_NAME)
