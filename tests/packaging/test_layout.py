@@ -25,14 +25,19 @@ def test_no_source_file_is_over_700_lines(root):
     assert {path: n for path, n in sizes.items() if n > MAX_LINES} == {}
 
 
+def _includes(path):
+    """(header, quoted) of each #include line of `path`."""
+    for line in path.read_text().splitlines():
+        match = re.match(r'\s*#\s*include\s*([<"])([^>"]+)[>"]', line)
+        if match:
+            yield match.group(2), match.group(1) == '"'
+
+
 def test_the_kernels_include_no_tensorflow_or_xla_header():
     includes = {}
     for path in _sources("cc/core"):
-        for line in path.read_text().splitlines():
-            match = re.match(r'\s*#\s*include\s*([<"])([^>"]+)[>"]', line)
-            if match:
-                key = (match.group(2), match.group(1) == '"')
-                includes.setdefault(key, []).append(str(path.relative_to(ROOT)))
+        for key in _includes(path):
+            includes.setdefault(key, []).append(str(path.relative_to(ROOT)))
     assert includes, "no includes found under cc/core"
     foreign = {
         header: files
@@ -47,11 +52,10 @@ def test_the_kernels_include_no_tensorflow_or_xla_header():
 
 def _includes_of(path, seen):
     """Every header `path` includes, following the tree's own headers (cc/...)."""
-    for line in path.read_text().splitlines():
-        match = re.match(r'\s*#\s*include\s*"([^"]+)"', line)
-        if match and match.group(1) not in seen:
-            seen.add(match.group(1))
-            own = ROOT / "cc" / match.group(1)
+    for header, quoted in _includes(path):
+        if quoted and header not in seen:
+            seen.add(header)
+            own = ROOT / "cc" / header
             if own.is_file():
                 _includes_of(own, seen)
     return seen
