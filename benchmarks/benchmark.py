@@ -2,18 +2,20 @@
 
 Usage:
     python benchmarks/benchmark.py [--quick] [--out benchmarks/results] [--bfc-allocator]
-        [--section {distances,embeddings,in_batch,all} ...] [--memory-limit-gb GB]
+        [--section {distances,embeddings,in_batch,references,all} ...] [--memory-limit-gb GB]
 
-Three sections: "distances" (the loss of precomputed distances), "embeddings"
-(the loss of pairs of embeddings, the distance computed inside the loss) and
-"in_batch" (the loss over all pairs of a batch, from class labels). --section
+Four sections: "distances" (the loss of precomputed distances), "embeddings"
+(the loss of pairs of embeddings, the distance computed inside the loss),
+"in_batch" (the loss over all pairs of a batch, from class labels) and
+"references" (a batch's anchors against the batch and reference rows). --section
 runs only the sections named (repeatable; default all), e.g.
     python benchmarks/benchmark.py --section in_batch [--quick]
 
 What each section compares, how it is measured and the targets it checks are in
 the docstrings of the section modules beside this script: distances.py
 ("distances", with its effective bandwidth and accuracy), pairs.py
-("embeddings") and in_batch.py ("in_batch"). harness.py holds what they share.
+("embeddings"), in_batch.py ("in_batch") and references.py ("references").
+harness.py holds what they share.
 
 How it is timed
     Each callable is called twice untimed (tracing, XLA compilation and the first
@@ -85,8 +87,9 @@ import distances
 import fused_contrastive
 import in_batch
 import pairs
+import references
 
-SECTIONS = ("distances", "embeddings", "in_batch")
+SECTIONS = ("distances", "embeddings", "in_batch", "references")
 
 
 def main():
@@ -166,6 +169,10 @@ def main():
         csv_rows += result.rows
         markdown_lines += in_batch.in_batch_markdown(result, settings)
         plots.append(("results_in_batch.png", functools.partial(in_batch.plot_in_batch, result)))
+    if "references" in sections:
+        rows, lines = references.run_references(references.Settings.for_run(args.quick))
+        csv_rows += rows
+        markdown_lines += lines
     runtime_s = time.perf_counter() - started
 
     # A partial run writes results_<sections>.csv/.md, leaving a full run's files alone.

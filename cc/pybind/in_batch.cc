@@ -30,9 +30,27 @@ InBatchArgs InBatchOptions(double margin, double positive_margin, const std::str
     throw py::value_error("pair_weighting must be 'uniform' or 'balanced', got '" + pair_weighting +
                           "'");
   }
-  return InBatchArgs{DType::kFloat32, nullptr,         nullptr, 0,         0,
-                     margin,          positive_margin, k,       weighting, max_block_rows,
-                     nullptr,         nullptr,         nullptr};
+  InBatchArgs args{};
+  args.type = DType::kFloat32;
+  args.margin = margin;
+  args.positive_margin = positive_margin;
+  args.distance = k;
+  args.weighting = weighting;
+  args.max_block_rows = max_block_rows;
+  return args;
+}
+
+// The anchor range: None for all rows, else (begin, end). After the
+// embeddings have set the rows.
+void SetAnchors(const py::object& anchors, InBatchArgs* args) {
+  args->anchor_begin = 0;
+  args->anchor_end = args->rows;
+  if (anchors.is_none()) return;
+  const auto range = anchors.cast<std::pair<int64_t, int64_t>>();
+  const std::string problem = InBatchAnchorsProblem(range.first, range.second, args->rows);
+  if (!problem.empty()) throw py::value_error(problem);
+  args->anchor_begin = range.first;
+  args->anchor_end = range.second;
 }
 
 // Embeddings [B, D] of float32 or float64: sets args' type, rows and dim.
@@ -80,11 +98,13 @@ struct InBatchOperands {
 InBatchOperands CheckedInBatchArgs(const py::object& labels, const py::object& embeddings,
                                    const py::object& upstream, double margin,
                                    double positive_margin, const std::string& distance,
-                                   const std::string& pair_weighting, int64_t max_block_rows) {
+                                   const std::string& pair_weighting, int64_t max_block_rows,
+                                   const py::object& anchors) {
   InBatchOperands out;
   out.args = InBatchOptions(margin, positive_margin, distance, pair_weighting, max_block_rows);
   out.embeddings = KernelArray(embeddings, "embeddings");
   CheckInBatchEmbeddings(HostOperand(out.embeddings, "embeddings"), &out.args);
+  SetAnchors(anchors, &out.args);
   out.labels = KernelArray(labels, "labels");
   CheckInBatchLabels(HostOperand(out.labels, "labels"), out.args, /*int32_ok=*/true);
   out.labels = KernelArray(out.labels.attr("astype")("int64"), "labels");
@@ -100,9 +120,9 @@ InBatchOperands CheckedInBatchArgs(const py::object& labels, const py::object& e
 py::tuple InBatchLossCpuNumpy(const py::object& labels, const py::object& embeddings,
                               const py::object& upstream, double margin, double positive_margin,
                               const std::string& distance, const std::string& pair_weighting,
-                              int64_t max_block_rows) {
+                              int64_t max_block_rows, const py::object& anchors) {
   InBatchOperands in = CheckedInBatchArgs(labels, embeddings, upstream, margin, positive_margin,
-                                          distance, pair_weighting, max_block_rows);
+                                          distance, pair_weighting, max_block_rows, anchors);
   py::array loss(in.embeddings.dtype(), std::vector<int64_t>{in.args.rows});
   py::object grad = py::none();
   in.args.loss = loss.mutable_data();
@@ -124,11 +144,12 @@ py::tuple InBatchLossCpuNumpy(const py::object& labels, const py::object& embedd
 InBatchArgs CheckedInBatchCudaArgs(const py::object& labels, const py::object& embeddings,
                                    double margin, double positive_margin,
                                    const std::string& distance, const std::string& pair_weighting,
-                                   int64_t max_block_rows) {
+                                   int64_t max_block_rows, const py::object& anchors) {
   InBatchArgs args =
       InBatchOptions(margin, positive_margin, distance, pair_weighting, max_block_rows);
   const DeviceArray e = FromCudaArrayInterface(embeddings, "embeddings", py::none());
   CheckInBatchEmbeddings(DeviceOperand(e), &args);
+  SetAnchors(anchors, &args);
   const DeviceArray y = FromCudaArrayInterface(labels, "labels", py::none());
   CheckInBatchLabels(DeviceOperand(y), args, /*int32_ok=*/false);
   args.labels = static_cast<const int64_t*>(y.data);
@@ -147,6 +168,8 @@ InBatchArgs InBatchSizeArgs(int64_t rows, const std::string& dtype, int64_t max_
   args.type = type;
   args.rows = rows;
   args.dim = dim;
+  args.anchor_begin = 0;
+  args.anchor_end = rows;
   return args;
 }
 
@@ -167,9 +190,9 @@ void InBatchLossCuda(const py::object& labels, const py::object& embeddings,
                      const py::object& upstream, const py::object& loss, const py::object& grad,
                      const py::object& workspace, double margin, double positive_margin,
                      const std::string& distance, const std::string& pair_weighting,
-                     int64_t max_block_rows, uintptr_t stream) {
+                     int64_t max_block_rows, const py::object& anchors, uintptr_t stream) {
   InBatchArgs args = CheckedInBatchCudaArgs(labels, embeddings, margin, positive_margin, distance,
-                                            pair_weighting, max_block_rows);
+                                            pair_weighting, max_block_rows, anchors);
   const std::vector<int64_t> rows_shape{args.rows};
   const std::vector<int64_t> shape{args.rows, args.dim};
   if (upstream.is_none() != grad.is_none()) {
@@ -204,18 +227,18 @@ void InBatchLossReducedCuda(const py::object& labels, const py::object& embeddin
                             const py::object& workspace, double margin, double positive_margin,
                             const std::string& distance, const std::string& pair_weighting,
                             const std::string& reduction, double loss_scale, int64_t max_block_rows,
-                            uintptr_t stream) {
+                            const py::object& anchors, uintptr_t stream) {
   InBatchReducedArgs args;
   args.in = CheckedInBatchCudaArgs(labels, embeddings, margin, positive_margin, distance,
-                                   pair_weighting, max_block_rows);
+                                   pair_weighting, max_block_rows, anchors);
   const Reduction r = ReductionFromName(reduction);
   const DeviceArray w = FromCudaArrayInterface(sample_weight, "sample_weight", py::none());
   const DeviceArray l = FromCudaArrayInterface(loss, "loss", py::none());
   const DeviceArray g = FromCudaArrayInterface(grad, "grad", py::none());
   const DeviceArray s = FromCudaArrayInterface(reduction_scale, "reduction_scale", py::none());
   const DeviceBuffer ws = DeviceBufferOf(workspace, "workspace");
-  CheckPerRow("sample_weight", w.type, w.shape, "embeddings", args.in.type, "embeddings.shape[:1]",
-              {args.in.rows});
+  CheckPerRow("sample_weight", w.type, w.shape, "embeddings", args.in.type, "the anchors",
+              {args.in.anchor_end - args.in.anchor_begin});
   CheckReducedLoss(l, args.in.type, "embeddings");
   CheckDeviceOutput(g, "grad", {args.in.rows, args.in.dim}, "embeddings", args.in.type,
                     "embeddings");
@@ -235,10 +258,12 @@ void RegisterInBatch(py::module_& m) {
   m.def("in_batch_loss_cpu", &InBatchLossCpuNumpy, py::arg("labels"), py::arg("embeddings"),
         py::arg("upstream") = py::none(), py::arg("margin") = 1.0, py::arg("positive_margin") = 0.0,
         py::arg("distance") = "euclidean", py::arg("pair_weighting") = "uniform",
-        py::arg("max_block_rows") = 0,
+        py::arg("max_block_rows") = 0, py::arg("anchors") = py::none(),
         "The in-batch all-pairs loss of embeddings [B, D] with class labels [B] on the CPU, "
         "single-threaded; returns (loss [B], grad [B, D] or None). grad is d(sum(upstream * "
-        "loss))/d(embeddings), computed when upstream ([B], the embeddings' dtype) is given.");
+        "loss))/d(embeddings), computed when upstream ([B], the embeddings' dtype) is given. "
+        "anchors: None (every row) or (begin, end): only those rows are anchors, the others "
+        "partners (loss 0, gradient from their pairs with anchors).");
   m.def("in_batch_cpu_isa", &InBatchCpuIsa,
         "The instruction set the in-batch CPU kernel runs with here: 'avx2' or 'generic'.");
 #if FC_WITH_CUDA
@@ -256,7 +281,7 @@ void RegisterInBatch(py::module_& m) {
         py::arg("upstream"), py::arg("loss"), py::arg("grad"), py::arg("workspace"),
         py::arg("margin") = 1.0, py::arg("positive_margin") = 0.0,
         py::arg("distance") = "euclidean", py::arg("pair_weighting") = "uniform",
-        py::arg("max_block_rows") = 0, py::arg("stream") = 0,
+        py::arg("max_block_rows") = 0, py::arg("anchors") = py::none(), py::arg("stream") = 0,
         "in_batch_loss_cpu on CUDA arrays (labels int64 [B], embeddings [B, D]), enqueued on "
         "`stream`, with a plain tiled GEMM in place of cuBLAS: writes loss [B] unless None and, "
         "with upstream [B], grad [B, D] (upstream and grad are None together).");
@@ -265,10 +290,11 @@ void RegisterInBatch(py::module_& m) {
         py::arg("reduction_scale"), py::arg("workspace"), py::arg("margin") = 1.0,
         py::arg("positive_margin") = 0.0, py::arg("distance") = "euclidean",
         py::arg("pair_weighting") = "uniform", py::arg("reduction") = "mean",
-        py::arg("loss_scale") = 1.0, py::arg("max_block_rows") = 0, py::arg("stream") = 0,
+        py::arg("loss_scale") = 1.0, py::arg("max_block_rows") = 0, py::arg("anchors") = py::none(),
+        py::arg("stream") = 0,
         "The in-batch loss with the Keras reduction fused in, on CUDA arrays: writes loss (one "
         "value), grad [B, D] and reduction_scale (one float64). sample_weight: a 0-d array or "
-        "one weight per row, of the embeddings' dtype.");
+        "one weight per anchor, of the embeddings' dtype; anchors as in_batch_loss_cuda.");
 #endif  // FC_WITH_CUDA
 }
 

@@ -19,17 +19,17 @@ namespace fused_contrastive {
 // calls (xla/in_batch_host_calls.cc) take the inputs as operands and give the
 // outputs as results in the same order.
 struct InBatchLossIo {
-  enum Input { kLabels, kEmbeddings, kMargin, kPositiveMargin };
+  enum Input { kLabels, kEmbeddings, kAnchors, kMargin, kPositiveMargin };
   enum Output { kLoss };
 };
 
 struct InBatchGradIo {
-  enum Input { kLabels, kEmbeddings, kUpstream, kMargin, kPositiveMargin };
+  enum Input { kLabels, kEmbeddings, kAnchors, kUpstream, kMargin, kPositiveMargin };
   enum Output { kGrad };
 };
 
 struct InBatchReducedIo {
-  enum Input { kLabels, kEmbeddings, kWeights, kMargin, kPositiveMargin, kLossScale };
+  enum Input { kLabels, kEmbeddings, kAnchors, kWeights, kMargin, kPositiveMargin, kLossScale };
   enum Output { kLoss, kGrad, kReductionScale };
 };
 
@@ -65,6 +65,39 @@ inline absl::Status CheckInBatchShapes(const tensorflow::TensorShape& labels,
     return absl::OkStatus();
   }
   return InBatchShapeMismatch(labels.DebugString(), embeddings.DebugString());
+}
+
+// The anchors input: [begin, end) of the rows, int64 [2].
+inline absl::Status InBatchAnchorsShapeError(const std::string& shape) {
+  return absl::InvalidArgumentError(absl::StrCat(
+      "in-batch contrastive loss: anchors must be [begin, end] (shape [2]), got shape ", shape));
+}
+
+inline absl::Status CheckInBatchAnchors(const tensorflow::TensorShape& shape) {
+  if (shape == tensorflow::TensorShape({2})) return absl::OkStatus();
+  return InBatchAnchorsShapeError(shape.DebugString());
+}
+
+inline absl::Status CheckInBatchAnchorRange(int64_t begin, int64_t end, int64_t rows) {
+  const std::string problem = InBatchAnchorsProblem(begin, end, rows);
+  if (problem.empty()) return absl::OkStatus();
+  return absl::InvalidArgumentError(absl::StrCat("in-batch contrastive loss: ", problem));
+}
+
+// The reduced op's sample_weight: a scalar or one per anchor. `anchors` is
+// their count, or -1 where it is known only at run time (then at most the
+// rows).
+inline absl::Status CheckInBatchWeights(const tensorflow::TensorShape& weights, int64_t anchors,
+                                        int64_t rows) {
+  if (weights.dims() == 0 ||
+      (weights.dims() == 1 &&
+       (anchors < 0 ? weights.dim_size(0) <= rows : weights.dim_size(0) == anchors))) {
+    return absl::OkStatus();
+  }
+  return absl::InvalidArgumentError(absl::StrCat(
+      "in-batch contrastive loss: sample_weight must be a scalar or one weight per anchor (",
+      anchors < 0 ? absl::StrCat("at most ", rows) : absl::StrCat(anchors), "), got shape ",
+      weights.DebugString()));
 }
 
 // The grad op's upstream: of the labels' shape.

@@ -23,7 +23,7 @@ namespace fused_contrastive {
 namespace {
 
 // Names of inputs in host memory; unused slots are null.
-using HostInputs = std::array<const char*, 3>;
+using HostInputs = std::array<const char*, 4>;
 
 // Whether an op has a Tlabels attr.
 enum LabelAttr : bool { kNoTlabels = false, kTlabels = true };
@@ -40,7 +40,7 @@ struct OpRegistration {
 
 // Per op: name, Tlabels attr, T's dtypes, inputs in host memory (on every
 // device; on CPU only), OpKernels, XLA lowerings. Margins and loss scales are
-// float64 scalars the kernels read on the host.
+// float64 scalars, anchor ranges int64 pairs, that the kernels read on the host.
 // clang-format off: one op per row reads as a table.
 constexpr OpRegistration kOps[] = {
     {kOpName, kTlabels, IsDistanceDType, {"margin"}, {},
@@ -59,12 +59,12 @@ constexpr OpRegistration kOps[] = {
      &kEmbeddingReducedKernels, &kEmbeddingReducedXla},
     {kEmbeddingPairReducedOpName, kTlabels, IsDistanceDType, {"margin", "loss_scale"}, {},
      &kEmbeddingPairReducedKernels, &kEmbeddingPairReducedXla},
-    {kInBatchOpName, kNoTlabels, IsInBatchDType, {"margin", "positive_margin"}, {},
+    {kInBatchOpName, kNoTlabels, IsInBatchDType, {"anchors", "margin", "positive_margin"}, {},
      &kInBatchLossKernels, &kInBatchLossXla},
-    {kInBatchGradOpName, kNoTlabels, IsInBatchDType, {"margin", "positive_margin"}, {},
+    {kInBatchGradOpName, kNoTlabels, IsInBatchDType, {"anchors", "margin", "positive_margin"}, {},
      &kInBatchGradKernels, &kInBatchGradXla},
     {kInBatchReducedOpName, kNoTlabels, IsInBatchDType,
-     {"margin", "positive_margin", "loss_scale"}, {},
+     {"anchors", "margin", "positive_margin", "loss_scale"}, {},
      &kInBatchReducedKernels, &kInBatchReducedXla},
 };
 // clang-format on

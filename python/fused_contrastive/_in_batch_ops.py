@@ -5,7 +5,7 @@ import tensorflow as tf
 
 from fused_contrastive import reference
 from fused_contrastive._distances_ops import scale_gradient
-from fused_contrastive._inputs import InBatchOptions
+from fused_contrastive._inputs import InBatchOptions, all_anchors
 from fused_contrastive._library import (
     IN_BATCH_GRAD_OP_NAME,
     IN_BATCH_OP_NAME,
@@ -40,11 +40,13 @@ def _in_batch_compute(labels, embeddings):
     return class_ids(labels), tf.cast(embeddings, reference.compute_dtype(embeddings.dtype))
 
 
-def _reference_gradient(labels, embeddings, options, upstream):
+def _reference_gradient(labels, embeddings, anchors, options, upstream):
     """The gradient while a tape records the backward pass itself (see
     reference_gradients)."""
     return reference_gradients(
-        lambda e: reference.reference_in_batch_loss(labels, e, options), [embeddings], upstream
+        lambda e: reference.reference_in_batch_loss(labels, e, options, anchors),
+        [embeddings],
+        upstream,
     )[0]
 
 
@@ -57,28 +59,39 @@ def _attrs(options):
     }
 
 
-def in_batch_loss(labels, embeddings, options):
+def in_batch_loss(labels, embeddings, options, anchors=None):
     """Runs the in-batch op on prepared inputs and checked InBatchOptions: the
-    per-anchor loss [B]."""
+    loss [B] of each row, 0 for rows outside `anchors` (int64 [begin, end];
+    None: every row is an anchor)."""
     ids, e = _in_batch_compute(labels, embeddings)
     loss = op_library.fused_contrastive_in_batch_contrastive_loss(
-        ids, e, scalar(options.margin), scalar(options.positive_margin), **_attrs(options)
+        ids,
+        e,
+        all_anchors(e) if anchors is None else anchors,
+        scalar(options.margin),
+        scalar(options.positive_margin),
+        **_attrs(options),
     )
     return tf.cast(loss, embeddings.dtype)
 
 
-def reduced_in_batch_loss(labels, embeddings, sample_weight, options, reduction, loss_scale):
+def reduced_in_batch_loss(
+    labels, embeddings, sample_weight, options, reduction, loss_scale, anchors=None
+):
     """The reduced in-batch loss, with the Keras reduction fused in: one sweep
     writes the fully scaled gradient (see _pairs_ops.reduced_embedding_loss).
-    sample_weight: a scalar or [B], of the embeddings' dtype."""
+    sample_weight: a scalar or one per anchor, of the embeddings' dtype;
+    anchors as in in_batch_loss."""
     ids, e = _in_batch_compute(labels, embeddings)
     weights = tf.cast(sample_weight, e.dtype)
+    anchors = all_anchors(e) if anchors is None else anchors
 
     @tf.custom_gradient
     def fused(e):
         loss, grad, scale = op_library.fused_contrastive_in_batch_contrastive_loss_reduced(
             ids,
             e,
+            anchors,
             weights,
             scalar(options.margin),
             scalar(options.positive_margin),
@@ -89,8 +102,16 @@ def reduced_in_batch_loss(labels, embeddings, sample_weight, options, reduction,
 
         def backward(upstream):
             if could_possibly_record():
-                per_anchor = weights * constant_scale(scale, e.dtype) * upstream
-                return _reference_gradient(ids, e, options, per_anchor * tf.ones_like(e[:, 0]))
+                # g_i of each anchor, 0 for partners: the reference's loss of
+                # a partner row is 0 anyway.
+                g = weights * constant_scale(scale, e.dtype) * upstream
+                begin = anchors[0]
+                count = anchors[1] - begin
+                per_row = tf.pad(
+                    g * tf.ones([count], e.dtype),
+                    [[begin, tf.shape(e, out_type=tf.int64)[0] - anchors[1]]],
+                )
+                return _reference_gradient(ids, e, anchors, options, per_row)
             return scale_gradient(grad, upstream)
 
         return loss, backward
@@ -100,7 +121,7 @@ def reduced_in_batch_loss(labels, embeddings, sample_weight, options, reduction,
 
 @tf.RegisterGradient(IN_BATCH_OP_NAME)
 def _in_batch_loss_grad(op, grad_loss):
-    labels, e, margin, positive_margin = op.inputs
+    labels, e, anchors, margin, positive_margin = op.inputs
     options = InBatchOptions(
         margin,
         positive_margin,
@@ -109,13 +130,13 @@ def _in_batch_loss_grad(op, grad_loss):
         op.get_attr("max_block_rows") or None,
     )
     if could_possibly_record():
-        grad = _reference_gradient(labels, e, options, grad_loss)
+        grad = _reference_gradient(labels, e, anchors, options, grad_loss)
     else:
         grad = op_library.fused_contrastive_in_batch_contrastive_loss_grad(
-            labels, e, grad_loss, margin, positive_margin, **_attrs(options)
+            labels, e, anchors, grad_loss, margin, positive_margin, **_attrs(options)
         )
-    # Labels and margins get no gradient.
-    return [None, grad, None, None]
+    # Labels, anchors and margins get no gradient.
+    return [None, grad, None, None, None]
 
 
 @tf.RegisterGradient(IN_BATCH_GRAD_OP_NAME)

@@ -365,24 +365,26 @@ class InBatchOptions:
         return 0 if self.max_block_rows is None else int(self.max_block_rows)
 
 
-def prepare_in_batch_inputs(labels, embeddings):
-    """Class labels [B] (or [B, 1], squeezed) and embeddings [B, D], checked."""
+def prepare_in_batch_inputs(labels, embeddings, prefix=""):
+    """Class labels [B] (or [B, 1], squeezed) and embeddings [B, D], checked.
+    prefix: what the arguments' names start with in the messages
+    ("reference_" for the references)."""
     reject_ragged(labels, embeddings)
     embeddings = tf.convert_to_tensor(embeddings)
     if embeddings.dtype not in DISTANCE_DTYPES:
         raise TypeError(
-            "in-batch contrastive loss: embeddings must be "
+            f"in-batch contrastive loss: {prefix}embeddings must be "
             f"{dtype_names(DISTANCE_DTYPES)}; got {embeddings.dtype.name}"
         )
     if embeddings.shape.rank != 2:
         raise ValueError(
-            "in-batch contrastive loss: embeddings must have rank 2, [B, D]; got "
+            f"in-batch contrastive loss: {prefix}embeddings must have rank 2, [B, D]; got "
             f"shape {embeddings.shape}"
         )
     labels = tf.convert_to_tensor(labels)
     if labels.dtype not in CLASS_LABEL_DTYPES:
         raise TypeError(
-            "in-batch contrastive loss: labels must be class ids "
+            f"in-batch contrastive loss: {prefix}labels must be class ids "
             f"({dtype_names(CLASS_LABEL_DTYPES)}); got "
             f"{labels.dtype.name}"
         )
@@ -390,7 +392,51 @@ def prepare_in_batch_inputs(labels, embeddings):
         labels = tf.squeeze(labels, -1)
     if labels.shape.rank != 1 or not labels.shape.is_compatible_with(embeddings.shape[:1]):
         raise ValueError(
-            "in-batch contrastive loss: labels must have shape [B] or [B, 1] for "
-            f"embeddings [B, D] = {embeddings.shape}; got {labels.shape}"
+            f"in-batch contrastive loss: {prefix}labels must have shape [B] or [B, 1] for "
+            f"{prefix}embeddings [B, D] = {embeddings.shape}; got {labels.shape}"
         )
     return labels, embeddings
+
+
+def prepare_references(reference_labels, reference_embeddings, embeddings):
+    """The references (labels [R], embeddings [R, D] in the embeddings'
+    dtype), checked against the batch's embeddings [B, D]; None when neither
+    is given."""
+    if reference_labels is None and reference_embeddings is None:
+        return None
+    if reference_labels is None or reference_embeddings is None:
+        raise ValueError(
+            "in-batch contrastive loss: reference_labels and reference_embeddings must be "
+            "given together"
+        )
+    labels, e = prepare_in_batch_inputs(reference_labels, reference_embeddings, "reference_")
+    if not e.shape[1:].is_compatible_with(embeddings.shape[1:]):
+        raise ValueError(
+            "in-batch contrastive loss: reference_embeddings [R, D] must have the embeddings' D; "
+            f"got {e.shape} for embeddings {embeddings.shape}"
+        )
+    return labels, tf.cast(e, embeddings.dtype)
+
+
+def all_anchors(embeddings):
+    """The in-batch ops' anchors input when every row is an anchor: [0, B]."""
+    return tf.stack([tf.constant(0, tf.int64), tf.shape(embeddings, out_type=tf.int64)[0]])
+
+
+def against_partners(labels, embeddings, partners, per_row_loss):
+    """The batch's per-anchor loss [B] against the batch and `partners`
+    (labels, embeddings; None: the batch alone), from per_row_loss(labels,
+    rows, anchors), the loss of each of `rows` with only `anchors` (int64
+    [begin, end], or None for all rows) anchoring pairs."""
+    if partners is None:
+        return per_row_loss(labels, embeddings, None)
+    other_labels, other_embeddings = partners
+    # Labels meet in one dtype, int64 when both are integers, else float64, so
+    # that equal values stay equal.
+    common = tf.int64 if labels.dtype.is_integer and other_labels.dtype.is_integer else tf.float64
+    loss = per_row_loss(
+        tf.concat([tf.cast(labels, common), tf.cast(other_labels, common)], 0),
+        tf.concat([embeddings, other_embeddings], 0),
+        all_anchors(embeddings),
+    )
+    return loss[: tf.shape(embeddings)[0]]

@@ -9,9 +9,11 @@ import tensorflow as tf
 from fused_contrastive import _distances_ops, _in_batch_ops, _pairs_ops
 from fused_contrastive._inputs import (
     InBatchOptions,
+    against_partners,
     number_margin,
     prepare_embedding_inputs,
     prepare_in_batch_inputs,
+    prepare_references,
     prepare_inputs,
     prepare_pair_inputs,
     reject_ragged,
@@ -120,6 +122,8 @@ def in_batch_contrastive_loss(
     distance="euclidean",
     pair_weighting="uniform",
     max_block_rows=None,
+    reference_labels=None,
+    reference_embeddings=None,
 ):
     """Per-anchor contrastive loss over every pair of a batch, from class labels.
 
@@ -148,12 +152,20 @@ def in_batch_contrastive_loss(
         (a mean over no pairs is 0).
       max_block_rows: None (the op chooses) or a cap on the rows per block,
         which bounds the op's scratch memory (on GPU and under XLA it is about
-        block · B values).
+        block · (B + R) values).
+      reference_labels, reference_embeddings: optional references `[R]` and
+        `[R, D]` (labels as `labels`; embeddings cast to the embeddings'
+        dtype), given together: each anchor also pairs with every reference,
+        with the same terms. `"uniform"` then divides by `B − 1 + R`, and
+        `"balanced"` counts positives and negatives over the batch and the
+        references. Pairs of two references are never formed. `R = 0` is the
+        loss without references.
 
     Returns:
       `[B]` per-anchor losses in the embeddings' dtype (`B = 1` gives `[0]`).
-      Gradients flow to the embeddings only; equal embeddings (distance 0) get
-      the subgradient 0 of the norm there, never NaN.
+      Gradients flow to the embeddings and the reference embeddings (wrap
+      those in `tf.stop_gradient` for none); equal embeddings (distance 0)
+      get the subgradient 0 of the norm there, never NaN.
 
     >>> print(in_batch_contrastive_loss(
     ...     [0, 0, 1], [[0.0, 0.0], [0.0, 0.5], [0.0, 2.0]], margin=1.0).numpy())
@@ -162,15 +174,22 @@ def in_batch_contrastive_loss(
     options = InBatchOptions.checked(
         margin, positive_margin, distance, pair_weighting, max_block_rows
     )
-    return _per_anchor_loss(labels, embeddings, options)
-
-
-def _per_anchor_loss(labels, embeddings, options):
-    """in_batch_contrastive_loss with checked InBatchOptions."""
     labels, embeddings = prepare_in_batch_inputs(labels, embeddings)
-    if using_reference():
-        return reference_in_batch_loss(labels, embeddings, options)
-    return _in_batch_ops.in_batch_loss(labels, embeddings, options)
+    references = prepare_references(reference_labels, reference_embeddings, embeddings)
+    return _per_anchor_loss(labels, embeddings, options, references)
+
+
+def _per_anchor_loss(labels, embeddings, options, partners=None):
+    """in_batch_contrastive_loss with checked InBatchOptions on prepared
+    inputs: the batch's anchors against the batch and `partners` (labels,
+    embeddings) when given."""
+
+    def per_row_loss(labels, rows, anchors):
+        if using_reference():
+            return reference_in_batch_loss(labels, rows, options, anchors)
+        return _in_batch_ops.in_batch_loss(labels, rows, options, anchors)
+
+    return against_partners(labels, embeddings, partners, per_row_loss)
 
 
 # Keras reduction -> the fused op's (None: Keras reduces the per-sample losses).
@@ -413,7 +432,8 @@ class InBatchLossMixin:
         )
 
     def call(self, y_true, y_pred):
-        return _per_anchor_loss(y_true, y_pred, self._in_batch_options)
+        labels, embeddings = prepare_in_batch_inputs(y_true, y_pred)
+        return _per_anchor_loss(labels, embeddings, self._in_batch_options)
 
     def get_config(self):
         return {**super().get_config(), **dataclasses.asdict(self._in_batch_options)}

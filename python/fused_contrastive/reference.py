@@ -9,9 +9,11 @@ import tensorflow as tf
 
 from fused_contrastive._inputs import (
     InBatchOptions,
+    against_partners,
     prepare_embedding_inputs,
     prepare_in_batch_inputs,
     prepare_inputs,
+    prepare_references,
     validate_distance,
     validate_margin,
     validate_similar_label,
@@ -150,9 +152,13 @@ def in_batch_contrastive_loss_reference(
     positive_margin=0.0,
     distance="euclidean",
     pair_weighting="uniform",
+    reference_labels=None,
+    reference_embeddings=None,
 ):
     """Per-anchor contrastive loss over every ordered pair (i, j), j != i, of a
     batch, in plain TF ops; it holds B x B matrices (the fused op will not).
+    With references [R] and [R, D], each anchor also pairs with every
+    reference (B x (B + R) matrices), as in in_batch_contrastive_loss.
 
     Pairs with equal class labels are positive, with term max(d - positive_margin,
     0)^2, the others negative, with term max(margin - d, 0)^2. "uniform": the
@@ -169,7 +175,13 @@ def in_batch_contrastive_loss_reference(
     """
     options = InBatchOptions.checked(margin, positive_margin, distance, pair_weighting)
     labels, embeddings = prepare_in_batch_inputs(labels, embeddings)
-    return reference_in_batch_loss(labels, embeddings, options)
+    references = prepare_references(reference_labels, reference_embeddings, embeddings)
+    return against_partners(
+        labels,
+        embeddings,
+        references,
+        lambda y, e, anchors: reference_in_batch_loss(y, e, options, anchors),
+    )
 
 
 def _power_of_two_scaled_rows(e):
@@ -190,28 +202,42 @@ def _power_of_two_scaled_rows(e):
     return e / tf.stop_gradient(tf.where(usable, power, tf.ones_like(power)))
 
 
-def reference_in_batch_loss(labels, embeddings, options):
-    """Per-anchor in-batch loss on prepared inputs and InBatchOptions (see
-    in_batch_contrastive_loss_reference); max_block_rows plays no part."""
+def reference_in_batch_loss(labels, embeddings, options, anchors=None):
+    """Per-row in-batch loss on prepared inputs and InBatchOptions (see
+    in_batch_contrastive_loss_reference); max_block_rows plays no part.
+    anchors: None (every row) or int64 [begin, end]: only those rows are
+    anchors, each paired with every other row; the others get loss 0."""
     dtype = compute_dtype(embeddings.dtype)
     e = tf.cast(embeddings, dtype)
     if options.distance == "cosine":
         e = _power_of_two_scaled_rows(e)
-    gram = tf.matmul(e, e, transpose_b=True)
-    norms2 = tf.linalg.diag_part(gram)
+    rows = tf.shape(e, out_type=tf.int64)[0]
+    if anchors is None:
+        begin, end = tf.constant(0, tf.int64), rows
+        gram = tf.matmul(e, e, transpose_b=True)
+        # From the products themselves, so that equal rows get d = 0 exactly.
+        norms2 = tf.linalg.diag_part(gram)
+    else:
+        # [A, B] products only; float32 equal rows then get d of a few ulp.
+        begin, end = anchors[0], anchors[1]
+        gram = tf.matmul(e[begin:end], e, transpose_b=True)
+        norms2 = tf.reduce_sum(e * e, axis=1)
+    anchor_norms2 = norms2[begin:end]
     if options.distance == "euclidean":
-        squared = tf.maximum(norms2[:, None] + norms2[None, :] - 2.0 * gram, 0.0)
+        squared = tf.maximum(anchor_norms2[:, None] + norms2[None, :] - 2.0 * gram, 0.0)
         # NaN stays NaN (the kernels' rule): a NaN partner makes the loss NaN.
         nonzero = tf.not_equal(squared, 0.0)
         d = tf.where(nonzero, tf.sqrt(_safe(squared, nonzero)), tf.zeros_like(squared))
     else:
         norms = tf.sqrt(norms2)
-        ok = tf.not_equal(tf.stop_gradient(norms[:, None] * norms[None, :]), 0.0)
-        safe2 = _safe(norms2, norms2 > 0)
-        product = tf.sqrt(safe2)[:, None] * tf.sqrt(safe2)[None, :]
+        ok = tf.not_equal(tf.stop_gradient(norms[begin:end, None] * norms[None, :]), 0.0)
+        root = tf.sqrt(_safe(norms2, norms2 > 0))
+        product = root[begin:end, None] * root[None, :]
         d = 1.0 - tf.where(ok, gram / _safe(product, ok), tf.zeros_like(gram))
-    others = tf.logical_not(tf.eye(tf.shape(e)[0], dtype=tf.bool))
-    same = tf.equal(labels[:, None], labels[None, :])
+    others = tf.not_equal(
+        tf.range(begin, end)[:, None], tf.range(tf.shape(e, out_type=tf.int64)[0])[None, :]
+    )
+    same = tf.equal(labels[begin:end, None], labels[None, :])
     positive = tf.logical_and(same, others)
     negative = tf.logical_and(tf.logical_not(same), others)
     pos_terms = tf.square(tf.maximum(d - _as_dtype(options.positive_margin, dtype), 0.0))
@@ -220,10 +246,12 @@ def reference_in_batch_loss(labels, embeddings, options):
     pos_sum = tf.reduce_sum(tf.where(positive, pos_terms, zeros), axis=1)
     neg_sum = tf.reduce_sum(tf.where(negative, neg_terms, zeros), axis=1)
     if options.pair_weighting == "uniform":
-        loss = tf.math.divide_no_nan(pos_sum + neg_sum, tf.cast(tf.shape(e)[0] - 1, dtype))
+        loss = tf.math.divide_no_nan(pos_sum + neg_sum, tf.cast(rows - 1, dtype))
     else:
         count = lambda mask: tf.reduce_sum(tf.cast(mask, dtype), axis=1)  # noqa: E731
         loss = tf.math.divide_no_nan(pos_sum, count(positive)) + tf.math.divide_no_nan(
             neg_sum, count(negative)
         )
+    if anchors is not None:
+        loss = tf.pad(loss, [[begin, rows - end]])
     return tf.cast(loss, embeddings.dtype)

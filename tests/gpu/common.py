@@ -587,18 +587,22 @@ def in_batch_reduced_reference(
     kernels, labels, e, weights, reduction, options, weight_total=math.fsum
 ):
     """InBatchLossReducedCpu from in_batch_loss_cpu: g_i = w_i·reduction_scale
-    rounded to the embeddings' dtype is the upstream gradient, the loss is
-    Σ g_i·l_i in float64. weight_total adds up per-row weights (float64)."""
-    dtype, rows = e.dtype, len(labels)
+    rounded to the embeddings' dtype is the upstream gradient of each anchor
+    (options' anchors, (begin, end), or every row), 0 for the other rows, the
+    loss is Σ g_i·l_i in float64. weight_total adds up per-anchor weights
+    (float64)."""
+    dtype = e.dtype
+    begin, end = options.get("anchors") or (0, len(labels))
     w = np.ones((), dtype) if weights is None else np.asarray(weights)
     if reduction == "sum":
         divisor = 1.0
     elif reduction == "mean":
-        divisor = float(rows)
+        divisor = float(end - begin)
     else:
         divisor = float(w) if w.ndim == 0 else float(weight_total(w.astype(np.float64)))
     scale = IN_BATCH_LOSS_SCALE / divisor if divisor != 0 else 0.0
-    g = (np.broadcast_to(w.astype(np.float64), (rows,)) * scale).astype(dtype)
+    g = np.zeros(len(labels), dtype)
+    g[begin:end] = (np.broadcast_to(w.astype(np.float64), (end - begin,)) * scale).astype(dtype)
     loss, grad = kernels.in_batch_loss_cpu(labels, e, g, **options)
     total = math.fsum(g.astype(np.float64) * loss.astype(np.float64))
     return np.asarray(total, dtype), grad, scale

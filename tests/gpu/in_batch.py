@@ -210,6 +210,56 @@ def compare_in_batch_reduced(device, kernels, rng):
     return cases, failures, worst
 
 
+def compare_in_batch_anchors(device, kernels, rng):
+    """Anchor slices (issue 20: the other rows are partners only, as the
+    references and the other replicas' rows are) against the CPU kernel: loss
+    and gradient, gradient alone (the same bits), and the weighted mean with
+    one weight per anchor. Returns (cases, failures, worst)."""
+    cases = failures = 0
+    worst = 0.0
+    for index, (distance, weighting, dtype, (rows, anchors), block) in enumerate(
+        itertools.product(
+            ("euclidean", "cosine"),
+            ("uniform", "balanced"),
+            ("float32", "float64"),
+            ((37, (0, 1)), (37, (30, 37)), (300, (110, 190)), (300, (0, 0)), (300, (0, 300))),
+            (0, 7),
+        )
+    ):
+        dim = (33, 7, 3)[index % 3]
+        labels, e = in_batch_inputs(rng, rows, dim, dtype)
+        upstream = rng.uniform(-2, 2, rows).astype(dtype)
+        upstream[: anchors[0]] = np.nan  # a partner's upstream is never read
+        options = dict(in_batch_options(distance, weighting, block), anchors=anchors)
+        want_loss, want_grad = kernels.in_batch_loss_cpu(labels, e, upstream, **options)
+        loss, grad = device.run_in_batch(labels, e, upstream, options)
+        _, grad_only = device.run_in_batch(labels, e, upstream, options, with_loss=False)
+        weights = rng.uniform(0, 2, anchors[1] - anchors[0]).astype(dtype)
+        want_reduced = in_batch_reduced_reference(
+            kernels, labels, e, weights, "weighted_mean", options
+        )
+        reduced = device.run_in_batch_reduced(labels, e, weights, "weighted_mean", options)
+        used = max(
+            relative_error(loss, want_loss, dtype),
+            relative_error(grad, want_grad, dtype),
+            relative_error(reduced[0], want_reduced[0], dtype),
+            relative_error(reduced[1], want_reduced[1], dtype),
+        )
+        same = same_bits(grad_only, grad)
+        ok = same and used <= 1 and math.isclose(reduced[2], want_reduced[2], rel_tol=1e-13)
+        worst = max(worst, used)
+        cases += 1
+        failures += not ok
+        if not ok:
+            print(
+                f"  FAIL in-batch anchors {anchors} {distance:9s} {weighting:8s} {dtype:7s} "
+                f"B={rows} D={dim} max_block_rows={block} deterministic={same} "
+                f"tolerance used={used:.0%}",
+                flush=True,
+            )
+    return cases, failures, worst
+
+
 def check_kernels(device, kernels, rng):
     """Steps 7-8: in_batch_loss_cuda and in_batch_loss_reduced_cuda against the
     CPU kernel, cosine rows at extreme scales, and the times at B=4096,
@@ -232,6 +282,13 @@ def check_kernels(device, kernels, rng):
     failures += found
     print(
         f"{cases} reduced in-batch cases compared (worst difference: {worst:.0%} of the tolerance)",
+        flush=True,
+    )
+    cases, found, worst = compare_in_batch_anchors(device, kernels, rng)
+    failures += found
+    print(
+        f"{cases} in-batch anchor-slice cases compared (worst difference: {worst:.0%} of the "
+        "tolerance)",
         flush=True,
     )
     rows, dim = 4096, 128

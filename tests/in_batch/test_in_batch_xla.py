@@ -14,6 +14,7 @@ import tensorflow as tf
 from support import HLO_ON_CPU, bits, run_python, run_tests_under_hlo
 
 from fused_contrastive import _library
+from fused_contrastive._inputs import all_anchors
 from fused_contrastive.reference import in_batch_contrastive_loss_reference
 from test_in_batch import numpy_in_batch
 
@@ -63,14 +64,15 @@ def _all_three(
     max_block_rows=BLOCK,
 ):
     attrs = dict(distance=distance, pair_weighting=pair_weighting, max_block_rows=max_block_rows)
+    anchors = all_anchors(e)
     loss = _LIBRARY.fused_contrastive_in_batch_contrastive_loss(
-        labels, e, margin, positive_margin, **attrs
+        labels, e, anchors, margin, positive_margin, **attrs
     )
     grad = _LIBRARY.fused_contrastive_in_batch_contrastive_loss_grad(
-        labels, e, u, margin, positive_margin, **attrs
+        labels, e, anchors, u, margin, positive_margin, **attrs
     )
     reduced = _LIBRARY.fused_contrastive_in_batch_contrastive_loss_reduced(
-        labels, e, w, margin, positive_margin, loss_scale, reduction=reduction, **attrs
+        labels, e, anchors, w, margin, positive_margin, loss_scale, reduction=reduction, **attrs
     )
     return (loss, grad, *reduced)
 
@@ -429,6 +431,7 @@ def test_xla_in_batch_shape_mismatch_at_compile_time():
         return _LIBRARY.fused_contrastive_in_batch_contrastive_loss(
             tf.cast(labels, tf.int64),
             e,
+            all_anchors(e),
             _f64(1.0),
             _f64(0.0),
             distance="cosine",
@@ -448,6 +451,7 @@ def test_max_block_rows_beyond_int32_under_xla(rng):
         return _LIBRARY.fused_contrastive_in_batch_contrastive_loss(
             labels,
             e,
+            all_anchors(e),
             _f64(1.0),
             _f64(0.0),
             distance="euclidean",
@@ -473,14 +477,16 @@ def test_in_batch_xla_works_when_imported_after_the_first_xla_compilation():
         one = tf.constant(1.0, tf.float64)
         zero = tf.constant(0.0, tf.float64)
         attrs = dict(distance="euclidean", pair_weighting="uniform")
+        rows = tf.constant([0, 3], tf.int64)
 
         @tf.function(jit_compile=True)
         def in_batch(labels, e):
-            loss = ops.fused_contrastive_in_batch_contrastive_loss(labels, e, one, zero, **attrs)
+            loss = ops.fused_contrastive_in_batch_contrastive_loss(
+                labels, e, rows, one, zero, **attrs)
             grad = ops.fused_contrastive_in_batch_contrastive_loss_grad(
-                labels, e, tf.ones_like(loss), one, zero, **attrs)
+                labels, e, rows, tf.ones_like(loss), one, zero, **attrs)
             reduced = ops.fused_contrastive_in_batch_contrastive_loss_reduced(
-                labels, e, tf.constant(1.0), one, zero, one, reduction="sum", **attrs)
+                labels, e, rows, tf.constant(1.0), one, zero, one, reduction="sum", **attrs)
             return tf.reduce_sum(loss), tf.reduce_sum(tf.abs(grad)), reduced[0]
 
         print(*(float(x) for x in in_batch(tf.constant([0, 0, 1], tf.int64),

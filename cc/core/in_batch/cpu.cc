@@ -49,14 +49,15 @@ bool InBatchLossReducedCpu(const InBatchReducedArgs& args, const ParallelFor& pa
     using T = typename decltype(tag)::type;
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, double>) {
       const int64_t rows = args.in.rows;
+      const int64_t begin = args.in.anchor_begin, anchors = args.in.anchor_end - begin;
       const ReductionArgs& reduction = args.reduction;
       const T* w = static_cast<const T*>(reduction.weights);
-      const double scale = CpuReductionScale<T>(reduction, rows, parallel_for);
-      std::vector<T> upstream(rows);
+      const double scale = CpuReductionScale<T>(reduction, anchors, parallel_for);
+      std::vector<T> upstream(rows, T(0));
       std::vector<T> losses(rows);
-      for (int64_t i = 0; i < rows; ++i) {
-        upstream[i] =
-            static_cast<T>(static_cast<double>(w[reduction.scalar_weight ? 0 : i]) * scale);
+      for (int64_t a = 0; a < anchors; ++a) {
+        upstream[begin + a] =
+            static_cast<T>(static_cast<double>(w[reduction.scalar_weight ? 0 : a]) * scale);
       }
       InBatchArgs in = args.in;
       in.upstream = upstream.data();
@@ -64,7 +65,7 @@ bool InBatchLossReducedCpu(const InBatchReducedArgs& args, const ParallelFor& pa
       in.grad = args.grad;
       ok = InBatchLossCpu(in, parallel_for);
       double total = 0;
-      for (int64_t i = 0; i < rows; ++i) {
+      for (int64_t i = begin; i < begin + anchors; ++i) {
         total += static_cast<double>(upstream[i]) * static_cast<double>(losses[i]);
       }
       *static_cast<T*>(reduction.loss) = static_cast<T>(total);

@@ -10,6 +10,14 @@
 // tasks share a block, so a stage needs no locks and every row's sums are
 // added in the same order whatever the thread count. Block pairs (I, I) come
 // last, each a task of its own.
+//
+// When the anchors are a slice of the rows (the other rows are partners
+// only), the anchor rows are blocked as above, the partner rows before and
+// after them in blocks of their own, and each (anchor block, partner block)
+// pair is one more task, in Latin-square stages (stage s pairs anchor block t
+// with partner block (t + s) mod n when there are fewer anchor blocks, and
+// the other way round): again no two tasks of a stage share a block. Pairs
+// of two partners are never computed.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -68,6 +76,18 @@ class PairSchedule {
   bool padded_;
 };
 
+// Rows [first, first + count): a block.
+struct Block {
+  int64_t first, count;
+};
+
+// [begin, end) cut into blocks of at most `rows`, appended to `blocks`.
+void AppendBlocks(int64_t begin, int64_t end, int64_t rows, std::vector<Block>* blocks) {
+  for (int64_t first = begin; first < end; first += rows) {
+    blocks->push_back({first, std::min(rows, end - first)});
+  }
+}
+
 // Dense class ids (equal labels, equal ids; int32 so that the tile loop
 // compares lanes as wide as float's) and, per row, the number of other rows
 // with its label. Sorting: O(B log B).
@@ -108,7 +128,8 @@ class Sweep {
         e_(static_cast<const T*>(args.embeddings)),
         rows_(args.rows),
         dim_(args.dim),
-        block_(BlockRows(args.rows, args.max_block_rows)),
+        anchor_begin_(args.anchor_begin),
+        anchor_end_(args.anchor_end),
         margin_(static_cast<T>(args.margin)),
         positive_margin_(static_cast<T>(args.positive_margin)),
         norm2_(rows_),
@@ -123,21 +144,41 @@ class Sweep {
 
   void Run() {
     PrepareRows();
-    const int64_t blocks = (rows_ + block_ - 1) / block_;
-    const ElementCost tile_cost{2.0 * block_ * dim_ * sizeof(T), 0,
-                                (kGrad ? 6.0 : 2.0) * block_ * block_ * dim_};
-    const PairSchedule schedule(blocks);
+    // Anchor blocks sized by the anchors (all rows: as without partners),
+    // partner blocks by all rows: the products stay large when few anchors
+    // meet many partners.
+    std::vector<Block> anchors, partners;
+    AppendBlocks(anchor_begin_, anchor_end_,
+                 BlockRows(anchor_end_ - anchor_begin_, args_.max_block_rows), &anchors);
+    const int64_t partner_rows = BlockRows(rows_, args_.max_block_rows);
+    AppendBlocks(0, anchor_begin_, partner_rows, &partners);
+    AppendBlocks(anchor_end_, rows_, partner_rows, &partners);
+    const int64_t na = anchors.size(), np = partners.size();
+    const PairSchedule schedule(na);
     for (int64_t stage = 0; stage < schedule.Stages(); ++stage) {
-      parallel_for_(schedule.Tasks(), tile_cost, [&](int64_t first, int64_t last) {
-        for (int64_t t = first; t < last; ++t) {
-          const std::pair<int64_t, int64_t> pair = schedule.Task(stage, t);
-          Tile<false>(pair.first, pair.second);
-        }
+      parallel_for_(schedule.Tasks(), TileCost(anchors[0], anchors[0]),
+                    [&](int64_t first, int64_t last) {
+                      for (int64_t t = first; t < last; ++t) {
+                        const std::pair<int64_t, int64_t> pair = schedule.Task(stage, t);
+                        Tile<false>(anchors[pair.first], anchors[pair.second]);
+                      }
+                    });
+    }
+    if (na > 0) {
+      parallel_for_(na, TileCost(anchors[0], anchors[0]), [&](int64_t first, int64_t last) {
+        for (int64_t b = first; b < last; ++b) Tile<true>(anchors[b], anchors[b]);
       });
     }
-    parallel_for_(blocks, tile_cost, [&](int64_t first, int64_t last) {
-      for (int64_t b = first; b < last; ++b) Tile<true>(b, b);
-    });
+    for (int64_t stage = 0; na > 0 && np > 0 && stage < std::max(na, np); ++stage) {
+      parallel_for_(std::min(na, np), TileCost(anchors[0], partners[0]),
+                    [&](int64_t first, int64_t last) {
+                      for (int64_t t = first; t < last; ++t) {
+                        const int64_t a = na <= np ? t : (t + stage) % na;
+                        const int64_t p = na <= np ? (t + stage) % np : t;
+                        Tile<false>(anchors[a], partners[p]);
+                      }
+                    });
+    }
     Finish();
   }
 
@@ -180,12 +221,19 @@ class Sweep {
                     for (int64_t i = first; i < last; ++i) {
                       norm2_[i] = SquaredNorm(e_ + i * dim_, dim_);
                       stat_[i] = row_statistic<K>(norm2_[i]);
-                      pair_weights(args_.weighting, static_cast<double>(rows_),
-                                   static_cast<double>(positives[i]), &positive_weight_[i],
-                                   &negative_weight_[i]);
+                      // A partner's weights are 0: its pairs with anchors
+                      // then carry only the anchor's half of A_ij.
+                      positive_weight_[i] = negative_weight_[i] = 0;
+                      if (IsAnchor(i)) {
+                        pair_weights(args_.weighting, static_cast<double>(rows_),
+                                     static_cast<double>(positives[i]), &positive_weight_[i],
+                                     &negative_weight_[i]);
+                      }
                       if constexpr (kGrad) {
-                        positive_coefficient_[i] = static_cast<T>(positive_weight_[i] * g[i]);
-                        negative_coefficient_[i] = static_cast<T>(negative_weight_[i] * g[i]);
+                        // A partner's upstream is not read (its loss is 0).
+                        const double gi = IsAnchor(i) ? static_cast<double>(g[i]) : 0.0;
+                        positive_coefficient_[i] = static_cast<T>(positive_weight_[i] * gi);
+                        negative_coefficient_[i] = static_cast<T>(negative_weight_[i] * gi);
                         std::fill_n(grad() + i * dim_, dim_, T(0));
                       }
                     }
@@ -194,14 +242,19 @@ class Sweep {
 
   T* grad() const { return static_cast<T*>(args_.grad); }
 
-  // Rows [first, first + count) of block b.
-  int64_t First(int64_t b) const { return b * block_; }
-  int64_t Count(int64_t b) const { return std::min(block_, rows_ - b * block_); }
+  bool IsAnchor(int64_t i) const { return i >= anchor_begin_ && i < anchor_end_; }
 
+  ElementCost TileCost(Block bi, Block bj) const {
+    return {(bi.count + bj.count) * dim_ * sizeof(T) + 0.0, 0,
+            (kGrad ? 6.0 : 2.0) * bi.count * bj.count * dim_};
+  }
+
+  // The pairs of block bi's rows with block bj's rows; bi holds anchors, and
+  // bj == bi for a diagonal tile.
   template <bool kDiagonal>
-  void Tile(int64_t bi, int64_t bj) {
-    const int64_t i0 = First(bi), ni = Count(bi);
-    const int64_t j0 = First(bj), nj = Count(bj);
+  void Tile(Block bi, Block bj) {
+    const int64_t i0 = bi.first, ni = bi.count;
+    const int64_t j0 = bj.first, nj = bj.count;
     thread_local std::vector<T> scratch;
     thread_local std::vector<T> columns;
     scratch.resize(ni * nj);
@@ -432,9 +485,12 @@ class Sweep {
     parallel_for_(rows_, ElementCost{dim_ * sizeof(T) + 40.0, dim_ * sizeof(T) + 0.0, 2.0 * dim_},
                   [&](int64_t first, int64_t last) {
                     for (int64_t i = first; i < last; ++i) {
+                      // A partner's sums hold its pairs with anchors: not a loss.
                       if (loss != nullptr) {
-                        loss[i] = static_cast<T>(positive_weight_[i] * positive_sum_[i] +
-                                                 negative_weight_[i] * negative_sum_[i]);
+                        loss[i] = IsAnchor(i)
+                                      ? static_cast<T>(positive_weight_[i] * positive_sum_[i] +
+                                                       negative_weight_[i] * negative_sum_[i])
+                                      : T(0);
                       }
                       if constexpr (kGrad) {
                         const T q = diagonal_factor<K>(stat_[i]) * static_cast<T>(diagonal_[i]);
@@ -457,7 +513,8 @@ class Sweep {
   const T* e_;
   const int64_t rows_;
   const int64_t dim_;
-  const int64_t block_;
+  const int64_t anchor_begin_;
+  const int64_t anchor_end_;
   const T margin_;
   const T positive_margin_;
   // Cosine rows of extreme scale (ScaleRows): each row's k, empty when no

@@ -4,7 +4,10 @@
 //
 // The sweep: rows are cut into blocks of R. For block I, S = E_I·Eᵀ (R×B, one
 // GEMM), one pass over S (a CUDA block per row) gives the rows' losses and
-// overwrites S with M, and a second GEMM adds −M·E to grad_I. Unlike the CPU
+// overwrites S with M, and a second GEMM adds −M·E to grad_I. When the
+// anchors are a slice of the rows, anchor blocks pair with all rows, and
+// partner blocks (before and after the anchors) with the anchors only, so
+// pairs of two partners are never computed. Unlike the CPU
 // kernel no symmetry is used: row i's block visits every pair (i, j) itself,
 // so each row's sums and gradient are written by one CUDA block, in a fixed
 // order, without atomics or cross-block races, and the results do not depend
@@ -160,12 +163,14 @@ __global__ void UnscaleGradKernel(const int* __restrict__ exponent, int64_t rows
 // this many anchors, which divides the O(B²) reads by as much.
 constexpr int kCountRows = 8;
 
-// Per anchor: the number of other rows with its label, the pair weights, and
-// those weights times the upstream gradient (the CPU kernel's rounding:
-// weight·g in double, then rounded to C).
+// Per anchor (rows [anchor_begin, anchor_end)): the number of other rows with
+// its label, the pair weights, and those weights times the upstream gradient
+// (the CPU kernel's rounding: weight·g in double, then rounded to C). The
+// partners' are zero-filled before.
 template <typename T>
 __global__ void PairWeightKernel(const int64_t* __restrict__ labels, int64_t rows,
-                                 PairWeighting weighting, const T* __restrict__ upstream,
+                                 int64_t anchor_begin, int64_t anchor_end, PairWeighting weighting,
+                                 const T* __restrict__ upstream,
                                  double* __restrict__ positive_weight,
                                  double* __restrict__ negative_weight,
                                  ComputeType<T>* __restrict__ positive_coefficient,
@@ -173,13 +178,13 @@ __global__ void PairWeightKernel(const int64_t* __restrict__ labels, int64_t row
   using C = ComputeType<T>;
   __shared__ long long warp_counts[kCountRows][kThreadsPerBlock / kWarpSize];
   const int lane = threadIdx.x % kWarpSize, warp = threadIdx.x / kWarpSize;
-  for (int64_t first = static_cast<int64_t>(blockIdx.x) * kCountRows; first < rows;
-       first += static_cast<int64_t>(gridDim.x) * kCountRows) {
+  for (int64_t first = anchor_begin + static_cast<int64_t>(blockIdx.x) * kCountRows;
+       first < anchor_end; first += static_cast<int64_t>(gridDim.x) * kCountRows) {
     int64_t anchor[kCountRows];
     long long count[kCountRows];
 #pragma unroll
     for (int a = 0; a < kCountRows; ++a) {
-      anchor[a] = first + a < rows ? labels[first + a] : 0;
+      anchor[a] = first + a < anchor_end ? labels[first + a] : 0;
       count[a] = 0;
     }
     // Uniform weights do not depend on the counts: no O(B²) pass for them.
@@ -196,7 +201,7 @@ __global__ void PairWeightKernel(const int64_t* __restrict__ labels, int64_t row
     }
     __syncthreads();
     const int64_t i = first + threadIdx.x;
-    if (threadIdx.x < kCountRows && i < rows) {
+    if (threadIdx.x < kCountRows && i < anchor_end) {
       long long positives = 0;
       for (int w = 0; w < kThreadsPerBlock / kWarpSize; ++w) {
         positives += warp_counts[threadIdx.x][w];
@@ -246,14 +251,16 @@ __device__ inline void BlockSum3(double* v) {
 }
 
 // One CUDA block per row i of the row block starting at row0, over row i's
-// tile row S_i· (R×B tile, stride rows). Computes loss_i and, with kGrad,
+// tile row S_i· (R×cols tile, stride cols: the pairs of row i with rows
+// [col0, col0 + cols)). Computes loss_i (0 unless `anchors`) and, with kGrad,
 // overwrites the tile row with M_i· (0 on the diagonal and for near pairs)
 // and writes grad_i = q_i·e_i + Σ_near (A/d)·(e_i − e_j), to which the second
 // GEMM then adds −M_i·E. The sums are in double, as the CPU kernel's.
 template <Distance K, bool kGrad, typename T>
 __global__ void __launch_bounds__(kThreadsPerBlock)
-    PairRowKernel(const int64_t* __restrict__ labels, const T* __restrict__ e, int64_t rows,
-                  int64_t dim, int64_t row0, const ComputeType<T>* __restrict__ stat,
+    PairRowKernel(const int64_t* __restrict__ labels, const T* __restrict__ e, int64_t col0,
+                  int64_t cols, bool anchors, int64_t dim, int64_t row0,
+                  const ComputeType<T>* __restrict__ stat,
                   const double* __restrict__ positive_weight,
                   const double* __restrict__ negative_weight,
                   const ComputeType<T>* __restrict__ positive_coefficient,
@@ -264,8 +271,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   constexpr bool kNear = kGrad && K == Distance::kEuclidean;
   const int64_t r = blockIdx.x;
   const int64_t i = row0 + r;
-  T* s_row = tile + r * rows;
-  uint32_t* mask_row = mask + r * MaskWords(rows);
+  T* s_row = tile + r * cols;
+  uint32_t* mask_row = mask + r * MaskWords(cols);
   const T* ei = e + i * dim;
   const int64_t label_i = labels[i];
   const C stat_i = stat[i];
@@ -278,13 +285,13 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   bool direct_any = false;
   const int lane = threadIdx.x % kWarpSize;
   // The loop bound is the same on all lanes of a warp, so that whole warps
-  // enter the ballot that writes the mask; j = base + lane walks the row's
+  // enter the ballot that writes the mask; c = base + lane walks the row's
   // 32-column words, each written by exactly one warp.
-  for (int64_t base = static_cast<int64_t>(threadIdx.x) - lane; base < rows; base += blockDim.x) {
-    const int64_t j = base + lane;
+  for (int64_t base = static_cast<int64_t>(threadIdx.x) - lane; base < cols; base += blockDim.x) {
+    const int64_t c = base + lane, j = col0 + c;
     bool near = false, direct = false;
-    if (j < rows && j != i) {
-      const C s = Convert<C>::from(s_row[j]);
+    if (c < cols && j != i) {
+      const C s = Convert<C>::from(s_row[c]);
       const C stat_j = stat[j];
       C d;
       if constexpr (K == Distance::kEuclidean) {
@@ -311,12 +318,12 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
         // below has used it; that pass then zeroes it for the GEMM. Near
         // pairs with m = 0 (equal rows: d = 0) skip that pass, which keeps
         // collapsed embeddings (all pairs near) cheap.
-        s_row[j] = Store<T>::to(m);
+        s_row[c] = Store<T>::to(m);
         direct = near && m != C(0);
         if (!near) sums[2] += static_cast<double>(diagonal_term<K>(m, s));
       }
-    } else if (kGrad && j == i) {
-      s_row[j] = T(0);
+    } else if (kGrad && c < cols) {
+      s_row[c] = T(0);
     }
     if constexpr (kNear) {
       const unsigned bits = __ballot_sync(kWholeWarp, direct);
@@ -325,9 +332,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     }
   }
   BlockSum3(sums);
+  // A partner's sums hold its pairs with anchors: not a loss.
   if (loss != nullptr && threadIdx.x == 0) {
-    loss[i] =
-        Store<T>::to(static_cast<C>(positive_weight[i] * sums[0] + negative_weight[i] * sums[1]));
+    loss[i] = anchors ? Store<T>::to(static_cast<C>(positive_weight[i] * sums[0] +
+                                                    negative_weight[i] * sums[1]))
+                      : T(0);
   }
   if constexpr (kGrad) {
     const C q = diagonal_factor<K>(stat_i) * static_cast<C>(sums[2]);
@@ -339,14 +348,14 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       // Also orders the mask and the near m's written above before their
       // reads below (a block barrier orders global memory within the block).
       if (__syncthreads_or(direct_any)) {
-        const int64_t words = MaskWords(rows);
+        const int64_t words = MaskWords(cols);
         // Every thread walks the whole mask, in increasing j, and updates its
         // own elements of grad_i: a fixed order per element, no races.
         for (int64_t w = 0; w < words; ++w) {
           for (uint32_t bits = mask_row[w]; bits != 0; bits &= bits - 1) {
-            const int64_t j = w * kWarpSize + (__ffs(bits) - 1);
-            const C m = Convert<C>::from(s_row[j]);
-            const T* ej = e + j * dim;
+            const int64_t c = w * kWarpSize + (__ffs(bits) - 1);
+            const C m = Convert<C>::from(s_row[c]);
+            const T* ej = e + (col0 + c) * dim;
             for (int64_t k = threadIdx.x; k < dim; k += blockDim.x) {
               const C step = m * (Convert<C>::from(ei[k]) - Convert<C>::from(ej[k]));
               gi[k] = Store<T>::to(Convert<C>::from(gi[k]) + step);
@@ -404,34 +413,56 @@ GpuStatus Sweep(const InBatchArgs& args, void* workspace, const GpuGemm& gemm,
 
   RowStatisticKernel<K><<<RowStatisticBlocks(rows), kThreadsPerBlock, 0, stream>>>(
       static_cast<const T*>(args.embeddings), rows, dim, stat, exponent, scaled);
-  PairWeightKernel<<<PairWeightBlocks(rows), kThreadsPerBlock, 0, stream>>>(
-      args.labels, rows, args.weighting, kGrad ? static_cast<const T*>(args.upstream) : nullptr,
-      positive_weight, negative_weight, positive_coefficient, negative_coefficient);
-  GpuStatus status = LastError();
+  const int64_t anchor_begin = args.anchor_begin, anchor_end = args.anchor_end;
+  GpuStatus status;
+  if (anchor_end - anchor_begin < rows) {
+    for (auto* weights : {positive_weight, negative_weight}) {
+      if (status.ok()) status = ZeroFill<double>(weights, rows, stream);
+    }
+    for (auto* coefficients : {positive_coefficient, negative_coefficient}) {
+      if (kGrad && status.ok()) status = ZeroFill<C>(coefficients, rows, stream);
+    }
+    if (!status.ok()) return status;
+  }
+  PairWeightKernel<<<PairWeightBlocks(anchor_end - anchor_begin), kThreadsPerBlock, 0, stream>>>(
+      args.labels, rows, anchor_begin, anchor_end, args.weighting,
+      kGrad ? static_cast<const T*>(args.upstream) : nullptr, positive_weight, negative_weight,
+      positive_coefficient, negative_coefficient);
+  status = LastError();
   if (!status.ok()) return status;
 
+  // Rows [first, last) against rows [col0, col0 + cols).
   const int64_t block = BlockRows(args);
-  for (int64_t row0 = 0; row0 < rows; row0 += block) {
-    const int64_t n = std::min(block, rows - row0);
-    // With dim 0 the Gram tile is zero; not left to the GEMM, whose k = 0
-    // behaviour (cuBLAS: c = beta·c) is not every implementation's.
-    status =
-        dim > 0 ? gemm(false, true, n, rows, dim, 1.0, e + row0 * dim, dim, e, dim, 0.0, tile, rows)
-                : ZeroFill<T>(tile, n * rows, stream);
-    if (!status.ok()) return status;
-    PairRowKernel<K, kGrad><<<static_cast<unsigned>(n), kThreadsPerBlock, 0, stream>>>(
-        args.labels, e, rows, dim, row0, stat, positive_weight, negative_weight,
-        positive_coefficient, negative_coefficient, static_cast<C>(args.margin),
-        static_cast<C>(args.positive_margin), tile, mask, static_cast<T*>(args.loss), grad);
-    status = LastError();
-    if (!status.ok()) return status;
-    // beta = 1: PairRowKernel has written q_i·e_i and the near pairs' terms.
-    if (kGrad && dim > 0) {
-      status =
-          gemm(false, false, n, dim, rows, -1.0, tile, rows, e, dim, 1.0, grad + row0 * dim, dim);
-      if (!status.ok()) return status;
+  const auto sweep_rows = [&](int64_t first, int64_t last, int64_t col0, int64_t cols,
+                              bool anchors) -> GpuStatus {
+    for (int64_t row0 = first; row0 < last; row0 += block) {
+      const int64_t n = std::min(block, last - row0);
+      // With dim 0 the Gram tile is zero; not left to the GEMM, whose k = 0
+      // behaviour (cuBLAS: c = beta·c) is not every implementation's.
+      GpuStatus result = dim > 0 && cols > 0 ? gemm(false, true, n, cols, dim, 1.0, e + row0 * dim,
+                                                    dim, e + col0 * dim, dim, 0.0, tile, cols)
+                                             : ZeroFill<T>(tile, n * cols, stream);
+      if (!result.ok()) return result;
+      PairRowKernel<K, kGrad><<<static_cast<unsigned>(n), kThreadsPerBlock, 0, stream>>>(
+          args.labels, e, col0, cols, anchors, dim, row0, stat, positive_weight, negative_weight,
+          positive_coefficient, negative_coefficient, static_cast<C>(args.margin),
+          static_cast<C>(args.positive_margin), tile, mask, static_cast<T*>(args.loss), grad);
+      result = LastError();
+      if (!result.ok()) return result;
+      // beta = 1: PairRowKernel has written q_i·e_i and the near pairs' terms.
+      if (kGrad && dim > 0 && cols > 0) {
+        result = gemm(false, false, n, dim, cols, -1.0, tile, cols, e + col0 * dim, dim, 1.0,
+                      grad + row0 * dim, dim);
+        if (!result.ok()) return result;
+      }
     }
-  }
+    return GpuStatus{};
+  };
+  const int64_t anchors = anchor_end - anchor_begin;
+  status = sweep_rows(anchor_begin, anchor_end, 0, rows, true);
+  if (status.ok()) status = sweep_rows(0, anchor_begin, anchor_begin, anchors, false);
+  if (status.ok()) status = sweep_rows(anchor_end, rows, anchor_begin, anchors, false);
+  if (!status.ok()) return status;
   if (K == Distance::kCosine && kGrad && dim > 0) {
     const int blocks = static_cast<int>(
         std::min(kMaxBlocks, (rows * dim + kThreadsPerBlock - 1) / kThreadsPerBlock));
@@ -548,7 +579,7 @@ GpuStatus TiledGemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
 template <typename T>
 __global__ void ReducedUpstreamKernel(const T* __restrict__ weights, bool scalar_weight,
                                       int64_t rows, const double* __restrict__ scale,
-                                      T* __restrict__ upstream) {
+                                      T* __restrict__ upstream) {  // one per anchor
   const double s = *scale;
   const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < rows;
@@ -648,7 +679,8 @@ GpuStatus InBatchLossReducedGpu(const InBatchReducedArgs& args, void* workspace,
   auto s = static_cast<cudaStream_t>(stream);
   const ReducedLayout layout = MakeReducedLayout(args);
   char* base = static_cast<char*>(workspace);
-  const int64_t rows = args.in.rows;
+  // The weights, g and the reduced losses are the anchors'.
+  const int64_t begin = args.in.anchor_begin, rows = args.in.anchor_end - begin;
   GpuStatus status;
   VisitDistanceDType(args.in.type, [&](auto tag) {
     using T = typename decltype(tag)::type;
@@ -663,7 +695,7 @@ GpuStatus InBatchLossReducedGpu(const InBatchReducedArgs& args, void* workspace,
         const int blocks = static_cast<int>(
             std::min(kMaxBlocks, (rows + kThreadsPerBlock - 1) / kThreadsPerBlock));
         ReducedUpstreamKernel<<<blocks, kThreadsPerBlock, 0, s>>>(
-            w, reduction.scalar_weight, rows, reduction.reduction_scale, upstream);
+            w, reduction.scalar_weight, rows, reduction.reduction_scale, upstream + begin);
       }
       status = LastError();
       if (!status.ok()) return;
@@ -673,7 +705,7 @@ GpuStatus InBatchLossReducedGpu(const InBatchReducedArgs& args, void* workspace,
       in.grad = args.grad;
       status = InBatchLossGpu(in, base + layout.sweep, gemm, stream);
       if (!status.ok()) return;
-      ReducedLossSumKernel<<<1, kReduceThreads, 0, s>>>(upstream, losses, rows,
+      ReducedLossSumKernel<<<1, kReduceThreads, 0, s>>>(upstream + begin, losses + begin, rows,
                                                         static_cast<T*>(reduction.loss));
       status = LastError();
     }

@@ -7,6 +7,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <string>
 
 #include "core/common/dtypes.h"
 #include "core/common/formula.h"
@@ -22,19 +23,34 @@ struct InBatchArgs {
   const void* embeddings;  // rows * dim values, row-major
   int64_t rows;
   int64_t dim;
+  // The anchors are rows [anchor_begin, anchor_end) (0 <= begin <= end <=
+  // rows; all rows: today's batch). Each anchor pairs with every other row;
+  // the other rows (the other replicas' batches, references) are partners
+  // only: their loss is 0, their gradient that of the anchors' pairs with them.
+  int64_t anchor_begin;
+  int64_t anchor_end;
   double margin;
   double positive_margin;
   Distance distance;  // one of kInBatchDistances
   PairWeighting weighting;
   int64_t max_block_rows;  // caps the rows per block; 0 leaves it to the kernel
-  // d(objective)/d(loss_i), rows values; null when no gradient is wanted.
+  // d(objective)/d(loss_i), rows values (those of partners unused); null when
+  // no gradient is wanted.
   const void* upstream;
-  void* loss;  // out: rows per-anchor losses, or null
+  void* loss;  // out: rows per-anchor losses (0 for partners), or null
   void* grad;  // out: rows * dim values, d(objective)/d(embeddings); null without upstream
 };
 
 // What the kernels support; the callers check it first and report the problem.
 inline bool IsInBatchDType(DType t) { return t == DType::kFloat32 || t == DType::kFloat64; }
+
+// The problem with an anchor range [begin, end) of `rows` rows, for every
+// front end's error; empty when there is none.
+inline std::string InBatchAnchorsProblem(int64_t begin, int64_t end, int64_t rows) {
+  if (0 <= begin && begin <= end && end <= rows) return "";
+  return "anchors must be a range [begin, end) with 0 <= begin <= end <= " + std::to_string(rows) +
+         " (the rows), got [" + std::to_string(begin) + ", " + std::to_string(end) + ")";
+}
 
 // Calls f(TypeTag<T>{}, DistanceTag<K>{}) for a supported dtype and distance;
 // false when there is none.
@@ -54,16 +70,19 @@ bool VisitInBatchKernel(DType type, Distance distance, F&& f) {
 }
 
 // Loss and/or gradient in one sweep over the pairs. Each unordered pair of row
-// blocks is visited once (d_ij = d_ji): the block products E_I·E_Jᵀ and the
-// gradient's M_IJ·E_J, M_IJᵀ·E_I run as single-threaded GEMMs, the blocks in
-// parallel on `parallel_for`, in a fixed schedule, so results do not depend
-// on the thread count. False for an unsupported dtype or distance.
+// blocks with an anchor block is visited once (d_ij = d_ji): the block
+// products E_I·E_Jᵀ and the gradient's M_IJ·E_J, M_IJᵀ·E_I run as
+// single-threaded GEMMs, the blocks in parallel on `parallel_for`, in a fixed
+// schedule, so results do not depend on the thread count. Pairs of two
+// partners are never computed. False for an unsupported dtype or distance.
 bool InBatchLossCpu(const InBatchArgs& args, const ParallelFor& parallel_for);
 
 // The Keras reduction of the per-anchor losses, with the fully scaled
 // gradient, from one sweep: g_i = weight_i · reduction_scale (core/common/reduction.h)
 // is the upstream gradient of anchor i's loss, the loss is Σ g_i·l_i (summed
-// in double, in a fixed order), and the gradient d(loss)/d(embeddings).
+// in double, in a fixed order), and the gradient d(loss)/d(embeddings) of
+// every row. The weights are one per anchor (or one scalar), and the
+// reduction's count is the anchors'.
 struct InBatchReducedArgs {
   InBatchArgs in;           // upstream, loss and grad are set by the kernel
   ReductionArgs reduction;  // weights and loss of in.type

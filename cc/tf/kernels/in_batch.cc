@@ -76,6 +76,12 @@ class InBatchOpBase : public OpKernel {
     args->embeddings = embeddings.data();
     args->rows = embeddings.dim_size(0);
     args->dim = embeddings.dim_size(1);
+    // Host memory (the registrations say so) on every device.
+    const Tensor& anchors = ctx->input(Io::kAnchors);
+    TF_RETURN_IF_ERROR(CheckInBatchAnchors(anchors.shape()));
+    args->anchor_begin = anchors.flat<int64_t>()(0);
+    args->anchor_end = anchors.flat<int64_t>()(1);
+    TF_RETURN_IF_ERROR(CheckInBatchAnchorRange(args->anchor_begin, args->anchor_end, args->rows));
     args->distance = attrs_.distance;
     args->weighting = attrs_.weighting;
     args->max_block_rows = attrs_.max_block_rows;
@@ -138,8 +144,9 @@ class InBatchLossReducedOp : public InBatchOpBase {
     using Io = InBatchReducedIo;
     InBatchReducedArgs args;
     OP_REQUIRES_OK(ctx, ReadInputs<Io>(ctx, &args.in));
-    OP_REQUIRES_OK(ctx, CheckPerRow("sample_weight", ctx->input(Io::kWeights).shape(),
-                                    ctx->input(Io::kLabels).shape()));
+    OP_REQUIRES_OK(ctx,
+                   CheckInBatchWeights(ctx->input(Io::kWeights).shape(),
+                                       args.in.anchor_end - args.in.anchor_begin, args.in.rows));
     OP_REQUIRES_OK(ctx, PrepareReduction<Io>(ctx, reduction_, &args.reduction));
     Tensor* grad = nullptr;
     OP_REQUIRES_OK(ctx,

@@ -24,10 +24,17 @@ const std::string kPairWeightingAttr =
     NamesAttr("pair_weighting", kAllPairWeightings, PairWeightingName);
 constexpr char kMaxBlockRowsAttr[] = "max_block_rows: int >= 0 = 0";
 
-// Embeddings [B, D] and labels [B] merged: B. The rule CheckInBatchShapes
-// applies to known shapes; the positions are those of all three ops.
+// Embeddings [B, D] and labels [B] merged: B, and anchors [2]. The rules
+// CheckInBatchShapes and CheckInBatchAnchors apply to known shapes; the
+// positions are those of all three ops.
 absl::Status InBatchShapes(InferenceContext* c, ShapeHandle* embeddings, ShapeHandle* rows) {
   using Io = InBatchLossIo;
+  ShapeHandle anchors;
+  ::tensorflow::shape_inference::DimensionHandle two;
+  if (!c->WithRank(c->input(Io::kAnchors), 1, &anchors).ok() ||
+      !c->WithValue(c->Dim(anchors, 0), 2, &two).ok()) {
+    return InBatchAnchorsShapeError(c->DebugString(c->input(Io::kAnchors)));
+  }
   const absl::Status mismatch = InBatchShapeMismatch(c->DebugString(c->input(Io::kLabels)),
                                                      c->DebugString(c->input(Io::kEmbeddings)));
   if (!c->WithRank(c->input(Io::kEmbeddings), 2, embeddings).ok()) return mismatch;
@@ -42,6 +49,7 @@ absl::Status InBatchShapes(InferenceContext* c, ShapeHandle* embeddings, ShapeHa
 REGISTER_OP(kInBatchOpName)
     .Input("labels: int64")
     .Input("embeddings: T")
+    .Input("anchors: int64")
     .Input("margin: double")
     .Input("positive_margin: double")
     .Output("loss: T")
@@ -62,12 +70,15 @@ REGISTER_OP(kInBatchOpName)
 Per-anchor contrastive loss over every ordered pair (i, j), j != i, of a batch
 of embeddings [B, D] with class labels [B] (equal labels: positive pair),
 computed in blocks of rows (at most max_block_rows; 0: the kernel's choice)
-without ever holding a B x B matrix.
+without ever holding a B x B matrix. Only rows anchors[0] <= i < anchors[1]
+are anchors; the others are partners only (loss 0), and pairs of two
+partners are not computed.
 )doc");
 
 REGISTER_OP(kInBatchGradOpName)
     .Input("labels: int64")
     .Input("embeddings: T")
+    .Input("anchors: int64")
     .Input("upstream: T")
     .Input("margin: double")
     .Input("positive_margin: double")
@@ -94,6 +105,7 @@ embeddings, from one sweep over the pairs.
 REGISTER_OP(kInBatchReducedOpName)
     .Input("labels: int64")
     .Input("embeddings: T")
+    .Input("anchors: int64")
     .Input("sample_weight: T")
     .Input("margin: double")
     .Input("positive_margin: double")
@@ -110,7 +122,8 @@ REGISTER_OP(kInBatchReducedOpName)
       using Io = InBatchReducedIo;
       ShapeHandle embeddings, rows;
       TF_RETURN_IF_ERROR(InBatchShapes(c, &embeddings, &rows));
-      TF_RETURN_IF_ERROR(MergeWeights(c, Io::kWeights, rows));
+      // One weight per anchor: their count is known when the kernel runs.
+      TF_RETURN_IF_ERROR(MergeWeights(c, Io::kWeights, c->Vector(c->UnknownDim())));
       TF_RETURN_IF_ERROR(RequireScalar(c, Io::kMargin));
       TF_RETURN_IF_ERROR(RequireScalar(c, Io::kPositiveMargin));
       TF_RETURN_IF_ERROR(RequireScalar(c, Io::kLossScale));
@@ -120,8 +133,8 @@ REGISTER_OP(kInBatchReducedOpName)
       return absl::OkStatus();
     })
     .Doc(R"doc(
-InBatchContrastiveLoss reduced as ContrastiveLossReduced reduces (sample
-weights per anchor), and the gradient of the reduced loss with respect to the
+InBatchContrastiveLoss reduced as ContrastiveLossReduced reduces (a scalar
+sample weight or one per anchor; the mean counts the anchors), and the gradient of the reduced loss with respect to the
 embeddings, from one sweep over the pairs.
 )doc");
 

@@ -85,7 +85,7 @@ xla::XlaOp BlockedSum(xla::XlaOp x, int64_t n, xla::PrimitiveType compute) {
 }
 
 xla::XlaOp ReductionScale(tensorflow::XlaOpKernelContext* ctx, Reduction reduction, xla::XlaOp w,
-                          bool scalar_weight, int64_t n, int loss_scale_input) {
+                          bool scalar_weight, int64_t n, int loss_scale_input, xla::XlaOp count) {
   xla::XlaBuilder* builder = ctx->builder();
   // Only kWeightedMean reads the total of per-element weights.
   xla::XlaOp weight_total = xla::ConstantR0<double>(builder, 0.0);
@@ -96,8 +96,8 @@ xla::XlaOp ReductionScale(tensorflow::XlaOpKernelContext* ctx, Reduction reducti
     // (float32 chunks pay off only where the sum fuses with the loss).
     weight_total = BlockedSum(xla::ConvertElementType(w, xla::F64), n, xla::F64);
   }
-  return reduction_scale(reduction, xla::ConstantR0<double>(builder, static_cast<double>(n)),
-                         weight_total, ctx->Input(loss_scale_input));
+  if (!count.valid()) count = xla::ConstantR0<double>(builder, static_cast<double>(n));
+  return reduction_scale(reduction, count, weight_total, ctx->Input(loss_scale_input));
 }
 
 xla::XlaOp ReducedLoss(xla::XlaOp total, xla::XlaOp scale, xla::PrimitiveType compute,

@@ -81,9 +81,11 @@ absl::Status ReadLabelsAndMargin(tensorflow::XlaOpKernelContext* ctx, int labels
 xla::XlaOp BlockedSum(xla::XlaOp x, int64_t n, xla::PrimitiveType compute);
 
 // reduction_scale() of core/common/reduction.h for n losses with weights w
-// (one per loss or a scalar), in float64.
+// (one per loss or a scalar), in float64. `count`, a float64 scalar, stands
+// for n where the count is known only at run time (a scalar weight's losses).
 xla::XlaOp ReductionScale(tensorflow::XlaOpKernelContext* ctx, Reduction reduction, xla::XlaOp w,
-                          bool scalar_weight, int64_t n, int loss_scale_input);
+                          bool scalar_weight, int64_t n, int loss_scale_input,
+                          xla::XlaOp count = xla::XlaOp());
 
 // The reduced loss output: total * scale rounded to the compute type first,
 // then to the output type, as the kernels store it.

@@ -55,24 +55,60 @@ int64_t InBatchBlockRows(int64_t rows, int64_t max_block_rows) {
 }
 
 // The in-batch ops' labels [B] (int64), embeddings [B, D] (their dtype,
-// float32 or float64, is the compute type) and margins.
+// float32 or float64, is the compute type), anchor range (int64 [2]) and
+// margins.
 struct InBatchInputs {
   int64_t rows, dim, block;
   xla::PrimitiveType type;
-  xla::XlaOp labels, e, margin, positive_margin;
+  xla::XlaOp labels, e, anchors, margin, positive_margin;
 };
 
-// The shapes checked as the OpKernels check them, and the type; the ops unset.
+// The shapes checked as the OpKernels check them, the anchor range where it
+// is a constant, and the type; the ops unset.
 template <typename Io>
 absl::Status InBatchShapes(tensorflow::XlaOpKernelContext* ctx, int64_t max_block_rows,
                            InBatchInputs* in) {
   const TensorShape e = ctx->InputShape(Io::kEmbeddings);
   TF_RETURN_IF_ERROR(CheckInBatchShapes(ctx->InputShape(Io::kLabels), e));
+  TF_RETURN_IF_ERROR(CheckInBatchAnchors(ctx->InputShape(Io::kAnchors)));
   in->rows = e.dim_size(0);
   in->dim = e.dim_size(1);
+  std::vector<int64_t> anchors;
+  if (ctx->ConstantInputAsIntVector(Io::kAnchors, &anchors).ok()) {
+    TF_RETURN_IF_ERROR(CheckInBatchAnchorRange(anchors[0], anchors[1], in->rows));
+  }
   in->block = InBatchBlockRows(in->rows, max_block_rows);
   in->type = ctx->input_xla_type(Io::kEmbeddings);
   return absl::OkStatus();
+}
+
+// The anchor range's ends, S64 scalars.
+void AnchorEnds(xla::XlaOp anchors, xla::XlaOp* begin, xla::XlaOp* end) {
+  *begin = xla::Reshape(xla::Slice(anchors, {0}, {1}, {1}), {});
+  *end = xla::Reshape(xla::Slice(anchors, {1}, {2}, {1}), {});
+}
+
+// Whether each row number of `index` (S64) is an anchor's.
+xla::XlaOp IsAnchor(xla::XlaOp anchors, xla::XlaOp index) {
+  xla::XlaOp begin, end;
+  AnchorEnds(anchors, &begin, &end);
+  return xla::And(xla::Ge(index, begin), xla::Lt(index, end));
+}
+
+// x where `ok`, else NaN: what an anchor range known only at run time gives
+// when it is invalid (the lowering cannot raise there; the kernels do).
+xla::XlaOp NanUnless(xla::XlaOp ok, xla::XlaOp x, xla::PrimitiveType type) {
+  const xla::Shape shape = x.builder()->GetShape(x).value();
+  return xla::Select(xla::Broadcast(ok, shape.dimensions()), x,
+                     xla::Broadcast(xla::NanValue(x.builder(), type), shape.dimensions()));
+}
+
+// Whether the anchor range is valid for `rows` rows (InBatchAnchorsProblem).
+xla::XlaOp AnchorsValid(xla::XlaOp anchors, int64_t rows) {
+  xla::XlaOp begin, end;
+  AnchorEnds(anchors, &begin, &end);
+  return xla::And(xla::And(xla::Ge(begin, xla::ScalarLike(begin, 0)), xla::Le(begin, end)),
+                  xla::Le(end, xla::ScalarLike(end, rows)));
 }
 
 // [R] values along the rows ([R, B]) and [B] values along the columns.
@@ -84,14 +120,24 @@ struct PairBlock {
   xla::XlaOp AlongColumns(xla::XlaOp per_row) const {
     return xla::BroadcastInDim(per_row, {block, rows}, {1});
   }
-  // Which pairs (i, j) of anchors i (labels y_block, rows from start) and rows
-  // j have equal labels, and which have j ≠ i.
+  // Which pairs (i, j) of the block's rows i (labels y_block, rows from
+  // start) and rows j have equal labels, and which have j ≠ i.
   void Masks(xla::XlaOp y_block, xla::XlaOp y, xla::XlaOp start, xla::XlaOp* same,
              xla::XlaOp* other) const {
-    xla::XlaBuilder* builder = y.builder();
     *same = xla::Eq(AlongRows(y_block), AlongColumns(y));
-    const xla::Shape index = xla::ShapeUtil::MakeShape(xla::S64, {block, rows});
-    *other = xla::Ne(xla::Iota(builder, index, 0) + start, xla::Iota(builder, index, 1));
+    *other = xla::Ne(RowIndex(start), ColumnIndex(y.builder()));
+  }
+  // The pairs with an anchor among other: those of the loss and gradient.
+  xla::XlaOp WithAnchor(xla::XlaOp other, xla::XlaOp anchors, xla::XlaOp start) const {
+    return xla::And(other, xla::Or(IsAnchor(anchors, RowIndex(start)),
+                                   IsAnchor(anchors, ColumnIndex(anchors.builder()))));
+  }
+  xla::XlaOp RowIndex(xla::XlaOp start) const {
+    return xla::Iota(start.builder(), xla::ShapeUtil::MakeShape(xla::S64, {block, rows}), 0) +
+           start;
+  }
+  xla::XlaOp ColumnIndex(xla::XlaBuilder* builder) const {
+    return xla::Iota(builder, xla::ShapeUtil::MakeShape(xla::S64, {block, rows}), 1);
   }
 };
 
@@ -153,6 +199,14 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
   }
   xla::XlaOp positive_weight, negative_weight;
   TF_RETURN_IF_ERROR(InBatchPairWeights(in, weighting, &positive_weight, &negative_weight));
+  // Partners: weight 0 and no upstream read, as in the kernels (selected, so
+  // that a NaN upstream of a partner stays unread).
+  const xla::XlaOp is_anchor = IsAnchor(in.anchors, xla::Iota(builder, xla::S64, in.rows));
+  const auto anchors_only = [&](xla::XlaOp x) {
+    return xla::Select(is_anchor, x, xla::ZerosLike(x));
+  };
+  positive_weight = anchors_only(positive_weight);
+  negative_weight = anchors_only(negative_weight);
   const xla::XlaOp centre = K == Distance::kEuclidean ? MeanRow(in.e, in.rows) : xla::XlaOp();
   // Cosine rows of extreme scale divided by 2^k (cosine_row_exponent), as the
   // kernels divide them, and their gradient rows too (below).
@@ -167,6 +221,7 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
   enum {
     kE,
     kLabels,
+    kAnchors,
     kStat,
     kPositiveWeight,
     kNegativeWeight,
@@ -180,6 +235,7 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
   std::vector<xla::XlaOp> values = {
       e,
       in.labels,
+      in.anchors,
       row_statistic<K>(norm2),
       positive_weight,
       negative_weight,
@@ -187,7 +243,7 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
       in.positive_margin,
       xla::Zeros(builder, xla::ShapeUtil::MakeShape(in.type, {in.rows}))};
   if (with_grad) {
-    const xla::XlaOp g = xla::ConvertElementType(*upstream, xla::F64);
+    const xla::XlaOp g = anchors_only(xla::ConvertElementType(*upstream, xla::F64));
     values.push_back(xla::ConvertElementType(positive_weight * g, in.type));
     values.push_back(xla::ConvertElementType(negative_weight * g, in.type));
     values.push_back(xla::Zeros(builder, xla::ShapeUtil::MakeShape(in.type, {in.rows, in.dim})));
@@ -209,6 +265,7 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
     const xla::XlaOp s = PreciseDot(e_block, v[kE], 1, 1);
     xla::XlaOp same, other;
     pairs.Masks(block_of(kLabels), v[kLabels], start, &same, &other);
+    other = pairs.WithAnchor(other, v[kAnchors], start);
     // 1 or 0 per pair, as the kernel's masks.
     const xla::XlaOp positive = xla::ConvertElementType(xla::And(same, other), in.type);
     const xla::XlaOp negative = xla::ConvertElementType(xla::And(xla::Not(same), other), in.type);
@@ -242,10 +299,15 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
     positive_term(d, v[kPositiveMargin], &positive_t, &positive_slope);
     negative_term(d, v[kMargin], &negative_t, &negative_slope);
     const auto f64 = [](xla::XlaOp x) { return xla::ConvertElementType(x, xla::F64); };
-    const xla::XlaOp loss_block = xla::ConvertElementType(
+    // A partner's sums hold its pairs with anchors: not a loss.
+    const xla::XlaOp block_anchors = IsAnchor(
+        v[kAnchors],
+        xla::Iota(start.builder(), xla::ShapeUtil::MakeShape(xla::S64, {in.block}), 0) + start);
+    xla::XlaOp loss_block = xla::ConvertElementType(
         block_of(kPositiveWeight) * f64(RowSums(masked(positive, positive_t))) +
             block_of(kNegativeWeight) * f64(RowSums(masked(negative, negative_t))),
         in.type);
+    loss_block = xla::Select(block_anchors, loss_block, xla::ZerosLike(loss_block));
     v[kLoss] = SetRowBlock(v[kLoss], loss_block, start);
     if (!with_grad) return v;
     const auto pair_sum = [&](int value) {
@@ -280,11 +342,14 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
   };
   TF_ASSIGN_OR_RETURN(const std::vector<xla::XlaOp> out,
                       ForEachRowBlock(in.rows, in.block, values, "in_batch_sweep", body));
-  *loss = out[kLoss];
+  const xla::XlaOp valid = AnchorsValid(in.anchors, in.rows);
+  *loss = NanUnless(valid, out[kLoss], in.type);
   if (!with_grad) return absl::OkStatus();
-  *grad = K == Distance::kCosine
-              ? ScaleRowsByPowerOfTwo(out[kGrad], -exponents, in.type, in.rows, in.dim)
-              : out[kGrad];
+  *grad = NanUnless(valid,
+                    K == Distance::kCosine
+                        ? ScaleRowsByPowerOfTwo(out[kGrad], -exponents, in.type, in.rows, in.dim)
+                        : out[kGrad],
+                    in.type);
   return absl::OkStatus();
 }
 
@@ -316,6 +381,7 @@ class InBatchXlaOpBase : public tensorflow::XlaOpKernel {
     TF_RETURN_IF_ERROR(InBatchShapes<Io>(ctx, attrs_.max_block_rows, in));
     in->labels = ctx->Input(Io::kLabels);
     in->e = ctx->Input(Io::kEmbeddings);
+    in->anchors = ctx->Input(Io::kAnchors);
     TF_RETURN_IF_ERROR(ReadMargin(ctx, Io::kMargin, in->type, &in->margin));
     return ReadMargin(ctx, Io::kPositiveMargin, in->type, &in->positive_margin, "positive_margin");
   }
@@ -399,20 +465,42 @@ class InBatchLossReducedXlaOp : public InBatchXlaOpBase {
       InBatchInputs in;
       OP_REQUIRES_OK(ctx, ReadInputs<Io>(ctx, &in));
       const TensorShape weight_shape = ctx->InputShape(Io::kWeights);
-      OP_REQUIRES_OK(ctx, CheckPerRow("sample_weight", weight_shape, ctx->InputShape(Io::kLabels)));
+      OP_REQUIRES_OK(ctx, CheckInBatchWeights(weight_shape, -1, in.rows));
       const bool scalar_weight = weight_shape.dims() == 0;
+      // One weight per anchor, or one for all: g_i of the rows, 0 for partners.
+      const int64_t weights = scalar_weight ? in.rows : weight_shape.dim_size(0);
+      xla::XlaOp begin, end;
+      AnchorEnds(in.anchors, &begin, &end);
       const xla::XlaOp w = ctx->Input(Io::kWeights);
       const xla::XlaOp scale =
-          ReductionScale(ctx, reduction_, w, scalar_weight, in.rows, Io::kLossScale);
+          ReductionScale(ctx, reduction_, w, scalar_weight, weights, Io::kLossScale,
+                         xla::ConvertElementType(end - begin, xla::F64));
       xla::XlaOp upstream =
           xla::ConvertElementType(xla::ConvertElementType(w, xla::F64) * scale, in.type);
-      if (scalar_weight) upstream = xla::Broadcast(upstream, {in.rows});
+      upstream =
+          scalar_weight
+              ? xla::Broadcast(upstream, {in.rows})
+              : xla::DynamicUpdateSlice(
+                    xla::Zeros(ctx->builder(), xla::ShapeUtil::MakeShape(in.type, {in.rows})),
+                    upstream, {begin});
       xla::XlaOp loss, grad;
       OP_REQUIRES_OK(
           ctx, InBatchSweep<decltype(k)::value>(in, attrs_.weighting, &upstream, &loss, &grad));
-      ctx->SetOutput(Io::kLoss,
-                     ReducedLoss(BlockedSum(loss * w, in.rows, in.type), scale, in.type, in.type));
-      ctx->SetOutput(Io::kGrad, grad);
+      const xla::XlaOp weighted =
+          scalar_weight
+              ? xla::Select(IsAnchor(in.anchors, xla::Iota(ctx->builder(), xla::S64, in.rows)),
+                            loss * w, xla::ZerosLike(loss))
+              : xla::DynamicSlice(loss, {begin}, {weights}) * w;
+      // A weight per anchor must match the anchor count, known at run time.
+      xla::XlaOp valid = AnchorsValid(in.anchors, in.rows);
+      if (!scalar_weight) {
+        valid = xla::And(valid, xla::Eq(end - begin, xla::ScalarLike(begin, weights)));
+      }
+      ctx->SetOutput(Io::kLoss, NanUnless(valid,
+                                          ReducedLoss(BlockedSum(weighted, weights, in.type), scale,
+                                                      in.type, in.type),
+                                          in.type));
+      ctx->SetOutput(Io::kGrad, NanUnless(valid, grad, in.type));
       ctx->SetOutput(Io::kReductionScale, scale);
     });
   }
@@ -470,9 +558,8 @@ class InBatchLossReducedHostXlaOp : public InBatchLossReducedXlaOp {
     InBatchInputs in;
     std::vector<xla::XlaOp> operands;
     std::vector<std::pair<const char*, int>> attrs;
-    OP_REQUIRES_OK(ctx, CheckPerRow("sample_weight", ctx->InputShape(Io::kWeights),
-                                    ctx->InputShape(Io::kLabels)));
     OP_REQUIRES_OK(ctx, HostOperands<Io>(ctx, &in, &operands, &attrs));
+    OP_REQUIRES_OK(ctx, CheckInBatchWeights(ctx->InputShape(Io::kWeights), -1, in.rows));
     attrs.emplace_back("reduction", static_cast<int>(reduction_));
     const std::vector<xla::XlaOp> out =
         HostCall(ctx, kInBatchReducedTarget, operands,

@@ -2,9 +2,10 @@
 // InBatchLossCpu and InBatchLossReducedCpu for the custom calls
 // xla/in_batch.cc emits on XLA's CPU backend. Operands and results are the
 // ops' inputs and outputs in order (tf/in_batch.h): labels int64 [B],
-// embeddings [B, D], upstream [B], sample_weight [B] or scalar, margins and
-// loss_scale float64 scalars.
+// embeddings [B, D], anchors int64 [2], upstream [B], sample_weight [A] or
+// scalar, margins and loss_scale float64 scalars.
 #include <cstdint>
+#include <string>
 
 #include "core/in_batch/kernels.h"
 #include "tf/in_batch.h"
@@ -40,53 +41,76 @@ bool ReadInBatchHostInputs(ffi::BufferR1<ffi::S64> labels, ffi::AnyBuffer embedd
   return FromFfi(embeddings.element_type(), &args->type) && IsInBatchDType(args->type);
 }
 
+// The anchor range, known only now: a bad one is an error of the call.
+ffi::Error ReadAnchors(ffi::BufferR1<ffi::S64> anchors, InBatchArgs* args) {
+  args->anchor_begin = anchors.typed_data()[0];
+  args->anchor_end = anchors.typed_data()[1];
+  const std::string problem =
+      InBatchAnchorsProblem(args->anchor_begin, args->anchor_end, args->rows);
+  if (problem.empty()) return ffi::Error::Success();
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "in-batch contrastive loss: " + problem);
+}
+
 ffi::Error InBatchLossHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
-                           ffi::AnyBuffer embeddings, ffi::BufferR0<ffi::F64> margin,
-                           ffi::BufferR0<ffi::F64> positive_margin,
+                           ffi::AnyBuffer embeddings, ffi::BufferR1<ffi::S64> anchors,
+                           ffi::BufferR0<ffi::F64> margin, ffi::BufferR0<ffi::F64> positive_margin,
                            ffi::Result<ffi::AnyBuffer> loss, int32_t distance,
                            int32_t pair_weighting, int32_t max_block_rows) {
   InBatchArgs args;
   bool margins_valid;
   const bool read = ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance,
                                           pair_weighting, max_block_rows, &args, &margins_valid);
+  ffi::Error error = ReadAnchors(anchors, &args);
+  if (!error.success()) return error;
   args.loss = loss->untyped_data();
-  ffi::Error error =
-      RunHostKernel(pool, read, [&](const ParallelFor& p) { return InBatchLossCpu(args, p); });
+  error = RunHostKernel(pool, read, [&](const ParallelFor& p) { return InBatchLossCpu(args, p); });
   if (error.success() && !margins_valid) FillNan(*loss);
   return error;
 }
 
 ffi::Error InBatchGradHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
-                           ffi::AnyBuffer embeddings, ffi::AnyBuffer upstream,
-                           ffi::BufferR0<ffi::F64> margin, ffi::BufferR0<ffi::F64> positive_margin,
+                           ffi::AnyBuffer embeddings, ffi::BufferR1<ffi::S64> anchors,
+                           ffi::AnyBuffer upstream, ffi::BufferR0<ffi::F64> margin,
+                           ffi::BufferR0<ffi::F64> positive_margin,
                            ffi::Result<ffi::AnyBuffer> grad, int32_t distance,
                            int32_t pair_weighting, int32_t max_block_rows) {
   InBatchArgs args;
   bool margins_valid;
   const bool read = ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance,
                                           pair_weighting, max_block_rows, &args, &margins_valid);
+  ffi::Error error = ReadAnchors(anchors, &args);
+  if (!error.success()) return error;
   args.upstream = upstream.untyped_data();
   args.grad = grad->untyped_data();
-  ffi::Error error =
-      RunHostKernel(pool, read, [&](const ParallelFor& p) { return InBatchLossCpu(args, p); });
+  error = RunHostKernel(pool, read, [&](const ParallelFor& p) { return InBatchLossCpu(args, p); });
   if (error.success() && !margins_valid) FillNan(*grad);
   return error;
 }
 
 ffi::Error InBatchLossReducedHost(
     ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels, ffi::AnyBuffer embeddings,
-    ffi::AnyBuffer weights, ffi::BufferR0<ffi::F64> margin, ffi::BufferR0<ffi::F64> positive_margin,
-    ffi::BufferR0<ffi::F64> loss_scale, ffi::Result<ffi::AnyBuffer> loss,
-    ffi::Result<ffi::AnyBuffer> grad, ffi::Result<ffi::AnyBuffer> reduction_scale, int32_t distance,
-    int32_t pair_weighting, int32_t max_block_rows, int32_t reduction) {
+    ffi::BufferR1<ffi::S64> anchors, ffi::AnyBuffer weights, ffi::BufferR0<ffi::F64> margin,
+    ffi::BufferR0<ffi::F64> positive_margin, ffi::BufferR0<ffi::F64> loss_scale,
+    ffi::Result<ffi::AnyBuffer> loss, ffi::Result<ffi::AnyBuffer> grad,
+    ffi::Result<ffi::AnyBuffer> reduction_scale, int32_t distance, int32_t pair_weighting,
+    int32_t max_block_rows, int32_t reduction) {
   InBatchReducedArgs args;
   bool margins_valid;
   const bool read = ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance,
                                           pair_weighting, max_block_rows, &args.in, &margins_valid);
+  ffi::Error error = ReadAnchors(anchors, &args.in);
+  if (!error.success()) return error;
+  const int64_t anchor_count = args.in.anchor_end - args.in.anchor_begin;
+  if (weights.dimensions().size() == 1 && weights.dimensions()[0] != anchor_count) {
+    return ffi::Error(
+        ffi::ErrorCode::kInvalidArgument,
+        "in-batch contrastive loss: sample_weight must be a scalar or one per anchor (" +
+            std::to_string(anchor_count) + "), got " + std::to_string(weights.dimensions()[0]));
+  }
   args.reduction = HostReduction(weights, loss_scale, loss, reduction_scale, reduction);
   args.grad = grad->untyped_data();
-  ffi::Error error = RunHostKernel(
-      pool, read, [&](const ParallelFor& p) { return InBatchLossReducedCpu(args, p); });
+  error = RunHostKernel(pool, read,
+                        [&](const ParallelFor& p) { return InBatchLossReducedCpu(args, p); });
   // The reduction scale does not depend on the margins: it stays.
   if (error.success() && !margins_valid) {
     FillNan(*loss);
@@ -100,6 +124,7 @@ XLA_FFI_DEFINE_HANDLER(kInBatchHandler, InBatchLossHost,
                            .Ctx<ffi::ThreadPool>()
                            .Arg<ffi::BufferR1<ffi::S64>>()  // labels
                            .Arg<ffi::AnyBuffer>()           // embeddings
+                           .Arg<ffi::BufferR1<ffi::S64>>()  // anchors
                            .Arg<ffi::BufferR0<ffi::F64>>()  // margin
                            .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
                            .Ret<ffi::AnyBuffer>()           // loss
@@ -112,6 +137,7 @@ XLA_FFI_DEFINE_HANDLER(kInBatchGradHandler, InBatchGradHost,
                            .Ctx<ffi::ThreadPool>()
                            .Arg<ffi::BufferR1<ffi::S64>>()  // labels
                            .Arg<ffi::AnyBuffer>()           // embeddings
+                           .Arg<ffi::BufferR1<ffi::S64>>()  // anchors
                            .Arg<ffi::AnyBuffer>()           // upstream
                            .Arg<ffi::BufferR0<ffi::F64>>()  // margin
                            .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
@@ -125,6 +151,7 @@ XLA_FFI_DEFINE_HANDLER(kInBatchReducedHandler, InBatchLossReducedHost,
                            .Ctx<ffi::ThreadPool>()
                            .Arg<ffi::BufferR1<ffi::S64>>()  // labels
                            .Arg<ffi::AnyBuffer>()           // embeddings
+                           .Arg<ffi::BufferR1<ffi::S64>>()  // anchors
                            .Arg<ffi::AnyBuffer>()           // sample_weight
                            .Arg<ffi::BufferR0<ffi::F64>>()  // margin
                            .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
