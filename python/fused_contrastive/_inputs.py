@@ -341,22 +341,36 @@ class InBatchOptions:
     distance: str
     pair_weighting: str
     max_block_rows: object = None  # None or a positive int, as given (configs save it)
+    # The loss, not the ops: whether the anchors pair with every replica's batch.
+    gather_across_replicas: bool = False
 
     @classmethod
     def checked(
-        cls, margin, positive_margin, distance, pair_weighting, max_block_rows=None, owner=None
+        cls,
+        margin,
+        positive_margin,
+        distance,
+        pair_weighting,
+        max_block_rows=None,
+        gather_across_replicas=False,
+        owner=None,
     ):
         """The options, checked. owner: the name of the Keras class whose config
         saves them, which takes number margins only; None for the functions."""
         if owner is not None:
             margin = number_margin(margin, owner)
             positive_margin = number_margin(positive_margin, owner, "positive_margin")
+        if not isinstance(gather_across_replicas, bool):
+            raise TypeError(
+                f"gather_across_replicas must be True or False, got {gather_across_replicas!r}"
+            )
         return cls(
             validate_margin(margin),
             named_margin(positive_margin, "positive_margin"),
             validate_choice(distance, IN_BATCH_DISTANCES, "distance"),
             validate_choice(pair_weighting, PAIR_WEIGHTINGS, "pair_weighting"),
             _check_max_block_rows(max_block_rows),
+            gather_across_replicas,
         )
 
     @property
@@ -423,20 +437,68 @@ def all_anchors(embeddings):
     return tf.stack([tf.constant(0, tf.int64), tf.shape(embeddings, out_type=tf.int64)[0]])
 
 
-def against_partners(labels, embeddings, partners, per_row_loss):
-    """The batch's per-anchor loss [B] against the batch and `partners`
-    (labels, embeddings; None: the batch alone), from per_row_loss(labels,
-    rows, anchors), the loss of each of `rows` with only `anchors` (int64
-    [begin, end], or None for all rows) anchoring pairs."""
-    if partners is None:
-        return per_row_loss(labels, embeddings, None)
-    other_labels, other_embeddings = partners
-    # Labels meet in one dtype, int64 when both are integers, else float64, so
-    # that equal values stay equal.
-    common = tf.int64 if labels.dtype.is_integer and other_labels.dtype.is_integer else tf.float64
-    loss = per_row_loss(
-        tf.concat([tf.cast(labels, common), tf.cast(other_labels, common)], 0),
-        tf.concat([embeddings, other_embeddings], 0),
-        all_anchors(embeddings),
-    )
-    return loss[: tf.shape(embeddings)[0]]
+def _gatherable_labels(labels, other):
+    """labels in the dtype they meet `other` labels in (None: only their own
+    replicas'): int64 when both are integers, else float64, so that equal
+    values stay equal and every replica gathers the same dtype."""
+    integer = labels.dtype.is_integer and (other is None or other.dtype.is_integer)
+    return tf.cast(labels, tf.int64 if integer else tf.float64)
+
+
+def replica_context(gather_across_replicas):
+    """The replica context whose replicas' batches the anchors pair with, or
+    None: without gather_across_replicas, outside a replica context (a
+    strategy's scope or none) and with one replica in sync."""
+    if not gather_across_replicas:
+        return None
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return None
+    return context
+
+
+def partner_rows(labels, embeddings, partners=None, context=None):
+    """The rows the batch's anchors pair with, and which of them are the
+    anchors: (labels, rows, anchors int64 [begin, end]), or the batch as it is
+    and anchors None when there is nothing to add. `partners`: (labels,
+    embeddings) after the batch, or None. With a replica `context`
+    (replica_context), the batch is every replica's, gathered in replica order,
+    and this replica's rows are the anchors: the gathered rows' gradient
+    (all_gather's: the sum over replicas, then this replica's rows) is then
+    the global batch's."""
+    if partners is None and context is None:
+        return labels, embeddings, None
+    other_labels = None if partners is None else partners[0]
+    rows = tf.shape(embeddings, out_type=tf.int64)[:1]
+    labels = _gatherable_labels(labels, other_labels)
+    if context is None:
+        anchors = all_anchors(embeddings)
+    else:
+        sizes = context.all_gather(rows, 0)
+        begin = tf.reduce_sum(sizes[: context.replica_id_in_sync_group])
+        anchors = tf.stack([begin, begin + rows[0]])
+        # all_gather sends each tensor from its .device, which a step's inputs
+        # lack under MultiWorkerMirroredStrategy ("destinations can not be
+        # empty"): identities made here, in the replica's device scope, have it.
+        labels = context.all_gather(tf.identity(labels), 0)
+        embeddings = context.all_gather(tf.identity(embeddings), 0)
+    if partners is not None:
+        labels = tf.concat([labels, _gatherable_labels(other_labels, labels)], 0)
+        embeddings = tf.concat([embeddings, partners[1]], 0)
+    return labels, embeddings, anchors
+
+
+def anchor_rows(per_row, anchors, embeddings):
+    """The anchors' values of per-row values (partner_rows' anchors; None:
+    all), as many as the batch `embeddings` has rows (a size XLA knows)."""
+    if anchors is None:
+        return per_row
+    return tf.slice(per_row, anchors[:1], tf.shape(embeddings, out_type=tf.int64)[:1])
+
+
+def against_partners(labels, embeddings, partners, per_row_loss, context=None):
+    """The batch's per-anchor loss [B] from per_row_loss(labels, rows, anchors),
+    the loss of each of partner_rows' rows with only its anchors (None: all
+    rows) anchoring pairs."""
+    labels, rows, anchors = partner_rows(labels, embeddings, partners, context)
+    return anchor_rows(per_row_loss(labels, rows, anchors), anchors, embeddings)

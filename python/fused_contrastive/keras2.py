@@ -52,9 +52,28 @@ class InBatchContrastiveLoss(InBatchLossMixin, tf_keras.losses.Loss):
         reduction=tf_keras.losses.Reduction.SUM_OVER_BATCH_SIZE,
         name="in_batch_contrastive_loss",
         max_block_rows=None,
+        gather_across_replicas=False,
     ):
         super().__init__(reduction=reduction, name=name)
-        self._set_options(margin, positive_margin, distance, pair_weighting, max_block_rows)
+        self._set_options(
+            margin,
+            positive_margin,
+            distance,
+            pair_weighting,
+            max_block_rows,
+            gather_across_replicas,
+        )
+
+    def __call__(self, y_true, y_pred, sample_weight=None):
+        reduction = self._get_reduction() if self.reduction != "none" else "none"
+        mode = {"sum": "sum", "sum_over_batch_size": "mean"}.get(reduction)
+        # tf_keras scales a mean by 1/replicas after the loss (its
+        # LossesContainer): the global reduction undoes it in advance.
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        reduced = self._global_reduction(
+            y_true, y_pred, sample_weight, mode, replicas if mode == "mean" else 1.0
+        )
+        return super().__call__(y_true, y_pred, sample_weight) if reduced is None else reduced
 
 
 @tf_keras.utils.register_keras_serializable(package="fused_contrastive")

@@ -13,8 +13,10 @@ from fused_contrastive._inputs import (
     number_margin,
     prepare_embedding_inputs,
     prepare_in_batch_inputs,
+    partner_rows,
     prepare_references,
     prepare_inputs,
+    replica_context,
     prepare_pair_inputs,
     reject_ragged,
     split_pairs,
@@ -124,6 +126,7 @@ def in_batch_contrastive_loss(
     max_block_rows=None,
     reference_labels=None,
     reference_embeddings=None,
+    gather_across_replicas=False,
 ):
     """Per-anchor contrastive loss over every pair of a batch, from class labels.
 
@@ -160,6 +163,14 @@ def in_batch_contrastive_loss(
         `"balanced"` counts positives and negatives over the batch and the
         references. Pairs of two references are never formed. `R = 0` is the
         loss without references.
+      gather_across_replicas: inside a `tf.distribute` replica context with
+        more than one replica, pair each local anchor with every other row of
+        the global batch (every replica's labels and embeddings, gathered in
+        replica order; unequal batch sizes work) instead of its own replica's
+        batch. Summed over the replicas (`tf.nn.compute_average_loss` with the
+        global batch size, or Keras' scaling), loss and gradients are then the
+        single-device ones of the global batch. Outside a replica context or
+        with one replica it changes nothing.
 
     Returns:
       `[B]` per-anchor losses in the embeddings' dtype (`B = 1` gives `[0]`).
@@ -172,7 +183,7 @@ def in_batch_contrastive_loss(
     [0.125 0.125 0.   ]
     """
     options = InBatchOptions.checked(
-        margin, positive_margin, distance, pair_weighting, max_block_rows
+        margin, positive_margin, distance, pair_weighting, max_block_rows, gather_across_replicas
     )
     labels, embeddings = prepare_in_batch_inputs(labels, embeddings)
     references = prepare_references(reference_labels, reference_embeddings, embeddings)
@@ -181,15 +192,16 @@ def in_batch_contrastive_loss(
 
 def _per_anchor_loss(labels, embeddings, options, partners=None):
     """in_batch_contrastive_loss with checked InBatchOptions on prepared
-    inputs: the batch's anchors against the batch and `partners` (labels,
-    embeddings) when given."""
+    inputs: the batch's anchors against the batch (every replica's, when the
+    options gather them) and `partners` (labels, embeddings) when given."""
 
     def per_row_loss(labels, rows, anchors):
         if using_reference():
             return reference_in_batch_loss(labels, rows, options, anchors)
         return _in_batch_ops.in_batch_loss(labels, rows, options, anchors)
 
-    return against_partners(labels, embeddings, partners, per_row_loss)
+    context = replica_context(options.gather_across_replicas)
+    return against_partners(labels, embeddings, partners, per_row_loss, context)
 
 
 # Keras reduction -> the fused op's (None: Keras reduces the per-sample losses).
@@ -420,20 +432,83 @@ class InBatchLossMixin:
     distance = _in_batch_option("distance")
     pair_weighting = _in_batch_option("pair_weighting")
     max_block_rows = _in_batch_option("max_block_rows")
+    gather_across_replicas = _in_batch_option("gather_across_replicas")
 
-    def _set_options(self, margin, positive_margin, distance, pair_weighting, max_block_rows):
+    def _set_options(
+        self,
+        margin,
+        positive_margin,
+        distance,
+        pair_weighting,
+        max_block_rows,
+        gather_across_replicas,
+    ):
         self._in_batch_options = InBatchOptions.checked(
             margin,
             positive_margin,
             distance,
             pair_weighting,
             max_block_rows,
+            gather_across_replicas,
             owner=type(self).__name__,
         )
 
     def call(self, y_true, y_pred):
         labels, embeddings = prepare_in_batch_inputs(y_true, y_pred)
         return _per_anchor_loss(labels, embeddings, self._in_batch_options)
+
+    def _global_reduction(self, labels, y_pred, sample_weight, mode, loss_scale=1.0, dtype=None):
+        """The loss of this replica's anchors, paired with every replica's
+        batch, reduced so that the sum over replicas is the single-device loss
+        of the global batch; None when the anchors do not gather (then the
+        Keras reduction applies). mode: "sum", "mean" (over anchors) or
+        "weighted_mean" (Keras' rules: a scalar weight divides by itself), with
+        the global batch's divisor and no 1/replicas scaling; loss_scale
+        multiplies the result (tf_keras scales by 1/replicas after the loss).
+        Training runs the one-sweep reduced op; otherwise the per-anchor loss is
+        reduced here. dtype: what y_pred is converted to (None: its own)."""
+        context = replica_context(self.gather_across_replicas)
+        if context is None or mode is None:
+            return None
+        if keras_mask(y_pred) is not None:
+            raise ValueError(
+                f"{type(self).__name__}: gather_across_replicas does not take a Keras mask on the "
+                "embeddings; pass sample_weight instead"
+            )
+        options = self._in_batch_options
+        with tf.name_scope(self.name):
+            y_pred = tf.convert_to_tensor(y_pred) if dtype is None else tf.cast(y_pred, dtype)
+            labels, embeddings = prepare_in_batch_inputs(labels, y_pred)
+            count = tf.shape(embeddings)[:1]
+            if sample_weight is None:
+                weights = tf.ones([], y_pred.dtype)
+            else:
+                weights = tf.cast(sample_weight, y_pred.dtype)
+                if weights.shape.rank == 2:  # [B, 1], as Keras may pass them
+                    weights = tf.squeeze(weights, -1)
+                if weights.shape.rank not in (0, 1):
+                    raise ValueError(
+                        f"{type(self).__name__}: with gather_across_replicas, sample_weight must "
+                        f"be a scalar or one weight per anchor, [B] or [B, 1]; got {weights.shape}"
+                    )
+            if mode == "sum":
+                divisor = tf.constant(1.0, tf.float64)
+            elif mode == "weighted_mean" and sample_weight is not None and weights.shape.rank == 0:
+                divisor = tf.cast(weights, tf.float64)
+            else:
+                local = tf.cast(count[0], tf.float64)
+                if mode == "weighted_mean" and sample_weight is not None:
+                    local = tf.reduce_sum(tf.cast(weights, tf.float64))
+                divisor = context.all_reduce(tf.distribute.ReduceOp.SUM, local)
+            scale = tf.math.divide_no_nan(tf.constant(loss_scale, tf.float64), divisor)
+            if could_possibly_record() and not using_reference():
+                ids, rows, anchors = partner_rows(labels, embeddings, None, context)
+                return _in_batch_ops.reduced_in_batch_loss(
+                    ids, rows, weights, options, "sum", scale, anchors
+                )
+            per_anchor = _per_anchor_loss(labels, embeddings, options)
+            total = tf.reduce_sum(per_anchor * tf.broadcast_to(weights, count))
+            return total * tf.cast(scale, total.dtype)
 
     def get_config(self):
         return {**super().get_config(), **dataclasses.asdict(self._in_batch_options)}
@@ -448,11 +523,17 @@ class InBatchContrastiveLoss(InBatchLossMixin, keras.losses.Loss):
     `in_batch_contrastive_loss`). `sample_weight` weighs anchors. While
     training, the loss and its gradient come from one fused sweep over the
     pairs, with the reduction fused in; memory stays linear in B. Under
-    `tf.distribute` each replica's loss covers the pairs of its own batch.
+    `tf.distribute` each replica's loss covers the pairs of its own batch,
+    unless `gather_across_replicas=True`.
 
     Args:
       margin, positive_margin, distance, pair_weighting, max_block_rows: as in
         `in_batch_contrastive_loss`.
+      gather_across_replicas: as in `in_batch_contrastive_loss`: each replica's
+        anchors pair with the global batch, and the reduction divides by the
+        global batch's count (or weight total), so that with Keras' scaling
+        the replicas' losses and gradients add up to the single-device ones of
+        the global batch, unequal replica batches included.
       reduction: any Keras 3 reduction ("sum_over_batch_size", the default, is
         the mean over anchors).
       name: name of the loss.
@@ -473,16 +554,30 @@ class InBatchContrastiveLoss(InBatchLossMixin, keras.losses.Loss):
         name="in_batch_contrastive_loss",
         dtype=None,
         max_block_rows=None,
+        gather_across_replicas=False,
     ):
         if reduction == "auto":
             reduction = "sum_over_batch_size"
         super().__init__(name=name, reduction=reduction, dtype=dtype)
-        self._set_options(margin, positive_margin, distance, pair_weighting, max_block_rows)
+        self._set_options(
+            margin,
+            positive_margin,
+            distance,
+            pair_weighting,
+            max_block_rows,
+            gather_across_replicas,
+        )
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         reject_ragged(y_true, y_pred)
         labels = class_labels(y_true, self.dtype)
-        reduced = None
+        # Keras 3 scales means by 1/replicas inside Loss.__call__, which this
+        # replaces: the global reduction needs none.
+        reduced = self._global_reduction(
+            labels, y_pred, sample_weight, _FUSED_REDUCTIONS.get(self.reduction), dtype=self.dtype
+        )
+        if reduced is not None:
+            return reduced
         # The fused reduction writes the gradient as it reduces: worth it only
         # when a tape will use it (training), not in evaluate.
         if could_possibly_record() and _fused_reduction_possible(self, y_pred):
