@@ -67,19 +67,21 @@ inline absl::Status CheckInBatchShapes(const tensorflow::TensorShape& labels,
   return InBatchShapeMismatch(labels.DebugString(), embeddings.DebugString());
 }
 
-// The anchors input: [begin, end) of the rows, int64 [2].
+// The anchors input: int64 [begin, end, used] (InBatchArgs).
 inline absl::Status InBatchAnchorsShapeError(const std::string& shape) {
   return absl::InvalidArgumentError(absl::StrCat(
-      "in-batch contrastive loss: anchors must be [begin, end] (shape [2]), got shape ", shape));
+      "in-batch contrastive loss: anchors must be [begin, end, used] (shape [3]), got shape ",
+      shape));
 }
 
 inline absl::Status CheckInBatchAnchors(const tensorflow::TensorShape& shape) {
-  if (shape == tensorflow::TensorShape({2})) return absl::OkStatus();
+  if (shape == tensorflow::TensorShape({3})) return absl::OkStatus();
   return InBatchAnchorsShapeError(shape.DebugString());
 }
 
-inline absl::Status CheckInBatchAnchorRange(int64_t begin, int64_t end, int64_t rows) {
-  const std::string problem = InBatchAnchorsProblem(begin, end, rows);
+inline absl::Status CheckInBatchAnchorRange(int64_t begin, int64_t end, int64_t used,
+                                            int64_t rows) {
+  const std::string problem = InBatchAnchorsProblem(begin, end, used, rows);
   if (problem.empty()) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat("in-batch contrastive loss: ", problem));
 }

@@ -433,8 +433,10 @@ def prepare_references(reference_labels, reference_embeddings, embeddings):
 
 
 def all_anchors(embeddings):
-    """The in-batch ops' anchors input when every row is an anchor: [0, B]."""
-    return tf.stack([tf.constant(0, tf.int64), tf.shape(embeddings, out_type=tf.int64)[0]])
+    """The in-batch ops' anchors input, [begin, end, used], when every row is
+    an anchor: [0, B, B]."""
+    rows = tf.shape(embeddings, out_type=tf.int64)[0]
+    return tf.stack([tf.constant(0, tf.int64), rows, rows])
 
 
 def _gatherable_labels(labels, other):
@@ -472,11 +474,10 @@ def partner_rows(labels, embeddings, partners=None, context=None):
     rows = tf.shape(embeddings, out_type=tf.int64)[:1]
     labels = _gatherable_labels(labels, other_labels)
     if context is None:
-        anchors = all_anchors(embeddings)
+        begin = tf.constant(0, tf.int64)
     else:
         sizes = context.all_gather(rows, 0)
         begin = tf.reduce_sum(sizes[: context.replica_id_in_sync_group])
-        anchors = tf.stack([begin, begin + rows[0]])
         # all_gather sends each tensor from its .device, which a step's inputs
         # lack under MultiWorkerMirroredStrategy ("destinations can not be
         # empty"): identities made here, in the replica's device scope, have it.
@@ -485,6 +486,7 @@ def partner_rows(labels, embeddings, partners=None, context=None):
     if partners is not None:
         labels = tf.concat([labels, _gatherable_labels(other_labels, labels)], 0)
         embeddings = tf.concat([embeddings, partners[1]], 0)
+    anchors = tf.stack([begin, begin + rows[0], tf.shape(embeddings, out_type=tf.int64)[0]])
     return labels, embeddings, anchors
 
 

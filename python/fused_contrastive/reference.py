@@ -205,10 +205,14 @@ def _power_of_two_scaled_rows(e):
 def reference_in_batch_loss(labels, embeddings, options, anchors=None):
     """Per-row in-batch loss on prepared inputs and InBatchOptions (see
     in_batch_contrastive_loss_reference); max_block_rows plays no part.
-    anchors: None (every row) or int64 [begin, end]: only those rows are
-    anchors, each paired with every other row; the others get loss 0."""
+    anchors: None (every row) or int64 [begin, end, used]: only rows [begin,
+    end) are anchors, each paired with every other of the first `used` rows;
+    the others get loss 0."""
     dtype = compute_dtype(embeddings.dtype)
     e = tf.cast(embeddings, dtype)
+    all_rows = tf.shape(e, out_type=tf.int64)[0]
+    if anchors is not None:
+        e, labels = e[: anchors[2]], labels[: anchors[2]]
     if options.distance == "cosine":
         e = _power_of_two_scaled_rows(e)
     rows = tf.shape(e, out_type=tf.int64)[0]
@@ -253,5 +257,5 @@ def reference_in_batch_loss(labels, embeddings, options, anchors=None):
             neg_sum, count(negative)
         )
     if anchors is not None:
-        loss = tf.pad(loss, [[begin, rows - end]])
+        loss = tf.pad(loss, [[begin, all_rows - end]])
     return tf.cast(loss, embeddings.dtype)

@@ -592,7 +592,7 @@ def in_batch_reduced_reference(
     loss is Σ g_i·l_i in float64. weight_total adds up per-anchor weights
     (float64)."""
     dtype = e.dtype
-    begin, end = options.get("anchors") or (0, len(labels))
+    begin, end = (options.get("anchors") or (0, len(labels)))[:2]
     w = np.ones((), dtype) if weights is None else np.asarray(weights)
     if reduction == "sum":
         divisor = 1.0

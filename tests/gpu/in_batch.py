@@ -212,7 +212,8 @@ def compare_in_batch_reduced(device, kernels, rng):
 
 def compare_in_batch_anchors(device, kernels, rng):
     """Anchor slices (issue 20: the other rows are partners only, as the
-    references and the other replicas' rows are) against the CPU kernel: loss
+    references and the other replicas' rows are; rows past `used` take no
+    part) against the CPU kernel: loss
     and gradient, gradient alone (the same bits), and the weighted mean with
     one weight per anchor. Returns (cases, failures, worst)."""
     cases = failures = 0
@@ -222,7 +223,14 @@ def compare_in_batch_anchors(device, kernels, rng):
             ("euclidean", "cosine"),
             ("uniform", "balanced"),
             ("float32", "float64"),
-            ((37, (0, 1)), (37, (30, 37)), (300, (110, 190)), (300, (0, 0)), (300, (0, 300))),
+            (
+                (37, (0, 1)),
+                (37, (30, 37)),
+                (300, (110, 190)),
+                (300, (0, 0)),
+                (300, (0, 300)),
+                (300, (110, 190, 250)),  # rows from 250 on unused (a memory's empty rows)
+            ),
             (0, 7),
         )
     ):

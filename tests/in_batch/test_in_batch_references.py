@@ -204,10 +204,28 @@ def test_kernel_anchor_slices_match_float64_pairs(
     assert_close(grad, want_grad, "float64", "gradient")
 
 
+@pytest.mark.parametrize("distance", IN_BATCH_DISTANCES)
+@pytest.mark.parametrize("weighting", PAIR_WEIGHTINGS)
+def test_rows_past_used_take_no_part(rng, distance, weighting):
+    # A memory's unfilled rows: only the first `used` rows exist for the loss.
+    labels, e = batch(rng, 20)
+    g = rng.uniform(0.5, 2.0, size=20)
+    options = dict(distance=distance, pair_weighting=weighting, margin=1.2)
+    e_tail = e.copy()
+    e_tail[14:] = np.nan  # never read
+    loss, grad = _kernels.in_batch_loss_cpu(labels, e_tail, g, anchors=(3, 9, 14), **options)
+    upstream = np.zeros(14)
+    upstream[3:9] = g[3:9]
+    want_loss, want_grad = numpy_rows_of(labels[:14], e[:14], upstream, options)
+    assert_close(loss[3:9], want_loss[3:9], "float64", "anchors' loss")
+    assert np.all(loss[:3] == 0) and np.all(loss[9:] == 0) and np.all(grad[14:] == 0)
+    assert_close(grad[:14], want_grad, "float64", "gradient")
+
+
 def test_kernel_anchor_slices_are_deterministic_across_threads(rng):
     labels, e = batch(rng, 700, dim=16)
     e = e.astype(np.float32)
-    anchors = tf.constant([150, 420], tf.int64)
+    anchors = tf.constant([150, 420, 700], tf.int64)
     ops = _library.op_library
     args = (labels, e, anchors, np.ones(700, np.float32), 1.0, 0.0)
     kwargs = dict(distance="euclidean", pair_weighting="balanced")
@@ -220,7 +238,13 @@ def test_kernel_anchor_slices_are_deterministic_across_threads(rng):
 
 @pytest.mark.parametrize(
     "anchors, match",
-    [((3, 2), "0 <= begin <= end <= 4"), ((0, 5), "got \\[0, 5\\)"), ((-1, 2), "got \\[-1, 2\\)")],
+    [
+        ((3, 2, 4), "0 <= begin <= end <= used <= 4 \\(the rows\\), got \\[3, 2, 4\\]"),
+        ((0, 5, 5), "got \\[0, 5, 5\\]"),
+        ((-1, 2, 4), "got \\[-1, 2, 4\\]"),
+        ((0, 3, 2), "got \\[0, 3, 2\\]"),
+        ((0, 2, 5), "got \\[0, 2, 5\\]"),
+    ],
 )
 def test_bad_anchor_ranges_raise(anchors, match):
     labels, e = [0, 1, 0, 1], np.eye(4)
@@ -233,16 +257,16 @@ def test_bad_anchor_ranges_raise(anchors, match):
             labels, e, tf.constant(anchors, tf.int64), 1.0, 0.0, **attrs
         )
     shape_error = (ValueError, tf.errors.InvalidArgumentError)  # graph: the shape function's
-    with pytest.raises(shape_error, match="anchors must be \\[begin, end\\]"):
+    with pytest.raises(shape_error, match="anchors must be \\[begin, end, used\\]"):
         ops.fused_contrastive_in_batch_contrastive_loss(
-            labels, e, tf.constant([0, 1, 2], tf.int64), 1.0, 0.0, **attrs
+            labels, e, tf.constant([0, 1], tf.int64), 1.0, 0.0, **attrs
         )
 
 
 def test_reduced_op_weights_one_per_anchor(rng):
     labels, e = batch(rng, 15)
     ops = _library.op_library
-    anchors = tf.constant([4, 10], tf.int64)
+    anchors = tf.constant([4, 10, 15], tf.int64)
     attrs = dict(distance="euclidean", pair_weighting="uniform")
     w = rng.uniform(0.5, 2.0, size=6)
     loss, grad, scale = ops.fused_contrastive_in_batch_contrastive_loss_reduced(
@@ -283,7 +307,7 @@ def test_ops_under_xla_take_anchor_ranges_known_at_run_time(rng):
 
     xla = tf.function(outputs, jit_compile=True)
     rtol = 1e-12 if HLO_ON_CPU else 0
-    for anchors in [(0, 19), (3, 8), (7, 7), (15, 19)]:
+    for anchors in [(0, 19, 19), (3, 8, 19), (7, 7, 19), (15, 19, 19), (2, 9, 13), (0, 5, 5)]:
         a = tf.constant(anchors, tf.int64)
         for w in (
             tf.constant(rng.uniform(size=anchors[1] - anchors[0])),
@@ -291,12 +315,12 @@ def test_ops_under_xla_take_anchor_ranges_known_at_run_time(rng):
         ):
             for got, want in zip(xla(a, w), outputs(a, w)):
                 np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol)
-    bad = tf.constant([5, 3], tf.int64)
+    bad = tf.constant([5, 3, 19], tf.int64)
     if HLO_ON_CPU:  # the HLO cannot raise at run time: NaN, as for bad margins
         for w in (tf.constant(1.0, tf.float64), tf.ones([2], tf.float64)):
             assert all(np.all(np.isnan(x)) for x in xla(bad, w)[:4])
     else:
-        with pytest.raises(tf.errors.InvalidArgumentError, match="got \\[5, 3\\)"):
+        with pytest.raises(tf.errors.InvalidArgumentError, match="got \\[5, 3, 19\\]"):
             xla(bad, tf.constant(1.0, tf.float64))
 
 

@@ -540,10 +540,16 @@ bool InBatchLoss(const InBatchArgs& args, const ParallelFor& parallel_for) {
   return VisitInBatchKernel(args.type, args.distance, [&](auto t_tag, auto k_tag) {
     using T = typename decltype(t_tag)::type;
     constexpr Distance K = decltype(k_tag)::value;
+    // The unused rows' outputs are 0; the sweep sees the used rows only.
+    const int64_t used = args.used_rows, rows = args.rows;
+    if (args.loss != nullptr)
+      std::fill(static_cast<T*>(args.loss) + used, static_cast<T*>(args.loss) + rows, T(0));
     if (args.grad != nullptr) {
-      Sweep<T, K, true>(args, parallel_for).Run();
+      std::fill(static_cast<T*>(args.grad) + used * args.dim,
+                static_cast<T*>(args.grad) + rows * args.dim, T(0));
+      Sweep<T, K, true>(UsedRowsOnly(args), parallel_for).Run();
     } else {
-      Sweep<T, K, false>(args, parallel_for).Run();
+      Sweep<T, K, false>(UsedRowsOnly(args), parallel_for).Run();
     }
   });
 }

@@ -636,16 +636,21 @@ GpuStatus InBatchLossGpu(const InBatchArgs& args, void* workspace, const GpuGemm
   VisitInBatchKernel(args.type, args.distance, [&](auto t_tag, auto k_tag) {
     using T = typename decltype(t_tag)::type;
     constexpr Distance K = decltype(k_tag)::value;
-    if (args.rows == 0) return;
-    // One row has no pairs: loss and gradient are 0 (even for a non-finite
-    // row, which the general path would turn into 0·inf).
-    if (args.rows == 1) {
-      status = ZeroFill<T>(args.loss, 1, s);
-      if (status.ok() && grad) status = ZeroFill<T>(args.grad, args.dim, s);
-      return;
+    // The unused rows' outputs are 0, and so are those of a single used row:
+    // it has no pairs (even a non-finite row, which the general path would
+    // turn into 0·inf).
+    const int64_t used = args.used_rows, zero_from = used == 1 ? 0 : used;
+    if (args.loss != nullptr) {
+      status = ZeroFill<T>(static_cast<T*>(args.loss) + zero_from, args.rows - zero_from, s);
     }
-    status = grad ? Sweep<T, K, true>(args, workspace, gemm, s)
-                  : Sweep<T, K, false>(args, workspace, gemm, s);
+    if (status.ok() && grad) {
+      status = ZeroFill<T>(static_cast<T*>(args.grad) + zero_from * args.dim,
+                           (args.rows - zero_from) * args.dim, s);
+    }
+    if (!status.ok() || used <= 1) return;
+    const InBatchArgs in = UsedRowsOnly(args);
+    status = grad ? Sweep<T, K, true>(in, workspace, gemm, s)
+                  : Sweep<T, K, false>(in, workspace, gemm, s);
   });
   return status;
 }

@@ -24,11 +24,14 @@ struct InBatchArgs {
   int64_t rows;
   int64_t dim;
   // The anchors are rows [anchor_begin, anchor_end) (0 <= begin <= end <=
-  // rows; all rows: today's batch). Each anchor pairs with every other row;
-  // the other rows (the other replicas' batches, references) are partners
-  // only: their loss is 0, their gradient that of the anchors' pairs with them.
+  // used_rows <= rows; all rows: today's batch). Each anchor pairs with every
+  // other row below used_rows; the other rows there (the other replicas'
+  // batches, references) are partners only: their loss is 0, their gradient
+  // that of the anchors' pairs with them. Rows from used_rows on (a memory's
+  // unfilled rows) take no part: loss and gradient 0.
   int64_t anchor_begin;
   int64_t anchor_end;
+  int64_t used_rows;
   double margin;
   double positive_margin;
   Distance distance;  // one of kInBatchDistances
@@ -44,12 +47,20 @@ struct InBatchArgs {
 // What the kernels support; the callers check it first and report the problem.
 inline bool IsInBatchDType(DType t) { return t == DType::kFloat32 || t == DType::kFloat64; }
 
-// The problem with an anchor range [begin, end) of `rows` rows, for every
-// front end's error; empty when there is none.
-inline std::string InBatchAnchorsProblem(int64_t begin, int64_t end, int64_t rows) {
-  if (0 <= begin && begin <= end && end <= rows) return "";
-  return "anchors must be a range [begin, end) with 0 <= begin <= end <= " + std::to_string(rows) +
-         " (the rows), got [" + std::to_string(begin) + ", " + std::to_string(end) + ")";
+// The problem with anchors [begin, end) of the first `used` of `rows` rows,
+// for every front end's error; empty when there is none.
+inline std::string InBatchAnchorsProblem(int64_t begin, int64_t end, int64_t used, int64_t rows) {
+  if (0 <= begin && begin <= end && end <= used && used <= rows) return "";
+  return "anchors must be [begin, end, used] with 0 <= begin <= end <= used <= " +
+         std::to_string(rows) + " (the rows), got [" + std::to_string(begin) + ", " +
+         std::to_string(end) + ", " + std::to_string(used) + "]";
+}
+
+// args with only its used rows: what the sweeps run on (the rows after them
+// are zero-filled by the callers).
+inline InBatchArgs UsedRowsOnly(InBatchArgs args) {
+  args.rows = args.used_rows;
+  return args;
 }
 
 // Calls f(TypeTag<T>{}, DistanceTag<K>{}) for a supported dtype and distance;

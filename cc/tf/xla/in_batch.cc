@@ -75,24 +75,32 @@ absl::Status InBatchShapes(tensorflow::XlaOpKernelContext* ctx, int64_t max_bloc
   in->dim = e.dim_size(1);
   std::vector<int64_t> anchors;
   if (ctx->ConstantInputAsIntVector(Io::kAnchors, &anchors).ok()) {
-    TF_RETURN_IF_ERROR(CheckInBatchAnchorRange(anchors[0], anchors[1], in->rows));
+    TF_RETURN_IF_ERROR(CheckInBatchAnchorRange(anchors[0], anchors[1], anchors[2], in->rows));
   }
   in->block = InBatchBlockRows(in->rows, max_block_rows);
   in->type = ctx->input_xla_type(Io::kEmbeddings);
   return absl::OkStatus();
 }
 
-// The anchor range's ends, S64 scalars.
-void AnchorEnds(xla::XlaOp anchors, xla::XlaOp* begin, xla::XlaOp* end) {
-  *begin = xla::Reshape(xla::Slice(anchors, {0}, {1}, {1}), {});
-  *end = xla::Reshape(xla::Slice(anchors, {1}, {2}, {1}), {});
+// The anchors input's values, S64 scalars: [begin, end, used].
+xla::XlaOp AnchorsValue(xla::XlaOp anchors, int64_t i) {
+  return xla::Reshape(xla::Slice(anchors, {i}, {i + 1}, {1}), {});
 }
 
-// Whether each row number of `index` (S64) is an anchor's.
+void AnchorEnds(xla::XlaOp anchors, xla::XlaOp* begin, xla::XlaOp* end) {
+  *begin = AnchorsValue(anchors, 0);
+  *end = AnchorsValue(anchors, 1);
+}
+
+// Whether each row number of `index` (S64) is an anchor's, and a used row's.
 xla::XlaOp IsAnchor(xla::XlaOp anchors, xla::XlaOp index) {
   xla::XlaOp begin, end;
   AnchorEnds(anchors, &begin, &end);
   return xla::And(xla::Ge(index, begin), xla::Lt(index, end));
+}
+
+xla::XlaOp IsUsed(xla::XlaOp anchors, xla::XlaOp index) {
+  return xla::Lt(index, AnchorsValue(anchors, 2));
 }
 
 // x where `ok`, else NaN: what an anchor range known only at run time gives
@@ -103,12 +111,13 @@ xla::XlaOp NanUnless(xla::XlaOp ok, xla::XlaOp x, xla::PrimitiveType type) {
                      xla::Broadcast(xla::NanValue(x.builder(), type), shape.dimensions()));
 }
 
-// Whether the anchor range is valid for `rows` rows (InBatchAnchorsProblem).
+// Whether the anchors input is valid for `rows` rows (InBatchAnchorsProblem).
 xla::XlaOp AnchorsValid(xla::XlaOp anchors, int64_t rows) {
   xla::XlaOp begin, end;
   AnchorEnds(anchors, &begin, &end);
+  const xla::XlaOp used = AnchorsValue(anchors, 2);
   return xla::And(xla::And(xla::Ge(begin, xla::ScalarLike(begin, 0)), xla::Le(begin, end)),
-                  xla::Le(end, xla::ScalarLike(end, rows)));
+                  xla::And(xla::Le(end, used), xla::Le(used, xla::ScalarLike(used, rows))));
 }
 
 // [R] values along the rows ([R, B]) and [B] values along the columns.
@@ -127,10 +136,16 @@ struct PairBlock {
     *same = xla::Eq(AlongRows(y_block), AlongColumns(y));
     *other = xla::Ne(RowIndex(start), ColumnIndex(y.builder()));
   }
-  // The pairs with an anchor among other: those of the loss and gradient.
+  // The pairs of two used rows among other.
+  xla::XlaOp Used(xla::XlaOp other, xla::XlaOp anchors, xla::XlaOp start) const {
+    return xla::And(other, xla::And(IsUsed(anchors, RowIndex(start)),
+                                    IsUsed(anchors, ColumnIndex(anchors.builder()))));
+  }
+  // The used pairs with an anchor among other: those of the loss and gradient.
   xla::XlaOp WithAnchor(xla::XlaOp other, xla::XlaOp anchors, xla::XlaOp start) const {
-    return xla::And(other, xla::Or(IsAnchor(anchors, RowIndex(start)),
-                                   IsAnchor(anchors, ColumnIndex(anchors.builder()))));
+    return xla::And(Used(other, anchors, start),
+                    xla::Or(IsAnchor(anchors, RowIndex(start)),
+                            IsAnchor(anchors, ColumnIndex(anchors.builder()))));
   }
   xla::XlaOp RowIndex(xla::XlaOp start) const {
     return xla::Iota(start.builder(), xla::ShapeUtil::MakeShape(xla::S64, {block, rows}), 0) +
@@ -141,36 +156,34 @@ struct PairBlock {
   }
 };
 
-// pair_weights() of every row, in float64 ([B] each): constants for
-// "uniform"; for "balanced" from each row's count of other rows with its
-// label, counted in a first loop over row blocks.
+// pair_weights() of every row, in float64 ([B] each), for the used rows'
+// count (known at run time); for "balanced" from each row's count of other
+// used rows with its label, counted in a first loop over row blocks.
 absl::Status InBatchPairWeights(const InBatchInputs& in, PairWeighting weighting,
                                 xla::XlaOp* positive_weight, xla::XlaOp* negative_weight) {
   xla::XlaBuilder* builder = in.labels.builder();
-  if (weighting == PairWeighting::kUniform) {
-    double positive, negative;
-    pair_weights(weighting, static_cast<double>(in.rows), 0.0, &positive, &negative);
-    *positive_weight = xla::Broadcast(xla::ConstantR0<double>(builder, positive), {in.rows});
-    *negative_weight = xla::Broadcast(xla::ConstantR0<double>(builder, negative), {in.rows});
-    return absl::OkStatus();
+  const xla::XlaOp used =
+      xla::Broadcast(xla::ConvertElementType(AnchorsValue(in.anchors, 2), xla::F64), {in.rows});
+  xla::XlaOp positives = xla::ZerosLike(used);
+  if (weighting == PairWeighting::kBalanced) {
+    const PairBlock pairs{in.block, in.rows};
+    const xla::XlaOp no_counts =
+        xla::Zeros(builder, xla::ShapeUtil::MakeShape(xla::S64, {in.rows}));
+    TF_ASSIGN_OR_RETURN(
+        const std::vector<xla::XlaOp> counted,
+        ForEachRowBlock(in.rows, in.block, {in.labels, no_counts, in.anchors}, "in_batch_positives",
+                        [&](xla::XlaOp start, std::vector<xla::XlaOp> v,
+                            xla::XlaBuilder*) -> absl::StatusOr<std::vector<xla::XlaOp>> {
+                          xla::XlaOp same, other;
+                          pairs.Masks(RowBlock(v[0], start, in.block), v[0], start, &same, &other);
+                          const xla::XlaOp positives = RowSums(xla::ConvertElementType(
+                              xla::And(same, pairs.Used(other, v[2], start)), xla::S64));
+                          v[1] = SetRowBlock(v[1], positives, start);
+                          return v;
+                        }));
+    positives = xla::ConvertElementType(counted[1], xla::F64);
   }
-  const PairBlock pairs{in.block, in.rows};
-  const xla::XlaOp no_counts = xla::Zeros(builder, xla::ShapeUtil::MakeShape(xla::S64, {in.rows}));
-  TF_ASSIGN_OR_RETURN(
-      const std::vector<xla::XlaOp> counted,
-      ForEachRowBlock(in.rows, in.block, {in.labels, no_counts}, "in_batch_positives",
-                      [&](xla::XlaOp start, std::vector<xla::XlaOp> v,
-                          xla::XlaBuilder*) -> absl::StatusOr<std::vector<xla::XlaOp>> {
-                        xla::XlaOp same, other;
-                        pairs.Masks(RowBlock(v[0], start, in.block), v[0], start, &same, &other);
-                        const xla::XlaOp positives =
-                            RowSums(xla::ConvertElementType(xla::And(same, other), xla::S64));
-                        v[1] = SetRowBlock(v[1], positives, start);
-                        return v;
-                      }));
-  const xla::XlaOp positives = xla::ConvertElementType(counted[1], xla::F64);
-  pair_weights(weighting, xla::ScalarLike(positives, static_cast<double>(in.rows)), positives,
-               positive_weight, negative_weight);
+  pair_weights(weighting, used, positives, positive_weight, negative_weight);
   return absl::OkStatus();
 }
 
@@ -345,11 +358,13 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
   const xla::XlaOp valid = AnchorsValid(in.anchors, in.rows);
   *loss = NanUnless(valid, out[kLoss], in.type);
   if (!with_grad) return absl::OkStatus();
-  *grad = NanUnless(valid,
-                    K == Distance::kCosine
-                        ? ScaleRowsByPowerOfTwo(out[kGrad], -exponents, in.type, in.rows, in.dim)
-                        : out[kGrad],
-                    in.type);
+  xla::XlaOp g = K == Distance::kCosine
+                     ? ScaleRowsByPowerOfTwo(out[kGrad], -exponents, in.type, in.rows, in.dim)
+                     : out[kGrad];
+  // An unused row's gradient is 0, as the kernels write it (not 0·e_i).
+  const xla::XlaOp used = xla::BroadcastInDim(
+      IsUsed(in.anchors, xla::Iota(builder, xla::S64, in.rows)), {in.rows, in.dim}, {0});
+  *grad = NanUnless(valid, xla::Select(used, g, xla::ZerosLike(g)), in.type);
   return absl::OkStatus();
 }
 
