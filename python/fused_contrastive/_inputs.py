@@ -329,6 +329,15 @@ def _check_max_block_rows(max_block_rows):
     return max_block_rows
 
 
+def _count(value, what):
+    """A non-negative int option."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be a non-negative int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{what} must be a non-negative int, got {value}")
+    return int(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class InBatchOptions:
     """The options of the in-batch loss, as the public functions and the Keras
@@ -341,8 +350,11 @@ class InBatchOptions:
     distance: str
     pair_weighting: str
     max_block_rows: object = None  # None or a positive int, as given (configs save it)
-    # The loss, not the ops: whether the anchors pair with every replica's batch.
+    # The loss, not the ops: whether the anchors pair with every replica's
+    # batch, and the Keras classes' cross-batch memory (rows; 0: none).
     gather_across_replicas: bool = False
+    memory_size: int = 0
+    memory_warmup_steps: int = 0
 
     @classmethod
     def checked(
@@ -353,6 +365,8 @@ class InBatchOptions:
         pair_weighting,
         max_block_rows=None,
         gather_across_replicas=False,
+        memory_size=0,
+        memory_warmup_steps=0,
         owner=None,
     ):
         """The options, checked. owner: the name of the Keras class whose config
@@ -371,6 +385,8 @@ class InBatchOptions:
             validate_choice(pair_weighting, PAIR_WEIGHTINGS, "pair_weighting"),
             _check_max_block_rows(max_block_rows),
             gather_across_replicas,
+            _count(memory_size, "memory_size"),
+            _count(memory_warmup_steps, "memory_warmup_steps"),
         )
 
     @property
@@ -439,10 +455,10 @@ def all_anchors(embeddings):
     return tf.stack([tf.constant(0, tf.int64), rows, rows])
 
 
-def _gatherable_labels(labels, other):
+def gatherable_labels(labels, other):
     """labels in the dtype they meet `other` labels in (None: only their own
-    replicas'): int64 when both are integers, else float64, so that equal
-    values stay equal and every replica gathers the same dtype."""
+    replicas' or a memory's): int64 when both are integers, else float64, so
+    that equal values stay equal and every replica gathers the same dtype."""
     integer = labels.dtype.is_integer and (other is None or other.dtype.is_integer)
     return tf.cast(labels, tf.int64 if integer else tf.float64)
 
@@ -461,9 +477,10 @@ def replica_context(gather_across_replicas):
 
 def partner_rows(labels, embeddings, partners=None, context=None):
     """The rows the batch's anchors pair with, and which of them are the
-    anchors: (labels, rows, anchors int64 [begin, end]), or the batch as it is
-    and anchors None when there is nothing to add. `partners`: (labels,
-    embeddings) after the batch, or None. With a replica `context`
+    anchors: (labels, rows, anchors int64 [begin, end, used]), or the batch as
+    it is and anchors None when there is nothing to add. `partners`: (labels,
+    embeddings) after the batch, or (labels, embeddings, count) of which only
+    the first `count` rows are used, or None. With a replica `context`
     (replica_context), the batch is every replica's, gathered in replica order,
     and this replica's rows are the anchors: the gathered rows' gradient
     (all_gather's: the sum over replicas, then this replica's rows) is then
@@ -472,7 +489,7 @@ def partner_rows(labels, embeddings, partners=None, context=None):
         return labels, embeddings, None
     other_labels = None if partners is None else partners[0]
     rows = tf.shape(embeddings, out_type=tf.int64)[:1]
-    labels = _gatherable_labels(labels, other_labels)
+    labels = gatherable_labels(labels, other_labels)
     if context is None:
         begin = tf.constant(0, tf.int64)
     else:
@@ -483,10 +500,12 @@ def partner_rows(labels, embeddings, partners=None, context=None):
         # empty"): identities made here, in the replica's device scope, have it.
         labels = context.all_gather(tf.identity(labels), 0)
         embeddings = context.all_gather(tf.identity(embeddings), 0)
+    used = tf.shape(embeddings, out_type=tf.int64)[0]
     if partners is not None:
-        labels = tf.concat([labels, _gatherable_labels(other_labels, labels)], 0)
+        labels = tf.concat([labels, gatherable_labels(other_labels, labels)], 0)
+        used += partners[2] if len(partners) == 3 else tf.shape(partners[1], out_type=tf.int64)[0]
         embeddings = tf.concat([embeddings, partners[1]], 0)
-    anchors = tf.stack([begin, begin + rows[0], tf.shape(embeddings, out_type=tf.int64)[0]])
+    anchors = tf.stack([begin, begin + rows[0], used])
     return labels, embeddings, anchors
 
 

@@ -53,6 +53,8 @@ class InBatchContrastiveLoss(InBatchLossMixin, tf_keras.losses.Loss):
         name="in_batch_contrastive_loss",
         max_block_rows=None,
         gather_across_replicas=False,
+        memory_size=0,
+        memory_warmup_steps=0,
     ):
         super().__init__(reduction=reduction, name=name)
         self._set_options(
@@ -62,6 +64,8 @@ class InBatchContrastiveLoss(InBatchLossMixin, tf_keras.losses.Loss):
             pair_weighting,
             max_block_rows,
             gather_across_replicas,
+            memory_size,
+            memory_warmup_steps,
         )
 
     def __call__(self, y_true, y_pred, sample_weight=None):
@@ -73,7 +77,10 @@ class InBatchContrastiveLoss(InBatchLossMixin, tf_keras.losses.Loss):
         reduced = self._global_reduction(
             y_true, y_pred, sample_weight, mode, replicas if mode == "mean" else 1.0
         )
-        return super().__call__(y_true, y_pred, sample_weight) if reduced is None else reduced
+        if reduced is None:
+            reduced = super().__call__(y_true, y_pred, sample_weight)
+        self._remember(y_true, y_pred)
+        return reduced
 
 
 @tf_keras.utils.register_keras_serializable(package="fused_contrastive")

@@ -10,6 +10,7 @@ from fused_contrastive import _distances_ops, _in_batch_ops, _pairs_ops
 from fused_contrastive._inputs import (
     InBatchOptions,
     against_partners,
+    gatherable_labels,
     number_margin,
     prepare_embedding_inputs,
     prepare_in_batch_inputs,
@@ -28,6 +29,7 @@ from fused_contrastive._inputs import (
 )
 from fused_contrastive._library import scalar, using_reference
 from fused_contrastive._private_api import could_possibly_record, dtype_policy, keras_mask
+from fused_contrastive.memory import CrossBatchMemory
 from fused_contrastive.reference import (
     reference_embedding_loss,
     reference_in_batch_loss,
@@ -433,6 +435,8 @@ class InBatchLossMixin:
     pair_weighting = _in_batch_option("pair_weighting")
     max_block_rows = _in_batch_option("max_block_rows")
     gather_across_replicas = _in_batch_option("gather_across_replicas")
+    memory_size = _in_batch_option("memory_size")
+    memory_warmup_steps = _in_batch_option("memory_warmup_steps")
 
     def _set_options(
         self,
@@ -442,20 +446,52 @@ class InBatchLossMixin:
         pair_weighting,
         max_block_rows,
         gather_across_replicas,
+        memory_size=0,
+        memory_warmup_steps=0,
     ):
-        self._in_batch_options = InBatchOptions.checked(
+        self._in_batch_options = options = InBatchOptions.checked(
             margin,
             positive_margin,
             distance,
             pair_weighting,
             max_block_rows,
             gather_across_replicas,
+            memory_size,
+            memory_warmup_steps,
             owner=type(self).__name__,
         )
+        # A memory keeps its rows while other options change.
+        memory = getattr(self, "memory", None)
+        if not options.memory_size:
+            self.memory = None
+        elif memory is None or (memory.size, memory.warmup_steps) != (
+            options.memory_size,
+            options.memory_warmup_steps,
+        ):
+            self.memory = CrossBatchMemory(options.memory_size, options.memory_warmup_steps)
+
+    def _references(self, labels, embeddings):
+        """The memory's rows as the partners of partner_rows, or None."""
+        return None if self.memory is None else self.memory.references(labels, embeddings)
+
+    def _remember(self, labels, y_pred):
+        """After a training call: the batch (every replica's) into the memory."""
+        if self.memory is None or not could_possibly_record():
+            return
+        labels, embeddings = prepare_in_batch_inputs(labels, y_pred)
+        labels = gatherable_labels(labels, None)
+        embeddings = tf.stop_gradient(embeddings)
+        context = tf.distribute.get_replica_context()
+        if context is not None and context.num_replicas_in_sync > 1:
+            labels = context.all_gather(tf.identity(labels), 0)
+            embeddings = context.all_gather(tf.identity(embeddings), 0)
+        self.memory.enqueue(labels, embeddings)
 
     def call(self, y_true, y_pred):
         labels, embeddings = prepare_in_batch_inputs(y_true, y_pred)
-        return _per_anchor_loss(labels, embeddings, self._in_batch_options)
+        return _per_anchor_loss(
+            labels, embeddings, self._in_batch_options, self._references(labels, embeddings)
+        )
 
     def _global_reduction(self, labels, y_pred, sample_weight, mode, loss_scale=1.0, dtype=None):
         """The loss of this replica's anchors, paired with every replica's
@@ -501,12 +537,13 @@ class InBatchLossMixin:
                     local = tf.reduce_sum(tf.cast(weights, tf.float64))
                 divisor = context.all_reduce(tf.distribute.ReduceOp.SUM, local)
             scale = tf.math.divide_no_nan(tf.constant(loss_scale, tf.float64), divisor)
+            references = self._references(labels, embeddings)
             if could_possibly_record() and not using_reference():
-                ids, rows, anchors = partner_rows(labels, embeddings, None, context)
+                ids, rows, anchors = partner_rows(labels, embeddings, references, context)
                 return _in_batch_ops.reduced_in_batch_loss(
                     ids, rows, weights, options, "sum", scale, anchors
                 )
-            per_anchor = _per_anchor_loss(labels, embeddings, options)
+            per_anchor = _per_anchor_loss(labels, embeddings, options, references)
             total = tf.reduce_sum(per_anchor * tf.broadcast_to(weights, count))
             return total * tf.cast(scale, total.dtype)
 
@@ -534,6 +571,13 @@ class InBatchContrastiveLoss(InBatchLossMixin, keras.losses.Loss):
         global batch's count (or weight total), so that with Keras' scaling
         the replicas' losses and gradients add up to the single-device ones of
         the global batch, unequal replica batches included.
+      memory_size: 0 (none) or the rows of a cross-batch memory
+        (`fused_contrastive.memory.CrossBatchMemory`, `loss.memory`): while
+        training, the anchors also pair with the last `memory_size` embeddings
+        of earlier training steps (held without gradient; every replica's
+        batch), as references (see `in_batch_contrastive_loss`).
+      memory_warmup_steps: training steps during which the memory is filled
+        but not used (XBM starts it after 1,000).
       reduction: any Keras 3 reduction ("sum_over_batch_size", the default, is
         the mean over anchors).
       name: name of the loss.
@@ -555,6 +599,8 @@ class InBatchContrastiveLoss(InBatchLossMixin, keras.losses.Loss):
         dtype=None,
         max_block_rows=None,
         gather_across_replicas=False,
+        memory_size=0,
+        memory_warmup_steps=0,
     ):
         if reduction == "auto":
             reduction = "sum_over_batch_size"
@@ -566,6 +612,8 @@ class InBatchContrastiveLoss(InBatchLossMixin, keras.losses.Loss):
             pair_weighting,
             max_block_rows,
             gather_across_replicas,
+            memory_size,
+            memory_warmup_steps,
         )
 
     def __call__(self, y_true, y_pred, sample_weight=None):
@@ -576,17 +624,16 @@ class InBatchContrastiveLoss(InBatchLossMixin, keras.losses.Loss):
         reduced = self._global_reduction(
             labels, y_pred, sample_weight, _FUSED_REDUCTIONS.get(self.reduction), dtype=self.dtype
         )
-        if reduced is not None:
-            return reduced
         # The fused reduction writes the gradient as it reduces: worth it only
         # when a tape will use it (training), not in evaluate.
-        if could_possibly_record() and _fused_reduction_possible(self, y_pred):
+        if reduced is None and could_possibly_record() and _fused_reduction_possible(self, y_pred):
             reduced = self._fused_reduction(labels, y_pred, sample_weight)
         if reduced is None:
             # Keras' Loss.__call__ converts y_true to the loss dtype, which
             # would merge integer ids >= 2**24 in float32: its reduction runs on
             # a loss that takes the ids from here instead.
-            return _WithLabels(self, labels)(labels, y_pred, sample_weight)
+            reduced = _WithLabels(self, labels)(labels, y_pred, sample_weight)
+        self._remember(labels, y_pred)
         return reduced
 
     def _fused_reduction(self, labels, y_pred, sample_weight):
@@ -597,13 +644,17 @@ class InBatchContrastiveLoss(InBatchLossMixin, keras.losses.Loss):
             reduction = _fused_reduction_inputs(self, per_anchor, sample_weight)
             if reduction is None:
                 return None
+            ids, rows, anchors = partner_rows(
+                labels, embeddings, self._references(labels, embeddings)
+            )
             return _in_batch_ops.reduced_in_batch_loss(
-                labels,
-                embeddings,
+                ids,
+                rows,
                 reduction.weights,
                 self._in_batch_options,
                 reduction.mode,
                 reduction.loss_scale,
+                anchors,
             )
 
     def get_config(self):

@@ -50,16 +50,17 @@ MIRRORED = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 ONE = tf.distribute.get_strategy()
 out = {}
 
-def fit(strategy, jit, gather, reduction="sum_over_batch_size", weighted=False):
+def fit(strategy, jit, gather, reduction="sum_over_batch_size", weighted=False, **options):
     with strategy.scope():
         model = keras.Sequential([keras.Input((6,)), keras.layers.Dense(8)])
         model.set_weights(W0)
         loss = fc.InBatchContrastiveLoss(
-            reduction=reduction, gather_across_replicas=gather, pair_weighting="balanced")
+            reduction=reduction, gather_across_replicas=gather, pair_weighting="balanced",
+            **options)
         model.compile(optimizer=keras.optimizers.SGD(0.1), loss=loss, jit_compile=jit)
     data = (X, Y, np.linspace(0.5, 2.0, 15).astype(np.float32)) if weighted else (X, Y)
     history = model.fit(tf.data.Dataset.from_tensor_slices(data).batch(8), verbose=0)
-    return history.history["loss"][0], model.get_weights()
+    return history.history["loss"][0], model.get_weights(), loss
 
 # fit with jit_compile=True cannot run under MirroredStrategy on logical CPUs
 # (XLA: "Trying to access resource ... located in device CPU:1 from device
@@ -76,6 +77,18 @@ for jit in (False,):
         out[f"fit jit={jit} {reduction}"] = {
             "weights": max(relative(g, w) for g, w in zip(got[1], want[1])),
         }
+
+# A memory of 6 rows: the second step pairs with the first batch's last 6
+# rows, written by the first replica from the gathered batch, so both hold
+# the same rows.
+want = fit(ONE, False, False, memory_size=6)
+got = fit(MIRRORED, False, True, memory_size=6)
+held = [v.numpy() for v in MIRRORED.experimental_local_results(got[2].memory.embeddings)]
+out["fit with a memory"] = {
+    "weights": max(relative(g, w) for g, w in zip(got[1], want[1])),
+    "memory": relative(held[0], want[2].memory.embeddings.numpy()),
+    "replicas' memories": relative(held[1], held[0]),
+}
 
 # gather_across_replicas=False: each replica's loss over its own batch, Keras
 # averaging the replicas' means (the first batch: two replicas of 4 rows).
