@@ -16,9 +16,16 @@ What is compared
     Inputs as the in_batch section's (about 8 rows per class, distances spread
     over about [0, 2 * margin]), the references drawn the same way.
 
+    Memory: `fused_contrastive.InBatchContrastiveLoss(memory_size=R)` with a
+    full memory, called as fit calls it (a training step: the reduced
+    one-sweep op, no gradient to the memory's rows; each call also writes the
+    batch into the memory), against a Keras-style loss calling the plain
+    formula on the batch and the memory's rows under tf.stop_gradient.
+
 Cases and targets
     A = 1024 anchors against R = 16,384 references, D = 128: fused >= 3x plain
-    in tf.function and >= 2x plain under XLA.
+    in tf.function and >= 2x plain under XLA, for the function with
+    references and for the Keras class with a memory.
     A = 4096 against R = 65,536, D = 128, margin 1e3 (every pair active, so
     every gradient product runs), fused in tf.function only (plain would hold
     several 1.1 GB matrices): the effective rate, (2*A*P*D for the distances +
@@ -30,6 +37,7 @@ Cases and targets
     "effective" rate may pass the MatMul rate.
 """
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -86,6 +94,38 @@ def step(loss_fn, mode, margin=1.0):
 IMPLS = {"fused": fc.in_batch_contrastive_loss, "plain": in_batch_contrastive_loss_reference}
 
 
+def memory_steps(a, r, mode):
+    """Training steps of the Keras class with a full memory of r rows, and of
+    the plain formula against the same rows held as a constant."""
+    labels, e, ref_labels, refs = inputs(a, r)
+    fused = fc.InBatchContrastiveLoss(memory_size=r)
+    fused(labels, e)  # makes the memory's variables; then fill them
+    fused.memory.embeddings.assign(refs)
+    fused.memory.labels.assign(ref_labels)
+    fused.memory.filled.assign(r)
+
+    def plain(labels, e):
+        return tf.reduce_mean(
+            in_batch_contrastive_loss_reference(
+                labels, e, reference_labels=ref_labels, reference_embeddings=tf.stop_gradient(refs)
+            )
+        )
+
+    def training(loss):
+        def train_step(labels, e):
+            with tf.GradientTape() as tape:
+                tape.watch(e)
+                value = loss(labels, e)
+            return value, tape.gradient(value, e)
+
+        return tf.function(train_step, jit_compile=MODES[mode])
+
+    return {
+        ("memory fused", mode): (training(fused), (labels, e)),
+        ("memory plain", mode): (training(plain), (labels, e)),
+    }
+
+
 def timed(cases, settings):
     """{key: seconds} for cases {key: (callable, args)}, taking turns; a case
     whose first call fails is left out with its error in the second dict."""
@@ -114,6 +154,8 @@ def run_references(settings):
         for mode in MODES
         if mode != "eager"
     }
+    for mode in SPEEDUP_TARGETS:
+        cases.update(memory_steps(a, r, mode))
     seconds, errors = timed(cases, settings)
     lines += [
         f"A = {a:,} anchors, R = {r:,} references, D = {IN_BATCH_D}, fwd+bwd (gradients to both):",
@@ -121,15 +163,15 @@ def run_references(settings):
         "| mode | fused ms | plain ms | plain / fused | target |",
         "|---|---|---|---|---|",
     ]
-    for mode, target in SPEEDUP_TARGETS.items():
-        fused, plain = seconds.get(("fused", mode)), seconds.get(("plain", mode))
+    for prefix, (mode, target) in itertools.product(("", "memory "), SPEEDUP_TARGETS.items()):
+        fused, plain = (seconds.get((prefix + impl, mode)) for impl in ("fused", "plain"))
         ratio = plain / fused if fused and plain else math.nan
         lines.append(
-            f"| {mode} | {fused * 1e3 if fused else math.nan:.1f} | "
+            f"| {prefix}{mode} | {fused * 1e3 if fused else math.nan:.1f} | "
             f"{plain * 1e3 if plain else math.nan:.1f} | {format_ratio(ratio)} | "
             f">= {target}x: {met(ratio >= target)} |"
         )
-        for impl, s in (("fused", fused), ("plain", plain)):
+        for impl, s in ((prefix + "fused", fused), (prefix + "plain", plain)):
             rows.append(
                 Row(
                     impl,

@@ -40,22 +40,24 @@ InBatchArgs InBatchOptions(double margin, double positive_margin, const std::str
   return args;
 }
 
-// The anchors: None for all rows, else (begin, end) or (begin, end, used).
-// After the embeddings have set the rows.
+// The anchors: None for all rows, else (begin, end) or (begin, end, grad,
+// used) (InBatchArgs). After the embeddings have set the rows.
 void SetAnchors(const py::object& anchors, InBatchArgs* args) {
-  std::vector<int64_t> range = {0, args->rows, args->rows};
+  std::vector<int64_t> range = {0, args->rows, args->rows, args->rows};
   if (!anchors.is_none()) {
     const auto given = anchors.cast<std::vector<int64_t>>();
-    if (given.size() != 2 && given.size() != 3) {
-      throw py::value_error("anchors must be (begin, end) or (begin, end, used)");
+    if (given.size() != 2 && given.size() != 4) {
+      throw py::value_error("anchors must be (begin, end) or (begin, end, grad, used)");
     }
     std::copy(given.begin(), given.end(), range.begin());
   }
-  const std::string problem = InBatchAnchorsProblem(range[0], range[1], range[2], args->rows);
+  const std::string problem =
+      InBatchAnchorsProblem(range[0], range[1], range[2], range[3], args->rows);
   if (!problem.empty()) throw py::value_error(problem);
   args->anchor_begin = range[0];
   args->anchor_end = range[1];
-  args->used_rows = range[2];
+  args->grad_rows = range[2];
+  args->used_rows = range[3];
 }
 
 // Embeddings [B, D] of float32 or float64: sets args' type, rows and dim.
@@ -174,7 +176,7 @@ InBatchArgs InBatchSizeArgs(int64_t rows, const std::string& dtype, int64_t max_
   args.rows = rows;
   args.dim = dim;
   args.anchor_begin = 0;
-  args.anchor_end = args.used_rows = rows;
+  args.anchor_end = args.grad_rows = args.used_rows = rows;
   return args;
 }
 
@@ -267,9 +269,10 @@ void RegisterInBatch(py::module_& m) {
         "The in-batch all-pairs loss of embeddings [B, D] with class labels [B] on the CPU, "
         "single-threaded; returns (loss [B], grad [B, D] or None). grad is d(sum(upstream * "
         "loss))/d(embeddings), computed when upstream ([B], the embeddings' dtype) is given. "
-        "anchors: None (every row) or (begin, end[, used]): only rows begin..end-1 are anchors, "
-        "the others below `used` (default: all rows) partners (loss 0, gradient from their pairs "
-        "with anchors), the rest unused (loss and gradient 0).");
+        "anchors: None (every row), (begin, end) or (begin, end, grad, used): only rows "
+        "begin..end-1 are anchors, the others below `used` (default: all rows) partners (loss 0, "
+        "gradient from their pairs with anchors, 0 from row `grad` on), the rest unused (loss "
+        "and gradient 0).");
   m.def("in_batch_cpu_isa", &InBatchCpuIsa,
         "The instruction set the in-batch CPU kernel runs with here: 'avx2' or 'generic'.");
 #if FC_WITH_CUDA

@@ -67,21 +67,29 @@ inline absl::Status CheckInBatchShapes(const tensorflow::TensorShape& labels,
   return InBatchShapeMismatch(labels.DebugString(), embeddings.DebugString());
 }
 
-// The anchors input: int64 [begin, end, used] (InBatchArgs).
+// The anchors input: int64 [begin, end, grad, used] (InBatchArgs).
+inline constexpr int kInBatchAnchorValues = 4;
+
 inline absl::Status InBatchAnchorsShapeError(const std::string& shape) {
   return absl::InvalidArgumentError(absl::StrCat(
-      "in-batch contrastive loss: anchors must be [begin, end, used] (shape [3]), got shape ",
+      "in-batch contrastive loss: anchors must be [begin, end, grad, used] (shape [4]), got "
+      "shape ",
       shape));
 }
 
 inline absl::Status CheckInBatchAnchors(const tensorflow::TensorShape& shape) {
-  if (shape == tensorflow::TensorShape({3})) return absl::OkStatus();
+  if (shape == tensorflow::TensorShape({kInBatchAnchorValues})) return absl::OkStatus();
   return InBatchAnchorsShapeError(shape.DebugString());
 }
 
-inline absl::Status CheckInBatchAnchorRange(int64_t begin, int64_t end, int64_t used,
-                                            int64_t rows) {
-  const std::string problem = InBatchAnchorsProblem(begin, end, used, rows);
+// The anchors input's values into args (rows set), checked.
+inline absl::Status SetInBatchAnchors(const int64_t* values, InBatchArgs* args) {
+  args->anchor_begin = values[0];
+  args->anchor_end = values[1];
+  args->grad_rows = values[2];
+  args->used_rows = values[3];
+  const std::string problem =
+      InBatchAnchorsProblem(values[0], values[1], values[2], values[3], args->rows);
   if (problem.empty()) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat("in-batch contrastive loss: ", problem));
 }

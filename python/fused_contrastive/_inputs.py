@@ -3,6 +3,7 @@
 import dataclasses
 import math
 import numbers
+import typing
 
 import tensorflow as tf
 
@@ -449,10 +450,22 @@ def prepare_references(reference_labels, reference_embeddings, embeddings):
 
 
 def all_anchors(embeddings):
-    """The in-batch ops' anchors input, [begin, end, used], when every row is
-    an anchor: [0, B, B]."""
+    """The in-batch ops' anchors input, [begin, end, grad, used] (rows from
+    grad on get no gradient, rows from used on take no part), when every row
+    is an anchor: [0, B, B, B]."""
     rows = tf.shape(embeddings, out_type=tf.int64)[0]
-    return tf.stack([tf.constant(0, tf.int64), rows, rows])
+    return tf.stack([tf.constant(0, tf.int64), rows, rows, rows])
+
+
+class Partners(typing.NamedTuple):
+    """Rows the anchors pair with besides the batch: labels [R], embeddings
+    [R, D], of which only the first `used` (None: all) take part, and whether
+    they need their gradient (references do; a memory's rows do not)."""
+
+    labels: object
+    embeddings: object
+    used: object = None
+    gradient: bool = True
 
 
 def gatherable_labels(labels, other):
@@ -479,8 +492,7 @@ def partner_rows(labels, embeddings, partners=None, context=None):
     """The rows the batch's anchors pair with, and which of them are the
     anchors: (labels, rows, anchors int64 [begin, end, used]), or the batch as
     it is and anchors None when there is nothing to add. `partners`: (labels,
-    embeddings) after the batch, or (labels, embeddings, count) of which only
-    the first `count` rows are used, or None. With a replica `context`
+    embeddings) or Partners after the batch, or None. With a replica `context`
     (replica_context), the batch is every replica's, gathered in replica order,
     and this replica's rows are the anchors: the gathered rows' gradient
     (all_gather's: the sum over replicas, then this replica's rows) is then
@@ -500,12 +512,17 @@ def partner_rows(labels, embeddings, partners=None, context=None):
         # empty"): identities made here, in the replica's device scope, have it.
         labels = context.all_gather(tf.identity(labels), 0)
         embeddings = context.all_gather(tf.identity(embeddings), 0)
-    used = tf.shape(embeddings, out_type=tf.int64)[0]
+    used = grad = tf.shape(embeddings, out_type=tf.int64)[0]
     if partners is not None:
+        partners = Partners(*partners)
         labels = tf.concat([labels, gatherable_labels(other_labels, labels)], 0)
-        used += partners[2] if len(partners) == 3 else tf.shape(partners[1], out_type=tf.int64)[0]
-        embeddings = tf.concat([embeddings, partners[1]], 0)
-    anchors = tf.stack([begin, begin + rows[0], used])
+        embeddings = tf.concat([embeddings, partners.embeddings], 0)
+        used = tf.shape(embeddings, out_type=tf.int64)[0]
+        if partners.used is not None:
+            used = grad + partners.used
+        if partners.gradient:
+            grad = used
+    anchors = tf.stack([begin, begin + rows[0], grad, used])
     return labels, embeddings, anchors
 
 

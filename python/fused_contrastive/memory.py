@@ -3,7 +3,7 @@ last embeddings seen in training, with their labels, used as references."""
 
 import tensorflow as tf
 
-from fused_contrastive._inputs import gatherable_labels
+from fused_contrastive._inputs import Partners, gatherable_labels
 
 
 class CrossBatchMemory(tf.Module):
@@ -62,17 +62,18 @@ class CrossBatchMemory(tf.Module):
             make()
 
     def references(self, labels, embeddings):
-        """(labels [size], embeddings [size, D], rows in use): the rows to pair
-        the batch's anchors with; none in use during the warm-up."""
+        """The rows to pair the batch's anchors with, as Partners without
+        gradient: those filled so far, none during the warm-up."""
         if not self.built:
             self._build(
                 embeddings.shape[-1], embeddings.dtype, gatherable_labels(labels, None).dtype
             )
         used = tf.where(self.steps < self.warmup_steps, tf.constant(0, tf.int64), self.filled)
-        return (
+        return Partners(
             self.labels.read_value(),
             tf.cast(self.embeddings.read_value(), embeddings.dtype),
             used,
+            gradient=False,
         )
 
     def enqueue(self, labels, embeddings):
@@ -84,13 +85,12 @@ class CrossBatchMemory(tf.Module):
         rows = tf.shape(e, out_type=tf.int64)[0]
         count = tf.minimum(rows, self.size)
         keep = tf.range(rows - count, rows)
-        positions = tf.math.floormod(self.head + tf.range(count), self.size)[:, None]
-        self.embeddings.assign(
-            tf.tensor_scatter_nd_update(self.embeddings, positions, tf.gather(e, keep))
-        )
-        self.labels.assign(
-            tf.tensor_scatter_nd_update(self.labels, positions, tf.gather(labels, keep))
-        )
+        positions = tf.math.floormod(self.head + tf.range(count), self.size)
+        # In place: a copy of the whole memory per step would cost more than
+        # the rows written (mirrored variables take scatter_update, not the
+        # scatter_nd_* forms).
+        self.embeddings.scatter_update(tf.IndexedSlices(tf.gather(e, keep), positions))
+        self.labels.scatter_update(tf.IndexedSlices(tf.gather(labels, keep), positions))
         self.head.assign(tf.math.floormod(self.head + count, self.size))
         self.filled.assign(tf.minimum(self.filled + count, self.size))
         self.steps.assign_add(1)

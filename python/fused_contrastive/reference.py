@@ -205,14 +205,15 @@ def _power_of_two_scaled_rows(e):
 def reference_in_batch_loss(labels, embeddings, options, anchors=None):
     """Per-row in-batch loss on prepared inputs and InBatchOptions (see
     in_batch_contrastive_loss_reference); max_block_rows plays no part.
-    anchors: None (every row) or int64 [begin, end, used]: only rows [begin,
-    end) are anchors, each paired with every other of the first `used` rows;
-    the others get loss 0."""
+    anchors: None (every row) or int64 [begin, end, grad, used]: only rows
+    [begin, end) are anchors, each paired with every other of the first `used`
+    rows; the others get loss 0, and rows from `grad` on no gradient."""
     dtype = compute_dtype(embeddings.dtype)
     e = tf.cast(embeddings, dtype)
     all_rows = tf.shape(e, out_type=tf.int64)[0]
     if anchors is not None:
-        e, labels = e[: anchors[2]], labels[: anchors[2]]
+        e = tf.concat([e[: anchors[2]], tf.stop_gradient(e[anchors[2] : anchors[3]])], 0)
+        labels = labels[: anchors[3]]
     if options.distance == "cosine":
         e = _power_of_two_scaled_rows(e)
     rows = tf.shape(e, out_type=tf.int64)[0]

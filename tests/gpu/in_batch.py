@@ -229,7 +229,8 @@ def compare_in_batch_anchors(device, kernels, rng):
                 (300, (110, 190)),
                 (300, (0, 0)),
                 (300, (0, 300)),
-                (300, (110, 190, 250)),  # rows from 250 on unused (a memory's empty rows)
+                (300, (110, 190, 250, 250)),  # rows from 250 on unused (a memory's empty rows)
+                (300, (110, 190, 220, 250)),  # and rows 220..249 without gradient
             ),
             (0, 7),
         )

@@ -477,7 +477,7 @@ def test_in_batch_xla_works_when_imported_after_the_first_xla_compilation():
         one = tf.constant(1.0, tf.float64)
         zero = tf.constant(0.0, tf.float64)
         attrs = dict(distance="euclidean", pair_weighting="uniform")
-        rows = tf.constant([0, 3, 3], tf.int64)
+        rows = tf.constant([0, 3, 3, 3], tf.int64)
 
         @tf.function(jit_compile=True)
         def in_batch(labels, e):

@@ -130,6 +130,7 @@ class Sweep {
         dim_(args.dim),
         anchor_begin_(args.anchor_begin),
         anchor_end_(args.anchor_end),
+        grad_rows_(args.grad_rows),
         margin_(static_cast<T>(args.margin)),
         positive_margin_(static_cast<T>(args.positive_margin)),
         norm2_(rows_),
@@ -152,7 +153,8 @@ class Sweep {
                  BlockRows(anchor_end_ - anchor_begin_, args_.max_block_rows), &anchors);
     const int64_t partner_rows = BlockRows(rows_, args_.max_block_rows);
     AppendBlocks(0, anchor_begin_, partner_rows, &partners);
-    AppendBlocks(anchor_end_, rows_, partner_rows, &partners);
+    AppendBlocks(anchor_end_, grad_rows_, partner_rows, &partners);
+    AppendBlocks(grad_rows_, rows_, partner_rows, &partners);
     const int64_t na = anchors.size(), np = partners.size();
     const PairSchedule schedule(na);
     for (int64_t stage = 0; stage < schedule.Stages(); ++stage) {
@@ -175,7 +177,7 @@ class Sweep {
                       for (int64_t t = first; t < last; ++t) {
                         const int64_t a = na <= np ? t : (t + stage) % na;
                         const int64_t p = na <= np ? (t + stage) % np : t;
-                        Tile<false>(anchors[a], partners[p]);
+                        Tile<false>(anchors[a], partners[p], partners[p].first < grad_rows_);
                       }
                     });
     }
@@ -250,9 +252,10 @@ class Sweep {
   }
 
   // The pairs of block bi's rows with block bj's rows; bi holds anchors, and
-  // bj == bi for a diagonal tile.
+  // bj == bi for a diagonal tile. column_grad: whether bj's rows need their
+  // gradient (not a memory's).
   template <bool kDiagonal>
-  void Tile(Block bi, Block bj) {
+  void Tile(Block bi, Block bj, bool column_grad = true) {
     const int64_t i0 = bi.first, ni = bi.count;
     const int64_t j0 = bj.first, nj = bj.count;
     thread_local std::vector<T> scratch;
@@ -291,11 +294,11 @@ class Sweep {
       // quarter of M is nonzero, adding those pairs' rows one by one beats the
       // dense products (measured break-even near a third on AVX2).
       if (4 * active <= ni * nj) {
-        SparseGradient<kDiagonal>(scratch.data(), i0, ni, j0, nj);
+        SparseGradient<kDiagonal>(scratch.data(), i0, ni, j0, nj, column_grad);
       } else {
         Rows<T> gi(grad() + i0 * dim_, ni, dim_);
         gi.noalias() -= s * ej;
-        if constexpr (!kDiagonal) {
+        if (!kDiagonal && column_grad) {
           Rows<T> gj(grad() + j0 * dim_, nj, dim_);
           gj.noalias() -= s.transpose() * ei;
         }
@@ -453,9 +456,11 @@ class Sweep {
     return active;
   }
 
-  // grad_I −= M·E_J (and grad_J −= Mᵀ·E_I) from M's nonzero entries only.
+  // grad_I −= M·E_J (and grad_J −= Mᵀ·E_I when column_grad) from M's nonzero
+  // entries only.
   template <bool kDiagonal>
-  void SparseGradient(const T* m, int64_t i0, int64_t ni, int64_t j0, int64_t nj) {
+  void SparseGradient(const T* m, int64_t i0, int64_t ni, int64_t j0, int64_t nj,
+                      bool column_grad) {
     for (int64_t r = 0; r < ni; ++r) {
       T* gi = grad() + (i0 + r) * dim_;
       const T* ei = e_ + (i0 + r) * dim_;
@@ -465,7 +470,7 @@ class Sweep {
         const T* ej = e_ + (j0 + c) * dim_;
 #pragma omp simd
         for (int64_t k = 0; k < dim_; ++k) gi[k] -= v * ej[k];
-        if constexpr (!kDiagonal) {
+        if (!kDiagonal && column_grad) {
           T* gj = grad() + (j0 + c) * dim_;
 #pragma omp simd
           for (int64_t k = 0; k < dim_; ++k) gj[k] -= v * ei[k];
@@ -493,8 +498,14 @@ class Sweep {
                                       : T(0);
                       }
                       if constexpr (kGrad) {
-                        const T q = diagonal_factor<K>(stat_[i]) * static_cast<T>(diagonal_[i]);
                         T* gi = grad() + i * dim_;
+                        // No gradient past grad_rows (what the exact path
+                        // added there is dropped too).
+                        if (i >= grad_rows_) {
+                          std::fill_n(gi, dim_, T(0));
+                          continue;
+                        }
+                        const T q = diagonal_factor<K>(stat_[i]) * static_cast<T>(diagonal_[i]);
                         const T* ei = e_ + i * dim_;
 #pragma omp simd
                         for (int64_t k = 0; k < dim_; ++k) gi[k] += q * ei[k];
@@ -515,6 +526,7 @@ class Sweep {
   const int64_t dim_;
   const int64_t anchor_begin_;
   const int64_t anchor_end_;
+  const int64_t grad_rows_;
   const T margin_;
   const T positive_margin_;
   // Cosine rows of extreme scale (ScaleRows): each row's k, empty when no

@@ -28,10 +28,13 @@ struct InBatchArgs {
   // other row below used_rows; the other rows there (the other replicas'
   // batches, references) are partners only: their loss is 0, their gradient
   // that of the anchors' pairs with them. Rows from used_rows on (a memory's
-  // unfilled rows) take no part: loss and gradient 0.
+  // unfilled rows) take no part: loss and gradient 0. Partners from grad_rows
+  // on (anchor_end <= grad_rows <= used_rows; a memory's rows) need no
+  // gradient: theirs is 0, and the kernels skip its products.
   int64_t anchor_begin;
   int64_t anchor_end;
   int64_t used_rows;
+  int64_t grad_rows;
   double margin;
   double positive_margin;
   Distance distance;  // one of kInBatchDistances
@@ -48,12 +51,14 @@ struct InBatchArgs {
 inline bool IsInBatchDType(DType t) { return t == DType::kFloat32 || t == DType::kFloat64; }
 
 // The problem with anchors [begin, end) of the first `used` of `rows` rows,
-// for every front end's error; empty when there is none.
-inline std::string InBatchAnchorsProblem(int64_t begin, int64_t end, int64_t used, int64_t rows) {
-  if (0 <= begin && begin <= end && end <= used && used <= rows) return "";
-  return "anchors must be [begin, end, used] with 0 <= begin <= end <= used <= " +
+// the rows from `grad` on without gradient, for every front end's error;
+// empty when there is none.
+inline std::string InBatchAnchorsProblem(int64_t begin, int64_t end, int64_t grad, int64_t used,
+                                         int64_t rows) {
+  if (0 <= begin && begin <= end && end <= grad && grad <= used && used <= rows) return "";
+  return "anchors must be [begin, end, grad, used] with 0 <= begin <= end <= grad <= used <= " +
          std::to_string(rows) + " (the rows), got [" + std::to_string(begin) + ", " +
-         std::to_string(end) + ", " + std::to_string(used) + "]";
+         std::to_string(end) + ", " + std::to_string(grad) + ", " + std::to_string(used) + "]";
 }
 
 // args with only its used rows: what the sweeps run on (the rows after them

@@ -79,11 +79,7 @@ class InBatchOpBase : public OpKernel {
     // Host memory (the registrations say so) on every device.
     const Tensor& anchors = ctx->input(Io::kAnchors);
     TF_RETURN_IF_ERROR(CheckInBatchAnchors(anchors.shape()));
-    args->anchor_begin = anchors.flat<int64_t>()(0);
-    args->anchor_end = anchors.flat<int64_t>()(1);
-    args->used_rows = anchors.flat<int64_t>()(2);
-    TF_RETURN_IF_ERROR(
-        CheckInBatchAnchorRange(args->anchor_begin, args->anchor_end, args->used_rows, args->rows));
+    TF_RETURN_IF_ERROR(SetInBatchAnchors(anchors.flat<int64_t>().data(), args));
     args->distance = attrs_.distance;
     args->weighting = attrs_.weighting;
     args->max_block_rows = attrs_.max_block_rows;

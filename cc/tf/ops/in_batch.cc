@@ -30,9 +30,9 @@ constexpr char kMaxBlockRowsAttr[] = "max_block_rows: int >= 0 = 0";
 absl::Status InBatchShapes(InferenceContext* c, ShapeHandle* embeddings, ShapeHandle* rows) {
   using Io = InBatchLossIo;
   ShapeHandle anchors;
-  ::tensorflow::shape_inference::DimensionHandle three;
+  ::tensorflow::shape_inference::DimensionHandle values;
   if (!c->WithRank(c->input(Io::kAnchors), 1, &anchors).ok() ||
-      !c->WithValue(c->Dim(anchors, 0), 3, &three).ok()) {
+      !c->WithValue(c->Dim(anchors, 0), kInBatchAnchorValues, &values).ok()) {
     return InBatchAnchorsShapeError(c->DebugString(c->input(Io::kAnchors)));
   }
   const absl::Status mismatch = InBatchShapeMismatch(c->DebugString(c->input(Io::kLabels)),
@@ -71,9 +71,9 @@ Per-anchor contrastive loss over every ordered pair (i, j), j != i, of a batch
 of embeddings [B, D] with class labels [B] (equal labels: positive pair),
 computed in blocks of rows (at most max_block_rows; 0: the kernel's choice)
 without ever holding a B x B matrix. Only rows anchors[0] <= i < anchors[1]
-are anchors; the others below anchors[2] are partners only (loss 0), and
-pairs of two partners are not computed; rows from anchors[2] on take no part
-(loss and gradient 0).
+are anchors; the others below anchors[3] are partners only (loss 0; gradient
+0 from anchors[2] on), and pairs of two partners are not computed; rows from
+anchors[3] on take no part (loss and gradient 0).
 )doc");
 
 REGISTER_OP(kInBatchGradOpName)

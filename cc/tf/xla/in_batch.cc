@@ -75,14 +75,16 @@ absl::Status InBatchShapes(tensorflow::XlaOpKernelContext* ctx, int64_t max_bloc
   in->dim = e.dim_size(1);
   std::vector<int64_t> anchors;
   if (ctx->ConstantInputAsIntVector(Io::kAnchors, &anchors).ok()) {
-    TF_RETURN_IF_ERROR(CheckInBatchAnchorRange(anchors[0], anchors[1], anchors[2], in->rows));
+    InBatchArgs probe;
+    probe.rows = in->rows;
+    TF_RETURN_IF_ERROR(SetInBatchAnchors(anchors.data(), &probe));
   }
   in->block = InBatchBlockRows(in->rows, max_block_rows);
   in->type = ctx->input_xla_type(Io::kEmbeddings);
   return absl::OkStatus();
 }
 
-// The anchors input's values, S64 scalars: [begin, end, used].
+// The anchors input's values, S64 scalars: [begin, end, grad, used].
 xla::XlaOp AnchorsValue(xla::XlaOp anchors, int64_t i) {
   return xla::Reshape(xla::Slice(anchors, {i}, {i + 1}, {1}), {});
 }
@@ -100,6 +102,11 @@ xla::XlaOp IsAnchor(xla::XlaOp anchors, xla::XlaOp index) {
 }
 
 xla::XlaOp IsUsed(xla::XlaOp anchors, xla::XlaOp index) {
+  return xla::Lt(index, AnchorsValue(anchors, 3));
+}
+
+// Whether each row of `index` gets its gradient (a used row before grad).
+xla::XlaOp HasGradient(xla::XlaOp anchors, xla::XlaOp index) {
   return xla::Lt(index, AnchorsValue(anchors, 2));
 }
 
@@ -115,9 +122,11 @@ xla::XlaOp NanUnless(xla::XlaOp ok, xla::XlaOp x, xla::PrimitiveType type) {
 xla::XlaOp AnchorsValid(xla::XlaOp anchors, int64_t rows) {
   xla::XlaOp begin, end;
   AnchorEnds(anchors, &begin, &end);
-  const xla::XlaOp used = AnchorsValue(anchors, 2);
-  return xla::And(xla::And(xla::Ge(begin, xla::ScalarLike(begin, 0)), xla::Le(begin, end)),
-                  xla::And(xla::Le(end, used), xla::Le(used, xla::ScalarLike(used, rows))));
+  const xla::XlaOp grad = AnchorsValue(anchors, 2), used = AnchorsValue(anchors, 3);
+  const xla::XlaOp ordered =
+      xla::And(xla::And(xla::Le(begin, end), xla::Le(end, grad)), xla::Le(grad, used));
+  return xla::And(ordered, xla::And(xla::Ge(begin, xla::ScalarLike(begin, 0)),
+                                    xla::Le(used, xla::ScalarLike(used, rows))));
 }
 
 // [R] values along the rows ([R, B]) and [B] values along the columns.
@@ -163,7 +172,7 @@ absl::Status InBatchPairWeights(const InBatchInputs& in, PairWeighting weighting
                                 xla::XlaOp* positive_weight, xla::XlaOp* negative_weight) {
   xla::XlaBuilder* builder = in.labels.builder();
   const xla::XlaOp used =
-      xla::Broadcast(xla::ConvertElementType(AnchorsValue(in.anchors, 2), xla::F64), {in.rows});
+      xla::Broadcast(xla::ConvertElementType(AnchorsValue(in.anchors, 3), xla::F64), {in.rows});
   xla::XlaOp positives = xla::ZerosLike(used);
   if (weighting == PairWeighting::kBalanced) {
     const PairBlock pairs{in.block, in.rows};
@@ -361,10 +370,11 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
   xla::XlaOp g = K == Distance::kCosine
                      ? ScaleRowsByPowerOfTwo(out[kGrad], -exponents, in.type, in.rows, in.dim)
                      : out[kGrad];
-  // An unused row's gradient is 0, as the kernels write it (not 0·e_i).
-  const xla::XlaOp used = xla::BroadcastInDim(
-      IsUsed(in.anchors, xla::Iota(builder, xla::S64, in.rows)), {in.rows, in.dim}, {0});
-  *grad = NanUnless(valid, xla::Select(used, g, xla::ZerosLike(g)), in.type);
+  // An unused row's gradient, and one past grad, is 0, as the kernels write
+  // it (not 0·e_i).
+  const xla::XlaOp has_gradient = xla::BroadcastInDim(
+      HasGradient(in.anchors, xla::Iota(builder, xla::S64, in.rows)), {in.rows, in.dim}, {0});
+  *grad = NanUnless(valid, xla::Select(has_gradient, g, xla::ZerosLike(g)), in.type);
   return absl::OkStatus();
 }
 

@@ -43,13 +43,9 @@ bool ReadInBatchHostInputs(ffi::BufferR1<ffi::S64> labels, ffi::AnyBuffer embedd
 
 // The anchor range, known only now: a bad one is an error of the call.
 ffi::Error ReadAnchors(ffi::BufferR1<ffi::S64> anchors, InBatchArgs* args) {
-  args->anchor_begin = anchors.typed_data()[0];
-  args->anchor_end = anchors.typed_data()[1];
-  args->used_rows = anchors.typed_data()[2];
-  const std::string problem =
-      InBatchAnchorsProblem(args->anchor_begin, args->anchor_end, args->used_rows, args->rows);
-  if (problem.empty()) return ffi::Error::Success();
-  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "in-batch contrastive loss: " + problem);
+  const absl::Status status = SetInBatchAnchors(anchors.typed_data(), args);
+  if (status.ok()) return ffi::Error::Success();
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(status.message()));
 }
 
 ffi::Error InBatchLossHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
