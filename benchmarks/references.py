@@ -143,6 +143,13 @@ def timed(cases, settings):
     return dict(zip(keys, seconds)), errors
 
 
+def csv_row(impl, mode, workload, n, seconds, note):
+    """A results.csv row of this section (D = IN_BATCH_D, no bandwidth)."""
+    reduction = "mean" if workload == "fwd+bwd" else ""
+    ms = (seconds or math.nan) * 1e3
+    return Row(impl, mode, workload, reduction, n, ms, "", "", SECTION, IN_BATCH_D, note=note)
+
+
 def run_references(settings):
     """The section's CSV rows and markdown lines."""
     rows, lines = [], ["", "## References (anchors against the batch and R reference rows)", ""]
@@ -172,21 +179,7 @@ def run_references(settings):
             f">= {target}x: {met(ratio >= target)} |"
         )
         for impl, s in ((prefix + "fused", fused), (prefix + "plain", plain)):
-            rows.append(
-                Row(
-                    impl,
-                    mode,
-                    "fwd+bwd",
-                    "mean",
-                    a,
-                    (s or math.nan) * 1e3,
-                    "",
-                    "",
-                    SECTION,
-                    IN_BATCH_D,
-                    note=errors.get((impl, mode), f"R={r}"),
-                )
-            )
+            rows.append(csv_row(impl, mode, "fwd+bwd", a, s, errors.get((impl, mode), f"R={r}")))
     lines += [f"- {impl} {mode}: {why}" for (impl, mode), why in errors.items()]
 
     a, r = RATE_CASE
@@ -224,36 +217,10 @@ def run_references(settings):
             f"| {name} | {p:,} | {(s or math.nan) * 1e3:.1f} | {rate / 1e9:.1f} | {share:.0%} | "
             f"{target} |"
         )
-        rows.append(
-            Row(
-                "fused",
-                "tf.function",
-                "fwd+bwd",
-                "mean",
-                a,
-                (s or math.nan) * 1e3,
-                "",
-                "",
-                SECTION,
-                IN_BATCH_D,
-                note=errors.get(name, f"P={p} rate {rate / 1e9:.1f} GFLOP/s"),
-            )
-        )
-    rows.append(
-        Row(
-            "matmul",
-            "tf.function",
-            "matmul",
-            "",
-            a,
-            seconds["matmul"] * 1e3,
-            "",
-            "",
-            SECTION,
-            IN_BATCH_D,
-            note=f"[{a},{IN_BATCH_D}]x[{IN_BATCH_D},{MATMUL_COLUMNS}]",
-        )
-    )
+        note = errors.get(name, f"P={p} rate {rate / 1e9:.1f} GFLOP/s")
+        rows.append(csv_row("fused", "tf.function", "fwd+bwd", a, s, note))
+    note = f"[{a},{IN_BATCH_D}]x[{IN_BATCH_D},{MATMUL_COLUMNS}]"
+    rows.append(csv_row("matmul", "tf.function", "matmul", a, seconds["matmul"], note))
     lines += [f"- {name}: {why}" for name, why in errors.items()]
     for line in lines:
         print(line, flush=True)

@@ -7,6 +7,7 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -313,3 +314,47 @@ def run_doctests(module):
     ):
         results = doctest.testmod(module, optionflags=doctest.NORMALIZE_WHITESPACE)
     return results, report.getvalue()
+
+
+def _free_ports(count):
+    sockets = [socket.socket() for _ in range(count)]
+    for s in sockets:
+        s.bind(("localhost", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+def run_workers(code, count=2, timeout=600):
+    """Runs `code` in `count` fresh processes at once, as the workers of a
+    MultiWorkerMirroredStrategy cluster on localhost (TF_CONFIG); returns
+    their CompletedProcesses."""
+    workers = [f"localhost:{port}" for port in _free_ports(count)]
+    processes = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={
+                **os.environ,
+                "TF_CONFIG": json.dumps(
+                    {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
+                ),
+            },
+        )
+        for index in range(count)
+    ]
+    outputs = [process.communicate(timeout=timeout) for process in processes]
+    return [
+        subprocess.CompletedProcess(process.args, process.returncode, out, err)
+        for process, (out, err) in zip(processes, outputs)
+    ]
+
+
+def printed_result(result):
+    """The JSON a script printed after "RESULT ", once it exited cleanly."""
+    assert result.returncode == 0, result.stderr[-4000:]
+    line = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT ") :])

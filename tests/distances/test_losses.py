@@ -1,12 +1,5 @@
 """fused_contrastive.losses: `contrastive_loss` and the Keras 3 `ContrastiveLoss`, end to end."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -22,9 +15,11 @@ from support import (
     load_tfa_h5_in_fresh_process,
     loss_and_gradient,
     pair_data,
+    printed_result,
     random_distances,
     random_labels,
     run_python,
+    run_workers,
 )
 
 import keras
@@ -730,43 +725,12 @@ WORKER_SCRIPT = (
 )
 
 
-def _free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def _result(stdout):
-    line = next(line for line in stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT ") :])
-
-
 def test_multi_worker_mirrored_strategy_on_localhost():
-    workers = [f"localhost:{port}" for port in _free_ports(2)]
-    procs = []
-    for index in range(2):
-        config = {"cluster": {"worker": workers}, "task": {"type": "worker", "index": index}}
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", textwrap.dedent(WORKER_SCRIPT)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env={**os.environ, "TF_CONFIG": json.dumps(config)},
-            )
-        )
-    outputs = [p.communicate(timeout=600) for p in procs]
-    for p, (_, err) in zip(procs, outputs):
-        assert p.returncode == 0, err[-4000:]
+    outputs = [printed_result(result) for result in run_workers(WORKER_SCRIPT)]
     single = run_python(WORKER_SCRIPT)
     assert single.returncode == 0, single.stderr[-3000:]
-    want_loss, want_grads = _result(single.stdout)
-    for out, _ in outputs:
-        loss, grads = _result(out)
+    want_loss, want_grads = printed_result(single)
+    for loss, grads in outputs:
         np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
         for a, b in zip(grads, want_grads):
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -5,17 +5,10 @@ of the global batch, equal and unequal replica batches alike.
 Each strategy runs in fresh processes (the logical CPUs must be configured
 before TensorFlow starts); the processes print JSON that the tests check."""
 
-import json
-import os
-import socket
-import subprocess
-import sys
-import textwrap
-
 import numpy as np
 import pytest
 import tensorflow as tf
-from support import run_python
+from support import printed_result, run_python, run_workers
 
 import fused_contrastive as fc
 
@@ -150,14 +143,8 @@ print("RESULT", json.dumps(out))
 )
 
 
-def results(result):
-    assert result.returncode == 0, result.stderr[-4000:]
-    line = [x for x in result.stdout.splitlines() if x.startswith("RESULT ")][-1]
-    return json.loads(line[len("RESULT ") :])
-
-
 def test_mirrored_strategy_equals_one_device_on_the_global_batch():
-    out = results(run_python(MIRRORED, timeout=900))
+    out = printed_result(run_python(MIRRORED, timeout=900))
     for name in [k for k in out if k.startswith(("fit", "custom loop", "tf_keras"))]:
         for what, error in out[name].items():
             assert error <= 1e-5, (name, what, error)
@@ -202,38 +189,8 @@ print("RESULT", json.dumps({"loss": float(loss),
 )
 
 
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("localhost", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def test_multi_worker_mirrored_strategy_equals_one_device_on_the_global_batch():
-    cluster = {"worker": [f"localhost:{port}" for port in free_ports(2)]}
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-c", textwrap.dedent(WORKER)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env={
-                **os.environ,
-                "TF_CONFIG": json.dumps(
-                    {"cluster": cluster, "task": {"type": "worker", "index": i}}
-                ),
-            },
-        )
-        for i in range(2)
-    ]
-    outputs = [w.communicate(timeout=600) for w in workers]
-    out = [
-        results(subprocess.CompletedProcess([], w.returncode, stdout, stderr))
-        for w, (stdout, stderr) in zip(workers, outputs)
-    ]
+    out = [printed_result(result) for result in run_workers(WORKER)]
     # One device on the global batch of 8, Keras' mean over anchors.
     rng = np.random.default_rng(0)
     x = rng.normal(size=(15, 6)).astype(np.float32)[:8]
