@@ -61,8 +61,8 @@ def _attrs(options):
 
 def in_batch_loss(labels, embeddings, options, anchors=None):
     """Runs the in-batch op on prepared inputs and checked InBatchOptions: the
-    loss [B] of each row, 0 for rows outside `anchors` (int64 [begin, end];
-    None: every row is an anchor)."""
+    loss [B] of each row, 0 for rows outside `anchors` (int64 [begin, end,
+    grad, used], see all_anchors; None: every row is an anchor)."""
     ids, e = _in_batch_compute(labels, embeddings)
     loss = op_library.fused_contrastive_in_batch_contrastive_loss(
         ids,
