@@ -14,7 +14,8 @@
 // When the anchors are a slice of the rows (the other rows are partners
 // only), the anchor rows are blocked as above, the partner rows before and
 // after them in blocks of their own, and each (anchor block, partner block)
-// pair is one more task, in Latin-square stages (stage s pairs anchor block t
+// pair, the anchors here in blocks of the partners' size, is one more task,
+// in Latin-square stages (stage s pairs anchor block t
 // with partner block (t + s) mod n when there are fewer anchor blocks, and
 // the other way round): again no two tasks of a stage share a block. Pairs
 // of two partners are never computed.
@@ -171,13 +172,19 @@ class Sweep {
         for (int64_t b = first; b < last; ++b) Tile<true>(anchors[b], anchors[b]);
       });
     }
-    for (int64_t stage = 0; na > 0 && np > 0 && stage < std::max(na, np); ++stage) {
-      parallel_for_(std::min(na, np), TileCost(anchors[0], partners[0]),
+    // Against partners, anchor blocks as large as the partners' (the anchors'
+    // own blocks shrink below 2,048 anchors to keep their stages busy; here
+    // the partner blocks make the stages).
+    std::vector<Block> wide;
+    AppendBlocks(anchor_begin_, anchor_end_, partner_rows, &wide);
+    const int64_t nw = wide.size();
+    for (int64_t stage = 0; nw > 0 && np > 0 && stage < std::max(nw, np); ++stage) {
+      parallel_for_(std::min(nw, np), TileCost(wide[0], partners[0]),
                     [&](int64_t first, int64_t last) {
                       for (int64_t t = first; t < last; ++t) {
-                        const int64_t a = na <= np ? t : (t + stage) % na;
-                        const int64_t p = na <= np ? (t + stage) % np : t;
-                        Tile<false>(anchors[a], partners[p], partners[p].first < grad_rows_);
+                        const int64_t a = nw <= np ? t : (t + stage) % nw;
+                        const int64_t p = nw <= np ? (t + stage) % np : t;
+                        Tile<false>(wide[a], partners[p], partners[p].first < grad_rows_);
                       }
                     });
     }
