@@ -488,9 +488,18 @@ def replica_context(gather_across_replicas):
     return context
 
 
+def gathered(context, *tensors):
+    """Every replica's rows of each tensor, in replica order (all_gather on
+    axis 0). all_gather sends each tensor from its .device, which a step's
+    inputs lack under MultiWorkerMirroredStrategy ("destinations can not be
+    empty"): identities made here, in the replica's device scope, have it."""
+    return [context.all_gather(tf.identity(t), 0) for t in tensors]
+
+
 def partner_rows(labels, embeddings, partners=None, context=None):
     """The rows the batch's anchors pair with, and which of them are the
-    anchors: (labels, rows, anchors int64 [begin, end, used]), or the batch as
+    anchors: (labels, rows, anchors int64 [begin, end, grad, used]; see
+    all_anchors), or the batch as
     it is and anchors None when there is nothing to add. `partners`: (labels,
     embeddings) or Partners after the batch, or None. With a replica `context`
     (replica_context), the batch is every replica's, gathered in replica order,
@@ -507,11 +516,7 @@ def partner_rows(labels, embeddings, partners=None, context=None):
     else:
         sizes = context.all_gather(rows, 0)
         begin = tf.reduce_sum(sizes[: context.replica_id_in_sync_group])
-        # all_gather sends each tensor from its .device, which a step's inputs
-        # lack under MultiWorkerMirroredStrategy ("destinations can not be
-        # empty"): identities made here, in the replica's device scope, have it.
-        labels = context.all_gather(tf.identity(labels), 0)
-        embeddings = context.all_gather(tf.identity(embeddings), 0)
+        labels, embeddings = gathered(context, labels, embeddings)
     used = grad = tf.shape(embeddings, out_type=tf.int64)[0]
     if partners is not None:
         partners = Partners(*partners)

@@ -11,6 +11,7 @@ from fused_contrastive._inputs import (
     InBatchOptions,
     against_partners,
     gatherable_labels,
+    gathered,
     number_margin,
     prepare_embedding_inputs,
     prepare_in_batch_inputs,
@@ -483,8 +484,7 @@ class InBatchLossMixin:
         embeddings = tf.stop_gradient(embeddings)
         context = tf.distribute.get_replica_context()
         if context is not None and context.num_replicas_in_sync > 1:
-            labels = context.all_gather(tf.identity(labels), 0)
-            embeddings = context.all_gather(tf.identity(embeddings), 0)
+            labels, embeddings = gathered(context, labels, embeddings)
         self.memory.enqueue(labels, embeddings)
 
     def call(self, y_true, y_pred):
