@@ -22,10 +22,12 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "in_batch"))
+TESTS = Path(__file__).resolve().parents[1] / "tests"
+sys.path[:0] = [str(TESTS), str(TESTS / "in_batch")]  # the oracle and its test helpers
 from test_in_batch import numpy_in_batch  # noqa: E402
 
 from fused_contrastive import _library  # noqa: E402
+from fused_contrastive._inputs import all_anchors  # noqa: E402
 
 OPS = _library.op_library
 MARGIN, POSITIVE_MARGIN = 1.5, 0.2
@@ -45,10 +47,11 @@ def loss_and_grad(labels, e, distance, weighting, jit):
 
     def f(labels, e):
         args = (scalar(MARGIN), scalar(POSITIVE_MARGIN))
-        loss = OPS.fused_contrastive_in_batch_contrastive_loss(labels, e, *args, **attrs)
+        anchors = all_anchors(e)
+        loss = OPS.fused_contrastive_in_batch_contrastive_loss(labels, e, anchors, *args, **attrs)
         grad = OPS.fused_contrastive_in_batch_contrastive_loss_grad(
-            labels, e, tf.ones_like(loss), *args, **attrs
-        )
+            labels, e, anchors, tf.ones_like(loss), *args, **attrs
+        ).grad
         return loss, grad
 
     with tf.device("/CPU:0"):
@@ -102,6 +105,7 @@ def timing(repeats):
             out = OPS.fused_contrastive_in_batch_contrastive_loss_reduced(
                 labels,
                 x,
+                all_anchors(x),
                 tf.constant(1.0),
                 scalar(1.0),
                 scalar(0.0),

@@ -25,7 +25,7 @@ struct InBatchLossIo {
 
 struct InBatchGradIo {
   enum Input { kLabels, kEmbeddings, kAnchors, kUpstream, kMargin, kPositiveMargin };
-  enum Output { kGrad };
+  enum Output { kGrad, kLoss };
 };
 
 struct InBatchReducedIo {

@@ -15,7 +15,7 @@ from fused_contrastive._library import (
     reference_gradients,
     scalar,
 )
-from fused_contrastive._private_api import could_possibly_record
+from fused_contrastive._private_api import could_possibly_record, should_record
 
 
 def class_ids(labels):
@@ -64,15 +64,46 @@ def in_batch_loss(labels, embeddings, options, anchors=None):
     loss [B] of each row, 0 for rows outside `anchors` (int64 [begin, end,
     grad, used], see all_anchors; None: every row is an anchor)."""
     ids, e = _in_batch_compute(labels, embeddings)
-    loss = op_library.fused_contrastive_in_batch_contrastive_loss(
-        ids,
-        e,
-        all_anchors(e) if anchors is None else anchors,
-        scalar(options.margin),
-        scalar(options.positive_margin),
-        **_attrs(options),
-    )
+    anchors = all_anchors(e) if anchors is None else anchors
+    inputs = (ids, e, anchors, scalar(options.margin), scalar(options.positive_margin))
+    if should_record([e]):
+        loss = _loss_and_gradient_sweep(inputs, options)
+    else:
+        loss = op_library.fused_contrastive_in_batch_contrastive_loss(*inputs, **_attrs(options))
     return tf.cast(loss, embeddings.dtype)
+
+
+def _loss_and_gradient_sweep(inputs, options):
+    """The loss while a tape watches the embeddings: the gradient op's one
+    sweep gives the loss and the gradient of the anchors' loss sum, which
+    serves any upstream gradient equal on every anchor (a mean or sum of the
+    losses, the usual case) scaled by it. Another upstream (sample weights)
+    takes a second sweep, as without this."""
+    ids, e, anchors, margin, positive_margin = inputs
+
+    def grad_op(upstream):
+        return op_library.fused_contrastive_in_batch_contrastive_loss_grad(
+            ids, e, anchors, upstream, margin, positive_margin, **_attrs(options)
+        )
+
+    @tf.custom_gradient
+    def fused(e):
+        grad_of_sum, loss = grad_op(tf.ones_like(e[:, 0]))
+
+        def backward(upstream):
+            if could_possibly_record():
+                return _reference_gradient(ids, e, anchors, options, upstream)
+            on_anchors = upstream[anchors[0] : anchors[1]]
+            first = on_anchors[:1]  # none without anchors: the gradient is 0 then
+            return tf.cond(
+                tf.reduce_all(tf.equal(on_anchors, first)),
+                lambda: scale_gradient(grad_of_sum, tf.reduce_sum(first)),
+                lambda: grad_op(upstream)[0],
+            )
+
+        return loss, backward
+
+    return fused(e)
 
 
 def reduced_in_batch_loss(
@@ -134,7 +165,7 @@ def _in_batch_loss_grad(op, grad_loss):
     else:
         grad = op_library.fused_contrastive_in_batch_contrastive_loss_grad(
             labels, e, anchors, grad_loss, margin, positive_margin, **_attrs(options)
-        )
+        )[0]
     # Labels, anchors and margins get no gradient.
     return [None, grad, None, None, None]
 

@@ -9,6 +9,12 @@ def could_possibly_record():
     return record.could_possibly_record()
 
 
+def should_record(tensors):
+    """Whether a recording gradient tape watches any of `tensors` (graph or eager):
+    TensorFlow has no public way to ask."""
+    return record.should_record_backprop(tensors)
+
+
 def keras_mask(tensor):
     """The mask Keras 3 attached to a tensor, else None: there is no public accessor."""
     return getattr(tensor, "_keras_mask", None)

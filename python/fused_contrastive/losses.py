@@ -138,9 +138,11 @@ def in_batch_contrastive_loss(
     ones a negative pair, with term `max(margin - d, 0)^2` (with
     `positive_margin = 0`, TF Addons' formula on every pair). The B x B
     distance matrix is never stored: one fused sweep over blocks of rows
-    computes distances, terms and per-anchor sums, and for backprop a second
-    sweep (or, in `InBatchContrastiveLoss` while training, the same one) the
-    gradient; memory stays linear in B.
+    computes distances, terms and per-anchor sums, and, while a gradient tape
+    watches the embeddings, the gradient of their sum, which backprop scales
+    when the upstream gradient is the same for every anchor (`reduce_mean` or
+    `reduce_sum` of the losses); another upstream (sample weights) takes a
+    second sweep. Memory stays linear in B.
 
     Args:
       labels: class ids `[B]` or `[B, 1]`: int32, int64, or floats (what Keras

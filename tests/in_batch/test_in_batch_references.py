@@ -244,7 +244,7 @@ def test_kernel_anchor_slices_are_deterministic_across_threads(rng):
     ops = _library.op_library
     args = (labels, e, anchors, np.ones(700, np.float32), 1.0, 0.0)
     kwargs = dict(distance="euclidean", pair_weighting="balanced")
-    grad = ops.fused_contrastive_in_batch_contrastive_loss_grad(*args, **kwargs)
+    grad = ops.fused_contrastive_in_batch_contrastive_loss_grad(*args, **kwargs).grad
     _, serial = _kernels.in_batch_loss_cpu(
         labels, e, np.ones(700, np.float32), anchors=(150, 420, 600, 700), pair_weighting="balanced"
     )
@@ -318,7 +318,7 @@ def test_ops_under_xla_take_anchor_ranges_known_at_run_time(rng):
         )
         grad = ops.fused_contrastive_in_batch_contrastive_loss_grad(
             labels, e, anchors, tf.range(19, dtype=tf.float64), 1.0, 0.1, **attrs
-        )
+        ).grad
         reduced = ops.fused_contrastive_in_batch_contrastive_loss_reduced(
             labels, e, anchors, w, 1.0, 0.1, 0.5, reduction="weighted_mean", **attrs
         )

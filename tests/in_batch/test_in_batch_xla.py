@@ -68,13 +68,14 @@ def _all_three(
     loss = _LIBRARY.fused_contrastive_in_batch_contrastive_loss(
         labels, e, anchors, margin, positive_margin, **attrs
     )
-    grad = _LIBRARY.fused_contrastive_in_batch_contrastive_loss_grad(
+    grad, grad_loss = _LIBRARY.fused_contrastive_in_batch_contrastive_loss_grad(
         labels, e, anchors, u, margin, positive_margin, **attrs
     )
     reduced = _LIBRARY.fused_contrastive_in_batch_contrastive_loss_reduced(
         labels, e, anchors, w, margin, positive_margin, loss_scale, reduction=reduction, **attrs
     )
-    return (loss, grad, *reduced)
+    # The gradient op's loss, from its sweep, last: the others keep their places.
+    return (loss, grad, *reduced, grad_loss)
 
 
 def _graph_and_xla(f, *args, **kwargs):
@@ -124,6 +125,9 @@ def test_in_batch_ops_under_xla_match_the_kernels(rng, distance, pair_weighting,
     )
     _assert_same(got, want, dtype)
     assert got[0].shape == [rows] and got[1].shape == got[3].shape == [rows, 6]
+    # The gradient op's sweep gives the loss op's bits (the one-sweep training path relies on it).
+    np.testing.assert_array_equal(bits(want[-1]), bits(want[0]))
+    _assert_same(got[-1:], got[:1], dtype)
     if rows < 2:  # no pairs: nothing to pay, nothing to move
         for output in got[:4]:
             np.testing.assert_array_equal(output, 0.0)
@@ -262,7 +266,7 @@ def _assert_matches_float64(rng, labels, e, distance, pair_weighting, loss_tol, 
             ),
             jit_compile=True,
         )(f32(e))
-    loss, grad, reduced, reduced_grad, scale = (np.asarray(x, np.float64) for x in got)
+    loss, grad, reduced, reduced_grad, scale, _ = (np.asarray(x, np.float64) for x in got)
     want_loss, want_grad = numpy_in_batch(
         labels, e, margin, positive_margin, distance, pair_weighting, upstream=u
     )
@@ -484,7 +488,7 @@ def test_in_batch_xla_works_when_imported_after_the_first_xla_compilation():
             loss = ops.fused_contrastive_in_batch_contrastive_loss(
                 labels, e, rows, one, zero, **attrs)
             grad = ops.fused_contrastive_in_batch_contrastive_loss_grad(
-                labels, e, rows, tf.ones_like(loss), one, zero, **attrs)
+                labels, e, rows, tf.ones_like(loss), one, zero, **attrs).grad
             reduced = ops.fused_contrastive_in_batch_contrastive_loss_reduced(
                 labels, e, rows, tf.constant(1.0), one, zero, one, reduction="sum", **attrs)
             return tf.reduce_sum(loss), tf.reduce_sum(tf.abs(grad)), reduced[0]

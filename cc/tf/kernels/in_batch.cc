@@ -125,8 +125,11 @@ class InBatchGradOp : public InBatchOpBase {
     Tensor* grad = nullptr;
     OP_REQUIRES_OK(ctx,
                    ctx->allocate_output(Io::kGrad, ctx->input(Io::kEmbeddings).shape(), &grad));
+    Tensor* loss = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(Io::kLoss, upstream.shape(), &loss));
     args.upstream = upstream.data();
     args.grad = grad->data();
+    args.loss = loss->data();
     OP_REQUIRES_OK(ctx, Launch<Device>::Run(ctx, args));
   }
 };

@@ -84,6 +84,7 @@ REGISTER_OP(kInBatchGradOpName)
     .Input("margin: double")
     .Input("positive_margin: double")
     .Output("grad: T")
+    .Output("loss: T")
     .Attr(kInBatchTypes)
     .Attr(kInBatchDistanceAttr)
     .Attr(kPairWeightingAttr)
@@ -96,11 +97,13 @@ REGISTER_OP(kInBatchGradOpName)
       TF_RETURN_IF_ERROR(RequireScalar(c, Io::kMargin));
       TF_RETURN_IF_ERROR(RequireScalar(c, Io::kPositiveMargin));
       c->set_output(Io::kGrad, embeddings);
+      c->set_output(Io::kLoss, rows);
       return absl::OkStatus();
     })
     .Doc(R"doc(
 Gradient of sum(upstream * InBatchContrastiveLoss) with respect to the
-embeddings, from one sweep over the pairs.
+embeddings, from one sweep over the pairs, and the loss
+(InBatchContrastiveLoss's output) from the same sweep.
 )doc");
 
 REGISTER_OP(kInBatchReducedOpName)

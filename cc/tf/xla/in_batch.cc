@@ -471,6 +471,7 @@ class InBatchGradXlaOp : public InBatchXlaOpBase {
       OP_REQUIRES_OK(
           ctx, InBatchSweep<decltype(k)::value>(in, attrs_.weighting, &upstream, &loss, &grad));
       ctx->SetOutput(Io::kGrad, grad);
+      ctx->SetOutput(Io::kLoss, loss);
     });
   }
 };
@@ -567,9 +568,12 @@ class InBatchGradHostXlaOp : public InBatchGradXlaOp {
     OP_REQUIRES_OK(
         ctx, CheckInBatchUpstream(ctx->InputShape(Io::kLabels), ctx->InputShape(Io::kUpstream)));
     OP_REQUIRES_OK(ctx, HostOperands<Io>(ctx, &in, &operands, &attrs));
-    ctx->SetOutput(Io::kGrad, HostCall(ctx, kInBatchGradTarget, operands,
-                                       {xla::ShapeUtil::MakeShape(in.type, {in.rows, in.dim})},
-                                       attrs)[Io::kGrad]);
+    const std::vector<xla::XlaOp> out =
+        HostCall(ctx, kInBatchGradTarget, operands,
+                 {xla::ShapeUtil::MakeShape(in.type, {in.rows, in.dim}),
+                  xla::ShapeUtil::MakeShape(in.type, {in.rows})},
+                 attrs);
+    for (int i : {Io::kGrad, Io::kLoss}) ctx->SetOutput(i, out[i]);
   }
 };
 

@@ -69,8 +69,8 @@ ffi::Error InBatchGradHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
                            ffi::AnyBuffer embeddings, ffi::BufferR1<ffi::S64> anchors,
                            ffi::AnyBuffer upstream, ffi::BufferR0<ffi::F64> margin,
                            ffi::BufferR0<ffi::F64> positive_margin,
-                           ffi::Result<ffi::AnyBuffer> grad, int32_t distance,
-                           int32_t pair_weighting, int32_t max_block_rows) {
+                           ffi::Result<ffi::AnyBuffer> grad, ffi::Result<ffi::AnyBuffer> loss,
+                           int32_t distance, int32_t pair_weighting, int32_t max_block_rows) {
   InBatchArgs args;
   bool margins_valid;
   const bool read = ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance,
@@ -79,8 +79,12 @@ ffi::Error InBatchGradHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
   if (!error.success()) return error;
   args.upstream = upstream.untyped_data();
   args.grad = grad->untyped_data();
+  args.loss = loss->untyped_data();
   error = RunHostKernel(pool, read, [&](const ParallelFor& p) { return InBatchLossCpu(args, p); });
-  if (error.success() && !margins_valid) FillNan(*grad);
+  if (error.success() && !margins_valid) {
+    FillNan(*grad);
+    FillNan(*loss);
+  }
   return error;
 }
 
@@ -139,6 +143,7 @@ XLA_FFI_DEFINE_HANDLER(kInBatchGradHandler, InBatchGradHost,
                            .Arg<ffi::BufferR0<ffi::F64>>()  // margin
                            .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
                            .Ret<ffi::AnyBuffer>()           // grad
+                           .Ret<ffi::AnyBuffer>()           // loss
                            .Attr<int32_t>("distance")
                            .Attr<int32_t>("pair_weighting")
                            .Attr<int32_t>("max_block_rows"));
