@@ -22,6 +22,7 @@ from fused_contrastive.losses import (
     contrastive_loss_from_embeddings,
     in_batch_contrastive_loss,
 )
+from fused_contrastive.retrieval import retrieval_metrics
 from fused_contrastive.reference import (
     contrastive_loss_from_embeddings_reference,
     contrastive_loss_reference,
@@ -36,6 +37,7 @@ if os.environ.get("TF_USE_LEGACY_KERAS", None) in ("true", "True", "1"):
             InBatchContrastiveLoss,
             PairAccuracy,
             PairDistance,
+            RetrievalMetrics,
         )
     except ModuleNotFoundError as error:
         if error.name != "tf_keras":
@@ -49,6 +51,7 @@ if os.environ.get("TF_USE_LEGACY_KERAS", None) in ("true", "True", "1"):
 else:
     from fused_contrastive.losses import ContrastiveLoss, InBatchContrastiveLoss
     from fused_contrastive.pairs import PairAccuracy, PairDistance
+    from fused_contrastive.retrieval import RetrievalMetrics
 
     class _RegisterWithTfKeras(importlib.abc.MetaPathFinder):
         """Registers the Keras 2 class (and so TF Addons' saved-model alias)
@@ -86,6 +89,7 @@ __all__ = [
     "InBatchContrastiveLoss",
     "PairAccuracy",
     "PairDistance",
+    "RetrievalMetrics",
     "USE_REFERENCE_ENV",
     "build_info",
     "contrastive_loss",
@@ -94,5 +98,6 @@ __all__ = [
     "contrastive_loss_reference",
     "in_batch_contrastive_loss",
     "in_batch_contrastive_loss_reference",
+    "retrieval_metrics",
     "using_reference",
 ]

@@ -8,6 +8,7 @@ import tf_keras
 
 from fused_contrastive.losses import ContrastiveLossMixin, InBatchLossMixin
 from fused_contrastive.pairs import PairAccuracyMixin, PairDistanceMixin, pair_accuracy
+from fused_contrastive.retrieval import RetrievalMetricsMixin
 
 
 @tf_keras.utils.register_keras_serializable(package="fused_contrastive")
@@ -108,6 +109,11 @@ class PairAccuracy(PairAccuracyMixin, tf_keras.metrics.Mean):
 
     def get_config(self):
         return {**super().get_config(), **self._options()}
+
+
+class RetrievalMetrics(RetrievalMetricsMixin, tf_keras.callbacks.Callback):
+    """Retrieval metrics logged each epoch, as a Keras 2 callback; see
+    `fused_contrastive.retrieval.RetrievalMetrics`."""
 
 
 # Models saved with tfa.losses.ContrastiveLoss load as this class (see losses.py).
