@@ -396,35 +396,34 @@ class InBatchOptions:
         return 0 if self.max_block_rows is None else int(self.max_block_rows)
 
 
-def prepare_in_batch_inputs(labels, embeddings, prefix=""):
-    """Class labels [B] (or [B, 1], squeezed) and embeddings [B, D], checked.
+def prepare_in_batch_inputs(labels, embeddings, prefix="", what="in-batch contrastive loss", n="B"):
+    """Class labels [n] (or [n, 1], squeezed) and embeddings [n, D], checked.
     prefix: what the arguments' names start with in the messages
-    ("reference_" for the references)."""
+    ("reference_" for the references); what: the caller, as the messages
+    name it; n: the row count's name there."""
     reject_ragged(labels, embeddings)
     embeddings = tf.convert_to_tensor(embeddings)
     if embeddings.dtype not in DISTANCE_DTYPES:
         raise TypeError(
-            f"in-batch contrastive loss: {prefix}embeddings must be "
+            f"{what}: {prefix}embeddings must be "
             f"{dtype_names(DISTANCE_DTYPES)}; got {embeddings.dtype.name}"
         )
     if embeddings.shape.rank != 2:
         raise ValueError(
-            f"in-batch contrastive loss: {prefix}embeddings must have rank 2, [B, D]; got "
-            f"shape {embeddings.shape}"
+            f"{what}: {prefix}embeddings must have rank 2, [{n}, D]; got shape {embeddings.shape}"
         )
     labels = tf.convert_to_tensor(labels)
     if labels.dtype not in CLASS_LABEL_DTYPES:
         raise TypeError(
-            f"in-batch contrastive loss: {prefix}labels must be class ids "
-            f"({dtype_names(CLASS_LABEL_DTYPES)}); got "
+            f"{what}: {prefix}labels must be class ids ({dtype_names(CLASS_LABEL_DTYPES)}); got "
             f"{labels.dtype.name}"
         )
     if labels.shape.rank == 2 and labels.shape[-1] == 1:
         labels = tf.squeeze(labels, -1)
     if labels.shape.rank != 1 or not labels.shape.is_compatible_with(embeddings.shape[:1]):
         raise ValueError(
-            f"in-batch contrastive loss: {prefix}labels must have shape [B] or [B, 1] for "
-            f"{prefix}embeddings [B, D] = {embeddings.shape}; got {labels.shape}"
+            f"{what}: {prefix}labels must have shape [{n}] or [{n}, 1] for "
+            f"{prefix}embeddings [{n}, D] = {embeddings.shape}; got {labels.shape}"
         )
     return labels, embeddings
 

@@ -7,14 +7,7 @@ import numpy as np
 import tensorflow as tf
 
 from fused_contrastive._in_batch_ops import class_ids
-from fused_contrastive._inputs import (
-    CLASS_LABEL_DTYPES,
-    DISTANCE_DTYPES,
-    IN_BATCH_DISTANCES,
-    dtype_names,
-    reject_ragged,
-    validate_choice,
-)
+from fused_contrastive._inputs import IN_BATCH_DISTANCES, prepare_in_batch_inputs, validate_choice
 from fused_contrastive.reference import compute_dtype
 
 # Distances per block of queries: the block's few [Q, N] temporaries stay
@@ -24,36 +17,13 @@ TILE_ELEMENTS = 1 << 23
 
 def _rows(embeddings, labels, prefix):
     """Embeddings [N, D] in their compute dtype and labels [N] (or [N, 1]), checked."""
-    reject_ragged(embeddings, labels)
-    embeddings = tf.convert_to_tensor(embeddings)
-    labels = tf.convert_to_tensor(labels)
-    what = "retrieval_metrics: "
-    if embeddings.dtype not in DISTANCE_DTYPES:
-        raise TypeError(
-            f"{what}{prefix}embeddings must be {dtype_names(DISTANCE_DTYPES)}; got "
-            f"{embeddings.dtype.name}"
-        )
-    if labels.dtype not in CLASS_LABEL_DTYPES:
-        raise TypeError(
-            f"{what}{prefix}labels must be class ids ({dtype_names(CLASS_LABEL_DTYPES)}); got "
-            f"{labels.dtype.name}"
-        )
-    if embeddings.shape.rank != 2:
-        raise ValueError(
-            f"{what}{prefix}embeddings must have rank 2, [N, D]; got shape {embeddings.shape}"
-        )
-    if labels.shape.rank == 2 and labels.shape[-1] == 1:
-        labels = tf.squeeze(labels, -1)
-    if labels.shape.rank != 1 or labels.shape[0] != embeddings.shape[0]:
-        raise ValueError(
-            f"{what}{prefix}labels must have shape [N] or [N, 1] for {prefix}embeddings "
-            f"{embeddings.shape}; got {labels.shape}"
-        )
+    what = "retrieval_metrics"
+    labels, embeddings = prepare_in_batch_inputs(labels, embeddings, prefix, what, "N")
     embeddings = tf.cast(embeddings, compute_dtype(embeddings.dtype))
     finite = tf.reduce_all(tf.math.is_finite(embeddings), axis=1)
     if not bool(tf.reduce_all(finite)):
         row = int(tf.argmin(tf.cast(finite, tf.int32)))
-        raise ValueError(f"{what}{prefix}embeddings hold NaN or infinity (row {row})")
+        raise ValueError(f"{what}: {prefix}embeddings hold NaN or infinity (row {row})")
     return embeddings, labels
 
 
