@@ -27,7 +27,7 @@ sys.path[:0] = [str(TESTS), str(TESTS / "in_batch")]  # the oracle and its test 
 from test_in_batch import numpy_in_batch  # noqa: E402
 
 from fused_contrastive import _library  # noqa: E402
-from fused_contrastive._inputs import all_anchors  # noqa: E402
+from fused_contrastive._inputs import PAIR_WEIGHTINGS, all_anchors  # noqa: E402
 
 OPS = _library.op_library
 MARGIN, POSITIVE_MARGIN = 1.5, 0.2
@@ -72,7 +72,7 @@ def accuracy():
         for norm in (100, 272, 560):
             labels, e = far_batch(rng, norm, clusters)
             for distance in ("euclidean", "cosine"):
-                for weighting in ("uniform", "balanced"):
+                for weighting in PAIR_WEIGHTINGS:
                     want = numpy_in_batch(labels, e, MARGIN, POSITIVE_MARGIN, distance, weighting)
                     errors = [
                         relative_error(g, w)

@@ -27,7 +27,11 @@ InBatchArgs InBatchOptions(double margin, double positive_margin, const std::str
   }
   PairWeighting weighting;
   if (!ParsePairWeighting(pair_weighting, &weighting)) {
-    throw py::value_error("pair_weighting must be 'uniform' or 'balanced', got '" + pair_weighting +
+    std::string names;
+    for (PairWeighting w : kAllPairWeightings) {
+      names += (names.empty() ? "'" : ", '") + std::string(PairWeightingName(w)) + "'";
+    }
+    throw py::value_error("pair_weighting must be one of " + names + ", got '" + pair_weighting +
                           "'");
   }
   InBatchArgs args{};
@@ -262,6 +266,12 @@ void InBatchLossReducedCuda(const py::object& labels, const py::object& embeddin
 }  // namespace
 
 void RegisterInBatch(py::module_& m) {
+  // The weightings' names, for the TF-free GPU check and the fuzzer.
+  py::tuple weightings(std::size(kAllPairWeightings));
+  for (size_t i = 0; i < std::size(kAllPairWeightings); ++i) {
+    weightings[i] = PairWeightingName(kAllPairWeightings[i]);
+  }
+  m.attr("PAIR_WEIGHTINGS") = weightings;
   m.def("in_batch_loss_cpu", &InBatchLossCpuNumpy, py::arg("labels"), py::arg("embeddings"),
         py::arg("upstream") = py::none(), py::arg("margin") = 1.0, py::arg("positive_margin") = 0.0,
         py::arg("distance") = "euclidean", py::arg("pair_weighting") = "uniform",

@@ -14,7 +14,7 @@ DISTANCE_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
 DISTANCES = ("euclidean", "cosine", "manhattan")
 # The in-batch ops' `distance` and `pair_weighting` attr values (cc/core/in_batch/math.h).
 IN_BATCH_DISTANCES = ("euclidean", "cosine")
-PAIR_WEIGHTINGS = ("uniform", "balanced")
+PAIR_WEIGHTINGS = ("uniform", "balanced", "active")
 # Class ids: integers, or floats compared by value (Keras passes y_true as floats).
 CLASS_LABEL_DTYPES = tuple(t for t in LABEL_DTYPES if t != tf.bool)
 

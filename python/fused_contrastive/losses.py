@@ -156,8 +156,11 @@ def in_batch_contrastive_loss(
       distance: "euclidean" (`‖e_i − e_j‖₂`) or "cosine" (`1 − cos(e_i, e_j)`,
         0 similarity for a zero vector).
       pair_weighting: "uniform": `l_i = Σ_j term_ij / (B − 1)`; "balanced": the
-        mean of anchor i's positive terms plus the mean of its negative terms
-        (a mean over no pairs is 0).
+        mean of anchor i's positive terms plus the mean of its negative terms;
+        "active": the mean of anchor i's nonzero positive terms plus the mean
+        of its nonzero negative terms, so that pairs already past their margin
+        do not dilute the mean (the counts carry no gradient; it costs one more
+        forward sweep). A mean over no pairs is 0.
       max_block_rows: None (the op chooses) or a cap on the rows per block,
         which bounds the op's scratch memory (on GPU and under XLA it is about
         block · (B + R) values).
@@ -165,8 +168,8 @@ def in_batch_contrastive_loss(
         `[R, D]` (labels as `labels`; embeddings cast to the embeddings'
         dtype), given together: each anchor also pairs with every reference,
         with the same terms. `"uniform"` then divides by `B − 1 + R`, and
-        `"balanced"` counts positives and negatives over the batch and the
-        references. Pairs of two references are never formed. `R = 0` is the
+        `"balanced"` and `"active"` count positives and negatives over the
+        batch and the references. Pairs of two references are never formed. `R = 0` is the
         loss without references.
       gather_across_replicas: inside a `tf.distribute` replica context with
         more than one replica, pair each local anchor with every other row of

@@ -163,9 +163,10 @@ def in_batch_contrastive_loss_reference(
     Pairs with equal class labels are positive, with term max(d - positive_margin,
     0)^2, the others negative, with term max(margin - d, 0)^2. "uniform": the
     anchor's loss is the sum of its B - 1 terms / (B - 1); "balanced": the mean of
-    its positive terms plus the mean of its negative terms (a mean over no pairs
-    is 0). d is "euclidean" (from the Gram matrix; 0 with a zero gradient for
-    equal embeddings) or "cosine" (1 - cosine similarity; a zero vector has
+    its positive terms plus the mean of its negative terms; "active": the mean
+    of its nonzero positive terms plus the mean of its nonzero negative terms (a
+    mean over no pairs is 0). d is "euclidean" (from the Gram matrix; 0 with a
+    zero gradient for equal embeddings) or "cosine" (1 - cosine similarity; a zero vector has
     similarity 0). Returns [B] in the embeddings' dtype (16-bit computed in
     float32).
 
@@ -254,6 +255,11 @@ def reference_in_batch_loss(labels, embeddings, options, anchors=None):
         loss = tf.math.divide_no_nan(pos_sum + neg_sum, tf.cast(rows - 1, dtype))
     else:
         count = lambda mask: tf.reduce_sum(tf.cast(mask, dtype), axis=1)  # noqa: E731
+        if options.pair_weighting == "active":
+            # Only the nonzero terms (NaN ones too) are counted; tf.not_equal
+            # has no gradient, so neither have the counts.
+            positive = tf.logical_and(positive, tf.not_equal(pos_terms, 0.0))
+            negative = tf.logical_and(negative, tf.not_equal(neg_terms, 0.0))
         loss = tf.math.divide_no_nan(pos_sum, count(positive)) + tf.math.divide_no_nan(
             neg_sum, count(negative)
         )

@@ -42,7 +42,7 @@ def compare_in_batch(device, kernels, rng):
     for index, (distance, weighting, dtype, rows, block) in enumerate(
         itertools.product(
             ("euclidean", "cosine"),
-            ("uniform", "balanced"),
+            kernels.PAIR_WEIGHTINGS,
             ("float32", "float64"),
             IN_BATCH_ROWS,
             IN_BATCH_BLOCK_ROWS,
@@ -94,7 +94,7 @@ def compare_in_batch_cosine_scales(device, kernels, rng):
     worst = 0.0
     for index, (weighting, dtype, rows, block, mix) in enumerate(
         itertools.product(
-            ("uniform", "balanced"),
+            kernels.PAIR_WEIGHTINGS,
             ("float32", "float64"),
             (2, 37, 300),
             (0, 7),
@@ -159,7 +159,7 @@ def compare_in_batch_reduced(device, kernels, rng):
     worst = 0.0
     for index, (distance, weighting, dtype, rows) in enumerate(
         itertools.product(
-            ("euclidean", "cosine"), ("uniform", "balanced"), ("float32", "float64"), IN_BATCH_ROWS
+            ("euclidean", "cosine"), kernels.PAIR_WEIGHTINGS, ("float32", "float64"), IN_BATCH_ROWS
         )
     ):
         dim = (33, 7)[index % 2]
@@ -221,7 +221,7 @@ def compare_in_batch_anchors(device, kernels, rng):
     for index, (distance, weighting, dtype, (rows, anchors), block) in enumerate(
         itertools.product(
             ("euclidean", "cosine"),
-            ("uniform", "balanced"),
+            kernels.PAIR_WEIGHTINGS,
             ("float32", "float64"),
             (
                 (37, (0, 1)),

@@ -230,7 +230,7 @@ def tf_op_cases(fc, rng):
             )
 
         for distance, weighting, (rows, dim) in itertools.product(
-            ("euclidean", "cosine"), ("uniform", "balanced"), [(300, 33), (1024, 128)]
+            ("euclidean", "cosine"), fc._inputs.PAIR_WEIGHTINGS, [(300, 33), (1024, 128)]
         ):
             labels, e = in_batch_inputs(rng, rows, dim, dtype)
             options = in_batch_options(distance, weighting, None)

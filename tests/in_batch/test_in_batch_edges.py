@@ -11,6 +11,7 @@ from test_in_batch import numpy_in_batch
 
 import fused_contrastive as fc
 from fused_contrastive import _kernels
+from fused_contrastive._inputs import PAIR_WEIGHTINGS
 from fused_contrastive.reference import in_batch_contrastive_loss_reference
 
 NAN = float("nan")
@@ -107,7 +108,7 @@ def test_a_huge_margin_is_no_nan(rng, dtype):
     # mask (positives, each row with itself) must still add exactly 0.
     labels = np.array([0, 0, 1, 1, 2, 2])
     e = rng.normal(size=(6, 3))
-    for weighting in ("uniform", "balanced"):
+    for weighting in PAIR_WEIGHTINGS:
         want, _ = numpy_in_batch(labels, e, margin=1e30, weighting=weighting)
         for function in (fc.in_batch_contrastive_loss, in_batch_contrastive_loss_reference):
             loss, grad = loss_and_gradient(
@@ -130,7 +131,7 @@ def test_the_hlo_lowering_takes_a_huge_margin_as_the_kernel_does(rng):
         .numpy()
         .tolist()
         for dtype in ("float32", "float64")
-        for weighting in ("uniform", "balanced")
+        for weighting in PAIR_WEIGHTINGS
     ]
     result = run_python(
         f"""
@@ -140,14 +141,15 @@ def test_the_hlo_lowering_takes_a_huge_margin_as_the_kernel_does(rng):
         f = tf.function(fc.in_batch_contrastive_loss, jit_compile=True)
         print([f({labels.tolist()}, e.astype(dtype), margin=1e30,
                  pair_weighting=weighting).numpy().tolist()
-               for dtype in ("float32", "float64") for weighting in ("uniform", "balanced")])
+               for dtype in ("float32", "float64") for weighting in {PAIR_WEIGHTINGS}])
         """,
         FUSED_CONTRASTIVE_XLA_CPU_HLO="1",
     )
     assert result.returncode == 0, result.stderr[-3000:]
     got = eval(result.stdout.strip(), {"inf": float("inf")})
-    np.testing.assert_allclose(np.array(got[2:]), np.array(want[2:]), rtol=1e-12)
-    assert np.isposinf(got[:2]).all(), got  # float32: the terms overflow, as in the kernel
+    n = len(PAIR_WEIGHTINGS)  # float32's cases, then float64's
+    np.testing.assert_allclose(np.array(got[n:]), np.array(want[n:]), rtol=1e-12)
+    assert np.isposinf(got[:n]).all(), got  # float32: the terms overflow, as in the kernel
 
 
 @pytest.mark.parametrize("scale", [1e19, 1e-20, 1e-30, 1e30])

@@ -6,7 +6,7 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_in_batch import assert_close, batch
+from test_in_batch import PAIR_WEIGHTINGS, assert_close, batch
 from test_in_batch_references import oracle
 
 import fused_contrastive as fc
@@ -28,7 +28,7 @@ def train_step(loss_object, labels, e):
 
 
 @pytest.mark.parametrize("cls", [fc.InBatchContrastiveLoss, keras2.InBatchContrastiveLoss])
-@pytest.mark.parametrize("weighting", ["uniform", "balanced"])
+@pytest.mark.parametrize("weighting", PAIR_WEIGHTINGS)
 def test_memory_over_steps_matches_float64_pairs(rng, cls, weighting):
     options = dict(memory_size=SIZE, memory_warmup_steps=1, pair_weighting=weighting)
     if cls is fc.InBatchContrastiveLoss:

@@ -11,7 +11,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from support import HLO_ON_CPU, bits, run_python, run_tests_under_hlo
-from test_in_batch import IN_BATCH_DISTANCES, MARGINS, PAIR_WEIGHTINGS, assert_close, batch
+from test_in_batch import (
+    IN_BATCH_DISTANCES,
+    MARGINS,
+    PAIR_WEIGHTINGS,
+    assert_close,
+    batch,
+    duplicates_compare,
+)
 from test_in_batch import numpy_in_batch as numpy_rows
 
 import fused_contrastive as fc
@@ -58,10 +65,12 @@ def fused(labels, e, ref_labels, refs, upstream, dtype, jit=None, **options):
 @pytest.mark.parametrize("b, r", [(0, 3), (1, 0), (1, 4), (2, 5), (9, 13), (37, 70)])
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_references_match_float64_pairs(rng, distance, weighting, margins, b, r, dtype):
-    labels, e = batch(rng, b)
-    ref_labels, refs = batch(rng, r)
-    shared = min(b, r, 2)
-    refs[:shared] = e[:shared]  # references equal to anchors: d = 0 pairs
+    duplicates = duplicates_compare(distance, weighting)
+    labels, e = batch(rng, b, duplicates=duplicates)
+    ref_labels, refs = batch(rng, r, duplicates=duplicates)
+    if duplicates:
+        shared = min(b, r, 2)
+        refs[:shared] = e[:shared]  # references equal to anchors: d = 0 pairs
     g = rng.uniform(0.5, 2.0, size=b)
     options = dict(
         margin=margins[0], positive_margin=margins[1], distance=distance, pair_weighting=weighting

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import fused_contrastive
-from fused_contrastive import _library
+from fused_contrastive import _inputs, _library
 
 SCRIPT = Path(__file__).resolve().parents[1] / "gpu" / "check_gpu.py"
 
@@ -22,6 +22,7 @@ def test_gpu_check_script_self_test():
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
+    weightings = len(_inputs.PAIR_WEIGHTINGS)  # the in-batch checks run each one
     installed = Path(fused_contrastive.__file__).parent
     assert f"loaded {installed}/_kernels." in out.splitlines()[0], out.splitlines()[0]
     assert "200 aligned cases compared" in out and "60 misaligned cases compared" in out
@@ -32,13 +33,14 @@ def test_gpu_check_script_self_test():
     assert "96 misaligned embedding cases compared" in out
     assert "432 reduced embedding cases compared" in out
     assert "embedding reduced (forward+backward)" in out and "rows=   16,384" in out
-    assert "120 in-batch cases compared" in out
-    assert "360 reduced in-batch cases compared" in out
+    assert f"{60 * weightings} in-batch cases compared" in out
+    assert f"{180 * weightings} reduced in-batch cases compared" in out
     assert "in-batch at B=4,096 D=128" in out and "loss+grad" in out
-    assert "72 in-batch cosine cases at extreme row scales compared" in out
+    assert f"{56 * weightings} in-batch anchor-slice cases compared" in out
+    assert f"{36 * weightings} in-batch cosine cases at extreme row scales compared" in out
     ops = [key for key in vars(_library) if key.endswith("OP_NAME")]
     assert f"{len(ops)} TF ops checked for a registered CPU kernel" in out
-    assert "60 TF-op cases compared, /CPU:0 against /CPU:0" in out
+    assert f"{28 + 16 * weightings} TF-op cases compared, /CPU:0 against /CPU:0" in out
     summary = [line for line in out.splitlines() if line.startswith("TF-op summary: ")]
     assert len(summary) == 1, out
     assert (

@@ -11,6 +11,7 @@ from support import DISTANCES, REDUCTIONS, embeddings, random_distances, run_pyt
 import keras
 import fused_contrastive as fc
 from fused_contrastive import losses
+from fused_contrastive._inputs import PAIR_WEIGHTINGS
 
 B = 9
 
@@ -61,7 +62,7 @@ CASES = [
             (B, 4),
         )
         for distance in ("euclidean", "cosine")
-        for weighting in ("uniform", "balanced")
+        for weighting in PAIR_WEIGHTINGS
     ],
 ]
 

@@ -38,6 +38,8 @@ struct ElementOps {
   // x where a 0/1 mask is 1, else exactly 0, even for an inf or NaN x (see
   // masked() in core/in_batch/math.h).
   FC_HOST_DEVICE static C masked(const C& mask, const C& x) { return mask != C(0) ? x : C(0); }
+  // 1 where x is not 0 (NaN included), else 0.
+  FC_HOST_DEVICE static C nonzero(const C& x) { return x != C(0) ? C(1) : C(0); }
 };
 
 FC_HOST_DEVICE inline int binary_exponent(float x) {

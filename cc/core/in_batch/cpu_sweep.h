@@ -120,10 +120,21 @@ T SquaredNorm(const T* row, int64_t dim) {
   return sum;
 }
 
+// Each row's counts of nonzero positive and negative terms (active_term),
+// for the "active" weighting: a forward sweep counts them, the gradient sweep
+// takes them as given (its pair coefficients need every row's weights).
+struct ActiveCounts {
+  std::vector<double> positive, negative;
+};
+
 template <typename T, Distance K, bool kGrad>
 class Sweep {
  public:
-  Sweep(const InBatchArgs& args, const ParallelFor& parallel_for)
+  // counts: the rows' ActiveCounts when the weighting is "active" and a
+  // gradient is wanted; a forward sweep with that weighting counts them
+  // itself (active_counts()).
+  Sweep(const InBatchArgs& args, const ParallelFor& parallel_for,
+        const ActiveCounts* counts = nullptr)
       : args_(args),
         parallel_for_(parallel_for),
         e_(static_cast<const T*>(args.embeddings)),
@@ -142,7 +153,16 @@ class Sweep {
         negative_coefficient_(kGrad ? rows_ : 0),
         positive_sum_(rows_, 0.0),
         negative_sum_(rows_, 0.0),
-        diagonal_(kGrad ? rows_ : 0, 0.0) {}
+        diagonal_(kGrad ? rows_ : 0, 0.0),
+        given_counts_(counts),
+        counting_(!kGrad && args.weighting == PairWeighting::kActive) {
+    if (counting_) {
+      counts_.positive.assign(rows_, 0.0);
+      counts_.negative.assign(rows_, 0.0);
+    }
+  }
+
+  const ActiveCounts& active_counts() const { return counts_; }
 
   void Run() {
     PrepareRows();
@@ -233,10 +253,9 @@ class Sweep {
                       // A partner's weights are 0: its pairs with anchors
                       // then carry only the anchor's half of A_ij.
                       positive_weight_[i] = negative_weight_[i] = 0;
-                      if (IsAnchor(i)) {
-                        pair_weights(args_.weighting, static_cast<double>(rows_),
-                                     static_cast<double>(positives[i]), &positive_weight_[i],
-                                     &negative_weight_[i]);
+                      // A counting sweep's "active" weights come in Finish.
+                      if (IsAnchor(i) && !counting_) {
+                        Weights(i, static_cast<double>(positives[i]));
                       }
                       if constexpr (kGrad) {
                         // A partner's upstream is not read (its loss is 0).
@@ -250,6 +269,13 @@ class Sweep {
   }
 
   T* grad() const { return static_cast<T*>(args_.grad); }
+
+  void Weights(int64_t i, double positives) {
+    const ActiveCounts* counts = counting_ ? &counts_ : given_counts_;
+    pair_weights(args_.weighting, static_cast<double>(rows_), positives,
+                 counts ? counts->positive[i] : 0.0, counts ? counts->negative[i] : 0.0,
+                 &positive_weight_[i], &negative_weight_[i]);
+  }
 
   bool IsAnchor(int64_t i) const { return i >= anchor_begin_ && i < anchor_end_; }
 
@@ -268,31 +294,36 @@ class Sweep {
     thread_local std::vector<T> scratch;
     thread_local std::vector<T> columns;
     scratch.resize(ni * nj);
-    columns.assign(3 * nj, T(0));
+    columns.assign(5 * nj, T(0));
     Rows<T> s(scratch.data(), ni, nj);
     const ConstRows<T> ei(e_ + i0 * dim_, ni, dim_);
     const ConstRows<T> ej(e_ + j0 * dim_, nj, dim_);
     s.noalias() = ei * ej.transpose();
     T* column_positive = columns.data();
     T* column_negative = columns.data() + nj;
-    T* column_diagonal = columns.data() + 2 * nj;
+    Columns columns_of_tile{columns.data(), columns.data() + nj, columns.data() + 2 * nj,
+                            columns.data() + 3 * nj, columns.data() + 4 * nj};
     int64_t active = 0;  // nonzero entries of M
     for (int64_t r = 0; r < ni; ++r) {
       const int64_t i = i0 + r;
       T* row = scratch.data() + r * nj;
       if (K == Distance::kEuclidean && RowCancels(row, i, kDiagonal ? r : -1, j0, nj)) {
-        active +=
-            ExactRow<kDiagonal>(row, i, j0, nj, column_positive, column_negative, column_diagonal);
+        active += ExactRow<kDiagonal>(row, i, j0, nj, columns_of_tile);
+      } else if (counting_) {
+        active += FastRow<kDiagonal, true>(row, i, j0, nj, columns_of_tile);
       } else {
-        active +=
-            FastRow<kDiagonal>(row, i, j0, nj, column_positive, column_negative, column_diagonal);
+        active += FastRow<kDiagonal, false>(row, i, j0, nj, columns_of_tile);
       }
     }
     if constexpr (!kDiagonal) {
       for (int64_t c = 0; c < nj; ++c) {
-        positive_sum_[j0 + c] += column_positive[c];
-        negative_sum_[j0 + c] += column_negative[c];
-        if (kGrad) diagonal_[j0 + c] += column_diagonal[c];
+        positive_sum_[j0 + c] += columns_of_tile.positive[c];
+        negative_sum_[j0 + c] += columns_of_tile.negative[c];
+        if (kGrad) diagonal_[j0 + c] += columns_of_tile.diagonal[c];
+        if (counting_) {
+          counts_.positive[j0 + c] += columns_of_tile.positive_active[c];
+          counts_.negative[j0 + c] += columns_of_tile.negative_active[c];
+        }
       }
     }
     if constexpr (kGrad) {
@@ -326,6 +357,12 @@ class Sweep {
     }
     return cancels != 0;
   }
+
+  // A tile's per-column sums (the pairs' other order, for a tile of two
+  // blocks): terms, q's part, and with counting_ the nonzero terms.
+  struct Columns {
+    T *positive, *negative, *diagonal, *positive_active, *negative_active;
+  };
 
   // A pair's terms, and with a gradient its M and the part of q it adds.
   struct Pair {
@@ -367,11 +404,11 @@ class Sweep {
   }
 
   // FastRow and ExactRow return the row's number of nonzero M entries.
-  template <bool kDiagonal>
-  int64_t FastRow(T* row, int64_t i, int64_t j0, int64_t nj, T* column_positive, T* column_negative,
-                  T* column_diagonal) {
+  // kCount: the sweep counts nonzero terms (counting_).
+  template <bool kDiagonal, bool kCount>
+  int64_t FastRow(T* row, int64_t i, int64_t j0, int64_t nj, const Columns& columns) {
     const int64_t self = kDiagonal ? i - j0 : -1;
-    T positive = 0, negative = 0, diagonal = 0;
+    T positive = 0, negative = 0, diagonal = 0, positive_active = 0, negative_active = 0;
     int active = 0;
     const T stat_i = stat_[i];
     const T* stat_j = stat_.data() + j0;
@@ -381,7 +418,8 @@ class Sweep {
     const T nc_i = kGrad ? negative_coefficient_[i] : T(0);
     const T* pc_j = kGrad ? positive_coefficient_.data() + j0 : nullptr;
     const T* nc_j = kGrad ? negative_coefficient_.data() + j0 : nullptr;
-#pragma omp simd reduction(+ : positive, negative, diagonal, active)
+#pragma omp simd reduction(+ : positive, negative, diagonal, positive_active, negative_active, \
+                               active)
     for (int64_t c = 0; c < nj; ++c) {
       const T s = row[c];
       const T d = pair_distance<K>(s, stat_i, stat_j[c]);
@@ -397,14 +435,23 @@ class Sweep {
       negative += p.negative;
       diagonal += p.diagonal;
       if (!kDiagonal) {
-        column_positive[c] += p.positive;
-        column_negative[c] += p.negative;
-        column_diagonal[c] += p.diagonal;
+        columns.positive[c] += p.positive;
+        columns.negative[c] += p.negative;
+        columns.diagonal[c] += p.diagonal;
+      }
+      if constexpr (kCount) {
+        const T pa = active_term(p.positive), na = active_term(p.negative);
+        positive_active += pa;
+        negative_active += na;
+        if (!kDiagonal) {
+          columns.positive_active[c] += pa;
+          columns.negative_active[c] += na;
+        }
       }
       row[c] = p.m;
       active += p.m != T(0) ? 1 : 0;
     }
-    AddRow(i, positive, negative, diagonal);
+    AddRow(i, positive, negative, diagonal, positive_active, negative_active);
     return active;
   }
 
@@ -412,9 +459,8 @@ class Sweep {
   // d from e_i − e_j, and their gradient directly, (A/d)·(e_i − e_j) to row
   // i (and its opposite to row j when the tile stands for both orders).
   template <bool kDiagonal>
-  int64_t ExactRow(T* row, int64_t i, int64_t j0, int64_t nj, T* column_positive,
-                   T* column_negative, T* column_diagonal) {
-    T positive = 0, negative = 0, diagonal = 0;
+  int64_t ExactRow(T* row, int64_t i, int64_t j0, int64_t nj, const Columns& columns) {
+    T positive = 0, negative = 0, diagonal = 0, positive_active = 0, negative_active = 0;
     int64_t active = 0;
     const T* ei = e_ + i * dim_;
     for (int64_t c = 0; c < nj; ++c) {
@@ -438,13 +484,22 @@ class Sweep {
       positive += p.positive;
       negative += p.negative;
       if (!kDiagonal) {
-        column_positive[c] += p.positive;
-        column_negative[c] += p.negative;
+        columns.positive[c] += p.positive;
+        columns.negative[c] += p.negative;
+      }
+      if (counting_) {
+        const T pa = active_term(p.positive), na = active_term(p.negative);
+        positive_active += pa;
+        negative_active += na;
+        if (!kDiagonal) {
+          columns.positive_active[c] += pa;
+          columns.negative_active[c] += na;
+        }
       }
       if (!kGrad) continue;
       if (!exact) {
         diagonal += p.diagonal;
-        if (!kDiagonal) column_diagonal[c] += p.diagonal;
+        if (!kDiagonal) columns.diagonal[c] += p.diagonal;
         row[c] = p.m;
         active += p.m != T(0) ? 1 : 0;
         continue;
@@ -459,7 +514,7 @@ class Sweep {
         if (!kDiagonal) gj[k] -= step;
       }
     }
-    AddRow(i, positive, negative, diagonal);
+    AddRow(i, positive, negative, diagonal, positive_active, negative_active);
     return active;
   }
 
@@ -486,10 +541,14 @@ class Sweep {
     }
   }
 
-  void AddRow(int64_t i, T positive, T negative, T diagonal) {
+  void AddRow(int64_t i, T positive, T negative, T diagonal, T positive_active, T negative_active) {
     positive_sum_[i] += positive;
     negative_sum_[i] += negative;
     if (kGrad) diagonal_[i] += diagonal;
+    if (counting_) {
+      counts_.positive[i] += positive_active;
+      counts_.negative[i] += negative_active;
+    }
   }
 
   void Finish() {
@@ -497,6 +556,8 @@ class Sweep {
     parallel_for_(rows_, ElementCost{dim_ * sizeof(T) + 40.0, dim_ * sizeof(T) + 0.0, 2.0 * dim_},
                   [&](int64_t first, int64_t last) {
                     for (int64_t i = first; i < last; ++i) {
+                      // The positives count is not read by "active".
+                      if (counting_ && IsAnchor(i)) Weights(i, 0.0);
                       // A partner's sums hold its pairs with anchors: not a loss.
                       if (loss != nullptr) {
                         loss[i] = IsAnchor(i)
@@ -551,6 +612,9 @@ class Sweep {
   std::vector<double> positive_sum_;
   std::vector<double> negative_sum_;
   std::vector<double> diagonal_;
+  const ActiveCounts* given_counts_;
+  const bool counting_;
+  ActiveCounts counts_;
 };
 
 }  // namespace
@@ -566,7 +630,22 @@ bool InBatchLoss(const InBatchArgs& args, const ParallelFor& parallel_for) {
     if (args.grad != nullptr) {
       std::fill(static_cast<T*>(args.grad) + used * args.dim,
                 static_cast<T*>(args.grad) + rows * args.dim, T(0));
-      Sweep<T, K, true>(UsedRowsOnly(args), parallel_for).Run();
+      // "active": a forward sweep counts the nonzero terms first. It writes
+      // the loss too, so that the forward op's and this op's loss bits agree
+      // (the counting sweep's sums may round apart from the gradient sweep's).
+      const bool active = args.weighting == PairWeighting::kActive;
+      ActiveCounts counts;
+      InBatchArgs sweep = UsedRowsOnly(args);
+      if (active) {
+        InBatchArgs forward = sweep;
+        forward.upstream = nullptr;
+        forward.grad = nullptr;
+        Sweep<T, K, false> counter(forward, parallel_for);
+        counter.Run();
+        counts = counter.active_counts();
+        sweep.loss = nullptr;
+      }
+      Sweep<T, K, true>(sweep, parallel_for, active ? &counts : nullptr).Run();
     } else {
       Sweep<T, K, false>(UsedRowsOnly(args), parallel_for).Run();
     }

@@ -166,7 +166,8 @@ constexpr int kCountRows = 8;
 // Per anchor (rows [anchor_begin, anchor_end)): the number of other rows with
 // its label, the pair weights, and those weights times the upstream gradient
 // (the CPU kernel's rounding: weight·g in double, then rounded to C). The
-// partners' are zero-filled before.
+// partners' are zero-filled before. "active" weights are read, not written:
+// the anchors' counting pass (PairRowKernel) has set them.
 template <typename T>
 __global__ void PairWeightKernel(const int64_t* __restrict__ labels, int64_t rows,
                                  int64_t anchor_begin, int64_t anchor_end, PairWeighting weighting,
@@ -187,7 +188,7 @@ __global__ void PairWeightKernel(const int64_t* __restrict__ labels, int64_t row
       anchor[a] = first + a < anchor_end ? labels[first + a] : 0;
       count[a] = 0;
     }
-    // Uniform weights do not depend on the counts: no O(B²) pass for them.
+    // Only balanced weights depend on the label counts: no O(B²) pass for others.
     const int64_t count_end = weighting == PairWeighting::kBalanced ? rows : 0;
     for (int64_t j = threadIdx.x; j < count_end; j += blockDim.x) {
       const int64_t label = labels[j];
@@ -206,10 +207,13 @@ __global__ void PairWeightKernel(const int64_t* __restrict__ labels, int64_t row
       for (int w = 0; w < kThreadsPerBlock / kWarpSize; ++w) {
         positives += warp_counts[threadIdx.x][w];
       }
-      double wp, wn;
-      pair_weights(weighting, static_cast<double>(rows), static_cast<double>(positives), &wp, &wn);
-      positive_weight[i] = wp;
-      negative_weight[i] = wn;
+      double wp = positive_weight[i], wn = negative_weight[i];
+      if (weighting != PairWeighting::kActive) {
+        pair_weights(weighting, static_cast<double>(rows), static_cast<double>(positives), 0.0, 0.0,
+                     &wp, &wn);
+        positive_weight[i] = wp;
+        negative_weight[i] = wn;
+      }
       if (upstream != nullptr) {
         const double g = Convert<double>::from(upstream[i]);
         positive_coefficient[i] = static_cast<C>(wp * g);
@@ -235,19 +239,20 @@ __device__ inline ComputeType<T> DirectDistance(const T* ei, const T* ej, int64_
   return ElementOps<C>::sqrt(squared);
 }
 
-// Totals of three per-thread values over the block (kThreadsPerBlock
-// threads), every thread getting them: a fixed tree, so deterministic.
-__device__ inline void BlockSum3(double* v) {
-  __shared__ double shared[3][kThreadsPerBlock];
-  for (int s = 0; s < 3; ++s) shared[s][threadIdx.x] = v[s];
+// Totals of N per-thread values over the block (kThreadsPerBlock threads),
+// every thread getting them: a fixed tree, so deterministic.
+template <int N>
+__device__ inline void BlockSums(double* v) {
+  __shared__ double shared[N][kThreadsPerBlock];
+  for (int s = 0; s < N; ++s) shared[s][threadIdx.x] = v[s];
   __syncthreads();
   for (int width = kThreadsPerBlock / 2; width > 0; width /= 2) {
     if (threadIdx.x < width) {
-      for (int s = 0; s < 3; ++s) shared[s][threadIdx.x] += shared[s][threadIdx.x + width];
+      for (int s = 0; s < N; ++s) shared[s][threadIdx.x] += shared[s][threadIdx.x + width];
     }
     __syncthreads();
   }
-  for (int s = 0; s < 3; ++s) v[s] = shared[s][0];
+  for (int s = 0; s < N; ++s) v[s] = shared[s][0];
 }
 
 // One CUDA block per row i of the row block starting at row0, over row i's
@@ -256,13 +261,14 @@ __device__ inline void BlockSum3(double* v) {
 // overwrites the tile row with M_i· (0 on the diagonal and for near pairs)
 // and writes grad_i = q_i·e_i + Σ_near (A/d)·(e_i − e_j), to which the second
 // GEMM then adds −M_i·E. The sums are in double, as the CPU kernel's.
+// count ("active", an anchors' pass without kGrad): row i's nonzero terms
+// are counted too, and its weights written from the counts before its loss.
 template <Distance K, bool kGrad, typename T>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     PairRowKernel(const int64_t* __restrict__ labels, const T* __restrict__ e, int64_t col0,
-                  int64_t cols, bool anchors, int64_t dim, int64_t row0,
-                  const ComputeType<T>* __restrict__ stat,
-                  const double* __restrict__ positive_weight,
-                  const double* __restrict__ negative_weight,
+                  int64_t cols, bool anchors, bool count, int64_t dim, int64_t row0,
+                  const ComputeType<T>* __restrict__ stat, double* __restrict__ positive_weight,
+                  double* __restrict__ negative_weight,
                   const ComputeType<T>* __restrict__ positive_coefficient,
                   const ComputeType<T>* __restrict__ negative_coefficient, ComputeType<T> margin,
                   ComputeType<T> positive_margin, T* __restrict__ tile, uint32_t* __restrict__ mask,
@@ -281,7 +287,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     coefficient_i[0] = positive_coefficient[i];
     coefficient_i[1] = negative_coefficient[i];
   }
-  double sums[3] = {};  // positive terms, negative terms, q_i / diagonal_factor
+  // Positive terms, negative terms, q_i / diagonal_factor, and with count
+  // the nonzero positive and negative terms.
+  double sums[5] = {};
   bool direct_any = false;
   const int lane = threadIdx.x % kWarpSize;
   // The loop bound is the same on all lanes of a warp, so that whole warps
@@ -305,11 +313,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       C term, slope;
       if (same) {
         positive_term(d, positive_margin, &term, &slope);
-        sums[0] += static_cast<double>(term);
       } else {
         negative_term(d, margin, &term, &slope);
-        sums[1] += static_cast<double>(term);
       }
+      sums[same ? 0 : 1] += static_cast<double>(term);
+      if (count) sums[same ? 3 : 4] += static_cast<double>(active_term(term));
       if constexpr (kGrad) {
         const C coefficient = same ? (coefficient_i[0] + positive_coefficient[j]) * slope
                                    : (coefficient_i[1] + negative_coefficient[j]) * slope;
@@ -331,7 +339,11 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       direct_any |= direct;
     }
   }
-  BlockSum3(sums);
+  BlockSums<5>(sums);
+  if (count && threadIdx.x == 0) {
+    pair_weights(PairWeighting::kActive, 0.0, 0.0, sums[3], sums[4], &positive_weight[i],
+                 &negative_weight[i]);
+  }
   // A partner's sums hold its pairs with anchors: not a loss.
   if (loss != nullptr && threadIdx.x == 0) {
     loss[i] = anchors ? Store<T>::to(static_cast<C>(positive_weight[i] * sums[0] +
@@ -424,17 +436,13 @@ GpuStatus Sweep(const InBatchArgs& args, void* workspace, const GpuGemm& gemm,
     }
     if (!status.ok()) return status;
   }
-  PairWeightKernel<<<PairWeightBlocks(anchor_end - anchor_begin), kThreadsPerBlock, 0, stream>>>(
-      args.labels, rows, anchor_begin, anchor_end, args.weighting,
-      kGrad ? static_cast<const T*>(args.upstream) : nullptr, positive_weight, negative_weight,
-      positive_coefficient, negative_coefficient);
-  status = LastError();
-  if (!status.ok()) return status;
 
-  // Rows [first, last) against rows [col0, col0 + cols).
+  // Rows [first, last) against rows [col0, col0 + cols), with a gradient when
+  // `pass` is std::true_type; `count` and the loss output as PairRowKernel's.
   const int64_t block = BlockRows(args);
-  const auto sweep_rows = [&](int64_t first, int64_t last, int64_t col0, int64_t cols,
-                              bool anchors) -> GpuStatus {
+  const auto sweep_rows = [&](auto pass, int64_t first, int64_t last, int64_t col0, int64_t cols,
+                              bool anchors, bool count, T* loss) -> GpuStatus {
+    constexpr bool kPassGrad = decltype(pass)::value;
     for (int64_t row0 = first; row0 < last; row0 += block) {
       const int64_t n = std::min(block, last - row0);
       // With dim 0 the Gram tile is zero; not left to the GEMM, whose k = 0
@@ -443,14 +451,14 @@ GpuStatus Sweep(const InBatchArgs& args, void* workspace, const GpuGemm& gemm,
                                                     dim, e + col0 * dim, dim, 0.0, tile, cols)
                                              : ZeroFill<T>(tile, n * cols, stream);
       if (!result.ok()) return result;
-      PairRowKernel<K, kGrad><<<static_cast<unsigned>(n), kThreadsPerBlock, 0, stream>>>(
-          args.labels, e, col0, cols, anchors, dim, row0, stat, positive_weight, negative_weight,
-          positive_coefficient, negative_coefficient, static_cast<C>(args.margin),
-          static_cast<C>(args.positive_margin), tile, mask, static_cast<T*>(args.loss), grad);
+      PairRowKernel<K, kPassGrad><<<static_cast<unsigned>(n), kThreadsPerBlock, 0, stream>>>(
+          args.labels, e, col0, cols, anchors, count, dim, row0, stat, positive_weight,
+          negative_weight, positive_coefficient, negative_coefficient, static_cast<C>(args.margin),
+          static_cast<C>(args.positive_margin), tile, mask, loss, grad);
       result = LastError();
       if (!result.ok()) return result;
       // beta = 1: PairRowKernel has written q_i·e_i and the near pairs' terms.
-      if (kGrad && dim > 0 && cols > 0) {
+      if (kPassGrad && dim > 0 && cols > 0) {
         result = gemm(false, false, n, dim, cols, -1.0, tile, cols, e + col0 * dim, dim, 1.0,
                       grad + row0 * dim, dim);
         if (!result.ok()) return result;
@@ -458,16 +466,38 @@ GpuStatus Sweep(const InBatchArgs& args, void* workspace, const GpuGemm& gemm,
     }
     return GpuStatus{};
   };
+  T* loss = static_cast<T*>(args.loss);
+  const std::bool_constant<kGrad> pass;
+  // "active": the anchors' forward pass counts their nonzero terms into
+  // their weights first, and is the loss's pass: the forward op and the
+  // gradient op then write the same loss bits.
+  const bool active = args.weighting == PairWeighting::kActive;
+  if (active) {
+    status = sweep_rows(std::false_type{}, anchor_begin, anchor_end, 0, rows, true, true, loss);
+    if (!status.ok()) return status;
+  }
+  if (kGrad || !active) {
+    PairWeightKernel<<<PairWeightBlocks(anchor_end - anchor_begin), kThreadsPerBlock, 0, stream>>>(
+        args.labels, rows, anchor_begin, anchor_end, args.weighting,
+        kGrad ? static_cast<const T*>(args.upstream) : nullptr, positive_weight, negative_weight,
+        positive_coefficient, negative_coefficient);
+    status = LastError();
+    if (status.ok()) {
+      status =
+          sweep_rows(pass, anchor_begin, anchor_end, 0, rows, true, false, active ? nullptr : loss);
+    }
+  }
   // The partners' own passes only give their gradient (their loss is 0):
   // without a gradient, or for rows from grad_rows on, they are zero-filled.
   const int64_t anchors = anchor_end - anchor_begin;
   const int64_t grad_end = kGrad ? args.grad_rows : anchor_end;
-  status = sweep_rows(anchor_begin, anchor_end, 0, rows, true);
   if (status.ok()) {
-    status = kGrad ? sweep_rows(0, anchor_begin, anchor_begin, anchors, false)
+    status = kGrad ? sweep_rows(pass, 0, anchor_begin, anchor_begin, anchors, false, false, loss)
                    : ZeroFill<T>(args.loss, anchor_begin, stream);
   }
-  if (status.ok()) status = sweep_rows(anchor_end, grad_end, anchor_begin, anchors, false);
+  if (status.ok()) {
+    status = sweep_rows(pass, anchor_end, grad_end, anchor_begin, anchors, false, false, loss);
+  }
   for (T* out : {static_cast<T*>(args.loss), kGrad ? grad : nullptr}) {
     const int64_t width = out == grad ? dim : 1;
     if (status.ok() && out != nullptr) {

@@ -27,13 +27,18 @@
 
 namespace fused_contrastive {
 
-enum class PairWeighting : int { kUniform, kBalanced };
+enum class PairWeighting : int { kUniform, kBalanced, kActive };
 
-constexpr PairWeighting kAllPairWeightings[] = {PairWeighting::kUniform, PairWeighting::kBalanced};
+constexpr PairWeighting kAllPairWeightings[] = {PairWeighting::kUniform, PairWeighting::kBalanced,
+                                                PairWeighting::kActive};
 
 // The names of the `pair_weighting` attr and argument.
 inline const char* PairWeightingName(PairWeighting w) {
-  return w == PairWeighting::kUniform ? "uniform" : "balanced";
+  switch (w) {
+    case PairWeighting::kUniform: return "uniform";
+    case PairWeighting::kBalanced: return "balanced";
+    default: return "active";
+  }
 }
 
 inline bool ParsePairWeighting(const std::string& name, PairWeighting* out) {
@@ -56,22 +61,39 @@ inline bool IsInBatchDistance(Distance k) {
   return false;
 }
 
-// Weights of anchor i's positive and negative terms, given the batch size and
-// the number of other rows with its label (both as C: float64 in the
-// kernels, XlaOps in the lowering). "uniform": 1/(B−1) each; "balanced":
-// 1/positives and 1/negatives. A mean over no pairs is 0 (divide_no_nan).
+// Weights of anchor i's positive and negative terms, given the batch size,
+// the number of other rows with its label and, for "active" only, the
+// number of its nonzero positive and negative terms (active_term; all as C:
+// float64 in the kernels, XlaOps in the lowering). "uniform": 1/(B−1) each;
+// "balanced": 1/positives and 1/negatives; "active": 1/(nonzero positive
+// terms) and 1/(nonzero negative terms), so that a term that is 0 (a
+// negative beyond the margin) does not dilute the mean. The active counts
+// carry no gradient: the kernels count them in a sweep of their own before a
+// gradient sweep. A mean over no pairs is 0 (divide_no_nan).
 template <typename C>
 FC_HOST_DEVICE inline void pair_weights(PairWeighting weighting, const C& rows, const C& positives,
+                                        const C& active_positives, const C& active_negatives,
                                         C* positive_weight, C* negative_weight) {
   using Ops = ElementOps<C>;
   const C one = Ops::constant(rows, 1);
   const C others = rows - one;
   if (weighting == PairWeighting::kUniform) {
     *positive_weight = *negative_weight = Ops::divide_no_nan(one, others);
-  } else {
+  } else if (weighting == PairWeighting::kBalanced) {
     *positive_weight = Ops::divide_no_nan(one, positives);
     *negative_weight = Ops::divide_no_nan(one, others - positives);
+  } else {
+    *positive_weight = Ops::divide_no_nan(one, active_positives);
+    *negative_weight = Ops::divide_no_nan(one, active_negatives);
   }
+}
+
+// 1 for a pair's term that counts for "active" (nonzero: inside its hinge,
+// or NaN, so that a NaN pair keeps the anchor's loss NaN), else 0; the
+// kernels and the lowering add it up per anchor under the pair masks.
+template <typename C>
+FC_HOST_DEVICE inline C active_term(const C& term) {
+  return ElementOps<C>::nonzero(term);
 }
 
 // The row statistic from the row's squared norm: euclidean keeps ‖e‖²,

@@ -45,6 +45,9 @@ struct ElementOps<xla::XlaOp> {
   static xla::XlaOp masked(const xla::XlaOp& mask, const xla::XlaOp& x) {
     return xla::Select(xla::Ne(mask, constant(mask, 0)), x, xla::ZerosLike(x));
   }
+  static xla::XlaOp nonzero(const xla::XlaOp& x) {
+    return xla::Select(xla::Ne(x, constant(x, 0)), constant(x, 1), constant(x, 0));
+  }
 };
 
 // --- Inputs --------------------------------------------------------------------

@@ -192,7 +192,8 @@ absl::Status InBatchPairWeights(const InBatchInputs& in, PairWeighting weighting
                         }));
     positives = xla::ConvertElementType(counted[1], xla::F64);
   }
-  pair_weights(weighting, used, positives, positive_weight, negative_weight);
+  const xla::XlaOp none = xla::ZerosLike(used);
+  pair_weights(weighting, used, positives, none, none, positive_weight, negative_weight);
   return absl::OkStatus();
 }
 
@@ -205,22 +206,16 @@ xla::XlaOp GradientBlock(xla::XlaOp m, xla::XlaOp s, xla::XlaOp stat_block, xla:
   return xla::BroadcastInDim(q, shape.dimensions(), {0}) * e_block - PreciseDot(m, e, 1, 0);
 }
 
-// The sweep: each anchor's loss [B] and, when `upstream` ([B], the
-// embeddings' type) is given, the gradient of Σ upstream_i·loss_i [B, D],
-// grouped as the CPU kernel groups them (core/in_batch/cpu_sweep.h): weights
-// in float64, the pair coefficients' halves g_i·w_i in the compute type.
+// The loop of InBatchSweep, with the rows' pair weights (float64 [B] each)
+// given. counts: when not null (and no upstream), each row's numbers of
+// nonzero positive and negative terms (active_term; float64 [B] each) are
+// written there.
 template <Distance K>
-absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
-                          const xla::XlaOp* upstream, xla::XlaOp* loss, xla::XlaOp* grad) {
+absl::Status SweepLoop(const InBatchInputs& in, xla::XlaOp positive_weight,
+                       xla::XlaOp negative_weight, const xla::XlaOp* upstream, xla::XlaOp* loss,
+                       xla::XlaOp* grad, xla::XlaOp* counts) {
   xla::XlaBuilder* builder = in.e.builder();
   const bool with_grad = upstream != nullptr;
-  if (in.rows == 0) {
-    *loss = xla::Zeros(builder, xla::ShapeUtil::MakeShape(in.type, {0}));
-    if (with_grad) *grad = xla::Zeros(builder, xla::ShapeUtil::MakeShape(in.type, {0, in.dim}));
-    return absl::OkStatus();
-  }
-  xla::XlaOp positive_weight, negative_weight;
-  TF_RETURN_IF_ERROR(InBatchPairWeights(in, weighting, &positive_weight, &negative_weight));
   // Partners: weight 0 and no upstream read, as in the kernels (selected, so
   // that a NaN upstream of a partner stays unread).
   const xla::XlaOp is_anchor = IsAnchor(in.anchors, xla::Iota(builder, xla::S64, in.rows));
@@ -269,6 +264,11 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
     values.push_back(xla::ConvertElementType(positive_weight * g, in.type));
     values.push_back(xla::ConvertElementType(negative_weight * g, in.type));
     values.push_back(xla::Zeros(builder, xla::ShapeUtil::MakeShape(in.type, {in.rows, in.dim})));
+  }
+  const int counted = static_cast<int>(values.size());
+  if (counts != nullptr) {
+    const xla::XlaOp zeros = xla::Zeros(builder, xla::ShapeUtil::MakeShape(xla::F64, {in.rows}));
+    values.insert(values.end(), {zeros, zeros});
   }
   // A float32 block with a pair whose Gram distance cancels about the mean
   // (gram_distance_cancels) takes its distances and gradient from float64
@@ -331,6 +331,12 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
         in.type);
     loss_block = xla::Select(block_anchors, loss_block, xla::ZerosLike(loss_block));
     v[kLoss] = SetRowBlock(v[kLoss], loss_block, start);
+    if (counts != nullptr) {
+      v[counted] =
+          SetRowBlock(v[counted], f64(RowSums(masked(positive, active_term(positive_t)))), start);
+      v[counted + 1] = SetRowBlock(v[counted + 1],
+                                   f64(RowSums(masked(negative, active_term(negative_t)))), start);
+    }
     if (!with_grad) return v;
     const auto pair_sum = [&](int value) {
       return pairs.AlongRows(block_of(value)) + pairs.AlongColumns(v[value]);
@@ -366,6 +372,10 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
                       ForEachRowBlock(in.rows, in.block, values, "in_batch_sweep", body));
   const xla::XlaOp valid = AnchorsValid(in.anchors, in.rows);
   *loss = NanUnless(valid, out[kLoss], in.type);
+  if (counts != nullptr) {
+    counts[0] = out[counted];
+    counts[1] = out[counted + 1];
+  }
   if (!with_grad) return absl::OkStatus();
   xla::XlaOp g = K == Distance::kCosine
                      ? ScaleRowsByPowerOfTwo(out[kGrad], -exponents, in.type, in.rows, in.dim)
@@ -376,6 +386,36 @@ absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
       HasGradient(in.anchors, xla::Iota(builder, xla::S64, in.rows)), {in.rows, in.dim}, {0});
   *grad = NanUnless(valid, xla::Select(has_gradient, g, xla::ZerosLike(g)), in.type);
   return absl::OkStatus();
+}
+
+// The sweep: each anchor's loss [B] and, when `upstream` ([B], the
+// embeddings' type) is given, the gradient of Σ upstream_i·loss_i [B, D],
+// grouped as the CPU kernel groups them (core/in_batch/cpu_sweep.h): weights
+// in float64, the pair coefficients' halves g_i·w_i in the compute type.
+// "active" weights come from a first, counting loop, as the kernels' first
+// sweep.
+template <Distance K>
+absl::Status InBatchSweep(const InBatchInputs& in, PairWeighting weighting,
+                          const xla::XlaOp* upstream, xla::XlaOp* loss, xla::XlaOp* grad) {
+  xla::XlaBuilder* builder = in.e.builder();
+  if (in.rows == 0) {
+    *loss = xla::Zeros(builder, xla::ShapeUtil::MakeShape(in.type, {0}));
+    if (upstream != nullptr) {
+      *grad = xla::Zeros(builder, xla::ShapeUtil::MakeShape(in.type, {0, in.dim}));
+    }
+    return absl::OkStatus();
+  }
+  xla::XlaOp positive_weight, negative_weight;
+  if (weighting == PairWeighting::kActive) {
+    const xla::XlaOp ones = xla::Broadcast(xla::ConstantR0<double>(builder, 1.0), {in.rows});
+    xla::XlaOp counts[2], unused;
+    TF_RETURN_IF_ERROR(SweepLoop<K>(in, ones, ones, nullptr, &unused, nullptr, counts));
+    const xla::XlaOp none = xla::ZerosLike(ones);
+    pair_weights(weighting, none, none, counts[0], counts[1], &positive_weight, &negative_weight);
+  } else {
+    TF_RETURN_IF_ERROR(InBatchPairWeights(in, weighting, &positive_weight, &negative_weight));
+  }
+  return SweepLoop<K>(in, positive_weight, negative_weight, upstream, loss, grad, nullptr);
 }
 
 // --- The HLO lowerings ----------------------------------------------------------------
