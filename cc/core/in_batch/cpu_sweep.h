@@ -403,6 +403,14 @@ class Sweep {
     return kGrad ? coefficients[i] + coefficients[j] : T(0);
   }
 
+  // A pair's active_term()s in its column's counts (a tile of two blocks
+  // stands for both orders). Kept out of line of the row's sums, which a
+  // returned pair would keep from vectorizing.
+  static void CountColumn(const Pair& p, int64_t c, const Columns& columns) {
+    columns.positive_active[c] += active_term(p.positive);
+    columns.negative_active[c] += active_term(p.negative);
+  }
+
   // FastRow and ExactRow return the row's number of nonzero M entries.
   // kCount: the sweep counts nonzero terms (counting_).
   template <bool kDiagonal, bool kCount>
@@ -440,13 +448,9 @@ class Sweep {
         columns.diagonal[c] += p.diagonal;
       }
       if constexpr (kCount) {
-        const T pa = active_term(p.positive), na = active_term(p.negative);
-        positive_active += pa;
-        negative_active += na;
-        if (!kDiagonal) {
-          columns.positive_active[c] += pa;
-          columns.negative_active[c] += na;
-        }
+        positive_active += active_term(p.positive);
+        negative_active += active_term(p.negative);
+        if (!kDiagonal) CountColumn(p, c, columns);
       }
       row[c] = p.m;
       active += p.m != T(0) ? 1 : 0;
@@ -488,13 +492,9 @@ class Sweep {
         columns.negative[c] += p.negative;
       }
       if (counting_) {
-        const T pa = active_term(p.positive), na = active_term(p.negative);
-        positive_active += pa;
-        negative_active += na;
-        if (!kDiagonal) {
-          columns.positive_active[c] += pa;
-          columns.negative_active[c] += na;
-        }
+        positive_active += active_term(p.positive);
+        negative_active += active_term(p.negative);
+        if (!kDiagonal) CountColumn(p, c, columns);
       }
       if (!kGrad) continue;
       if (!exact) {
