@@ -60,11 +60,8 @@ Reduction ReductionFromName(const std::string& name) {
 Distance DistanceFromName(const std::string& name) {
   Distance distance;
   if (ParseDistance(name, &distance)) return distance;
-  std::string valid;
-  for (Distance k : kAllDistances) {
-    valid += std::string(valid.empty() ? "'" : ", '") + DistanceName(k) + "'";
-  }
-  throw py::value_error("distance must be one of " + valid + ", got '" + name + "'");
+  throw py::value_error("distance must be one of " + QuotedNames(kAllDistances, DistanceName) +
+                        ", got '" + name + "'");
 }
 
 std::string ShapeString(const std::vector<int64_t>& shape) {

@@ -32,6 +32,14 @@ void CheckSimilarLabel(int similar_label);
 Reduction ReductionFromName(const std::string& name);
 Distance DistanceFromName(const std::string& name);
 
+// 'a', 'b', 'c': the names of `values` (an enum's kAll… list), for messages.
+template <typename Value, size_t N>
+std::string QuotedNames(const Value (&values)[N], const char* (*name)(Value)) {
+  std::string list;
+  for (Value v : values) list += std::string(list.empty() ? "'" : ", '") + name(v) + "'";
+  return list;
+}
+
 std::string ShapeString(const std::vector<int64_t>& shape);
 std::vector<int64_t> ShapeOf(const py::array& a);
 void CheckSameShape(const char* what, const std::vector<int64_t>& shape, const char* ref_what,

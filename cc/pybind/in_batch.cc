@@ -27,12 +27,9 @@ InBatchArgs InBatchOptions(double margin, double positive_margin, const std::str
   }
   PairWeighting weighting;
   if (!ParsePairWeighting(pair_weighting, &weighting)) {
-    std::string names;
-    for (PairWeighting w : kAllPairWeightings) {
-      names += (names.empty() ? "'" : ", '") + std::string(PairWeightingName(w)) + "'";
-    }
-    throw py::value_error("pair_weighting must be one of " + names + ", got '" + pair_weighting +
-                          "'");
+    throw py::value_error("pair_weighting must be one of " +
+                          QuotedNames(kAllPairWeightings, PairWeightingName) + ", got '" +
+                          pair_weighting + "'");
   }
   InBatchArgs args{};
   args.type = DType::kFloat32;

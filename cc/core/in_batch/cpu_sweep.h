@@ -294,7 +294,8 @@ class Sweep {
     thread_local std::vector<T> scratch;
     thread_local std::vector<T> columns;
     scratch.resize(ni * nj);
-    columns.assign(5 * nj, T(0));
+    // The two count arrays only where this sweep counts.
+    columns.assign((counting_ ? 5 : 3) * nj, T(0));
     Rows<T> s(scratch.data(), ni, nj);
     const ConstRows<T> ei(e_ + i0 * dim_, ni, dim_);
     const ConstRows<T> ej(e_ + j0 * dim_, nj, dim_);
@@ -302,7 +303,8 @@ class Sweep {
     T* column_positive = columns.data();
     T* column_negative = columns.data() + nj;
     Columns columns_of_tile{columns.data(), columns.data() + nj, columns.data() + 2 * nj,
-                            columns.data() + 3 * nj, columns.data() + 4 * nj};
+                            counting_ ? columns.data() + 3 * nj : nullptr,
+                            counting_ ? columns.data() + 4 * nj : nullptr};
     int64_t active = 0;  // nonzero entries of M
     for (int64_t r = 0; r < ni; ++r) {
       const int64_t i = i0 + r;
@@ -404,8 +406,7 @@ class Sweep {
   }
 
   // A pair's active_term()s in its column's counts (a tile of two blocks
-  // stands for both orders). Kept out of line of the row's sums, which a
-  // returned pair would keep from vectorizing.
+  // stands for both orders).
   static void CountColumn(const Pair& p, int64_t c, const Columns& columns) {
     columns.positive_active[c] += active_term(p.positive);
     columns.negative_active[c] += active_term(p.negative);
