@@ -406,10 +406,10 @@ class Sweep {
   }
 
   // A pair's active_term()s in its column's counts (a tile of two blocks
-  // stands for both orders).
-  static void CountColumn(const Pair& p, int64_t c, const Columns& columns) {
-    columns.positive_active[c] += active_term(p.positive);
-    columns.negative_active[c] += active_term(p.negative);
+  // stands for both orders); the terms by value, as active_term takes them.
+  static void CountColumn(T positive, T negative, int64_t c, const Columns& columns) {
+    columns.positive_active[c] += active_term(positive);
+    columns.negative_active[c] += active_term(negative);
   }
 
   // FastRow and ExactRow return the row's number of nonzero M entries.
@@ -451,7 +451,7 @@ class Sweep {
       if constexpr (kCount) {
         positive_active += active_term(p.positive);
         negative_active += active_term(p.negative);
-        if (!kDiagonal) CountColumn(p, c, columns);
+        if (!kDiagonal) CountColumn(p.positive, p.negative, c, columns);
       }
       row[c] = p.m;
       active += p.m != T(0) ? 1 : 0;
@@ -495,7 +495,7 @@ class Sweep {
       if (counting_) {
         positive_active += active_term(p.positive);
         negative_active += active_term(p.negative);
-        if (!kDiagonal) CountColumn(p, c, columns);
+        if (!kDiagonal) CountColumn(p.positive, p.negative, c, columns);
       }
       if (!kGrad) continue;
       if (!exact) {

@@ -90,9 +90,13 @@ FC_HOST_DEVICE inline void pair_weights(PairWeighting weighting, const C& rows, 
 
 // 1 for a pair's term that counts for "active" (nonzero: inside its hinge,
 // or NaN, so that a NaN pair keeps the anchor's loss NaN), else 0; the
-// kernels and the lowering add it up per anchor under the pair masks.
+// kernels and the lowering add it up per anchor under the pair masks. The
+// term comes by value: in the CPU sweep's `omp simd` loop, a reference to a
+// field of its Pair makes GCC 12 keep a Pair per lane in memory, and the
+// loop stays scalar (the counting sweep took 4.7x the plain forward sweep's
+// time, cosine, B = 4096, D = 128; 1.06x by value).
 template <typename C>
-FC_HOST_DEVICE inline C active_term(const C& term) {
+FC_HOST_DEVICE inline C active_term(C term) {
   return ElementOps<C>::nonzero(term);
 }
 
