@@ -1,5 +1,6 @@
 // Bindings of the "in_batch" family: the all-pairs loss of a batch of embeddings, per anchor
 // and with the Keras reduction fused in, on NumPy arrays (CPU) and CUDA arrays (GPU).
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -39,6 +40,30 @@ InBatchArgs InBatchOptions(double margin, double positive_margin, const std::str
   args.weighting = weighting;
   args.max_block_rows = max_block_rows;
   return args;
+}
+
+// The miner: None, or the name of one in kAllMiners but kNone; epsilon
+// finite and >= 0 (read by multi_similarity only).
+void SetMiner(const py::object& miner, double epsilon, InBatchArgs* args) {
+  args->miner = Miner::kNone;
+  if (!miner.is_none()) {
+    std::string valid = "None";
+    for (Miner m : kAllMiners) {
+      if (m != Miner::kNone) valid += std::string(", '") + MinerName(m) + "'";
+      if (m != Miner::kNone && py::isinstance<py::str>(miner) &&
+          miner.cast<std::string>() == MinerName(m)) {
+        args->miner = m;
+      }
+    }
+    if (args->miner == Miner::kNone) {
+      throw py::value_error("miner must be one of " + valid + ", got " +
+                            py::repr(miner).cast<std::string>());
+    }
+  }
+  if (!std::isfinite(epsilon) || epsilon < 0) {
+    throw py::value_error("miner_epsilon must be finite and >= 0, got " + std::to_string(epsilon));
+  }
+  args->miner_epsilon = epsilon;
 }
 
 // The anchors: None for all rows, else (begin, end) or (begin, end, grad,
@@ -107,9 +132,11 @@ InBatchOperands CheckedInBatchArgs(const py::object& labels, const py::object& e
                                    const py::object& upstream, double margin,
                                    double positive_margin, const std::string& distance,
                                    const std::string& pair_weighting, int64_t max_block_rows,
-                                   const py::object& anchors) {
+                                   const py::object& anchors, const py::object& miner,
+                                   double miner_epsilon) {
   InBatchOperands out;
   out.args = InBatchOptions(margin, positive_margin, distance, pair_weighting, max_block_rows);
+  SetMiner(miner, miner_epsilon, &out.args);
   out.embeddings = KernelArray(embeddings, "embeddings");
   CheckInBatchEmbeddings(HostOperand(out.embeddings, "embeddings"), &out.args);
   SetAnchors(anchors, &out.args);
@@ -128,9 +155,11 @@ InBatchOperands CheckedInBatchArgs(const py::object& labels, const py::object& e
 py::tuple InBatchLossCpuNumpy(const py::object& labels, const py::object& embeddings,
                               const py::object& upstream, double margin, double positive_margin,
                               const std::string& distance, const std::string& pair_weighting,
-                              int64_t max_block_rows, const py::object& anchors) {
-  InBatchOperands in = CheckedInBatchArgs(labels, embeddings, upstream, margin, positive_margin,
-                                          distance, pair_weighting, max_block_rows, anchors);
+                              int64_t max_block_rows, const py::object& anchors,
+                              const py::object& miner, double miner_epsilon) {
+  InBatchOperands in =
+      CheckedInBatchArgs(labels, embeddings, upstream, margin, positive_margin, distance,
+                         pair_weighting, max_block_rows, anchors, miner, miner_epsilon);
   py::array loss(in.embeddings.dtype(), std::vector<int64_t>{in.args.rows});
   py::object grad = py::none();
   in.args.loss = loss.mutable_data();
@@ -269,17 +298,24 @@ void RegisterInBatch(py::module_& m) {
     weightings[i] = PairWeightingName(kAllPairWeightings[i]);
   }
   m.attr("PAIR_WEIGHTINGS") = weightings;
+  // The miners' names (None for kNone), for the fuzzer.
+  py::list miners;
+  for (Miner miner : kAllMiners) {
+    if (miner != Miner::kNone) miners.append(MinerName(miner));
+  }
+  m.attr("MINERS") = py::tuple(miners);
   m.def("in_batch_loss_cpu", &InBatchLossCpuNumpy, py::arg("labels"), py::arg("embeddings"),
         py::arg("upstream") = py::none(), py::arg("margin") = 1.0, py::arg("positive_margin") = 0.0,
         py::arg("distance") = "euclidean", py::arg("pair_weighting") = "uniform",
         py::arg("max_block_rows") = 0, py::arg("anchors") = py::none(),
+        py::arg("miner") = py::none(), py::arg("miner_epsilon") = 0.1,
         "The in-batch all-pairs loss of embeddings [B, D] with class labels [B] on the CPU, "
         "single-threaded; returns (loss [B], grad [B, D] or None). grad is d(sum(upstream * "
         "loss))/d(embeddings), computed when upstream ([B], the embeddings' dtype) is given. "
         "anchors: None (every row), (begin, end) or (begin, end, grad, used): only rows "
         "begin..end-1 are anchors, the others below `used` (default: all rows) partners (loss 0, "
         "gradient from their pairs with anchors, 0 from row `grad` on), the rest unused (loss "
-        "and gradient 0).");
+        "and gradient 0). miner: None, 'batch_hard' or 'multi_similarity' (with miner_epsilon).");
   m.def("in_batch_cpu_isa", &InBatchCpuIsa,
         "The instruction set the in-batch CPU kernel runs with here: 'avx2' or 'generic'.");
 #if FC_WITH_CUDA

@@ -38,7 +38,19 @@ struct InBatchAttrs {
   Distance distance;
   PairWeighting weighting;
   int64_t max_block_rows;
+  Miner miner;
+  float miner_epsilon;  // a float attr: Python rounds it to float32 on every path
 };
+
+// The miner only the CPU kernel runs: the CUDA kernel and the HLO lowering
+// (XLA on GPU) refuse it with this error.
+inline absl::Status MinerNotHere(Miner miner, const char* where) {
+  if (miner == Miner::kNone) return absl::OkStatus();
+  return absl::UnimplementedError(
+      absl::StrCat("in-batch contrastive loss: miner='", MinerName(miner),
+                   "' runs on the CPU kernel (and XLA on ", "CPU) only so far, not ", where,
+                   "; place the loss on the CPU or use miner=None"));
+}
 
 inline absl::Status ReadInBatchAttrs(tensorflow::OpKernelConstruction* ctx, InBatchAttrs* attrs) {
   TF_RETURN_IF_ERROR(ReadDistance(ctx, &attrs->distance));
@@ -47,6 +59,11 @@ inline absl::Status ReadInBatchAttrs(tensorflow::OpKernelConstruction* ctx, InBa
   if (!ParsePairWeighting(name, &attrs->weighting)) {
     return absl::InvalidArgumentError(absl::StrCat("unknown pair_weighting ", name));
   }
+  TF_RETURN_IF_ERROR(ctx->GetAttr("miner", &name));
+  if (!ParseMiner(name, &attrs->miner)) {
+    return absl::InvalidArgumentError(absl::StrCat("unknown miner ", name));
+  }
+  TF_RETURN_IF_ERROR(ctx->GetAttr("miner_epsilon", &attrs->miner_epsilon));
   return ctx->GetAttr("max_block_rows", &attrs->max_block_rows);
 }
 

@@ -17,11 +17,8 @@ import os
 import sys
 
 from fused_contrastive._library import USE_REFERENCE_ENV, build_info, using_reference
-from fused_contrastive.losses import (
-    contrastive_loss,
-    contrastive_loss_from_embeddings,
-    in_batch_contrastive_loss,
-)
+from fused_contrastive.in_batch import in_batch_contrastive_loss
+from fused_contrastive.losses import contrastive_loss, contrastive_loss_from_embeddings
 from fused_contrastive.retrieval import retrieval_metrics
 from fused_contrastive.reference import (
     contrastive_loss_from_embeddings_reference,

@@ -56,6 +56,8 @@ def _attrs(options):
         "distance": options.distance,
         "pair_weighting": options.pair_weighting,
         "max_block_rows": options.op_max_block_rows,
+        "miner": options.op_miner,
+        "miner_epsilon": options.op_miner_epsilon,
     }
 
 
@@ -159,6 +161,8 @@ def _in_batch_loss_grad(op, grad_loss):
         op.get_attr("distance").decode(),
         op.get_attr("pair_weighting").decode(),
         op.get_attr("max_block_rows") or None,
+        miner=None if op.get_attr("miner") == b"none" else op.get_attr("miner").decode(),
+        miner_epsilon=op.get_attr("miner_epsilon"),
     )
     if could_possibly_record():
         grad = _reference_gradient(labels, e, anchors, options, grad_loss)

@@ -5,6 +5,8 @@ import math
 import numbers
 import typing
 
+import numpy as np
+
 import tensorflow as tf
 
 LABEL_DTYPES = (tf.bool, tf.int32, tf.int64, tf.float16, tf.bfloat16, tf.float32, tf.float64)
@@ -15,6 +17,8 @@ DISTANCES = ("euclidean", "cosine", "manhattan")
 # The in-batch ops' `distance` and `pair_weighting` attr values (cc/core/in_batch/math.h).
 IN_BATCH_DISTANCES = ("euclidean", "cosine")
 PAIR_WEIGHTINGS = ("uniform", "balanced", "active")
+# The in-batch ops' `miner` attr values but "none" (Python's None).
+MINERS = ("batch_hard", "multi_similarity")
 # Class ids: integers, or floats compared by value (Keras passes y_true as floats).
 CLASS_LABEL_DTYPES = tuple(t for t in LABEL_DTYPES if t != tf.bool)
 
@@ -330,6 +334,19 @@ def _check_max_block_rows(max_block_rows):
     return max_block_rows
 
 
+def _check_miner(miner, epsilon):
+    """miner: None or one of MINERS; epsilon: a finite number >= 0."""
+    if miner is not None and (not isinstance(miner, str) or miner not in MINERS):
+        raise ValueError(
+            f"miner must be one of None, {', '.join(map(repr, MINERS))}; got {miner!r}"
+        )
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+        raise TypeError(f"miner_epsilon must be a number, got {epsilon!r}")
+    if not (math.isfinite(epsilon) and epsilon >= 0):
+        raise ValueError(f"miner_epsilon must be finite and >= 0, got {epsilon}")
+    return miner, float(epsilon)
+
+
 def _count(value, what):
     """A non-negative int option."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
@@ -356,6 +373,9 @@ class InBatchOptions:
     gather_across_replicas: bool = False
     memory_size: int = 0
     memory_warmup_steps: int = 0
+    # Which pairs count (None: all), and multi_similarity's epsilon.
+    miner: object = None
+    miner_epsilon: float = 0.1
 
     @classmethod
     def checked(
@@ -369,6 +389,8 @@ class InBatchOptions:
         memory_size=0,
         memory_warmup_steps=0,
         owner=None,
+        miner=None,
+        miner_epsilon=0.1,
     ):
         """The options, checked. owner: the name of the Keras class whose config
         saves them, which takes number margins only; None for the functions."""
@@ -388,7 +410,19 @@ class InBatchOptions:
             gather_across_replicas,
             _count(memory_size, "memory_size"),
             _count(memory_warmup_steps, "memory_warmup_steps"),
+            *_check_miner(miner, miner_epsilon),
         )
+
+    @property
+    def op_miner(self):
+        """miner as the ops' attr takes it."""
+        return "none" if self.miner is None else self.miner
+
+    @property
+    def op_miner_epsilon(self):
+        """miner_epsilon as every path uses it: the ops' float attr holds it in
+        float32, and the reference rounds it alike."""
+        return float(np.float32(self.miner_epsilon))
 
     @property
     def op_max_block_rows(self):

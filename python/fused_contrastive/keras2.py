@@ -6,7 +6,8 @@ set, as `tf.keras` is then tf_keras."""
 import tensorflow as tf
 import tf_keras
 
-from fused_contrastive.losses import ContrastiveLossMixin, InBatchLossMixin
+from fused_contrastive.in_batch import InBatchLossMixin
+from fused_contrastive.losses import ContrastiveLossMixin
 from fused_contrastive.pairs import PairAccuracyMixin, PairDistanceMixin, pair_accuracy
 from fused_contrastive.retrieval import RetrievalMetricsMixin
 
@@ -56,6 +57,8 @@ class InBatchContrastiveLoss(InBatchLossMixin, tf_keras.losses.Loss):
         gather_across_replicas=False,
         memory_size=0,
         memory_warmup_steps=0,
+        miner=None,
+        miner_epsilon=0.1,
     ):
         super().__init__(reduction=reduction, name=name)
         self._set_options(
@@ -67,6 +70,8 @@ class InBatchContrastiveLoss(InBatchLossMixin, tf_keras.losses.Loss):
             gather_across_replicas,
             memory_size,
             memory_warmup_steps,
+            miner,
+            miner_epsilon,
         )
 
     def __call__(self, y_true, y_pred, sample_weight=None):

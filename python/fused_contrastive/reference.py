@@ -5,6 +5,7 @@ fallback where the compiled op cannot run. It computes what the fused op
 computes: float16/bfloat16 in float32, labels used linearly.
 """
 
+import numpy as np
 import tensorflow as tf
 
 from fused_contrastive._inputs import (
@@ -154,6 +155,8 @@ def in_batch_contrastive_loss_reference(
     pair_weighting="uniform",
     reference_labels=None,
     reference_embeddings=None,
+    miner=None,
+    miner_epsilon=0.1,
 ):
     """Per-anchor contrastive loss over every ordered pair (i, j), j != i, of a
     batch, in plain TF ops; it holds B x B matrices (the fused op will not).
@@ -167,14 +170,17 @@ def in_batch_contrastive_loss_reference(
     of its nonzero positive terms plus the mean of its nonzero negative terms (a
     mean over no pairs is 0). d is "euclidean" (from the Gram matrix; 0 with a
     zero gradient for equal embeddings) or "cosine" (1 - cosine similarity; a zero vector has
-    similarity 0). Returns [B] in the embeddings' dtype (16-bit computed in
-    float32).
+    similarity 0). A miner keeps some pairs only, as in
+    in_batch_contrastive_loss. Returns [B] in the embeddings' dtype (16-bit
+    computed in float32).
 
     >>> print(in_batch_contrastive_loss_reference(
     ...     [0, 0, 1], [[0.0, 0.0], [0.0, 0.5], [0.0, 2.0]], margin=1.0).numpy())
     [0.125 0.125 0.   ]
     """
-    options = InBatchOptions.checked(margin, positive_margin, distance, pair_weighting)
+    options = InBatchOptions.checked(
+        margin, positive_margin, distance, pair_weighting, miner=miner, miner_epsilon=miner_epsilon
+    )
     labels, embeddings = prepare_in_batch_inputs(labels, embeddings)
     references = prepare_references(reference_labels, reference_embeddings, embeddings)
     return against_partners(
@@ -201,6 +207,45 @@ def _power_of_two_scaled_rows(e):
     )
     usable = tf.logical_and(power > 0, tf.math.is_finite(power))
     return e / tf.stop_gradient(tf.where(usable, power, tf.ones_like(power)))
+
+
+def _hardest(d, mask, largest):
+    """Per row, the column of the hardest pair under `mask` (largest or
+    smallest d; a NaN is harder than any number; ties to the lowest column),
+    and its d (NaN when it is NaN; -inf or inf for a row without any)."""
+    columns = tf.range(tf.shape(d, out_type=tf.int64)[1])[None, :]
+    none = tf.cast(tf.shape(d)[1], tf.int64)
+    nan = tf.logical_and(mask, tf.math.is_nan(d))
+    number = tf.logical_and(mask, tf.logical_not(nan))
+    empty = tf.fill(tf.shape(d), tf.constant(-np.inf if largest else np.inf, d.dtype))
+    reduce = tf.reduce_max if largest else tf.reduce_min
+    best = reduce(tf.where(number, d, empty), axis=1)
+    first = lambda m: tf.reduce_min(tf.where(m, columns, none), axis=1)  # noqa: E731
+    first_nan = first(nan)
+    has_nan = first_nan < none
+    column = tf.where(has_nan, first_nan, first(tf.logical_and(number, tf.equal(d, best[:, None]))))
+    return column, tf.where(has_nan, tf.fill(tf.shape(best), tf.constant(np.nan, d.dtype)), best)
+
+
+def _mined(d, positive, negative, options):
+    """The positive and negative pairs options.miner keeps (no gradient: d is
+    a constant here). batch_hard: each anchor's hardest positive and hardest
+    negative; multi_similarity: the positives with d > (hardest negative) -
+    epsilon and the negatives with d < (hardest positive) + epsilon, as
+    negated comparisons, so that NaNs keep pairs (core/in_batch/math.h)."""
+    positive_column, hardest_positive = _hardest(d, positive, largest=True)
+    negative_column, hardest_negative = _hardest(d, negative, largest=False)
+    if options.miner == "batch_hard":
+        columns = tf.range(tf.shape(d, out_type=tf.int64)[1])[None, :]
+        return (
+            tf.logical_and(positive, tf.equal(columns, positive_column[:, None])),
+            tf.logical_and(negative, tf.equal(columns, negative_column[:, None])),
+        )
+    epsilon = tf.constant(options.op_miner_epsilon, d.dtype)
+    return (
+        tf.logical_and(positive, tf.logical_not(d <= hardest_negative[:, None] - epsilon)),
+        tf.logical_and(negative, tf.logical_not(d >= hardest_positive[:, None] + epsilon)),
+    )
 
 
 def reference_in_batch_loss(labels, embeddings, options, anchors=None):
@@ -246,15 +291,19 @@ def reference_in_batch_loss(labels, embeddings, options, anchors=None):
     same = tf.equal(labels[begin:end, None], labels[None, :])
     positive = tf.logical_and(same, others)
     negative = tf.logical_and(tf.logical_not(same), others)
+    if options.miner is not None:
+        positive, negative = _mined(tf.stop_gradient(d), positive, negative, options)
     pos_terms = tf.square(tf.maximum(d - _as_dtype(options.positive_margin, dtype), 0.0))
     neg_terms = tf.square(tf.maximum(_as_dtype(options.margin, dtype) - d, 0.0))
     zeros = tf.zeros_like(d)
     pos_sum = tf.reduce_sum(tf.where(positive, pos_terms, zeros), axis=1)
     neg_sum = tf.reduce_sum(tf.where(negative, neg_terms, zeros), axis=1)
-    if options.pair_weighting == "uniform":
+    count = lambda mask: tf.reduce_sum(tf.cast(mask, dtype), axis=1)  # noqa: E731
+    if options.pair_weighting == "uniform" and options.miner is None:
         loss = tf.math.divide_no_nan(pos_sum + neg_sum, tf.cast(rows - 1, dtype))
+    elif options.pair_weighting == "uniform":  # the mean over the kept pairs
+        loss = tf.math.divide_no_nan(pos_sum + neg_sum, count(positive) + count(negative))
     else:
-        count = lambda mask: tf.reduce_sum(tf.cast(mask, dtype), axis=1)  # noqa: E731
         if options.pair_weighting == "active":
             # Only the nonzero terms (NaN ones too) are counted; tf.not_equal
             # has no gradient, so neither have the counts.

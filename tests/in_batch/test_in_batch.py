@@ -28,9 +28,12 @@ def numpy_in_batch(
     distance="euclidean",
     weighting="uniform",
     upstream=None,
+    miner=None,
+    miner_epsilon=0.1,
 ):
     """Per-anchor losses and the gradient of sum(upstream * loss), in float64,
-    from every ordered pair's explicit difference e_i - e_j."""
+    from every ordered pair's explicit difference e_i - e_j; a miner keeps
+    pairs as numpy_mined does."""
     labels = np.asarray(labels).reshape(-1)
     e = np.asarray(e, np.float64)
     b = e.shape[0]
@@ -55,16 +58,17 @@ def numpy_in_batch(
         )
     others = ~np.eye(b, dtype=bool)
     same = labels[:, None] == labels[None, :]
-    pos, neg = same & others, ~same & others
+    pos, neg = numpy_mined(d, same & others, ~same & others, miner, miner_epsilon)
     hp, hn = np.maximum(d - positive_margin, 0.0), np.maximum(margin - d, 0.0)
-    if weighting == "uniform":
+    inv = lambda c: np.divide(1.0, c, out=np.zeros(b), where=c > 0)  # noqa: E731
+    # The pairs each weight counts: with "active" those whose term is not 0.
+    counted = (pos & (hp > 0), neg & (hn > 0)) if weighting == "active" else (pos, neg)
+    if weighting == "uniform" and miner is None:
         wp = wn = np.full(b, 1.0 / max(b - 1, 1))
+    elif weighting == "uniform":  # the mean over the kept pairs
+        wp = wn = inv(pos.sum(1) + neg.sum(1))
     else:
-        inv = lambda c: np.divide(1.0, c, out=np.zeros(b), where=c > 0)  # noqa: E731
-        if weighting == "active":  # the pairs whose term is not 0
-            wp, wn = inv((pos & (hp > 0)).sum(1)), inv((neg & (hn > 0)).sum(1))
-        else:
-            wp, wn = inv(pos.sum(1)), inv(neg.sum(1))
+        wp, wn = inv(counted[0].sum(1)), inv(counted[1].sum(1))
     loss = wp * np.where(pos, hp**2, 0).sum(1) + wn * np.where(neg, hn**2, 0).sum(1)
     # Coefficient of dd_ij in d(sum g*loss): anchor i's own term, then the same
     # pair seen from anchor j (dd_ji = -dd_ij for e_i's part is in dd[j, i]).
@@ -77,6 +81,27 @@ def numpy_in_batch(
         # d_ji depends on e_i as -e_j/(n_i n_j) + s e_i/(n_i^3 n_j) too.
         grad += np.einsum("ji,ijk->ik", c, dd)
     return loss, grad
+
+
+def numpy_mined(d, pos, neg, miner, epsilon):
+    """The positive and negative pairs (row: anchor) a miner keeps: batch_hard
+    the largest-d positive and smallest-d negative (first on ties),
+    multi_similarity the positives with d > (smallest negative d) - epsilon and
+    the negatives with d < (largest positive d) + epsilon."""
+    if miner is None or d.size == 0:
+        return pos, neg
+    largest = np.where(pos, d, -np.inf)
+    smallest = np.where(neg, d, np.inf)
+    if miner == "batch_hard":
+        rows = np.arange(len(d))
+        keep_pos, keep_neg = np.zeros_like(pos), np.zeros_like(neg)
+        keep_pos[rows, np.argmax(largest, axis=1)] = True
+        keep_neg[rows, np.argmin(smallest, axis=1)] = True
+        return pos & keep_pos, neg & keep_neg
+    assert miner == "multi_similarity", miner
+    hardest_pos = largest.max(axis=1, initial=-np.inf)[:, None]
+    hardest_neg = smallest.min(axis=1, initial=np.inf)[:, None]
+    return pos & ~(d <= hardest_neg - epsilon), neg & ~(d >= hardest_pos + epsilon)
 
 
 def duplicates_compare(distance, weighting):

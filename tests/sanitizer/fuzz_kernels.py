@@ -407,7 +407,16 @@ class InBatchCase:
     gradient [B] or None, as Case."""
 
     def __init__(
-        self, labels, e, upstream, margin, positive_margin, distance, weighting, max_block_rows
+        self,
+        labels,
+        e,
+        upstream,
+        margin,
+        positive_margin,
+        distance,
+        weighting,
+        max_block_rows,
+        miner=None,
     ):
         self.labels, self.e, self.upstream = labels, e, upstream
         self.options = dict(
@@ -416,6 +425,7 @@ class InBatchCase:
             distance=distance,
             pair_weighting=weighting,
             max_block_rows=max_block_rows,
+            miner=miner,
         )
         self.info = [
             f"labels {labels.dtype}{labels.shape}",
@@ -474,6 +484,11 @@ def in_batch_reference(case):
         (pos & (np.abs(d - positive_margin) <= edge)).any()
         or (neg & (np.abs(margin - d) <= edge)).any()
     )
+    # A miner's choice among these duplicate-heavy rows is a rounding
+    # question (ties of Gram distances): mined cases run for the sanitizers
+    # only; tests/in_batch/test_in_batch_miners.py checks their values
+    # against explicit pairs.
+    unsure = unsure or o["miner"] is not None
     if o["pair_weighting"] == "uniform":
         wp = wn = np.full(b, 1.0 / max(b - 1, 1))
     elif o["pair_weighting"] == "active":
@@ -501,7 +516,7 @@ def in_batch_reference(case):
     return terms.sum(1), grad, size.sum(1), grad_size, unsure
 
 
-def random_in_batch_case(rng, weightings):
+def random_in_batch_case(rng, weightings, miners):
     b = int(rng.choice([0, 1, 2, int(rng.integers(3, 40))]))
     dim = int(rng.choice([0, 1, int(rng.integers(2, 12))]))
     dtype = np.dtype(str(rng.choice(["float32", "float64"])))
@@ -521,6 +536,7 @@ def random_in_batch_case(rng, weightings):
         str(rng.choice(["euclidean", "cosine"])),
         str(rng.choice(weightings)),
         int(rng.choice([0, 1, 3, 16])),
+        None if rng.random() < 0.5 else str(rng.choice(miners)),
     )
 
 
@@ -554,7 +570,9 @@ def case_kinds(kernels):
         (embedding_case, run_embedding),
         (embedding_case, run_embedding_reduced),
         (
-            functools.partial(random_in_batch_case, weightings=kernels.PAIR_WEIGHTINGS),
+            functools.partial(
+                random_in_batch_case, weightings=kernels.PAIR_WEIGHTINGS, miners=kernels.MINERS
+            ),
             run_in_batch,
         ),
     ]

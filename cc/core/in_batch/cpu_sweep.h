@@ -28,6 +28,8 @@
 
 #include <Eigen/Core>
 
+#include "core/in_batch/cpu_blocks.h"
+#include "core/in_batch/cpu_mining.h"
 #include "core/in_batch/kernels.h"
 
 namespace fused_contrastive {
@@ -41,100 +43,24 @@ using ConstRows = Eigen::Map<const RowMatrix<T>>;
 template <typename T>
 using Rows = Eigen::Map<RowMatrix<T>>;
 
-// Rows per block: large enough for the GEMMs to run near peak (measured with
-// Eigen on AVX2: 128×128×128 products reach about 70% of the core's peak),
-// small enough that each stage has a task per thread at moderate B.
-int64_t BlockRows(int64_t rows, int64_t cap) {
-  int64_t block = 256;
-  while (block > 32 && rows < 8 * block) block /= 2;
-  if (cap > 0) block = std::min(block, cap);
-  return std::max<int64_t>(block, 1);
-}
-
-// Round-robin schedule of the unordered pairs of `blocks` blocks: stage s of
-// n − 1 (n = blocks rounded up to even) pairs every block with another one
-// once; a pair with the padding block n − 1 (blocks odd) is dropped. Each
-// task's pair is computed when it runs: stored, the schedule would take
-// 16·(blocks/2)² bytes, quadratic in B for small blocks.
-class PairSchedule {
- public:
-  explicit PairSchedule(int64_t blocks) : n_(blocks + blocks % 2), padded_(blocks % 2 != 0) {}
-
-  int64_t Stages() const { return std::max<int64_t>(n_ - 1, 0); }
-  int64_t Tasks() const { return n_ / 2 - (padded_ ? 1 : 0); }
-
-  // Task t of stage s; (s, n − 1) first when block n − 1 is real.
-  std::pair<int64_t, int64_t> Task(int64_t s, int64_t t) const {
-    const int64_t k = padded_ ? t + 1 : t;
-    if (k == 0) return {s, n_ - 1};
-    const int64_t a = (s + k) % (n_ - 1);
-    const int64_t b = (s - k + n_ - 1) % (n_ - 1);
-    return {std::min(a, b), std::max(a, b)};
-  }
-
- private:
-  int64_t n_;
-  bool padded_;
-};
-
-// Rows [first, first + count): a block.
-struct Block {
-  int64_t first, count;
-};
-
-// [begin, end) cut into blocks of at most `rows`, appended to `blocks`.
-void AppendBlocks(int64_t begin, int64_t end, int64_t rows, std::vector<Block>* blocks) {
-  for (int64_t first = begin; first < end; first += rows) {
-    blocks->push_back({first, std::min(rows, end - first)});
-  }
-}
-
-// Dense class ids (equal labels, equal ids; int32 so that the tile loop
-// compares lanes as wide as float's) and, per row, the number of other rows
-// with its label. Sorting: O(B log B).
-void ClassIds(const int64_t* labels, int64_t rows, std::vector<int32_t>* classes,
-              std::vector<int64_t>* positives) {
-  std::vector<int64_t> order(rows);
-  std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(),
-            [labels](int64_t x, int64_t y) { return labels[x] < labels[y]; });
-  classes->resize(rows);
-  positives->resize(rows);
-  int32_t id = 0;
-  for (int64_t first = 0; first < rows; ++id) {
-    int64_t last = first;
-    while (last < rows && labels[order[last]] == labels[order[first]]) ++last;
-    for (int64_t k = first; k < last; ++k) {
-      (*classes)[order[k]] = id;
-      (*positives)[order[k]] = last - first - 1;
-    }
-    first = last;
-  }
-}
-
-template <typename T>
-T SquaredNorm(const T* row, int64_t dim) {
-  T sum = 0;
-#pragma omp simd reduction(+ : sum)
-  for (int64_t k = 0; k < dim; ++k) sum += row[k] * row[k];
-  return sum;
-}
-
-// Each row's counts of nonzero positive and negative terms (active_term),
-// for the "active" weighting: a forward sweep counts them, the gradient sweep
-// takes them as given (its pair coefficients need every row's weights).
-struct ActiveCounts {
+// Each row's counts of positive and negative pairs for the weights that
+// need them: nonzero terms (active_term) for "active", kept pairs under a
+// miner (counted_pair). A forward sweep counts them, the gradient sweep takes
+// them as given (its pair coefficients need every row's weights).
+struct PairCounts {
   std::vector<double> positive, negative;
 };
 
 template <typename T, Distance K, bool kGrad>
 class Sweep {
  public:
-  // counts: the rows' ActiveCounts when the weighting is "active" and a
-  // gradient is wanted; a forward sweep with that weighting counts them
-  // itself (active_counts()).
+  // counts: the rows' PairCounts when the weights need them (CountsPairs())
+  // and a gradient is wanted; a forward sweep counts them itself
+  // (pair_counts()). stats: the miner's statistics, from a sweep with
+  // collect_stats, which computes nothing else (miner_stats()).
   Sweep(const InBatchArgs& args, const ParallelFor& parallel_for,
-        const ActiveCounts* counts = nullptr)
+        const PairCounts* counts = nullptr, const MinerStats<T>* stats = nullptr,
+        bool collect_stats = false)
       : args_(args),
         parallel_for_(parallel_for),
         e_(static_cast<const T*>(args.embeddings)),
@@ -155,14 +81,25 @@ class Sweep {
         negative_sum_(rows_, 0.0),
         diagonal_(kGrad ? rows_ : 0, 0.0),
         given_counts_(counts),
-        counting_(!kGrad && args.weighting == PairWeighting::kActive) {
+        stats_(collect_stats ? &collected_ : stats),
+        collecting_(collect_stats),
+        counting_(!kGrad && !collect_stats && CountsPairs(args)),
+        count_active_(args.weighting == PairWeighting::kActive ? T(1) : T(0)),
+        epsilon_(static_cast<T>(args.miner_epsilon)) {
     if (counting_) {
       counts_.positive.assign(rows_, 0.0);
       counts_.negative.assign(rows_, 0.0);
     }
+    if (collecting_) collected_ = MinerStats<T>(rows_);
   }
 
-  const ActiveCounts& active_counts() const { return counts_; }
+  // Whether the weights need PairCounts from a counting sweep.
+  static bool CountsPairs(const InBatchArgs& args) {
+    return args.weighting == PairWeighting::kActive || args.miner != Miner::kNone;
+  }
+
+  const PairCounts& pair_counts() const { return counts_; }
+  const MinerStats<T>& miner_stats() const { return collected_; }
 
   void Run() {
     PrepareRows();
@@ -208,7 +145,7 @@ class Sweep {
                       }
                     });
     }
-    Finish();
+    if (!collecting_) Finish();
   }
 
  private:
@@ -253,7 +190,7 @@ class Sweep {
                       // A partner's weights are 0: its pairs with anchors
                       // then carry only the anchor's half of A_ij.
                       positive_weight_[i] = negative_weight_[i] = 0;
-                      // A counting sweep's "active" weights come in Finish.
+                      // A counting sweep's weights come in Finish.
                       if (IsAnchor(i) && !counting_) {
                         Weights(i, static_cast<double>(positives[i]));
                       }
@@ -271,10 +208,16 @@ class Sweep {
   T* grad() const { return static_cast<T*>(args_.grad); }
 
   void Weights(int64_t i, double positives) {
-    const ActiveCounts* counts = counting_ ? &counts_ : given_counts_;
-    pair_weights(args_.weighting, static_cast<double>(rows_), positives,
-                 counts ? counts->positive[i] : 0.0, counts ? counts->negative[i] : 0.0,
-                 &positive_weight_[i], &negative_weight_[i]);
+    const PairCounts* counts = counting_ ? &counts_ : given_counts_;
+    const double counted_positives = counts ? counts->positive[i] : 0.0;
+    const double counted_negatives = counts ? counts->negative[i] : 0.0;
+    if (args_.miner != Miner::kNone) {
+      mined_pair_weights(args_.weighting, counted_positives, counted_negatives,
+                         &positive_weight_[i], &negative_weight_[i]);
+    } else {
+      pair_weights(args_.weighting, static_cast<double>(rows_), positives, counted_positives,
+                   counted_negatives, &positive_weight_[i], &negative_weight_[i]);
+    }
   }
 
   bool IsAnchor(int64_t i) const { return i >= anchor_begin_ && i < anchor_end_; }
@@ -300,31 +243,36 @@ class Sweep {
     const ConstRows<T> ei(e_ + i0 * dim_, ni, dim_);
     const ConstRows<T> ej(e_ + j0 * dim_, nj, dim_);
     s.noalias() = ei * ej.transpose();
-    T* column_positive = columns.data();
-    T* column_negative = columns.data() + nj;
+    if (collecting_) {
+      StatsTile<kDiagonal>(scratch.data(), i0, ni, j0, nj);
+      return;
+    }
     Columns columns_of_tile{columns.data(), columns.data() + nj, columns.data() + 2 * nj,
                             counting_ ? columns.data() + 3 * nj : nullptr,
                             counting_ ? columns.data() + 4 * nj : nullptr};
     int64_t active = 0;  // nonzero entries of M
-    for (int64_t r = 0; r < ni; ++r) {
-      const int64_t i = i0 + r;
-      T* row = scratch.data() + r * nj;
-      if (K == Distance::kEuclidean && RowCancels(row, i, kDiagonal ? r : -1, j0, nj)) {
-        active += ExactRow<kDiagonal>(row, i, j0, nj, columns_of_tile);
-      } else if (counting_) {
-        active += FastRow<kDiagonal, true>(row, i, j0, nj, columns_of_tile);
-      } else {
-        active += FastRow<kDiagonal, false>(row, i, j0, nj, columns_of_tile);
+    VisitMiner(args_.miner, [&](auto miner) {
+      constexpr Miner M = decltype(miner)::value;
+      for (int64_t r = 0; r < ni; ++r) {
+        const int64_t i = i0 + r;
+        T* row = scratch.data() + r * nj;
+        if (K == Distance::kEuclidean && RowCancels(row, i, kDiagonal ? r : -1, j0, nj)) {
+          active += ExactRow<kDiagonal, M>(row, i, j0, nj, columns_of_tile);
+        } else if (!kGrad && counting_) {
+          active += FastRow<kDiagonal, !kGrad, M>(row, i, j0, nj, columns_of_tile);
+        } else {
+          active += FastRow<kDiagonal, false, M>(row, i, j0, nj, columns_of_tile);
+        }
       }
-    }
+    });
     if constexpr (!kDiagonal) {
       for (int64_t c = 0; c < nj; ++c) {
         positive_sum_[j0 + c] += columns_of_tile.positive[c];
         negative_sum_[j0 + c] += columns_of_tile.negative[c];
         if (kGrad) diagonal_[j0 + c] += columns_of_tile.diagonal[c];
         if (counting_) {
-          counts_.positive[j0 + c] += columns_of_tile.positive_active[c];
-          counts_.negative[j0 + c] += columns_of_tile.negative_active[c];
+          counts_.positive[j0 + c] += columns_of_tile.positive_counted[c];
+          counts_.negative[j0 + c] += columns_of_tile.negative_counted[c];
         }
       }
     }
@@ -360,64 +308,119 @@ class Sweep {
     return cancels != 0;
   }
 
+  // The distance of rows i and j from their Gram entry s, or from e_i − e_j
+  // where the Gram distance cancels (*exact; Euclidean only).
+  T ExactPathDistance(int64_t i, int64_t j, T s, bool* exact) const {
+    *exact =
+        gram_distance_cancels(euclidean_squared(s, norm2_[i], norm2_[j]), norm2_[i], norm2_[j]);
+    if (!*exact) return pair_distance<K>(s, stat_[i], stat_[j]);
+    const T* ei = e_ + i * dim_;
+    const T* ej = e_ + j * dim_;
+    T squared = 0;
+#pragma omp simd reduction(+ : squared)
+    for (int64_t k = 0; k < dim_; ++k) squared += (ei[k] - ej[k]) * (ei[k] - ej[k]);
+    return ElementOps<T>::sqrt(squared);
+  }
+
+  // The statistics sweep's tile: its distances (as FastRow and ExactRow get
+  // them) replace the Gram entries, then each anchor row and, when the
+  // columns are anchors too, each column offers its hardest pairs.
+  template <bool kDiagonal>
+  void StatsTile(T* tile, int64_t i0, int64_t ni, int64_t j0, int64_t nj) {
+    for (int64_t r = 0; r < ni; ++r) {
+      const int64_t i = i0 + r, self = kDiagonal ? r : -1;
+      T* row = tile + r * nj;
+      if (K == Distance::kEuclidean && RowCancels(row, i, self, j0, nj)) {
+        bool exact;
+        for (int64_t c = 0; c < nj; ++c) {
+          if (c != self) row[c] = ExactPathDistance(i, j0 + c, row[c], &exact);
+        }
+      } else {
+        const T stat_i = stat_[i];
+        const T* stat_j = stat_.data() + j0;
+#pragma omp simd
+        for (int64_t c = 0; c < nj; ++c) row[c] = pair_distance<K>(row[c], stat_i, stat_j[c]);
+      }
+      OfferRow(row, classes_[i], classes_.data() + j0, self, i, j0, nj, &collected_);
+    }
+    if (!kDiagonal && IsAnchor(j0)) {
+      OfferColumns(tile, classes_.data() + i0, classes_.data() + j0, i0, ni, j0, nj, &collected_);
+    }
+  }
+
   // A tile's per-column sums (the pairs' other order, for a tile of two
-  // blocks): terms, q's part, and with counting_ the nonzero terms.
+  // blocks): terms, q's part, and with counting_ the counted pairs.
   struct Columns {
-    T *positive, *negative, *diagonal, *positive_active, *negative_active;
+    T *positive, *negative, *diagonal, *positive_counted, *negative_counted;
   };
 
-  // A pair's terms, and with a gradient its M and the part of q it adds.
-  struct Pair {
-    T positive, negative, m, diagonal;
-  };
-
-  // From masks, not branches (so that GCC vectorises the tile loop):
-  // positive = 1 for a pair with equal labels, negative = 1 for one with
-  // different labels, both 0 for a row with itself. coefficient_sum: the
-  // pair's g_i·w_i + g_j·w_j, positive and negative.
-  Pair PairValues(T positive, T negative, T s, T d, T positive_coefficient_sum,
-                  T negative_coefficient_sum, T stat_i, T stat_j) const {
+  // A pair's terms for row i's sums and for column j's (they differ only
+  // under a miner), and with a gradient its M and the part of q it adds;
+  // through pointers to scalars, not as a struct: under omp simd GCC 12
+  // keeps a struct local to the loop in memory, one per lane, when its
+  // address is taken or it is returned in memory (over 16 bytes), and leaves
+  // the loop scalar (the forward sweep then took 2-4.5x its time, B = 4096,
+  // D = 128).
+  //
+  // From masks, not branches (so that GCC vectorises the tile loop): the
+  // pair's positive and negative masks for row i's sums and for column j's
+  // are 1 where that anchor counts the pair (equal labels for a positive,
+  // and kept by the miner), else 0 (always 0 for a row with itself).
+  // coefficient_sum: the pair's g_i·w_i + g_j·w_j over the anchors that keep
+  // it, positive and negative.
+  void PairValues(T positive, T negative, T column_positive, T column_negative, T s, T d,
+                  T positive_coefficient_sum, T negative_coefficient_sum, T stat_i, T stat_j,
+                  T* positive_term_out, T* negative_term_out, T* column_positive_term,
+                  T* column_negative_term, T* m, T* diagonal) const {
     T tp, sp, tn, sn;
     positive_term(d, positive_margin_, &tp, &sp);
     negative_term(d, margin_, &tn, &sn);
-    Pair p;
-    p.positive = masked(positive, tp);
-    p.negative = masked(negative, tn);
+    *positive_term_out = masked(positive, tp);
+    *negative_term_out = masked(negative, tn);
+    *column_positive_term = masked(column_positive, tp);
+    *column_negative_term = masked(column_negative, tn);
     if constexpr (kGrad) {
-      const T coefficient = masked(positive, positive_coefficient_sum * sp) +
-                            masked(negative, negative_coefficient_sum * sn);
-      p.m = gram_coefficient<K>(coefficient, d, stat_i, stat_j);
-      p.diagonal = diagonal_term<K>(p.m, s);
+      const T coefficient = masked(positive + column_positive, positive_coefficient_sum * sp) +
+                            masked(negative + column_negative, negative_coefficient_sum * sn);
+      *m = gram_coefficient<K>(coefficient, d, stat_i, stat_j);
+      *diagonal = diagonal_term<K>(*m, s);
     } else {
-      p.m = p.diagonal = T(0);
+      *m = *diagonal = T(0);
     }
-    return p;
   }
 
-  Pair PairValues(int64_t i, int64_t j, T s, T d) const {
-    const T positive = i == j ? T(0) : (classes_[i] == classes_[j] ? T(1) : T(0));
-    const T negative = i == j ? T(0) : T(1) - positive;
-    return PairValues(positive, negative, s, d, CoefficientSum(positive_coefficient_, i, j),
-                      CoefficientSum(negative_coefficient_, i, j), stat_[i], stat_[j]);
+  // The masks of rows i and j at distance d (valid 0 for a row with itself,
+  // positive 1 for equal labels), row i's then column j's, with miner M's
+  // choices (without a miner both orders have the pair's own masks, and the
+  // sums are today's bits: 1·x is exact).
+  template <Miner M>
+  static void PairMasks(MinerView<T> v, int64_t i, int64_t j, T valid, T positive, T d, T* kp,
+                        T* kn, T* kcp, T* kcn) {
+    const T negative = valid - positive;
+    *kp = positive * MinerKeeps<M>(v, i, j, true, d);
+    *kn = negative * MinerKeeps<M>(v, i, j, false, d);
+    *kcp = positive * MinerKeeps<M>(v, j, i, true, d);
+    *kcn = negative * MinerKeeps<M>(v, j, i, false, d);
   }
 
-  static T CoefficientSum(const std::vector<T>& coefficients, int64_t i, int64_t j) {
-    return kGrad ? coefficients[i] + coefficients[j] : T(0);
-  }
-
-  // A pair's active_term()s in its column's counts (a tile of two blocks
-  // stands for both orders); the terms by value, as active_term takes them.
-  static void CountColumn(T positive, T negative, int64_t c, const Columns& columns) {
-    columns.positive_active[c] += active_term(positive);
-    columns.negative_active[c] += active_term(negative);
+  // A pair's counted_pair()s (masks, then terms) in its column's counts (a
+  // tile of two blocks stands for both orders); values, for the reason
+  // PairValues gives (with a struct by reference, the counting sweep took
+  // 4.7x the plain forward sweep's time, cosine, B = 4096, D = 128; 1.06x
+  // with values). The row's counts are the loop's reductions, inline: a
+  // pointer to a reduction variable stops the vectorisation too.
+  static void CountColumn(T active, T positive_mask, T negative_mask, T positive, T negative,
+                          int64_t c, const Columns& columns) {
+    columns.positive_counted[c] += counted_pair(active, positive_mask, positive);
+    columns.negative_counted[c] += counted_pair(active, negative_mask, negative);
   }
 
   // FastRow and ExactRow return the row's number of nonzero M entries.
-  // kCount: the sweep counts nonzero terms (counting_).
-  template <bool kDiagonal, bool kCount>
+  // kCount: the sweep counts pairs (counting_); M: the miner.
+  template <bool kDiagonal, bool kCount, Miner M>
   int64_t FastRow(T* row, int64_t i, int64_t j0, int64_t nj, const Columns& columns) {
     const int64_t self = kDiagonal ? i - j0 : -1;
-    T positive = 0, negative = 0, diagonal = 0, positive_active = 0, negative_active = 0;
+    T positive = 0, negative = 0, diagonal = 0, positive_counted = 0, negative_counted = 0;
     int active = 0;
     const T stat_i = stat_[i];
     const T* stat_j = stat_.data() + j0;
@@ -427,95 +430,96 @@ class Sweep {
     const T nc_i = kGrad ? negative_coefficient_[i] : T(0);
     const T* pc_j = kGrad ? positive_coefficient_.data() + j0 : nullptr;
     const T* nc_j = kGrad ? negative_coefficient_.data() + j0 : nullptr;
-#pragma omp simd reduction(+ : positive, negative, diagonal, positive_active, negative_active, \
+    const MinerView<T> miner = ViewOf(stats_, epsilon_);
+    const T count_active = count_active_;
+#pragma omp simd reduction(+ : positive, negative, diagonal, positive_counted, negative_counted, \
                                active)
     for (int64_t c = 0; c < nj; ++c) {
       const T s = row[c];
       const T d = pair_distance<K>(s, stat_i, stat_j[c]);
       const T valid = c == self ? T(0) : T(1);
-      const T is_positive = class_j[c] == class_i ? valid : T(0);
+      T kp, kn, kcp, kcn;
+      PairMasks<M>(miner, i, j0 + c, valid, class_j[c] == class_i ? valid : T(0), d, &kp, &kn, &kcp,
+                   &kcn);
       T pc = 0, nc = 0;
       if constexpr (kGrad) {
-        pc = pc_i + pc_j[c];
-        nc = nc_i + nc_j[c];
+        pc = kp * pc_i + kcp * pc_j[c];
+        nc = kn * nc_i + kcn * nc_j[c];
       }
-      const Pair p = PairValues(is_positive, valid - is_positive, s, d, pc, nc, stat_i, stat_j[c]);
-      positive += p.positive;
-      negative += p.negative;
-      diagonal += p.diagonal;
+      T tp, tn, tcp, tcn, m, q;
+      PairValues(kp, kn, kcp, kcn, s, d, pc, nc, stat_i, stat_j[c], &tp, &tn, &tcp, &tcn, &m, &q);
+      positive += tp;
+      negative += tn;
+      diagonal += q;
       if (!kDiagonal) {
-        columns.positive[c] += p.positive;
-        columns.negative[c] += p.negative;
-        columns.diagonal[c] += p.diagonal;
+        columns.positive[c] += tcp;
+        columns.negative[c] += tcn;
+        columns.diagonal[c] += q;
       }
       if constexpr (kCount) {
-        positive_active += active_term(p.positive);
-        negative_active += active_term(p.negative);
-        if (!kDiagonal) CountColumn(p.positive, p.negative, c, columns);
+        positive_counted += counted_pair(count_active, kp, tp);
+        negative_counted += counted_pair(count_active, kn, tn);
+        if (!kDiagonal) CountColumn(count_active, kcp, kcn, tcp, tcn, c, columns);
       }
-      row[c] = p.m;
-      active += p.m != T(0) ? 1 : 0;
+      row[c] = m;
+      active += m != T(0) ? 1 : 0;
     }
-    AddRow(i, positive, negative, diagonal, positive_active, negative_active);
+    AddRow(i, positive, negative, diagonal, positive_counted, negative_counted);
     return active;
   }
 
   // The row of a tile with a pair whose Gram distance cancels: such pairs get
   // d from e_i − e_j, and their gradient directly, (A/d)·(e_i − e_j) to row
   // i (and its opposite to row j when the tile stands for both orders).
-  template <bool kDiagonal>
+  template <bool kDiagonal, Miner M>
   int64_t ExactRow(T* row, int64_t i, int64_t j0, int64_t nj, const Columns& columns) {
-    T positive = 0, negative = 0, diagonal = 0, positive_active = 0, negative_active = 0;
+    T positive = 0, negative = 0, diagonal = 0, positive_counted = 0, negative_counted = 0;
     int64_t active = 0;
     const T* ei = e_ + i * dim_;
+    const T count_active = count_active_;
     for (int64_t c = 0; c < nj; ++c) {
       const int64_t j = j0 + c;
       const T s = row[c];
       row[c] = T(0);
       if (j == i) continue;
-      const bool exact =
-          gram_distance_cancels(euclidean_squared(s, norm2_[i], norm2_[j]), norm2_[i], norm2_[j]);
-      const T* ej = e_ + j * dim_;
-      T d;
-      if (exact) {
-        T squared = 0;
-#pragma omp simd reduction(+ : squared)
-        for (int64_t k = 0; k < dim_; ++k) squared += (ei[k] - ej[k]) * (ei[k] - ej[k]);
-        d = ElementOps<T>::sqrt(squared);
-      } else {
-        d = pair_distance<K>(s, stat_[i], stat_[j]);
-      }
-      Pair p = PairValues(i, j, s, d);
-      positive += p.positive;
-      negative += p.negative;
+      bool exact;
+      const T d = ExactPathDistance(i, j, s, &exact);
+      T kp, kn, kcp, kcn;
+      PairMasks<M>(ViewOf(stats_, epsilon_), i, j, T(1), classes_[i] == classes_[j] ? T(1) : T(0),
+                   d, &kp, &kn, &kcp, &kcn);
+      const T pc = kGrad ? kp * positive_coefficient_[i] + kcp * positive_coefficient_[j] : T(0);
+      const T nc = kGrad ? kn * negative_coefficient_[i] + kcn * negative_coefficient_[j] : T(0);
+      T tp, tn, tcp, tcn, m, q;
+      PairValues(kp, kn, kcp, kcn, s, d, pc, nc, stat_[i], stat_[j], &tp, &tn, &tcp, &tcn, &m, &q);
+      positive += tp;
+      negative += tn;
       if (!kDiagonal) {
-        columns.positive[c] += p.positive;
-        columns.negative[c] += p.negative;
+        columns.positive[c] += tcp;
+        columns.negative[c] += tcn;
       }
       if (counting_) {
-        positive_active += active_term(p.positive);
-        negative_active += active_term(p.negative);
-        if (!kDiagonal) CountColumn(p.positive, p.negative, c, columns);
+        positive_counted += counted_pair(count_active, kp, tp);
+        negative_counted += counted_pair(count_active, kn, tn);
+        if (!kDiagonal) CountColumn(count_active, kcp, kcn, tcp, tcn, c, columns);
       }
       if (!kGrad) continue;
       if (!exact) {
-        diagonal += p.diagonal;
-        if (!kDiagonal) columns.diagonal[c] += p.diagonal;
-        row[c] = p.m;
-        active += p.m != T(0) ? 1 : 0;
+        diagonal += q;
+        if (!kDiagonal) columns.diagonal[c] += q;
+        row[c] = m;
+        active += m != T(0) ? 1 : 0;
         continue;
       }
-      // p.m is already A/d (0 at d = 0) for the Euclidean distance.
+      // m is already A/d (0 at d = 0) for the Euclidean distance.
       T* gi = grad() + i * dim_;
       T* gj = grad() + j * dim_;
-      const T m = p.m;
       for (int64_t k = 0; k < dim_; ++k) {
-        const T step = m * (ei[k] - ej[k]);
+        const T step = m * (ei[k] - e_[j * dim_ + k]);
         gi[k] += step;
         if (!kDiagonal) gj[k] -= step;
       }
     }
-    AddRow(i, positive, negative, diagonal, positive_active, negative_active);
+    AddRow(i, positive, negative, diagonal, positive_counted, negative_counted);
     return active;
   }
 
@@ -542,13 +546,14 @@ class Sweep {
     }
   }
 
-  void AddRow(int64_t i, T positive, T negative, T diagonal, T positive_active, T negative_active) {
+  void AddRow(int64_t i, T positive, T negative, T diagonal, T positive_counted,
+              T negative_counted) {
     positive_sum_[i] += positive;
     negative_sum_[i] += negative;
     if (kGrad) diagonal_[i] += diagonal;
     if (counting_) {
-      counts_.positive[i] += positive_active;
-      counts_.negative[i] += negative_active;
+      counts_.positive[i] += positive_counted;
+      counts_.negative[i] += negative_counted;
     }
   }
 
@@ -613,10 +618,26 @@ class Sweep {
   std::vector<double> positive_sum_;
   std::vector<double> negative_sum_;
   std::vector<double> diagonal_;
-  const ActiveCounts* given_counts_;
+  const PairCounts* given_counts_;
+  MinerStats<T> collected_;
+  const MinerStats<T>* stats_;
+  const bool collecting_;
   const bool counting_;
-  ActiveCounts counts_;
+  const T count_active_;  // 1 for "active", else 0 (counted_pair)
+  const T epsilon_;
+  PairCounts counts_;
 };
+
+// The miner's statistics: a sweep of their own (none without a miner).
+template <typename T, Distance K>
+MinerStats<T> CollectedStats(const InBatchArgs& forward, const ParallelFor& parallel_for) {
+  if (forward.miner == Miner::kNone) return MinerStats<T>();
+  InBatchArgs args = forward;
+  args.loss = nullptr;
+  Sweep<T, K, false> collector(args, parallel_for, nullptr, nullptr, true);
+  collector.Run();
+  return collector.miner_stats();
+}
 
 }  // namespace
 
@@ -631,24 +652,28 @@ bool InBatchLoss(const InBatchArgs& args, const ParallelFor& parallel_for) {
     if (args.grad != nullptr) {
       std::fill(static_cast<T*>(args.grad) + used * args.dim,
                 static_cast<T*>(args.grad) + rows * args.dim, T(0));
-      // "active": a forward sweep counts the nonzero terms first. It writes
-      // the loss too, so that the forward op's and this op's loss bits agree
-      // (the counting sweep's sums may round apart from the gradient sweep's).
-      const bool active = args.weighting == PairWeighting::kActive;
-      ActiveCounts counts;
       InBatchArgs sweep = UsedRowsOnly(args);
-      if (active) {
-        InBatchArgs forward = sweep;
-        forward.upstream = nullptr;
-        forward.grad = nullptr;
-        Sweep<T, K, false> counter(forward, parallel_for);
+      InBatchArgs forward = sweep;
+      forward.upstream = nullptr;
+      forward.grad = nullptr;
+      const MinerStats<T> stats = CollectedStats<T, K>(forward, parallel_for);
+      // Weights from counts: a forward sweep counts the pairs first. It
+      // writes the loss too, so that the forward op's and this op's loss bits
+      // agree (the counting sweep's sums may round apart from the gradient
+      // sweep's).
+      const bool counted = Sweep<T, K, false>::CountsPairs(args);
+      PairCounts counts;
+      if (counted) {
+        Sweep<T, K, false> counter(forward, parallel_for, nullptr, &stats);
         counter.Run();
-        counts = counter.active_counts();
+        counts = counter.pair_counts();
         sweep.loss = nullptr;
       }
-      Sweep<T, K, true>(sweep, parallel_for, active ? &counts : nullptr).Run();
+      Sweep<T, K, true>(sweep, parallel_for, counted ? &counts : nullptr, &stats).Run();
     } else {
-      Sweep<T, K, false>(UsedRowsOnly(args), parallel_for).Run();
+      const InBatchArgs forward = UsedRowsOnly(args);
+      const MinerStats<T> stats = CollectedStats<T, K>(forward, parallel_for);
+      Sweep<T, K, false>(forward, parallel_for, nullptr, &stats).Run();
     }
   });
 }

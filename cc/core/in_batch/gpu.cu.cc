@@ -571,6 +571,7 @@ GpuStatus InBatchLossGpu(const InBatchArgs& args, void* workspace, const GpuGemm
   if (!IsInBatchDType(args.type) || !IsInBatchDistance(args.distance)) {
     return GpuStatus{"unsupported dtype or distance"};
   }
+  if (args.miner != Miner::kNone) return GpuStatus{kMinerNotOnGpu};
   auto s = static_cast<cudaStream_t>(stream);
   const bool grad = args.upstream != nullptr && args.grad != nullptr;
   GpuStatus status;
@@ -607,6 +608,7 @@ GpuStatus InBatchLossReducedGpu(const InBatchReducedArgs& args, void* workspace,
   if (!IsInBatchDType(args.in.type) || !IsInBatchDistance(args.in.distance)) {
     return GpuStatus{"unsupported dtype or distance"};
   }
+  if (args.in.miner != Miner::kNone) return GpuStatus{kMinerNotOnGpu};
   auto s = static_cast<cudaStream_t>(stream);
   const ReducedLayout layout = MakeReducedLayout(args);
   char* base = static_cast<char*>(workspace);

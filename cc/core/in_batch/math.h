@@ -20,6 +20,8 @@
 
 #include <math.h>
 
+#include <stddef.h>
+
 #include <string>
 
 #include "core/common/distance.h"
@@ -41,14 +43,57 @@ inline const char* PairWeightingName(PairWeighting w) {
   }
 }
 
-inline bool ParsePairWeighting(const std::string& name, PairWeighting* out) {
-  for (PairWeighting w : kAllPairWeightings) {
-    if (name == PairWeightingName(w)) {
-      *out = w;
+// The pair miners (issue 21): which of an anchor's pairs count. kNone keeps
+// every pair; kBatchHard the hardest positive (largest d) and the hardest
+// negative (smallest d); kMultiSimilarity the positives farther than the
+// hardest negative minus epsilon and the negatives closer than the hardest
+// positive plus epsilon (multi_similarity_keeps).
+enum class Miner : int { kNone, kBatchHard, kMultiSimilarity };
+
+constexpr Miner kAllMiners[] = {Miner::kNone, Miner::kBatchHard, Miner::kMultiSimilarity};
+
+// The names of the `miner` attr and argument ("none": Python's None).
+inline const char* MinerName(Miner m) {
+  switch (m) {
+    case Miner::kNone: return "none";
+    case Miner::kBatchHard: return "batch_hard";
+    default: return "multi_similarity";
+  }
+}
+
+template <Miner M>
+struct MinerTag {
+  static constexpr Miner value = M;
+};
+
+// Calls f(MinerTag<m>{}).
+template <typename F>
+void VisitMiner(Miner m, F&& f) {
+  switch (m) {
+    case Miner::kNone: f(MinerTag<Miner::kNone>{}); return;
+    case Miner::kBatchHard: f(MinerTag<Miner::kBatchHard>{}); return;
+    default: f(MinerTag<Miner::kMultiSimilarity>{}); return;
+  }
+}
+
+// The value of `all` whose name_of() is `name`; false when none is.
+template <typename E, size_t N>
+bool ParseName(const std::string& name, const E (&all)[N], const char* (*name_of)(E), E* out) {
+  for (E e : all) {
+    if (name == name_of(e)) {
+      *out = e;
       return true;
     }
   }
   return false;
+}
+
+inline bool ParsePairWeighting(const std::string& name, PairWeighting* out) {
+  return ParseName(name, kAllPairWeightings, PairWeightingName, out);
+}
+
+inline bool ParseMiner(const std::string& name, Miner* out) {
+  return ParseName(name, kAllMiners, MinerName, out);
 }
 
 // The distances the in-batch loss is defined for (a Gram matrix gives them).
@@ -59,6 +104,24 @@ inline bool IsInBatchDistance(Distance k) {
     if (d == k) return true;
   }
   return false;
+}
+
+// Weights of anchor i's terms under a miner, from its counted kept pairs
+// (counted_pair: kept ones; for "active", kept ones with a nonzero term):
+// "uniform" the mean over every kept pair, "balanced" and "active" the mean
+// over the counted positives plus the mean over the counted negatives.
+template <typename C>
+FC_HOST_DEVICE inline void mined_pair_weights(PairWeighting weighting, const C& positives,
+                                              const C& negatives, C* positive_weight,
+                                              C* negative_weight) {
+  using Ops = ElementOps<C>;
+  const C one = Ops::constant(positives, 1);
+  if (weighting == PairWeighting::kUniform) {
+    *positive_weight = *negative_weight = Ops::divide_no_nan(one, positives + negatives);
+  } else {
+    *positive_weight = Ops::divide_no_nan(one, positives);
+    *negative_weight = Ops::divide_no_nan(one, negatives);
+  }
 }
 
 // Weights of anchor i's positive and negative terms, given the batch size,
@@ -83,8 +146,8 @@ FC_HOST_DEVICE inline void pair_weights(PairWeighting weighting, const C& rows, 
     *positive_weight = Ops::divide_no_nan(one, positives);
     *negative_weight = Ops::divide_no_nan(one, others - positives);
   } else {
-    *positive_weight = Ops::divide_no_nan(one, active_positives);
-    *negative_weight = Ops::divide_no_nan(one, active_negatives);
+    mined_pair_weights(weighting, active_positives, active_negatives, positive_weight,
+                       negative_weight);
   }
 }
 
@@ -98,6 +161,27 @@ FC_HOST_DEVICE inline void pair_weights(PairWeighting weighting, const C& rows, 
 template <typename C>
 FC_HOST_DEVICE inline C active_term(C term) {
   return ElementOps<C>::nonzero(term);
+}
+
+// What a kept pair (keep 1; 0 for one not kept) adds to its anchor's count
+// for mined_pair_weights: 1, or with active = 1 ("active"; else 0)
+// active_term(term) (term 0 when not kept). Arithmetic, not a branch on a
+// bool: the CPU sweep's vectorised loop takes no bool operand.
+template <typename C>
+FC_HOST_DEVICE inline C counted_pair(C active, C keep, C term) {
+  return active * active_term(term) + (C(1) - active) * keep;
+}
+
+// multi_similarity's selection, in distance form (Wang et al. 2019): a
+// positive pair is kept unless d <= hardest negative − epsilon, a negative
+// one unless d >= hardest positive + epsilon. Negated comparisons, so that a
+// NaN distance or a NaN hardest pair keeps the pair and the anchor's loss
+// stays NaN. An anchor without negatives has hardest negative +inf (keeps no
+// positive), one without positives −inf (keeps no negative).
+template <typename C>
+FC_HOST_DEVICE inline C multi_similarity_keeps(bool positive, C d, C hardest_other, C epsilon) {
+  const bool dropped = positive ? d <= hardest_other - epsilon : d >= hardest_other + epsilon;
+  return dropped ? C(0) : C(1);
 }
 
 // The row statistic from the row's squared norm: euclidean keeps ‖e‖²,

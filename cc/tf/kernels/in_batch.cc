@@ -33,6 +33,7 @@ struct Launch<CpuDevice> {
 template <>
 struct Launch<GpuDevice> {
   static absl::Status Run(OpKernelContext* ctx, const InBatchArgs& args) {
+    TF_RETURN_IF_ERROR(MinerNotHere(args.miner, "the CUDA kernel"));
     Tensor workspace;
     TF_RETURN_IF_ERROR(AllocateWorkspace(ctx, InBatchLossGpuWorkspace(args), &workspace));
     return WithTfGemm(ctx, args.type, [&](const GpuGemm& gemm) {
@@ -41,6 +42,7 @@ struct Launch<GpuDevice> {
   }
 
   static absl::Status Reduced(OpKernelContext* ctx, const InBatchReducedArgs& args) {
+    TF_RETURN_IF_ERROR(MinerNotHere(args.in.miner, "the CUDA kernel"));
     Tensor workspace;
     TF_RETURN_IF_ERROR(AllocateWorkspace(ctx, InBatchLossReducedGpuWorkspace(args), &workspace));
     return WithTfGemm(ctx, args.in.type, [&](const GpuGemm& gemm) {
@@ -82,6 +84,8 @@ class InBatchOpBase : public OpKernel {
     TF_RETURN_IF_ERROR(SetInBatchAnchors(anchors.flat<int64_t>().data(), args));
     args->distance = attrs_.distance;
     args->weighting = attrs_.weighting;
+    args->miner = attrs_.miner;
+    args->miner_epsilon = attrs_.miner_epsilon;
     args->max_block_rows = attrs_.max_block_rows;
     args->upstream = nullptr;
     args->loss = nullptr;

@@ -23,6 +23,8 @@ const std::string kInBatchDistanceAttr = NamesAttr("distance", kInBatchDistances
 const std::string kPairWeightingAttr =
     NamesAttr("pair_weighting", kAllPairWeightings, PairWeightingName);
 constexpr char kMaxBlockRowsAttr[] = "max_block_rows: int >= 0 = 0";
+const std::string kMinerAttr = NamesAttr("miner", kAllMiners, MinerName) + " = 'none'";
+constexpr char kMinerEpsilonAttr[] = "miner_epsilon: float = 0.1";
 
 // Embeddings [B, D] and labels [B] merged: B, and anchors [2]. The rules
 // CheckInBatchShapes and CheckInBatchAnchors apply to known shapes; the
@@ -57,6 +59,8 @@ REGISTER_OP(kInBatchOpName)
     .Attr(kInBatchDistanceAttr)
     .Attr(kPairWeightingAttr)
     .Attr(kMaxBlockRowsAttr)
+    .Attr(kMinerAttr)
+    .Attr(kMinerEpsilonAttr)
     .SetShapeFn([](InferenceContext* c) {
       using Io = InBatchLossIo;
       ShapeHandle embeddings, rows;
@@ -89,6 +93,8 @@ REGISTER_OP(kInBatchGradOpName)
     .Attr(kInBatchDistanceAttr)
     .Attr(kPairWeightingAttr)
     .Attr(kMaxBlockRowsAttr)
+    .Attr(kMinerAttr)
+    .Attr(kMinerEpsilonAttr)
     .SetShapeFn([](InferenceContext* c) {
       using Io = InBatchGradIo;
       ShapeHandle embeddings, rows, unused;
@@ -121,6 +127,8 @@ REGISTER_OP(kInBatchReducedOpName)
     .Attr(kInBatchDistanceAttr)
     .Attr(kPairWeightingAttr)
     .Attr(kMaxBlockRowsAttr)
+    .Attr(kMinerAttr)
+    .Attr(kMinerEpsilonAttr)
     .Attr(kReductionAttr)
     .SetShapeFn([](InferenceContext* c) {
       using Io = InBatchReducedIo;

@@ -29,6 +29,7 @@
 #include <utility>
 #include <vector>
 
+#include "absl/base/casts.h"
 #include "absl/strings/str_cat.h"
 #include "core/in_batch/kernels.h"
 #include "core/in_batch/math.h"
@@ -443,6 +444,7 @@ class InBatchXlaOpBase : public tensorflow::XlaOpKernel {
   // Labels, embeddings and margins at the positions of Io.
   template <typename Io>
   absl::Status ReadInputs(tensorflow::XlaOpKernelContext* ctx, InBatchInputs* in) const {
+    TF_RETURN_IF_ERROR(MinerNotHere(attrs_.miner, "the HLO lowering (XLA on GPU)"));
     TF_RETURN_IF_ERROR(InBatchShapes<Io>(ctx, attrs_.max_block_rows, in));
     in->labels = ctx->Input(Io::kLabels);
     in->e = ctx->Input(Io::kEmbeddings);
@@ -453,7 +455,7 @@ class InBatchXlaOpBase : public tensorflow::XlaOpKernel {
 
   // For the host lowerings below: the checks of ReadInputs, the call's
   // operands (the op's inputs, in order) and the attrs every handler reads,
-  // which XLA passes as int32.
+  // which XLA passes as int32 (miner_epsilon: its float bits).
   template <typename Io>
   absl::Status HostOperands(tensorflow::XlaOpKernelContext* ctx, InBatchInputs* in,
                             std::vector<xla::XlaOp>* operands,
@@ -471,7 +473,9 @@ class InBatchXlaOpBase : public tensorflow::XlaOpKernel {
     for (int i = 0; i < ctx->num_inputs(); ++i) operands->push_back(ctx->Input(i));
     *attrs = {{"distance", static_cast<int>(attrs_.distance)},
               {"pair_weighting", static_cast<int>(attrs_.weighting)},
-              {"max_block_rows", static_cast<int>(attrs_.max_block_rows)}};
+              {"max_block_rows", static_cast<int>(attrs_.max_block_rows)},
+              {"miner", static_cast<int>(attrs_.miner)},
+              {"miner_epsilon_bits", absl::bit_cast<int32_t>(attrs_.miner_epsilon)}};
     return absl::OkStatus();
   }
 

@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <string>
 
+#include "absl/base/casts.h"
 #include "core/in_batch/kernels.h"
 #include "tf/in_batch.h"
 #include "tf/xla/host_calls.h"
@@ -22,7 +23,8 @@ namespace {
 bool ReadInBatchHostInputs(ffi::BufferR1<ffi::S64> labels, ffi::AnyBuffer embeddings,
                            ffi::BufferR0<ffi::F64> margin, ffi::BufferR0<ffi::F64> positive_margin,
                            int32_t distance, int32_t pair_weighting, int32_t max_block_rows,
-                           InBatchArgs* args, bool* margins_valid) {
+                           int32_t miner, int32_t miner_epsilon_bits, InBatchArgs* args,
+                           bool* margins_valid) {
   const double margin_value = margin.typed_data()[0];
   const double positive_margin_value = positive_margin.typed_data()[0];
   *margins_valid = IsValidMargin(margin_value) && IsValidMargin(positive_margin_value);
@@ -34,6 +36,8 @@ bool ReadInBatchHostInputs(ffi::BufferR1<ffi::S64> labels, ffi::AnyBuffer embedd
   args->positive_margin = *margins_valid ? positive_margin_value : 0.0;
   args->distance = static_cast<Distance>(distance);
   args->weighting = static_cast<PairWeighting>(pair_weighting);
+  args->miner = static_cast<Miner>(miner);
+  args->miner_epsilon = absl::bit_cast<float>(miner_epsilon_bits);
   args->max_block_rows = max_block_rows;
   args->upstream = nullptr;
   args->loss = nullptr;
@@ -52,11 +56,13 @@ ffi::Error InBatchLossHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
                            ffi::AnyBuffer embeddings, ffi::BufferR1<ffi::S64> anchors,
                            ffi::BufferR0<ffi::F64> margin, ffi::BufferR0<ffi::F64> positive_margin,
                            ffi::Result<ffi::AnyBuffer> loss, int32_t distance,
-                           int32_t pair_weighting, int32_t max_block_rows) {
+                           int32_t pair_weighting, int32_t max_block_rows, int32_t miner,
+                           int32_t miner_epsilon_bits) {
   InBatchArgs args;
   bool margins_valid;
-  const bool read = ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance,
-                                          pair_weighting, max_block_rows, &args, &margins_valid);
+  const bool read =
+      ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance, pair_weighting,
+                            max_block_rows, miner, miner_epsilon_bits, &args, &margins_valid);
   ffi::Error error = ReadAnchors(anchors, &args);
   if (!error.success()) return error;
   args.loss = loss->untyped_data();
@@ -70,11 +76,13 @@ ffi::Error InBatchGradHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
                            ffi::AnyBuffer upstream, ffi::BufferR0<ffi::F64> margin,
                            ffi::BufferR0<ffi::F64> positive_margin,
                            ffi::Result<ffi::AnyBuffer> grad, ffi::Result<ffi::AnyBuffer> loss,
-                           int32_t distance, int32_t pair_weighting, int32_t max_block_rows) {
+                           int32_t distance, int32_t pair_weighting, int32_t max_block_rows,
+                           int32_t miner, int32_t miner_epsilon_bits) {
   InBatchArgs args;
   bool margins_valid;
-  const bool read = ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance,
-                                          pair_weighting, max_block_rows, &args, &margins_valid);
+  const bool read =
+      ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance, pair_weighting,
+                            max_block_rows, miner, miner_epsilon_bits, &args, &margins_valid);
   ffi::Error error = ReadAnchors(anchors, &args);
   if (!error.success()) return error;
   args.upstream = upstream.untyped_data();
@@ -94,11 +102,12 @@ ffi::Error InBatchLossReducedHost(
     ffi::BufferR0<ffi::F64> positive_margin, ffi::BufferR0<ffi::F64> loss_scale,
     ffi::Result<ffi::AnyBuffer> loss, ffi::Result<ffi::AnyBuffer> grad,
     ffi::Result<ffi::AnyBuffer> reduction_scale, int32_t distance, int32_t pair_weighting,
-    int32_t max_block_rows, int32_t reduction) {
+    int32_t max_block_rows, int32_t miner, int32_t miner_epsilon_bits, int32_t reduction) {
   InBatchReducedArgs args;
   bool margins_valid;
-  const bool read = ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance,
-                                          pair_weighting, max_block_rows, &args.in, &margins_valid);
+  const bool read =
+      ReadInBatchHostInputs(labels, embeddings, margin, positive_margin, distance, pair_weighting,
+                            max_block_rows, miner, miner_epsilon_bits, &args.in, &margins_valid);
   ffi::Error error = ReadAnchors(anchors, &args.in);
   if (!error.success()) return error;
   const int64_t anchor_count = args.in.anchor_end - args.in.anchor_begin;
@@ -131,7 +140,9 @@ XLA_FFI_DEFINE_HANDLER(kInBatchHandler, InBatchLossHost,
                            .Ret<ffi::AnyBuffer>()           // loss
                            .Attr<int32_t>("distance")
                            .Attr<int32_t>("pair_weighting")
-                           .Attr<int32_t>("max_block_rows"));
+                           .Attr<int32_t>("max_block_rows")
+                           .Attr<int32_t>("miner")
+                           .Attr<int32_t>("miner_epsilon_bits"));
 
 XLA_FFI_DEFINE_HANDLER(kInBatchGradHandler, InBatchGradHost,
                        ffi::Ffi::Bind()
@@ -146,7 +157,9 @@ XLA_FFI_DEFINE_HANDLER(kInBatchGradHandler, InBatchGradHost,
                            .Ret<ffi::AnyBuffer>()           // loss
                            .Attr<int32_t>("distance")
                            .Attr<int32_t>("pair_weighting")
-                           .Attr<int32_t>("max_block_rows"));
+                           .Attr<int32_t>("max_block_rows")
+                           .Attr<int32_t>("miner")
+                           .Attr<int32_t>("miner_epsilon_bits"));
 
 XLA_FFI_DEFINE_HANDLER(kInBatchReducedHandler, InBatchLossReducedHost,
                        ffi::Ffi::Bind()
@@ -164,6 +177,8 @@ XLA_FFI_DEFINE_HANDLER(kInBatchReducedHandler, InBatchLossReducedHost,
                            .Attr<int32_t>("distance")
                            .Attr<int32_t>("pair_weighting")
                            .Attr<int32_t>("max_block_rows")
+                           .Attr<int32_t>("miner")
+                           .Attr<int32_t>("miner_epsilon_bits")
                            .Attr<int32_t>("reduction"));
 
 XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kInBatchTarget, "Host", kInBatchHandler);

@@ -1,0 +1,95 @@
+// The CPU in-batch kernel's blocks of rows, its schedule of block pairs and
+// its per-row preparations (cpu_sweep.h), in the namespace of the
+// instruction set the including file is built for. Not a public header.
+#include <algorithm>
+#include <cstdint>
+#include <numeric>
+#include <utility>
+#include <vector>
+
+namespace fused_contrastive {
+namespace FC_IN_BATCH_ISA {
+namespace {
+
+// Rows per block: large enough for the GEMMs to run near peak (measured with
+// Eigen on AVX2: 128×128×128 products reach about 70% of the core's peak),
+// small enough that each stage has a task per thread at moderate B.
+int64_t BlockRows(int64_t rows, int64_t cap) {
+  int64_t block = 256;
+  while (block > 32 && rows < 8 * block) block /= 2;
+  if (cap > 0) block = std::min(block, cap);
+  return std::max<int64_t>(block, 1);
+}
+
+// Round-robin schedule of the unordered pairs of `blocks` blocks: stage s of
+// n − 1 (n = blocks rounded up to even) pairs every block with another one
+// once; a pair with the padding block n − 1 (blocks odd) is dropped. Each
+// task's pair is computed when it runs: stored, the schedule would take
+// 16·(blocks/2)² bytes, quadratic in B for small blocks.
+class PairSchedule {
+ public:
+  explicit PairSchedule(int64_t blocks) : n_(blocks + blocks % 2), padded_(blocks % 2 != 0) {}
+
+  int64_t Stages() const { return std::max<int64_t>(n_ - 1, 0); }
+  int64_t Tasks() const { return n_ / 2 - (padded_ ? 1 : 0); }
+
+  // Task t of stage s; (s, n − 1) first when block n − 1 is real.
+  std::pair<int64_t, int64_t> Task(int64_t s, int64_t t) const {
+    const int64_t k = padded_ ? t + 1 : t;
+    if (k == 0) return {s, n_ - 1};
+    const int64_t a = (s + k) % (n_ - 1);
+    const int64_t b = (s - k + n_ - 1) % (n_ - 1);
+    return {std::min(a, b), std::max(a, b)};
+  }
+
+ private:
+  int64_t n_;
+  bool padded_;
+};
+
+// Rows [first, first + count): a block.
+struct Block {
+  int64_t first, count;
+};
+
+// [begin, end) cut into blocks of at most `rows`, appended to `blocks`.
+void AppendBlocks(int64_t begin, int64_t end, int64_t rows, std::vector<Block>* blocks) {
+  for (int64_t first = begin; first < end; first += rows) {
+    blocks->push_back({first, std::min(rows, end - first)});
+  }
+}
+
+// Dense class ids (equal labels, equal ids; int32 so that the tile loop
+// compares lanes as wide as float's) and, per row, the number of other rows
+// with its label. Sorting: O(B log B).
+void ClassIds(const int64_t* labels, int64_t rows, std::vector<int32_t>* classes,
+              std::vector<int64_t>* positives) {
+  std::vector<int64_t> order(rows);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(),
+            [labels](int64_t x, int64_t y) { return labels[x] < labels[y]; });
+  classes->resize(rows);
+  positives->resize(rows);
+  int32_t id = 0;
+  for (int64_t first = 0; first < rows; ++id) {
+    int64_t last = first;
+    while (last < rows && labels[order[last]] == labels[order[first]]) ++last;
+    for (int64_t k = first; k < last; ++k) {
+      (*classes)[order[k]] = id;
+      (*positives)[order[k]] = last - first - 1;
+    }
+    first = last;
+  }
+}
+
+template <typename T>
+T SquaredNorm(const T* row, int64_t dim) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < dim; ++k) sum += row[k] * row[k];
+  return sum;
+}
+
+}  // namespace
+}  // namespace FC_IN_BATCH_ISA
+}  // namespace fused_contrastive

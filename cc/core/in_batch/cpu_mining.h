@@ -1,0 +1,192 @@
+// The miners' per-anchor statistics in the CPU in-batch kernel (cpu_sweep.h):
+// a statistics sweep finds each anchor's hardest positive and hardest
+// negative before the sweeps that keep or drop its pairs. In the namespace of
+// the instruction set the including file is built for. Not a public header.
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "core/in_batch/math.h"
+
+namespace fused_contrastive {
+namespace FC_IN_BATCH_ISA {
+namespace {
+
+// Each anchor's hardest positive (largest d) and hardest negative (smallest
+// d), with the partner's row. A NaN distance is harder than any number; ties
+// go to the lowest row, whatever order the tiles offer them in. Row −1: no
+// such partner (d then −inf for positives, +inf for negatives, which keeps
+// nothing in multi_similarity_keeps).
+template <typename T>
+struct MinerStats {
+  std::vector<T> positive_d, negative_d;
+  std::vector<int32_t> positive_row, negative_row;
+
+  explicit MinerStats(int64_t rows = 0)
+      : positive_d(rows, -std::numeric_limits<T>::infinity()),
+        negative_d(rows, std::numeric_limits<T>::infinity()),
+        positive_row(rows, -1),
+        negative_row(rows, -1) {}
+
+  // Partner j at distance d, for anchor i's positive or negative side.
+  void Offer(bool positive, int64_t i, T d, int64_t j) {
+    T& best = positive ? positive_d[i] : negative_d[i];
+    int32_t& row = positive ? positive_row[i] : negative_row[i];
+    if (Harder(positive, d, j, best, row)) {
+      best = d;
+      row = static_cast<int32_t>(j);
+    }
+  }
+
+  static bool Harder(bool positive, T d, int64_t j, T best, int64_t row) {
+    if (row < 0) return true;
+    const bool nan = std::isnan(d), best_nan = std::isnan(best);
+    if (nan || best_nan) return nan && (!best_nan || j < row);
+    if (d != best) return positive ? d > best : d < best;
+    return j < row;
+  }
+};
+
+// Offers row i's hardest pairs within a tile: d[c] the distance to row j0 + c
+// (c != self), class ids to compare labels. A vectorised pass finds the
+// extreme values, a scalar one the first column holding them.
+template <typename T>
+void OfferRow(const T* d, int32_t class_i, const int32_t* class_j, int64_t self, int64_t i,
+              int64_t j0, int64_t nj, MinerStats<T>* stats) {
+  const T inf = std::numeric_limits<T>::infinity();
+  T largest = -inf, smallest = inf, nan_positive = 0, nan_negative = 0;
+  // Masks as values, not bools, as in the sweep's tile loop (GCC 12 leaves a
+  // loop that combines bools of different widths scalar); std::max and
+  // std::min keep their first operand against a NaN.
+#pragma omp simd reduction(max : largest) reduction(min : smallest) \
+    reduction(+ : nan_positive, nan_negative)
+  for (int64_t c = 0; c < nj; ++c) {
+    const T valid = c == self ? T(0) : T(1);
+    const T positive = class_j[c] == class_i ? valid : T(0);
+    const T negative = valid - positive;
+    const T x = d[c];
+    const T nan = x != x ? T(1) : T(0);
+    largest = std::max(largest, positive != T(0) ? x : -inf);
+    smallest = std::min(smallest, negative != T(0) ? x : inf);
+    nan_positive += nan * positive;
+    nan_negative += nan * negative;
+  }
+  for (int side = 0; side < 2; ++side) {
+    const bool want_positive = side == 0;
+    const bool nan = (want_positive ? nan_positive : nan_negative) != T(0);
+    const T target = want_positive ? largest : smallest;
+    // No column of this tile can beat the anchor's hardest so far (most
+    // tiles, once the sweep is under way): skip the scalar search.
+    const T best = want_positive ? stats->positive_d[i] : stats->negative_d[i];
+    const int32_t best_row = want_positive ? stats->positive_row[i] : stats->negative_row[i];
+    const T candidate = nan ? std::numeric_limits<T>::quiet_NaN() : target;
+    if (!MinerStats<T>::Harder(want_positive, candidate, j0, best, best_row)) {
+      continue;
+    }
+    for (int64_t c = 0; c < nj; ++c) {
+      if (c == self || (class_j[c] == class_i) != want_positive) continue;
+      if (nan ? std::isnan(d[c]) : d[c] == target) {
+        stats->Offer(want_positive, i, d[c], j0 + c);
+        break;
+      }
+    }
+  }
+}
+
+// Offers each column's hardest pairs within a tile of two blocks (the pairs'
+// other order): tile[r·nj + c] the distance of rows i0 + r and j0 + c,
+// class ids to compare labels. Rows in increasing order with strict
+// comparisons, so a tie keeps the lowest row.
+template <typename T>
+void OfferColumns(const T* tile, const int32_t* class_i, const int32_t* class_j, int64_t i0,
+                  int64_t ni, int64_t j0, int64_t nj, MinerStats<T>* stats) {
+  thread_local std::vector<T> best;
+  thread_local std::vector<int32_t> row;
+  best.resize(2 * nj);
+  row.assign(4 * nj, -1);
+  T* largest = best.data();
+  T* smallest = best.data() + nj;
+  int32_t* largest_row = row.data();
+  int32_t* smallest_row = row.data() + nj;
+  int32_t* nan_positive_row = row.data() + 2 * nj;
+  int32_t* nan_negative_row = row.data() + 3 * nj;
+  std::fill_n(largest, nj, -std::numeric_limits<T>::infinity());
+  std::fill_n(smallest, nj, std::numeric_limits<T>::infinity());
+  for (int64_t r = 0; r < ni; ++r) {
+    const T* d = tile + r * nj;
+    const int32_t ci = class_i[r], i = static_cast<int32_t>(i0 + r);
+    // Masks as values, every operand read (no && or ||): as in OfferRow.
+#pragma omp simd
+    for (int64_t c = 0; c < nj; ++c) {
+      const T positive = class_j[c] == ci ? T(1) : T(0);
+      const T x = d[c];
+      const T number = x == x ? T(1) : T(0);
+      const T positive_first = largest_row[c] < 0 ? T(1) : T(0);
+      const T negative_first = smallest_row[c] < 0 ? T(1) : T(0);
+      const T larger = std::max(positive_first, x > largest[c] ? T(1) : T(0));
+      const T smaller = std::max(negative_first, x < smallest[c] ? T(1) : T(0));
+      const T take_positive = positive * number * larger;
+      const T take_negative = (T(1) - positive) * number * smaller;
+      largest[c] = take_positive != T(0) ? x : largest[c];
+      largest_row[c] = take_positive != T(0) ? i : largest_row[c];
+      smallest[c] = take_negative != T(0) ? x : smallest[c];
+      smallest_row[c] = take_negative != T(0) ? i : smallest_row[c];
+      const T first_nan_positive = nan_positive_row[c] < 0 ? T(1) : T(0);
+      const T first_nan_negative = nan_negative_row[c] < 0 ? T(1) : T(0);
+      const T nan = T(1) - number;
+      nan_positive_row[c] = positive * nan * first_nan_positive != T(0) ? i : nan_positive_row[c];
+      nan_negative_row[c] =
+          (T(1) - positive) * nan * first_nan_negative != T(0) ? i : nan_negative_row[c];
+    }
+  }
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  for (int64_t c = 0; c < nj; ++c) {
+    if (nan_positive_row[c] >= 0) {
+      stats->Offer(true, j0 + c, nan, nan_positive_row[c]);
+    } else if (largest_row[c] >= 0) {
+      stats->Offer(true, j0 + c, largest[c], largest_row[c]);
+    }
+    if (nan_negative_row[c] >= 0) {
+      stats->Offer(false, j0 + c, nan, nan_negative_row[c]);
+    } else if (smallest_row[c] >= 0) {
+      stats->Offer(false, j0 + c, smallest[c], smallest_row[c]);
+    }
+  }
+}
+
+// A MinerStats' arrays as raw pointers, for the tile loops: read through a
+// std::vector, the pointers are reloaded per lane (the stores to the tile's
+// sums might alias them) and GCC 12 leaves the loop scalar.
+template <typename T>
+struct MinerView {
+  const T *positive_d, *negative_d;
+  const int32_t *positive_row, *negative_row;
+  T epsilon;
+};
+
+template <typename T>
+MinerView<T> ViewOf(const MinerStats<T>* stats, T epsilon) {
+  if (stats == nullptr || stats->positive_d.empty()) return {nullptr, nullptr, nullptr, nullptr, 0};
+  return {stats->positive_d.data(), stats->negative_d.data(), stats->positive_row.data(),
+          stats->negative_row.data(), epsilon};
+}
+
+// Whether anchor i keeps its pair with j (d apart, a positive or negative
+// pair) under miner M, as 0 or 1; kNone keeps every pair.
+template <Miner M, typename T>
+T MinerKeeps(MinerView<T> v, int64_t i, int64_t j, bool positive, T d) {
+  if constexpr (M == Miner::kNone) {
+    return T(1);
+  } else if constexpr (M == Miner::kBatchHard) {
+    const int32_t hardest = positive ? v.positive_row[i] : v.negative_row[i];
+    return hardest == static_cast<int32_t>(j) ? T(1) : T(0);
+  } else {
+    return multi_similarity_keeps(positive, d, positive ? v.negative_d[i] : v.positive_d[i],
+                                  v.epsilon);
+  }
+}
+
+}  // namespace
+}  // namespace FC_IN_BATCH_ISA
+}  // namespace fused_contrastive

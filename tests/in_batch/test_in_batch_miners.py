@@ -1,0 +1,291 @@
+"""miner="batch_hard" and miner="multi_similarity" (issue 21): each anchor keeps
+some of its pairs, chosen from a statistics sweep (its hardest positive and
+hardest negative), and the weighting's means run over the kept pairs. Checked
+against float64 explicit pairs (numpy_mined in test_in_batch.py) on every
+path that mines: the function (eager, tf.function, XLA on CPU), the
+reference, the pybind11 module, the references, the memory and the Keras
+classes; the paths that do not mine yet (the CUDA kernel, the HLO lowering)
+refuse with a clear error."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from support import HLO_ON_CPU_ENV, run_python
+from test_in_batch import PAIR_WEIGHTINGS, assert_close, batch, numpy_in_batch
+from test_in_batch_references import oracle
+
+import fused_contrastive as fc
+from fused_contrastive import _inputs, _kernels, keras2
+
+MINERS = list(_inputs.MINERS)
+MARGIN, POSITIVE_MARGIN, EPSILON = 1.25, 0.25, 0.25
+
+
+def options(miner, weighting, distance="euclidean", **extra):
+    return dict(
+        margin=MARGIN,
+        positive_margin=POSITIVE_MARGIN,
+        distance=distance,
+        pair_weighting=weighting,
+        miner=miner,
+        miner_epsilon=EPSILON,
+        **extra,
+    )
+
+
+def run(function, labels, e, upstream, jit=None, **kwargs):
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = function(labels, x, **kwargs)
+            total = tf.reduce_sum(loss * tf.cast(upstream, loss.dtype))
+        return loss, tape.gradient(total, x)
+
+    step = step if jit is None else tf.function(step, jit_compile=jit)
+    return [t.numpy() for t in step(tf.constant(e))]
+
+
+@pytest.mark.parametrize("miner", MINERS)
+@pytest.mark.parametrize("weighting", PAIR_WEIGHTINGS)
+@pytest.mark.parametrize("distance", _inputs.IN_BATCH_DISTANCES)
+@pytest.mark.parametrize("b", [0, 1, 2, 9, 37])
+def test_matches_float64_explicit_pairs(rng, miner, weighting, distance, b):
+    labels, e = batch(rng, b, duplicates=False)
+    upstream = rng.normal(size=b)
+    want_loss, want_grad = numpy_in_batch(
+        labels, e, MARGIN, POSITIVE_MARGIN, distance, weighting, upstream, miner, EPSILON
+    )
+    kwargs = options(miner, weighting, distance)
+    for function in (fc.in_batch_contrastive_loss, fc.in_batch_contrastive_loss_reference):
+        for jit in (None, False, True):
+            loss, grad = run(function, labels, e, upstream, jit, **kwargs)
+            what = f"{function.__name__}, jit={jit}"
+            assert_close(loss, want_loss, "float64", f"loss, {what}")
+            assert_close(grad, want_grad, "float64", f"gradient, {what}")
+    # The kernel itself, in blocks of 4 rows too (tiles of two blocks offer
+    # their columns' hardest pairs).
+    for max_block_rows in (0, 4):
+        loss, grad = _kernels.in_batch_loss_cpu(
+            labels,
+            e,
+            upstream,
+            MARGIN,
+            POSITIVE_MARGIN,
+            distance,
+            weighting,
+            max_block_rows,
+            miner=miner,
+            miner_epsilon=EPSILON,
+        )
+        assert_close(loss, want_loss, "float64", f"pybind loss, blocks {max_block_rows}")
+        assert_close(grad, want_grad, "float64", f"pybind gradient, blocks {max_block_rows}")
+
+
+def test_the_miners_change_the_loss_and_keep_what_they_say(rng):
+    labels, e = batch(rng, 37, duplicates=False)
+    unmined = numpy_in_batch(labels, e, MARGIN, POSITIVE_MARGIN)[0]
+    d = np.linalg.norm(e[:, None] - e[None, :], axis=-1)
+    same = labels[:, None] == labels[None, :]
+    others = ~np.eye(len(e), dtype=bool)
+    for miner in MINERS:
+        loss = fc.in_batch_contrastive_loss(labels, e, **options(miner, "uniform")).numpy()
+        assert not np.allclose(loss, unmined), miner
+    # batch_hard, "balanced": the hardest positive's term plus the hardest
+    # negative's, from the distances themselves.
+    hardest_pos = np.where(same & others, d, -np.inf).max(1)
+    hardest_neg = np.where(~same, d, np.inf).min(1)
+    want = np.maximum(hardest_pos - POSITIVE_MARGIN, 0) ** 2
+    want += np.maximum(MARGIN - hardest_neg, 0) ** 2
+    got = fc.in_batch_contrastive_loss(labels, e, **options("batch_hard", "balanced"))
+    assert_close(got, want, "float64", "batch_hard, balanced")
+
+
+@pytest.mark.parametrize("jit", [None, True])
+def test_batch_hard_ties_go_to_the_lowest_row(jit):
+    # Points on a line (exact distances): anchor 2 has positives at rows 0 and
+    # 4, both 2 away, and negatives at rows 1 and 3, both 1 away. Only the
+    # lowest of each tie (rows 0 and 1) gets anchor 2's gradient.
+    x = np.array([[-2.0], [-1.0], [0.0], [1.0], [2.0]])
+    labels = np.array([0, 1, 0, 1, 0])
+    upstream = np.array([0.0, 0.0, 1.0, 0.0, 0.0])
+    kwargs = dict(margin=2.0, miner="batch_hard", pair_weighting="balanced")
+    for function in (fc.in_batch_contrastive_loss, fc.in_batch_contrastive_loss_reference):
+        loss, grad = run(function, labels, x, upstream, jit, **kwargs)
+        np.testing.assert_allclose(loss[2], 2.0**2 + (2.0 - 1.0) ** 2)
+        # d(d²)/dx = 2(x_2 − x_j) for the positive, −2(2 − d)·d'(x) for the negative.
+        np.testing.assert_allclose(grad[:, 0], [-4.0, 2.0, 2.0, 0.0, 0.0], err_msg=str(jit))
+
+
+@pytest.mark.parametrize("miner", MINERS)
+def test_anchors_without_positives_or_negatives(miner):
+    # Row 0 has no positive; rows 1 and 2 have one positive and one negative.
+    labels, e = np.array([7, 1, 1]), np.array([[0.0, 0.0], [0.5, 0.0], [0.0, 0.75]])
+    for weighting in PAIR_WEIGHTINGS:
+        want = numpy_in_batch(
+            labels, e, MARGIN, POSITIVE_MARGIN, "euclidean", weighting, None, miner, EPSILON
+        )[0]
+        got = fc.in_batch_contrastive_loss(labels, e, **options(miner, weighting))
+        assert_close(got, want, "float64", weighting)
+    # One class, two equal rows: multi_similarity keeps no positive without a
+    # negative, batch_hard keeps the positive, whose term is 0.
+    one_class = fc.in_batch_contrastive_loss([3, 3], [[1.0], [1.0]], miner=miner)
+    np.testing.assert_array_equal(one_class, [0.0, 0.0])
+
+
+@pytest.mark.parametrize("miner", MINERS)
+def test_a_nan_row_keeps_the_loss_nan(miner):
+    labels = np.array([0, 0, 1, 1])
+    e = np.array([[0.0, 0.0], [0.5, 0.0], [np.nan, 0.0], [0.0, 3.0]])
+    for function in (fc.in_batch_contrastive_loss, fc.in_batch_contrastive_loss_reference):
+        loss = function(labels, e, miner=miner).numpy()
+        # Every anchor pairs with the NaN row, which is its hardest pair.
+        assert np.isnan(loss).all(), (function.__name__, loss)
+
+
+@pytest.mark.parametrize("miner", MINERS)
+@pytest.mark.parametrize("weighting", PAIR_WEIGHTINGS)
+def test_with_references(rng, miner, weighting):
+    labels, e = batch(rng, 9, duplicates=False)
+    ref_labels, refs = batch(rng, 13, duplicates=False)
+    upstream = rng.normal(size=9)
+    kwargs = options(miner, weighting)
+    want_loss, want_grad, want_ref_grad = oracle(labels, e, ref_labels, refs, upstream, **kwargs)
+    for jit in (None, True):
+
+        def step(x, r):
+            with tf.GradientTape() as tape:
+                tape.watch([x, r])
+                loss = fc.in_batch_contrastive_loss(
+                    labels, x, reference_labels=ref_labels, reference_embeddings=r, **kwargs
+                )
+                total = tf.reduce_sum(loss * upstream)
+            return (loss, *tape.gradient(total, [x, r]))
+
+        step = step if jit is None else tf.function(step, jit_compile=jit)
+        loss, grad, ref_grad = step(tf.constant(e), tf.constant(refs))
+        assert_close(loss, want_loss, "float64", f"loss, jit={jit}")
+        assert_close(grad, want_grad, "float64", f"gradient, jit={jit}")
+        assert_close(ref_grad, want_ref_grad, "float64", f"reference gradient, jit={jit}")
+
+
+@pytest.mark.parametrize("cls", [fc.InBatchContrastiveLoss, keras2.InBatchContrastiveLoss])
+@pytest.mark.parametrize("miner", MINERS)
+def test_the_memory_is_mined_as_references(rng, cls, miner):
+    # Keras 3's class computes in its dtype, tf_keras' in the inputs'.
+    extra = dict(dtype="float64") if cls is fc.InBatchContrastiveLoss else {}
+    loss_object = cls(memory_size=10, **extra, **options(miner, "uniform"))
+    held_labels, held = np.zeros(0, np.int64), np.zeros((0, 6))
+    for step in range(3):
+        labels, e = batch(rng, 4, duplicates=False)
+        x = tf.constant(e)
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            value = loss_object(labels, x)
+        grad = tape.gradient(value, x)
+        want_loss, want_grad, _ = oracle(
+            labels, e, held_labels, held, np.full(4, 0.25), **options(miner, "uniform")
+        )
+        assert_close(float(value), want_loss.mean(), "float32", f"loss, step {step}")
+        assert_close(grad, want_grad, "float32", f"gradient, step {step}")
+        held_labels = np.concatenate([held_labels, labels])[-10:]
+        held = np.concatenate([held, e])[-10:]
+
+
+@pytest.mark.parametrize("cls", [fc.InBatchContrastiveLoss, keras2.InBatchContrastiveLoss])
+def test_keras_classes_carry_the_miner_in_their_config(cls):
+    loss = cls(miner="multi_similarity", miner_epsilon=0.3)
+    config = loss.get_config()
+    assert (config["miner"], config["miner_epsilon"]) == ("multi_similarity", 0.3)
+    again = cls.from_config(config)
+    assert (again.miner, again.miner_epsilon) == ("multi_similarity", 0.3)
+    again.miner = "batch_hard"
+    assert again.get_config()["miner"] == "batch_hard"
+    with pytest.raises(ValueError, match="miner must be one of None, 'batch_hard'"):
+        again.miner = "hardest"
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_fit_with_a_miner_trains(rng, jit_compile):
+    labels = rng.integers(0, 4, size=64)
+    x = rng.normal(size=(64, 8)).astype("float32") + labels[:, None]
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    model.compile(
+        "sgd",
+        fc.InBatchContrastiveLoss(miner="multi_similarity", margin=2.0),
+        jit_compile=jit_compile,
+    )
+    history = model.fit(x, labels, batch_size=32, epochs=3, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0], losses
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(miner="hard"), ValueError, "one of None, 'batch_hard', 'multi_similarity'; got"),
+        (dict(miner=1), ValueError, "miner must be one of None"),
+        (dict(miner="batch_hard", miner_epsilon=-0.5), ValueError, "miner_epsilon must be finite"),
+        (dict(miner_epsilon=float("inf")), ValueError, "miner_epsilon must be finite"),
+        (dict(miner_epsilon="0.1"), TypeError, "miner_epsilon must be a number"),
+    ],
+)
+def test_bad_miner_arguments_raise_clear_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fc.in_batch_contrastive_loss([0, 1], [[0.0], [1.0]], **kwargs)
+    with pytest.raises(error, match=match):
+        fc.InBatchContrastiveLoss(**kwargs)
+
+
+def test_the_pybind_module_names_bad_miners():
+    assert _kernels.MINERS == _inputs.MINERS
+    with pytest.raises(ValueError, match="miner must be one of None, 'batch_hard', 'multi_sim"):
+        _kernels.in_batch_loss_cpu([0, 1], np.zeros((2, 1)), miner="hard")
+    with pytest.raises(ValueError, match="miner_epsilon must be finite and >= 0"):
+        _kernels.in_batch_loss_cpu([0, 1], np.zeros((2, 1)), miner="batch_hard", miner_epsilon=-1)
+
+
+def test_the_hlo_lowering_refuses_a_miner_clearly():
+    # XLA's GPU backend compiles the HLO lowering, which does not mine yet:
+    # the error says so and what to do (the CPU backend calls the kernel).
+    result = run_python(
+        """
+        import numpy as np, tensorflow as tf
+        import fused_contrastive as fc
+        f = tf.function(lambda x: fc.in_batch_contrastive_loss([0, 0, 1], x, miner="batch_hard"),
+                        jit_compile=True)
+        try:
+            f(tf.zeros([3, 2]))
+        except tf.errors.UnimplementedError as e:
+            print("refused:", e.message)
+        """,
+        **{HLO_ON_CPU_ENV: "1"},
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "miner='batch_hard' runs on the CPU kernel" in result.stdout, result.stdout
+
+
+@pytest.mark.parametrize("miner", MINERS)
+def test_linear_memory_at_32768_rows(miner):
+    # B = 32,768, D = 64: one B x B float32 matrix is 4 GiB (PML's miners build
+    # several); forward and backward must stay under 1.5 GB of extra peak RSS.
+    result = run_python(f"""
+        import resource
+        import numpy as np
+        import tensorflow as tf
+        import fused_contrastive as fc
+        rng = np.random.default_rng(0)
+        x = tf.constant(rng.normal(size=(32768, 64)).astype(np.float32))
+        labels = tf.constant(rng.integers(0, 1000, size=32768))
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_mean(fc.in_batch_contrastive_loss(
+                labels, x, margin=16.0, miner={miner!r}))
+        grad = tape.gradient(loss, x)
+        assert np.all(np.isfinite(grad)) and float(loss) > 0
+        print("extra_kib", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)
+        """)
+    assert result.returncode == 0, result.stderr[-3000:]
+    extra_kib = int(result.stdout.split()[-1])
+    assert extra_kib < 1.5 * 2**20, f"extra peak RSS {extra_kib / 2**20:.2f} GiB"
