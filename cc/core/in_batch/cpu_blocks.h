@@ -2,10 +2,14 @@
 // its per-row preparations (cpu_sweep.h), in the namespace of the
 // instruction set the including file is built for. Not a public header.
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <numeric>
 #include <utility>
 #include <vector>
+
+#include "core/common/parallel.h"
+#include "core/in_batch/math.h"
 
 namespace fused_contrastive {
 namespace FC_IN_BATCH_ISA {
@@ -88,6 +92,37 @@ T SquaredNorm(const T* row, int64_t dim) {
 #pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < dim; ++k) sum += row[k] * row[k];
   return sum;
+}
+
+// Rows of extreme scale, divided by 2^k for the cosine distance
+// (cosine_row_exponent, k in *exponent, cleared when no row needs it): the
+// rows to use, `e` itself or *scaled, the copy. Others are read in place: no
+// copy unless a row needs it.
+template <typename T>
+const T* ScaleRows(const T* e, int64_t rows, int64_t dim, const ParallelFor& parallel_for,
+                   std::vector<int>* exponent, std::vector<T>* scaled) {
+  exponent->assign(rows, 0);
+  const ElementCost cost{dim * sizeof(T) + 0.0, 4, 1.0 * dim};
+  parallel_for(rows, cost, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      T max_abs = 0;
+      for (int64_t k = 0; k < dim; ++k) max_abs = std::max(max_abs, std::abs(e[i * dim + k]));
+      (*exponent)[i] = cosine_row_exponent(max_abs);
+    }
+  });
+  if (std::all_of(exponent->begin(), exponent->end(), [](int k) { return k == 0; })) {
+    exponent->clear();
+    return e;
+  }
+  scaled->resize(rows * dim);
+  parallel_for(rows, cost, [&](int64_t first, int64_t last) {
+    for (int64_t i = first; i < last; ++i) {
+      for (int64_t k = 0; k < dim; ++k) {
+        (*scaled)[i * dim + k] = std::ldexp(e[i * dim + k], -(*exponent)[i]);
+      }
+    }
+  });
+  return scaled->data();
 }
 
 }  // namespace

@@ -2,11 +2,13 @@
 // a statistics sweep finds each anchor's hardest positive and hardest
 // negative before the sweeps that keep or drop its pairs. In the namespace of
 // the instruction set the including file is built for. Not a public header.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
 
+#include "core/in_batch/kernels.h"
 #include "core/in_batch/math.h"
 
 namespace fused_contrastive {
@@ -155,32 +157,112 @@ void OfferColumns(const T* tile, const int32_t* class_i, const int32_t* class_j,
   }
 }
 
+// The rows as the sweeps use them: e (cosine: rows of extreme scale divided
+// by 2^k, k in exponent, empty when none is) and each row's statistic.
+template <typename T>
+struct PreparedRows {
+  const T* e;
+  int64_t dim;
+  const T* stat;
+  const std::vector<int>& exponent;
+};
+
+// batch_hard needs no sweep after the statistics: each anchor keeps at most
+// two pairs, whose terms and gradients come here, O(B·D), anchor by anchor
+// (deterministic). The Euclidean distance from e_i − e_j (as the sweeps'
+// exact path), the cosine one from the rows' product and statistics; a row
+// of `used` rows' loss and gradient (args' anchors; 0 for partners, no
+// gradient from grad_rows on).
+template <typename T, Distance K>
+void BatchHardLoss(const InBatchArgs& args, const PreparedRows<T>& rows,
+                   const MinerStats<T>& stats) {
+  const int64_t dim = rows.dim;
+  T* loss = static_cast<T*>(args.loss);
+  T* grad = static_cast<T*>(args.grad);
+  const T* upstream = static_cast<const T*>(args.upstream);
+  if (loss != nullptr) std::fill_n(loss, args.rows, T(0));
+  if (grad != nullptr) std::fill_n(grad, args.rows * dim, T(0));
+  const bool scaled = !rows.exponent.empty();
+  const T margins[2] = {static_cast<T>(args.positive_margin), static_cast<T>(args.margin)};
+  for (int64_t i = args.anchor_begin; i < args.anchor_end; ++i) {
+    const int64_t partner[2] = {stats.positive_row[i], stats.negative_row[i]};
+    T d[2] = {0, 0}, s[2] = {0, 0}, term[2] = {0, 0}, slope[2] = {0, 0}, counted[2] = {0, 0};
+    const T* ei = rows.e + i * dim;
+    for (int side = 0; side < 2; ++side) {
+      if (partner[side] < 0) continue;
+      const T* ej = rows.e + partner[side] * dim;
+      T sum = 0;
+      for (int64_t k = 0; k < dim; ++k) {
+        sum += K == Distance::kEuclidean ? (ei[k] - ej[k]) * (ei[k] - ej[k]) : ei[k] * ej[k];
+      }
+      s[side] = sum;
+      d[side] = K == Distance::kEuclidean
+                    ? ElementOps<T>::sqrt(sum)
+                    : pair_distance<K>(sum, rows.stat[i], rows.stat[partner[side]]);
+      if (side == 0) {
+        positive_term(d[side], margins[0], &term[side], &slope[side]);
+      } else {
+        negative_term(d[side], margins[1], &term[side], &slope[side]);
+      }
+      counted[side] =
+          counted_pair(args.weighting == PairWeighting::kActive ? T(1) : T(0), T(1), term[side]);
+    }
+    double weight[2];
+    mined_pair_weights(args.weighting, static_cast<double>(counted[0]),
+                       static_cast<double>(counted[1]), &weight[0], &weight[1]);
+    if (loss != nullptr) loss[i] = static_cast<T>(weight[0] * term[0] + weight[1] * term[1]);
+    if (grad == nullptr) continue;
+    for (int side = 0; side < 2; ++side) {
+      const int64_t j = partner[side];
+      if (j < 0) continue;
+      // d(objective)/d(d) of the pair, then dd/de_i and dd/de_j.
+      const T c = static_cast<T>(weight[side] * upstream[i]) * slope[side];
+      const T* ej = rows.e + j * dim;
+      T* gi = grad + i * dim;
+      T* gj = grad + j * dim;
+      const bool to_j = j < args.grad_rows;
+      const T si = rows.stat[i], sj = rows.stat[j];
+      const T m = K == Distance::kEuclidean ? ElementOps<T>::divide_no_nan(c, d[side]) : c;
+      for (int64_t k = 0; k < dim; ++k) {
+        T di, dj;
+        if constexpr (K == Distance::kEuclidean) {
+          di = m * (ei[k] - ej[k]);
+          dj = -di;
+        } else {
+          di = m * (s[side] * si * si * si * sj * ei[k] - si * sj * ej[k]);
+          dj = m * (s[side] * sj * sj * sj * si * ej[k] - si * sj * ei[k]);
+        }
+        gi[k] += scaled ? std::ldexp(di, -rows.exponent[i]) : di;
+        if (to_j) gj[k] += scaled ? std::ldexp(dj, -rows.exponent[j]) : dj;
+      }
+    }
+  }
+}
+
 // A MinerStats' arrays as raw pointers, for the tile loops: read through a
 // std::vector, the pointers are reloaded per lane (the stores to the tile's
 // sums might alias them) and GCC 12 leaves the loop scalar.
 template <typename T>
 struct MinerView {
   const T *positive_d, *negative_d;
-  const int32_t *positive_row, *negative_row;
   T epsilon;
 };
 
 template <typename T>
 MinerView<T> ViewOf(const MinerStats<T>* stats, T epsilon) {
-  if (stats == nullptr || stats->positive_d.empty()) return {nullptr, nullptr, nullptr, nullptr, 0};
-  return {stats->positive_d.data(), stats->negative_d.data(), stats->positive_row.data(),
-          stats->negative_row.data(), epsilon};
+  if (stats == nullptr || stats->positive_d.empty()) return {nullptr, nullptr, 0};
+  return {stats->positive_d.data(), stats->negative_d.data(), epsilon};
 }
 
 // Whether anchor i keeps its pair with j (d apart, a positive or negative
-// pair) under miner M, as 0 or 1; kNone keeps every pair.
+// pair) under miner M of the sweeps (kNone keeps every pair;
+// kMultiSimilarity), as 0 or 1. batch_hard's pairs need no sweep
+// (BatchHardLoss).
 template <Miner M, typename T>
-T MinerKeeps(MinerView<T> v, int64_t i, int64_t j, bool positive, T d) {
+T MinerKeeps(MinerView<T> v, int64_t i, bool positive, T d) {
+  static_assert(M != Miner::kBatchHard);
   if constexpr (M == Miner::kNone) {
     return T(1);
-  } else if constexpr (M == Miner::kBatchHard) {
-    const int32_t hardest = positive ? v.positive_row[i] : v.negative_row[i];
-    return hardest == static_cast<int32_t>(j) ? T(1) : T(0);
   } else {
     return multi_similarity_keeps(positive, d, positive ? v.negative_d[i] : v.positive_d[i],
                                   v.epsilon);

@@ -23,6 +23,7 @@
 #include <cmath>
 #include <cstring>
 #include <numeric>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -100,6 +101,8 @@ class Sweep {
 
   const PairCounts& pair_counts() const { return counts_; }
   const MinerStats<T>& miner_stats() const { return collected_; }
+  // The rows as the sweep used them (cosine: scaled, CosineExponents).
+  PreparedRows<T> prepared_rows() const { return {e_, dim_, stat_.data(), exponent_}; }
 
   void Run() {
     PrepareRows();
@@ -149,36 +152,9 @@ class Sweep {
   }
 
  private:
-  // Rows of extreme scale, divided by 2^k for the cosine distance
-  // (cosine_row_exponent); e_ then points at the scaled copy. Others are
-  // read in place: no copy unless a row needs it.
-  void ScaleRows() {
-    exponent_.assign(rows_, 0);
-    const ElementCost cost{dim_ * sizeof(T) + 0.0, 4, 1.0 * dim_};
-    parallel_for_(rows_, cost, [&](int64_t first, int64_t last) {
-      for (int64_t i = first; i < last; ++i) {
-        T max_abs = 0;
-        for (int64_t k = 0; k < dim_; ++k) max_abs = std::max(max_abs, std::abs(e_[i * dim_ + k]));
-        exponent_[i] = cosine_row_exponent(max_abs);
-      }
-    });
-    if (std::all_of(exponent_.begin(), exponent_.end(), [](int k) { return k == 0; })) {
-      exponent_.clear();
-      return;
-    }
-    scaled_.resize(rows_ * dim_);
-    parallel_for_(rows_, cost, [&](int64_t first, int64_t last) {
-      for (int64_t i = first; i < last; ++i) {
-        for (int64_t k = 0; k < dim_; ++k) {
-          scaled_[i * dim_ + k] = std::ldexp(e_[i * dim_ + k], -exponent_[i]);
-        }
-      }
-    });
-    e_ = scaled_.data();
-  }
-
   void PrepareRows() {
-    if constexpr (K == Distance::kCosine) ScaleRows();
+    if constexpr (K == Distance::kCosine)
+      e_ = ScaleRows(e_, rows_, dim_, parallel_for_, &exponent_, &scaled_);
     std::vector<int64_t> positives;
     ClassIds(args_.labels, rows_, &classes_, &positives);
     const T* g = static_cast<const T*>(args_.upstream);
@@ -251,7 +227,8 @@ class Sweep {
                             counting_ ? columns.data() + 3 * nj : nullptr,
                             counting_ ? columns.data() + 4 * nj : nullptr};
     int64_t active = 0;  // nonzero entries of M
-    VisitMiner(args_.miner, [&](auto miner) {
+    // batch_hard runs no sweep after the statistics (BatchHardLoss).
+    const auto rows = [&](auto miner) {
       constexpr Miner M = decltype(miner)::value;
       for (int64_t r = 0; r < ni; ++r) {
         const int64_t i = i0 + r;
@@ -264,7 +241,12 @@ class Sweep {
           active += FastRow<kDiagonal, false, M>(row, i, j0, nj, columns_of_tile);
         }
       }
-    });
+    };
+    if (args_.miner == Miner::kMultiSimilarity) {
+      rows(std::integral_constant<Miner, Miner::kMultiSimilarity>{});
+    } else {
+      rows(std::integral_constant<Miner, Miner::kNone>{});
+    }
     if constexpr (!kDiagonal) {
       for (int64_t c = 0; c < nj; ++c) {
         positive_sum_[j0 + c] += columns_of_tile.positive[c];
@@ -397,10 +379,10 @@ class Sweep {
   static void PairMasks(MinerView<T> v, int64_t i, int64_t j, T valid, T positive, T d, T* kp,
                         T* kn, T* kcp, T* kcn) {
     const T negative = valid - positive;
-    *kp = positive * MinerKeeps<M>(v, i, j, true, d);
-    *kn = negative * MinerKeeps<M>(v, i, j, false, d);
-    *kcp = positive * MinerKeeps<M>(v, j, i, true, d);
-    *kcn = negative * MinerKeeps<M>(v, j, i, false, d);
+    *kp = positive * MinerKeeps<M>(v, i, true, d);
+    *kn = negative * MinerKeeps<M>(v, i, false, d);
+    *kcp = positive * MinerKeeps<M>(v, j, true, d);
+    *kcn = negative * MinerKeeps<M>(v, j, false, d);
   }
 
   // A pair's counted_pair()s (masks, then terms) in its column's counts (a
@@ -628,15 +610,26 @@ class Sweep {
   PairCounts counts_;
 };
 
-// The miner's statistics: a sweep of their own (none without a miner).
-template <typename T, Distance K>
-MinerStats<T> CollectedStats(const InBatchArgs& forward, const ParallelFor& parallel_for) {
-  if (forward.miner == Miner::kNone) return MinerStats<T>();
-  InBatchArgs args = forward;
-  args.loss = nullptr;
-  Sweep<T, K, false> collector(args, parallel_for, nullptr, nullptr, true);
+// Runs the miner's statistics sweep (a sweep of its own, which computes
+// nothing else) on the used rows of `args` and gives f the sweep.
+template <typename T, Distance K, typename F>
+void WithMinerStats(const InBatchArgs& args, const ParallelFor& parallel_for, F&& f) {
+  InBatchArgs stats_args = args;
+  stats_args.upstream = stats_args.loss = stats_args.grad = nullptr;
+  Sweep<T, K, false> collector(stats_args, parallel_for, nullptr, nullptr, true);
   collector.Run();
-  return collector.miner_stats();
+  f(collector);
+}
+
+// The miner's statistics (none without a miner).
+template <typename T, Distance K>
+MinerStats<T> CollectedStats(const InBatchArgs& args, const ParallelFor& parallel_for) {
+  MinerStats<T> stats;
+  if (args.miner != Miner::kNone) {
+    WithMinerStats<T, K>(args, parallel_for,
+                         [&](const auto& sweep) { stats = sweep.miner_stats(); });
+  }
+  return stats;
 }
 
 }  // namespace
@@ -652,6 +645,13 @@ bool InBatchLoss(const InBatchArgs& args, const ParallelFor& parallel_for) {
     if (args.grad != nullptr) {
       std::fill(static_cast<T*>(args.grad) + used * args.dim,
                 static_cast<T*>(args.grad) + rows * args.dim, T(0));
+    }
+    if (args.miner == Miner::kBatchHard) {
+      // The statistics sweep, then the kept pairs directly.
+      WithMinerStats<T, K>(UsedRowsOnly(args), parallel_for, [&](const auto& sweep) {
+        BatchHardLoss<T, K>(UsedRowsOnly(args), sweep.prepared_rows(), sweep.miner_stats());
+      });
+    } else if (args.grad != nullptr) {
       InBatchArgs sweep = UsedRowsOnly(args);
       InBatchArgs forward = sweep;
       forward.upstream = nullptr;

@@ -61,21 +61,6 @@ inline const char* MinerName(Miner m) {
   }
 }
 
-template <Miner M>
-struct MinerTag {
-  static constexpr Miner value = M;
-};
-
-// Calls f(MinerTag<m>{}).
-template <typename F>
-void VisitMiner(Miner m, F&& f) {
-  switch (m) {
-    case Miner::kNone: f(MinerTag<Miner::kNone>{}); return;
-    case Miner::kBatchHard: f(MinerTag<Miner::kBatchHard>{}); return;
-    default: f(MinerTag<Miner::kMultiSimilarity>{}); return;
-  }
-}
-
 // The value of `all` whose name_of() is `name`; false when none is.
 template <typename E, size_t N>
 bool ParseName(const std::string& name, const E (&all)[N], const char* (*name_of)(E), E* out) {
