@@ -2,19 +2,22 @@
 
 Usage:
     python benchmarks/benchmark.py [--quick] [--out benchmarks/results] [--bfc-allocator]
-        [--section {distances,embeddings,in_batch,references,all} ...] [--memory-limit-gb GB]
+        [--section {distances,embeddings,in_batch,references,miners,all} ...]
+        [--memory-limit-gb GB]
 
-Four sections: "distances" (the loss of precomputed distances), "embeddings"
+Five sections: "distances" (the loss of precomputed distances), "embeddings"
 (the loss of pairs of embeddings, the distance computed inside the loss),
-"in_batch" (the loss over all pairs of a batch, from class labels) and
-"references" (a batch's anchors against the batch and reference rows). --section
+"in_batch" (the loss over all pairs of a batch, from class labels),
+"references" (a batch's anchors against the batch and reference rows) and
+"miners" (the in-batch loss with a miner). --section
 runs only the sections named (repeatable; default all), e.g.
     python benchmarks/benchmark.py --section in_batch [--quick]
 
 What each section compares, how it is measured and the targets it checks are in
 the docstrings of the section modules beside this script: distances.py
 ("distances", with its effective bandwidth and accuracy), pairs.py
-("embeddings"), in_batch.py ("in_batch") and references.py ("references").
+("embeddings"), in_batch.py ("in_batch"), references.py ("references") and
+miners.py ("miners").
 harness.py holds what they share.
 
 How it is timed
@@ -86,10 +89,11 @@ import harness
 import distances
 import fused_contrastive
 import in_batch
+import miners
 import pairs
 import references
 
-SECTIONS = ("distances", "embeddings", "in_batch", "references")
+SECTIONS = ("distances", "embeddings", "in_batch", "references", "miners")
 
 
 def main():
@@ -171,6 +175,11 @@ def main():
         plots.append(("results_in_batch.png", functools.partial(in_batch.plot_in_batch, result)))
     if "references" in sections:
         rows, lines = references.run_references(references.Settings.for_run(args.quick))
+        csv_rows += rows
+        markdown_lines += lines
+    if "miners" in sections:
+        # The references section's settings: the same kind of timing.
+        rows, lines = miners.run_miners(references.Settings.for_run(args.quick))
         csv_rows += rows
         markdown_lines += lines
     runtime_s = time.perf_counter() - started

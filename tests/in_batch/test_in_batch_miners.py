@@ -50,8 +50,12 @@ def run(function, labels, e, upstream, jit=None, **kwargs):
 @pytest.mark.parametrize("weighting", PAIR_WEIGHTINGS)
 @pytest.mark.parametrize("distance", _inputs.IN_BATCH_DISTANCES)
 @pytest.mark.parametrize("b", [0, 1, 2, 9, 37])
-def test_matches_float64_explicit_pairs(rng, miner, weighting, distance, b):
+@pytest.mark.parametrize("classes", [3, 1000])
+def test_matches_float64_explicit_pairs(rng, miner, weighting, distance, b, classes):
+    # 1000 classes: few positive pairs, where multi_similarity finds the
+    # positives from each class's rows (RunMultiSimilarityFirst).
     labels, e = batch(rng, b, duplicates=False)
+    labels = rng.integers(0, classes, size=b)
     upstream = rng.normal(size=b)
     want_loss, want_grad = numpy_in_batch(
         labels, e, MARGIN, POSITIVE_MARGIN, distance, weighting, upstream, miner, EPSILON

@@ -1,4 +1,4 @@
-// Picks the build of the in-batch CPU kernel (cpu_sweep.h) that this
+// Picks the build of the in-batch CPU kernel (cpu_entry.h) that this
 // CPU can run.
 #include <cstdlib>
 #include <cstring>

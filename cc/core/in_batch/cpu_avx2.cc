@@ -3,4 +3,4 @@
 // on this project's machines. core/in_batch/cpu.cc calls it only on CPUs with both.
 #define Eigen fc_avx2_Eigen
 #define FC_IN_BATCH_ISA avx2
-#include "core/in_batch/cpu_sweep.h"
+#include "core/in_batch/cpu_entry.h"

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "core/common/parallel.h"
+#include "core/in_batch/kernels.h"
 #include "core/in_batch/math.h"
 
 namespace fused_contrastive {
@@ -92,6 +93,88 @@ T SquaredNorm(const T* row, int64_t dim) {
 #pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < dim; ++k) sum += row[k] * row[k];
   return sum;
+}
+
+// Calls tile(bi, bj, diagonal, column_grad) for every tile of the sweep
+// over anchors [begin, end) of `rows` rows (partners from grad_rows on need
+// no gradient), cost(bi, bj) its ElementCost, in the schedule of
+// cpu_sweep.h's header: stages of the anchor blocks' pairs, the diagonal
+// blocks, then the (anchor block, partner block) pairs.
+template <typename CostFn, typename TileFn>
+void ForEachTile(int64_t begin, int64_t end, int64_t grad_rows, int64_t rows,
+                 int64_t max_block_rows, const ParallelFor& parallel_for, CostFn&& cost,
+                 TileFn&& tile) {
+  // Anchor blocks sized by the anchors (all rows: as without partners),
+  // partner blocks by all rows: the products stay large when few anchors
+  // meet many partners.
+  std::vector<Block> anchors, partners;
+  AppendBlocks(begin, end, BlockRows(end - begin, max_block_rows), &anchors);
+  const int64_t partner_rows = BlockRows(rows, max_block_rows);
+  AppendBlocks(0, begin, partner_rows, &partners);
+  AppendBlocks(end, grad_rows, partner_rows, &partners);
+  AppendBlocks(grad_rows, rows, partner_rows, &partners);
+  const int64_t na = anchors.size(), np = partners.size();
+  const PairSchedule schedule(na);
+  for (int64_t stage = 0; stage < schedule.Stages(); ++stage) {
+    parallel_for(schedule.Tasks(), cost(anchors[0], anchors[0]), [&](int64_t first, int64_t last) {
+      for (int64_t t = first; t < last; ++t) {
+        const std::pair<int64_t, int64_t> pair = schedule.Task(stage, t);
+        tile(anchors[pair.first], anchors[pair.second], false, true);
+      }
+    });
+  }
+  if (na > 0) {
+    parallel_for(na, cost(anchors[0], anchors[0]), [&](int64_t first, int64_t last) {
+      for (int64_t b = first; b < last; ++b) tile(anchors[b], anchors[b], true, true);
+    });
+  }
+  // Against partners, anchor blocks as large as the partners' (the anchors'
+  // own blocks shrink below 2,048 anchors to keep their stages busy; here
+  // the partner blocks make the stages).
+  std::vector<Block> wide;
+  AppendBlocks(begin, end, partner_rows, &wide);
+  const int64_t nw = wide.size();
+  for (int64_t stage = 0; nw > 0 && np > 0 && stage < std::max(nw, np); ++stage) {
+    parallel_for(std::min(nw, np), cost(wide[0], partners[0]), [&](int64_t first, int64_t last) {
+      for (int64_t t = first; t < last; ++t) {
+        const int64_t a = nw <= np ? t : (t + stage) % nw;
+        const int64_t p = nw <= np ? (t + stage) % np : t;
+        tile(wide[a], partners[p], false, partners[p].first < grad_rows);
+      }
+    });
+  }
+}
+
+// Whether at most a 16th of the anchors' pairs are positive (rows of their
+// class): multi_similarity then finds the positives from each class's rows.
+inline bool FewPositivePairs(const InBatchArgs& args) {
+  std::vector<int32_t> classes;
+  std::vector<int64_t> positives;
+  ClassIds(args.labels, args.rows, &classes, &positives);
+  int64_t count = 0;
+  for (int64_t i = args.anchor_begin; i < args.anchor_end; ++i) count += positives[i];
+  return 16 * count <= (args.anchor_end - args.anchor_begin) * args.rows;
+}
+
+// The rows of each class (ClassIds' dense ids): class k's are
+// order[start[k]] .. order[start[k + 1] - 1], in increasing row order.
+struct ClassRows {
+  std::vector<int64_t> order, start;
+};
+
+inline ClassRows RowsByClass(const std::vector<int32_t>& classes) {
+  ClassRows out;
+  int32_t count = 0;
+  for (int32_t c : classes) count = std::max(count, c + 1);
+  out.start.assign(count + 1, 0);
+  for (int32_t c : classes) ++out.start[c + 1];
+  for (int32_t k = 0; k < count; ++k) out.start[k + 1] += out.start[k];
+  out.order.resize(classes.size());
+  std::vector<int64_t> next(out.start.begin(), out.start.end() - 1);
+  for (int64_t i = 0; i < static_cast<int64_t>(classes.size()); ++i) {
+    out.order[next[classes[i]]++] = i;
+  }
+  return out;
 }
 
 // Rows of extreme scale, divided by 2^k for the cosine distance

@@ -4,4 +4,4 @@
 // across translation units, which would mix the builds' instruction sets.
 #define Eigen fc_generic_Eigen
 #define FC_IN_BATCH_ISA generic
-#include "core/in_batch/cpu_sweep.h"
+#include "core/in_batch/cpu_entry.h"

@@ -52,10 +52,11 @@ struct MinerStats {
 
 // Offers row i's hardest pairs within a tile: d[c] the distance to row j0 + c
 // (c != self), class ids to compare labels. A vectorised pass finds the
-// extreme values, a scalar one the first column holding them.
+// extreme values, a scalar one the first column holding them, unless only
+// the values are wanted (values_only: multi_similarity reads no rows).
 template <typename T>
 void OfferRow(const T* d, int32_t class_i, const int32_t* class_j, int64_t self, int64_t i,
-              int64_t j0, int64_t nj, MinerStats<T>* stats) {
+              int64_t j0, int64_t nj, bool values_only, MinerStats<T>* stats) {
   const T inf = std::numeric_limits<T>::infinity();
   T largest = -inf, smallest = inf, nan_positive = 0, nan_negative = 0;
   // Masks as values, not bools, as in the sweep's tile loop (GCC 12 leaves a
@@ -83,6 +84,10 @@ void OfferRow(const T* d, int32_t class_i, const int32_t* class_j, int64_t self,
     const T best = want_positive ? stats->positive_d[i] : stats->negative_d[i];
     const int32_t best_row = want_positive ? stats->positive_row[i] : stats->negative_row[i];
     const T candidate = nan ? std::numeric_limits<T>::quiet_NaN() : target;
+    if (values_only) {
+      stats->Offer(want_positive, i, candidate, j0);
+      continue;
+    }
     if (!MinerStats<T>::Harder(want_positive, candidate, j0, best, best_row)) {
       continue;
     }
@@ -252,6 +257,42 @@ template <typename T>
 MinerView<T> ViewOf(const MinerStats<T>* stats, T epsilon) {
   if (stats == nullptr || stats->positive_d.empty()) return {nullptr, nullptr, 0};
   return {stats->positive_d.data(), stats->negative_d.data(), epsilon};
+}
+
+// OfferColumns for the values only (values_only of OfferRow): each column's
+// largest positive and smallest negative distance, NaN when one is NaN.
+template <typename T>
+void OfferColumnValues(const T* tile, const int32_t* class_i, const int32_t* class_j, int64_t i0,
+                       int64_t ni, int64_t j0, int64_t nj, MinerStats<T>* stats) {
+  const T inf = std::numeric_limits<T>::infinity();
+  thread_local std::vector<T> columns;
+  columns.assign(4 * nj, T(0));
+  T* largest = columns.data();
+  T* smallest = columns.data() + nj;
+  T* nan_positive = columns.data() + 2 * nj;
+  T* nan_negative = columns.data() + 3 * nj;
+  std::fill_n(largest, nj, -inf);
+  std::fill_n(smallest, nj, inf);
+  for (int64_t r = 0; r < ni; ++r) {
+    const T* d = tile + r * nj;
+    const int32_t ci = class_i[r];
+    // As in OfferRow's loop.
+#pragma omp simd
+    for (int64_t c = 0; c < nj; ++c) {
+      const T positive = class_j[c] == ci ? T(1) : T(0);
+      const T x = d[c];
+      const T nan = x != x ? T(1) : T(0);
+      largest[c] = std::max(largest[c], positive != T(0) ? x : -inf);
+      smallest[c] = std::min(smallest[c], positive != T(0) ? inf : x);
+      nan_positive[c] += nan * positive;
+      nan_negative[c] += nan * (T(1) - positive);
+    }
+  }
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  for (int64_t c = 0; c < nj; ++c) {
+    stats->Offer(true, j0 + c, nan_positive[c] != T(0) ? nan : largest[c], i0);
+    stats->Offer(false, j0 + c, nan_negative[c] != T(0) ? nan : smallest[c], i0);
+  }
 }
 
 // Whether anchor i keeps its pair with j (d apart, a positive or negative

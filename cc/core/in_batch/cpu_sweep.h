@@ -44,6 +44,11 @@ using ConstRows = Eigen::Map<const RowMatrix<T>>;
 template <typename T>
 using Rows = Eigen::Map<RowMatrix<T>>;
 
+// What a sweep does besides its loss or gradient: kStats only collects the
+// miner's statistics; kMultiSimilarityFirst is multi_similarity's forward
+// sweep when positive pairs are few (RunMultiSimilarityFirst).
+enum class Role { kLoss, kStats, kMultiSimilarityFirst };
+
 // Each row's counts of positive and negative pairs for the weights that
 // need them: nonzero terms (active_term) for "active", kept pairs under a
 // miner (counted_pair). A forward sweep counts them, the gradient sweep takes
@@ -57,11 +62,11 @@ class Sweep {
  public:
   // counts: the rows' PairCounts when the weights need them (CountsPairs())
   // and a gradient is wanted; a forward sweep counts them itself
-  // (pair_counts()). stats: the miner's statistics, from a sweep with
-  // collect_stats, which computes nothing else (miner_stats()).
+  // (pair_counts()). stats: the miner's statistics, which a sweep of
+  // another role collects (miner_stats()).
   Sweep(const InBatchArgs& args, const ParallelFor& parallel_for,
         const PairCounts* counts = nullptr, const MinerStats<T>* stats = nullptr,
-        bool collect_stats = false)
+        Role role = Role::kLoss)
       : args_(args),
         parallel_for_(parallel_for),
         e_(static_cast<const T*>(args.embeddings)),
@@ -82,9 +87,9 @@ class Sweep {
         negative_sum_(rows_, 0.0),
         diagonal_(kGrad ? rows_ : 0, 0.0),
         given_counts_(counts),
-        stats_(collect_stats ? &collected_ : stats),
-        collecting_(collect_stats),
-        counting_(!kGrad && !collect_stats && CountsPairs(args)),
+        stats_(stats),
+        collecting_(role != Role::kLoss),
+        counting_(!kGrad && CountsPairs(args) && role != Role::kStats),
         count_active_(args.weighting == PairWeighting::kActive ? T(1) : T(0)),
         epsilon_(static_cast<T>(args.miner_epsilon)) {
     if (counting_) {
@@ -104,51 +109,97 @@ class Sweep {
   // The rows as the sweep used them (cosine: scaled, CosineExponents).
   PreparedRows<T> prepared_rows() const { return {e_, dim_, stat_.data(), exponent_}; }
 
+  // The tiles, then (unless the sweep collects statistics) Finish.
   void Run() {
     PrepareRows();
-    // Anchor blocks sized by the anchors (all rows: as without partners),
-    // partner blocks by all rows: the products stay large when few anchors
-    // meet many partners.
-    std::vector<Block> anchors, partners;
-    AppendBlocks(anchor_begin_, anchor_end_,
-                 BlockRows(anchor_end_ - anchor_begin_, args_.max_block_rows), &anchors);
-    const int64_t partner_rows = BlockRows(rows_, args_.max_block_rows);
-    AppendBlocks(0, anchor_begin_, partner_rows, &partners);
-    AppendBlocks(anchor_end_, grad_rows_, partner_rows, &partners);
-    AppendBlocks(grad_rows_, rows_, partner_rows, &partners);
-    const int64_t na = anchors.size(), np = partners.size();
-    const PairSchedule schedule(na);
-    for (int64_t stage = 0; stage < schedule.Stages(); ++stage) {
-      parallel_for_(schedule.Tasks(), TileCost(anchors[0], anchors[0]),
-                    [&](int64_t first, int64_t last) {
-                      for (int64_t t = first; t < last; ++t) {
-                        const std::pair<int64_t, int64_t> pair = schedule.Task(stage, t);
-                        Tile<false>(anchors[pair.first], anchors[pair.second]);
-                      }
-                    });
-    }
-    if (na > 0) {
-      parallel_for_(na, TileCost(anchors[0], anchors[0]), [&](int64_t first, int64_t last) {
-        for (int64_t b = first; b < last; ++b) Tile<true>(anchors[b], anchors[b]);
-      });
-    }
-    // Against partners, anchor blocks as large as the partners' (the anchors'
-    // own blocks shrink below 2,048 anchors to keep their stages busy; here
-    // the partner blocks make the stages).
-    std::vector<Block> wide;
-    AppendBlocks(anchor_begin_, anchor_end_, partner_rows, &wide);
-    const int64_t nw = wide.size();
-    for (int64_t stage = 0; nw > 0 && np > 0 && stage < std::max(nw, np); ++stage) {
-      parallel_for_(std::min(nw, np), TileCost(wide[0], partners[0]),
-                    [&](int64_t first, int64_t last) {
-                      for (int64_t t = first; t < last; ++t) {
-                        const int64_t a = nw <= np ? t : (t + stage) % nw;
-                        const int64_t p = nw <= np ? (t + stage) % np : t;
-                        Tile<false>(wide[a], partners[p], partners[p].first < grad_rows_);
-                      }
-                    });
-    }
+    RunTiles();
     if (!collecting_) Finish();
+  }
+
+  // multi_similarity's forward sweep where positive pairs are few (at most a
+  // 16th of the pairs; each anchor's rows of its class): the hardest
+  // positives straight from those rows first, so that the sweep keeps its
+  // negatives as it goes (d < hardest positive + epsilon) and finds the
+  // hardest negatives; its FastRow drops every positive (hardest negative
+  // +inf; a NaN positive counts twice, its anchor's loss is NaN anyway).
+  // Then the kept positives (d > hardest negative − epsilon) from the rows
+  // of each class, and Finish: the loss and the counts of three sweeps in
+  // two passes over the class rows and one sweep. Distances of the class
+  // rows from their own product, as ExactRow gets them.
+  void RunMultiSimilarityFirst() {
+    PrepareRows();
+    const ClassRows by_class = RowsByClass(classes_);
+    own_ = MinerStats<T>(rows_);
+    ForEachPositivePair(by_class, [&](int64_t i, T d) {
+      own_.positive_d[i] = std::isnan(d) || d > own_.positive_d[i] ? d : own_.positive_d[i];
+    });
+    stats_ = &own_;
+    RunTiles();
+    ForEachPositivePair(by_class, [&](int64_t i, T d) {
+      const T keep = multi_similarity_keeps(true, d, collected_.negative_d[i], epsilon_);
+      T term, slope;
+      positive_term(d, positive_margin_, &term, &slope);
+      positive_sum_[i] += masked(keep, term);
+      counts_.positive[i] += counted_pair(count_active_, keep, masked(keep, term));
+    });
+    Finish();
+    own_.negative_d = collected_.negative_d;
+  }
+
+  // multi_similarity's statistics after RunMultiSimilarityFirst.
+  const MinerStats<T>& multi_similarity_stats() const { return own_; }
+
+ private:
+  void RunTiles() {
+    ForEachTile(
+        anchor_begin_, anchor_end_, grad_rows_, rows_, args_.max_block_rows, parallel_for_,
+        [&](Block bi, Block bj) { return TileCost(bi, bj); },
+        [&](Block bi, Block bj, bool diagonal, bool column_grad) {
+          if (diagonal) {
+            Tile<true>(bi, bj);
+          } else {
+            Tile<false>(bi, bj, column_grad);
+          }
+        });
+  }
+
+ public:
+  // The loss and the gradient's last part from the sums; Run calls it
+  // unless the sweep collects statistics.
+  void Finish() {
+    T* loss = static_cast<T*>(args_.loss);
+    parallel_for_(rows_, ElementCost{dim_ * sizeof(T) + 40.0, dim_ * sizeof(T) + 0.0, 2.0 * dim_},
+                  [&](int64_t first, int64_t last) {
+                    for (int64_t i = first; i < last; ++i) {
+                      // The positives count is not read by "active".
+                      if (counting_ && IsAnchor(i)) Weights(i, 0.0);
+                      // A partner's sums hold its pairs with anchors: not a loss.
+                      if (loss != nullptr) {
+                        loss[i] = IsAnchor(i)
+                                      ? static_cast<T>(positive_weight_[i] * positive_sum_[i] +
+                                                       negative_weight_[i] * negative_sum_[i])
+                                      : T(0);
+                      }
+                      if constexpr (kGrad) {
+                        T* gi = grad() + i * dim_;
+                        // No gradient past grad_rows (what the exact path
+                        // added there is dropped too).
+                        if (i >= grad_rows_) {
+                          std::fill_n(gi, dim_, T(0));
+                          continue;
+                        }
+                        const T q = diagonal_factor<K>(stat_[i]) * static_cast<T>(diagonal_[i]);
+                        const T* ei = e_ + i * dim_;
+#pragma omp simd
+                        for (int64_t k = 0; k < dim_; ++k) gi[k] += q * ei[k];
+                        // The gradient of a scaled row, back to the input's scale.
+                        const int exponent = exponent_.empty() ? 0 : exponent_[i];
+                        if (exponent != 0) {
+                          for (int64_t k = 0; k < dim_; ++k) gi[k] = std::ldexp(gi[k], -exponent);
+                        }
+                      }
+                    }
+                  });
   }
 
  private:
@@ -219,10 +270,6 @@ class Sweep {
     const ConstRows<T> ei(e_ + i0 * dim_, ni, dim_);
     const ConstRows<T> ej(e_ + j0 * dim_, nj, dim_);
     s.noalias() = ei * ej.transpose();
-    if (collecting_) {
-      StatsTile<kDiagonal>(scratch.data(), i0, ni, j0, nj);
-      return;
-    }
     Columns columns_of_tile{columns.data(), columns.data() + nj, columns.data() + 2 * nj,
                             counting_ ? columns.data() + 3 * nj : nullptr,
                             counting_ ? columns.data() + 4 * nj : nullptr};
@@ -242,7 +289,7 @@ class Sweep {
         }
       }
     };
-    if (args_.miner == Miner::kMultiSimilarity) {
+    if (args_.miner == Miner::kMultiSimilarity && stats_ != nullptr) {
       rows(std::integral_constant<Miner, Miner::kMultiSimilarity>{});
     } else {
       rows(std::integral_constant<Miner, Miner::kNone>{});
@@ -258,6 +305,7 @@ class Sweep {
         }
       }
     }
+    if (collecting_) Offer<kDiagonal>(scratch.data(), i0, ni, j0, nj);
     if constexpr (kGrad) {
       // The hinge leaves most pairs without gradient once negatives are beyond
       // the margin (a trained model, well-separated classes): when at most a
@@ -293,6 +341,8 @@ class Sweep {
   // The distance of rows i and j from their Gram entry s, or from e_i − e_j
   // where the Gram distance cancels (*exact; Euclidean only).
   T ExactPathDistance(int64_t i, int64_t j, T s, bool* exact) const {
+    *exact = false;
+    if constexpr (K == Distance::kCosine) return pair_distance<K>(s, stat_[i], stat_[j]);
     *exact =
         gram_distance_cancels(euclidean_squared(s, norm2_[i], norm2_[j]), norm2_[i], norm2_[j]);
     if (!*exact) return pair_distance<K>(s, stat_[i], stat_[j]);
@@ -304,29 +354,64 @@ class Sweep {
     return ElementOps<T>::sqrt(squared);
   }
 
-  // The statistics sweep's tile: its distances (as FastRow and ExactRow get
-  // them) replace the Gram entries, then each anchor row and, when the
-  // columns are anchors too, each column offers its hardest pairs.
-  template <bool kDiagonal>
-  void StatsTile(T* tile, int64_t i0, int64_t ni, int64_t j0, int64_t nj) {
-    for (int64_t r = 0; r < ni; ++r) {
-      const int64_t i = i0 + r, self = kDiagonal ? r : -1;
-      T* row = tile + r * nj;
-      if (K == Distance::kEuclidean && RowCancels(row, i, self, j0, nj)) {
-        bool exact;
-        for (int64_t c = 0; c < nj; ++c) {
-          if (c != self) row[c] = ExactPathDistance(i, j0 + c, row[c], &exact);
-        }
-      } else {
-        const T stat_i = stat_[i];
-        const T* stat_j = stat_.data() + j0;
-#pragma omp simd
-        for (int64_t c = 0; c < nj; ++c) row[c] = pair_distance<K>(row[c], stat_i, stat_j[c]);
+  // f(i, d) for each anchor i and each other row of its class, d their
+  // distance, in increasing row order: one product per block of a class's
+  // anchors (at most 128) against the class's rows, the blocks in parallel.
+  template <typename F>
+  void ForEachPositivePair(const ClassRows& by_class, F&& f) {
+    std::vector<std::pair<int64_t, int64_t>> blocks;  // ranges of by_class.order
+    std::vector<int64_t> anchors;                     // by_class.order without partners
+    for (size_t k = 0; k + 1 < by_class.start.size(); ++k) {
+      const int64_t first = anchors.size();
+      for (int64_t p = by_class.start[k]; p < by_class.start[k + 1]; ++p) {
+        if (IsAnchor(by_class.order[p])) anchors.push_back(by_class.order[p]);
       }
-      OfferRow(row, classes_[i], classes_.data() + j0, self, i, j0, nj, &collected_);
+      for (int64_t a = first; a < static_cast<int64_t>(anchors.size()); a += 128) {
+        blocks.push_back({a, std::min<int64_t>(a + 128, anchors.size())});
+      }
     }
-    if (!kDiagonal && IsAnchor(j0)) {
-      OfferColumns(tile, classes_.data() + i0, classes_.data() + j0, i0, ni, j0, nj, &collected_);
+    const ElementCost cost{128.0 * dim_ * sizeof(T), 0, 2.0 * 128 * 128 * dim_};
+    parallel_for_(blocks.size(), cost, [&](int64_t first, int64_t last) {
+      thread_local RowMatrix<T> a, p, s;
+      for (int64_t b = first; b < last; ++b) {
+        const int64_t na = blocks[b].second - blocks[b].first;
+        const int32_t k = classes_[anchors[blocks[b].first]];
+        const int64_t* members = by_class.order.data() + by_class.start[k];
+        const int64_t np = by_class.start[k + 1] - by_class.start[k];
+        a.resize(na, dim_);
+        p.resize(np, dim_);
+        for (int64_t r = 0; r < na; ++r)
+          a.row(r) = ConstRows<T>(e_ + anchors[blocks[b].first + r] * dim_, 1, dim_);
+        for (int64_t r = 0; r < np; ++r) p.row(r) = ConstRows<T>(e_ + members[r] * dim_, 1, dim_);
+        s.noalias() = a * p.transpose();
+        for (int64_t r = 0; r < na; ++r) {
+          const int64_t i = anchors[blocks[b].first + r];
+          for (int64_t c = 0; c < np; ++c) {
+            bool exact;
+            if (members[c] != i) f(i, ExactPathDistance(i, members[c], s(r, c), &exact));
+          }
+        }
+      }
+    });
+  }
+
+  // A statistics sweep's tile, its rows' distances in `tile`: each anchor
+  // row and, when the columns are anchors too, each column offers its
+  // hardest pairs.
+  template <bool kDiagonal>
+  void Offer(const T* tile, int64_t i0, int64_t ni, int64_t j0, int64_t nj) {
+    const bool values_only = args_.miner == Miner::kMultiSimilarity;
+    for (int64_t r = 0; r < ni; ++r) {
+      OfferRow(tile + r * nj, classes_[i0 + r], classes_.data() + j0, kDiagonal ? r : -1, i0 + r,
+               j0, nj, values_only, &collected_);
+    }
+    if (kDiagonal || !IsAnchor(j0)) return;
+    const int32_t* class_i = classes_.data() + i0;
+    const int32_t* class_j = classes_.data() + j0;
+    if (values_only) {
+      OfferColumnValues(tile, class_i, class_j, i0, ni, j0, nj, &collected_);
+    } else {
+      OfferColumns(tile, class_i, class_j, i0, ni, j0, nj, &collected_);
     }
   }
 
@@ -443,7 +528,8 @@ class Sweep {
         negative_counted += counted_pair(count_active, kn, tn);
         if (!kDiagonal) CountColumn(count_active, kcp, kcn, tcp, tcn, c, columns);
       }
-      row[c] = m;
+      // Without a gradient the row keeps the distances (for Offer).
+      row[c] = kGrad ? m : d;
       active += m != T(0) ? 1 : 0;
     }
     AddRow(i, positive, negative, diagonal, positive_counted, negative_counted);
@@ -484,7 +570,10 @@ class Sweep {
         negative_counted += counted_pair(count_active, kn, tn);
         if (!kDiagonal) CountColumn(count_active, kcp, kcn, tcp, tcn, c, columns);
       }
-      if (!kGrad) continue;
+      if (!kGrad) {
+        row[c] = d;
+        continue;
+      }
       if (!exact) {
         diagonal += q;
         if (!kDiagonal) columns.diagonal[c] += q;
@@ -539,42 +628,6 @@ class Sweep {
     }
   }
 
-  void Finish() {
-    T* loss = static_cast<T*>(args_.loss);
-    parallel_for_(rows_, ElementCost{dim_ * sizeof(T) + 40.0, dim_ * sizeof(T) + 0.0, 2.0 * dim_},
-                  [&](int64_t first, int64_t last) {
-                    for (int64_t i = first; i < last; ++i) {
-                      // The positives count is not read by "active".
-                      if (counting_ && IsAnchor(i)) Weights(i, 0.0);
-                      // A partner's sums hold its pairs with anchors: not a loss.
-                      if (loss != nullptr) {
-                        loss[i] = IsAnchor(i)
-                                      ? static_cast<T>(positive_weight_[i] * positive_sum_[i] +
-                                                       negative_weight_[i] * negative_sum_[i])
-                                      : T(0);
-                      }
-                      if constexpr (kGrad) {
-                        T* gi = grad() + i * dim_;
-                        // No gradient past grad_rows (what the exact path
-                        // added there is dropped too).
-                        if (i >= grad_rows_) {
-                          std::fill_n(gi, dim_, T(0));
-                          continue;
-                        }
-                        const T q = diagonal_factor<K>(stat_[i]) * static_cast<T>(diagonal_[i]);
-                        const T* ei = e_ + i * dim_;
-#pragma omp simd
-                        for (int64_t k = 0; k < dim_; ++k) gi[k] += q * ei[k];
-                        // The gradient of a scaled row, back to the input's scale.
-                        const int exponent = exponent_.empty() ? 0 : exponent_[i];
-                        if (exponent != 0) {
-                          for (int64_t k = 0; k < dim_; ++k) gi[k] = std::ldexp(gi[k], -exponent);
-                        }
-                      }
-                    }
-                  });
-  }
-
   const InBatchArgs& args_;
   const ParallelFor& parallel_for_;
   const T* e_;
@@ -602,6 +655,7 @@ class Sweep {
   std::vector<double> diagonal_;
   const PairCounts* given_counts_;
   MinerStats<T> collected_;
+  MinerStats<T> own_;  // RunMultiSimilarityFirst's
   const MinerStats<T>* stats_;
   const bool collecting_;
   const bool counting_;
@@ -610,73 +664,6 @@ class Sweep {
   PairCounts counts_;
 };
 
-// Runs the miner's statistics sweep (a sweep of its own, which computes
-// nothing else) on the used rows of `args` and gives f the sweep.
-template <typename T, Distance K, typename F>
-void WithMinerStats(const InBatchArgs& args, const ParallelFor& parallel_for, F&& f) {
-  InBatchArgs stats_args = args;
-  stats_args.upstream = stats_args.loss = stats_args.grad = nullptr;
-  Sweep<T, K, false> collector(stats_args, parallel_for, nullptr, nullptr, true);
-  collector.Run();
-  f(collector);
-}
-
-// The miner's statistics (none without a miner).
-template <typename T, Distance K>
-MinerStats<T> CollectedStats(const InBatchArgs& args, const ParallelFor& parallel_for) {
-  MinerStats<T> stats;
-  if (args.miner != Miner::kNone) {
-    WithMinerStats<T, K>(args, parallel_for,
-                         [&](const auto& sweep) { stats = sweep.miner_stats(); });
-  }
-  return stats;
-}
-
 }  // namespace
-
-bool InBatchLoss(const InBatchArgs& args, const ParallelFor& parallel_for) {
-  return VisitInBatchKernel(args.type, args.distance, [&](auto t_tag, auto k_tag) {
-    using T = typename decltype(t_tag)::type;
-    constexpr Distance K = decltype(k_tag)::value;
-    // The unused rows' outputs are 0; the sweep sees the used rows only.
-    const int64_t used = args.used_rows, rows = args.rows;
-    if (args.loss != nullptr)
-      std::fill(static_cast<T*>(args.loss) + used, static_cast<T*>(args.loss) + rows, T(0));
-    if (args.grad != nullptr) {
-      std::fill(static_cast<T*>(args.grad) + used * args.dim,
-                static_cast<T*>(args.grad) + rows * args.dim, T(0));
-    }
-    if (args.miner == Miner::kBatchHard) {
-      // The statistics sweep, then the kept pairs directly.
-      WithMinerStats<T, K>(UsedRowsOnly(args), parallel_for, [&](const auto& sweep) {
-        BatchHardLoss<T, K>(UsedRowsOnly(args), sweep.prepared_rows(), sweep.miner_stats());
-      });
-    } else if (args.grad != nullptr) {
-      InBatchArgs sweep = UsedRowsOnly(args);
-      InBatchArgs forward = sweep;
-      forward.upstream = nullptr;
-      forward.grad = nullptr;
-      const MinerStats<T> stats = CollectedStats<T, K>(forward, parallel_for);
-      // Weights from counts: a forward sweep counts the pairs first. It
-      // writes the loss too, so that the forward op's and this op's loss bits
-      // agree (the counting sweep's sums may round apart from the gradient
-      // sweep's).
-      const bool counted = Sweep<T, K, false>::CountsPairs(args);
-      PairCounts counts;
-      if (counted) {
-        Sweep<T, K, false> counter(forward, parallel_for, nullptr, &stats);
-        counter.Run();
-        counts = counter.pair_counts();
-        sweep.loss = nullptr;
-      }
-      Sweep<T, K, true>(sweep, parallel_for, counted ? &counts : nullptr, &stats).Run();
-    } else {
-      const InBatchArgs forward = UsedRowsOnly(args);
-      const MinerStats<T> stats = CollectedStats<T, K>(forward, parallel_for);
-      Sweep<T, K, false>(forward, parallel_for, nullptr, &stats).Run();
-    }
-  });
-}
-
 }  // namespace FC_IN_BATCH_ISA
 }  // namespace fused_contrastive
