@@ -1,6 +1,8 @@
 // The CPU in-batch kernel's blocks of rows, its schedule of block pairs and
 // its per-row preparations (cpu_sweep.h), in the namespace of the
 // instruction set the including file is built for. Not a public header.
+#pragma once
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -92,6 +94,24 @@ T SquaredNorm(const T* row, int64_t dim) {
   T sum = 0;
 #pragma omp simd reduction(+ : sum)
   for (int64_t k = 0; k < dim; ++k) sum += row[k] * row[k];
+  return sum;
+}
+
+// ‖a − b‖², summed directly (the sweeps' exact path, where the Gram form
+// cancels; batch_hard's kept pairs).
+template <typename T>
+T SquaredDistance(const T* a, const T* b, int64_t dim) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < dim; ++k) sum += (a[k] - b[k]) * (a[k] - b[k]);
+  return sum;
+}
+
+template <typename T>
+T Dot(const T* a, const T* b, int64_t dim) {
+  T sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < dim; ++k) sum += a[k] * b[k];
   return sum;
 }
 

@@ -2,12 +2,15 @@
 // a statistics sweep finds each anchor's hardest positive and hardest
 // negative before the sweeps that keep or drop its pairs. In the namespace of
 // the instruction set the including file is built for. Not a public header.
+#pragma once
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <vector>
 
+#include "core/in_batch/cpu_blocks.h"
 #include "core/in_batch/kernels.h"
 #include "core/in_batch/math.h"
 
@@ -196,14 +199,12 @@ void BatchHardLoss(const InBatchArgs& args, const PreparedRows<T>& rows,
     for (int side = 0; side < 2; ++side) {
       if (partner[side] < 0) continue;
       const T* ej = rows.e + partner[side] * dim;
-      T sum = 0;
-      for (int64_t k = 0; k < dim; ++k) {
-        sum += K == Distance::kEuclidean ? (ei[k] - ej[k]) * (ei[k] - ej[k]) : ei[k] * ej[k];
+      if constexpr (K == Distance::kEuclidean) {
+        d[side] = ElementOps<T>::sqrt(SquaredDistance(ei, ej, dim));
+      } else {
+        s[side] = Dot(ei, ej, dim);
+        d[side] = pair_distance<K>(s[side], rows.stat[i], rows.stat[partner[side]]);
       }
-      s[side] = sum;
-      d[side] = K == Distance::kEuclidean
-                    ? ElementOps<T>::sqrt(sum)
-                    : pair_distance<K>(sum, rows.stat[i], rows.stat[partner[side]]);
       if (side == 0) {
         positive_term(d[side], margins[0], &term[side], &slope[side]);
       } else {

@@ -346,12 +346,7 @@ class Sweep {
     *exact =
         gram_distance_cancels(euclidean_squared(s, norm2_[i], norm2_[j]), norm2_[i], norm2_[j]);
     if (!*exact) return pair_distance<K>(s, stat_[i], stat_[j]);
-    const T* ei = e_ + i * dim_;
-    const T* ej = e_ + j * dim_;
-    T squared = 0;
-#pragma omp simd reduction(+ : squared)
-    for (int64_t k = 0; k < dim_; ++k) squared += (ei[k] - ej[k]) * (ei[k] - ej[k]);
-    return ElementOps<T>::sqrt(squared);
+    return ElementOps<T>::sqrt(SquaredDistance(e_ + i * dim_, e_ + j * dim_, dim_));
   }
 
   // f(i, d) for each anchor i and each other row of its class, d their
