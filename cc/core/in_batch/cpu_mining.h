@@ -221,23 +221,21 @@ void BatchHardLoss(const InBatchArgs& args, const PreparedRows<T>& rows,
     for (int side = 0; side < 2; ++side) {
       const int64_t j = partner[side];
       if (j < 0) continue;
-      // d(objective)/d(d) of the pair, then dd/de_i and dd/de_j.
+      // d(objective)/d(d) of the pair, then its gradient as the sweeps form
+      // it (math.h): q·e_i − M·e_j to row i, and the same with i and j
+      // swapped to row j.
       const T c = static_cast<T>(weight[side] * upstream[i]) * slope[side];
       const T* ej = rows.e + j * dim;
       T* gi = grad + i * dim;
       T* gj = grad + j * dim;
       const bool to_j = j < args.grad_rows;
       const T si = rows.stat[i], sj = rows.stat[j];
-      const T m = K == Distance::kEuclidean ? ElementOps<T>::divide_no_nan(c, d[side]) : c;
+      const T m = gram_coefficient<K>(c, d[side], si, sj);
+      const T q = diagonal_term<K>(m, s[side]);
+      const T qi = diagonal_factor<K>(si) * q, qj = diagonal_factor<K>(sj) * q;
       for (int64_t k = 0; k < dim; ++k) {
-        T di, dj;
-        if constexpr (K == Distance::kEuclidean) {
-          di = m * (ei[k] - ej[k]);
-          dj = -di;
-        } else {
-          di = m * (s[side] * si * si * si * sj * ei[k] - si * sj * ej[k]);
-          dj = m * (s[side] * sj * sj * sj * si * ej[k] - si * sj * ei[k]);
-        }
+        const T di = qi * ei[k] - m * ej[k];
+        const T dj = qj * ej[k] - m * ei[k];
         gi[k] += scaled ? std::ldexp(di, -rows.exponent[i]) : di;
         if (to_j) gj[k] += scaled ? std::ldexp(dj, -rows.exponent[j]) : dj;
       }
