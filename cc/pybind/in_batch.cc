@@ -181,9 +181,11 @@ py::tuple InBatchLossCpuNumpy(const py::object& labels, const py::object& embedd
 InBatchArgs CheckedInBatchCudaArgs(const py::object& labels, const py::object& embeddings,
                                    double margin, double positive_margin,
                                    const std::string& distance, const std::string& pair_weighting,
-                                   int64_t max_block_rows, const py::object& anchors) {
+                                   int64_t max_block_rows, const py::object& anchors,
+                                   const py::object& miner, double miner_epsilon) {
   InBatchArgs args =
       InBatchOptions(margin, positive_margin, distance, pair_weighting, max_block_rows);
+  SetMiner(miner, miner_epsilon, &args);
   const DeviceArray e = FromCudaArrayInterface(embeddings, "embeddings", py::none());
   CheckInBatchEmbeddings(DeviceOperand(e), &args);
   SetAnchors(anchors, &args);
@@ -227,9 +229,11 @@ void InBatchLossCuda(const py::object& labels, const py::object& embeddings,
                      const py::object& upstream, const py::object& loss, const py::object& grad,
                      const py::object& workspace, double margin, double positive_margin,
                      const std::string& distance, const std::string& pair_weighting,
-                     int64_t max_block_rows, const py::object& anchors, uintptr_t stream) {
-  InBatchArgs args = CheckedInBatchCudaArgs(labels, embeddings, margin, positive_margin, distance,
-                                            pair_weighting, max_block_rows, anchors);
+                     int64_t max_block_rows, const py::object& anchors, const py::object& miner,
+                     double miner_epsilon, uintptr_t stream) {
+  InBatchArgs args =
+      CheckedInBatchCudaArgs(labels, embeddings, margin, positive_margin, distance, pair_weighting,
+                             max_block_rows, anchors, miner, miner_epsilon);
   const std::vector<int64_t> rows_shape{args.rows};
   const std::vector<int64_t> shape{args.rows, args.dim};
   if (upstream.is_none() != grad.is_none()) {
@@ -264,10 +268,11 @@ void InBatchLossReducedCuda(const py::object& labels, const py::object& embeddin
                             const py::object& workspace, double margin, double positive_margin,
                             const std::string& distance, const std::string& pair_weighting,
                             const std::string& reduction, double loss_scale, int64_t max_block_rows,
-                            const py::object& anchors, uintptr_t stream) {
+                            const py::object& anchors, const py::object& miner,
+                            double miner_epsilon, uintptr_t stream) {
   InBatchReducedArgs args;
   args.in = CheckedInBatchCudaArgs(labels, embeddings, margin, positive_margin, distance,
-                                   pair_weighting, max_block_rows, anchors);
+                                   pair_weighting, max_block_rows, anchors, miner, miner_epsilon);
   const Reduction r = ReductionFromName(reduction);
   const DeviceArray w = FromCudaArrayInterface(sample_weight, "sample_weight", py::none());
   const DeviceArray l = FromCudaArrayInterface(loss, "loss", py::none());
@@ -333,20 +338,22 @@ void RegisterInBatch(py::module_& m) {
         py::arg("upstream"), py::arg("loss"), py::arg("grad"), py::arg("workspace"),
         py::arg("margin") = 1.0, py::arg("positive_margin") = 0.0,
         py::arg("distance") = "euclidean", py::arg("pair_weighting") = "uniform",
-        py::arg("max_block_rows") = 0, py::arg("anchors") = py::none(), py::arg("stream") = 0,
+        py::arg("max_block_rows") = 0, py::arg("anchors") = py::none(),
+        py::arg("miner") = py::none(), py::arg("miner_epsilon") = 0.1, py::arg("stream") = 0,
         "in_batch_loss_cpu on CUDA arrays (labels int64 [B], embeddings [B, D]), enqueued on "
         "`stream`, with a plain tiled GEMM in place of cuBLAS: writes loss [B] unless None and, "
         "with upstream [B], grad [B, D] (upstream and grad are None together).");
-  m.def("in_batch_loss_reduced_cuda", &InBatchLossReducedCuda, py::arg("labels"),
-        py::arg("embeddings"), py::arg("sample_weight"), py::arg("loss"), py::arg("grad"),
-        py::arg("reduction_scale"), py::arg("workspace"), py::arg("margin") = 1.0,
-        py::arg("positive_margin") = 0.0, py::arg("distance") = "euclidean",
-        py::arg("pair_weighting") = "uniform", py::arg("reduction") = "mean",
-        py::arg("loss_scale") = 1.0, py::arg("max_block_rows") = 0, py::arg("anchors") = py::none(),
-        py::arg("stream") = 0,
-        "The in-batch loss with the Keras reduction fused in, on CUDA arrays: writes loss (one "
-        "value), grad [B, D] and reduction_scale (one float64). sample_weight: a 0-d array or "
-        "one weight per anchor, of the embeddings' dtype; anchors as in_batch_loss_cuda.");
+  m.def(
+      "in_batch_loss_reduced_cuda", &InBatchLossReducedCuda, py::arg("labels"),
+      py::arg("embeddings"), py::arg("sample_weight"), py::arg("loss"), py::arg("grad"),
+      py::arg("reduction_scale"), py::arg("workspace"), py::arg("margin") = 1.0,
+      py::arg("positive_margin") = 0.0, py::arg("distance") = "euclidean",
+      py::arg("pair_weighting") = "uniform", py::arg("reduction") = "mean",
+      py::arg("loss_scale") = 1.0, py::arg("max_block_rows") = 0, py::arg("anchors") = py::none(),
+      py::arg("miner") = py::none(), py::arg("miner_epsilon") = 0.1, py::arg("stream") = 0,
+      "The in-batch loss with the Keras reduction fused in, on CUDA arrays: writes loss (one "
+      "value), grad [B, D] and reduction_scale (one float64). sample_weight: a 0-d array or "
+      "one weight per anchor, of the embeddings' dtype; anchors and miner as in_batch_loss_cuda.");
 #endif  // FC_WITH_CUDA
 }
 

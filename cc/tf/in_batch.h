@@ -42,16 +42,6 @@ struct InBatchAttrs {
   float miner_epsilon;  // a float attr: Python rounds it to float32 on every path
 };
 
-// The miner only the CPU kernel runs: the CUDA kernel and the HLO lowering
-// (XLA on GPU) refuse it with this error.
-inline absl::Status MinerNotHere(Miner miner, const char* where) {
-  if (miner == Miner::kNone) return absl::OkStatus();
-  return absl::UnimplementedError(
-      absl::StrCat("in-batch contrastive loss: miner='", MinerName(miner),
-                   "' runs on the CPU kernel (and XLA on ", "CPU) only so far, not ", where,
-                   "; place the loss on the CPU or use miner=None"));
-}
-
 inline absl::Status ReadInBatchAttrs(tensorflow::OpKernelConstruction* ctx, InBatchAttrs* attrs) {
   TF_RETURN_IF_ERROR(ReadDistance(ctx, &attrs->distance));
   std::string name;

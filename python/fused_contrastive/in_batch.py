@@ -87,13 +87,13 @@ def in_batch_contrastive_loss(
         single-device ones of the global batch. Outside a replica context or
         with one replica it changes nothing.
       miner: which of each anchor's pairs count, chosen by a statistics sweep
-        before the loss (no gradient flows through the choice; CPU kernel and
-        XLA on CPU only so far). None: all; "batch_hard": the hardest positive
-        (largest d) and the hardest negative (smallest d), ties to the lowest
-        row; "multi_similarity" (Wang et al. 2019, in distance form): the
-        positives with `d > (hardest negative d) − miner_epsilon` and the
-        negatives with `d < (hardest positive d) + miner_epsilon`. A NaN
-        distance counts as the hardest, so a NaN row keeps the loss NaN.
+        before the loss (no gradient flows through the choice). None: all;
+        "batch_hard": the hardest positive (largest d) and the hardest negative
+        (smallest d), ties to the lowest row; "multi_similarity" (Wang et al.
+        2019, in distance form): the positives with `d > (hardest negative d)
+        − miner_epsilon` and the negatives with `d < (hardest positive d) +
+        miner_epsilon`. A NaN distance counts as the hardest, so a NaN row
+        keeps the loss NaN.
       miner_epsilon: multi_similarity's epsilon, finite and >= 0 (used in
         float32, the precision of the ops' attr).
 

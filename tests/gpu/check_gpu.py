@@ -38,6 +38,8 @@ then:
      second run; and the cosine distance with rows far outside Σe²'s range
      (IN_BATCH_COSINE_SCALES: the kernels divide them by a power of 2), every
      row so scaled or a mix, each gradient row compared at its row's scale;
+     anchor slices; and the miners (batch_hard, multi_similarity) with every
+     weighting, on rows without ties;
   8. times the in-batch kernels at B=4096, D=128 float32. The pybind11 module
      has no cuBLAS: its GEMMs are the plain tiled kernel (TiledGemmGpu), so
      these times bound the TF op's (cuBLAS) from above.
@@ -50,7 +52,7 @@ then:
      kernel registered. With soft device placement off (a missing GPU kernel
      raises instead of copying to the CPU), it runs on /GPU:0 the distance
      loss, the loss from pair embeddings (every distance) and the in-batch
-     loss (both distances and pair weightings), each as the function and as
+     loss (both distances and pair weightings; each miner), each as the function and as
      the Keras class (its fused reduction), float32 and float64, with their
      gradients; checks that the outputs are on the GPU, and compares them with
      the same ops on /CPU:0: bit for bit for the distance loss (the reduced

@@ -33,10 +33,33 @@ def in_batch_options(distance, weighting, max_block_rows):
     )
 
 
+def compare_every_form(device, kernels, labels, e, upstream, options):
+    """The device against in_batch_loss_cpu: loss and gradient (twice: the
+    same bits), loss alone, gradient alone (the same bits as together).
+    Returns (the largest share of the tolerance used, whether the bits agree)."""
+    dtype = e.dtype.name
+    want_loss, want_grad = kernels.in_batch_loss_cpu(labels, e, upstream, **options)
+    loss, grad = device.run_in_batch(labels, e, upstream, options)
+    loss_again, grad_again = device.run_in_batch(labels, e, upstream, options)
+    loss_only, _ = device.run_in_batch(labels, e, None, options)
+    _, grad_only = device.run_in_batch(labels, e, upstream, options, with_loss=False)
+    used = max(
+        relative_error(loss, want_loss, dtype),
+        relative_error(grad, want_grad, dtype),
+        relative_error(loss_only, want_loss, dtype),
+    )
+    same = (
+        same_bits(loss, loss_again)
+        and same_bits(grad, grad_again)
+        and same_bits(grad_only, grad)
+        and same_bits(loss_only, loss)
+    )
+    return used, same
+
+
 def compare_in_batch(device, kernels, rng):
-    """in_batch_loss_cuda against in_batch_loss_cpu: loss alone, loss and
-    gradient (twice: the same bits), gradient alone (the same bits as with
-    the loss). Returns (cases, failures, worst relative_error)."""
+    """in_batch_loss_cuda against in_batch_loss_cpu in every form
+    (compare_every_form). Returns (cases, failures, worst relative_error)."""
     cases = failures = 0
     worst = 0.0
     for index, (distance, weighting, dtype, rows, block) in enumerate(
@@ -54,22 +77,7 @@ def compare_in_batch(device, kernels, rng):
             e[7, dim // 2] = np.nan  # every loss and gradient row NaN, as on the CPU
         upstream = rng.uniform(-2, 2, rows).astype(dtype)
         options = in_batch_options(distance, weighting, block)
-        want_loss, want_grad = kernels.in_batch_loss_cpu(labels, e, upstream, **options)
-        loss, grad = device.run_in_batch(labels, e, upstream, options)
-        loss_again, grad_again = device.run_in_batch(labels, e, upstream, options)
-        loss_only, _ = device.run_in_batch(labels, e, None, options)
-        _, grad_only = device.run_in_batch(labels, e, upstream, options, with_loss=False)
-        used = max(
-            relative_error(loss, want_loss, dtype),
-            relative_error(grad, want_grad, dtype),
-            relative_error(loss_only, want_loss, dtype),
-        )
-        same = (
-            same_bits(loss, loss_again)
-            and same_bits(grad, grad_again)
-            and same_bits(grad_only, grad)
-            and same_bits(loss_only, loss)
-        )
+        used, same = compare_every_form(device, kernels, labels, e, upstream, options)
         ok = same and used <= 1
         worst = max(worst, used)
         cases += 1
@@ -269,10 +277,64 @@ def compare_in_batch_anchors(device, kernels, rng):
     return cases, failures, worst
 
 
+def compare_in_batch_miners(device, kernels, rng):
+    """The miners (issue 21) against the CPU kernel, every weighting: loss and
+    gradient twice (the same bits), loss alone and gradient alone (the same
+    bits as together), the mean-reduced op, and anchor slices. Rows without
+    duplicates: the devices' distances differ in their last bits, and a pair
+    that ties another within them may be chosen on one and not the other, so
+    float32 stays at B <= 37 (float64 also 300). Returns (cases, failures,
+    worst)."""
+    cases = failures = 0
+    worst = 0.0
+    for index, (miner, distance, weighting, dtype, rows) in enumerate(
+        itertools.product(
+            kernels.MINERS,
+            ("euclidean", "cosine"),
+            kernels.PAIR_WEIGHTINGS,
+            ("float32", "float64"),
+            (2, 37, 300),
+        )
+    ):
+        if dtype == "float32" and rows > 37:
+            continue
+        dim = (33, 7)[index % 2]
+        labels = rng.integers(0, max(1, rows // 4), rows).astype(np.int64)
+        e = (rng.standard_normal((rows, dim)) / np.sqrt(dim)).astype(dtype)
+        upstream = rng.uniform(-2, 2, rows).astype(dtype)
+        options = dict(
+            in_batch_options(distance, weighting, (0, 7)[index % 2]),
+            miner=miner,
+            miner_epsilon=0.05,
+        )
+        if index % 3 == 2:
+            options["anchors"] = (rows // 4, rows - rows // 4)
+        used, same = compare_every_form(device, kernels, labels, e, upstream, options)
+        want_reduced = in_batch_reduced_reference(kernels, labels, e, None, "mean", options)
+        reduced = device.run_in_batch_reduced(labels, e, None, "mean", options)
+        used = max(
+            used,
+            relative_error(reduced[0], want_reduced[0], dtype),
+            relative_error(reduced[1], want_reduced[1], dtype),
+        )
+        ok = same and used <= 1
+        worst = max(worst, used)
+        cases += 1
+        failures += not ok
+        if not ok:
+            print(
+                f"  FAIL in-batch miner={miner} {distance:9s} {weighting:8s} {dtype:7s} B={rows} "
+                f"D={dim} anchors={options.get('anchors')} deterministic={same} "
+                f"tolerance used={used:.0%}",
+                flush=True,
+            )
+    return cases, failures, worst
+
+
 def check_kernels(device, kernels, rng):
     """Steps 7-8: in_batch_loss_cuda and in_batch_loss_reduced_cuda against the
-    CPU kernel, cosine rows at extreme scales, and the times at B=4096,
-    D=128. Returns the failures."""
+    CPU kernel, cosine rows at extreme scales, anchor slices, the miners, and
+    the times at B=4096, D=128. Returns the failures."""
     failures = 0
     cases, found, worst = compare_in_batch(device, kernels, rng)
     failures += found
@@ -298,6 +360,12 @@ def check_kernels(device, kernels, rng):
     print(
         f"{cases} in-batch anchor-slice cases compared (worst difference: {worst:.0%} of the "
         "tolerance)",
+        flush=True,
+    )
+    cases, found, worst = compare_in_batch_miners(device, kernels, rng)
+    failures += found
+    print(
+        f"{cases} in-batch miner cases compared (worst difference: {worst:.0%} of the tolerance)",
         flush=True,
     )
     rows, dim = 4096, 128

@@ -178,6 +178,27 @@ def tf_op_cases(fc, rng):
         return lambda got, want: max(relative_error(g, w, dtype) for g, w in zip(got, want))
 
     scalar_upstream = 0.37
+
+    def in_batch_cases(case, options, labels, e):
+        """The in-batch function and Keras class, with their gradients."""
+        rows, dtype = len(labels), e.dtype.name
+        yield (
+            f"in_batch_contrastive_loss {case}",
+            functools.partial(fc.in_batch_contrastive_loss, **options),
+            labels,
+            [e],
+            rng.uniform(-2, 2, rows).astype(dtype),
+            in_batch(dtype),
+        )
+        yield (
+            f"InBatchContrastiveLoss {case}",
+            fc.InBatchContrastiveLoss(**options, dtype=dtype),
+            labels,
+            [e],
+            np.asarray(scalar_upstream, dtype),
+            in_batch(dtype),
+        )
+
     for dtype in ("float32", "float64"):
         label_dtype = "float32" if dtype == "float32" else "int64"
         labels, distances = host_inputs(rng, 10**6 + 3, label_dtype, dtype)
@@ -235,22 +256,15 @@ def tf_op_cases(fc, rng):
             labels, e = in_batch_inputs(rng, rows, dim, dtype)
             options = in_batch_options(distance, weighting, None)
             case = f"{distance} {weighting} {dtype} B={rows} D={dim}"
-            yield (
-                f"in_batch_contrastive_loss {case}",
-                functools.partial(fc.in_batch_contrastive_loss, **options),
-                labels,
-                [e],
-                rng.uniform(-2, 2, rows).astype(dtype),
-                in_batch(dtype),
-            )
-            yield (
-                f"InBatchContrastiveLoss {case}",
-                fc.InBatchContrastiveLoss(**options, dtype=dtype),
-                labels,
-                [e],
-                np.asarray(scalar_upstream, dtype),
-                in_batch(dtype),
-            )
+            yield from in_batch_cases(case, options, labels, e)
+        # The miners on rows without ties (see in_batch.compare_in_batch_miners).
+        for miner, distance in itertools.product(fc._inputs.MINERS, ("euclidean", "cosine")):
+            rows, dim = 300 if dtype == "float64" else 37, 33
+            labels = rng.integers(0, rows // 4, rows)
+            e = (rng.standard_normal((rows, dim)) / np.sqrt(dim)).astype(dtype)
+            options = dict(in_batch_options(distance, "active", None), miner=miner)
+            case = f"miner={miner} {distance} {dtype} B={rows} D={dim}"
+            yield from in_batch_cases(case, options, labels, e)
 
 
 def tf_loss_and_grads(tf, device, loss_fn, labels, inputs, upstream):

@@ -2,16 +2,17 @@
 some of its pairs, chosen from a statistics sweep (its hardest positive and
 hardest negative), and the weighting's means run over the kept pairs. Checked
 against float64 explicit pairs (numpy_mined in test_in_batch.py) on every
-path that mines: the function (eager, tf.function, XLA on CPU), the
-reference, the pybind11 module, the references, the memory and the Keras
-classes; the paths that do not mine yet (the CUDA kernel, the HLO lowering)
-refuse with a clear error."""
+path that mines: the function (eager, tf.function, XLA on CPU, and the HLO
+lowering that XLA on GPU runs: test_the_hlo_lowering_passes_the_xla_cases runs
+the XLA cases again with it on the CPU), the reference, the pybind11 module,
+the references, the memory and the Keras classes. The CUDA kernel's miners are
+checked against the CPU kernel by tests/gpu/check_gpu.py."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from support import HLO_ON_CPU_ENV, run_python
+from support import HLO_ON_CPU, run_python, run_tests_under_hlo
 from test_in_batch import PAIR_WEIGHTINGS, assert_close, batch, numpy_in_batch
 from test_in_batch_references import oracle
 
@@ -61,14 +62,20 @@ def test_matches_float64_explicit_pairs(rng, miner, weighting, distance, b, clas
         labels, e, MARGIN, POSITIVE_MARGIN, distance, weighting, upstream, miner, EPSILON
     )
     kwargs = options(miner, weighting, distance)
-    # Graphs and XLA at one size (each traces and compiles anew: CI time).
+    # Graphs and XLA at one size (each traces and compiles anew: CI time);
+    # the HLO lowering's run compiles the fused loss at every size.
     jits = (None, False, True) if b == 37 else (None,)
-    for function in (fc.in_batch_contrastive_loss, fc.in_batch_contrastive_loss_reference):
+    functions = (fc.in_batch_contrastive_loss, fc.in_batch_contrastive_loss_reference)
+    if HLO_ON_CPU:
+        jits, functions = (True,), functions[:1]
+    for function in functions:
         for jit in jits:
             loss, grad = run(function, labels, e, upstream, jit, **kwargs)
             what = f"{function.__name__}, jit={jit}"
             assert_close(loss, want_loss, "float64", f"loss, {what}")
             assert_close(grad, want_grad, "float64", f"gradient, {what}")
+    if HLO_ON_CPU:
+        return
     # The kernel itself, in blocks of 4 rows too (tiles of two blocks offer
     # their columns' hardest pairs).
     for max_block_rows in (0, 4):
@@ -123,28 +130,31 @@ def test_batch_hard_ties_go_to_the_lowest_row(jit):
         np.testing.assert_allclose(grad[:, 0], [-4.0, 2.0, 2.0, 0.0, 0.0], err_msg=str(jit))
 
 
+@pytest.mark.parametrize("jit", [None, True])
 @pytest.mark.parametrize("miner", MINERS)
-def test_anchors_without_positives_or_negatives(miner):
+def test_anchors_without_positives_or_negatives(miner, jit):
     # Row 0 has no positive; rows 1 and 2 have one positive and one negative.
     labels, e = np.array([7, 1, 1]), np.array([[0.0, 0.0], [0.5, 0.0], [0.0, 0.75]])
     for weighting in PAIR_WEIGHTINGS:
         want = numpy_in_batch(
             labels, e, MARGIN, POSITIVE_MARGIN, "euclidean", weighting, None, miner, EPSILON
         )[0]
-        got = fc.in_batch_contrastive_loss(labels, e, **options(miner, weighting))
-        assert_close(got, want, "float64", weighting)
+        got = run(fc.in_batch_contrastive_loss, labels, e, 1.0, jit, **options(miner, weighting))
+        assert_close(got[0], want, "float64", weighting)
     # One class, two equal rows: multi_similarity keeps no positive without a
     # negative, batch_hard keeps the positive, whose term is 0.
-    one_class = fc.in_batch_contrastive_loss([3, 3], [[1.0], [1.0]], miner=miner)
-    np.testing.assert_array_equal(one_class, [0.0, 0.0])
+    one_class = run(fc.in_batch_contrastive_loss, [3, 3], [[1.0], [1.0]], 1.0, jit, miner=miner)
+    for output in one_class:  # the loss and its gradient
+        np.testing.assert_array_equal(output, 0.0)
 
 
+@pytest.mark.parametrize("jit", [None, True])
 @pytest.mark.parametrize("miner", MINERS)
-def test_a_nan_row_keeps_the_loss_nan(miner):
+def test_a_nan_row_keeps_the_loss_nan(miner, jit):
     labels = np.array([0, 0, 1, 1])
     e = np.array([[0.0, 0.0], [0.5, 0.0], [np.nan, 0.0], [0.0, 3.0]])
     for function in (fc.in_batch_contrastive_loss, fc.in_batch_contrastive_loss_reference):
-        loss = function(labels, e, miner=miner).numpy()
+        loss = run(function, labels, e, 1.0, jit, miner=miner)[0]
         # Every anchor pairs with the NaN row, which is its hardest pair.
         assert np.isnan(loss).all(), (function.__name__, loss)
 
@@ -252,24 +262,12 @@ def test_the_pybind_module_names_bad_miners():
         _kernels.in_batch_loss_cpu([0, 1], np.zeros((2, 1)), miner="batch_hard", miner_epsilon=-1)
 
 
-def test_the_hlo_lowering_refuses_a_miner_clearly():
-    # XLA's GPU backend compiles the HLO lowering, which does not mine yet:
-    # the error says so and what to do (the CPU backend calls the kernel).
-    result = run_python(
-        """
-        import numpy as np, tensorflow as tf
-        import fused_contrastive as fc
-        f = tf.function(lambda x: fc.in_batch_contrastive_loss([0, 0, 1], x, miner="batch_hard"),
-                        jit_compile=True)
-        try:
-            f(tf.zeros([3, 2]))
-        except tf.errors.UnimplementedError as e:
-            print("refused:", e.message)
-        """,
-        **{HLO_ON_CPU_ENV: "1"},
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "miner='batch_hard' runs on the CPU kernel" in result.stdout, result.stdout
+@pytest.mark.skipif(HLO_ON_CPU, reason="this is the run it starts")
+def test_the_hlo_lowering_passes_the_xla_cases(tmp_path):
+    # What XLA on GPU compiles, checked on the CPU: the cases above that
+    # compile with XLA, again with FUSED_CONTRASTIVE_XLA_CPU_HLO=1.
+    cases = "(explicit_pairs and not 1000) or ties or without or nan_row or with_references or fit"
+    run_tests_under_hlo(__file__, tmp_path, keyword=cases)
 
 
 @pytest.mark.parametrize("miner", MINERS)

@@ -62,8 +62,15 @@ def _all_three(
     pair_weighting,
     reduction="weighted_mean",
     max_block_rows=BLOCK,
+    miner="none",
 ):
-    attrs = dict(distance=distance, pair_weighting=pair_weighting, max_block_rows=max_block_rows)
+    attrs = dict(
+        distance=distance,
+        pair_weighting=pair_weighting,
+        max_block_rows=max_block_rows,
+        miner=miner,
+        miner_epsilon=0.05,
+    )
     anchors = all_anchors(e)
     loss = _LIBRARY.fused_contrastive_in_batch_contrastive_loss(
         labels, e, anchors, margin, positive_margin, **attrs
@@ -131,6 +138,32 @@ def test_in_batch_ops_under_xla_match_the_kernels(rng, distance, pair_weighting,
     if rows < 2:  # no pairs: nothing to pay, nothing to move
         for output in got[:4]:
             np.testing.assert_array_equal(output, 0.0)
+
+
+@pytest.mark.parametrize("miner", ["batch_hard", "multi_similarity"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("distance", DISTANCES)
+def test_mined_in_batch_ops_under_xla_match_the_kernels(rng, distance, dtype, miner):
+    # The HLO lowering finds each row's hardest pairs in its counting loop, as
+    # the kernel's statistics sweep finds them (issue 21).
+    labels, e = _batch(rng, 37, 6, dtype)
+    u = _per_row(rng, 37, dtype)
+    for pair_weighting in WEIGHTINGS:
+        want, got = _graph_and_xla(
+            _all_three,
+            labels,
+            e,
+            u,
+            u,
+            _f64(1.2),
+            _f64(0.1),
+            _f64(0.5),
+            distance=distance,
+            pair_weighting=pair_weighting,
+            miner=miner,
+        )
+        _assert_same(got, want, dtype)
+        _assert_same(got[-1:], got[:1], dtype)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -362,7 +395,9 @@ def test_no_b_by_b_tensor_in_either_lowering(rng):
     rows = 512
     labels, e = _batch(rng, rows, 16, "float32")
     u = _per_row(rng, rows, "float32")
-    for pair_weighting in WEIGHTINGS:
+    settings = [(weighting, "none") for weighting in WEIGHTINGS]
+    settings += [("uniform", "batch_hard"), ("active", "multi_similarity")]
+    for pair_weighting, miner in settings:
 
         def f(labels, e, u):
             return _all_three(
@@ -376,6 +411,7 @@ def test_no_b_by_b_tensor_in_either_lowering(rng):
                 distance="euclidean",
                 pair_weighting=pair_weighting,
                 max_block_rows=64,
+                miner=miner,
             )
 
         for stage in ("hlo", "optimized_hlo"):

@@ -38,9 +38,12 @@ def test_gpu_check_script_self_test():
     assert "in-batch at B=4,096 D=128" in out and "loss+grad" in out
     assert f"{56 * weightings} in-batch anchor-slice cases compared" in out
     assert f"{36 * weightings} in-batch cosine cases at extreme row scales compared" in out
+    miners = len(_inputs.MINERS)  # 2 distances, 2 float32 sizes and 3 float64 sizes each
+    assert f"{10 * miners * weightings} in-batch miner cases compared" in out
     ops = [key for key in vars(_library) if key.endswith("OP_NAME")]
     assert f"{len(ops)} TF ops checked for a registered CPU kernel" in out
-    assert f"{28 + 16 * weightings} TF-op cases compared, /CPU:0 against /CPU:0" in out
+    cases = 28 + 16 * weightings + 8 * miners
+    assert f"{cases} TF-op cases compared, /CPU:0 against /CPU:0" in out
     summary = [line for line in out.splitlines() if line.startswith("TF-op summary: ")]
     assert len(summary) == 1, out
     assert (

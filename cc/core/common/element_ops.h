@@ -40,6 +40,8 @@ struct ElementOps {
   FC_HOST_DEVICE static C masked(const C& mask, const C& x) { return mask != C(0) ? x : C(0); }
   // 1 where x is not 0 (NaN included), else 0.
   FC_HOST_DEVICE static C nonzero(const C& x) { return x != C(0) ? C(1) : C(0); }
+  // 1 where x <= y, else 0 (NaN on either side included).
+  FC_HOST_DEVICE static C at_most(const C& x, const C& y) { return x <= y ? C(1) : C(0); }
 };
 
 FC_HOST_DEVICE inline int binary_exponent(float x) {

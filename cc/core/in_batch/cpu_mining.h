@@ -19,8 +19,8 @@ namespace FC_IN_BATCH_ISA {
 namespace {
 
 // Each anchor's hardest positive (largest d) and hardest negative (smallest
-// d), with the partner's row. A NaN distance is harder than any number; ties
-// go to the lowest row, whatever order the tiles offer them in. Row −1: no
+// d), with the partner's row, in harder_pair's order (NaN first, ties to the
+// lowest row), whatever order the tiles offer them in. Row −1: no
 // such partner (d then −inf for positives, +inf for negatives, which keeps
 // nothing in multi_similarity_keeps).
 template <typename T>
@@ -38,18 +38,10 @@ struct MinerStats {
   void Offer(bool positive, int64_t i, T d, int64_t j) {
     T& best = positive ? positive_d[i] : negative_d[i];
     int32_t& row = positive ? positive_row[i] : negative_row[i];
-    if (Harder(positive, d, j, best, row)) {
+    if (harder_pair(positive, d, j, best, int64_t{row})) {
       best = d;
       row = static_cast<int32_t>(j);
     }
-  }
-
-  static bool Harder(bool positive, T d, int64_t j, T best, int64_t row) {
-    if (row < 0) return true;
-    const bool nan = std::isnan(d), best_nan = std::isnan(best);
-    if (nan || best_nan) return nan && (!best_nan || j < row);
-    if (d != best) return positive ? d > best : d < best;
-    return j < row;
   }
 };
 
@@ -91,7 +83,7 @@ void OfferRow(const T* d, int32_t class_i, const int32_t* class_j, int64_t self,
       stats->Offer(want_positive, i, candidate, j0);
       continue;
     }
-    if (!MinerStats<T>::Harder(want_positive, candidate, j0, best, best_row)) {
+    if (!harder_pair(want_positive, candidate, j0, best, int64_t{best_row})) {
       continue;
     }
     for (int64_t c = 0; c < nj; ++c) {

@@ -20,6 +20,7 @@
 #include <type_traits>
 
 #include "core/common/gpu_common.cuh"
+#include "core/in_batch/gpu_row_reduce.cuh"
 #include "core/in_batch/kernels.h"
 #include "core/in_batch/math.h"
 
@@ -59,11 +60,12 @@ __host__ __device__ inline int64_t MaskWords(int64_t rows) {
 // The workspace, in this order, each part 256-byte aligned: per row the
 // statistic (C), the pair weights (double, as pair_weights gives them) and
 // the weights times the upstream gradient (C); then the R×B tile (T) and the
-// R×⌈B/32⌉ near-pair mask (uint32); for the cosine distance only, each row's
-// exponent k (int) and the scaled embeddings (T, B×D).
+// R×⌈B/32⌉ near-pair mask (uint32); each row's hardest pairs (RowMining: 2
+// per row, C and int64); for the cosine distance only, each row's exponent
+// k (int) and the scaled embeddings (T, B×D).
 struct Layout {
   int64_t stat, positive_weight, negative_weight, positive_coefficient, negative_coefficient, tile,
-      mask, exponent, scaled, total;
+      mask, hardest_d, hardest_row, exponent, scaled, total;
 };
 
 Layout MakeLayout(const InBatchArgs& args) {
@@ -84,6 +86,9 @@ Layout MakeLayout(const InBatchArgs& args) {
   l.negative_coefficient = take(rows * element);
   l.tile = take(block * rows * element);
   l.mask = take(block * MaskWords(rows) * int64_t{sizeof(uint32_t)});
+  // O(B) next to the tile: not worth a workspace size that depends on the miner.
+  l.hardest_d = take(2 * rows * element);
+  l.hardest_row = take(2 * rows * int64_t{sizeof(int64_t)});
   const bool cosine = args.distance == Distance::kCosine;
   l.exponent = take(cosine ? rows * int64_t{sizeof(int)} : 0);
   l.scaled = take(cosine ? rows * args.dim * element : 0);
@@ -166,12 +171,13 @@ constexpr int kCountRows = 8;
 // Per anchor (rows [anchor_begin, anchor_end)): the number of other rows with
 // its label, the pair weights, and those weights times the upstream gradient
 // (the CPU kernel's rounding: weight·g in double, then rounded to C). The
-// partners' are zero-filled before. "active" weights are read, not written:
-// the anchors' counting pass (PairRowKernel) has set them.
+// partners' are zero-filled before. Counted weights ("active", or a miner's)
+// are read, not written: the anchors' counting pass (PairRowKernel) has set
+// them.
 template <typename T>
 __global__ void PairWeightKernel(const int64_t* __restrict__ labels, int64_t rows,
                                  int64_t anchor_begin, int64_t anchor_end, PairWeighting weighting,
-                                 const T* __restrict__ upstream,
+                                 bool counted, const T* __restrict__ upstream,
                                  double* __restrict__ positive_weight,
                                  double* __restrict__ negative_weight,
                                  ComputeType<T>* __restrict__ positive_coefficient,
@@ -189,7 +195,7 @@ __global__ void PairWeightKernel(const int64_t* __restrict__ labels, int64_t row
       count[a] = 0;
     }
     // Only balanced weights depend on the label counts: no O(B²) pass for others.
-    const int64_t count_end = weighting == PairWeighting::kBalanced ? rows : 0;
+    const int64_t count_end = weighting == PairWeighting::kBalanced && !counted ? rows : 0;
     for (int64_t j = threadIdx.x; j < count_end; j += blockDim.x) {
       const int64_t label = labels[j];
 #pragma unroll
@@ -208,7 +214,7 @@ __global__ void PairWeightKernel(const int64_t* __restrict__ labels, int64_t row
         positives += warp_counts[threadIdx.x][w];
       }
       double wp = positive_weight[i], wn = negative_weight[i];
-      if (weighting != PairWeighting::kActive) {
+      if (!counted) {
         pair_weights(weighting, static_cast<double>(rows), static_cast<double>(positives), 0.0, 0.0,
                      &wp, &wn);
         positive_weight[i] = wp;
@@ -239,30 +245,17 @@ __device__ inline ComputeType<T> DirectDistance(const T* ei, const T* ej, int64_
   return ElementOps<C>::sqrt(squared);
 }
 
-// Totals of N per-thread values over the block (kThreadsPerBlock threads),
-// every thread getting them: a fixed tree, so deterministic.
-template <int N>
-__device__ inline void BlockSums(double* v) {
-  __shared__ double shared[N][kThreadsPerBlock];
-  for (int s = 0; s < N; ++s) shared[s][threadIdx.x] = v[s];
-  __syncthreads();
-  for (int width = kThreadsPerBlock / 2; width > 0; width /= 2) {
-    if (threadIdx.x < width) {
-      for (int s = 0; s < N; ++s) shared[s][threadIdx.x] += shared[s][threadIdx.x + width];
-    }
-    __syncthreads();
-  }
-  for (int s = 0; s < N; ++s) v[s] = shared[s][0];
-}
-
 // One CUDA block per row i of the row block starting at row0, over row i's
 // tile row S_i· (R×cols tile, stride cols: the pairs of row i with rows
 // [col0, col0 + cols)). Computes loss_i (0 unless `anchors`) and, with kGrad,
 // overwrites the tile row with M_i· (0 on the diagonal and for near pairs)
 // and writes grad_i = q_i·e_i + Σ_near (A/d)·(e_i − e_j), to which the second
 // GEMM then adds −M_i·E. The sums are in double, as the CPU kernel's.
-// count ("active", an anchors' pass without kGrad): row i's nonzero terms
-// are counted too, and its weights written from the counts before its loss.
+// count ("active" or a miner: an anchors' pass without kGrad, against every
+// row): row i's kept pairs are counted too (counted_pair), and its weights
+// written from the counts before its loss; with a miner, its hardest pairs
+// are found first. Each pair counts as row i keeps it and, for the
+// gradient, as row j keeps it (miner_keeps).
 template <Distance K, bool kGrad, typename T>
 __global__ void __launch_bounds__(kThreadsPerBlock)
     PairRowKernel(const int64_t* __restrict__ labels, const T* __restrict__ e, int64_t col0,
@@ -271,8 +264,9 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
                   double* __restrict__ negative_weight,
                   const ComputeType<T>* __restrict__ positive_coefficient,
                   const ComputeType<T>* __restrict__ negative_coefficient, ComputeType<T> margin,
-                  ComputeType<T> positive_margin, T* __restrict__ tile, uint32_t* __restrict__ mask,
-                  T* __restrict__ loss, T* __restrict__ grad) {
+                  ComputeType<T> positive_margin, RowMining<ComputeType<T>> mining,
+                  T* __restrict__ tile, uint32_t* __restrict__ mask, T* __restrict__ loss,
+                  T* __restrict__ grad) {
   using C = ComputeType<T>;
   constexpr bool kNear = kGrad && K == Distance::kEuclidean;
   const int64_t r = blockIdx.x;
@@ -287,8 +281,43 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     coefficient_i[0] = positive_coefficient[i];
     coefficient_i[1] = negative_coefficient[i];
   }
+  // The pair's distance from its Gram entry s (Euclidean: from e_i − e_j
+  // where the Gram form cancels, *near).
+  const auto distance = [&](int64_t j, C s, bool* near) -> C {
+    const C stat_j = stat[j];
+    if constexpr (K == Distance::kEuclidean) {
+      const C squared = euclidean_squared(s, stat_i, stat_j);
+      *near = gram_distance_cancels(squared, stat_i, stat_j);
+      return *near ? DirectDistance(ei, e + j * dim, dim) : ElementOps<C>::sqrt(squared);
+    } else {
+      *near = false;
+      return pair_distance<K>(s, stat_i, stat_j);
+    }
+  };
+  const bool mined = mining.miner != Miner::kNone;
+  Hardest<C> hardest;
+  if (mined && count) {
+    Hardest<C> mine;
+    for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
+      const int64_t j = col0 + c;
+      bool near;
+      if (j != i)
+        mine.Offer(labels[j] == label_i, distance(j, Convert<C>::from(s_row[c]), &near), j);
+    }
+    hardest = BlockHardest(mine);
+    for (int side = 0; threadIdx.x == 0 && side < 2; ++side) {
+      mining.hardest_d[2 * i + side] = hardest.d[side];
+      mining.hardest_row[2 * i + side] = hardest.row[side];
+    }
+  } else if (mined) {
+    for (int side = 0; side < 2; ++side) {
+      hardest.d[side] = mining.hardest_d[2 * i + side];
+      hardest.row[side] = mining.hardest_row[2 * i + side];
+    }
+  }
+  const C count_active = mining.weighting == PairWeighting::kActive ? C(1) : C(0);
   // Positive terms, negative terms, q_i / diagonal_factor, and with count
-  // the nonzero positive and negative terms.
+  // the counted positive and negative pairs.
   double sums[5] = {};
   bool direct_any = false;
   const int lane = threadIdx.x % kWarpSize;
@@ -301,14 +330,7 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
     if (c < cols && j != i) {
       const C s = Convert<C>::from(s_row[c]);
       const C stat_j = stat[j];
-      C d;
-      if constexpr (K == Distance::kEuclidean) {
-        const C squared = euclidean_squared(s, stat_i, stat_j);
-        near = gram_distance_cancels(squared, stat_i, stat_j);
-        d = near ? DirectDistance(ei, e + j * dim, dim) : ElementOps<C>::sqrt(squared);
-      } else {
-        d = pair_distance<K>(s, stat_i, stat_j);
-      }
+      const C d = distance(j, s, &near);
       const bool same = labels[j] == label_i;
       C term, slope;
       if (same) {
@@ -316,11 +338,17 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
       } else {
         negative_term(d, margin, &term, &slope);
       }
-      sums[same ? 0 : 1] += static_cast<double>(term);
-      if (count) sums[same ? 3 : 4] += static_cast<double>(active_term(term));
+      // Without a miner both keeps are 1, and 1·x leaves the sums' bits.
+      const C keep = miner_keeps(mining.miner, same, d, j, hardest.d, hardest.row, mining.epsilon);
+      const C kept = masked(keep, term);
+      sums[same ? 0 : 1] += static_cast<double>(kept);
+      if (count) sums[same ? 3 : 4] += static_cast<double>(counted_pair(count_active, keep, kept));
       if constexpr (kGrad) {
-        const C coefficient = same ? (coefficient_i[0] + positive_coefficient[j]) * slope
-                                   : (coefficient_i[1] + negative_coefficient[j]) * slope;
+        const C column_keep = miner_keeps(mining.miner, same, d, i, mining.hardest_d + 2 * j,
+                                          mining.hardest_row + 2 * j, mining.epsilon);
+        const C* column_coefficient = same ? positive_coefficient : negative_coefficient;
+        const C sum = keep * coefficient_i[same ? 0 : 1] + column_keep * column_coefficient[j];
+        const C coefficient = masked(keep + column_keep, sum * slope);
         const C m = gram_coefficient<K>(coefficient, d, stat_i, stat_j);
         // A near pair's m (A/d) is kept here only until the direct pass
         // below has used it; that pass then zeroes it for the GEMM. Near
@@ -341,8 +369,8 @@ __global__ void __launch_bounds__(kThreadsPerBlock)
   }
   BlockSums<5>(sums);
   if (count && threadIdx.x == 0) {
-    pair_weights(PairWeighting::kActive, 0.0, 0.0, sums[3], sums[4], &positive_weight[i],
-                 &negative_weight[i]);
+    mined_pair_weights(mining.weighting, sums[3], sums[4], &positive_weight[i],
+                       &negative_weight[i]);
   }
   // A partner's sums hold its pairs with anchors: not a loss.
   if (loss != nullptr && threadIdx.x == 0) {
@@ -417,6 +445,9 @@ GpuStatus Sweep(const InBatchArgs& args, void* workspace, const GpuGemm& gemm,
   auto* negative_coefficient = reinterpret_cast<C*>(base + layout.negative_coefficient);
   auto* tile = reinterpret_cast<T*>(base + layout.tile);
   auto* mask = reinterpret_cast<uint32_t*>(base + layout.mask);
+  const RowMining<C> mining{args.miner, static_cast<C>(args.miner_epsilon), args.weighting,
+                            reinterpret_cast<C*>(base + layout.hardest_d),
+                            reinterpret_cast<int64_t*>(base + layout.hardest_row)};
   auto* exponent = reinterpret_cast<int*>(base + layout.exponent);
   auto* scaled = reinterpret_cast<T*>(base + layout.scaled);
   // From here on the sweep reads the scaled copy (cosine).
@@ -427,6 +458,13 @@ GpuStatus Sweep(const InBatchArgs& args, void* workspace, const GpuGemm& gemm,
       static_cast<const T*>(args.embeddings), rows, dim, stat, exponent, scaled);
   const int64_t anchor_begin = args.anchor_begin, anchor_end = args.anchor_end;
   GpuStatus status;
+  // The partners' hardest pairs are never found, but read (times their zero
+  // coefficients).
+  if (args.miner != Miner::kNone) {
+    status = ZeroFill<C>(mining.hardest_d, 2 * rows, stream);
+    if (status.ok()) status = ZeroFill<int64_t>(mining.hardest_row, 2 * rows, stream);
+    if (!status.ok()) return status;
+  }
   if (anchor_end - anchor_begin < rows) {
     for (auto* weights : {positive_weight, negative_weight}) {
       if (status.ok()) status = ZeroFill<double>(weights, rows, stream);
@@ -454,7 +492,7 @@ GpuStatus Sweep(const InBatchArgs& args, void* workspace, const GpuGemm& gemm,
       PairRowKernel<K, kPassGrad><<<static_cast<unsigned>(n), kThreadsPerBlock, 0, stream>>>(
           args.labels, e, col0, cols, anchors, count, dim, row0, stat, positive_weight,
           negative_weight, positive_coefficient, negative_coefficient, static_cast<C>(args.margin),
-          static_cast<C>(args.positive_margin), tile, mask, loss, grad);
+          static_cast<C>(args.positive_margin), mining, tile, mask, loss, grad);
       result = LastError();
       if (!result.ok()) return result;
       // beta = 1: PairRowKernel has written q_i·e_i and the near pairs' terms.
@@ -468,23 +506,24 @@ GpuStatus Sweep(const InBatchArgs& args, void* workspace, const GpuGemm& gemm,
   };
   T* loss = static_cast<T*>(args.loss);
   const std::bool_constant<kGrad> pass;
-  // "active": the anchors' forward pass counts their nonzero terms into
-  // their weights first, and is the loss's pass: the forward op and the
-  // gradient op then write the same loss bits.
-  const bool active = args.weighting == PairWeighting::kActive;
-  if (active) {
+  // "active" and the miners: the anchors' forward pass counts their kept
+  // pairs into their weights first (and finds their hardest pairs), and is
+  // the loss's pass: the forward op and the gradient op then write the same
+  // loss bits.
+  const bool counted = args.weighting == PairWeighting::kActive || args.miner != Miner::kNone;
+  if (counted) {
     status = sweep_rows(std::false_type{}, anchor_begin, anchor_end, 0, rows, true, true, loss);
     if (!status.ok()) return status;
   }
-  if (kGrad || !active) {
+  if (kGrad || !counted) {
     PairWeightKernel<<<PairWeightBlocks(anchor_end - anchor_begin), kThreadsPerBlock, 0, stream>>>(
-        args.labels, rows, anchor_begin, anchor_end, args.weighting,
+        args.labels, rows, anchor_begin, anchor_end, args.weighting, counted,
         kGrad ? static_cast<const T*>(args.upstream) : nullptr, positive_weight, negative_weight,
         positive_coefficient, negative_coefficient);
     status = LastError();
     if (status.ok()) {
-      status =
-          sweep_rows(pass, anchor_begin, anchor_end, 0, rows, true, false, active ? nullptr : loss);
+      status = sweep_rows(pass, anchor_begin, anchor_end, 0, rows, true, false,
+                          counted ? nullptr : loss);
     }
   }
   // The partners' own passes only give their gradient (their loss is 0):
@@ -571,7 +610,6 @@ GpuStatus InBatchLossGpu(const InBatchArgs& args, void* workspace, const GpuGemm
   if (!IsInBatchDType(args.type) || !IsInBatchDistance(args.distance)) {
     return GpuStatus{"unsupported dtype or distance"};
   }
-  if (args.miner != Miner::kNone) return GpuStatus{kMinerNotOnGpu};
   auto s = static_cast<cudaStream_t>(stream);
   const bool grad = args.upstream != nullptr && args.grad != nullptr;
   GpuStatus status;
@@ -608,7 +646,6 @@ GpuStatus InBatchLossReducedGpu(const InBatchReducedArgs& args, void* workspace,
   if (!IsInBatchDType(args.in.type) || !IsInBatchDistance(args.in.distance)) {
     return GpuStatus{"unsupported dtype or distance"};
   }
-  if (args.in.miner != Miner::kNone) return GpuStatus{kMinerNotOnGpu};
   auto s = static_cast<cudaStream_t>(stream);
   const ReducedLayout layout = MakeReducedLayout(args);
   char* base = static_cast<char*>(workspace);

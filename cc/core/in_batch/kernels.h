@@ -39,8 +39,7 @@ struct InBatchArgs {
   double positive_margin;
   Distance distance;  // one of kInBatchDistances
   PairWeighting weighting;
-  // Which pairs count (math.h); multi_similarity's epsilon. Only the CPU
-  // kernel mines: the CUDA kernel and the HLO lowering reject a miner.
+  // Which pairs count (math.h); multi_similarity's epsilon.
   Miner miner = Miner::kNone;
   double miner_epsilon = 0.1;
   int64_t max_block_rows;  // caps the rows per block; 0 leaves it to the kernel
@@ -122,10 +121,6 @@ const char* InBatchCpuIsa();
 using GpuGemm = std::function<GpuStatus(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k,
                                         double alpha, const void* a, int64_t lda, const void* b,
                                         int64_t ldb, double beta, void* c, int64_t ldc)>;
-
-// InBatchLossGpu's and InBatchLossReducedGpu's error for a miner.
-inline constexpr char kMinerNotOnGpu[] =
-    "the CUDA in-batch kernel does not mine (miner must be none)";
 
 // Device scratch bytes InBatchLossGpu needs (linear in rows; the cosine
 // distance also holds a scaled copy of the embeddings, rows·dim values).

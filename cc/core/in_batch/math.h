@@ -21,6 +21,7 @@
 #include <math.h>
 
 #include <stddef.h>
+#include <stdint.h>
 
 #include <string>
 
@@ -154,19 +155,53 @@ FC_HOST_DEVICE inline C active_term(C term) {
 // bool: the CPU sweep's vectorised loop takes no bool operand.
 template <typename C>
 FC_HOST_DEVICE inline C counted_pair(C active, C keep, C term) {
-  return active * active_term(term) + (C(1) - active) * keep;
+  return active * active_term(term) + (ElementOps<C>::constant(active, 1) - active) * keep;
 }
 
 // multi_similarity's selection, in distance form (Wang et al. 2019): a
 // positive pair is kept unless d <= hardest negative − epsilon, a negative
-// one unless d >= hardest positive + epsilon. Negated comparisons, so that a
-// NaN distance or a NaN hardest pair keeps the pair and the anchor's loss
-// stays NaN. An anchor without negatives has hardest negative +inf (keeps no
-// positive), one without positives −inf (keeps no negative).
+// one unless d >= hardest positive + epsilon; 1 or 0. Negated comparisons,
+// so that a NaN distance or a NaN hardest pair keeps the pair and the
+// anchor's loss stays NaN. An anchor without negatives has hardest negative
+// +inf (keeps no positive), one without positives −inf (keeps no negative).
 template <typename C>
 FC_HOST_DEVICE inline C multi_similarity_keeps(bool positive, C d, C hardest_other, C epsilon) {
-  const bool dropped = positive ? d <= hardest_other - epsilon : d >= hardest_other + epsilon;
-  return dropped ? C(0) : C(1);
+  using Ops = ElementOps<C>;
+  const C dropped = positive ? Ops::at_most(d, hardest_other - epsilon)
+                             : Ops::at_most(hardest_other + epsilon, d);
+  return Ops::constant(d, 1) - dropped;
+}
+
+// Whether partner j at distance d is harder for an anchor than its hardest
+// so far (best, at row best_row; −1: none yet), on the positive side (larger
+// d) or the negative one (smaller d): a NaN distance first, then the
+// distance, then the lowest row. A total order, so the hardest pair does not
+// depend on the order the pairs are offered in; j = −1 (no pair) is never
+// harder.
+template <typename C>
+FC_HOST_DEVICE inline bool harder_pair(bool positive, C d, int64_t j, C best, int64_t best_row) {
+  if (j < 0) return false;
+  if (best_row < 0) return true;
+  const bool nan = d != d, best_nan = best != best;
+  if (nan || best_nan) return nan && (!best_nan || j < best_row);
+  if (d != best) return positive ? d > best : d < best;
+  return j < best_row;
+}
+
+// Whether an anchor keeps its pair with row j at distance d (1 or 0), from
+// the anchor's hardest pairs (hardest_d, hardest_row: positive's, then
+// negative's): batch_hard keeps the hardest rows, multi_similarity
+// (multi_similarity_keeps) goes by distance, kNone keeps every pair. For the
+// CUDA kernel, which applies each anchor's choice and its partners' in one
+// pass per row.
+template <typename C>
+FC_HOST_DEVICE inline C miner_keeps(Miner miner, bool positive, C d, int64_t j, const C* hardest_d,
+                                    const int64_t* hardest_row, C epsilon) {
+  if (miner == Miner::kBatchHard) return j == hardest_row[positive ? 0 : 1] ? C(1) : C(0);
+  if (miner == Miner::kMultiSimilarity) {
+    return multi_similarity_keeps(positive, d, hardest_d[positive ? 1 : 0], epsilon);
+  }
+  return C(1);
 }
 
 // The row statistic from the row's squared norm: euclidean keeps ‖e‖²,

@@ -33,7 +33,6 @@ struct Launch<CpuDevice> {
 template <>
 struct Launch<GpuDevice> {
   static absl::Status Run(OpKernelContext* ctx, const InBatchArgs& args) {
-    TF_RETURN_IF_ERROR(MinerNotHere(args.miner, "the CUDA kernel"));
     Tensor workspace;
     TF_RETURN_IF_ERROR(AllocateWorkspace(ctx, InBatchLossGpuWorkspace(args), &workspace));
     return WithTfGemm(ctx, args.type, [&](const GpuGemm& gemm) {
@@ -42,7 +41,6 @@ struct Launch<GpuDevice> {
   }
 
   static absl::Status Reduced(OpKernelContext* ctx, const InBatchReducedArgs& args) {
-    TF_RETURN_IF_ERROR(MinerNotHere(args.in.miner, "the CUDA kernel"));
     Tensor workspace;
     TF_RETURN_IF_ERROR(AllocateWorkspace(ctx, InBatchLossReducedGpuWorkspace(args), &workspace));
     return WithTfGemm(ctx, args.in.type, [&](const GpuGemm& gemm) {

@@ -48,6 +48,9 @@ struct ElementOps<xla::XlaOp> {
   static xla::XlaOp nonzero(const xla::XlaOp& x) {
     return xla::Select(xla::Ne(x, constant(x, 0)), constant(x, 1), constant(x, 0));
   }
+  static xla::XlaOp at_most(const xla::XlaOp& x, const xla::XlaOp& y) {
+    return xla::Select(xla::Le(x, y), xla::FullLike(x, 1), xla::ZerosLike(x));
+  }
 };
 
 // --- Inputs --------------------------------------------------------------------
