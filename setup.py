@@ -66,19 +66,26 @@ def tensorflow_cuda_packages_present():
     return installed_version("nvidia-cuda-runtime-cu12") is not None
 
 
+def switch_from_environment(name):
+    """An auto|on|off setting (1 and 0 too) of the environment, as AUTO, ON or OFF."""
+    value = os.environ.get(name, "auto").strip().upper()
+    if value not in ("AUTO", "ON", "OFF", "1", "0"):
+        raise SystemExit(f"{name} must be auto, on or off, got {value!r}")
+    return {"1": "ON", "0": "OFF"}.get(value, value)
+
+
 def cmake_args_from_environment(build_temp):
     """FUSED_CONTRASTIVE_CUDA=auto|on|off, FUSED_CONTRASTIVE_CUDA_ARCHS=<CMake list>,
-    FUSED_CONTRASTIVE_CMAKE_ARGS=<anything else for CMake> (see README).
+    FUSED_CONTRASTIVE_JAX=auto|on|off (the typed-FFI handlers JAX calls; CMake's
+    default is auto), FUSED_CONTRASTIVE_CMAKE_ARGS=<anything else for CMake> (see
+    README).
 
     CUDA kernels are built with "on", and with "auto" when an NVIDIA driver is
     present or TensorFlow's CUDA packages are (a system nvcc alone does not
     make a machine run them); without a system nvcc they are compiled by the
     PyPI toolchain."""
     args = []
-    cuda = os.environ.get("FUSED_CONTRASTIVE_CUDA", "auto").strip().upper()
-    if cuda not in ("AUTO", "ON", "OFF", "1", "0"):
-        raise SystemExit(f"FUSED_CONTRASTIVE_CUDA must be auto, on or off, got {cuda!r}")
-    cuda = {"1": "ON", "0": "OFF"}.get(cuda, cuda)
+    cuda = switch_from_environment("FUSED_CONTRASTIVE_CUDA")
     wanted = cuda == "ON" or (
         cuda == "AUTO"
         and (cuda_toolchain.nvidia_driver_present() or tensorflow_cuda_packages_present())
@@ -88,6 +95,8 @@ def cmake_args_from_environment(build_temp):
         args.append(f"-DCMAKE_CUDA_COMPILER={cuda_toolchain.pypi_nvcc(build_temp)}")
     if os.environ.get("FUSED_CONTRASTIVE_CUDA_ARCHS"):
         args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['FUSED_CONTRASTIVE_CUDA_ARCHS']}")
+    if "FUSED_CONTRASTIVE_JAX" in os.environ:
+        args.append(f"-DFC_JAX={switch_from_environment('FUSED_CONTRASTIVE_JAX')}")
     return args + os.environ.get("FUSED_CONTRASTIVE_CMAKE_ARGS", "").split()
 
 

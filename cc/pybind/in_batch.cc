@@ -77,13 +77,8 @@ void SetAnchors(const py::object& anchors, InBatchArgs* args) {
     }
     std::copy(given.begin(), given.end(), range.begin());
   }
-  const std::string problem =
-      InBatchAnchorsProblem(range[0], range[1], range[2], range[3], args->rows);
+  const std::string problem = SetInBatchAnchors(range.data(), args);
   if (!problem.empty()) throw py::value_error(problem);
-  args->anchor_begin = range[0];
-  args->anchor_end = range[1];
-  args->grad_rows = range[2];
-  args->used_rows = range[3];
 }
 
 // Embeddings [B, D] of float32 or float64: sets args' type, rows and dim.

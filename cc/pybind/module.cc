@@ -41,6 +41,9 @@ PYBIND11_MODULE(_kernels, m) {
   bindings::RegisterDistances(m);
   bindings::RegisterPairs(m);
   bindings::RegisterInBatch(m);
+#if FC_WITH_FFI
+  bindings::RegisterFfi(m);
+#endif
 #if FC_WITH_CUDA
   m.attr("has_cuda") = true;
   m.def("scale_cuda", &bindings::ScaleCuda, py::arg("gradient"), py::arg("scale"), py::arg("out"),

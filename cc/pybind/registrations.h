@@ -11,6 +11,8 @@ namespace bindings {
 void RegisterDistances(pybind11::module_& m);
 void RegisterPairs(pybind11::module_& m);
 void RegisterInBatch(pybind11::module_& m);
+// FFI_TARGETS and FFI_ATTRS, where the module carries the typed-FFI handlers.
+void RegisterFfi(pybind11::module_& m);
 
 }  // namespace bindings
 }  // namespace fused_contrastive

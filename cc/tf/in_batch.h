@@ -8,6 +8,7 @@
 #include <string>
 
 #include "core/in_batch/kernels.h"
+#include "ffi/targets.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tf/names.h"
@@ -16,7 +17,7 @@
 namespace fused_contrastive {
 
 // Positions in the order of the op definitions (ops/in_batch.cc). The host
-// calls (xla/in_batch_host_calls.cc) take the inputs as operands and give the
+// calls (ffi/in_batch.cc) take the inputs as operands and give the
 // outputs as results in the same order.
 struct InBatchLossIo {
   enum Input { kLabels, kEmbeddings, kAnchors, kMargin, kPositiveMargin };
@@ -90,13 +91,8 @@ inline absl::Status CheckInBatchAnchors(const tensorflow::TensorShape& shape) {
 }
 
 // The anchors input's values into args (rows set), checked.
-inline absl::Status SetInBatchAnchors(const int64_t* values, InBatchArgs* args) {
-  args->anchor_begin = values[0];
-  args->anchor_end = values[1];
-  args->grad_rows = values[2];
-  args->used_rows = values[3];
-  const std::string problem =
-      InBatchAnchorsProblem(values[0], values[1], values[2], values[3], args->rows);
+inline absl::Status CheckedInBatchAnchors(const int64_t* values, InBatchArgs* args) {
+  const std::string problem = SetInBatchAnchors(values, args);
   if (problem.empty()) return absl::OkStatus();
   return absl::InvalidArgumentError(absl::StrCat("in-batch contrastive loss: ", problem));
 }
@@ -125,11 +121,6 @@ inline absl::Status CheckInBatchUpstream(const tensorflow::TensorShape& labels,
       absl::StrCat("in-batch contrastive loss: upstream must have the labels' shape ",
                    labels.DebugString(), ", got ", upstream.DebugString()));
 }
-
-// The host calls' custom-call targets.
-inline constexpr char kInBatchTarget[] = "fused_contrastive_in_batch_loss";
-inline constexpr char kInBatchGradTarget[] = "fused_contrastive_in_batch_loss_grad";
-inline constexpr char kInBatchReducedTarget[] = "fused_contrastive_in_batch_loss_reduced";
 
 // For the registration table: kernels/in_batch.cc and xla/in_batch.cc.
 extern const OpKernels kInBatchLossKernels;

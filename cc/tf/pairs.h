@@ -8,6 +8,7 @@
 #include <string>
 
 #include "core/pairs/math.h"
+#include "ffi/targets.h"
 #include "tensorflow/core/framework/tensor_shape.h"
 #include "tf/names.h"
 #include "tf/registry.h"
@@ -15,7 +16,7 @@
 namespace fused_contrastive {
 
 // Positions in the order of the op definitions (ops/pairs.cc). The host calls
-// (xla/pairs_host_calls.cc) take the inputs as operands and give the outputs
+// (ffi/pairs.cc) take the inputs as operands and give the outputs
 // as results in the same order. kStacked: the embeddings are one stacked pair
 // input [..., 2, D] (a = pairs[..., 0, :], b = pairs[..., 1, :]), not a and b;
 // kEmbeddings is the first embeddings input, kGrads the first gradient output.
@@ -104,13 +105,6 @@ inline absl::Status CheckGradShapes(const tensorflow::TensorShape& a,
   }
   return CheckPerRow("upstream", upstream, *rows);
 }
-
-// The host calls' custom-call targets.
-inline constexpr char kEmbeddingTarget[] = "fused_contrastive_embedding_loss";
-inline constexpr char kEmbeddingGradTarget[] = "fused_contrastive_embedding_loss_grad";
-inline constexpr char kEmbeddingReducedTarget[] = "fused_contrastive_embedding_loss_reduced";
-inline constexpr char kEmbeddingPairReducedTarget[] =
-    "fused_contrastive_embedding_pair_loss_reduced";
 
 // For the registration table: kernels/pairs.cc and xla/pairs.cc.
 extern const OpKernels kEmbeddingLossKernels;

@@ -1,4 +1,4 @@
-"""cc/tf/xla/in_batch.cc and in_batch_host_calls.cc: the in-batch XLA lowerings against the kernels.
+"""cc/tf/xla/in_batch.cc and cc/ffi/in_batch.cc: the in-batch XLA lowerings against the kernels.
 
 On XLA's CPU backend the ops are typed-FFI calls of the CPU kernels; every
 other backend (GPU) gets the HLO lowering, a While loop over blocks of anchor

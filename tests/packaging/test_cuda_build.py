@@ -29,6 +29,7 @@ def setup_py(monkeypatch):
         "FUSED_CONTRASTIVE_CUDA",
         "FUSED_CONTRASTIVE_CUDA_ARCHS",
         "FUSED_CONTRASTIVE_CMAKE_ARGS",
+        "FUSED_CONTRASTIVE_JAX",
     ):
         monkeypatch.delenv(name, raising=False)
     module.fetched = []
@@ -106,6 +107,11 @@ def test_setup_passes_chosen_architectures_and_rejects_a_bad_setting(monkeypatch
         "-DFC_CUDA=ON",
         "-DCMAKE_CUDA_ARCHITECTURES=89-real;90",
     ]
+    monkeypatch.setenv("FUSED_CONTRASTIVE_JAX", "0")  # the JAX handlers, as the CUDA switch
+    assert setup_py.cmake_args_from_environment("/tmp/b")[-1] == "-DFC_JAX=OFF"
+    monkeypatch.setenv("FUSED_CONTRASTIVE_JAX", "maybe")
+    with pytest.raises(SystemExit, match="FUSED_CONTRASTIVE_JAX must be auto, on or off"):
+        setup_py.cmake_args_from_environment("/tmp/b")
     monkeypatch.setenv("FUSED_CONTRASTIVE_CUDA", "yes")
     with pytest.raises(SystemExit, match="must be auto, on or off, got 'YES'"):
         setup_py.cmake_args_from_environment("/tmp/b")

@@ -61,16 +61,20 @@ def _includes_of(path, seen):
     return seen
 
 
-def test_host_call_handlers_compile_without_the_tf2xla_compiler_headers():
-    # xla_op_kernel.h takes about 40 s per file to compile; the handlers only
-    # need XLA's FFI API, the lowerings emit the calls (xla/hlo.h).
-    handlers = sorted((ROOT / "cc/tf/xla").glob("*host_calls.cc"))
-    assert len(handlers) >= 3
-    heavy = {
-        str(p.relative_to(ROOT)): sorted(h for h in _includes_of(p, set()) if "xla_op_kernel" in h)
+def test_the_ffi_handlers_include_no_tensorflow():
+    # They serve JAX too, where there is no TensorFlow (and xla_op_kernel.h
+    # takes about 40 s per file to compile): XLA's FFI API only.
+    handlers = sorted((ROOT / "cc/ffi").glob("*"))
+    assert len(handlers) >= 5
+    foreign = {
+        str(p.relative_to(ROOT)): sorted(
+            h
+            for h in _includes_of(p, set())
+            if re.match(r"(tensorflow|absl|tsl|tf)/|xla/(?!ffi/api/)", h)
+        )
         for p in handlers
     }
-    assert {path: found for path, found in heavy.items() if found} == {}
+    assert {path: found for path, found in foreign.items() if found} == {}
 
 
 def _layout_block():
@@ -95,7 +99,7 @@ def test_adding_a_loss_names_files_every_family_has():
             concrete = path.replace("<family>", family)
             # Optional files ("when the family has math of its own", "if XLA's CPU backend
             # calls the CPU kernel") are there for the families that need them.
-            if concrete.endswith(("/math.h", "_host_calls.cc")) and family == "distances":
+            if concrete.endswith(("/math.h", "ffi/distances.cc")) and family == "distances":
                 continue
             assert (ROOT / concrete).exists(), concrete
 
@@ -106,11 +110,7 @@ def test_no_file_under_cc_mixes_families(family):
     # of the other families appear in shared files only (the registration
     # table and the pybind11 module's list of registrations).
     entry = {"distances": "ContrastiveLoss", "pairs": "EmbeddingLoss", "in_batch": "InBatchLoss"}
-    own = [
-        p
-        for p in _sources("cc")
-        if family in p.relative_to(ROOT).parts or p.stem in (family, f"{family}_host_calls")
-    ]
+    own = [p for p in _sources("cc") if family in p.relative_to(ROOT).parts or p.stem == family]
     assert own, family
     for path in own:
         # Comments may compare with another family; code may not name it.

@@ -1,4 +1,4 @@
-"""cc/tf/xla/pairs.cc and pairs_host_calls.cc: the XLA lowerings against the compiled kernels."""
+"""cc/tf/xla/pairs.cc and cc/ffi/pairs.cc: the XLA lowerings against the compiled kernels."""
 
 import numpy as np
 import pytest

@@ -64,6 +64,16 @@ inline std::string InBatchAnchorsProblem(int64_t begin, int64_t end, int64_t gra
          std::to_string(end) + ", " + std::to_string(grad) + ", " + std::to_string(used) + "]";
 }
 
+// The anchors input's values [begin, end, grad, used] into args (rows set);
+// returns InBatchAnchorsProblem's message, empty when they are valid.
+inline std::string SetInBatchAnchors(const int64_t* values, InBatchArgs* args) {
+  args->anchor_begin = values[0];
+  args->anchor_end = values[1];
+  args->grad_rows = values[2];
+  args->used_rows = values[3];
+  return InBatchAnchorsProblem(values[0], values[1], values[2], values[3], args->rows);
+}
+
 // args with only its used rows: what the sweeps run on (the rows after them
 // are zero-filled by the callers).
 inline InBatchArgs UsedRowsOnly(InBatchArgs args) {

@@ -79,7 +79,7 @@ class InBatchOpBase : public OpKernel {
     // Host memory (the registrations say so) on every device.
     const Tensor& anchors = ctx->input(Io::kAnchors);
     TF_RETURN_IF_ERROR(CheckInBatchAnchors(anchors.shape()));
-    TF_RETURN_IF_ERROR(SetInBatchAnchors(anchors.flat<int64_t>().data(), args));
+    TF_RETURN_IF_ERROR(CheckedInBatchAnchors(anchors.flat<int64_t>().data(), args));
     args->distance = attrs_.distance;
     args->weighting = attrs_.weighting;
     args->miner = attrs_.miner;

@@ -208,7 +208,7 @@ xla::XlaOp LessRow(xla::XlaOp x, xla::XlaOp centre);
 // dots in TF32, whose rounding the Euclidean Gram formula would magnify.
 xla::XlaOp PreciseDot(xla::XlaOp a, xla::XlaOp b, int64_t a_contract, int64_t b_contract);
 
-// --- Host calls (XLA's CPU backend; handlers in xla/host_calls.h) --------------
+// --- Host calls (XLA's CPU backend; handlers in ffi/) --------------------------
 
 // FUSED_CONTRASTIVE_XLA_CPU_HLO=1 keeps the HLO lowering on the CPU backend
 // too, so that the GPU backend's lowering is tested where there is no GPU

@@ -1,5 +1,5 @@
 // XLA lowerings of the in-batch all-pairs loss. On XLA's CPU backend they are
-// host calls of InBatchLossCpu (xla/in_batch_host_calls.cc): the kernel's
+// host calls of InBatchLossCpu (ffi/in_batch.cc): the kernel's
 // exact path for cancelling pairs and its symmetric sweep (each unordered
 // pair of blocks once, half the HLO's products) are out of the HLO's reach,
 // and its results do not depend on the thread count, so the calls give the
@@ -39,7 +39,7 @@ absl::Status InBatchShapes(tensorflow::XlaOpKernelContext* ctx, int64_t max_bloc
   if (ctx->ConstantInputAsIntVector(Io::kAnchors, &anchors).ok()) {
     InBatchArgs probe;
     probe.rows = in->rows;
-    TF_RETURN_IF_ERROR(SetInBatchAnchors(anchors.data(), &probe));
+    TF_RETURN_IF_ERROR(CheckedInBatchAnchors(anchors.data(), &probe));
   }
   in->block = InBatchBlockRows(in->rows, max_block_rows);
   in->type = ctx->input_xla_type(Io::kEmbeddings);

@@ -1,7 +1,7 @@
 // XLA lowerings of the loss from pair embeddings. The HLO (every backend but
 // XLA's CPU) is the formula of core/pairs/math.h on XlaOps, rows as the
 // kernels loop over them. On XLA's CPU backend the ops are host calls of the
-// fused CPU kernels (xla/pairs_host_calls.cc), which read a and b once per
+// fused CPU kernels (ffi/pairs.cc), which read a and b once per
 // op: XLA's code for the HLO reads them once for the row sums and again for
 // the gradients, about twice the time, as the ops are memory bound.
 #include <initializer_list>

@@ -1,16 +1,17 @@
-// The host calls of the in-batch all-pairs loss: typed-FFI handlers that run
+// The in-batch all-pairs loss's typed-FFI handlers (ffi/targets.h): they run
 // InBatchLossCpu and InBatchLossReducedCpu for the custom calls
-// xla/in_batch.cc emits on XLA's CPU backend. Operands and results are the
-// ops' inputs and outputs in order (tf/in_batch.h): labels int64 [B],
-// embeddings [B, D], anchors int64 [2], upstream [B], sample_weight [A] or
-// scalar, margins and loss_scale float64 scalars.
+// tf/xla/in_batch.cc emits on XLA's CPU backend and JAX's front end makes.
+// Operands and results are the TF ops' inputs and outputs in order
+// (tf/in_batch.h): labels int64 [B], embeddings [B, D], anchors int64 [4],
+// upstream [B], sample_weight [A] or scalar, margins and loss_scale float64
+// scalars.
 #include <cstdint>
+#include <cstring>
 #include <string>
 
-#include "absl/base/casts.h"
 #include "core/in_batch/kernels.h"
-#include "tf/in_batch.h"
-#include "tf/xla/host_calls.h"
+#include "ffi/host.h"
+#include "ffi/targets.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace fused_contrastive {
@@ -37,7 +38,9 @@ bool ReadInBatchHostInputs(ffi::BufferR1<ffi::S64> labels, ffi::AnyBuffer embedd
   args->distance = static_cast<Distance>(distance);
   args->weighting = static_cast<PairWeighting>(pair_weighting);
   args->miner = static_cast<Miner>(miner);
-  args->miner_epsilon = absl::bit_cast<float>(miner_epsilon_bits);
+  float epsilon;
+  std::memcpy(&epsilon, &miner_epsilon_bits, sizeof(epsilon));
+  args->miner_epsilon = epsilon;
   args->max_block_rows = max_block_rows;
   args->upstream = nullptr;
   args->loss = nullptr;
@@ -47,9 +50,9 @@ bool ReadInBatchHostInputs(ffi::BufferR1<ffi::S64> labels, ffi::AnyBuffer embedd
 
 // The anchor range, known only now: a bad one is an error of the call.
 ffi::Error ReadAnchors(ffi::BufferR1<ffi::S64> anchors, InBatchArgs* args) {
-  const absl::Status status = SetInBatchAnchors(anchors.typed_data(), args);
-  if (status.ok()) return ffi::Error::Success();
-  return ffi::Error(ffi::ErrorCode::kInvalidArgument, std::string(status.message()));
+  const std::string problem = SetInBatchAnchors(anchors.typed_data(), args);
+  if (problem.empty()) return ffi::Error::Success();
+  return ffi::Error(ffi::ErrorCode::kInvalidArgument, "in-batch contrastive loss: " + problem);
 }
 
 ffi::Error InBatchLossHost(ffi::ThreadPool pool, ffi::BufferR1<ffi::S64> labels,
@@ -129,61 +132,59 @@ ffi::Error InBatchLossReducedHost(
   return error;
 }
 
-XLA_FFI_DEFINE_HANDLER(kInBatchHandler, InBatchLossHost,
-                       ffi::Ffi::Bind()
-                           .Ctx<ffi::ThreadPool>()
-                           .Arg<ffi::BufferR1<ffi::S64>>()  // labels
-                           .Arg<ffi::AnyBuffer>()           // embeddings
-                           .Arg<ffi::BufferR1<ffi::S64>>()  // anchors
-                           .Arg<ffi::BufferR0<ffi::F64>>()  // margin
-                           .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
-                           .Ret<ffi::AnyBuffer>()           // loss
-                           .Attr<int32_t>("distance")
-                           .Attr<int32_t>("pair_weighting")
-                           .Attr<int32_t>("max_block_rows")
-                           .Attr<int32_t>("miner")
-                           .Attr<int32_t>("miner_epsilon_bits"));
-
-XLA_FFI_DEFINE_HANDLER(kInBatchGradHandler, InBatchGradHost,
-                       ffi::Ffi::Bind()
-                           .Ctx<ffi::ThreadPool>()
-                           .Arg<ffi::BufferR1<ffi::S64>>()  // labels
-                           .Arg<ffi::AnyBuffer>()           // embeddings
-                           .Arg<ffi::BufferR1<ffi::S64>>()  // anchors
-                           .Arg<ffi::AnyBuffer>()           // upstream
-                           .Arg<ffi::BufferR0<ffi::F64>>()  // margin
-                           .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
-                           .Ret<ffi::AnyBuffer>()           // grad
-                           .Ret<ffi::AnyBuffer>()           // loss
-                           .Attr<int32_t>("distance")
-                           .Attr<int32_t>("pair_weighting")
-                           .Attr<int32_t>("max_block_rows")
-                           .Attr<int32_t>("miner")
-                           .Attr<int32_t>("miner_epsilon_bits"));
-
-XLA_FFI_DEFINE_HANDLER(kInBatchReducedHandler, InBatchLossReducedHost,
-                       ffi::Ffi::Bind()
-                           .Ctx<ffi::ThreadPool>()
-                           .Arg<ffi::BufferR1<ffi::S64>>()  // labels
-                           .Arg<ffi::AnyBuffer>()           // embeddings
-                           .Arg<ffi::BufferR1<ffi::S64>>()  // anchors
-                           .Arg<ffi::AnyBuffer>()           // sample_weight
-                           .Arg<ffi::BufferR0<ffi::F64>>()  // margin
-                           .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
-                           .Arg<ffi::BufferR0<ffi::F64>>()  // loss_scale
-                           .Ret<ffi::AnyBuffer>()           // loss
-                           .Ret<ffi::AnyBuffer>()           // grad
-                           .Ret<ffi::AnyBuffer>()           // reduction_scale
-                           .Attr<int32_t>("distance")
-                           .Attr<int32_t>("pair_weighting")
-                           .Attr<int32_t>("max_block_rows")
-                           .Attr<int32_t>("miner")
-                           .Attr<int32_t>("miner_epsilon_bits")
-                           .Attr<int32_t>("reduction"));
-
-XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kInBatchTarget, "Host", kInBatchHandler);
-XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kInBatchGradTarget, "Host", kInBatchGradHandler);
-XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kInBatchReducedTarget, "Host", kInBatchReducedHandler);
-
 }  // namespace
+
+// C symbols (declared in ffi/targets.h), outside the unnamed namespace.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLoss, InBatchLossHost,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::BufferR1<ffi::S64>>()  // labels
+                                  .Arg<ffi::AnyBuffer>()           // embeddings
+                                  .Arg<ffi::BufferR1<ffi::S64>>()  // anchors
+                                  .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                                  .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
+                                  .Ret<ffi::AnyBuffer>()           // loss
+                                  .Attr<int32_t>("distance")
+                                  .Attr<int32_t>("pair_weighting")
+                                  .Attr<int32_t>("max_block_rows")
+                                  .Attr<int32_t>("miner")
+                                  .Attr<int32_t>("miner_epsilon_bits"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLossGrad, InBatchGradHost,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::BufferR1<ffi::S64>>()  // labels
+                                  .Arg<ffi::AnyBuffer>()           // embeddings
+                                  .Arg<ffi::BufferR1<ffi::S64>>()  // anchors
+                                  .Arg<ffi::AnyBuffer>()           // upstream
+                                  .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                                  .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
+                                  .Ret<ffi::AnyBuffer>()           // grad
+                                  .Ret<ffi::AnyBuffer>()           // loss
+                                  .Attr<int32_t>("distance")
+                                  .Attr<int32_t>("pair_weighting")
+                                  .Attr<int32_t>("max_block_rows")
+                                  .Attr<int32_t>("miner")
+                                  .Attr<int32_t>("miner_epsilon_bits"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLossReduced, InBatchLossReducedHost,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::BufferR1<ffi::S64>>()  // labels
+                                  .Arg<ffi::AnyBuffer>()           // embeddings
+                                  .Arg<ffi::BufferR1<ffi::S64>>()  // anchors
+                                  .Arg<ffi::AnyBuffer>()           // sample_weight
+                                  .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                                  .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
+                                  .Arg<ffi::BufferR0<ffi::F64>>()  // loss_scale
+                                  .Ret<ffi::AnyBuffer>()           // loss
+                                  .Ret<ffi::AnyBuffer>()           // grad
+                                  .Ret<ffi::AnyBuffer>()           // reduction_scale
+                                  .Attr<int32_t>("distance")
+                                  .Attr<int32_t>("pair_weighting")
+                                  .Attr<int32_t>("max_block_rows")
+                                  .Attr<int32_t>("miner")
+                                  .Attr<int32_t>("miner_epsilon_bits")
+                                  .Attr<int32_t>("reduction"));
+
 }  // namespace fused_contrastive

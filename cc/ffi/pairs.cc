@@ -1,15 +1,15 @@
-// The host calls of the loss from pair embeddings: typed-FFI handlers that run
-// the fused CPU kernels (core/pairs) for the custom calls xla/pairs.cc emits on
-// XLA's CPU backend. Operands and results are the ops' inputs and outputs in
-// order (tf/pairs.h): a and b as [rows, D], the stacked pair and its gradient
-// as [rows, 2, D], labels and per-row inputs as [rows] or scalars, margin and
-// loss_scale float64 scalars.
+// The loss from pair embeddings' typed-FFI handlers (ffi/targets.h): they run
+// the fused CPU kernels (core/pairs) for the custom calls tf/xla/pairs.cc emits
+// on XLA's CPU backend and JAX's front end makes. Operands and results are the
+// TF ops' inputs and outputs in order (tf/pairs.h): a and b as [rows, D], the stacked pair and its
+// gradient as [rows, 2, D], labels and per-row inputs as [rows] or scalars, margin and loss_scale
+// float64 scalars.
 #include <cstdint>
 #include <initializer_list>
 
 #include "core/pairs/kernels.h"
-#include "tf/pairs.h"
-#include "tf/xla/host_calls.h"
+#include "ffi/host.h"
+#include "ffi/targets.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace fused_contrastive {
@@ -129,67 +129,63 @@ ffi::Error EmbeddingPairLossReducedHost(
   return RunReducedHost(pool, args, read_ok, margin_valid, {*loss, *grad});
 }
 
-XLA_FFI_DEFINE_HANDLER(kEmbeddingHandler, EmbeddingLossHost,
-                       ffi::Ffi::Bind()
-                           .Ctx<ffi::ThreadPool>()
-                           .Arg<ffi::AnyBuffer>()           // labels
-                           .Arg<ffi::AnyBuffer>()           // a
-                           .Arg<ffi::AnyBuffer>()           // b
-                           .Arg<ffi::BufferR0<ffi::F64>>()  // margin
-                           .Ret<ffi::AnyBuffer>()           // loss
-                           .Ret<ffi::AnyBuffer>()           // coefficients
-                           .Attr<int32_t>("distance")
-                           .Attr<int32_t>("similar_label"));
-
-XLA_FFI_DEFINE_HANDLER(kEmbeddingGradHandler, EmbeddingGradHost,
-                       ffi::Ffi::Bind()
-                           .Ctx<ffi::ThreadPool>()
-                           .Arg<ffi::AnyBuffer>()  // a
-                           .Arg<ffi::AnyBuffer>()  // b
-                           .Arg<ffi::AnyBuffer>()  // coefficients
-                           .Arg<ffi::AnyBuffer>()  // upstream
-                           .Ret<ffi::AnyBuffer>()  // grad_a
-                           .Ret<ffi::AnyBuffer>()  // grad_b
-                           .Attr<int32_t>("distance"));
-
-XLA_FFI_DEFINE_HANDLER(kEmbeddingReducedHandler, EmbeddingLossReducedHost,
-                       ffi::Ffi::Bind()
-                           .Ctx<ffi::ThreadPool>()
-                           .Arg<ffi::AnyBuffer>()           // labels
-                           .Arg<ffi::AnyBuffer>()           // a
-                           .Arg<ffi::AnyBuffer>()           // b
-                           .Arg<ffi::AnyBuffer>()           // sample_weight
-                           .Arg<ffi::BufferR0<ffi::F64>>()  // margin
-                           .Arg<ffi::BufferR0<ffi::F64>>()  // loss_scale
-                           .Ret<ffi::AnyBuffer>()           // loss
-                           .Ret<ffi::AnyBuffer>()           // grad_a
-                           .Ret<ffi::AnyBuffer>()           // grad_b
-                           .Ret<ffi::AnyBuffer>()           // reduction_scale
-                           .Attr<int32_t>("distance")
-                           .Attr<int32_t>("reduction")
-                           .Attr<int32_t>("similar_label"));
-
-XLA_FFI_DEFINE_HANDLER(kEmbeddingPairReducedHandler, EmbeddingPairLossReducedHost,
-                       ffi::Ffi::Bind()
-                           .Ctx<ffi::ThreadPool>()
-                           .Arg<ffi::AnyBuffer>()           // labels
-                           .Arg<ffi::AnyBuffer>()           // pairs
-                           .Arg<ffi::AnyBuffer>()           // sample_weight
-                           .Arg<ffi::BufferR0<ffi::F64>>()  // margin
-                           .Arg<ffi::BufferR0<ffi::F64>>()  // loss_scale
-                           .Ret<ffi::AnyBuffer>()           // loss
-                           .Ret<ffi::AnyBuffer>()           // grad
-                           .Ret<ffi::AnyBuffer>()           // reduction_scale
-                           .Attr<int32_t>("distance")
-                           .Attr<int32_t>("reduction")
-                           .Attr<int32_t>("similar_label"));
-
-XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kEmbeddingTarget, "Host", kEmbeddingHandler);
-XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kEmbeddingGradTarget, "Host", kEmbeddingGradHandler);
-XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kEmbeddingReducedTarget, "Host",
-                         kEmbeddingReducedHandler);
-XLA_FFI_REGISTER_HANDLER(XLA_FFI_GetApi(), kEmbeddingPairReducedTarget, "Host",
-                         kEmbeddingPairReducedHandler);
-
 }  // namespace
+
+// C symbols (declared in ffi/targets.h), outside the unnamed namespace.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLoss, EmbeddingLossHost,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()           // labels
+                                  .Arg<ffi::AnyBuffer>()           // a
+                                  .Arg<ffi::AnyBuffer>()           // b
+                                  .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                                  .Ret<ffi::AnyBuffer>()           // loss
+                                  .Ret<ffi::AnyBuffer>()           // coefficients
+                                  .Attr<int32_t>("distance")
+                                  .Attr<int32_t>("similar_label"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLossGrad, EmbeddingGradHost,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // a
+                                  .Arg<ffi::AnyBuffer>()  // b
+                                  .Arg<ffi::AnyBuffer>()  // coefficients
+                                  .Arg<ffi::AnyBuffer>()  // upstream
+                                  .Ret<ffi::AnyBuffer>()  // grad_a
+                                  .Ret<ffi::AnyBuffer>()  // grad_b
+                                  .Attr<int32_t>("distance"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLossReduced, EmbeddingLossReducedHost,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()           // labels
+                                  .Arg<ffi::AnyBuffer>()           // a
+                                  .Arg<ffi::AnyBuffer>()           // b
+                                  .Arg<ffi::AnyBuffer>()           // sample_weight
+                                  .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                                  .Arg<ffi::BufferR0<ffi::F64>>()  // loss_scale
+                                  .Ret<ffi::AnyBuffer>()           // loss
+                                  .Ret<ffi::AnyBuffer>()           // grad_a
+                                  .Ret<ffi::AnyBuffer>()           // grad_b
+                                  .Ret<ffi::AnyBuffer>()           // reduction_scale
+                                  .Attr<int32_t>("distance")
+                                  .Attr<int32_t>("reduction")
+                                  .Attr<int32_t>("similar_label"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingPairLossReduced,
+                              EmbeddingPairLossReducedHost,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()           // labels
+                                  .Arg<ffi::AnyBuffer>()           // pairs
+                                  .Arg<ffi::AnyBuffer>()           // sample_weight
+                                  .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                                  .Arg<ffi::BufferR0<ffi::F64>>()  // loss_scale
+                                  .Ret<ffi::AnyBuffer>()           // loss
+                                  .Ret<ffi::AnyBuffer>()           // grad
+                                  .Ret<ffi::AnyBuffer>()           // reduction_scale
+                                  .Attr<int32_t>("distance")
+                                  .Attr<int32_t>("reduction")
+                                  .Attr<int32_t>("similar_label"));
+
 }  // namespace fused_contrastive

@@ -1,11 +1,12 @@
-// What the host calls of every family share. On XLA's CPU backend the
-// embedding and in-batch ops are typed-FFI custom calls of the fused CPU
-// kernels rather than HLO: the lowerings emit them (HostCall in xla/hlo.h),
-// and the handlers here run the kernels on the pool XLA lends them
-// (RunHostKernel). Handlers see only XLA's FFI API, never the tf2xla
-// compiler headers, which take about 40 s to compile per file.
-#ifndef FUSED_CONTRASTIVE_TF_XLA_HOST_CALLS_H_
-#define FUSED_CONTRASTIVE_TF_XLA_HOST_CALLS_H_
+// What the typed-FFI handlers of every family (ffi/<family>.cc) share. They
+// run the fused CPU kernels for the custom calls of TensorFlow's XLA CPU
+// backend, where the lowerings emit them instead of HLO (HostCall in
+// tf/xla/hlo.h), and of JAX's front end, on the pool XLA lends them
+// (RunHostKernel). They see only XLA's FFI API, which TensorFlow's wheel and
+// jaxlib both ship: no TensorFlow, no tf2xla (whose headers take about 40 s
+// to compile per file).
+#ifndef FUSED_CONTRASTIVE_FFI_HOST_H_
+#define FUSED_CONTRASTIVE_FFI_HOST_H_
 
 #include <cstdint>
 
@@ -46,4 +47,4 @@ ReductionArgs HostReduction(ffi::AnyBuffer weights, ffi::BufferR0<ffi::F64> loss
 
 }  // namespace fused_contrastive
 
-#endif  // FUSED_CONTRASTIVE_TF_XLA_HOST_CALLS_H_
+#endif  // FUSED_CONTRASTIVE_FFI_HOST_H_

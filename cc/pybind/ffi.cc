@@ -1,0 +1,50 @@
+// The typed-FFI handlers (ffi/targets.h) for JAX's front end
+// (fused_contrastive/jax.py): each target's handler as a PyCapsule, which
+// jax.ffi.register_ffi_target takes, and the int32 value of each name the
+// handlers' attrs take, read off the enums (no second list in Python).
+#include <pybind11/pybind11.h>
+
+#include <cstddef>
+
+#include "core/common/distance.h"
+#include "core/common/reduction.h"
+#include "core/in_batch/math.h"
+#include "ffi/targets.h"
+#include "pybind/registrations.h"
+
+namespace fused_contrastive {
+namespace bindings {
+namespace {
+
+namespace py = pybind11;
+
+template <typename E, size_t N>
+py::dict AttrValues(const E (&all)[N], const char* (*name_of)(E)) {
+  py::dict values;
+  for (E e : all) values[py::str(name_of(e))] = static_cast<int>(e);
+  return values;
+}
+
+}  // namespace
+
+void RegisterFfi(py::module_& m) {
+  py::dict targets;
+  for (const HostTarget& target : kHostTargets) {
+    targets[py::str(target.name)] = py::capsule(reinterpret_cast<void*>(target.handler));
+  }
+  m.attr("FFI_TARGETS") = targets;
+  py::dict reductions;
+  for (const char* name : {"sum", "mean", "weighted_mean"}) {
+    Reduction reduction;
+    if (ParseReduction(name, &reduction)) reductions[py::str(name)] = static_cast<int>(reduction);
+  }
+  py::dict attrs;
+  attrs["distance"] = AttrValues(kAllDistances, DistanceName);
+  attrs["pair_weighting"] = AttrValues(kAllPairWeightings, PairWeightingName);
+  attrs["miner"] = AttrValues(kAllMiners, MinerName);
+  attrs["reduction"] = reductions;
+  m.attr("FFI_ATTRS") = attrs;
+}
+
+}  // namespace bindings
+}  // namespace fused_contrastive
