@@ -1,24 +1,28 @@
 """Input checks and shape alignment shared by the fused op and the reference."""
 
 import dataclasses
-import math
-import numbers
 import typing
 
 import numpy as np
 
 import tensorflow as tf
 
+from fused_contrastive._options import (  # noqa: F401 (the TF front end's names too)
+    DISTANCES,
+    IN_BATCH_DISTANCES,
+    MINERS,
+    PAIR_WEIGHTINGS,
+    _check_max_block_rows,
+    _check_miner,
+    _count,
+    real_margin,
+    renamed_errors,
+    validate_choice,
+    validate_similar_label,
+)
+
 LABEL_DTYPES = (tf.bool, tf.int32, tf.int64, tf.float16, tf.bfloat16, tf.float32, tf.float64)
 DISTANCE_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
-# The embedding ops' `distance` attr values (tests check them against the op
-# definitions of cc/core/pairs/math.h).
-DISTANCES = ("euclidean", "cosine", "manhattan")
-# The in-batch ops' `distance` and `pair_weighting` attr values (cc/core/in_batch/math.h).
-IN_BATCH_DISTANCES = ("euclidean", "cosine")
-PAIR_WEIGHTINGS = ("uniform", "balanced", "active")
-# The in-batch ops' `miner` attr values but "none" (Python's None).
-MINERS = ("batch_hard", "multi_similarity")
 # Class ids: integers, or floats compared by value (Keras passes y_true as floats).
 CLASS_LABEL_DTYPES = tuple(t for t in LABEL_DTYPES if t != tf.bool)
 
@@ -37,31 +41,7 @@ def validate_margin(margin):
         if margin.shape.rank not in (None, 0):
             raise ValueError(f"margin must be a scalar, got shape {margin.shape}")
         return tf.cast(margin, tf.float64)
-    if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
-        raise TypeError(f"margin must be a real number, got {margin!r} ({type(margin).__name__})")
-    margin = float(margin)
-    if not math.isfinite(margin) or margin < 0:
-        raise ValueError(f"margin must be finite and non-negative, got {margin}")
-    return margin
-
-
-def validate_similar_label(similar_label):
-    """The label value that marks a similar pair: 1 (TF Addons) or 0 (the Hadsell
-    paper, keras.io's Siamese example)."""
-    if isinstance(similar_label, bool) or not isinstance(similar_label, numbers.Integral):
-        raise TypeError(
-            f"similar_label must be 0 or 1, got {similar_label!r} ({type(similar_label).__name__})"
-        )
-    if similar_label not in (0, 1):
-        raise ValueError(f"similar_label must be 0 or 1, got {similar_label}")
-    return int(similar_label)
-
-
-def validate_choice(value, choices, what):
-    """value, one of the strings `choices`, or a ValueError listing them."""
-    if not isinstance(value, str) or value not in choices:
-        raise ValueError(f"{what} must be one of {', '.join(map(repr, choices))}; got {value!r}")
-    return value
+    return real_margin(margin)
 
 
 def validate_distance(distance):
@@ -316,44 +296,7 @@ def stacked_operands(pairs):
 
 def named_margin(value, what):
     """validate_margin, its errors naming the argument `what`."""
-    try:
-        return validate_margin(value)
-    except (TypeError, ValueError) as error:
-        raise type(error)(str(error).replace("margin", what, 1)) from None
-
-
-def _check_max_block_rows(max_block_rows):
-    """The cap on the rows per block of the in-batch sweep, as given: None (the
-    op's choice) or a positive int."""
-    if max_block_rows is None:
-        return None
-    if isinstance(max_block_rows, bool) or not isinstance(max_block_rows, numbers.Integral):
-        raise TypeError(f"max_block_rows must be None or a positive int, got {max_block_rows!r}")
-    if not 0 < max_block_rows < 2**31:
-        raise ValueError(f"max_block_rows must be None or a positive int, got {max_block_rows}")
-    return max_block_rows
-
-
-def _check_miner(miner, epsilon):
-    """miner: None or one of MINERS; epsilon: a finite number >= 0."""
-    if miner is not None and (not isinstance(miner, str) or miner not in MINERS):
-        raise ValueError(
-            f"miner must be one of None, {', '.join(map(repr, MINERS))}; got {miner!r}"
-        )
-    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
-        raise TypeError(f"miner_epsilon must be a number, got {epsilon!r}")
-    if not (math.isfinite(epsilon) and epsilon >= 0):
-        raise ValueError(f"miner_epsilon must be finite and >= 0, got {epsilon}")
-    return miner, float(epsilon)
-
-
-def _count(value, what):
-    """A non-negative int option."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{what} must be a non-negative int, got {value!r}")
-    if value < 0:
-        raise ValueError(f"{what} must be a non-negative int, got {value}")
-    return int(value)
+    return renamed_errors(validate_margin, value, what)
 
 
 @dataclasses.dataclass(frozen=True)

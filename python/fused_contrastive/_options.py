@@ -1,0 +1,85 @@
+"""The options' names and checks that need no TensorFlow: the TF front end
+(_inputs.py) and the JAX one (jax.py) share them."""
+
+import math
+import numbers
+
+# The embedding ops' `distance` attr values (tests check them against the op
+# definitions of cc/core/pairs/math.h).
+DISTANCES = ("euclidean", "cosine", "manhattan")
+# The in-batch ops' `distance` and `pair_weighting` attr values (cc/core/in_batch/math.h).
+IN_BATCH_DISTANCES = ("euclidean", "cosine")
+PAIR_WEIGHTINGS = ("uniform", "balanced", "active")
+# The in-batch ops' `miner` attr values but "none" (Python's None).
+MINERS = ("batch_hard", "multi_similarity")
+
+
+def real_margin(margin):
+    """A number margin as a float: finite and non-negative."""
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Real):
+        raise TypeError(f"margin must be a real number, got {margin!r} ({type(margin).__name__})")
+    margin = float(margin)
+    if not math.isfinite(margin) or margin < 0:
+        raise ValueError(f"margin must be finite and non-negative, got {margin}")
+    return margin
+
+
+def renamed_errors(check, margin, what):
+    """check(margin), its errors naming the argument `what` instead of margin."""
+    try:
+        return check(margin)
+    except (TypeError, ValueError) as error:
+        raise type(error)(str(error).replace("margin", what, 1)) from None
+
+
+def validate_similar_label(similar_label):
+    """The label value that marks a similar pair: 1 (TF Addons) or 0 (the Hadsell
+    paper, keras.io's Siamese example)."""
+    if isinstance(similar_label, bool) or not isinstance(similar_label, numbers.Integral):
+        raise TypeError(
+            f"similar_label must be 0 or 1, got {similar_label!r} ({type(similar_label).__name__})"
+        )
+    if similar_label not in (0, 1):
+        raise ValueError(f"similar_label must be 0 or 1, got {similar_label}")
+    return int(similar_label)
+
+
+def validate_choice(value, choices, what):
+    """value, one of the strings `choices`, or a ValueError listing them."""
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{what} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def _check_max_block_rows(max_block_rows):
+    """The cap on the rows per block of the in-batch sweep, as given: None (the
+    op's choice) or a positive int."""
+    if max_block_rows is None:
+        return None
+    if isinstance(max_block_rows, bool) or not isinstance(max_block_rows, numbers.Integral):
+        raise TypeError(f"max_block_rows must be None or a positive int, got {max_block_rows!r}")
+    if not 0 < max_block_rows < 2**31:
+        raise ValueError(f"max_block_rows must be None or a positive int, got {max_block_rows}")
+    return max_block_rows
+
+
+def _check_miner(miner, epsilon):
+    """miner: None or one of MINERS; epsilon: a finite number >= 0."""
+    if miner is not None and (not isinstance(miner, str) or miner not in MINERS):
+        raise ValueError(
+            f"miner must be one of None, {', '.join(map(repr, MINERS))}; got {miner!r}"
+        )
+    if isinstance(epsilon, bool) or not isinstance(epsilon, numbers.Real):
+        raise TypeError(f"miner_epsilon must be a number, got {epsilon!r}")
+    if not (math.isfinite(epsilon) and epsilon >= 0):
+        raise ValueError(f"miner_epsilon must be finite and >= 0, got {epsilon}")
+    return miner, float(epsilon)
+
+
+def _count(value, what):
+    """A non-negative int option."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{what} must be a non-negative int, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{what} must be a non-negative int, got {value}")
+    return int(value)

@@ -1,0 +1,159 @@
+"""fused_contrastive.jax.in_batch_contrastive_loss (issue 22): the CPU kernels
+through their typed-FFI handlers, against the TensorFlow function (the same
+kernels: the same bits), under jax.jit, jax.grad and jax.vmap; float64 in a
+process with jax_enable_x64; and in a process where TensorFlow cannot be
+imported."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorflow as tf
+from support import run_python
+
+import fused_contrastive as fc
+import fused_contrastive.jax as fcj
+
+OPTIONS = [
+    dict(),
+    dict(margin=1.25, positive_margin=0.25, distance="cosine", pair_weighting="balanced"),
+    dict(margin=2.0, pair_weighting="active", miner="batch_hard"),
+    dict(margin=2.0, distance="cosine", miner="multi_similarity", miner_epsilon=0.3),
+]
+
+
+def _tf_loss_and_grad(labels, e, upstream, **options):
+    x = tf.constant(e)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        loss = fc.in_batch_contrastive_loss(labels, x, **options)
+        total = tf.reduce_sum(loss * upstream)
+    return loss.numpy(), tape.gradient(total, x).numpy()
+
+
+@pytest.mark.parametrize("options", OPTIONS)
+def test_jax_gives_the_tensorflow_functions_bits(rng, options):
+    labels = rng.integers(0, 5, 40)
+    e = rng.normal(size=(40, 8)).astype(np.float32)
+    upstream = rng.normal(size=40).astype(np.float32)
+    want_loss, want_grad = _tf_loss_and_grad(labels, e, upstream, **options)
+
+    def total(x):
+        return jnp.sum(fcj.in_batch_contrastive_loss(labels, x, **options) * upstream)
+
+    loss = fcj.in_batch_contrastive_loss(labels, e, **options)
+    grad = jax.jit(jax.grad(total))(e)
+    np.testing.assert_array_equal(np.asarray(loss).view(np.int32), want_loss.view(np.int32))
+    np.testing.assert_array_equal(np.asarray(grad).view(np.int32), want_grad.view(np.int32))
+    jitted = jax.jit(lambda x: fcj.in_batch_contrastive_loss(labels, x, **options))(e)
+    np.testing.assert_array_equal(np.asarray(jitted), np.asarray(loss))
+
+
+def test_vmap_runs_each_batch_of_a_leading_axis(rng):
+    labels = rng.integers(0, 3, (4, 12))
+    e = rng.normal(size=(4, 12, 5)).astype(np.float32)
+    got = jax.vmap(lambda y, x: fcj.in_batch_contrastive_loss(y, x, margin=1.5))(labels, e)
+    grads = jax.vmap(jax.grad(lambda y, x: fcj.in_batch_contrastive_loss(y, x).sum(), 1))(labels, e)
+    for b in range(4):
+        want_loss, want_grad = _tf_loss_and_grad(labels[b], e[b], np.ones(12, np.float32))
+        np.testing.assert_array_equal(
+            got[b], fcj.in_batch_contrastive_loss(labels[b], e[b], margin=1.5)
+        )
+        np.testing.assert_array_equal(np.asarray(grads[b]), want_grad)
+
+
+def test_labels_of_shape_b_by_1_and_empty_batches(rng):
+    e = rng.normal(size=(6, 3)).astype(np.float32)
+    labels = rng.integers(0, 2, 6)
+    np.testing.assert_array_equal(
+        fcj.in_batch_contrastive_loss(labels[:, None], e), fcj.in_batch_contrastive_loss(labels, e)
+    )
+    assert fcj.in_batch_contrastive_loss(np.zeros(0, int), np.zeros((0, 3), np.float32)).shape == (
+        0,
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(miner="hard"), ValueError, "miner must be one of None, 'batch_hard'"),
+        (dict(pair_weighting="mean"), ValueError, "pair_weighting must be one of 'uniform'"),
+        (dict(distance="manhattan"), ValueError, "distance must be one of 'euclidean', 'cosine'"),
+        (dict(margin=-1.0), ValueError, "margin must be finite and non-negative"),
+        (dict(positive_margin="1"), TypeError, "positive_margin must be a real number"),
+        (dict(max_block_rows=0), ValueError, "max_block_rows must be None or a positive int"),
+    ],
+)
+def test_bad_options_raise_the_tensorflow_functions_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        fcj.in_batch_contrastive_loss([0, 1], np.zeros((2, 2), np.float32), **kwargs)
+    with pytest.raises(error, match=match):
+        fc.in_batch_contrastive_loss([0, 1], np.zeros((2, 2), np.float32), **kwargs)
+
+
+def test_bad_inputs_raise_clear_errors():
+    e = np.zeros((3, 2), np.float32)
+    with pytest.raises(TypeError, match="labels must be integer class ids"):
+        fcj.in_batch_contrastive_loss([0.0, 1.0, 0.0], e)
+    with pytest.raises(TypeError, match="embeddings must be float32 or float64"):
+        fcj.in_batch_contrastive_loss([0, 1, 0], e.astype(np.float16))
+    with pytest.raises(ValueError, match=r"labels must be \[B\] \(or \[B, 1\]\) and embeddings"):
+        fcj.in_batch_contrastive_loss([0, 1], e)
+
+
+def test_float64_and_without_tensorflow():
+    # jax_enable_x64 for float64, and TensorFlow made unimportable, as on a
+    # machine with JAX alone: the package imports, its TF names say why not.
+    labels = [0, 1, 0, 1, 2, 2, 0]
+    e = np.random.default_rng(3).normal(size=(7, 4))
+    result = run_python(
+        f"""
+        import importlib.abc, json, sys
+        import numpy as np
+
+        class NoTensorFlow(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] == "tensorflow":
+                    raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
+
+        sys.meta_path.insert(0, NoTensorFlow())
+        import jax
+        jax.config.update("jax_enable_x64", True)
+        import fused_contrastive as fc
+        import fused_contrastive.jax as fcj
+        try:
+            fc.ContrastiveLoss
+            missing = ""
+        except ImportError as error:
+            missing = str(error)
+        e = np.array({e.tolist()})
+        loss = fcj.in_batch_contrastive_loss({labels}, e, miner="batch_hard", margin=2.0)
+        grad = jax.grad(lambda x: fcj.in_batch_contrastive_loss({labels}, x, margin=2.0).sum())(e)
+        print(json.dumps([str(loss.dtype), np.asarray(loss).view(np.int64).tolist(),
+                          np.asarray(grad).view(np.int64).tolist(),
+                          "tensorflow" in sys.modules, missing]))
+        """,
+        JAX_PLATFORMS="cpu",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    dtype, loss, grad, tf_imported, missing = json.loads(result.stdout.strip().splitlines()[-1])
+    assert dtype == "float64" and not tf_imported
+    assert "fused_contrastive.ContrastiveLoss needs TensorFlow" in missing, missing
+    want_loss = fc.in_batch_contrastive_loss(labels, e, miner="batch_hard", margin=2.0).numpy()
+    assert loss == want_loss.view(np.int64).tolist()
+    _, want_grad = _tf_loss_and_grad(labels, e, np.ones(7), margin=2.0)
+    assert grad == want_grad.view(np.int64).tolist()
+
+
+def test_second_derivatives_raise_a_clear_error(rng):
+    # The gradient is the kernel's backward sweep, itself not differentiable.
+    labels = rng.integers(0, 2, 5)
+    e = rng.normal(size=(5, 3)).astype(np.float32)
+
+    def grad_norm(x):
+        return jnp.sum(jax.grad(lambda y: fcj.in_batch_contrastive_loss(labels, y).sum())(x) ** 2)
+
+    with pytest.raises(ValueError, match="in_batch_loss.* cannot be differentiated"):
+        jax.grad(grad_norm)(e)
