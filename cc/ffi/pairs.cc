@@ -3,7 +3,8 @@
 // on XLA's CPU backend and JAX's front end makes. Operands and results are the
 // TF ops' inputs and outputs in order (tf/pairs.h): a and b as [rows, D], the stacked pair and its
 // gradient as [rows, 2, D], labels and per-row inputs as [rows] or scalars, margin and loss_scale
-// float64 scalars.
+// float64 scalars. JAX calls the loss handler with its margin as an attr
+// (FusedContrastiveEmbeddingLossMarginAttr).
 #include <cstdint>
 #include <initializer_list>
 
@@ -21,28 +22,29 @@ namespace {
 // margin: an invalid run-time one is passed as 0 and *margin_valid is false,
 // for the caller to make its results NaN (the rule of CheckConstantMargin).
 bool ReadHostInputs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, const void* a_data,
-                    const void* b_data, int64_t row_stride, ffi::BufferR0<ffi::F64> margin,
-                    int32_t similar_label, int32_t distance, EmbeddingInputs* in,
-                    bool* margin_valid) {
+                    const void* b_data, int64_t row_stride, double margin, int32_t similar_label,
+                    int32_t distance, EmbeddingInputs* in, bool* margin_valid) {
   in->labels = labels.untyped_data();
   in->a = a_data;
   in->b = b_data;
   in->rows = embeddings.dimensions()[0];
   in->dim = embeddings.dimensions()[embeddings.dimensions().size() - 1];
   in->row_stride = row_stride;
-  *margin_valid = IsValidMargin(margin.typed_data()[0]);
-  in->margin = *margin_valid ? margin.typed_data()[0] : 0.0;
+  *margin_valid = IsValidMargin(margin);
+  in->margin = *margin_valid ? margin : 0.0;
   in->similar_label = similar_label;
   in->distance = static_cast<Distance>(distance);
   return FromFfi(labels.element_type(), &in->label_type) &&
          FromFfi(embeddings.element_type(), &in->embedding_type);
 }
 
-ffi::Error EmbeddingLossHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::AnyBuffer a,
-                             ffi::AnyBuffer b, ffi::BufferR0<ffi::F64> margin,
-                             ffi::Result<ffi::AnyBuffer> loss,
-                             ffi::Result<ffi::AnyBuffer> coefficients, int32_t distance,
-                             int32_t similar_label) {
+// The margin as an attr, as JAX passes it: a float64 that needs no
+// jax_enable_x64.
+ffi::Error EmbeddingLossMarginAttrHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
+                                       ffi::AnyBuffer a, ffi::AnyBuffer b,
+                                       ffi::Result<ffi::AnyBuffer> loss,
+                                       ffi::Result<ffi::AnyBuffer> coefficients, double margin,
+                                       int32_t distance, int32_t similar_label) {
   EmbeddingInputs in;
   bool margin_valid;
   const bool read = ReadHostInputs(labels, a, a.untyped_data(), b.untyped_data(), a.dimensions()[1],
@@ -58,6 +60,17 @@ ffi::Error EmbeddingLossHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::A
   return error;
 }
 
+// The margin as an operand, as TensorFlow's XLA passes it (it may be a
+// run-time tensor).
+ffi::Error EmbeddingLossHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::AnyBuffer a,
+                             ffi::AnyBuffer b, ffi::BufferR0<ffi::F64> margin,
+                             ffi::Result<ffi::AnyBuffer> loss,
+                             ffi::Result<ffi::AnyBuffer> coefficients, int32_t distance,
+                             int32_t similar_label) {
+  return EmbeddingLossMarginAttrHost(pool, labels, a, b, loss, coefficients, margin.typed_data()[0],
+                                     distance, similar_label);
+}
+
 ffi::Error EmbeddingGradHost(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                              ffi::AnyBuffer coefficients, ffi::AnyBuffer upstream,
                              ffi::Result<ffi::AnyBuffer> grad_a, ffi::Result<ffi::AnyBuffer> grad_b,
@@ -69,6 +82,13 @@ ffi::Error EmbeddingGradHost(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuf
   args.dim = a.dimensions()[1];
   args.row_stride = args.dim;
   args.distance = static_cast<Distance>(distance);
+  // JAX declares the coefficients as any dtype of their bytes (it has no
+  // float64 without jax_enable_x64): their size is what must match.
+  if (static_cast<int64_t>(coefficients.size_bytes()) !=
+      args.rows * NumRowCoefficients(args.distance) * static_cast<int64_t>(sizeof(double))) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "contrastive loss: the coefficients are not the loss handler's");
+  }
   args.coefficients = static_cast<const double*>(coefficients.untyped_data());
   args.upstream = upstream.untyped_data();
   args.scalar_upstream = upstream.dimensions().size() == 0;
@@ -100,8 +120,8 @@ ffi::Error EmbeddingLossReducedHost(
   ReducedEmbeddingArgs args;
   bool margin_valid;
   const bool read_ok =
-      ReadHostInputs(labels, a, a.untyped_data(), b.untyped_data(), a.dimensions()[1], margin,
-                     similar_label, distance, &args.in, &margin_valid);
+      ReadHostInputs(labels, a, a.untyped_data(), b.untyped_data(), a.dimensions()[1],
+                     margin.typed_data()[0], similar_label, distance, &args.in, &margin_valid);
   args.reduction = HostReduction(weights, loss_scale, loss, reduction_scale, reduction);
   args.grad_a = grad_a->untyped_data();
   args.grad_b = grad_b->untyped_data();
@@ -119,10 +139,11 @@ ffi::Error EmbeddingPairLossReducedHost(
   bool margin_valid;
   DType type;
   const int64_t dim = pairs.dimensions()[2];
-  const bool read_ok = FromFfi(pairs.element_type(), &type) &&
-                       ReadHostInputs(labels, pairs, pairs.untyped_data(),
-                                      StackedPairB(type, pairs.untyped_data(), dim), 2 * dim,
-                                      margin, similar_label, distance, &args.in, &margin_valid);
+  const bool read_ok =
+      FromFfi(pairs.element_type(), &type) &&
+      ReadHostInputs(labels, pairs, pairs.untyped_data(),
+                     StackedPairB(type, pairs.untyped_data(), dim), 2 * dim, margin.typed_data()[0],
+                     similar_label, distance, &args.in, &margin_valid);
   args.reduction = HostReduction(weights, loss_scale, loss, reduction_scale, reduction);
   args.grad_a = grad->untyped_data();
   args.grad_b = StackedPairB(type, args.grad_a, dim);
@@ -141,6 +162,18 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLoss, EmbeddingLossHost,
                                   .Arg<ffi::BufferR0<ffi::F64>>()  // margin
                                   .Ret<ffi::AnyBuffer>()           // loss
                                   .Ret<ffi::AnyBuffer>()           // coefficients
+                                  .Attr<int32_t>("distance")
+                                  .Attr<int32_t>("similar_label"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLossMarginAttr, EmbeddingLossMarginAttrHost,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // labels
+                                  .Arg<ffi::AnyBuffer>()  // a
+                                  .Arg<ffi::AnyBuffer>()  // b
+                                  .Ret<ffi::AnyBuffer>()  // loss
+                                  .Ret<ffi::AnyBuffer>()  // coefficients
+                                  .Attr<double>("margin")
                                   .Attr<int32_t>("distance")
                                   .Attr<int32_t>("similar_label"));
 

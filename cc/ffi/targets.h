@@ -9,7 +9,9 @@
 #include "xla/ffi/api/c_api.h"
 
 extern "C" {
+XLA_FFI_Error* FusedContrastiveLoss(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveEmbeddingLoss(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FusedContrastiveEmbeddingLossMarginAttr(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveEmbeddingLossGrad(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveEmbeddingLossReduced(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveEmbeddingPairLossReduced(XLA_FFI_CallFrame* call_frame);
@@ -20,7 +22,9 @@ XLA_FFI_Error* FusedContrastiveInBatchLossReduced(XLA_FFI_CallFrame* call_frame)
 
 namespace fused_contrastive {
 
+inline constexpr char kLossTarget[] = "fused_contrastive_loss";
 inline constexpr char kEmbeddingTarget[] = "fused_contrastive_embedding_loss";
+inline constexpr char kEmbeddingMarginAttrTarget[] = "fused_contrastive_embedding_loss_margin_attr";
 inline constexpr char kEmbeddingGradTarget[] = "fused_contrastive_embedding_loss_grad";
 inline constexpr char kEmbeddingReducedTarget[] = "fused_contrastive_embedding_loss_reduced";
 inline constexpr char kEmbeddingPairReducedTarget[] =
@@ -36,7 +40,9 @@ struct HostTarget {
 
 // Every target, for the registrations.
 inline constexpr HostTarget kHostTargets[] = {
+    {kLossTarget, FusedContrastiveLoss},
     {kEmbeddingTarget, FusedContrastiveEmbeddingLoss},
+    {kEmbeddingMarginAttrTarget, FusedContrastiveEmbeddingLossMarginAttr},
     {kEmbeddingGradTarget, FusedContrastiveEmbeddingLossGrad},
     {kEmbeddingReducedTarget, FusedContrastiveEmbeddingLossReduced},
     {kEmbeddingPairReducedTarget, FusedContrastiveEmbeddingPairLossReduced},

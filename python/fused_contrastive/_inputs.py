@@ -7,6 +7,7 @@ import numpy as np
 
 import tensorflow as tf
 
+from fused_contrastive import _options
 from fused_contrastive._options import (  # noqa: F401 (the TF front end's names too)
     DISTANCES,
     IN_BATCH_DISTANCES,
@@ -21,8 +22,8 @@ from fused_contrastive._options import (  # noqa: F401 (the TF front end's names
     validate_similar_label,
 )
 
-LABEL_DTYPES = (tf.bool, tf.int32, tf.int64, tf.float16, tf.bfloat16, tf.float32, tf.float64)
-DISTANCE_DTYPES = (tf.float16, tf.bfloat16, tf.float32, tf.float64)
+LABEL_DTYPES = tuple(map(tf.as_dtype, _options.LABEL_DTYPES))
+DISTANCE_DTYPES = tuple(map(tf.as_dtype, _options.DISTANCE_DTYPES))
 # Class ids: integers, or floats compared by value (Keras passes y_true as floats).
 CLASS_LABEL_DTYPES = tuple(t for t in LABEL_DTYPES if t != tf.bool)
 
@@ -127,11 +128,11 @@ def prepare_inputs(y_true, y_pred):
     reject_ragged(y_true, y_pred)
     y_pred = _converted(y_pred, DISTANCE_DTYPES, "y_pred (distances)")
     y_true = _converted(y_true, LABEL_DTYPES, "y_true (labels)")
-    true_rank, pred_rank = y_true.shape.rank, y_pred.shape.rank
-    if true_rank is not None and pred_rank is not None:
-        if pred_rank == true_rank + 1 and y_pred.shape[-1] == 1:
+    if y_true.shape.rank is not None and y_pred.shape.rank is not None:
+        change = _options.unit_axis_change(y_true.shape, y_pred.shape)
+        if change > 0:
             y_pred = _squeeze_last(y_pred)
-        elif true_rank == pred_rank + 1 and y_true.shape[-1] == 1:
+        elif change < 0:
             y_true = _squeeze_last(y_true)
     else:
         y_pred, y_true = (
@@ -180,11 +181,11 @@ def _align_row_labels(y_true, rows, rows_shape):
     """Labels aligned with the embeddings' rows (static shape `rows`;
     `rows_shape()` gives their shape as a tensor when a rank is unknown), as
     prepare_embedding_inputs describes."""
-    labels_rank = y_true.shape.rank
-    if labels_rank is not None and rows.rank is not None:
-        if labels_rank == rows.rank + 1 and y_true.shape[-1] == 1:
+    if y_true.shape.rank is not None and rows.rank is not None:
+        change = _options.unit_axis_change(y_true.shape, rows)
+        if change < 0:
             y_true = _squeeze_last(y_true)
-        elif rows.rank == labels_rank + 1 and rows[-1] == 1:
+        elif change > 0:
             y_true = tf.expand_dims(y_true, -1)
     else:
         rows_shape = rows_shape()

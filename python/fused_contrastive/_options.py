@@ -12,6 +12,24 @@ IN_BATCH_DISTANCES = ("euclidean", "cosine")
 PAIR_WEIGHTINGS = ("uniform", "balanced", "active")
 # The in-batch ops' `miner` attr values but "none" (Python's None).
 MINERS = ("batch_hard", "multi_similarity")
+# The dtypes the kernels take, by name: labels of pairs (soft labels are
+# floats), and distances or embeddings.
+LABEL_DTYPES = ("bool", "int32", "int64", "float16", "bfloat16", "float32", "float64")
+DISTANCE_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def unit_axis_change(labels_shape, rows_shape):
+    """How labels of a known shape align with the rows they label (a known
+    shape too): -1 drops the labels' last axis, of size 1, +1 gives them one
+    (a model's [B, 1] output against [B] labels, or the reverse, as Keras'
+    own losses take them), 0 keeps them. Other mismatches are errors, never
+    broadcasts."""
+    labels_shape, rows_shape = tuple(labels_shape), tuple(rows_shape)
+    if len(labels_shape) == len(rows_shape) + 1 and labels_shape[-1] == 1:
+        return -1
+    if len(rows_shape) == len(labels_shape) + 1 and rows_shape[-1] == 1:
+        return 1
+    return 0
 
 
 def real_margin(margin):

@@ -1,17 +1,18 @@
-"""The fused in-batch contrastive loss for JAX (issue 22), importable without
+"""The fused contrastive losses for JAX (issue 22), importable without
 TensorFlow: the CPU kernels the TensorFlow ops run, called through their
 typed-FFI handlers (cc/ffi: XLA's FFI API only), which the pybind11 module
-exports as capsules, with a jax.custom_vjp gradient from the kernels' own
-backward sweep. On the CPU it gives the TensorFlow function's bits.
+exports as capsules, with jax.custom_vjp gradients from the kernels' own
+backward passes. On the CPU they give the TensorFlow functions' bits.
 
     import fused_contrastive.jax as fcj
 
-    loss = fcj.in_batch_contrastive_loss(labels, embeddings, margin=1.0)  # [B]
+    loss = fcj.contrastive_loss(labels, distances, margin=1.0)              # per pair
+    loss = fcj.contrastive_loss_from_embeddings(labels, a, b, margin=1.0)   # per pair
+    loss = fcj.in_batch_contrastive_loss(labels, embeddings, margin=1.0)    # [B]
     grad = jax.grad(lambda e: fcj.in_batch_contrastive_loss(labels, e).mean())(embeddings)
 
-So far: in_batch_contrastive_loss on the CPU (float32; float64 with
-jax_enable_x64). The pair and per-sample losses, the CUDA handlers and Keras 3
-on JAX are issue 22's next steps.
+So far on the CPU (float64 needs jax_enable_x64). The CUDA handlers and Keras
+3 on JAX are issue 22's next steps.
 """
 
 import functools
@@ -33,7 +34,171 @@ for _target, _capsule in _kernels.FFI_TARGETS.items():
     jax.ffi.register_ffi_target(_target, _capsule, platform="cpu")
 _ATTRS = _kernels.FFI_ATTRS
 
-__all__ = ["in_batch_contrastive_loss"]
+__all__ = ["contrastive_loss", "contrastive_loss_from_embeddings", "in_batch_contrastive_loss"]
+
+
+def _checked(x, dtypes, what):
+    """x as a JAX array of one of the dtypes named `dtypes`, or the TF
+    function's TypeError."""
+    x = jnp.asarray(x)
+    if x.dtype.name not in dtypes:
+        raise TypeError(
+            f"contrastive loss: {what} must have dtype {', '.join(dtypes)}; got {x.dtype.name}"
+        )
+    return x
+
+
+def contrastive_loss(y_true, y_pred, margin=1.0, similar_label=1):
+    """Per-sample contrastive loss `y*d^2 + (1-y)*max(margin-d, 0)^2`: what
+    fused_contrastive.contrastive_loss computes (see its docstring; the margin
+    is a number here), by the same CPU kernel.
+
+    Args:
+      y_true: labels (bool, int32, int64 or float; soft labels are used
+        linearly), 1 for similar pairs unless `similar_label=0`.
+      y_pred: distances (float16, bfloat16, float32 or float64), the shape of
+        `y_true`; a trailing axis of size 1 on either side is squeezed.
+
+    Differentiable in `y_pred` (jax.grad, jax.jit, jax.vmap); labels get no
+    gradient.
+    """
+    options = (_options.real_margin(margin), _options.validate_similar_label(similar_label))
+    distances = _checked(y_pred, _options.DISTANCE_DTYPES, "y_pred (distances)")
+    labels = _checked(y_true, _options.LABEL_DTYPES, "y_true (labels)")
+    change = _options.unit_axis_change(labels.shape, distances.shape)
+    if change < 0:
+        labels = labels[..., 0]
+    elif change > 0:
+        distances = distances[..., 0]
+    if labels.shape != distances.shape:
+        raise ValueError(
+            "contrastive loss: labels and distances must have the same shape, got labels "
+            f"{labels.shape} and distances {distances.shape}"
+        )
+    return _distances_loss(options, labels, distances)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _distances_loss(options, labels, distances):
+    return _distances_call(options, labels, distances)[0]
+
+
+def _distances_call(options, labels, distances):
+    """The kernel's loss and d(loss)/d(distance), elementwise (so a vmap
+    batches it as one call): the output and the residual of the VJP."""
+    margin, similar_label = options
+    out = jax.ShapeDtypeStruct(distances.shape, distances.dtype)
+    call = jax.ffi.ffi_call("fused_contrastive_loss", (out, out), vmap_method="broadcast_all")
+    loss, grad = call(
+        labels, distances, margin=np.float64(margin), similar_label=np.int32(similar_label)
+    )
+    return loss, grad
+
+
+def _distances_backward(options, grad, upstream):
+    return None, (upstream * grad).astype(grad.dtype)
+
+
+_distances_loss.defvjp(_distances_call, _distances_backward)
+
+
+def contrastive_loss_from_embeddings(
+    y_true, embeddings_a, embeddings_b, margin=1.0, distance="euclidean", similar_label=1
+):
+    """Per-pair contrastive loss from the pairs' embeddings in one pass: what
+    fused_contrastive.contrastive_loss_from_embeddings computes (see its
+    docstring; the margin is a number here), by the same CPU kernels.
+
+    Args:
+      y_true: labels `[...]`, as in `contrastive_loss`.
+      embeddings_a, embeddings_b: `[..., D]` (float16, bfloat16, float32 or
+        float64), the same shape and dtype, `D >= 1`.
+      distance: "euclidean", "cosine" or "manhattan".
+
+    Returns the loss `[...]`, differentiable in both embeddings.
+    """
+    options = (
+        _options.real_margin(margin),
+        _options.validate_choice(distance, _options.DISTANCES, "distance"),
+        _options.validate_similar_label(similar_label),
+    )
+    a = _checked(embeddings_a, _options.DISTANCE_DTYPES, "embeddings_a")
+    b = _checked(embeddings_b, _options.DISTANCE_DTYPES, "embeddings_b")
+    if a.dtype != b.dtype:
+        raise TypeError(
+            "contrastive loss: embeddings_a and embeddings_b must have the same dtype; "
+            f"got {a.dtype.name} and {b.dtype.name}"
+        )
+    if a.ndim == 0 or a.shape != b.shape or a.shape[-1] == 0:
+        raise ValueError(
+            "contrastive loss: embeddings_a and embeddings_b must have the same shape [..., D] "
+            f"with D >= 1; got {a.shape} and {b.shape}"
+        )
+    labels = _checked(y_true, _options.LABEL_DTYPES, "y_true (labels)")
+    rows = a.shape[:-1]
+    change = _options.unit_axis_change(labels.shape, rows)
+    if change:
+        labels = labels[..., 0] if change < 0 else labels[..., None]
+    if labels.shape != rows:
+        raise ValueError(
+            "contrastive loss: labels must have the shape of the embeddings without their last "
+            f"axis, {rows}; got {labels.shape}"
+        )
+    dim = a.shape[-1]
+    loss = _pairs_loss(options, labels.reshape(-1), a.reshape(-1, dim), b.reshape(-1, dim))
+    return loss.reshape(rows)
+
+
+def _pairs_call(options, labels, a, b):
+    """The kernel's loss [rows] and its gradient coefficients: float64s,
+    declared as pairs of uint32 (JAX has no float64 without jax_enable_x64;
+    the gradient handler checks their size)."""
+    margin, distance, similar_label = options
+    rows = a.shape[0]
+    loss = jax.ShapeDtypeStruct((rows,), a.dtype)
+    words = (rows, _kernels.row_coefficients[distance], 2)
+    call = jax.ffi.ffi_call(
+        "fused_contrastive_embedding_loss_margin_attr",
+        (loss, jax.ShapeDtypeStruct(words, jnp.uint32)),
+        vmap_method="sequential",
+    )
+    return call(
+        labels,
+        a,
+        b,
+        margin=np.float64(margin),
+        distance=np.int32(_ATTRS["distance"][distance]),
+        similar_label=np.int32(similar_label),
+    )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _pairs_loss(options, labels, a, b):
+    return _pairs_call(options, labels, a, b)[0]
+
+
+def _pairs_forward(options, labels, a, b):
+    loss, coefficients = _pairs_call(options, labels, a, b)
+    return loss, (a, b, coefficients)
+
+
+def _pairs_backward(options, residuals, upstream):
+    a, b, coefficients = residuals
+    grad = jax.ShapeDtypeStruct(a.shape, a.dtype)
+    call = jax.ffi.ffi_call(
+        "fused_contrastive_embedding_loss_grad", (grad, grad), vmap_method="sequential"
+    )
+    grad_a, grad_b = call(
+        a,
+        b,
+        coefficients,
+        upstream.astype(a.dtype),
+        distance=np.int32(_ATTRS["distance"][options[1]]),
+    )
+    return None, grad_a, grad_b
+
+
+_pairs_loss.defvjp(_pairs_forward, _pairs_backward)
 
 
 def in_batch_contrastive_loss(

@@ -49,7 +49,9 @@ def test_every_target_has_a_handler_capsule():
     assert sorted(targets) == sorted(
         "fused_contrastive_" + name
         for name in (
+            "loss",
             "embedding_loss",
+            "embedding_loss_margin_attr",
             "embedding_loss_grad",
             "embedding_loss_reduced",
             "embedding_pair_loss_reduced",

@@ -1,8 +1,8 @@
 """fused_contrastive.jax.in_batch_contrastive_loss (issue 22): the CPU kernels
 through their typed-FFI handlers, against the TensorFlow function (the same
 kernels: the same bits), under jax.jit, jax.grad and jax.vmap; float64 in a
-process with jax_enable_x64; and in a process where TensorFlow cannot be
-imported."""
+process with jax_enable_x64; and every loss of fused_contrastive.jax in a
+process where TensorFlow cannot be imported."""
 
 import json
 
@@ -131,20 +131,29 @@ def test_float64_and_without_tensorflow():
         e = np.array({e.tolist()})
         loss = fcj.in_batch_contrastive_loss({labels}, e, miner="batch_hard", margin=2.0)
         grad = jax.grad(lambda x: fcj.in_batch_contrastive_loss({labels}, x, margin=2.0).sum())(e)
+        pairs = fcj.contrastive_loss_from_embeddings({labels}, e, e[::-1], distance="cosine")
+        per_sample = fcj.contrastive_loss({labels}, e[:, 0] ** 2, margin=0.3)
         print(json.dumps([str(loss.dtype), np.asarray(loss).view(np.int64).tolist(),
                           np.asarray(grad).view(np.int64).tolist(),
+                          np.asarray(pairs).view(np.int64).tolist(),
+                          np.asarray(per_sample).view(np.int64).tolist(),
                           "tensorflow" in sys.modules, missing]))
         """,
         JAX_PLATFORMS="cpu",
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    dtype, loss, grad, tf_imported, missing = json.loads(result.stdout.strip().splitlines()[-1])
+    output = json.loads(result.stdout.strip().splitlines()[-1])
+    dtype, loss, grad, pairs, per_sample, tf_imported, missing = output
     assert dtype == "float64" and not tf_imported
     assert "fused_contrastive.ContrastiveLoss needs TensorFlow" in missing, missing
     want_loss = fc.in_batch_contrastive_loss(labels, e, miner="batch_hard", margin=2.0).numpy()
     assert loss == want_loss.view(np.int64).tolist()
     _, want_grad = _tf_loss_and_grad(labels, e, np.ones(7), margin=2.0)
     assert grad == want_grad.view(np.int64).tolist()
+    want = fc.contrastive_loss_from_embeddings(labels, e, e[::-1], distance="cosine").numpy()
+    assert pairs == want.view(np.int64).tolist()
+    want = fc.contrastive_loss(labels, e[:, 0] ** 2, margin=0.3).numpy()
+    assert per_sample == want.view(np.int64).tolist()
 
 
 def test_second_derivatives_raise_a_clear_error(rng):
