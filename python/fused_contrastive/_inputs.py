@@ -24,8 +24,7 @@ from fused_contrastive._options import (  # noqa: F401 (the TF front end's names
 
 LABEL_DTYPES = tuple(map(tf.as_dtype, _options.LABEL_DTYPES))
 DISTANCE_DTYPES = tuple(map(tf.as_dtype, _options.DISTANCE_DTYPES))
-# Class ids: integers, or floats compared by value (Keras passes y_true as floats).
-CLASS_LABEL_DTYPES = tuple(t for t in LABEL_DTYPES if t != tf.bool)
+CLASS_LABEL_DTYPES = tuple(map(tf.as_dtype, _options.CLASS_LABEL_DTYPES))
 
 
 def dtype_names(dtypes):
@@ -205,15 +204,19 @@ def _align_row_labels(y_true, rows, rows_shape):
     return y_true
 
 
+def pairs_shape_message(shape):
+    return (
+        "contrastive loss: with a distance, y_pred holds the two embeddings of each pair "
+        "stacked on axis -2, shape [..., 2, D] (e.g. keras.ops.stack([a, b], "
+        f"axis=1)); got {shape}"
+    )
+
+
 def _check_pairs_shape(y_pred):
     if y_pred.shape.rank is not None and (
         y_pred.shape.rank < 2 or y_pred.shape[-2] != 2 or y_pred.shape[-1] == 0
     ):
-        raise _shape_error(
-            "with a distance, y_pred holds the two embeddings of each pair "
-            "stacked on axis -2, shape [..., 2, D] (e.g. keras.ops.stack([a, b], "
-            f"axis=1)); got {y_pred.shape}"
-        )
+        raise tf.errors.InvalidArgumentError(None, None, pairs_shape_message(y_pred.shape))
 
 
 def prepare_pair_inputs(y_true, pairs):

@@ -16,6 +16,8 @@ MINERS = ("batch_hard", "multi_similarity")
 # floats), and distances or embeddings.
 LABEL_DTYPES = ("bool", "int32", "int64", "float16", "bfloat16", "float32", "float64")
 DISTANCE_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# Class ids: integers, or floats compared by value (Keras passes y_true as floats).
+CLASS_LABEL_DTYPES = tuple(name for name in LABEL_DTYPES if name != "bool")
 
 
 def unit_axis_change(labels_shape, rows_shape):

@@ -218,8 +218,10 @@ def in_batch_contrastive_loss(
     kernel.
 
     Args:
-      labels: integer class ids [B] (or [B, 1]).
-      embeddings: float32 or float64 [B, D] (float64 needs jax_enable_x64).
+      labels: class ids [B] (or [B, 1]): int32, int64, or floats, compared by
+        value.
+      embeddings: [B, D], float16, bfloat16 (both computed in float32),
+        float32 or float64 (which needs jax_enable_x64).
 
     Differentiable in `embeddings` (jax.grad, under jax.jit, and jax.vmap
     over a leading batch axis, one call per batch element); the selection of
@@ -237,16 +239,41 @@ def in_batch_contrastive_loss(
     embeddings = jnp.asarray(embeddings)
     if labels.ndim == 2 and labels.shape[1] == 1:
         labels = labels[:, 0]
-    if not jnp.issubdtype(labels.dtype, jnp.integer):
-        raise TypeError(f"labels must be integer class ids, got {labels.dtype}")
-    if embeddings.dtype not in (jnp.float32, jnp.float64):
-        raise TypeError(f"embeddings must be float32 or float64, got {embeddings.dtype}")
+    if labels.dtype.name not in _options.CLASS_LABEL_DTYPES:
+        raise TypeError(
+            "in-batch contrastive loss: labels must be class ids "
+            f"({', '.join(_options.CLASS_LABEL_DTYPES)}); got {labels.dtype.name}"
+        )
+    if embeddings.dtype.name not in _options.DISTANCE_DTYPES:
+        raise TypeError(
+            "in-batch contrastive loss: embeddings must be "
+            f"{', '.join(_options.DISTANCE_DTYPES)}; got {embeddings.dtype.name}"
+        )
     if embeddings.ndim != 2 or labels.shape != embeddings.shape[:1]:
         raise ValueError(
             "in-batch contrastive loss: labels must be [B] (or [B, 1]) and embeddings [B, D], "
             f"got {labels.shape} and {embeddings.shape}"
         )
-    return _in_batch(options, labels, embeddings)
+    # 16-bit embeddings are computed in float32, as everywhere in the package.
+    compute = embeddings.astype(jnp.float32) if embeddings.dtype.itemsize == 2 else embeddings
+    return _in_batch(options, _class_ids(labels), compute).astype(embeddings.dtype)
+
+
+def _class_ids(labels):
+    """Class labels as the kernels take them: integer ids equal exactly where
+    the labels compare equal. Float labels become the bits of their value in
+    the widest float JAX has (float64 with jax_enable_x64, else float32),
+    with -0 made +0, and NaN labels ids of their own (NaN equals nothing):
+    NaN bit patterns with the row number as payload, which no number has
+    (distinct for 2**23 rows in float32)."""
+    if jnp.issubdtype(labels.dtype, jnp.integer):
+        return labels
+    x64 = jax.config.jax_enable_x64
+    x = labels.astype(jnp.float64 if x64 else jnp.float32)
+    x = jnp.where(x == 0, jnp.zeros_like(x), x)
+    ids_type, nan_bits = (jnp.int64, 0x7FF0000000000000) if x64 else (jnp.int32, 0x7F800000)
+    rows = jnp.arange(1, x.shape[0] + 1, dtype=ids_type)
+    return jnp.where(jnp.isnan(x), rows | nan_bits, jax.lax.bitcast_convert_type(x, ids_type))
 
 
 def _call(options, labels, embeddings, upstream=None):

@@ -7,6 +7,7 @@ import tensorflow as tf
 from fused_contrastive import _distances_ops, _in_batch_ops, _pairs_ops
 from fused_contrastive._inputs import (
     number_margin,
+    pairs_shape_message,
     prepare_embedding_inputs,
     prepare_in_batch_inputs,
     partner_rows,
@@ -108,6 +109,21 @@ def contrastive_loss_from_embeddings(
     if using_reference():
         return reference_embedding_loss(labels, a, b, margin, distance, similar_label)
     return _pairs_ops.embedding_loss(labels, a, b, margin, distance, similar_label)
+
+
+def _on_jax():
+    """Whether Keras 3 runs on JAX (KERAS_BACKEND=jax): the classes then take
+    their per-sample losses from fused_contrastive.jax (the same CPU kernels),
+    and Keras' own Loss.__call__ masks, weighs and reduces them (the fused
+    reductions are TensorFlow ops)."""
+    return keras.backend.backend() == "jax"
+
+
+def _jax_functions():
+    # Imported on first use: it registers the kernels' handlers with JAX.
+    from fused_contrastive import jax as fcj
+
+    return fcj
 
 
 # Keras reduction -> the fused op's (None: Keras reduces the per-sample losses).
@@ -260,10 +276,23 @@ class ContrastiveLoss(ContrastiveLossMixin, keras.losses.Loss):
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         reject_ragged(y_true, y_pred)
-        reduced = self._fused_reduction(y_true, y_pred, sample_weight)
+        reduced = None if _on_jax() else self._fused_reduction(y_true, y_pred, sample_weight)
         if reduced is None:
             return super().__call__(y_true, y_pred, sample_weight)
         return reduced
+
+    def call(self, y_true, y_pred):
+        if not _on_jax():
+            return super().call(y_true, y_pred)
+        fcj = _jax_functions()
+        if self.distance is None:
+            return fcj.contrastive_loss(y_true, y_pred, self.margin, self.similar_label)
+        if y_pred.ndim < 2 or y_pred.shape[-2] != 2 or y_pred.shape[-1] == 0:
+            raise ValueError(pairs_shape_message(y_pred.shape))
+        a, b = y_pred[..., 0, :], y_pred[..., 1, :]
+        return fcj.contrastive_loss_from_embeddings(
+            y_true, a, b, self.margin, self.distance, self.similar_label
+        )
 
     def _fused_reduction(self, y_true, y_pred, sample_weight):
         """The reduced loss from the fused-reduction op, or None where Keras' own
@@ -387,6 +416,9 @@ class InBatchContrastiveLoss(InBatchLossMixin, keras.losses.Loss):
         )
 
     def __call__(self, y_true, y_pred, sample_weight=None):
+        if _on_jax():
+            labels = _jax_class_labels(y_true, self.dtype)
+            return _WithLabels(self, labels)(labels, y_pred, sample_weight)
         reject_ragged(y_true, y_pred)
         labels = class_labels(y_true, self.dtype)
         # Keras 3 scales means by 1/replicas inside Loss.__call__, which this
@@ -405,6 +437,27 @@ class InBatchContrastiveLoss(InBatchLossMixin, keras.losses.Loss):
             reduced = _WithLabels(self, labels)(labels, y_pred, sample_weight)
         self._remember(labels, y_pred)
         return reduced
+
+    def call(self, y_true, y_pred):
+        if not _on_jax():
+            return super().call(y_true, y_pred)
+        options = self._in_batch_options
+        if options.gather_across_replicas or options.memory_size:
+            raise NotImplementedError(
+                f"{type(self).__name__}: gather_across_replicas and memory_size need Keras' "
+                "TensorFlow backend so far; on JAX, pass neither"
+            )
+        return _jax_functions().in_batch_contrastive_loss(
+            y_true,
+            y_pred,
+            margin=options.margin,
+            positive_margin=options.positive_margin,
+            distance=options.distance,
+            pair_weighting=options.pair_weighting,
+            miner=options.miner,
+            miner_epsilon=options.miner_epsilon,
+            max_block_rows=options.max_block_rows,
+        )
 
     def _fused_reduction(self, labels, y_pred, sample_weight):
         with tf.name_scope(self.name):
@@ -443,6 +496,20 @@ def class_labels(y_true, dtype):
     if y_true.dtype == tf.uint64:  # equal exactly where the ids are equal
         return tf.bitcast(y_true, tf.int64)
     return y_true if y_true.dtype in (tf.int32, tf.int64) else tf.cast(y_true, tf.int64)
+
+
+def _jax_class_labels(y_true, dtype):
+    """class_labels on Keras' JAX backend: integer ids exactly (unsigned ones
+    as the signed ids of their bits), floats converted to `dtype`."""
+    y_true = keras.ops.convert_to_tensor(y_true)
+    kind = keras.backend.standardize_dtype(y_true.dtype)
+    if kind in ("int32", "int64"):
+        return y_true
+    if kind in ("uint32", "uint64"):
+        return keras.ops.view(y_true, kind[1:])
+    if "int" in kind:
+        return keras.ops.cast(y_true, "int32")
+    return keras.ops.cast(y_true, dtype)
 
 
 class _WithLabels(keras.losses.Loss):

@@ -64,6 +64,34 @@ def test_vmap_runs_each_batch_of_a_leading_axis(rng):
         np.testing.assert_array_equal(np.asarray(grads[b]), want_grad)
 
 
+def test_float_labels_compare_by_value_as_in_tensorflow(rng):
+    # -0 equals 0; NaN equals nothing, not even another NaN; 0.1 is not 0.
+    labels = np.array([0.0, -0.0, np.nan, np.nan, 0.1, 0.1, 2.5, 0.0], np.float32)
+    e = rng.normal(size=(8, 3)).astype(np.float32)
+    want_loss, want_grad = _tf_loss_and_grad(labels, e, np.ones(8, np.float32), margin=2.0)
+    loss, grad = jax.value_and_grad(
+        lambda x: fcj.in_batch_contrastive_loss(labels, x, margin=2.0).sum()
+    )(e)
+    np.testing.assert_array_equal(fcj.in_batch_contrastive_loss(labels, e, margin=2.0), want_loss)
+    np.testing.assert_array_equal(grad, want_grad)
+    integer = np.array([0, 0, 1, 2, 3, 3, 4, 0])  # the same classes
+    np.testing.assert_array_equal(fcj.in_batch_contrastive_loss(integer, e, margin=2.0), want_loss)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, jnp.bfloat16])
+def test_16_bit_embeddings_are_computed_in_float32_as_in_tensorflow(rng, dtype):
+    labels = rng.integers(0, 3, 11)
+    e = rng.normal(size=(11, 4)).astype(dtype)
+    want_loss, want_grad = _tf_loss_and_grad(labels, e, np.ones(11, dtype), distance="cosine")
+    loss, grad = jax.value_and_grad(
+        lambda x: fcj.in_batch_contrastive_loss(labels, x, distance="cosine").sum()
+    )(e)
+    got = fcj.in_batch_contrastive_loss(labels, e, distance="cosine")
+    assert got.dtype == grad.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(got, np.float32), want_loss.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(grad, np.float32), want_grad.astype(np.float32))
+
+
 def test_labels_of_shape_b_by_1_and_empty_batches(rng):
     e = rng.normal(size=(6, 3)).astype(np.float32)
     labels = rng.integers(0, 2, 6)
@@ -95,10 +123,10 @@ def test_bad_options_raise_the_tensorflow_functions_errors(kwargs, error, match)
 
 def test_bad_inputs_raise_clear_errors():
     e = np.zeros((3, 2), np.float32)
-    with pytest.raises(TypeError, match="labels must be integer class ids"):
-        fcj.in_batch_contrastive_loss([0.0, 1.0, 0.0], e)
-    with pytest.raises(TypeError, match="embeddings must be float32 or float64"):
-        fcj.in_batch_contrastive_loss([0, 1, 0], e.astype(np.float16))
+    with pytest.raises(TypeError, match="labels must be class ids"):
+        fcj.in_batch_contrastive_loss([True, False, True], e)
+    with pytest.raises(TypeError, match="embeddings must be float16, bfloat16, float32, float64"):
+        fcj.in_batch_contrastive_loss([0, 1, 0], e.astype(np.int32))
     with pytest.raises(ValueError, match=r"labels must be \[B\] \(or \[B, 1\]\) and embeddings"):
         fcj.in_batch_contrastive_loss([0, 1], e)
 
