@@ -2,22 +2,23 @@
 
 Usage:
     python benchmarks/benchmark.py [--quick] [--out benchmarks/results] [--bfc-allocator]
-        [--section {distances,embeddings,in_batch,references,miners,all} ...]
+        [--section {distances,embeddings,in_batch,references,miners,jax,all} ...]
         [--memory-limit-gb GB]
 
-Five sections: "distances" (the loss of precomputed distances), "embeddings"
+Six sections: "distances" (the loss of precomputed distances), "embeddings"
 (the loss of pairs of embeddings, the distance computed inside the loss),
 "in_batch" (the loss over all pairs of a batch, from class labels),
-"references" (a batch's anchors against the batch and reference rows) and
-"miners" (the in-batch loss with a miner). --section
+"references" (a batch's anchors against the batch and reference rows),
+"miners" (the in-batch loss with a miner) and "jax" (fused_contrastive.jax
+against plain jax.numpy, and against the TF path). --section
 runs only the sections named (repeatable; default all), e.g.
     python benchmarks/benchmark.py --section in_batch [--quick]
 
 What each section compares, how it is measured and the targets it checks are in
 the docstrings of the section modules beside this script: distances.py
 ("distances", with its effective bandwidth and accuracy), pairs.py
-("embeddings"), in_batch.py ("in_batch"), references.py ("references") and
-miners.py ("miners").
+("embeddings"), in_batch.py ("in_batch"), references.py ("references"),
+miners.py ("miners") and on_jax.py ("jax").
 harness.py holds what they share.
 
 How it is timed
@@ -90,10 +91,11 @@ import distances
 import fused_contrastive
 import in_batch
 import miners
+import on_jax
 import pairs
 import references
 
-SECTIONS = ("distances", "embeddings", "in_batch", "references", "miners")
+SECTIONS = ("distances", "embeddings", "in_batch", "references", "miners", "jax")
 
 
 def main():
@@ -180,6 +182,10 @@ def main():
     if "miners" in sections:
         # The references section's settings: the same kind of timing.
         rows, lines = miners.run_miners(references.Settings.for_run(args.quick))
+        csv_rows += rows
+        markdown_lines += lines
+    if "jax" in sections:
+        rows, lines = on_jax.run_jax(references.Settings.for_run(args.quick))
         csv_rows += rows
         markdown_lines += lines
     runtime_s = time.perf_counter() - started

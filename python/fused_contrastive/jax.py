@@ -308,12 +308,23 @@ def _in_batch(options, labels, embeddings):
 
 
 def _in_batch_forward(options, labels, embeddings):
-    return _call(options, labels, embeddings), (labels, embeddings)
+    """One sweep gives the loss and the gradient of the anchors' loss sum,
+    which serves any upstream gradient equal on every anchor (a mean or sum
+    of the losses, the usual case) scaled by it, as in the TF function."""
+    ones = jnp.ones(embeddings.shape[:1], embeddings.dtype)
+    grad_of_sum, loss = _call(options, labels, embeddings, ones)
+    return loss, (labels, embeddings, grad_of_sum)
 
 
 def _in_batch_backward(options, residuals, upstream):
-    labels, embeddings = residuals
-    grad, _ = _call(options, labels, embeddings, upstream)
+    """Another upstream (sample weights) takes a second sweep."""
+    labels, embeddings, grad_of_sum = residuals
+    first = upstream[:1]  # none in an empty batch: the gradient is empty then
+    grad = jax.lax.cond(
+        jnp.all(upstream == first),
+        lambda: grad_of_sum * jnp.sum(first).astype(grad_of_sum.dtype),
+        lambda: _call(options, labels, embeddings, upstream)[0],
+    )
     return None, grad
 
 

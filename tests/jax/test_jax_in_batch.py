@@ -51,6 +51,19 @@ def test_jax_gives_the_tensorflow_functions_bits(rng, options):
     np.testing.assert_array_equal(np.asarray(jitted), np.asarray(loss))
 
 
+@pytest.mark.parametrize("options", OPTIONS[:2])
+def test_the_gradient_of_a_mean_scales_the_one_sweeps_gradient_as_tensorflow_does(rng, options):
+    labels = rng.integers(0, 5, 33)
+    e = rng.normal(size=(33, 8)).astype(np.float32)
+    x = tf.constant(e)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        total = tf.reduce_mean(fc.in_batch_contrastive_loss(labels, x, **options))
+    want = tape.gradient(total, x).numpy()
+    grad = jax.jit(jax.grad(lambda y: fcj.in_batch_contrastive_loss(labels, y, **options).mean()))
+    np.testing.assert_array_equal(np.asarray(grad(e)).view(np.int32), want.view(np.int32))
+
+
 def test_vmap_runs_each_batch_of_a_leading_axis(rng):
     labels = rng.integers(0, 3, (4, 12))
     e = rng.normal(size=(4, 12, 5)).astype(np.float32)

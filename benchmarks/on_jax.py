@@ -1,0 +1,166 @@
+"""The "jax" section of benchmark.py: fused_contrastive.jax (issue 22) against
+the same losses in plain jax.numpy, on the CPU, float32, forward and
+backward (jax.value_and_grad of the mean), everything under jax.jit.
+
+What is compared
+    in-batch  B = 4096, D = 128, euclidean, margin 1, "uniform" weighting,
+              the in_batch section's inputs (about 8 rows per class):
+              fused   `fused_contrastive.jax.in_batch_contrastive_loss`;
+              plain   the all-pairs formula in jax.numpy (B x B distances from
+                      the Gram matrix, masks from the labels; plain_in_batch);
+              TF      our TF path as a Keras user runs it:
+                      `InBatchContrastiveLoss()` in a tf.function training
+                      step (the miners section's step), same inputs.
+    pairs     B = 65,536, D = 128, euclidean, margin 1, labels 0/1, the
+              embeddings section's inputs:
+              fused   `fused_contrastive.jax.contrastive_loss_from_embeddings`;
+              plain   the formula in jax.numpy (plain_pairs);
+              floor   `(a + b, a - b)` under jax.jit: what any fwd+bwd of
+                      the pairs at least costs, reading a and b and writing
+                      two new [B, D] arrays (the gradients), no loss.
+    Timed as the references and miners sections (all cases of the section
+    take turns in the same repetitions; median of 5 samples of at least
+    20 ms, 3 with --quick).
+
+Targets
+    in-batch fused >= 3x plain and within 1.2x of TF (fused <= 1.2 TF time);
+    pairs fused >= 1.5x plain.
+"""
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+import jax
+import jax.numpy as jnp
+
+import fused_contrastive as fc
+import fused_contrastive.jax as fcj
+from harness import Row, format_ratio, met
+from in_batch import IN_BATCH_D, make_in_batch_inputs
+from miners import training_step
+from pairs import MARGIN, make_embedding_inputs
+from references import timed
+
+SECTION = "jax"
+IN_BATCH_B = 4096
+PAIRS_B = 65536
+PAIRS_D = 128
+TARGETS = {"in-batch plain": 3.0, "in-batch TF": 1.2, "pairs plain": 1.5}
+
+
+def plain_in_batch(labels, e, margin=MARGIN):
+    """The in-batch loss as a JAX user writes it: B x B matrices."""
+    norms = jnp.sum(e * e, axis=1)
+    squared = norms[:, None] + norms[None, :] - 2.0 * e @ e.T
+    d = jnp.sqrt(jnp.maximum(squared, 1e-12))
+    same = labels[:, None] == labels[None, :]
+    off_diagonal = ~jnp.eye(e.shape[0], dtype=bool)
+    terms = jnp.where(same, d * d, jnp.square(jnp.maximum(margin - d, 0.0)))
+    return jnp.sum(jnp.where(off_diagonal, terms, 0.0), axis=1) / (e.shape[0] - 1)
+
+
+def plain_pairs(y, a, b, margin=MARGIN):
+    d = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(a - b), axis=1), 1e-12))
+    return y * d * d + (1.0 - y) * jnp.square(jnp.maximum(margin - d, 0.0))
+
+
+def jax_step(loss, argnums):
+    """jax.jit of the mean loss's value and gradients in `argnums`."""
+    return jax.jit(jax.value_and_grad(lambda *args: jnp.mean(loss(*args)), argnums))
+
+
+def run_jax(settings):
+    """The section's CSV rows and markdown lines."""
+    labels, e = make_in_batch_inputs(IN_BATCH_B, IN_BATCH_D)
+    labels = labels.astype(np.int32)
+    y, a, b = make_embedding_inputs(PAIRS_B, PAIRS_D)
+    in_batch_args = (jnp.asarray(labels), jnp.asarray(e))
+    pairs_args = tuple(map(jnp.asarray, (y, a, b)))
+    cases = {
+        "in-batch fused": (jax_step(fcj.in_batch_contrastive_loss, 1), in_batch_args),
+        "in-batch plain": (jax_step(plain_in_batch, 1), in_batch_args),
+        "in-batch TF": (
+            training_step(fc.InBatchContrastiveLoss(), "tf.function"),
+            (tf.constant(labels, tf.int64), tf.constant(e)),
+        ),
+        "pairs fused": (jax_step(fcj.contrastive_loss_from_embeddings, (1, 2)), pairs_args),
+        "pairs plain": (jax_step(plain_pairs, (1, 2)), pairs_args),
+        "pairs floor": (jax.jit(lambda a, b: (a + b, a - b)), pairs_args[1:]),
+    }
+    seconds, errors = timed(cases, settings)
+    agreement = {name: relative_difference(cases, name) for name in ("in-batch", "pairs")}
+    ratio = {
+        "in-batch plain": speedup(seconds, "in-batch plain", "in-batch fused"),
+        "in-batch TF": speedup(seconds, "in-batch fused", "in-batch TF"),
+        "pairs plain": speedup(seconds, "pairs plain", "pairs fused"),
+    }
+    checks = {
+        "in-batch plain": ratio["in-batch plain"] >= TARGETS["in-batch plain"],
+        "in-batch TF": ratio["in-batch TF"] <= TARGETS["in-batch TF"],
+        "pairs plain": ratio["pairs plain"] >= TARGETS["pairs plain"],
+    }
+    lines = [
+        "",
+        "## JAX (fused_contrastive.jax under jax.jit, CPU)",
+        "",
+        f"float32, fwd+bwd of the mean; in-batch B = {IN_BATCH_B:,}, D = {IN_BATCH_D}; "
+        f"pairs B = {PAIRS_B:,}, D = {PAIRS_D}; jax {jax.__version__}:",
+        "",
+        "| case | ms |",
+        "|---|---|",
+        *(f"| {name} | {ms(seconds.get(name))} |" for name in cases),
+        "",
+        f"- in-batch: plain / fused {format_ratio(ratio['in-batch plain'])} "
+        f"(target >= {TARGETS['in-batch plain']}x: {met(checks['in-batch plain'])}); "
+        f"fused / TF {format_ratio(ratio['in-batch TF'])} "
+        f"(target <= {TARGETS['in-batch TF']}x: {met(checks['in-batch TF'])}); "
+        f"loss rel. diff. fused vs plain {agreement['in-batch']}",
+        f"- pairs: plain / fused {format_ratio(ratio['pairs plain'])} "
+        f"(target >= {TARGETS['pairs plain']}x: {met(checks['pairs plain'])}); "
+        f"loss rel. diff. fused vs plain {agreement['pairs']}; fused / floor "
+        f"{format_ratio(speedup(seconds, 'pairs fused', 'pairs floor'))}",
+        *(f"- {name}: {why}" for name, why in errors.items()),
+    ]
+    for line in lines:
+        print(line, flush=True)
+    rows = [row(name, seconds.get(name), errors.get(name, "")) for name in cases]
+    return rows, lines
+
+
+def speedup(seconds, slow, fast):
+    return seconds[slow] / seconds[fast] if slow in seconds and fast in seconds else math.nan
+
+
+def relative_difference(cases, family):
+    """|fused - plain| / |plain| of the two jax cases' loss values, as text."""
+    fused, plain = (
+        float(cases[f"{family} {impl}"][0](*cases[f"{family} {impl}"][1])[0])
+        for impl in ("fused", "plain")
+    )
+    return f"{abs(fused - plain) / abs(plain):.1e}"
+
+
+def ms(seconds):
+    return f"{(seconds or math.nan) * 1e3:.1f}"
+
+
+def row(name, seconds, note):
+    family, impl = name.split(" ", 1)
+    in_batch = family == "in-batch"
+    if impl == "floor":
+        note = note or "a + b, a - b"
+    return Row(
+        f"jax {impl}" if impl != "TF" else "fused",
+        "tf.function" if impl == "TF" else "jax.jit",
+        "fwd+bwd",
+        "mean",
+        IN_BATCH_B if in_batch else PAIRS_B,
+        (seconds or math.nan) * 1e3,
+        "",
+        "",
+        SECTION,
+        IN_BATCH_D if in_batch else PAIRS_D,
+        note=note or family,
+    )
