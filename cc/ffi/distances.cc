@@ -8,30 +8,39 @@
 #include <cstdint>
 
 #include "core/distances/kernels.h"
+#include "ffi/args.h"
 #include "ffi/host.h"
 #include "ffi/targets.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace fused_contrastive {
+
+ffi::Error ReadLossInputs(ffi::AnyBuffer labels, ffi::AnyBuffer distances, double margin,
+                          int32_t similar_label, LossInputs* in) {
+  if (labels.element_count() != distances.element_count() || !IsValidMargin(margin) ||
+      !FromFfi(labels.element_type(), &in->label_type) ||
+      !FromFfi(distances.element_type(), &in->distance_type)) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "contrastive loss: labels and distances must have as many values and "
+                      "supported dtypes, and the margin must be finite and non-negative");
+  }
+  in->labels = labels.untyped_data();
+  in->distances = distances.untyped_data();
+  in->n = distances.element_count();
+  in->margin = margin;
+  in->similar_label = similar_label;
+  return ffi::Error::Success();
+}
+
 namespace {
 
 ffi::Error LossHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::AnyBuffer distances,
                     ffi::Result<ffi::AnyBuffer> loss, ffi::Result<ffi::AnyBuffer> grad,
                     double margin, int32_t similar_label) {
-  if (labels.element_count() != distances.element_count() || !IsValidMargin(margin)) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "contrastive loss: labels and distances must have as many values, and the "
-                      "margin must be finite and non-negative");
-  }
   LossInputs in;
-  in.labels = labels.untyped_data();
-  in.distances = distances.untyped_data();
-  in.n = distances.element_count();
-  in.margin = margin;
-  in.similar_label = similar_label;
-  const bool read = FromFfi(labels.element_type(), &in.label_type) &&
-                    FromFfi(distances.element_type(), &in.distance_type);
-  return RunHostKernel(pool, read, [&](const ParallelFor& p) {
+  ffi::Error error = ReadLossInputs(labels, distances, margin, similar_label, &in);
+  if (!error.success()) return error;
+  return RunHostKernel(pool, true, [&](const ParallelFor& p) {
     return ContrastiveLossCpu(in, loss->untyped_data(), grad->untyped_data(), p);
   });
 }

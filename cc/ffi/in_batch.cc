@@ -12,12 +12,29 @@
 #include <vector>
 
 #include "core/in_batch/kernels.h"
+#include "ffi/args.h"
 #include "ffi/host.h"
 #include "ffi/targets.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace fused_contrastive {
 namespace {
+
+// The attrs every in-batch handler takes. miner_epsilon_bits: the float32
+// bits of epsilon (TensorFlow's float attr; JAX passes the same value).
+void SetInBatchAttrs(int32_t distance, int32_t pair_weighting, int32_t max_block_rows,
+                     int32_t miner, int32_t miner_epsilon_bits, InBatchArgs* args) {
+  args->distance = static_cast<Distance>(distance);
+  args->weighting = static_cast<PairWeighting>(pair_weighting);
+  args->miner = static_cast<Miner>(miner);
+  float epsilon;
+  std::memcpy(&epsilon, &miner_epsilon_bits, sizeof(epsilon));
+  args->miner_epsilon = epsilon;
+  args->max_block_rows = max_block_rows;
+  args->upstream = nullptr;
+  args->loss = nullptr;
+  args->grad = nullptr;
+}
 
 // What a handler reads from its operands: the kernels' args (labels,
 // embeddings [B, D], anchors, margins, attrs; int32 labels widened), whether
@@ -47,16 +64,7 @@ ffi::Error ReadInBatchHostInputs(ffi::AnyBuffer labels, ffi::AnyBuffer embedding
   args.dim = embeddings.dimensions()[1];
   args.margin = in->margins_valid ? margin_value : 0.0;
   args.positive_margin = in->margins_valid ? positive_margin_value : 0.0;
-  args.distance = static_cast<Distance>(distance);
-  args.weighting = static_cast<PairWeighting>(pair_weighting);
-  args.miner = static_cast<Miner>(miner);
-  float epsilon;
-  std::memcpy(&epsilon, &miner_epsilon_bits, sizeof(epsilon));
-  args.miner_epsilon = epsilon;
-  args.max_block_rows = max_block_rows;
-  args.upstream = nullptr;
-  args.loss = nullptr;
-  args.grad = nullptr;
+  SetInBatchAttrs(distance, pair_weighting, max_block_rows, miner, miner_epsilon_bits, &args);
   in->supported = FromFfi(embeddings.element_type(), &args.type) && IsInBatchDType(args.type);
   std::vector<int64_t> range;
   const int64_t* anchor_values;
@@ -144,7 +152,77 @@ ffi::Error InBatchLossReducedHost(
   return error;
 }
 
+// JAX's loss (upstream null) or gradient handler on the host.
+ffi::Error InBatchJaxHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::AnyBuffer embeddings,
+                          const void* upstream, void* grad, void* loss, double margin,
+                          double positive_margin, int32_t distance, int32_t pair_weighting,
+                          int32_t max_block_rows, int32_t miner, int32_t miner_epsilon_bits) {
+  InBatchArgs args;
+  ffi::Error error =
+      ReadJaxInBatchArgs(labels, embeddings, margin, positive_margin, distance, pair_weighting,
+                         max_block_rows, miner, miner_epsilon_bits, &args);
+  if (!error.success()) return error;
+  args.upstream = upstream;
+  args.grad = grad;
+  args.loss = loss;
+  return RunHostKernel(pool, true, [&](const ParallelFor& p) { return InBatchLossCpu(args, p); });
+}
+
+ffi::Error InBatchLossJaxHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
+                              ffi::AnyBuffer embeddings, ffi::Result<ffi::AnyBuffer> loss,
+                              double margin, double positive_margin, int32_t distance,
+                              int32_t pair_weighting, int32_t max_block_rows, int32_t miner,
+                              int32_t miner_epsilon_bits) {
+  return InBatchJaxHost(pool, labels, embeddings, nullptr, nullptr, loss->untyped_data(), margin,
+                        positive_margin, distance, pair_weighting, max_block_rows, miner,
+                        miner_epsilon_bits);
+}
+
+ffi::Error InBatchGradJaxHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
+                              ffi::AnyBuffer embeddings, ffi::AnyBuffer upstream,
+                              ffi::Result<ffi::AnyBuffer> grad, ffi::Result<ffi::AnyBuffer> loss,
+                              double margin, double positive_margin, int32_t distance,
+                              int32_t pair_weighting, int32_t max_block_rows, int32_t miner,
+                              int32_t miner_epsilon_bits) {
+  return InBatchJaxHost(pool, labels, embeddings, upstream.untyped_data(), grad->untyped_data(),
+                        loss->untyped_data(), margin, positive_margin, distance, pair_weighting,
+                        max_block_rows, miner, miner_epsilon_bits);
+}
+
 }  // namespace
+
+ffi::Error ReadJaxInBatchArgs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, double margin,
+                              double positive_margin, int32_t distance, int32_t pair_weighting,
+                              int32_t max_block_rows, int32_t miner, int32_t miner_epsilon_bits,
+                              InBatchArgs* args) {
+  const auto fail = [](const char* problem) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      std::string("in-batch contrastive loss: ") + problem);
+  };
+  if (embeddings.dimensions().size() != 2 || !FromFfi(embeddings.element_type(), &args->type) ||
+      !IsInBatchDType(args->type)) {
+    return fail("embeddings must be float32 or float64 [B, D]");
+  }
+  args->rows = embeddings.dimensions()[0];
+  args->dim = embeddings.dimensions()[1];
+  const bool int64_bytes =
+      labels.element_type() == ffi::DataType::S64 || labels.element_type() == ffi::DataType::S32;
+  if (!int64_bytes || static_cast<int64_t>(labels.size_bytes()) !=
+                          args->rows * static_cast<int64_t>(sizeof(int64_t))) {
+    return fail("labels must be B int64 ids, as int64 [B] or int32 [B, 2]");
+  }
+  if (!IsValidMargin(margin) || !IsValidMargin(positive_margin)) {
+    return fail("the margins must be finite and non-negative");
+  }
+  args->labels = static_cast<const int64_t*>(labels.untyped_data());
+  args->embeddings = embeddings.untyped_data();
+  args->margin = margin;
+  args->positive_margin = positive_margin;
+  SetInBatchAttrs(distance, pair_weighting, max_block_rows, miner, miner_epsilon_bits, args);
+  const int64_t all[] = {0, args->rows, args->rows, args->rows};
+  SetInBatchAnchors(all, args);
+  return ffi::Error::Success();
+}
 
 // C symbols (declared in ffi/targets.h), outside the unnamed namespace.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLoss, InBatchLossHost,
@@ -198,5 +276,37 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLossReduced, InBatchLossRed
                                   .Attr<int32_t>("miner")
                                   .Attr<int32_t>("miner_epsilon_bits")
                                   .Attr<int32_t>("reduction"));
+
+// JAX's (ffi/args.h): margins as float64 attrs, labels as int64 bytes, every
+// row an anchor.
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLossJax, InBatchLossJaxHost,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // labels
+                                  .Arg<ffi::AnyBuffer>()  // embeddings
+                                  .Ret<ffi::AnyBuffer>()  // loss
+                                  .Attr<double>("margin")
+                                  .Attr<double>("positive_margin")
+                                  .Attr<int32_t>("distance")
+                                  .Attr<int32_t>("pair_weighting")
+                                  .Attr<int32_t>("max_block_rows")
+                                  .Attr<int32_t>("miner")
+                                  .Attr<int32_t>("miner_epsilon_bits"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLossGradJax, InBatchGradJaxHost,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()  // labels
+                                  .Arg<ffi::AnyBuffer>()  // embeddings
+                                  .Arg<ffi::AnyBuffer>()  // upstream
+                                  .Ret<ffi::AnyBuffer>()  // grad
+                                  .Ret<ffi::AnyBuffer>()  // loss
+                                  .Attr<double>("margin")
+                                  .Attr<double>("positive_margin")
+                                  .Attr<int32_t>("distance")
+                                  .Attr<int32_t>("pair_weighting")
+                                  .Attr<int32_t>("max_block_rows")
+                                  .Attr<int32_t>("miner")
+                                  .Attr<int32_t>("miner_epsilon_bits"));
 
 }  // namespace fused_contrastive

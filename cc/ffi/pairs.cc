@@ -4,26 +4,22 @@
 // TF ops' inputs and outputs in order (tf/pairs.h): a and b as [rows, D], the stacked pair and its
 // gradient as [rows, 2, D], labels and per-row inputs as [rows] or scalars, margin and loss_scale
 // float64 scalars. JAX calls the loss handler with its margin as an attr
-// (FusedContrastiveEmbeddingLossMarginAttr).
+// (FusedContrastiveEmbeddingLossJax).
 #include <cstdint>
 #include <initializer_list>
 
 #include "core/pairs/kernels.h"
+#include "ffi/args.h"
 #include "ffi/host.h"
 #include "ffi/targets.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace fused_contrastive {
-namespace {
 
-// The loss handlers' labels [rows], embeddings (a and b [rows, D] at a_data
-// and b_data, rows row_stride apart; `embeddings` is one of their buffers)
-// and margin; false for an unsupported dtype. The kernels need a valid
-// margin: an invalid run-time one is passed as 0 and *margin_valid is false,
-// for the caller to make its results NaN (the rule of CheckConstantMargin).
-bool ReadHostInputs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, const void* a_data,
-                    const void* b_data, int64_t row_stride, double margin, int32_t similar_label,
-                    int32_t distance, EmbeddingInputs* in, bool* margin_valid) {
+bool ReadEmbeddingInputs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, const void* a_data,
+                         const void* b_data, int64_t row_stride, double margin,
+                         int32_t similar_label, int32_t distance, EmbeddingInputs* in,
+                         bool* margin_valid) {
   in->labels = labels.untyped_data();
   in->a = a_data;
   in->b = b_data;
@@ -38,17 +34,52 @@ bool ReadHostInputs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, const void
          FromFfi(embeddings.element_type(), &in->embedding_type);
 }
 
+bool CoefficientsFit(ffi::AnyBuffer coefficients, int64_t rows, Distance distance) {
+  return static_cast<int64_t>(coefficients.size_bytes()) ==
+         rows * NumRowCoefficients(distance) * static_cast<int64_t>(sizeof(double));
+}
+
+ffi::Error ReadEmbeddingGradArgs(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer coefficients,
+                                 ffi::AnyBuffer upstream, ffi::Result<ffi::AnyBuffer> grad_a,
+                                 ffi::Result<ffi::AnyBuffer> grad_b, int32_t distance,
+                                 EmbeddingGradArgs* args) {
+  args->a = a.untyped_data();
+  args->b = b.untyped_data();
+  args->rows = a.dimensions()[0];
+  args->dim = a.dimensions()[1];
+  args->row_stride = args->dim;
+  args->distance = static_cast<Distance>(distance);
+  if (!FromFfi(a.element_type(), &args->type) ||
+      !CoefficientsFit(coefficients, args->rows, args->distance)) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "contrastive loss: the coefficients are not the loss handler's, or the "
+                      "embeddings' dtype is not supported");
+  }
+  args->coefficients = static_cast<const double*>(coefficients.untyped_data());
+  args->upstream = upstream.untyped_data();
+  args->scalar_upstream = upstream.dimensions().size() == 0;
+  args->grad_a = grad_a->untyped_data();
+  args->grad_b = grad_b->untyped_data();
+  return ffi::Error::Success();
+}
+
+namespace {
+
 // The margin as an attr, as JAX passes it: a float64 that needs no
 // jax_enable_x64.
-ffi::Error EmbeddingLossMarginAttrHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
-                                       ffi::AnyBuffer a, ffi::AnyBuffer b,
-                                       ffi::Result<ffi::AnyBuffer> loss,
-                                       ffi::Result<ffi::AnyBuffer> coefficients, double margin,
-                                       int32_t distance, int32_t similar_label) {
+ffi::Error EmbeddingLossJaxHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::AnyBuffer a,
+                                ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> loss,
+                                ffi::Result<ffi::AnyBuffer> coefficients, double margin,
+                                int32_t distance, int32_t similar_label) {
   EmbeddingInputs in;
   bool margin_valid;
-  const bool read = ReadHostInputs(labels, a, a.untyped_data(), b.untyped_data(), a.dimensions()[1],
-                                   margin, similar_label, distance, &in, &margin_valid);
+  const bool read =
+      ReadEmbeddingInputs(labels, a, a.untyped_data(), b.untyped_data(), a.dimensions()[1], margin,
+                          similar_label, distance, &in, &margin_valid);
+  if (!CoefficientsFit(*coefficients, in.rows, in.distance)) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "contrastive loss: the coefficients buffer has the wrong size");
+  }
   ffi::Error error = RunHostKernel(pool, read, [&](const ParallelFor& p) {
     return EmbeddingLossCpu(in, loss->untyped_data(),
                             static_cast<double*>(coefficients->untyped_data()), p);
@@ -67,8 +98,8 @@ ffi::Error EmbeddingLossHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::A
                              ffi::Result<ffi::AnyBuffer> loss,
                              ffi::Result<ffi::AnyBuffer> coefficients, int32_t distance,
                              int32_t similar_label) {
-  return EmbeddingLossMarginAttrHost(pool, labels, a, b, loss, coefficients, margin.typed_data()[0],
-                                     distance, similar_label);
+  return EmbeddingLossJaxHost(pool, labels, a, b, loss, coefficients, margin.typed_data()[0],
+                              distance, similar_label);
 }
 
 ffi::Error EmbeddingGradHost(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
@@ -76,26 +107,10 @@ ffi::Error EmbeddingGradHost(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuf
                              ffi::Result<ffi::AnyBuffer> grad_a, ffi::Result<ffi::AnyBuffer> grad_b,
                              int32_t distance) {
   EmbeddingGradArgs args;
-  args.a = a.untyped_data();
-  args.b = b.untyped_data();
-  args.rows = a.dimensions()[0];
-  args.dim = a.dimensions()[1];
-  args.row_stride = args.dim;
-  args.distance = static_cast<Distance>(distance);
-  // JAX declares the coefficients as any dtype of their bytes (it has no
-  // float64 without jax_enable_x64): their size is what must match.
-  if (static_cast<int64_t>(coefficients.size_bytes()) !=
-      args.rows * NumRowCoefficients(args.distance) * static_cast<int64_t>(sizeof(double))) {
-    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "contrastive loss: the coefficients are not the loss handler's");
-  }
-  args.coefficients = static_cast<const double*>(coefficients.untyped_data());
-  args.upstream = upstream.untyped_data();
-  args.scalar_upstream = upstream.dimensions().size() == 0;
-  args.grad_a = grad_a->untyped_data();
-  args.grad_b = grad_b->untyped_data();
-  return RunHostKernel(pool, FromFfi(a.element_type(), &args.type),
-                       [&](const ParallelFor& p) { return EmbeddingGradCpu(args, p); });
+  ffi::Error error =
+      ReadEmbeddingGradArgs(a, b, coefficients, upstream, grad_a, grad_b, distance, &args);
+  if (!error.success()) return error;
+  return RunHostKernel(pool, true, [&](const ParallelFor& p) { return EmbeddingGradCpu(args, p); });
 }
 
 // The reduced handlers' common part, with args set: the call, and NaN for an
@@ -120,8 +135,8 @@ ffi::Error EmbeddingLossReducedHost(
   ReducedEmbeddingArgs args;
   bool margin_valid;
   const bool read_ok =
-      ReadHostInputs(labels, a, a.untyped_data(), b.untyped_data(), a.dimensions()[1],
-                     margin.typed_data()[0], similar_label, distance, &args.in, &margin_valid);
+      ReadEmbeddingInputs(labels, a, a.untyped_data(), b.untyped_data(), a.dimensions()[1],
+                          margin.typed_data()[0], similar_label, distance, &args.in, &margin_valid);
   args.reduction = HostReduction(weights, loss_scale, loss, reduction_scale, reduction);
   args.grad_a = grad_a->untyped_data();
   args.grad_b = grad_b->untyped_data();
@@ -141,9 +156,9 @@ ffi::Error EmbeddingPairLossReducedHost(
   const int64_t dim = pairs.dimensions()[2];
   const bool read_ok =
       FromFfi(pairs.element_type(), &type) &&
-      ReadHostInputs(labels, pairs, pairs.untyped_data(),
-                     StackedPairB(type, pairs.untyped_data(), dim), 2 * dim, margin.typed_data()[0],
-                     similar_label, distance, &args.in, &margin_valid);
+      ReadEmbeddingInputs(labels, pairs, pairs.untyped_data(),
+                          StackedPairB(type, pairs.untyped_data(), dim), 2 * dim,
+                          margin.typed_data()[0], similar_label, distance, &args.in, &margin_valid);
   args.reduction = HostReduction(weights, loss_scale, loss, reduction_scale, reduction);
   args.grad_a = grad->untyped_data();
   args.grad_b = StackedPairB(type, args.grad_a, dim);
@@ -165,7 +180,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLoss, EmbeddingLossHost,
                                   .Attr<int32_t>("distance")
                                   .Attr<int32_t>("similar_label"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLossMarginAttr, EmbeddingLossMarginAttrHost,
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLossJax, EmbeddingLossJaxHost,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::AnyBuffer>()  // labels

@@ -11,20 +11,29 @@
 extern "C" {
 XLA_FFI_Error* FusedContrastiveLoss(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveEmbeddingLoss(XLA_FFI_CallFrame* call_frame);
-XLA_FFI_Error* FusedContrastiveEmbeddingLossMarginAttr(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FusedContrastiveEmbeddingLossJax(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveEmbeddingLossGrad(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveEmbeddingLossReduced(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveEmbeddingPairLossReduced(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveInBatchLoss(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveInBatchLossGrad(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveInBatchLossReduced(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FusedContrastiveInBatchLossJax(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FusedContrastiveInBatchLossGradJax(XLA_FFI_CallFrame* call_frame);
+// The CUDA handlers of JAX's targets (ffi/gpu.cc; builds of _kernels with
+// CUDA only).
+XLA_FFI_Error* FusedContrastiveLossCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FusedContrastiveEmbeddingLossJaxCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FusedContrastiveEmbeddingLossGradCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FusedContrastiveInBatchLossJaxCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FusedContrastiveInBatchLossGradJaxCuda(XLA_FFI_CallFrame* call_frame);
 }
 
 namespace fused_contrastive {
 
 inline constexpr char kLossTarget[] = "fused_contrastive_loss";
 inline constexpr char kEmbeddingTarget[] = "fused_contrastive_embedding_loss";
-inline constexpr char kEmbeddingMarginAttrTarget[] = "fused_contrastive_embedding_loss_margin_attr";
+inline constexpr char kEmbeddingJaxTarget[] = "fused_contrastive_embedding_loss_jax";
 inline constexpr char kEmbeddingGradTarget[] = "fused_contrastive_embedding_loss_grad";
 inline constexpr char kEmbeddingReducedTarget[] = "fused_contrastive_embedding_loss_reduced";
 inline constexpr char kEmbeddingPairReducedTarget[] =
@@ -32,23 +41,30 @@ inline constexpr char kEmbeddingPairReducedTarget[] =
 inline constexpr char kInBatchTarget[] = "fused_contrastive_in_batch_loss";
 inline constexpr char kInBatchGradTarget[] = "fused_contrastive_in_batch_loss_grad";
 inline constexpr char kInBatchReducedTarget[] = "fused_contrastive_in_batch_loss_reduced";
+// JAX's front end calls these (with kLossTarget, kEmbeddingJaxTarget and
+// kEmbeddingGradTarget), on the CPU and on CUDA: attrs for what TensorFlow
+// passes as run-time scalars (ffi/args.h).
+inline constexpr char kInBatchJaxTarget[] = "fused_contrastive_in_batch_loss_jax";
+inline constexpr char kInBatchGradJaxTarget[] = "fused_contrastive_in_batch_loss_grad_jax";
 
-struct HostTarget {
+struct FfiTarget {
   const char* name;
   XLA_FFI_Handler* handler;
 };
 
-// Every target, for the registrations.
-inline constexpr HostTarget kHostTargets[] = {
+// Every host target, for the registrations.
+inline constexpr FfiTarget kHostTargets[] = {
     {kLossTarget, FusedContrastiveLoss},
     {kEmbeddingTarget, FusedContrastiveEmbeddingLoss},
-    {kEmbeddingMarginAttrTarget, FusedContrastiveEmbeddingLossMarginAttr},
+    {kEmbeddingJaxTarget, FusedContrastiveEmbeddingLossJax},
     {kEmbeddingGradTarget, FusedContrastiveEmbeddingLossGrad},
     {kEmbeddingReducedTarget, FusedContrastiveEmbeddingLossReduced},
     {kEmbeddingPairReducedTarget, FusedContrastiveEmbeddingPairLossReduced},
     {kInBatchTarget, FusedContrastiveInBatchLoss},
     {kInBatchGradTarget, FusedContrastiveInBatchLossGrad},
     {kInBatchReducedTarget, FusedContrastiveInBatchLossReduced},
+    {kInBatchJaxTarget, FusedContrastiveInBatchLossJax},
+    {kInBatchGradJaxTarget, FusedContrastiveInBatchLossGradJax},
 };
 
 }  // namespace fused_contrastive

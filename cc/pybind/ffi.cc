@@ -29,10 +29,25 @@ py::dict AttrValues(const E (&all)[N], const char* (*name_of)(E)) {
 
 void RegisterFfi(py::module_& m) {
   py::dict targets;
-  for (const HostTarget& target : kHostTargets) {
+  for (const FfiTarget& target : kHostTargets) {
     targets[py::str(target.name)] = py::capsule(reinterpret_cast<void*>(target.handler));
   }
   m.attr("FFI_TARGETS") = targets;
+  // JAX's targets on CUDA (ffi/gpu.cc), where the module has the CUDA kernels.
+  py::dict cuda_targets;
+#if FC_WITH_CUDA
+  const FfiTarget on_cuda[] = {
+      {kLossTarget, FusedContrastiveLossCuda},
+      {kEmbeddingJaxTarget, FusedContrastiveEmbeddingLossJaxCuda},
+      {kEmbeddingGradTarget, FusedContrastiveEmbeddingLossGradCuda},
+      {kInBatchJaxTarget, FusedContrastiveInBatchLossJaxCuda},
+      {kInBatchGradJaxTarget, FusedContrastiveInBatchLossGradJaxCuda},
+  };
+  for (const FfiTarget& target : on_cuda) {
+    cuda_targets[py::str(target.name)] = py::capsule(reinterpret_cast<void*>(target.handler));
+  }
+#endif
+  m.attr("FFI_CUDA_TARGETS") = cuda_targets;
   py::dict reductions;
   for (const char* name : {"sum", "mean", "weighted_mean"}) {
     Reduction reduction;

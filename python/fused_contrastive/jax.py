@@ -32,6 +32,9 @@ if not hasattr(_kernels, "FFI_TARGETS"):
 
 for _target, _capsule in _kernels.FFI_TARGETS.items():
     jax.ffi.register_ffi_target(_target, _capsule, platform="cpu")
+# Builds with CUDA kernels have CUDA handlers of the same targets.
+for _target, _capsule in _kernels.FFI_CUDA_TARGETS.items():
+    jax.ffi.register_ffi_target(_target, _capsule, platform="CUDA")
 _ATTRS = _kernels.FFI_ATTRS
 
 __all__ = ["contrastive_loss", "contrastive_loss_from_embeddings", "in_batch_contrastive_loss"]
@@ -158,7 +161,7 @@ def _pairs_call(options, labels, a, b):
     loss = jax.ShapeDtypeStruct((rows,), a.dtype)
     words = (rows, _kernels.row_coefficients[distance], 2)
     call = jax.ffi.ffi_call(
-        "fused_contrastive_embedding_loss_margin_attr",
+        "fused_contrastive_embedding_loss_jax",
         (loss, jax.ShapeDtypeStruct(words, jnp.uint32)),
         vmap_method="sequential",
     )
@@ -281,6 +284,8 @@ def _call(options, labels, embeddings, upstream=None):
     margin, positive_margin, distance, weighting, miner, epsilon, block_rows = options
     rows, dtype = embeddings.shape[0], embeddings.dtype
     attrs = dict(
+        margin=np.float64(margin),
+        positive_margin=np.float64(positive_margin),
         distance=np.int32(_ATTRS["distance"][distance]),
         pair_weighting=np.int32(_ATTRS["pair_weighting"][weighting]),
         max_block_rows=np.int32(block_rows),
@@ -288,18 +293,22 @@ def _call(options, labels, embeddings, upstream=None):
         # The TF ops' float attr: epsilon in float32 on every path.
         miner_epsilon_bits=np.float32(epsilon).view(np.int32),
     )
-    # Every row an anchor: [begin, end, grad, used].
-    anchors = jnp.full(4, rows, labels.dtype).at[0].set(0)
-    margins = jnp.asarray(margin, dtype), jnp.asarray(positive_margin, dtype)
+    if labels.dtype != jnp.int64:
+        # The handlers take int64 ids; without jax_enable_x64 each id's two
+        # 32-bit halves, which are its bytes (little-endian), as int32 [B, 2].
+        labels = labels.astype(jnp.int32)
+        labels = jnp.stack([labels, labels >> 31], axis=1)
     loss = jax.ShapeDtypeStruct((rows,), dtype)
     if upstream is None:
-        call = jax.ffi.ffi_call("fused_contrastive_in_batch_loss", loss, vmap_method="sequential")
-        return call(labels, embeddings, anchors, *margins, **attrs)
+        call = jax.ffi.ffi_call(
+            "fused_contrastive_in_batch_loss_jax", loss, vmap_method="sequential"
+        )
+        return call(labels, embeddings, **attrs)
     grad = jax.ShapeDtypeStruct(embeddings.shape, dtype)
     call = jax.ffi.ffi_call(
-        "fused_contrastive_in_batch_loss_grad", (grad, loss), vmap_method="sequential"
+        "fused_contrastive_in_batch_loss_grad_jax", (grad, loss), vmap_method="sequential"
     )
-    return call(labels, embeddings, anchors, upstream.astype(dtype), *margins, **attrs)
+    return call(labels, embeddings, upstream.astype(dtype), **attrs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))

@@ -63,6 +63,11 @@ then:
      (jit_compile=True); and of the in-batch loss at B=4096, D=128: fused,
      plain, XLA. It ends with one line, "TF-op summary: ...", to quote.
      --self-test runs it on /CPU:0 instead, at N=1e6 and B=512.
+ 10. runs fused_contrastive.jax, the JAX front end, on the GPU through the
+     module's CUDA typed-FFI handlers, against JAX's CPU (the host handlers),
+     under jax.jit: every loss, value and gradient, float32 and float64
+     (jax_ffi.py). Needs JAX with CUDA (pip install "jax[cuda13]"), not
+     TensorFlow; without JAX it prints one line saying it was not run.
 Exits non-zero on any mismatch. Meant to finish well under 5 minutes.
 
 Before anything is built it checks what the run needs (NumPy, ml_dtypes,
@@ -71,7 +76,7 @@ names everything missing in one message. Eigen comes from TensorFlow's
 headers, /usr/include/eigen3 or the directory in $FC_EIGEN_INCLUDE.
 
 The steps live beside this script: distances.py (1-4), pairs.py (5-6),
-in_batch.py (7-8) and tf_ops.py (9), with what they share in common.py (the
+in_batch.py (7-8), tf_ops.py (9) and jax_ffi.py (10), with what they share in common.py (the
 devices, inputs, tolerances and comparison helpers). This script checks the
 prerequisites, builds or loads the kernel module and runs the steps in order.
 """
@@ -197,6 +202,7 @@ import numpy as np  # noqa: E402
 
 import distances  # noqa: E402
 import in_batch  # noqa: E402
+import jax_ffi  # noqa: E402
 import pairs  # noqa: E402
 import tf_ops  # noqa: E402
 from common import CpuStandIn, CudaDevice  # noqa: E402
@@ -292,6 +298,7 @@ def main(argv=None):
         failures = distances.check_kernels(device, _kernels, rng, args.self_test)
         failures += pairs.check_kernels(device, _kernels, rng, args.self_test)
         failures += in_batch.check_kernels(device, _kernels, rng)
+        failures += jax_ffi.check_jax(_kernels, args.self_test)
 
     failures += tf_ops.check_tf_ops(args.self_test)
     print(

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from support import run_python
 
+import fused_contrastive
 from fused_contrastive import _inputs, _kernels, _library
 
 # Loads _kernels by its path (the package's __init__ imports TensorFlow) with
@@ -51,14 +52,29 @@ def test_every_target_has_a_handler_capsule():
         for name in (
             "loss",
             "embedding_loss",
-            "embedding_loss_margin_attr",
+            "embedding_loss_jax",
             "embedding_loss_grad",
             "embedding_loss_reduced",
             "embedding_pair_loss_reduced",
             "in_batch_loss",
             "in_batch_loss_grad",
             "in_batch_loss_reduced",
+            "in_batch_loss_jax",
+            "in_batch_loss_grad_jax",
         )
+    )
+    # JAX's targets on CUDA, where the build has CUDA kernels (ffi/gpu.cc).
+    cuda = fused_contrastive.build_info()["cuda"]
+    assert sorted(_kernels.FFI_CUDA_TARGETS) == sorted(
+        "fused_contrastive_" + name
+        for name in (
+            "loss",
+            "embedding_loss_jax",
+            "embedding_loss_grad",
+            "in_batch_loss_jax",
+            "in_batch_loss_grad_jax",
+        )
+        if cuda
     )
     assert all(type(capsule).__name__ == "PyCapsule" for capsule in targets.values())
     # The targets the TF lowerings emit are these very names (cc/ffi/targets.h).

@@ -40,6 +40,15 @@ def test_gpu_check_script_self_test():
     assert f"{36 * weightings} in-batch cosine cases at extreme row scales compared" in out
     miners = len(_inputs.MINERS)  # 2 distances, 2 float32 sizes and 3 float64 sizes each
     assert f"{10 * miners * weightings} in-batch miner cases compared" in out
+    # Step 10: fused_contrastive.jax, JAX's CPU standing in for the GPU.
+    for cases in (
+        "distances float32: 24 cases",
+        "pairs float32: 12 cases",
+        "pairs float64: 12 cases",
+        "in-batch float32: 90 cases",
+        "in-batch float64: 90 cases",
+    ):
+        assert f"  {cases} on cpu against the CPU, 0 mismatches" in out, out
     ops = [key for key in vars(_library) if key.endswith("OP_NAME")]
     assert f"{len(ops)} TF ops checked for a registered CPU kernel" in out
     cases = 28 + 16 * weightings + 8 * miners

@@ -7,7 +7,7 @@ namespace fused_contrastive {
 namespace {
 
 [[maybe_unused]] const bool registered = [] {
-  for (const HostTarget& target : kHostTargets) {
+  for (const FfiTarget& target : kHostTargets) {
     ::xla::ffi::Ffi::RegisterStaticHandler(XLA_FFI_GetApi(), target.name, "Host", target.handler);
   }
   return true;

@@ -1,0 +1,58 @@
+// What the typed-FFI handlers read from their operands and attrs, shared by
+// the host handlers (ffi/<family>.cc) and the CUDA handlers of JAX's front
+// end (ffi/gpu.cc): pointers, sizes and dtypes, never values, so that device
+// buffers serve as well as host ones. An error names a bad call.
+#ifndef FUSED_CONTRASTIVE_FFI_ARGS_H_
+#define FUSED_CONTRASTIVE_FFI_ARGS_H_
+
+#include <cstdint>
+
+#include "core/distances/kernels.h"
+#include "core/in_batch/kernels.h"
+#include "core/pairs/kernels.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace fused_contrastive {
+
+namespace ffi = ::xla::ffi;
+
+// The loss on distances: labels and distances of one size, a valid margin.
+ffi::Error ReadLossInputs(ffi::AnyBuffer labels, ffi::AnyBuffer distances, double margin,
+                          int32_t similar_label, LossInputs* in);
+
+// The loss from pair embeddings: labels [rows], the embeddings a and b (at
+// a_data and b_data, rows row_stride apart; `embeddings` is one of their
+// buffers) and the margin; false for an unsupported dtype. The kernels need
+// a valid margin: an invalid run-time one is passed as 0 and *margin_valid
+// is false, for the caller to make its results NaN (the rule of
+// CheckConstantMargin).
+bool ReadEmbeddingInputs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, const void* a_data,
+                         const void* b_data, int64_t row_stride, double margin,
+                         int32_t similar_label, int32_t distance, EmbeddingInputs* in,
+                         bool* margin_valid);
+
+// Whether a coefficients buffer holds rows * NumRowCoefficients(distance)
+// float64s' bytes (JAX declares them as uint32 pairs: it has no float64
+// without jax_enable_x64).
+bool CoefficientsFit(ffi::AnyBuffer coefficients, int64_t rows, Distance distance);
+
+// The pair loss's gradient from the loss's coefficients: a and b [rows, D],
+// the coefficients (CoefficientsFit), the upstream
+// gradient [rows] or scalar, and the two gradients.
+ffi::Error ReadEmbeddingGradArgs(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer coefficients,
+                                 ffi::AnyBuffer upstream, ffi::Result<ffi::AnyBuffer> grad_a,
+                                 ffi::Result<ffi::AnyBuffer> grad_b, int32_t distance,
+                                 EmbeddingGradArgs* args);
+
+// The in-batch loss as JAX's front end calls it: every row an anchor, the
+// margins as float64 attrs, and the class ids as int64s: an S64 [rows]
+// buffer, or the same bytes as S32 [rows, 2] (each id's two halves; JAX has
+// no int64 without jax_enable_x64). Upstream, loss and grad are left null.
+ffi::Error ReadJaxInBatchArgs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, double margin,
+                              double positive_margin, int32_t distance, int32_t pair_weighting,
+                              int32_t max_block_rows, int32_t miner, int32_t miner_epsilon_bits,
+                              InBatchArgs* args);
+
+}  // namespace fused_contrastive
+
+#endif  // FUSED_CONTRASTIVE_FFI_ARGS_H_

@@ -1,0 +1,176 @@
+// The CUDA handlers of JAX's targets (ffi/targets.h): the kernels' CUDA entries
+// on the stream XLA hands the call, with the scratch XLA allocates. Their
+// operands and attrs are the host handlers' (ffi/args.h), so one
+// jax.ffi.ffi_call lowers to either platform. The in-batch GEMMs are the
+// kernels' own tiled ones (TiledGemmGpu): JAX brings no cuBLAS handle.
+// Built into _kernels with CUDA only; TensorFlow's XLA lowers its GPU graphs
+// to HLO instead (tf/xla).
+#include <cstdint>
+#include <optional>
+#include <string>
+
+#include "core/distances/kernels.h"
+#include "core/in_batch/kernels.h"
+#include "core/pairs/kernels.h"
+#include "ffi/args.h"
+#include "ffi/targets.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace fused_contrastive {
+namespace {
+
+ffi::Error FromGpu(GpuStatus status) {
+  if (status.ok()) return ffi::Error::Success();
+  return ffi::Error::Internal(std::string("contrastive loss on CUDA: ") + status.error);
+}
+
+ffi::Error LossCuda(void* stream, ffi::AnyBuffer labels, ffi::AnyBuffer distances,
+                    ffi::Result<ffi::AnyBuffer> loss, ffi::Result<ffi::AnyBuffer> grad,
+                    double margin, int32_t similar_label) {
+  LossInputs in;
+  ffi::Error error = ReadLossInputs(labels, distances, margin, similar_label, &in);
+  if (!error.success()) return error;
+  return FromGpu(ContrastiveLossGpu(in, loss->untyped_data(), grad->untyped_data(), stream));
+}
+
+ffi::Error EmbeddingLossCuda(void* stream, ffi::AnyBuffer labels, ffi::AnyBuffer a,
+                             ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> loss,
+                             ffi::Result<ffi::AnyBuffer> coefficients, double margin,
+                             int32_t distance, int32_t similar_label) {
+  EmbeddingInputs in;
+  bool margin_valid;
+  if (!ReadEmbeddingInputs(labels, a, a.untyped_data(), b.untyped_data(), a.dimensions()[1], margin,
+                           similar_label, distance, &in, &margin_valid) ||
+      !margin_valid || !CoefficientsFit(*coefficients, in.rows, in.distance)) {
+    return ffi::Error(ffi::ErrorCode::kInvalidArgument,
+                      "contrastive loss: unsupported dtypes, an invalid margin, or coefficients "
+                      "of the wrong size");
+  }
+  return FromGpu(EmbeddingLossGpu(in, loss->untyped_data(),
+                                  static_cast<double*>(coefficients->untyped_data()), stream));
+}
+
+ffi::Error EmbeddingGradCuda(void* stream, ffi::AnyBuffer a, ffi::AnyBuffer b,
+                             ffi::AnyBuffer coefficients, ffi::AnyBuffer upstream,
+                             ffi::Result<ffi::AnyBuffer> grad_a, ffi::Result<ffi::AnyBuffer> grad_b,
+                             int32_t distance) {
+  EmbeddingGradArgs args;
+  ffi::Error error =
+      ReadEmbeddingGradArgs(a, b, coefficients, upstream, grad_a, grad_b, distance, &args);
+  if (!error.success()) return error;
+  return FromGpu(EmbeddingGradGpu(args, stream));
+}
+
+// The loss (upstream null) or the gradient and the loss.
+ffi::Error InBatchCuda(void* stream, ffi::ScratchAllocator& scratch, ffi::AnyBuffer labels,
+                       ffi::AnyBuffer embeddings, const void* upstream, void* grad, void* loss,
+                       double margin, double positive_margin, int32_t distance,
+                       int32_t pair_weighting, int32_t max_block_rows, int32_t miner,
+                       int32_t miner_epsilon_bits) {
+  InBatchArgs args;
+  ffi::Error error =
+      ReadJaxInBatchArgs(labels, embeddings, margin, positive_margin, distance, pair_weighting,
+                         max_block_rows, miner, miner_epsilon_bits, &args);
+  if (!error.success()) return error;
+  args.upstream = upstream;
+  args.grad = grad;
+  args.loss = loss;
+  const int64_t bytes = InBatchLossGpuWorkspace(args);
+  std::optional<void*> workspace = bytes > 0 ? scratch.Allocate(bytes) : nullptr;
+  if (!workspace.has_value()) {
+    return ffi::Error(ffi::ErrorCode::kResourceExhausted,
+                      "in-batch contrastive loss: no device memory for its workspace of " +
+                          std::to_string(bytes) + " bytes");
+  }
+  return FromGpu(InBatchLossGpu(args, *workspace, TiledGemmGpu(args.type, stream), stream));
+}
+
+ffi::Error InBatchLossJaxCuda(void* stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer labels,
+                              ffi::AnyBuffer embeddings, ffi::Result<ffi::AnyBuffer> loss,
+                              double margin, double positive_margin, int32_t distance,
+                              int32_t pair_weighting, int32_t max_block_rows, int32_t miner,
+                              int32_t miner_epsilon_bits) {
+  return InBatchCuda(stream, scratch, labels, embeddings, nullptr, nullptr, loss->untyped_data(),
+                     margin, positive_margin, distance, pair_weighting, max_block_rows, miner,
+                     miner_epsilon_bits);
+}
+
+ffi::Error InBatchGradJaxCuda(void* stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer labels,
+                              ffi::AnyBuffer embeddings, ffi::AnyBuffer upstream,
+                              ffi::Result<ffi::AnyBuffer> grad, ffi::Result<ffi::AnyBuffer> loss,
+                              double margin, double positive_margin, int32_t distance,
+                              int32_t pair_weighting, int32_t max_block_rows, int32_t miner,
+                              int32_t miner_epsilon_bits) {
+  return InBatchCuda(stream, scratch, labels, embeddings, upstream.untyped_data(),
+                     grad->untyped_data(), loss->untyped_data(), margin, positive_margin, distance,
+                     pair_weighting, max_block_rows, miner, miner_epsilon_bits);
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveLossCuda, LossCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Arg<ffi::AnyBuffer>()  // labels
+                                  .Arg<ffi::AnyBuffer>()  // distances
+                                  .Ret<ffi::AnyBuffer>()  // loss
+                                  .Ret<ffi::AnyBuffer>()  // grad
+                                  .Attr<double>("margin")
+                                  .Attr<int32_t>("similar_label"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLossJaxCuda, EmbeddingLossCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Arg<ffi::AnyBuffer>()  // labels
+                                  .Arg<ffi::AnyBuffer>()  // a
+                                  .Arg<ffi::AnyBuffer>()  // b
+                                  .Ret<ffi::AnyBuffer>()  // loss
+                                  .Ret<ffi::AnyBuffer>()  // coefficients
+                                  .Attr<double>("margin")
+                                  .Attr<int32_t>("distance")
+                                  .Attr<int32_t>("similar_label"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLossGradCuda, EmbeddingGradCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Arg<ffi::AnyBuffer>()  // a
+                                  .Arg<ffi::AnyBuffer>()  // b
+                                  .Arg<ffi::AnyBuffer>()  // coefficients
+                                  .Arg<ffi::AnyBuffer>()  // upstream
+                                  .Ret<ffi::AnyBuffer>()  // grad_a
+                                  .Ret<ffi::AnyBuffer>()  // grad_b
+                                  .Attr<int32_t>("distance"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLossJaxCuda, InBatchLossJaxCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Ctx<ffi::ScratchAllocator>()
+                                  .Arg<ffi::AnyBuffer>()  // labels
+                                  .Arg<ffi::AnyBuffer>()  // embeddings
+                                  .Ret<ffi::AnyBuffer>()  // loss
+                                  .Attr<double>("margin")
+                                  .Attr<double>("positive_margin")
+                                  .Attr<int32_t>("distance")
+                                  .Attr<int32_t>("pair_weighting")
+                                  .Attr<int32_t>("max_block_rows")
+                                  .Attr<int32_t>("miner")
+                                  .Attr<int32_t>("miner_epsilon_bits"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLossGradJaxCuda, InBatchGradJaxCuda,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::PlatformStream<void*>>()
+                                  .Ctx<ffi::ScratchAllocator>()
+                                  .Arg<ffi::AnyBuffer>()  // labels
+                                  .Arg<ffi::AnyBuffer>()  // embeddings
+                                  .Arg<ffi::AnyBuffer>()  // upstream
+                                  .Ret<ffi::AnyBuffer>()  // grad
+                                  .Ret<ffi::AnyBuffer>()  // loss
+                                  .Attr<double>("margin")
+                                  .Attr<double>("positive_margin")
+                                  .Attr<int32_t>("distance")
+                                  .Attr<int32_t>("pair_weighting")
+                                  .Attr<int32_t>("max_block_rows")
+                                  .Attr<int32_t>("miner")
+                                  .Attr<int32_t>("miner_epsilon_bits"));
+
+}  // namespace fused_contrastive
