@@ -79,26 +79,6 @@ ParallelFor HostParallelFor(ffi::ThreadPool& pool) {
   };
 }
 
-bool Int64Values(ffi::AnyBuffer buffer, std::vector<int64_t>* storage, const int64_t** values) {
-  if (buffer.element_type() == ffi::DataType::S64) {
-    *values = static_cast<const int64_t*>(buffer.untyped_data());
-    return true;
-  }
-  if (buffer.element_type() != ffi::DataType::S32) return false;
-  const auto* narrow = static_cast<const int32_t*>(buffer.untyped_data());
-  storage->assign(narrow, narrow + buffer.element_count());
-  *values = storage->data();
-  return true;
-}
-
-double FloatScalar(ffi::AnyBuffer buffer) {
-  switch (buffer.element_type()) {
-    case ffi::DataType::F64: return *static_cast<const double*>(buffer.untyped_data());
-    case ffi::DataType::F32: return *static_cast<const float*>(buffer.untyped_data());
-    default: return std::numeric_limits<double>::quiet_NaN();
-  }
-}
-
 void FillNan(ffi::AnyBuffer buffer) {
   DType type;
   if (!FromFfi(buffer.element_type(), &type)) return;

@@ -9,7 +9,6 @@
 #define FUSED_CONTRASTIVE_FFI_HOST_H_
 
 #include <cstdint>
-#include <vector>
 
 #include "core/common/dtypes.h"
 #include "core/common/parallel.h"
@@ -36,17 +35,6 @@ template <typename Call>
 ffi::Error RunHostKernel(ffi::ThreadPool& pool, bool read, const Call& call) {
   return HostOutcome(read ? RunKernel(HostParallelFor(pool), call) : KernelOutcome::kUnsupported);
 }
-
-// JAX without jax_enable_x64 passes int32 and float32 where TensorFlow's
-// lowerings pass int64 and float64: the handlers take both.
-//
-// The values of an S32 or S64 buffer as int64: in place, or widened into
-// *storage. False for another dtype.
-bool Int64Values(ffi::AnyBuffer buffer, std::vector<int64_t>* storage, const int64_t** values);
-
-// An F32 or F64 scalar as a double; NaN for another dtype (which makes a
-// margin invalid).
-double FloatScalar(ffi::AnyBuffer buffer);
 
 // Sets every value of `buffer` (of a floating-point dtype) to NaN.
 void FillNan(ffi::AnyBuffer buffer);

@@ -4,12 +4,10 @@
 // Operands and results are the TF ops' inputs and outputs in order
 // (tf/in_batch.h): labels int64 [B], embeddings [B, D], anchors int64 [4],
 // upstream [B], sample_weight [A] or scalar, margins and loss_scale float64
-// scalars; labels and anchors may be int32 and margins float32, as JAX
-// without jax_enable_x64 passes them (ffi/host.h).
+// scalars. JAX's front end calls the _jax bindings (ffi/args.h).
 #include <cstdint>
 #include <cstring>
 #include <string>
-#include <vector>
 
 #include "core/in_batch/kernels.h"
 #include "ffi/args.h"
@@ -37,13 +35,12 @@ void SetInBatchAttrs(int32_t distance, int32_t pair_weighting, int32_t max_block
 }
 
 // What a handler reads from its operands: the kernels' args (labels,
-// embeddings [B, D], anchors, margins, attrs; int32 labels widened), whether
+// embeddings [B, D], anchors, margins, attrs), whether
 // the kernels take the dtype, and whether the margins are valid. The kernels
 // need valid margins: invalid run-time ones are passed as 0, for the caller
 // to make its results NaN (the rule of CheckConstantMargin).
 struct HostInputs {
   InBatchArgs args;
-  std::vector<int64_t> labels;
   bool supported = false;
   bool margins_valid = false;
 };
@@ -51,13 +48,13 @@ struct HostInputs {
 // A bad labels or anchors dtype, or a bad anchor range (known only now), is
 // an error of the call.
 ffi::Error ReadInBatchHostInputs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings,
-                                 ffi::AnyBuffer anchors, ffi::AnyBuffer margin,
-                                 ffi::AnyBuffer positive_margin, int32_t distance,
+                                 ffi::AnyBuffer anchors, ffi::BufferR0<ffi::F64> margin,
+                                 ffi::BufferR0<ffi::F64> positive_margin, int32_t distance,
                                  int32_t pair_weighting, int32_t max_block_rows, int32_t miner,
                                  int32_t miner_epsilon_bits, HostInputs* in) {
   InBatchArgs& args = in->args;
-  const double margin_value = FloatScalar(margin);
-  const double positive_margin_value = FloatScalar(positive_margin);
+  const double margin_value = margin.typed_data()[0];
+  const double positive_margin_value = positive_margin.typed_data()[0];
   in->margins_valid = IsValidMargin(margin_value) && IsValidMargin(positive_margin_value);
   args.embeddings = embeddings.untyped_data();
   args.rows = embeddings.dimensions()[0];
@@ -66,24 +63,24 @@ ffi::Error ReadInBatchHostInputs(ffi::AnyBuffer labels, ffi::AnyBuffer embedding
   args.positive_margin = in->margins_valid ? positive_margin_value : 0.0;
   SetInBatchAttrs(distance, pair_weighting, max_block_rows, miner, miner_epsilon_bits, &args);
   in->supported = FromFfi(embeddings.element_type(), &args.type) && IsInBatchDType(args.type);
-  std::vector<int64_t> range;
-  const int64_t* anchor_values;
-  if (!Int64Values(labels, &in->labels, &args.labels) ||
-      !Int64Values(anchors, &range, &anchor_values) || anchors.element_count() != 4) {
+  if (labels.element_type() != ffi::DataType::S64 || anchors.element_type() != ffi::DataType::S64 ||
+      anchors.element_count() != 4) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
-                      "in-batch contrastive loss: labels must be int32 or int64, and anchors "
-                      "four of them");
+                      "in-batch contrastive loss: labels must be int64, and anchors four of them");
   }
+  args.labels = static_cast<const int64_t*>(labels.untyped_data());
+  const auto* anchor_values = static_cast<const int64_t*>(anchors.untyped_data());
   const std::string problem = SetInBatchAnchors(anchor_values, &args);
   if (problem.empty()) return ffi::Error::Success();
   return ffi::Error(ffi::ErrorCode::kInvalidArgument, "in-batch contrastive loss: " + problem);
 }
 
 ffi::Error InBatchLossHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::AnyBuffer embeddings,
-                           ffi::AnyBuffer anchors, ffi::AnyBuffer margin,
-                           ffi::AnyBuffer positive_margin, ffi::Result<ffi::AnyBuffer> loss,
-                           int32_t distance, int32_t pair_weighting, int32_t max_block_rows,
-                           int32_t miner, int32_t miner_epsilon_bits) {
+                           ffi::AnyBuffer anchors, ffi::BufferR0<ffi::F64> margin,
+                           ffi::BufferR0<ffi::F64> positive_margin,
+                           ffi::Result<ffi::AnyBuffer> loss, int32_t distance,
+                           int32_t pair_weighting, int32_t max_block_rows, int32_t miner,
+                           int32_t miner_epsilon_bits) {
   HostInputs in;
   ffi::Error error =
       ReadInBatchHostInputs(labels, embeddings, anchors, margin, positive_margin, distance,
@@ -97,11 +94,11 @@ ffi::Error InBatchLossHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::Any
 }
 
 ffi::Error InBatchGradHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::AnyBuffer embeddings,
-                           ffi::AnyBuffer anchors, ffi::AnyBuffer upstream, ffi::AnyBuffer margin,
-                           ffi::AnyBuffer positive_margin, ffi::Result<ffi::AnyBuffer> grad,
-                           ffi::Result<ffi::AnyBuffer> loss, int32_t distance,
-                           int32_t pair_weighting, int32_t max_block_rows, int32_t miner,
-                           int32_t miner_epsilon_bits) {
+                           ffi::AnyBuffer anchors, ffi::AnyBuffer upstream,
+                           ffi::BufferR0<ffi::F64> margin, ffi::BufferR0<ffi::F64> positive_margin,
+                           ffi::Result<ffi::AnyBuffer> grad, ffi::Result<ffi::AnyBuffer> loss,
+                           int32_t distance, int32_t pair_weighting, int32_t max_block_rows,
+                           int32_t miner, int32_t miner_epsilon_bits) {
   HostInputs in;
   ffi::Error error =
       ReadInBatchHostInputs(labels, embeddings, anchors, margin, positive_margin, distance,
@@ -121,7 +118,7 @@ ffi::Error InBatchGradHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::Any
 
 ffi::Error InBatchLossReducedHost(
     ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, ffi::AnyBuffer anchors,
-    ffi::AnyBuffer weights, ffi::AnyBuffer margin, ffi::AnyBuffer positive_margin,
+    ffi::AnyBuffer weights, ffi::BufferR0<ffi::F64> margin, ffi::BufferR0<ffi::F64> positive_margin,
     ffi::BufferR0<ffi::F64> loss_scale, ffi::Result<ffi::AnyBuffer> loss,
     ffi::Result<ffi::AnyBuffer> grad, ffi::Result<ffi::AnyBuffer> reduction_scale, int32_t distance,
     int32_t pair_weighting, int32_t max_block_rows, int32_t miner, int32_t miner_epsilon_bits,
@@ -228,12 +225,12 @@ ffi::Error ReadJaxInBatchArgs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLoss, InBatchLossHost,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // labels: int32 or int64
-                                  .Arg<ffi::AnyBuffer>()  // embeddings
-                                  .Arg<ffi::AnyBuffer>()  // anchors: 4 int32 or int64
-                                  .Arg<ffi::AnyBuffer>()  // margin: float32 or float64
-                                  .Arg<ffi::AnyBuffer>()  // positive_margin
-                                  .Ret<ffi::AnyBuffer>()  // loss
+                                  .Arg<ffi::AnyBuffer>()           // labels: int64
+                                  .Arg<ffi::AnyBuffer>()           // embeddings
+                                  .Arg<ffi::AnyBuffer>()           // anchors: 4 int64
+                                  .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                                  .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
+                                  .Ret<ffi::AnyBuffer>()           // loss
                                   .Attr<int32_t>("distance")
                                   .Attr<int32_t>("pair_weighting")
                                   .Attr<int32_t>("max_block_rows")
@@ -243,14 +240,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLoss, InBatchLossHost,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLossGrad, InBatchGradHost,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // labels: int32 or int64
-                                  .Arg<ffi::AnyBuffer>()  // embeddings
-                                  .Arg<ffi::AnyBuffer>()  // anchors: 4 int32 or int64
-                                  .Arg<ffi::AnyBuffer>()  // upstream
-                                  .Arg<ffi::AnyBuffer>()  // margin: float32 or float64
-                                  .Arg<ffi::AnyBuffer>()  // positive_margin
-                                  .Ret<ffi::AnyBuffer>()  // grad
-                                  .Ret<ffi::AnyBuffer>()  // loss
+                                  .Arg<ffi::AnyBuffer>()           // labels: int64
+                                  .Arg<ffi::AnyBuffer>()           // embeddings
+                                  .Arg<ffi::AnyBuffer>()           // anchors: 4 int64
+                                  .Arg<ffi::AnyBuffer>()           // upstream
+                                  .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                                  .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
+                                  .Ret<ffi::AnyBuffer>()           // grad
+                                  .Ret<ffi::AnyBuffer>()           // loss
                                   .Attr<int32_t>("distance")
                                   .Attr<int32_t>("pair_weighting")
                                   .Attr<int32_t>("max_block_rows")
@@ -260,12 +257,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLossGrad, InBatchGradHost,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLossReduced, InBatchLossReducedHost,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()           // labels: int32 or int64
+                                  .Arg<ffi::AnyBuffer>()           // labels: int64
                                   .Arg<ffi::AnyBuffer>()           // embeddings
-                                  .Arg<ffi::AnyBuffer>()           // anchors: 4 int32 or int64
+                                  .Arg<ffi::AnyBuffer>()           // anchors: 4 int64
                                   .Arg<ffi::AnyBuffer>()           // sample_weight
-                                  .Arg<ffi::AnyBuffer>()           // margin: float32 or float64
-                                  .Arg<ffi::AnyBuffer>()           // positive_margin
+                                  .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                                  .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
                                   .Arg<ffi::BufferR0<ffi::F64>>()  // loss_scale
                                   .Ret<ffi::AnyBuffer>()           // loss
                                   .Ret<ffi::AnyBuffer>()           // grad
