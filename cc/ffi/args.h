@@ -6,6 +6,7 @@
 #define FUSED_CONTRASTIVE_FFI_ARGS_H_
 
 #include <cstdint>
+#include <utility>
 
 #include "core/distances/kernels.h"
 #include "core/in_batch/kernels.h"
@@ -52,6 +53,85 @@ ffi::Error ReadJaxInBatchArgs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, 
                               double positive_margin, int32_t distance, int32_t pair_weighting,
                               int32_t max_block_rows, int32_t miner, int32_t miner_epsilon_bits,
                               InBatchArgs* args);
+
+// The bindings' operands, results and attrs after their context (a thread
+// pool on the host; a stream, and scratch for the in-batch loss, on CUDA):
+// one list per target for both platforms. b: ffi::Ffi::Bind().Ctx<...>().
+
+// The in-batch targets' attrs (TensorFlow's and JAX's).
+template <typename B>
+auto InBatchAttrs(B b) {
+  return std::move(b)
+      .template Attr<int32_t>("distance")
+      .template Attr<int32_t>("pair_weighting")
+      .template Attr<int32_t>("max_block_rows")
+      .template Attr<int32_t>("miner")
+      .template Attr<int32_t>("miner_epsilon_bits");
+}
+
+// The loss on distances: labels, distances -> loss, d(loss)/d(distance).
+template <typename B>
+auto LossBinding(B b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Ret<ffi::AnyBuffer>()
+      .template Ret<ffi::AnyBuffer>()
+      .template Attr<double>("margin")
+      .template Attr<int32_t>("similar_label");
+}
+
+// JAX's pair loss: labels, a, b -> loss, coefficients.
+template <typename B>
+auto EmbeddingLossJaxBinding(B b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Ret<ffi::AnyBuffer>()
+      .template Ret<ffi::AnyBuffer>()
+      .template Attr<double>("margin")
+      .template Attr<int32_t>("distance")
+      .template Attr<int32_t>("similar_label");
+}
+
+// The pair loss's gradient (TensorFlow's and JAX's): a, b, coefficients,
+// upstream -> grad_a, grad_b.
+template <typename B>
+auto EmbeddingGradBinding(B b) {
+  return std::move(b)
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Arg<ffi::AnyBuffer>()
+      .template Ret<ffi::AnyBuffer>()
+      .template Ret<ffi::AnyBuffer>()
+      .template Attr<int32_t>("distance");
+}
+
+// JAX's in-batch loss: labels, embeddings -> loss; with `upstream`, labels,
+// embeddings, upstream -> grad, loss.
+template <typename B>
+auto InBatchJaxMargins(B b) {
+  return InBatchAttrs(
+      std::move(b).template Attr<double>("margin").template Attr<double>("positive_margin"));
+}
+template <typename B>
+auto InBatchLossJaxBinding(B b) {
+  return InBatchJaxMargins(std::move(b)
+                               .template Arg<ffi::AnyBuffer>()
+                               .template Arg<ffi::AnyBuffer>()
+                               .template Ret<ffi::AnyBuffer>());
+}
+template <typename B>
+auto InBatchGradJaxBinding(B b) {
+  return InBatchJaxMargins(std::move(b)
+                               .template Arg<ffi::AnyBuffer>()
+                               .template Arg<ffi::AnyBuffer>()
+                               .template Arg<ffi::AnyBuffer>()
+                               .template Ret<ffi::AnyBuffer>()
+                               .template Ret<ffi::AnyBuffer>());
+}
 
 }  // namespace fused_contrastive
 

@@ -48,13 +48,6 @@ ffi::Error LossHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::AnyBuffer 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveLoss, LossHost,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // labels
-                                  .Arg<ffi::AnyBuffer>()  // distances
-                                  .Ret<ffi::AnyBuffer>()  // loss
-                                  .Ret<ffi::AnyBuffer>()  // grad
-                                  .Attr<double>("margin")
-                                  .Attr<int32_t>("similar_label"));
+                              LossBinding(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
 }  // namespace fused_contrastive

@@ -109,68 +109,24 @@ ffi::Error InBatchGradJaxCuda(void* stream, ffi::ScratchAllocator scratch, ffi::
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveLossCuda, LossCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<void*>>()
-                                  .Arg<ffi::AnyBuffer>()  // labels
-                                  .Arg<ffi::AnyBuffer>()  // distances
-                                  .Ret<ffi::AnyBuffer>()  // loss
-                                  .Ret<ffi::AnyBuffer>()  // grad
-                                  .Attr<double>("margin")
-                                  .Attr<int32_t>("similar_label"));
+                              LossBinding(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<void*>>()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLossJaxCuda, EmbeddingLossCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<void*>>()
-                                  .Arg<ffi::AnyBuffer>()  // labels
-                                  .Arg<ffi::AnyBuffer>()  // a
-                                  .Arg<ffi::AnyBuffer>()  // b
-                                  .Ret<ffi::AnyBuffer>()  // loss
-                                  .Ret<ffi::AnyBuffer>()  // coefficients
-                                  .Attr<double>("margin")
-                                  .Attr<int32_t>("distance")
-                                  .Attr<int32_t>("similar_label"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FusedContrastiveEmbeddingLossJaxCuda, EmbeddingLossCuda,
+    EmbeddingLossJaxBinding(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<void*>>()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLossGradCuda, EmbeddingGradCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<void*>>()
-                                  .Arg<ffi::AnyBuffer>()  // a
-                                  .Arg<ffi::AnyBuffer>()  // b
-                                  .Arg<ffi::AnyBuffer>()  // coefficients
-                                  .Arg<ffi::AnyBuffer>()  // upstream
-                                  .Ret<ffi::AnyBuffer>()  // grad_a
-                                  .Ret<ffi::AnyBuffer>()  // grad_b
-                                  .Attr<int32_t>("distance"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FusedContrastiveEmbeddingLossGradCuda, EmbeddingGradCuda,
+    EmbeddingGradBinding(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<void*>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLossJaxCuda, InBatchLossJaxCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<void*>>()
-                                  .Ctx<ffi::ScratchAllocator>()
-                                  .Arg<ffi::AnyBuffer>()  // labels
-                                  .Arg<ffi::AnyBuffer>()  // embeddings
-                                  .Ret<ffi::AnyBuffer>()  // loss
-                                  .Attr<double>("margin")
-                                  .Attr<double>("positive_margin")
-                                  .Attr<int32_t>("distance")
-                                  .Attr<int32_t>("pair_weighting")
-                                  .Attr<int32_t>("max_block_rows")
-                                  .Attr<int32_t>("miner")
-                                  .Attr<int32_t>("miner_epsilon_bits"));
+                              InBatchLossJaxBinding(ffi::Ffi::Bind()
+                                                        .Ctx<ffi::PlatformStream<void*>>()
+                                                        .Ctx<ffi::ScratchAllocator>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLossGradJaxCuda, InBatchGradJaxCuda,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::PlatformStream<void*>>()
-                                  .Ctx<ffi::ScratchAllocator>()
-                                  .Arg<ffi::AnyBuffer>()  // labels
-                                  .Arg<ffi::AnyBuffer>()  // embeddings
-                                  .Arg<ffi::AnyBuffer>()  // upstream
-                                  .Ret<ffi::AnyBuffer>()  // grad
-                                  .Ret<ffi::AnyBuffer>()  // loss
-                                  .Attr<double>("margin")
-                                  .Attr<double>("positive_margin")
-                                  .Attr<int32_t>("distance")
-                                  .Attr<int32_t>("pair_weighting")
-                                  .Attr<int32_t>("max_block_rows")
-                                  .Attr<int32_t>("miner")
-                                  .Attr<int32_t>("miner_epsilon_bits"));
+                              InBatchGradJaxBinding(ffi::Ffi::Bind()
+                                                        .Ctx<ffi::PlatformStream<void*>>()
+                                                        .Ctx<ffi::ScratchAllocator>()));
 
 }  // namespace fused_contrastive

@@ -223,87 +223,51 @@ ffi::Error ReadJaxInBatchArgs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, 
 
 // C symbols (declared in ffi/targets.h), outside the unnamed namespace.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLoss, InBatchLossHost,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()           // labels: int64
-                                  .Arg<ffi::AnyBuffer>()           // embeddings
-                                  .Arg<ffi::AnyBuffer>()           // anchors: 4 int64
-                                  .Arg<ffi::BufferR0<ffi::F64>>()  // margin
-                                  .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
-                                  .Ret<ffi::AnyBuffer>()           // loss
-                                  .Attr<int32_t>("distance")
-                                  .Attr<int32_t>("pair_weighting")
-                                  .Attr<int32_t>("max_block_rows")
-                                  .Attr<int32_t>("miner")
-                                  .Attr<int32_t>("miner_epsilon_bits"));
+                              InBatchAttrs(ffi::Ffi::Bind()
+                                               .Ctx<ffi::ThreadPool>()
+                                               .Arg<ffi::AnyBuffer>()           // labels: int64
+                                               .Arg<ffi::AnyBuffer>()           // embeddings
+                                               .Arg<ffi::AnyBuffer>()           // anchors: 4 int64
+                                               .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                                               .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
+                                               .Ret<ffi::AnyBuffer>()           // loss
+                                           ));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLossGrad, InBatchGradHost,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()           // labels: int64
-                                  .Arg<ffi::AnyBuffer>()           // embeddings
-                                  .Arg<ffi::AnyBuffer>()           // anchors: 4 int64
-                                  .Arg<ffi::AnyBuffer>()           // upstream
-                                  .Arg<ffi::BufferR0<ffi::F64>>()  // margin
-                                  .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
-                                  .Ret<ffi::AnyBuffer>()           // grad
-                                  .Ret<ffi::AnyBuffer>()           // loss
-                                  .Attr<int32_t>("distance")
-                                  .Attr<int32_t>("pair_weighting")
-                                  .Attr<int32_t>("max_block_rows")
-                                  .Attr<int32_t>("miner")
-                                  .Attr<int32_t>("miner_epsilon_bits"));
+                              InBatchAttrs(ffi::Ffi::Bind()
+                                               .Ctx<ffi::ThreadPool>()
+                                               .Arg<ffi::AnyBuffer>()           // labels: int64
+                                               .Arg<ffi::AnyBuffer>()           // embeddings
+                                               .Arg<ffi::AnyBuffer>()           // anchors: 4 int64
+                                               .Arg<ffi::AnyBuffer>()           // upstream
+                                               .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                                               .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
+                                               .Ret<ffi::AnyBuffer>()           // grad
+                                               .Ret<ffi::AnyBuffer>()           // loss
+                                           ));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLossReduced, InBatchLossReducedHost,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()           // labels: int64
-                                  .Arg<ffi::AnyBuffer>()           // embeddings
-                                  .Arg<ffi::AnyBuffer>()           // anchors: 4 int64
-                                  .Arg<ffi::AnyBuffer>()           // sample_weight
-                                  .Arg<ffi::BufferR0<ffi::F64>>()  // margin
-                                  .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
-                                  .Arg<ffi::BufferR0<ffi::F64>>()  // loss_scale
-                                  .Ret<ffi::AnyBuffer>()           // loss
-                                  .Ret<ffi::AnyBuffer>()           // grad
-                                  .Ret<ffi::AnyBuffer>()           // reduction_scale
-                                  .Attr<int32_t>("distance")
-                                  .Attr<int32_t>("pair_weighting")
-                                  .Attr<int32_t>("max_block_rows")
-                                  .Attr<int32_t>("miner")
-                                  .Attr<int32_t>("miner_epsilon_bits")
+                              InBatchAttrs(ffi::Ffi::Bind()
+                                               .Ctx<ffi::ThreadPool>()
+                                               .Arg<ffi::AnyBuffer>()           // labels: int64
+                                               .Arg<ffi::AnyBuffer>()           // embeddings
+                                               .Arg<ffi::AnyBuffer>()           // anchors: 4 int64
+                                               .Arg<ffi::AnyBuffer>()           // sample_weight
+                                               .Arg<ffi::BufferR0<ffi::F64>>()  // margin
+                                               .Arg<ffi::BufferR0<ffi::F64>>()  // positive_margin
+                                               .Arg<ffi::BufferR0<ffi::F64>>()  // loss_scale
+                                               .Ret<ffi::AnyBuffer>()           // loss
+                                               .Ret<ffi::AnyBuffer>()           // grad
+                                               .Ret<ffi::AnyBuffer>()           // reduction_scale
+                                           )
                                   .Attr<int32_t>("reduction"));
 
 // JAX's (ffi/args.h): margins as float64 attrs, labels as int64 bytes, every
 // row an anchor.
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLossJax, InBatchLossJaxHost,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // labels
-                                  .Arg<ffi::AnyBuffer>()  // embeddings
-                                  .Ret<ffi::AnyBuffer>()  // loss
-                                  .Attr<double>("margin")
-                                  .Attr<double>("positive_margin")
-                                  .Attr<int32_t>("distance")
-                                  .Attr<int32_t>("pair_weighting")
-                                  .Attr<int32_t>("max_block_rows")
-                                  .Attr<int32_t>("miner")
-                                  .Attr<int32_t>("miner_epsilon_bits"));
+                              InBatchLossJaxBinding(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLossGradJax, InBatchGradJaxHost,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // labels
-                                  .Arg<ffi::AnyBuffer>()  // embeddings
-                                  .Arg<ffi::AnyBuffer>()  // upstream
-                                  .Ret<ffi::AnyBuffer>()  // grad
-                                  .Ret<ffi::AnyBuffer>()  // loss
-                                  .Attr<double>("margin")
-                                  .Attr<double>("positive_margin")
-                                  .Attr<int32_t>("distance")
-                                  .Attr<int32_t>("pair_weighting")
-                                  .Attr<int32_t>("max_block_rows")
-                                  .Attr<int32_t>("miner")
-                                  .Attr<int32_t>("miner_epsilon_bits"));
+                              InBatchGradJaxBinding(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
 }  // namespace fused_contrastive

@@ -181,27 +181,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLoss, EmbeddingLossHost,
                                   .Attr<int32_t>("similar_label"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLossJax, EmbeddingLossJaxHost,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // labels
-                                  .Arg<ffi::AnyBuffer>()  // a
-                                  .Arg<ffi::AnyBuffer>()  // b
-                                  .Ret<ffi::AnyBuffer>()  // loss
-                                  .Ret<ffi::AnyBuffer>()  // coefficients
-                                  .Attr<double>("margin")
-                                  .Attr<int32_t>("distance")
-                                  .Attr<int32_t>("similar_label"));
+                              EmbeddingLossJaxBinding(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLossGrad, EmbeddingGradHost,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::AnyBuffer>()  // a
-                                  .Arg<ffi::AnyBuffer>()  // b
-                                  .Arg<ffi::AnyBuffer>()  // coefficients
-                                  .Arg<ffi::AnyBuffer>()  // upstream
-                                  .Ret<ffi::AnyBuffer>()  // grad_a
-                                  .Ret<ffi::AnyBuffer>()  // grad_b
-                                  .Attr<int32_t>("distance"));
+                              EmbeddingGradBinding(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLossReduced, EmbeddingLossReducedHost,
                               ffi::Ffi::Bind()
