@@ -45,14 +45,15 @@ ffi::Error ReadEmbeddingGradArgs(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuf
                                  ffi::Result<ffi::AnyBuffer> grad_b, int32_t distance,
                                  EmbeddingGradArgs* args);
 
-// The in-batch loss as JAX's front end calls it: every row an anchor, the
-// margins as float64 attrs, and the class ids as int64s: an S64 [rows]
+// The in-batch loss as JAX's front end calls it: the first `anchors` rows
+// are the anchors (the batch), the rest references that get their gradient;
+// the margins as float64 attrs; the class ids as int64s: an S64 [rows]
 // buffer, or the same bytes as S32 [rows, 2] (each id's two halves; JAX has
 // no int64 without jax_enable_x64). Upstream, loss and grad are left null.
 ffi::Error ReadJaxInBatchArgs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, double margin,
                               double positive_margin, int32_t distance, int32_t pair_weighting,
                               int32_t max_block_rows, int32_t miner, int32_t miner_epsilon_bits,
-                              InBatchArgs* args);
+                              int64_t anchors, InBatchArgs* args);
 
 // The bindings' operands, results and attrs after their context (a thread
 // pool on the host; a stream, and scratch for the in-batch loss, on CUDA):
@@ -114,7 +115,8 @@ auto EmbeddingGradBinding(B b) {
 template <typename B>
 auto InBatchJaxMargins(B b) {
   return InBatchAttrs(
-      std::move(b).template Attr<double>("margin").template Attr<double>("positive_margin"));
+             std::move(b).template Attr<double>("margin").template Attr<double>("positive_margin"))
+      .template Attr<int64_t>("anchors");
 }
 template <typename B>
 auto InBatchLossJaxBinding(B b) {

@@ -66,11 +66,11 @@ ffi::Error InBatchCuda(void* stream, ffi::ScratchAllocator& scratch, ffi::AnyBuf
                        ffi::AnyBuffer embeddings, const void* upstream, void* grad, void* loss,
                        double margin, double positive_margin, int32_t distance,
                        int32_t pair_weighting, int32_t max_block_rows, int32_t miner,
-                       int32_t miner_epsilon_bits) {
+                       int32_t miner_epsilon_bits, int64_t anchors) {
   InBatchArgs args;
   ffi::Error error =
       ReadJaxInBatchArgs(labels, embeddings, margin, positive_margin, distance, pair_weighting,
-                         max_block_rows, miner, miner_epsilon_bits, &args);
+                         max_block_rows, miner, miner_epsilon_bits, anchors, &args);
   if (!error.success()) return error;
   args.upstream = upstream;
   args.grad = grad;
@@ -89,10 +89,10 @@ ffi::Error InBatchLossJaxCuda(void* stream, ffi::ScratchAllocator scratch, ffi::
                               ffi::AnyBuffer embeddings, ffi::Result<ffi::AnyBuffer> loss,
                               double margin, double positive_margin, int32_t distance,
                               int32_t pair_weighting, int32_t max_block_rows, int32_t miner,
-                              int32_t miner_epsilon_bits) {
+                              int32_t miner_epsilon_bits, int64_t anchors) {
   return InBatchCuda(stream, scratch, labels, embeddings, nullptr, nullptr, loss->untyped_data(),
                      margin, positive_margin, distance, pair_weighting, max_block_rows, miner,
-                     miner_epsilon_bits);
+                     miner_epsilon_bits, anchors);
 }
 
 ffi::Error InBatchGradJaxCuda(void* stream, ffi::ScratchAllocator scratch, ffi::AnyBuffer labels,
@@ -100,10 +100,10 @@ ffi::Error InBatchGradJaxCuda(void* stream, ffi::ScratchAllocator scratch, ffi::
                               ffi::Result<ffi::AnyBuffer> grad, ffi::Result<ffi::AnyBuffer> loss,
                               double margin, double positive_margin, int32_t distance,
                               int32_t pair_weighting, int32_t max_block_rows, int32_t miner,
-                              int32_t miner_epsilon_bits) {
+                              int32_t miner_epsilon_bits, int64_t anchors) {
   return InBatchCuda(stream, scratch, labels, embeddings, upstream.untyped_data(),
                      grad->untyped_data(), loss->untyped_data(), margin, positive_margin, distance,
-                     pair_weighting, max_block_rows, miner, miner_epsilon_bits);
+                     pair_weighting, max_block_rows, miner, miner_epsilon_bits, anchors);
 }
 
 }  // namespace

@@ -153,11 +153,12 @@ ffi::Error InBatchLossReducedHost(
 ffi::Error InBatchJaxHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::AnyBuffer embeddings,
                           const void* upstream, void* grad, void* loss, double margin,
                           double positive_margin, int32_t distance, int32_t pair_weighting,
-                          int32_t max_block_rows, int32_t miner, int32_t miner_epsilon_bits) {
+                          int32_t max_block_rows, int32_t miner, int32_t miner_epsilon_bits,
+                          int64_t anchors) {
   InBatchArgs args;
   ffi::Error error =
       ReadJaxInBatchArgs(labels, embeddings, margin, positive_margin, distance, pair_weighting,
-                         max_block_rows, miner, miner_epsilon_bits, &args);
+                         max_block_rows, miner, miner_epsilon_bits, anchors, &args);
   if (!error.success()) return error;
   args.upstream = upstream;
   args.grad = grad;
@@ -169,10 +170,10 @@ ffi::Error InBatchLossJaxHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
                               ffi::AnyBuffer embeddings, ffi::Result<ffi::AnyBuffer> loss,
                               double margin, double positive_margin, int32_t distance,
                               int32_t pair_weighting, int32_t max_block_rows, int32_t miner,
-                              int32_t miner_epsilon_bits) {
+                              int32_t miner_epsilon_bits, int64_t anchors) {
   return InBatchJaxHost(pool, labels, embeddings, nullptr, nullptr, loss->untyped_data(), margin,
                         positive_margin, distance, pair_weighting, max_block_rows, miner,
-                        miner_epsilon_bits);
+                        miner_epsilon_bits, anchors);
 }
 
 ffi::Error InBatchGradJaxHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
@@ -180,10 +181,10 @@ ffi::Error InBatchGradJaxHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
                               ffi::Result<ffi::AnyBuffer> grad, ffi::Result<ffi::AnyBuffer> loss,
                               double margin, double positive_margin, int32_t distance,
                               int32_t pair_weighting, int32_t max_block_rows, int32_t miner,
-                              int32_t miner_epsilon_bits) {
+                              int32_t miner_epsilon_bits, int64_t anchors) {
   return InBatchJaxHost(pool, labels, embeddings, upstream.untyped_data(), grad->untyped_data(),
                         loss->untyped_data(), margin, positive_margin, distance, pair_weighting,
-                        max_block_rows, miner, miner_epsilon_bits);
+                        max_block_rows, miner, miner_epsilon_bits, anchors);
 }
 
 }  // namespace
@@ -191,7 +192,7 @@ ffi::Error InBatchGradJaxHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
 ffi::Error ReadJaxInBatchArgs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, double margin,
                               double positive_margin, int32_t distance, int32_t pair_weighting,
                               int32_t max_block_rows, int32_t miner, int32_t miner_epsilon_bits,
-                              InBatchArgs* args) {
+                              int64_t anchors, InBatchArgs* args) {
   const auto fail = [](const char* problem) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       std::string("in-batch contrastive loss: ") + problem);
@@ -216,9 +217,9 @@ ffi::Error ReadJaxInBatchArgs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, 
   args->margin = margin;
   args->positive_margin = positive_margin;
   SetInBatchAttrs(distance, pair_weighting, max_block_rows, miner, miner_epsilon_bits, args);
-  const int64_t all[] = {0, args->rows, args->rows, args->rows};
-  SetInBatchAnchors(all, args);
-  return ffi::Error::Success();
+  const int64_t range[] = {0, anchors, args->rows, args->rows};
+  const std::string problem = SetInBatchAnchors(range, args);
+  return problem.empty() ? ffi::Error::Success() : fail(problem.c_str());
 }
 
 // C symbols (declared in ffi/targets.h), outside the unnamed namespace.

@@ -211,24 +211,32 @@ def in_batch_contrastive_loss(
     positive_margin=0.0,
     distance="euclidean",
     pair_weighting="uniform",
+    max_block_rows=None,
+    reference_labels=None,
+    reference_embeddings=None,
+    gather_across_replicas=False,
     miner=None,
     miner_epsilon=0.1,
-    max_block_rows=None,
 ):
-    """Each anchor's loss against every other row of the batch, [B]: what
-    fused_contrastive.in_batch_contrastive_loss computes, with the same
-    options (see its docstring; margins are numbers here), by the same CPU
-    kernel.
+    """Each anchor's loss against every other row of the batch (and every
+    reference), [B]: what fused_contrastive.in_batch_contrastive_loss
+    computes, with the same options and errors (see its docstring; margins
+    are numbers here), by the same CPU kernel.
 
     Args:
       labels: class ids [B] (or [B, 1]): int32, int64, or floats, compared by
         value.
       embeddings: [B, D], float16, bfloat16 (both computed in float32),
         float32 or float64 (which needs jax_enable_x64).
+      reference_labels, reference_embeddings: optional references [R] and
+        [R, D], given together (embeddings cast to the embeddings' dtype).
+      gather_across_replicas: True raises NotImplementedError: tf.distribute's
+        gathering has no JAX counterpart here yet (a caller can gather the
+        other devices' rows itself and pass them as references).
 
-    Differentiable in `embeddings` (jax.grad, under jax.jit, and jax.vmap
-    over a leading batch axis, one call per batch element); the selection of
-    a miner carries no gradient.
+    Differentiable in `embeddings` and `reference_embeddings` (jax.grad,
+    under jax.jit, and jax.vmap over a leading batch axis, one call per batch
+    element); the selection of a miner carries no gradient.
     """
     options = (
         _options.real_margin(margin),
@@ -238,28 +246,68 @@ def in_batch_contrastive_loss(
         *_options._check_miner(miner, miner_epsilon),
         _options._check_max_block_rows(max_block_rows) or 0,
     )
+    if gather_across_replicas:
+        raise NotImplementedError(
+            "in-batch contrastive loss: gather_across_replicas is tf.distribute's; under JAX, "
+            "gather the other devices' rows and pass them as reference_labels and "
+            "reference_embeddings"
+        )
+    labels, embeddings = _batch(labels, embeddings)
+    rows = embeddings
+    if reference_labels is not None or reference_embeddings is not None:
+        if reference_labels is None or reference_embeddings is None:
+            raise ValueError(
+                "in-batch contrastive loss: reference_labels and reference_embeddings must be "
+                "given together"
+            )
+        others, references = _batch(reference_labels, reference_embeddings, "reference_", "R")
+        if references.shape[1] != embeddings.shape[1]:
+            raise ValueError(
+                "in-batch contrastive loss: reference_embeddings [R, D] must have the "
+                f"embeddings' D; got {references.shape} for embeddings {embeddings.shape}"
+            )
+        if not (
+            jnp.issubdtype(labels.dtype, jnp.integer) and jnp.issubdtype(others.dtype, jnp.integer)
+        ):
+            # Compared by value, in the widest float: equal values stay equal.
+            labels = labels.astype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
+        labels = jnp.concatenate([labels, others.astype(labels.dtype)])
+        rows = jnp.concatenate([embeddings, references.astype(embeddings.dtype)])
+    # 16-bit embeddings are computed in float32, as everywhere in the package.
+    compute = rows.astype(jnp.float32) if rows.dtype.itemsize == 2 else rows
+    loss = _in_batch(options, embeddings.shape[0], _class_ids(labels), compute)
+    return loss.astype(embeddings.dtype)
+
+
+def _batch(labels, embeddings, prefix="", n="B"):
+    """Class labels [n] (or [n, 1], squeezed) and embeddings [n, D], checked
+    as the TF function checks them; prefix: what the arguments' names start
+    with in the messages, n: the row count's name there."""
     labels = jnp.asarray(labels)
     embeddings = jnp.asarray(embeddings)
-    if labels.ndim == 2 and labels.shape[1] == 1:
-        labels = labels[:, 0]
-    if labels.dtype.name not in _options.CLASS_LABEL_DTYPES:
-        raise TypeError(
-            "in-batch contrastive loss: labels must be class ids "
-            f"({', '.join(_options.CLASS_LABEL_DTYPES)}); got {labels.dtype.name}"
-        )
+    what = "in-batch contrastive loss"
     if embeddings.dtype.name not in _options.DISTANCE_DTYPES:
         raise TypeError(
-            "in-batch contrastive loss: embeddings must be "
-            f"{', '.join(_options.DISTANCE_DTYPES)}; got {embeddings.dtype.name}"
+            f"{what}: {prefix}embeddings must be {', '.join(_options.DISTANCE_DTYPES)}; got "
+            f"{embeddings.dtype.name}"
         )
-    if embeddings.ndim != 2 or labels.shape != embeddings.shape[:1]:
+    if embeddings.ndim != 2:
         raise ValueError(
-            "in-batch contrastive loss: labels must be [B] (or [B, 1]) and embeddings [B, D], "
-            f"got {labels.shape} and {embeddings.shape}"
+            f"{what}: {prefix}embeddings must have rank 2, [{n}, D]; got shape {embeddings.shape}"
         )
-    # 16-bit embeddings are computed in float32, as everywhere in the package.
-    compute = embeddings.astype(jnp.float32) if embeddings.dtype.itemsize == 2 else embeddings
-    return _in_batch(options, _class_ids(labels), compute).astype(embeddings.dtype)
+    if labels.dtype.name not in _options.CLASS_LABEL_DTYPES:
+        raise TypeError(
+            f"{what}: {prefix}labels must be class ids ({', '.join(_options.CLASS_LABEL_DTYPES)}); "
+            f"got {labels.dtype.name}"
+        )
+    if labels.ndim == 2 and labels.shape[1] == 1:
+        labels = labels[:, 0]
+    if labels.shape != embeddings.shape[:1]:
+        raise ValueError(
+            f"{what}: {prefix}labels must have shape [{n}] or [{n}, 1] for {prefix}embeddings "
+            f"[{n}, D] = {embeddings.shape}; got {labels.shape}"
+        )
+    return labels, embeddings
 
 
 def _class_ids(labels):
@@ -279,8 +327,9 @@ def _class_ids(labels):
     return jnp.where(jnp.isnan(x), rows | nan_bits, jax.lax.bitcast_convert_type(x, ids_type))
 
 
-def _call(options, labels, embeddings, upstream=None):
-    """The loss handler, or with `upstream` the gradient handler (grad, loss)."""
+def _call(options, anchors, labels, embeddings, upstream=None):
+    """The loss handler, or with `upstream` the gradient handler (grad,
+    loss): the first `anchors` rows are the anchors, the rest references."""
     margin, positive_margin, distance, weighting, miner, epsilon, block_rows = options
     rows, dtype = embeddings.shape[0], embeddings.dtype
     attrs = dict(
@@ -292,6 +341,7 @@ def _call(options, labels, embeddings, upstream=None):
         miner=np.int32(_ATTRS["miner"]["none" if miner is None else miner]),
         # The TF ops' float attr: epsilon in float32 on every path.
         miner_epsilon_bits=np.float32(epsilon).view(np.int32),
+        anchors=np.int64(anchors),
     )
     if labels.dtype != jnp.int64:
         # The handlers take int64 ids; without jax_enable_x64 each id's two
@@ -311,28 +361,31 @@ def _call(options, labels, embeddings, upstream=None):
     return call(labels, embeddings, upstream.astype(dtype), **attrs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _in_batch(options, labels, embeddings):
-    return _call(options, labels, embeddings)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _in_batch(options, anchors, labels, embeddings):
+    return _call(options, anchors, labels, embeddings)[:anchors]
 
 
-def _in_batch_forward(options, labels, embeddings):
+def _in_batch_forward(options, anchors, labels, embeddings):
     """One sweep gives the loss and the gradient of the anchors' loss sum,
     which serves any upstream gradient equal on every anchor (a mean or sum
     of the losses, the usual case) scaled by it, as in the TF function."""
-    ones = jnp.ones(embeddings.shape[:1], embeddings.dtype)
-    grad_of_sum, loss = _call(options, labels, embeddings, ones)
-    return loss, (labels, embeddings, grad_of_sum)
+    ones = jnp.ones(embeddings.shape[:1], embeddings.dtype)  # the references' go unused
+    grad_of_sum, loss = _call(options, anchors, labels, embeddings, ones)
+    return loss[:anchors], (labels, embeddings, grad_of_sum)
 
 
-def _in_batch_backward(options, residuals, upstream):
+def _in_batch_backward(options, anchors, residuals, upstream):
     """Another upstream (sample weights) takes a second sweep."""
     labels, embeddings, grad_of_sum = residuals
-    first = upstream[:1]  # none in an empty batch: the gradient is empty then
+    first = upstream[:1]  # none without anchors: the gradient is 0 then
+    references = jnp.zeros(embeddings.shape[0] - anchors, upstream.dtype)
     grad = jax.lax.cond(
         jnp.all(upstream == first),
         lambda: grad_of_sum * jnp.sum(first).astype(grad_of_sum.dtype),
-        lambda: _call(options, labels, embeddings, upstream)[0],
+        lambda: _call(
+            options, anchors, labels, embeddings, jnp.concatenate([upstream, references])
+        )[0],
     )
     return None, grad
 

@@ -6,7 +6,7 @@ host handlers), everything under jax.jit: each loss's values and gradients
 jax_enable_x64 (the labels' int32 halves) and float64 with it. The losses on
 distances match bit for bit (as in step 1); the losses from pair embeddings
 within EMBEDDING_ULPS (step 5); the in-batch losses, every distance,
-weighting and miner, within IN_BATCH_TOLERANCE (step 7). Needs only JAX (a
+weighting and miner, some with references, within IN_BATCH_TOLERANCE (step 7). Needs only JAX (a
 CUDA build of jaxlib on the GPU machine): TensorFlow plays no part.
 --self-test runs the "GPU" side on JAX's CPU too."""
 
@@ -65,8 +65,8 @@ def x64(enabled):
 def on_both(jax, fn, args, devices):
     """fn(*args) and the gradients of sum(fn(*args) * upstream) in the float
     args, jitted on each device: {device: (loss, grads)} as NumPy arrays."""
-    floats = tuple(i for i, x in enumerate(args) if np.issubdtype(x.dtype, np.floating))
-    floats = tuple(i for i in floats if i > 0)  # labels carry no gradient
+    # Labels (the first argument, and integer ones anywhere) carry no gradient.
+    floats = tuple(i for i, x in enumerate(args) if i > 0 and np.issubdtype(x.dtype, np.floating))
     upstream = np.random.default_rng(0).uniform(0.5, 2.0, fn(*args).shape)
 
     def weighted(*xs):
@@ -149,12 +149,23 @@ def compare_in_batch(jax, fcj, rng, devices, dtype):
             miner=miner,
         )
 
-        def fn(y, x, o=options):
-            return fcj.in_batch_contrastive_loss(y, x, **o)
+        if index % 4 == 3:  # the first rows anchors, the rest references
+            anchors = rows // 2
+            args = (labels[:anchors], e[:anchors], labels[anchors:], e[anchors:])
+        else:
+            args = (labels, e)
 
-        results = on_both(jax, fn, (labels, e), devices)
-        (want, (want_grad,)), (got, (grad,)) = (results[d.platform] for d in devices)
-        used = max(relative_error(got, want, dtype), relative_error(grad, want_grad, dtype))
+        def fn(y, x, *references, o=options):
+            if references:
+                references = dict(zip(("reference_labels", "reference_embeddings"), references))
+            return fcj.in_batch_contrastive_loss(y, x, **(references or {}), **o)
+
+        results = on_both(jax, fn, args, devices)
+        (want, want_grads), (got, grads) = (results[d.platform] for d in devices)
+        used = max(
+            relative_error(got, want, dtype),
+            *(relative_error(g, w, dtype) for g, w in zip(grads, want_grads)),
+        )
         cases += 1
         worst = max(worst, used)
         if used > 1:

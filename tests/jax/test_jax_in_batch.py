@@ -64,6 +64,44 @@ def test_the_gradient_of_a_mean_scales_the_one_sweeps_gradient_as_tensorflow_doe
     np.testing.assert_array_equal(np.asarray(grad(e)).view(np.int32), want.view(np.int32))
 
 
+@pytest.mark.parametrize(
+    "labels_dtype, reference_dtype, upstream",
+    [
+        (np.int64, np.int32, "mean"),
+        (np.float32, np.int64, "weights"),
+        (np.int32, np.int32, "weights"),
+    ],
+)
+def test_references_give_the_tensorflow_functions_bits(
+    rng, labels_dtype, reference_dtype, upstream
+):
+    labels = rng.integers(0, 4, 21).astype(labels_dtype)
+    references = rng.integers(0, 6, 13).astype(reference_dtype)
+    e, r = rng.normal(size=(21, 5)).astype(np.float32), rng.normal(size=(13, 5)).astype(np.float32)
+    weights = rng.uniform(0.5, 2, 21).astype(np.float32) if upstream == "weights" else None
+    options = dict(margin=1.5, pair_weighting="balanced", miner="multi_similarity")
+    x, y = tf.constant(e), tf.constant(r)
+    with tf.GradientTape() as tape:
+        tape.watch([x, y])
+        loss = fc.in_batch_contrastive_loss(
+            labels, x, reference_labels=references, reference_embeddings=y, **options
+        )
+        total = tf.reduce_mean(loss) if weights is None else tf.reduce_sum(loss * weights)
+    want_e, want_r = (g.numpy() for g in tape.gradient(total, [x, y]))
+
+    def objective(a, b):
+        got = fcj.in_batch_contrastive_loss(
+            labels, a, reference_labels=references, reference_embeddings=b, **options
+        )
+        return (jnp.mean(got) if weights is None else jnp.sum(got * weights)), got
+
+    (_, got), (grad_e, grad_r) = jax.jit(jax.value_and_grad(objective, (0, 1), has_aux=True))(e, r)
+    assert got.shape == (21,)
+    np.testing.assert_array_equal(np.asarray(got).view(np.int32), loss.numpy().view(np.int32))
+    np.testing.assert_array_equal(np.asarray(grad_e).view(np.int32), want_e.view(np.int32))
+    np.testing.assert_array_equal(np.asarray(grad_r).view(np.int32), want_r.view(np.int32))
+
+
 def test_vmap_runs_each_batch_of_a_leading_axis(rng):
     labels = rng.integers(0, 3, (4, 12))
     e = rng.normal(size=(4, 12, 5)).astype(np.float32)
@@ -140,8 +178,22 @@ def test_bad_inputs_raise_clear_errors():
         fcj.in_batch_contrastive_loss([True, False, True], e)
     with pytest.raises(TypeError, match="embeddings must be float16, bfloat16, float32, float64"):
         fcj.in_batch_contrastive_loss([0, 1, 0], e.astype(np.int32))
-    with pytest.raises(ValueError, match=r"labels must be \[B\] \(or \[B, 1\]\) and embeddings"):
+    with pytest.raises(ValueError, match=r"labels must have shape \[B\] or \[B, 1\] for"):
         fcj.in_batch_contrastive_loss([0, 1], e)
+    with pytest.raises(ValueError, match=r"embeddings must have rank 2, \[B, D\]"):
+        fcj.in_batch_contrastive_loss([0, 1, 0], e[:, :, None])
+    with pytest.raises(ValueError, match="must be given together"):
+        fcj.in_batch_contrastive_loss([0, 1, 0], e, reference_labels=[1])
+    with pytest.raises(ValueError, match=r"must have the embeddings' D"):
+        fcj.in_batch_contrastive_loss(
+            [0, 1, 0], e, reference_labels=[1], reference_embeddings=[[1.0]]
+        )
+    with pytest.raises(ValueError, match=r"reference_labels must have shape \[R\] or \[R, 1\]"):
+        fcj.in_batch_contrastive_loss(
+            [0, 1, 0], e, reference_labels=[1, 2], reference_embeddings=e[:1]
+        )
+    with pytest.raises(NotImplementedError, match="gather_across_replicas is tf.distribute's"):
+        fcj.in_batch_contrastive_loss([0, 1, 0], e, gather_across_replicas=True)
 
 
 def test_float64_and_without_tensorflow():
