@@ -49,8 +49,9 @@ ffi::Error ReadEmbeddingGradArgs(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuf
 // are the anchors (the batch), the rest references that get their gradient;
 // the margins as float64 attrs; the class ids as int64s: an S64 [rows]
 // buffer, or the same bytes as S32 [rows, 2] (each id's two halves; JAX has
-// no int64 without jax_enable_x64). Upstream, loss and grad are left null.
-ffi::Error ReadJaxInBatchArgs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, double margin,
+// no int64 without jax_enable_x64); upstream and grad null for the loss alone.
+ffi::Error ReadJaxInBatchArgs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings,
+                              const void* upstream, void* grad, void* loss, double margin,
                               double positive_margin, int32_t distance, int32_t pair_weighting,
                               int32_t max_block_rows, int32_t miner, int32_t miner_epsilon_bits,
                               int64_t anchors, InBatchArgs* args);

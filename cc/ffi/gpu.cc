@@ -68,13 +68,10 @@ ffi::Error InBatchCuda(void* stream, ffi::ScratchAllocator& scratch, ffi::AnyBuf
                        int32_t pair_weighting, int32_t max_block_rows, int32_t miner,
                        int32_t miner_epsilon_bits, int64_t anchors) {
   InBatchArgs args;
-  ffi::Error error =
-      ReadJaxInBatchArgs(labels, embeddings, margin, positive_margin, distance, pair_weighting,
-                         max_block_rows, miner, miner_epsilon_bits, anchors, &args);
+  ffi::Error error = ReadJaxInBatchArgs(labels, embeddings, upstream, grad, loss, margin,
+                                        positive_margin, distance, pair_weighting, max_block_rows,
+                                        miner, miner_epsilon_bits, anchors, &args);
   if (!error.success()) return error;
-  args.upstream = upstream;
-  args.grad = grad;
-  args.loss = loss;
   const int64_t bytes = InBatchLossGpuWorkspace(args);
   std::optional<void*> workspace = bytes > 0 ? scratch.Allocate(bytes) : nullptr;
   if (!workspace.has_value()) {

@@ -156,13 +156,10 @@ ffi::Error InBatchJaxHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::AnyB
                           int32_t max_block_rows, int32_t miner, int32_t miner_epsilon_bits,
                           int64_t anchors) {
   InBatchArgs args;
-  ffi::Error error =
-      ReadJaxInBatchArgs(labels, embeddings, margin, positive_margin, distance, pair_weighting,
-                         max_block_rows, miner, miner_epsilon_bits, anchors, &args);
+  ffi::Error error = ReadJaxInBatchArgs(labels, embeddings, upstream, grad, loss, margin,
+                                        positive_margin, distance, pair_weighting, max_block_rows,
+                                        miner, miner_epsilon_bits, anchors, &args);
   if (!error.success()) return error;
-  args.upstream = upstream;
-  args.grad = grad;
-  args.loss = loss;
   return RunHostKernel(pool, true, [&](const ParallelFor& p) { return InBatchLossCpu(args, p); });
 }
 
@@ -189,7 +186,8 @@ ffi::Error InBatchGradJaxHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
 
 }  // namespace
 
-ffi::Error ReadJaxInBatchArgs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, double margin,
+ffi::Error ReadJaxInBatchArgs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings,
+                              const void* upstream, void* grad, void* loss, double margin,
                               double positive_margin, int32_t distance, int32_t pair_weighting,
                               int32_t max_block_rows, int32_t miner, int32_t miner_epsilon_bits,
                               int64_t anchors, InBatchArgs* args) {
@@ -217,6 +215,9 @@ ffi::Error ReadJaxInBatchArgs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, 
   args->margin = margin;
   args->positive_margin = positive_margin;
   SetInBatchAttrs(distance, pair_weighting, max_block_rows, miner, miner_epsilon_bits, args);
+  args->upstream = upstream;
+  args->grad = grad;
+  args->loss = loss;
   const int64_t range[] = {0, anchors, args->rows, args->rows};
   const std::string problem = SetInBatchAnchors(range, args);
   return problem.empty() ? ffi::Error::Success() : fail(problem.c_str());
