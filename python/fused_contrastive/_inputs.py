@@ -105,10 +105,9 @@ def squeeze_extra_unit_axis(x, other_rank):
 def _converted(x, dtypes, what):
     """x as a tensor, whose dtype must be one of `dtypes`."""
     x = tf.convert_to_tensor(x)
-    if x.dtype not in dtypes:
-        raise TypeError(
-            f"contrastive loss: {what} must have dtype {dtype_names(dtypes)}; got {x.dtype.name}"
-        )
+    problem = _options.dtype_problem(what, x.dtype.name, [d.name for d in dtypes])
+    if problem:
+        raise TypeError(problem)
     return x
 
 
@@ -204,19 +203,10 @@ def _align_row_labels(y_true, rows, rows_shape):
     return y_true
 
 
-def pairs_shape_message(shape):
-    return (
-        "contrastive loss: with a distance, y_pred holds the two embeddings of each pair "
-        "stacked on axis -2, shape [..., 2, D] (e.g. keras.ops.stack([a, b], "
-        f"axis=1)); got {shape}"
-    )
-
-
 def _check_pairs_shape(y_pred):
-    if y_pred.shape.rank is not None and (
-        y_pred.shape.rank < 2 or y_pred.shape[-2] != 2 or y_pred.shape[-1] == 0
-    ):
-        raise tf.errors.InvalidArgumentError(None, None, pairs_shape_message(y_pred.shape))
+    problem = y_pred.shape.rank is not None and _options.stacked_pairs_problem(y_pred.shape)
+    if problem:
+        raise tf.errors.InvalidArgumentError(None, None, problem)
 
 
 def prepare_pair_inputs(y_true, pairs):

@@ -20,6 +20,28 @@ DISTANCE_DTYPES = ("float16", "bfloat16", "float32", "float64")
 CLASS_LABEL_DTYPES = tuple(name for name in LABEL_DTYPES if name != "bool")
 
 
+def dtype_problem(what, dtype, dtypes):
+    """The message for an input `what` of dtype `dtype` (a name) outside the
+    names `dtypes`; None when it is one of them."""
+    if dtype in dtypes:
+        return None
+    return f"contrastive loss: {what} must have dtype {', '.join(dtypes)}; got {dtype}"
+
+
+def stacked_pairs_problem(shape):
+    """The message for a y_pred of a known rank that is not the two
+    embeddings of each pair stacked on axis -2, [..., 2, D] with D >= 1;
+    None when it is."""
+    dims = tuple(shape)
+    if len(dims) >= 2 and dims[-2] == 2 and dims[-1] != 0:
+        return None
+    return (
+        "contrastive loss: with a distance, y_pred holds the two embeddings of each pair "
+        "stacked on axis -2, shape [..., 2, D] (e.g. keras.ops.stack([a, b], "
+        f"axis=1)); got {shape}"
+    )
+
+
 def unit_axis_change(labels_shape, rows_shape):
     """How labels of a known shape align with the rows they label (a known
     shape too): -1 drops the labels' last axis, of size 1, +1 gives them one

@@ -44,10 +44,9 @@ def _checked(x, dtypes, what):
     """x as a JAX array of one of the dtypes named `dtypes`, or the TF
     function's TypeError."""
     x = jnp.asarray(x)
-    if x.dtype.name not in dtypes:
-        raise TypeError(
-            f"contrastive loss: {what} must have dtype {', '.join(dtypes)}; got {x.dtype.name}"
-        )
+    problem = _options.dtype_problem(what, x.dtype.name, dtypes)
+    if problem:
+        raise TypeError(problem)
     return x
 
 

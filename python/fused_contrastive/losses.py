@@ -4,10 +4,9 @@ that the tf_keras classes (keras2.py) share with them."""
 import keras
 import tensorflow as tf
 
-from fused_contrastive import _distances_ops, _in_batch_ops, _pairs_ops
+from fused_contrastive import _distances_ops, _in_batch_ops, _options, _pairs_ops
 from fused_contrastive._inputs import (
     number_margin,
-    pairs_shape_message,
     prepare_embedding_inputs,
     prepare_in_batch_inputs,
     partner_rows,
@@ -287,8 +286,9 @@ class ContrastiveLoss(ContrastiveLossMixin, keras.losses.Loss):
         fcj = _jax_functions()
         if self.distance is None:
             return fcj.contrastive_loss(y_true, y_pred, self.margin, self.similar_label)
-        if y_pred.ndim < 2 or y_pred.shape[-2] != 2 or y_pred.shape[-1] == 0:
-            raise ValueError(pairs_shape_message(y_pred.shape))
+        problem = _options.stacked_pairs_problem(y_pred.shape)
+        if problem:
+            raise ValueError(problem)
         a, b = y_pred[..., 0, :], y_pred[..., 1, :]
         return fcj.contrastive_loss_from_embeddings(
             y_true, a, b, self.margin, self.distance, self.similar_label
