@@ -66,6 +66,17 @@ def real_margin(margin):
     return margin
 
 
+def validate_threshold(threshold):
+    """A distance threshold: a finite, non-negative number (saved in configs)."""
+    if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real):
+        raise TypeError(
+            f"threshold must be a number, got {threshold!r} ({type(threshold).__name__})"
+        )
+    if not 0.0 <= float(threshold) < float("inf"):
+        raise ValueError(f"threshold must be finite and non-negative, got {threshold}")
+    return float(threshold)
+
+
 def renamed_errors(check, margin, what):
     """check(margin), its errors naming the argument `what` instead of margin."""
     try:

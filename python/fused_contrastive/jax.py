@@ -11,18 +11,20 @@ backward passes. On the CPU they give the TensorFlow functions' bits.
     loss = fcj.in_batch_contrastive_loss(labels, embeddings, margin=1.0)    # [B]
     grad = jax.grad(lambda e: fcj.in_batch_contrastive_loss(labels, e).mean())(embeddings)
 
-So far on the CPU (float64 needs jax_enable_x64). The CUDA handlers and Keras
-3 on JAX are issue 22's next steps.
+On the CPU, and on the GPU in builds with CUDA kernels (their CUDA handlers);
+float64 needs jax_enable_x64. pair_distance and pair_accuracy, what the
+PairDistance layer and PairAccuracy metric compute, are jax.numpy (_array_math).
 """
 
 import functools
+import types
 
 import numpy as np
 
 import jax
 import jax.numpy as jnp
 
-from fused_contrastive import _kernels, _options
+from fused_contrastive import _array_math, _kernels, _options
 
 if not hasattr(_kernels, "FFI_TARGETS"):
     raise ImportError(
@@ -37,7 +39,31 @@ for _target, _capsule in _kernels.FFI_CUDA_TARGETS.items():
     jax.ffi.register_ffi_target(_target, _capsule, platform="CUDA")
 _ATTRS = _kernels.FFI_ATTRS
 
-__all__ = ["contrastive_loss", "contrastive_loss_from_embeddings", "in_batch_contrastive_loss"]
+__all__ = [
+    "contrastive_loss",
+    "contrastive_loss_from_embeddings",
+    "in_batch_contrastive_loss",
+    "pair_accuracy",
+    "pair_distance",
+    "split_pairs",
+]
+
+# jax.numpy as _array_math's array namespace.
+JAX_OPS = types.SimpleNamespace(
+    where=jnp.where,
+    ones_like=jnp.ones_like,
+    zeros_like=jnp.zeros_like,
+    sum=jnp.sum,
+    max=jnp.max,
+    abs=jnp.abs,
+    sign=jnp.sign,
+    sqrt=jnp.sqrt,
+    isfinite=jnp.isfinite,
+    stop_gradient=jax.lax.stop_gradient,
+    cast=lambda x, dtype: jnp.asarray(x).astype(dtype),
+    equal=jnp.equal,
+    logical_not=jnp.logical_not,
+)
 
 
 def _checked(x, dtypes, what):
@@ -136,8 +162,17 @@ def contrastive_loss_from_embeddings(
             "contrastive loss: embeddings_a and embeddings_b must have the same shape [..., D] "
             f"with D >= 1; got {a.shape} and {b.shape}"
         )
-    labels = _checked(y_true, _options.LABEL_DTYPES, "y_true (labels)")
     rows = a.shape[:-1]
+    labels = _pair_labels(y_true, rows)
+    dim = a.shape[-1]
+    loss = _pairs_loss(options, labels.reshape(-1), a.reshape(-1, dim), b.reshape(-1, dim))
+    return loss.reshape(rows)
+
+
+def _pair_labels(y_true, rows):
+    """y_true as the labels of pairs of shape `rows`: a trailing unit axis
+    dropped or added as the TF functions do, other mismatches an error."""
+    labels = _checked(y_true, _options.LABEL_DTYPES, "y_true (labels)")
     change = _options.unit_axis_change(labels.shape, rows)
     if change:
         labels = labels[..., 0] if change < 0 else labels[..., None]
@@ -146,9 +181,41 @@ def contrastive_loss_from_embeddings(
             "contrastive loss: labels must have the shape of the embeddings without their last "
             f"axis, {rows}; got {labels.shape}"
         )
-    dim = a.shape[-1]
-    loss = _pairs_loss(options, labels.reshape(-1), a.reshape(-1, dim), b.reshape(-1, dim))
-    return loss.reshape(rows)
+    return labels
+
+
+def split_pairs(y_pred):
+    """The two embeddings `[..., D]` of each pair of a Keras y_pred `[..., 2, D]`."""
+    y_pred = _checked(y_pred, _options.DISTANCE_DTYPES, "y_pred")
+    problem = _options.stacked_pairs_problem(y_pred.shape)
+    if problem:
+        raise ValueError(problem)
+    return y_pred[..., 0, :], y_pred[..., 1, :]
+
+
+def _pair_distances(pairs, distance):
+    """The distances `[...]` of stacked pairs in their compute dtype (16-bit in float32)."""
+    distance = _options.validate_choice(distance, _options.DISTANCES, "distance")
+    a, b = split_pairs(pairs)
+    dtype = jnp.float32 if a.dtype.itemsize == 2 else a.dtype
+    return _array_math.distance(JAX_OPS, a.astype(dtype), b.astype(dtype), distance)
+
+
+def pair_distance(pairs, distance="euclidean"):
+    """The distance between the two embeddings of each pair of `pairs`
+    `[..., 2, D]`: shape `[...]`, the dtype of `pairs`; what
+    fused_contrastive.pair_distance computes, in jax.numpy."""
+    return _pair_distances(pairs, distance).astype(jnp.asarray(pairs).dtype)
+
+
+def pair_accuracy(y_true, pairs, threshold=0.5, distance="euclidean", similar_label=1):
+    """Per pair, 1.0 where the pair's distance (below `threshold`: similar)
+    says what its label says, else 0.0; see fused_contrastive.pair_accuracy."""
+    threshold = _options.validate_threshold(threshold)
+    similar_label = _options.validate_similar_label(similar_label)
+    d = _pair_distances(pairs, distance)
+    labels = _pair_labels(y_true, d.shape)
+    return _array_math.pair_accuracy(JAX_OPS, labels, d, threshold, similar_label)
 
 
 def _pairs_call(options, labels, a, b):

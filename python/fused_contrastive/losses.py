@@ -4,7 +4,7 @@ that the tf_keras classes (keras2.py) share with them."""
 import keras
 import tensorflow as tf
 
-from fused_contrastive import _distances_ops, _in_batch_ops, _options, _pairs_ops
+from fused_contrastive import _distances_ops, _in_batch_ops, _pairs_ops
 from fused_contrastive._inputs import (
     number_margin,
     prepare_embedding_inputs,
@@ -20,6 +20,7 @@ from fused_contrastive._inputs import (
     validate_margin,
     validate_similar_label,
 )
+from fused_contrastive._keras_backend import jax_functions, on_jax
 from fused_contrastive._library import scalar, using_reference
 from fused_contrastive._private_api import could_possibly_record, dtype_policy, keras_mask
 from fused_contrastive.in_batch import InBatchLossMixin
@@ -108,21 +109,6 @@ def contrastive_loss_from_embeddings(
     if using_reference():
         return reference_embedding_loss(labels, a, b, margin, distance, similar_label)
     return _pairs_ops.embedding_loss(labels, a, b, margin, distance, similar_label)
-
-
-def _on_jax():
-    """Whether Keras 3 runs on JAX (KERAS_BACKEND=jax): the classes then take
-    their per-sample losses from fused_contrastive.jax (the same CPU kernels),
-    and Keras' own Loss.__call__ masks, weighs and reduces them (the fused
-    reductions are TensorFlow ops)."""
-    return keras.backend.backend() == "jax"
-
-
-def _jax_functions():
-    # Imported on first use: it registers the kernels' handlers with JAX.
-    from fused_contrastive import jax as fcj
-
-    return fcj
 
 
 # Keras reduction -> the fused op's (None: Keras reduces the per-sample losses).
@@ -275,21 +261,18 @@ class ContrastiveLoss(ContrastiveLossMixin, keras.losses.Loss):
 
     def __call__(self, y_true, y_pred, sample_weight=None):
         reject_ragged(y_true, y_pred)
-        reduced = None if _on_jax() else self._fused_reduction(y_true, y_pred, sample_weight)
+        reduced = None if on_jax() else self._fused_reduction(y_true, y_pred, sample_weight)
         if reduced is None:
             return super().__call__(y_true, y_pred, sample_weight)
         return reduced
 
     def call(self, y_true, y_pred):
-        if not _on_jax():
+        if not on_jax():
             return super().call(y_true, y_pred)
-        fcj = _jax_functions()
+        fcj = jax_functions()
         if self.distance is None:
             return fcj.contrastive_loss(y_true, y_pred, self.margin, self.similar_label)
-        problem = _options.stacked_pairs_problem(y_pred.shape)
-        if problem:
-            raise ValueError(problem)
-        a, b = y_pred[..., 0, :], y_pred[..., 1, :]
+        a, b = fcj.split_pairs(y_pred)
         return fcj.contrastive_loss_from_embeddings(
             y_true, a, b, self.margin, self.distance, self.similar_label
         )
@@ -416,7 +399,7 @@ class InBatchContrastiveLoss(InBatchLossMixin, keras.losses.Loss):
         )
 
     def __call__(self, y_true, y_pred, sample_weight=None):
-        if _on_jax():
+        if on_jax():
             labels = _jax_class_labels(y_true, self.dtype)
             return _WithLabels(self, labels)(labels, y_pred, sample_weight)
         reject_ragged(y_true, y_pred)
@@ -439,7 +422,7 @@ class InBatchContrastiveLoss(InBatchLossMixin, keras.losses.Loss):
         return reduced
 
     def call(self, y_true, y_pred):
-        if not _on_jax():
+        if not on_jax():
             return super().call(y_true, y_pred)
         options = self._in_batch_options
         if options.gather_across_replicas or options.memory_size:
@@ -447,7 +430,7 @@ class InBatchContrastiveLoss(InBatchLossMixin, keras.losses.Loss):
                 f"{type(self).__name__}: gather_across_replicas and memory_size need Keras' "
                 "TensorFlow backend so far; on JAX, pass neither"
             )
-        return _jax_functions().in_batch_contrastive_loss(
+        return jax_functions().in_batch_contrastive_loss(
             y_true,
             y_pred,
             margin=options.margin,

@@ -7,6 +7,7 @@ below."""
 import keras
 import tensorflow as tf
 
+from fused_contrastive import _array_math
 from fused_contrastive._inputs import (
     prepare_embedding_inputs,
     split_pairs,
@@ -14,7 +15,9 @@ from fused_contrastive._inputs import (
     validate_similar_label,
 )
 from fused_contrastive._private_api import set_metric_direction
-from fused_contrastive.reference import compute_dtype, reference_distance
+from fused_contrastive._keras_backend import jax_functions, on_jax
+from fused_contrastive._options import validate_threshold
+from fused_contrastive.reference import TF_OPS, compute_dtype, reference_distance
 
 
 def pair_distance(pairs, distance="euclidean"):
@@ -44,20 +47,7 @@ def pair_accuracy(y_true, pairs, threshold=0.5, distance="euclidean", similar_la
     labels, a, b = prepare_embedding_inputs(y_true, *split_pairs(pairs))
     dtype = compute_dtype(a.dtype)
     d = reference_distance(tf.cast(a, dtype), tf.cast(b, dtype), distance)
-    label_is_one = tf.cast(labels, tf.float32) > 0.5
-    similar = label_is_one if similar_label == 1 else tf.logical_not(label_is_one)
-    return tf.cast(tf.equal(d < tf.cast(threshold, dtype), similar), tf.float32)
-
-
-def validate_threshold(threshold):
-    """A distance threshold: a finite, non-negative number (saved in configs)."""
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise TypeError(
-            f"threshold must be a number, got {threshold!r} ({type(threshold).__name__})"
-        )
-    if not 0.0 <= float(threshold) < float("inf"):
-        raise ValueError(f"threshold must be finite and non-negative, got {threshold}")
-    return float(threshold)
+    return _array_math.pair_accuracy(TF_OPS, labels, d, threshold, similar_label)
 
 
 class PairDistanceMixin:
@@ -103,6 +93,11 @@ class PairDistance(PairDistanceMixin, keras.layers.Layer):
     [3.]
     """
 
+    def call(self, pairs):
+        if on_jax():
+            return jax_functions().pair_distance(pairs, self.distance)
+        return super().call(pairs)
+
     def compute_output_shape(self, input_shape):
         return tuple(input_shape)[:-2]
 
@@ -126,7 +121,8 @@ class PairAccuracy(PairAccuracyMixin, keras.metrics.MeanMetricWrapper):
         self, threshold=0.5, distance="euclidean", similar_label=1, name="pair_accuracy", dtype=None
     ):
         self._set_options(threshold, distance, similar_label)
-        super().__init__(pair_accuracy, name=name, dtype=dtype, **self._options())
+        function = jax_functions().pair_accuracy if on_jax() else pair_accuracy
+        super().__init__(function, name=name, dtype=dtype, **self._options())
         set_metric_direction(self, "up")  # as Keras' accuracy metrics
 
     def get_config(self):

@@ -5,9 +5,12 @@ fallback where the compiled op cannot run. It computes what the fused op
 computes: float16/bfloat16 in float32, labels used linearly.
 """
 
+import types
+
 import numpy as np
 import tensorflow as tf
 
+from fused_contrastive import _array_math
 from fused_contrastive._inputs import (
     InBatchOptions,
     against_partners,
@@ -18,6 +21,24 @@ from fused_contrastive._inputs import (
     validate_distance,
     validate_margin,
     validate_similar_label,
+)
+
+
+# TensorFlow as _array_math's array namespace.
+TF_OPS = types.SimpleNamespace(
+    where=tf.where,
+    ones_like=tf.ones_like,
+    zeros_like=tf.zeros_like,
+    sum=tf.reduce_sum,
+    max=tf.reduce_max,
+    abs=tf.abs,
+    sign=tf.sign,
+    sqrt=tf.sqrt,
+    isfinite=tf.math.is_finite,
+    stop_gradient=tf.stop_gradient,
+    cast=tf.cast,
+    equal=tf.equal,
+    logical_not=tf.logical_not,
 )
 
 
@@ -59,42 +80,12 @@ def _as_dtype(value, dtype):
 
 
 def _safe(x, ok):
-    """x where ok, else 1: the branch autodiff takes through tf.where's unused
-    side must stay finite (0 * inf is NaN)."""
-    return tf.where(ok, x, tf.ones_like(x))
-
-
-# Σx² outside [low, high] over- or underflows (CosineScaling in cc/core/pairs/math.h).
-_COSINE_RANGE = {tf.float32: (2.0**-60, 2.0**100), tf.float64: (2.0**-900, 2.0**900)}
-
-
-def _cosine_scaled(x):
-    """x, with rows whose Σx² leaves _COSINE_RANGE divided by their largest
-    |element| (cosine is scale-invariant): no NaN from Σx² = inf, no zero
-    vector from squares that underflow. Other rows are unchanged."""
-    low, high = _COSINE_RANGE[x.dtype]
-    squares = tf.reduce_sum(x * x, axis=-1, keepdims=True)
-    largest = tf.reduce_max(tf.abs(x), axis=-1, keepdims=True)
-    rescale = ((squares < low) | (squares > high)) & (largest > 0) & tf.math.is_finite(largest)
-    return x * tf.stop_gradient(tf.where(rescale, 1.0 / _safe(largest, rescale), 1.0))
+    return _array_math.safe(TF_OPS, x, ok)
 
 
 def reference_distance(a, b, distance):
-    """Distance between the rows of a and b (compute dtype), with the kernels'
-    conventions at zero: d = 0 and a zero gradient at a == b (euclidean),
-    similarity 0 for a zero vector (cosine), sign(0) = 0 (manhattan)."""
-    if distance == "euclidean":
-        squared = tf.reduce_sum(tf.square(a - b), axis=-1)
-        nonzero = squared > 0
-        return tf.where(nonzero, tf.sqrt(_safe(squared, nonzero)), tf.zeros_like(squared))
-    if distance == "cosine":
-        a, b = _cosine_scaled(a), _cosine_scaled(b)
-        aa, bb = tf.reduce_sum(a * a, axis=-1), tf.reduce_sum(b * b, axis=-1)
-        ok = tf.stop_gradient(tf.sqrt(aa) * tf.sqrt(bb)) > 0
-        norms = tf.sqrt(_safe(aa, ok)) * tf.sqrt(_safe(bb, ok))
-        similarity = tf.where(ok, tf.reduce_sum(a * b, axis=-1) / norms, tf.zeros_like(aa))
-        return 1.0 - similarity
-    return tf.reduce_sum(tf.abs(a - b), axis=-1)
+    """Distance between the rows of a and b (compute dtype): see _array_math.distance."""
+    return _array_math.distance(TF_OPS, a, b, distance)
 
 
 def reference_embedding_loss(labels, embeddings_a, embeddings_b, margin, distance, similar_label=1):

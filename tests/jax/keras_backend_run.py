@@ -1,6 +1,7 @@
 """Run by tests/jax/test_keras_on_jax.py under one Keras backend
 (KERAS_BACKEND): trains small models with the package's Keras 3 losses from
-fixed weights, calls the losses with every reduction and sample weights,
+fixed weights, calls the losses with every reduction and sample weights, runs PairAccuracy
+in training and a PairDistance layer at inference,
 saves each trained model to DIR/<backend>-<kind>.keras and evaluates the
 other backend's saved models where they exist. Prints one JSON line."""
 
@@ -43,6 +44,19 @@ def data(kind):
     return x, y, rng.random(64).astype("float32")
 
 
+def pair_distances(trained, x, directory, backend, other, out):
+    """The trained pair model's outputs through a PairDistance layer: its
+    predictions, saved, and those of the other backend's saved model."""
+    inference = keras.Model(trained.input, fc.PairDistance("cosine")(trained.output))
+    out["pair_distance"] = as_list(inference.predict(x, verbose=0))
+    inference.save(f"{directory}/{backend}-pair-distance.keras")
+    try:
+        loaded = keras.saving.load_model(f"{directory}/{other}-pair-distance.keras")
+    except (FileNotFoundError, ValueError):
+        return
+    out["loaded_pair_distance"] = as_list(loaded.predict(x, verbose=0))
+
+
 def as_list(value):
     return np.asarray(value, np.float64).reshape(-1).tolist()
 
@@ -54,9 +68,13 @@ def main(directory):
     for kind, loss in KINDS.items():
         x, y, w = data(kind)
         trained = model(kind)
-        trained.compile(optimizer=keras.optimizers.SGD(0.05), loss=loss())
+        metrics = [fc.PairAccuracy(threshold=0.6, distance="cosine")] if kind == "pairs" else []
+        trained.compile(optimizer=keras.optimizers.SGD(0.05), loss=loss(), metrics=metrics)
         history = trained.fit(x, y, sample_weight=w, epochs=3, batch_size=16, shuffle=False)
         out["history"][kind] = history.history["loss"]
+        if kind == "pairs":
+            out["pair_accuracy"] = history.history["pair_accuracy"]
+            pair_distances(trained, x, directory, backend, other, out)
         trained.save(f"{directory}/{backend}-{kind}.keras")
         out[f"evaluate-{kind}"] = trained.evaluate(x, y, sample_weight=w, verbose=0)
         try:

@@ -191,3 +191,62 @@ def test_second_derivatives_raise_a_clear_error(rng, which):
 
     with pytest.raises(ValueError, match="cannot be differentiated"):
         jax.grad(lambda y: jnp.sum(jax.grad(loss)(y) ** 2))(x)
+
+
+def _edge_pairs(rng, dtype):
+    """Stacked pairs [4, 3, 2, 5] with the distances' edge rows: equal
+    halves, a zero vector, and rows whose squares over- or underflow."""
+    pairs = rng.normal(size=(4, 3, 2, 5)).astype(np.float32)
+    pairs[0, 0, 1] = pairs[0, 0, 0]
+    pairs[1, 0, 0] = 0.0
+    pairs[2, 0] *= 1e30
+    pairs[2, 1] *= 1e-30
+    return tf.cast(pairs, dtype).numpy()
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine", "manhattan"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, jnp.bfloat16])
+def test_pair_distance_and_accuracy_give_the_tensorflow_functions_values(rng, distance, dtype):
+    pairs = _edge_pairs(rng, dtype)
+    labels = rng.integers(0, 2, (4, 3))
+    got = jax.jit(fcj.pair_distance, static_argnums=1)(pairs, distance)
+    want = fc.pairs.pair_distance(pairs, distance).numpy()
+    assert got.dtype == want.dtype and got.shape == (4, 3)
+    np.testing.assert_allclose(np.asarray(got, np.float64), want.astype(np.float64), rtol=1e-6)
+    for threshold, similar_label in [(0.4, 1), (1.0, 0)]:
+        options = dict(threshold=threshold, distance=distance, similar_label=similar_label)
+        accuracy = fcj.pair_accuracy(labels, pairs, **options)
+        assert accuracy.dtype == jnp.float32
+        want = fc.pairs.pair_accuracy(labels, pairs, **options).numpy()
+        np.testing.assert_array_equal(accuracy, want)
+        assert 0 < want.mean() < 1  # both outcomes occur
+
+
+@pytest.mark.parametrize("distance", ["euclidean", "cosine", "manhattan"])
+def test_pair_distance_gradient_is_the_tensorflow_functions(rng, distance):
+    pairs = _edge_pairs(rng, np.float64)
+    pairs[2, 0] = rng.normal(size=(2, 5))  # float64 needs no rescaling
+    upstream = rng.random((4, 3))
+    with jax.enable_x64(True):
+        got = jax.grad(lambda p: jnp.sum(fcj.pair_distance(p, distance) * upstream))(pairs)
+    x = tf.constant(pairs)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        total = tf.reduce_sum(fc.pairs.pair_distance(x, distance) * upstream)
+    want = tape.gradient(total, x).numpy()
+    assert np.isfinite(want).all() and np.abs(want).max() > 0
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-15)
+
+
+def test_pair_distance_and_accuracy_reject_what_tensorflow_rejects():
+    pairs = np.zeros((3, 2, 4), np.float32)
+    for call, error, match in [
+        (lambda: fcj.pair_distance(pairs[:, :1]), ValueError, r"\[\.\.\., 2, D\]"),
+        (lambda: fcj.pair_distance(pairs.astype(np.int32)), TypeError, "y_pred must have dtype"),
+        (lambda: fcj.pair_distance(pairs, "l2"), ValueError, "distance must be one of"),
+        (lambda: fcj.pair_accuracy([0, 1], pairs), ValueError, "without their last axis"),
+        (lambda: fcj.pair_accuracy([0, 1, 1], pairs, threshold=-1.0), ValueError, "threshold"),
+        (lambda: fcj.pair_accuracy([0, 1, 1], pairs, similar_label=2), ValueError, "similar_label"),
+    ]:
+        with pytest.raises(error, match=match):
+            call()

@@ -1,7 +1,8 @@
 """The Keras 3 losses under KERAS_BACKEND=jax (issue 22): models trained for
 a few steps from the same weights give the TensorFlow backend's losses; every
 reduction, with and without sample weights, gives its values; `.keras` files
-written on one backend load and evaluate on the other. keras_backend_run.py
+written on one backend load and evaluate on the other; PairAccuracy and
+PairDistance give the TensorFlow backend's values too. keras_backend_run.py
 runs each backend in a process of its own (Keras picks its backend once per
 process)."""
 
@@ -29,6 +30,16 @@ def _run(backend, directory):
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def _run_module():
+    """keras_backend_run imported here (for its data)."""
+    sys.path.insert(0, str(RUN.parent))
+    try:
+        import keras_backend_run
+    finally:
+        sys.path.remove(str(RUN.parent))
+    return keras_backend_run
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     directory = tmp_path_factory.mktemp("keras-backends")
@@ -49,6 +60,16 @@ def test_training_on_jax_gives_the_tensorflow_backends_losses(runs, kind):
     want, got = on_tf["history"][kind], on_jax["history"][kind]
     assert len(got) == 3 and want[0] != want[-1]  # it trained
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_pair_accuracy_and_pair_distance_on_jax_give_the_tensorflow_backends_values(runs):
+    on_tf, on_jax, _ = runs
+    assert len(on_jax["pair_accuracy"]) == 3 and 0 < on_tf["pair_accuracy"][0] < 1
+    np.testing.assert_allclose(on_jax["pair_accuracy"], on_tf["pair_accuracy"], rtol=1e-6)
+    assert len(on_jax["pair_distance"]) == 64
+    np.testing.assert_allclose(on_jax["pair_distance"], on_tf["pair_distance"], rtol=1e-5)
+    # The PairDistance model saved on TensorFlow predicts the same on JAX.
+    np.testing.assert_allclose(on_jax["loaded_pair_distance"], on_tf["pair_distance"], rtol=1e-5)
 
 
 def test_every_reduction_and_weighting_gives_the_tensorflow_backends_values(runs):
@@ -72,17 +93,22 @@ def test_files_saved_on_tensorflow_load_and_evaluate_on_jax(runs):
 @pytest.mark.parametrize("kind", ["distances", "pairs", "in_batch"])
 def test_files_saved_on_jax_load_and_evaluate_on_tensorflow(runs, kind):
     _, on_jax, directory = runs
-    sys.path.insert(0, str(RUN.parent))
-    try:
-        import keras_backend_run as run
-    finally:
-        sys.path.remove(str(RUN.parent))
+    run = _run_module()
     assert keras.backend.backend() == "tensorflow"
     loaded = keras.saving.load_model(directory / f"jax-{kind}.keras")
     assert type(loaded.loss).__name__ in ("ContrastiveLoss", "InBatchContrastiveLoss")
     x, y, w = run.data(kind)
     got = loaded.evaluate(x, y, sample_weight=w, verbose=0)
     np.testing.assert_allclose(got, on_jax[f"evaluate-{kind}"], rtol=1e-5)
+
+
+def test_pair_distance_model_saved_on_jax_predicts_the_same_on_tensorflow(runs):
+    _, on_jax, directory = runs
+    loaded = keras.saving.load_model(directory / "jax-pair-distance.keras")
+    assert type(loaded.layers[-1]).__name__ == "PairDistance"
+    x = _run_module().data("pairs")[0]
+    got = loaded.predict(x, verbose=0)
+    np.testing.assert_allclose(got, on_jax["pair_distance"], rtol=1e-5)
 
 
 def test_large_integer_ids_stay_distinct_on_jax(runs):
