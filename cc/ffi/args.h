@@ -21,29 +21,40 @@ namespace ffi = ::xla::ffi;
 ffi::Error ReadLossInputs(ffi::AnyBuffer labels, ffi::AnyBuffer distances, double margin,
                           int32_t similar_label, LossInputs* in);
 
-// The loss from pair embeddings: labels [rows], the embeddings a and b (at
-// a_data and b_data, rows row_stride apart; `embeddings` is one of their
-// buffers) and the margin; false for an unsupported dtype. The kernels need
-// a valid margin: an invalid run-time one is passed as 0 and *margin_valid
-// is false, for the caller to make its results NaN (the rule of
-// CheckConstantMargin).
-bool ReadEmbeddingInputs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, const void* a_data,
-                         const void* b_data, int64_t row_stride, double margin,
-                         int32_t similar_label, int32_t distance, EmbeddingInputs* in,
-                         bool* margin_valid);
+// Where the pairs' two embeddings lie, as operands or as the gradient results
+// of the same layout: two buffers a and b [rows, D] (SeparateRows), or one
+// stacked buffer [rows, 2, D] (StackedRows: b at StackedPairB, rows 2 * D
+// apart), which the kernels read and write in place.
+struct PairRows {
+  void* a;
+  void* b;
+  int64_t row_stride;
+};
+PairRows SeparateRows(ffi::AnyBuffer a, ffi::AnyBuffer b);
+// `data`: the stacked pairs' own, or their gradient's (the same shape and dtype).
+PairRows StackedRows(ffi::AnyBuffer pairs, void* data);
+
+// The loss from pair embeddings: labels [rows], the embeddings at `rows`
+// (`embeddings` is one of their buffers) and the margin; false for an
+// unsupported dtype. The kernels need a valid margin: an invalid run-time one
+// is passed as 0 and *margin_valid is false, for the caller to make its
+// results NaN (the rule of CheckConstantMargin).
+bool ReadEmbeddingInputs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, PairRows rows,
+                         double margin, int32_t similar_label, int32_t distance,
+                         EmbeddingInputs* in, bool* margin_valid);
 
 // Whether a coefficients buffer holds rows * NumRowCoefficients(distance)
 // float64s' bytes (JAX declares them as uint32 pairs: it has no float64
 // without jax_enable_x64).
 bool CoefficientsFit(ffi::AnyBuffer coefficients, int64_t rows, Distance distance);
 
-// The pair loss's gradient from the loss's coefficients: a and b [rows, D],
-// the coefficients (CoefficientsFit), the upstream
-// gradient [rows] or scalar, and the two gradients.
-ffi::Error ReadEmbeddingGradArgs(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer coefficients,
-                                 ffi::AnyBuffer upstream, ffi::Result<ffi::AnyBuffer> grad_a,
-                                 ffi::Result<ffi::AnyBuffer> grad_b, int32_t distance,
-                                 EmbeddingGradArgs* args);
+// The pair loss's gradient from the loss's coefficients: the embeddings at
+// `rows` (`embeddings` is one of their buffers), the coefficients
+// (CoefficientsFit), the upstream gradient [rows] or scalar, and the
+// gradients at `grads`.
+ffi::Error ReadEmbeddingGradArgs(ffi::AnyBuffer embeddings, PairRows rows, PairRows grads,
+                                 ffi::AnyBuffer coefficients, ffi::AnyBuffer upstream,
+                                 int32_t distance, EmbeddingGradArgs* args);
 
 // The in-batch loss as JAX's front end calls it: the first `anchors` rows
 // are the anchors (the batch), the rest references that get their gradient;
@@ -83,13 +94,30 @@ auto LossBinding(B b) {
       .template Attr<int32_t>("similar_label");
 }
 
-// JAX's pair loss: labels, a, b -> loss, coefficients.
-template <typename B>
+// The pair embeddings' operands, and their gradients' results: a and b, or
+// the stacked pairs (kStacked).
+// (By reference: a Binding's move constructor is private.)
+template <bool kStacked, typename B>
+auto PairOperands(B&& b) {
+  if constexpr (kStacked) {
+    return std::move(b).template Arg<ffi::AnyBuffer>();
+  } else {
+    return std::move(b).template Arg<ffi::AnyBuffer>().template Arg<ffi::AnyBuffer>();
+  }
+}
+template <bool kStacked, typename B>
+auto PairResults(B&& b) {
+  if constexpr (kStacked) {
+    return std::move(b).template Ret<ffi::AnyBuffer>();
+  } else {
+    return std::move(b).template Ret<ffi::AnyBuffer>().template Ret<ffi::AnyBuffer>();
+  }
+}
+
+// JAX's pair loss: labels, a, b (or pairs) -> loss, coefficients.
+template <bool kStacked, typename B>
 auto EmbeddingLossJaxBinding(B b) {
-  return std::move(b)
-      .template Arg<ffi::AnyBuffer>()
-      .template Arg<ffi::AnyBuffer>()
-      .template Arg<ffi::AnyBuffer>()
+  return PairOperands<kStacked>(std::move(b).template Arg<ffi::AnyBuffer>())
       .template Ret<ffi::AnyBuffer>()
       .template Ret<ffi::AnyBuffer>()
       .template Attr<double>("margin")
@@ -97,17 +125,13 @@ auto EmbeddingLossJaxBinding(B b) {
       .template Attr<int32_t>("similar_label");
 }
 
-// The pair loss's gradient (TensorFlow's and JAX's): a, b, coefficients,
-// upstream -> grad_a, grad_b.
-template <typename B>
+// The pair loss's gradient (TensorFlow's and JAX's): a, b (or pairs),
+// coefficients, upstream -> grad_a, grad_b (or the pairs' gradient).
+template <bool kStacked, typename B>
 auto EmbeddingGradBinding(B b) {
-  return std::move(b)
-      .template Arg<ffi::AnyBuffer>()
-      .template Arg<ffi::AnyBuffer>()
-      .template Arg<ffi::AnyBuffer>()
-      .template Arg<ffi::AnyBuffer>()
-      .template Ret<ffi::AnyBuffer>()
-      .template Ret<ffi::AnyBuffer>()
+  return PairResults<kStacked>(PairOperands<kStacked>(std::move(b))
+                                   .template Arg<ffi::AnyBuffer>()
+                                   .template Arg<ffi::AnyBuffer>())
       .template Attr<int32_t>("distance");
 }
 

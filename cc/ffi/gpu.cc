@@ -33,14 +33,14 @@ ffi::Error LossCuda(void* stream, ffi::AnyBuffer labels, ffi::AnyBuffer distance
   return FromGpu(ContrastiveLossGpu(in, loss->untyped_data(), grad->untyped_data(), stream));
 }
 
-ffi::Error EmbeddingLossCuda(void* stream, ffi::AnyBuffer labels, ffi::AnyBuffer a,
-                             ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> loss,
-                             ffi::Result<ffi::AnyBuffer> coefficients, double margin,
-                             int32_t distance, int32_t similar_label) {
+ffi::Error EmbeddingLossOnRowsCuda(void* stream, ffi::AnyBuffer labels, ffi::AnyBuffer embeddings,
+                                   PairRows rows, ffi::Result<ffi::AnyBuffer> loss,
+                                   ffi::Result<ffi::AnyBuffer> coefficients, double margin,
+                                   int32_t distance, int32_t similar_label) {
   EmbeddingInputs in;
   bool margin_valid;
-  if (!ReadEmbeddingInputs(labels, a, a.untyped_data(), b.untyped_data(), a.dimensions()[1], margin,
-                           similar_label, distance, &in, &margin_valid) ||
+  if (!ReadEmbeddingInputs(labels, embeddings, rows, margin, similar_label, distance, &in,
+                           &margin_valid) ||
       !margin_valid || !CoefficientsFit(*coefficients, in.rows, in.distance)) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "contrastive loss: unsupported dtypes, an invalid margin, or coefficients "
@@ -50,15 +50,46 @@ ffi::Error EmbeddingLossCuda(void* stream, ffi::AnyBuffer labels, ffi::AnyBuffer
                                   static_cast<double*>(coefficients->untyped_data()), stream));
 }
 
+ffi::Error EmbeddingLossCuda(void* stream, ffi::AnyBuffer labels, ffi::AnyBuffer a,
+                             ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> loss,
+                             ffi::Result<ffi::AnyBuffer> coefficients, double margin,
+                             int32_t distance, int32_t similar_label) {
+  return EmbeddingLossOnRowsCuda(stream, labels, a, SeparateRows(a, b), loss, coefficients, margin,
+                                 distance, similar_label);
+}
+
+ffi::Error EmbeddingPairLossCuda(void* stream, ffi::AnyBuffer labels, ffi::AnyBuffer pairs,
+                                 ffi::Result<ffi::AnyBuffer> loss,
+                                 ffi::Result<ffi::AnyBuffer> coefficients, double margin,
+                                 int32_t distance, int32_t similar_label) {
+  return EmbeddingLossOnRowsCuda(stream, labels, pairs, StackedRows(pairs, pairs.untyped_data()),
+                                 loss, coefficients, margin, distance, similar_label);
+}
+
+ffi::Error EmbeddingGradOnRowsCuda(void* stream, ffi::AnyBuffer embeddings, PairRows rows,
+                                   PairRows grads, ffi::AnyBuffer coefficients,
+                                   ffi::AnyBuffer upstream, int32_t distance) {
+  EmbeddingGradArgs args;
+  ffi::Error error =
+      ReadEmbeddingGradArgs(embeddings, rows, grads, coefficients, upstream, distance, &args);
+  if (!error.success()) return error;
+  return FromGpu(EmbeddingGradGpu(args, stream));
+}
+
 ffi::Error EmbeddingGradCuda(void* stream, ffi::AnyBuffer a, ffi::AnyBuffer b,
                              ffi::AnyBuffer coefficients, ffi::AnyBuffer upstream,
                              ffi::Result<ffi::AnyBuffer> grad_a, ffi::Result<ffi::AnyBuffer> grad_b,
                              int32_t distance) {
-  EmbeddingGradArgs args;
-  ffi::Error error =
-      ReadEmbeddingGradArgs(a, b, coefficients, upstream, grad_a, grad_b, distance, &args);
-  if (!error.success()) return error;
-  return FromGpu(EmbeddingGradGpu(args, stream));
+  return EmbeddingGradOnRowsCuda(stream, a, SeparateRows(a, b), SeparateRows(*grad_a, *grad_b),
+                                 coefficients, upstream, distance);
+}
+
+ffi::Error EmbeddingPairGradCuda(void* stream, ffi::AnyBuffer pairs, ffi::AnyBuffer coefficients,
+                                 ffi::AnyBuffer upstream, ffi::Result<ffi::AnyBuffer> grad,
+                                 int32_t distance) {
+  return EmbeddingGradOnRowsCuda(stream, pairs, StackedRows(pairs, pairs.untyped_data()),
+                                 StackedRows(pairs, grad->untyped_data()), coefficients, upstream,
+                                 distance);
 }
 
 // The loss (upstream null) or the gradient and the loss.
@@ -108,13 +139,21 @@ ffi::Error InBatchGradJaxCuda(void* stream, ffi::ScratchAllocator scratch, ffi::
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveLossCuda, LossCuda,
                               LossBinding(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<void*>>()));
 
+XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLossJaxCuda, EmbeddingLossCuda,
+                              EmbeddingLossJaxBinding</*kStacked=*/false>(
+                                  ffi::Ffi::Bind().Ctx<ffi::PlatformStream<void*>>()));
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
-    FusedContrastiveEmbeddingLossJaxCuda, EmbeddingLossCuda,
-    EmbeddingLossJaxBinding(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<void*>>()));
+    FusedContrastiveEmbeddingPairLossJaxCuda, EmbeddingPairLossCuda,
+    EmbeddingLossJaxBinding</*kStacked=*/true>(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<void*>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(
     FusedContrastiveEmbeddingLossGradCuda, EmbeddingGradCuda,
-    EmbeddingGradBinding(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<void*>>()));
+    EmbeddingGradBinding</*kStacked=*/false>(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<void*>>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FusedContrastiveEmbeddingPairLossGradCuda, EmbeddingPairGradCuda,
+    EmbeddingGradBinding</*kStacked=*/true>(ffi::Ffi::Bind().Ctx<ffi::PlatformStream<void*>>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveInBatchLossJaxCuda, InBatchLossJaxCuda,
                               InBatchLossJaxBinding(ffi::Ffi::Bind()

@@ -3,8 +3,9 @@
 // on XLA's CPU backend and JAX's front end makes. Operands and results are the
 // TF ops' inputs and outputs in order (tf/pairs.h): a and b as [rows, D], the stacked pair and its
 // gradient as [rows, 2, D], labels and per-row inputs as [rows] or scalars, margin and loss_scale
-// float64 scalars. JAX calls the loss handler with its margin as an attr
-// (FusedContrastiveEmbeddingLossJax).
+// float64 scalars. JAX calls the loss handlers with the margin as an attr
+// (FusedContrastiveEmbeddingLossJax, and FusedContrastiveEmbeddingPairLossJax
+// on the stacked pairs, whose gradient is FusedContrastiveEmbeddingPairLossGrad's).
 #include <cstdint>
 #include <initializer_list>
 
@@ -16,16 +17,27 @@
 
 namespace fused_contrastive {
 
-bool ReadEmbeddingInputs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, const void* a_data,
-                         const void* b_data, int64_t row_stride, double margin,
-                         int32_t similar_label, int32_t distance, EmbeddingInputs* in,
-                         bool* margin_valid) {
+PairRows SeparateRows(ffi::AnyBuffer a, ffi::AnyBuffer b) {
+  return {a.untyped_data(), b.untyped_data(), a.dimensions()[a.dimensions().size() - 1]};
+}
+
+PairRows StackedRows(ffi::AnyBuffer pairs, void* data) {
+  DType type;
+  const int64_t dim = pairs.dimensions()[pairs.dimensions().size() - 1];
+  // An unsupported dtype gets b = a; the readers then reject the dtype.
+  void* b = FromFfi(pairs.element_type(), &type) ? StackedPairB(type, data, dim) : data;
+  return {data, b, 2 * dim};
+}
+
+bool ReadEmbeddingInputs(ffi::AnyBuffer labels, ffi::AnyBuffer embeddings, PairRows rows,
+                         double margin, int32_t similar_label, int32_t distance,
+                         EmbeddingInputs* in, bool* margin_valid) {
   in->labels = labels.untyped_data();
-  in->a = a_data;
-  in->b = b_data;
+  in->a = rows.a;
+  in->b = rows.b;
   in->rows = embeddings.dimensions()[0];
   in->dim = embeddings.dimensions()[embeddings.dimensions().size() - 1];
-  in->row_stride = row_stride;
+  in->row_stride = rows.row_stride;
   *margin_valid = IsValidMargin(margin);
   in->margin = *margin_valid ? margin : 0.0;
   in->similar_label = similar_label;
@@ -39,17 +51,16 @@ bool CoefficientsFit(ffi::AnyBuffer coefficients, int64_t rows, Distance distanc
          rows * NumRowCoefficients(distance) * static_cast<int64_t>(sizeof(double));
 }
 
-ffi::Error ReadEmbeddingGradArgs(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuffer coefficients,
-                                 ffi::AnyBuffer upstream, ffi::Result<ffi::AnyBuffer> grad_a,
-                                 ffi::Result<ffi::AnyBuffer> grad_b, int32_t distance,
-                                 EmbeddingGradArgs* args) {
-  args->a = a.untyped_data();
-  args->b = b.untyped_data();
-  args->rows = a.dimensions()[0];
-  args->dim = a.dimensions()[1];
-  args->row_stride = args->dim;
+ffi::Error ReadEmbeddingGradArgs(ffi::AnyBuffer embeddings, PairRows rows, PairRows grads,
+                                 ffi::AnyBuffer coefficients, ffi::AnyBuffer upstream,
+                                 int32_t distance, EmbeddingGradArgs* args) {
+  args->a = rows.a;
+  args->b = rows.b;
+  args->rows = embeddings.dimensions()[0];
+  args->dim = embeddings.dimensions()[embeddings.dimensions().size() - 1];
+  args->row_stride = rows.row_stride;
   args->distance = static_cast<Distance>(distance);
-  if (!FromFfi(a.element_type(), &args->type) ||
+  if (!FromFfi(embeddings.element_type(), &args->type) ||
       !CoefficientsFit(coefficients, args->rows, args->distance)) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "contrastive loss: the coefficients are not the loss handler's, or the "
@@ -58,8 +69,8 @@ ffi::Error ReadEmbeddingGradArgs(ffi::AnyBuffer a, ffi::AnyBuffer b, ffi::AnyBuf
   args->coefficients = static_cast<const double*>(coefficients.untyped_data());
   args->upstream = upstream.untyped_data();
   args->scalar_upstream = upstream.dimensions().size() == 0;
-  args->grad_a = grad_a->untyped_data();
-  args->grad_b = grad_b->untyped_data();
+  args->grad_a = grads.a;
+  args->grad_b = grads.b;
   return ffi::Error::Success();
 }
 
@@ -67,15 +78,15 @@ namespace {
 
 // The margin as an attr, as JAX passes it: a float64 that needs no
 // jax_enable_x64.
-ffi::Error EmbeddingLossJaxHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::AnyBuffer a,
-                                ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> loss,
-                                ffi::Result<ffi::AnyBuffer> coefficients, double margin,
-                                int32_t distance, int32_t similar_label) {
+ffi::Error EmbeddingLossOnRows(ffi::ThreadPool pool, ffi::AnyBuffer labels,
+                               ffi::AnyBuffer embeddings, PairRows rows,
+                               ffi::Result<ffi::AnyBuffer> loss,
+                               ffi::Result<ffi::AnyBuffer> coefficients, double margin,
+                               int32_t distance, int32_t similar_label) {
   EmbeddingInputs in;
   bool margin_valid;
-  const bool read =
-      ReadEmbeddingInputs(labels, a, a.untyped_data(), b.untyped_data(), a.dimensions()[1], margin,
-                          similar_label, distance, &in, &margin_valid);
+  const bool read = ReadEmbeddingInputs(labels, embeddings, rows, margin, similar_label, distance,
+                                        &in, &margin_valid);
   if (!CoefficientsFit(*coefficients, in.rows, in.distance)) {
     return ffi::Error(ffi::ErrorCode::kInvalidArgument,
                       "contrastive loss: the coefficients buffer has the wrong size");
@@ -91,6 +102,22 @@ ffi::Error EmbeddingLossJaxHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi
   return error;
 }
 
+ffi::Error EmbeddingLossJaxHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::AnyBuffer a,
+                                ffi::AnyBuffer b, ffi::Result<ffi::AnyBuffer> loss,
+                                ffi::Result<ffi::AnyBuffer> coefficients, double margin,
+                                int32_t distance, int32_t similar_label) {
+  return EmbeddingLossOnRows(pool, labels, a, SeparateRows(a, b), loss, coefficients, margin,
+                             distance, similar_label);
+}
+
+ffi::Error EmbeddingPairLossJaxHost(ffi::ThreadPool pool, ffi::AnyBuffer labels,
+                                    ffi::AnyBuffer pairs, ffi::Result<ffi::AnyBuffer> loss,
+                                    ffi::Result<ffi::AnyBuffer> coefficients, double margin,
+                                    int32_t distance, int32_t similar_label) {
+  return EmbeddingLossOnRows(pool, labels, pairs, StackedRows(pairs, pairs.untyped_data()), loss,
+                             coefficients, margin, distance, similar_label);
+}
+
 // The margin as an operand, as TensorFlow's XLA passes it (it may be a
 // run-time tensor).
 ffi::Error EmbeddingLossHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::AnyBuffer a,
@@ -102,15 +129,30 @@ ffi::Error EmbeddingLossHost(ffi::ThreadPool pool, ffi::AnyBuffer labels, ffi::A
                               distance, similar_label);
 }
 
+ffi::Error EmbeddingGradOnRows(ffi::ThreadPool pool, ffi::AnyBuffer embeddings, PairRows rows,
+                               PairRows grads, ffi::AnyBuffer coefficients, ffi::AnyBuffer upstream,
+                               int32_t distance) {
+  EmbeddingGradArgs args;
+  ffi::Error error =
+      ReadEmbeddingGradArgs(embeddings, rows, grads, coefficients, upstream, distance, &args);
+  if (!error.success()) return error;
+  return RunHostKernel(pool, true, [&](const ParallelFor& p) { return EmbeddingGradCpu(args, p); });
+}
+
 ffi::Error EmbeddingGradHost(ffi::ThreadPool pool, ffi::AnyBuffer a, ffi::AnyBuffer b,
                              ffi::AnyBuffer coefficients, ffi::AnyBuffer upstream,
                              ffi::Result<ffi::AnyBuffer> grad_a, ffi::Result<ffi::AnyBuffer> grad_b,
                              int32_t distance) {
-  EmbeddingGradArgs args;
-  ffi::Error error =
-      ReadEmbeddingGradArgs(a, b, coefficients, upstream, grad_a, grad_b, distance, &args);
-  if (!error.success()) return error;
-  return RunHostKernel(pool, true, [&](const ParallelFor& p) { return EmbeddingGradCpu(args, p); });
+  return EmbeddingGradOnRows(pool, a, SeparateRows(a, b), SeparateRows(*grad_a, *grad_b),
+                             coefficients, upstream, distance);
+}
+
+ffi::Error EmbeddingPairGradHost(ffi::ThreadPool pool, ffi::AnyBuffer pairs,
+                                 ffi::AnyBuffer coefficients, ffi::AnyBuffer upstream,
+                                 ffi::Result<ffi::AnyBuffer> grad, int32_t distance) {
+  return EmbeddingGradOnRows(pool, pairs, StackedRows(pairs, pairs.untyped_data()),
+                             StackedRows(pairs, grad->untyped_data()), coefficients, upstream,
+                             distance);
 }
 
 // The reduced handlers' common part, with args set: the call, and NaN for an
@@ -134,9 +176,8 @@ ffi::Error EmbeddingLossReducedHost(
     int32_t distance, int32_t reduction, int32_t similar_label) {
   ReducedEmbeddingArgs args;
   bool margin_valid;
-  const bool read_ok =
-      ReadEmbeddingInputs(labels, a, a.untyped_data(), b.untyped_data(), a.dimensions()[1],
-                          margin.typed_data()[0], similar_label, distance, &args.in, &margin_valid);
+  const bool read_ok = ReadEmbeddingInputs(labels, a, SeparateRows(a, b), margin.typed_data()[0],
+                                           similar_label, distance, &args.in, &margin_valid);
   args.reduction = HostReduction(weights, loss_scale, loss, reduction_scale, reduction);
   args.grad_a = grad_a->untyped_data();
   args.grad_b = grad_b->untyped_data();
@@ -152,16 +193,13 @@ ffi::Error EmbeddingPairLossReducedHost(
     int32_t similar_label) {
   ReducedEmbeddingArgs args;
   bool margin_valid;
-  DType type;
-  const int64_t dim = pairs.dimensions()[2];
   const bool read_ok =
-      FromFfi(pairs.element_type(), &type) &&
-      ReadEmbeddingInputs(labels, pairs, pairs.untyped_data(),
-                          StackedPairB(type, pairs.untyped_data(), dim), 2 * dim,
+      ReadEmbeddingInputs(labels, pairs, StackedRows(pairs, pairs.untyped_data()),
                           margin.typed_data()[0], similar_label, distance, &args.in, &margin_valid);
   args.reduction = HostReduction(weights, loss_scale, loss, reduction_scale, reduction);
-  args.grad_a = grad->untyped_data();
-  args.grad_b = StackedPairB(type, args.grad_a, dim);
+  const PairRows grads = StackedRows(pairs, grad->untyped_data());
+  args.grad_a = grads.a;
+  args.grad_b = grads.b;
   return RunReducedHost(pool, args, read_ok, margin_valid, {*loss, *grad});
 }
 
@@ -180,11 +218,21 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLoss, EmbeddingLossHost,
                                   .Attr<int32_t>("distance")
                                   .Attr<int32_t>("similar_label"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLossJax, EmbeddingLossJaxHost,
-                              EmbeddingLossJaxBinding(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FusedContrastiveEmbeddingLossJax, EmbeddingLossJaxHost,
+    EmbeddingLossJaxBinding</*kStacked=*/false>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLossGrad, EmbeddingGradHost,
-                              EmbeddingGradBinding(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FusedContrastiveEmbeddingPairLossJax, EmbeddingPairLossJaxHost,
+    EmbeddingLossJaxBinding</*kStacked=*/true>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FusedContrastiveEmbeddingLossGrad, EmbeddingGradHost,
+    EmbeddingGradBinding</*kStacked=*/false>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(
+    FusedContrastiveEmbeddingPairLossGrad, EmbeddingPairGradHost,
+    EmbeddingGradBinding</*kStacked=*/true>(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>()));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(FusedContrastiveEmbeddingLossReduced, EmbeddingLossReducedHost,
                               ffi::Ffi::Bind()

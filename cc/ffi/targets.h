@@ -13,6 +13,8 @@ XLA_FFI_Error* FusedContrastiveLoss(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveEmbeddingLoss(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveEmbeddingLossJax(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveEmbeddingLossGrad(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FusedContrastiveEmbeddingPairLossJax(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FusedContrastiveEmbeddingPairLossGrad(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveEmbeddingLossReduced(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveEmbeddingPairLossReduced(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveInBatchLoss(XLA_FFI_CallFrame* call_frame);
@@ -25,6 +27,8 @@ XLA_FFI_Error* FusedContrastiveInBatchLossGradJax(XLA_FFI_CallFrame* call_frame)
 XLA_FFI_Error* FusedContrastiveLossCuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveEmbeddingLossJaxCuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveEmbeddingLossGradCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FusedContrastiveEmbeddingPairLossJaxCuda(XLA_FFI_CallFrame* call_frame);
+XLA_FFI_Error* FusedContrastiveEmbeddingPairLossGradCuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveInBatchLossJaxCuda(XLA_FFI_CallFrame* call_frame);
 XLA_FFI_Error* FusedContrastiveInBatchLossGradJaxCuda(XLA_FFI_CallFrame* call_frame);
 }
@@ -35,6 +39,8 @@ inline constexpr char kLossTarget[] = "fused_contrastive_loss";
 inline constexpr char kEmbeddingTarget[] = "fused_contrastive_embedding_loss";
 inline constexpr char kEmbeddingJaxTarget[] = "fused_contrastive_embedding_loss_jax";
 inline constexpr char kEmbeddingGradTarget[] = "fused_contrastive_embedding_loss_grad";
+inline constexpr char kEmbeddingPairJaxTarget[] = "fused_contrastive_embedding_pair_loss_jax";
+inline constexpr char kEmbeddingPairGradTarget[] = "fused_contrastive_embedding_pair_loss_grad";
 inline constexpr char kEmbeddingReducedTarget[] = "fused_contrastive_embedding_loss_reduced";
 inline constexpr char kEmbeddingPairReducedTarget[] =
     "fused_contrastive_embedding_pair_loss_reduced";
@@ -58,6 +64,8 @@ inline constexpr FfiTarget kHostTargets[] = {
     {kEmbeddingTarget, FusedContrastiveEmbeddingLoss},
     {kEmbeddingJaxTarget, FusedContrastiveEmbeddingLossJax},
     {kEmbeddingGradTarget, FusedContrastiveEmbeddingLossGrad},
+    {kEmbeddingPairJaxTarget, FusedContrastiveEmbeddingPairLossJax},
+    {kEmbeddingPairGradTarget, FusedContrastiveEmbeddingPairLossGrad},
     {kEmbeddingReducedTarget, FusedContrastiveEmbeddingLossReduced},
     {kEmbeddingPairReducedTarget, FusedContrastiveEmbeddingPairLossReduced},
     {kInBatchTarget, FusedContrastiveInBatchLoss},

@@ -40,6 +40,8 @@ void RegisterFfi(py::module_& m) {
       {kLossTarget, FusedContrastiveLossCuda},
       {kEmbeddingJaxTarget, FusedContrastiveEmbeddingLossJaxCuda},
       {kEmbeddingGradTarget, FusedContrastiveEmbeddingLossGradCuda},
+      {kEmbeddingPairJaxTarget, FusedContrastiveEmbeddingPairLossJaxCuda},
+      {kEmbeddingPairGradTarget, FusedContrastiveEmbeddingPairLossGradCuda},
       {kInBatchJaxTarget, FusedContrastiveInBatchLossJaxCuda},
       {kInBatchGradJaxTarget, FusedContrastiveInBatchLossGradJaxCuda},
   };

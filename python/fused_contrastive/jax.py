@@ -8,6 +8,7 @@ backward passes. On the CPU they give the TensorFlow functions' bits.
 
     loss = fcj.contrastive_loss(labels, distances, margin=1.0)              # per pair
     loss = fcj.contrastive_loss_from_embeddings(labels, a, b, margin=1.0)   # per pair
+    loss = fcj.contrastive_loss_from_pairs(labels, pairs, margin=1.0)       # pairs [..., 2, D]
     loss = fcj.in_batch_contrastive_loss(labels, embeddings, margin=1.0)    # [B]
     grad = jax.grad(lambda e: fcj.in_batch_contrastive_loss(labels, e).mean())(embeddings)
 
@@ -42,10 +43,10 @@ _ATTRS = _kernels.FFI_ATTRS
 __all__ = [
     "contrastive_loss",
     "contrastive_loss_from_embeddings",
+    "contrastive_loss_from_pairs",
     "in_batch_contrastive_loss",
     "pair_accuracy",
     "pair_distance",
-    "split_pairs",
 ]
 
 # jax.numpy as _array_math's array namespace.
@@ -145,11 +146,7 @@ def contrastive_loss_from_embeddings(
 
     Returns the loss `[...]`, differentiable in both embeddings.
     """
-    options = (
-        _options.real_margin(margin),
-        _options.validate_choice(distance, _options.DISTANCES, "distance"),
-        _options.validate_similar_label(similar_label),
-    )
+    options = _pair_options(margin, distance, similar_label)
     a = _checked(embeddings_a, _options.DISTANCE_DTYPES, "embeddings_a")
     b = _checked(embeddings_b, _options.DISTANCE_DTYPES, "embeddings_b")
     if a.dtype != b.dtype:
@@ -169,6 +166,31 @@ def contrastive_loss_from_embeddings(
     return loss.reshape(rows)
 
 
+def contrastive_loss_from_pairs(y_true, pairs, margin=1.0, distance="euclidean", similar_label=1):
+    """contrastive_loss_from_embeddings on the two embeddings of each pair
+    stacked on axis -2, `pairs` `[..., 2, D]` (what a Keras model outputs for
+    ContrastiveLoss(distance=...)): the kernels read the pairs, and write
+    their gradient `[..., 2, D]`, in place, where slicing the halves out
+    would copy them and assemble their gradients again.
+
+    Returns the loss `[...]`, differentiable in `pairs`.
+    """
+    options = _pair_options(margin, distance, similar_label)
+    pairs = _stacked(pairs)
+    rows = pairs.shape[:-2]
+    labels = _pair_labels(y_true, rows)
+    loss = _pairs_loss(options, labels.reshape(-1), pairs.reshape(-1, 2, pairs.shape[-1]))
+    return loss.reshape(rows)
+
+
+def _pair_options(margin, distance, similar_label):
+    return (
+        _options.real_margin(margin),
+        _options.validate_choice(distance, _options.DISTANCES, "distance"),
+        _options.validate_similar_label(similar_label),
+    )
+
+
 def _pair_labels(y_true, rows):
     """y_true as the labels of pairs of shape `rows`: a trailing unit axis
     dropped or added as the TF functions do, other mismatches an error."""
@@ -184,19 +206,20 @@ def _pair_labels(y_true, rows):
     return labels
 
 
-def split_pairs(y_pred):
-    """The two embeddings `[..., D]` of each pair of a Keras y_pred `[..., 2, D]`."""
+def _stacked(y_pred):
+    """y_pred, checked to be stacked pairs `[..., 2, D]` of embeddings."""
     y_pred = _checked(y_pred, _options.DISTANCE_DTYPES, "y_pred")
     problem = _options.stacked_pairs_problem(y_pred.shape)
     if problem:
         raise ValueError(problem)
-    return y_pred[..., 0, :], y_pred[..., 1, :]
+    return y_pred
 
 
 def _pair_distances(pairs, distance):
     """The distances `[...]` of stacked pairs in their compute dtype (16-bit in float32)."""
     distance = _options.validate_choice(distance, _options.DISTANCES, "distance")
-    a, b = split_pairs(pairs)
+    pairs = _stacked(pairs)
+    a, b = pairs[..., 0, :], pairs[..., 1, :]
     dtype = jnp.float32 if a.dtype.itemsize == 2 else a.dtype
     return _array_math.distance(JAX_OPS, a.astype(dtype), b.astype(dtype), distance)
 
@@ -218,23 +241,29 @@ def pair_accuracy(y_true, pairs, threshold=0.5, distance="euclidean", similar_la
     return _array_math.pair_accuracy(JAX_OPS, labels, d, threshold, similar_label)
 
 
-def _pairs_call(options, labels, a, b):
+# The pair targets by their embedding operands: a and b, or the stacked pairs.
+_PAIR_TARGETS = {
+    2: ("fused_contrastive_embedding_loss_jax", "fused_contrastive_embedding_loss_grad"),
+    1: ("fused_contrastive_embedding_pair_loss_jax", "fused_contrastive_embedding_pair_loss_grad"),
+}
+
+
+def _pairs_call(options, labels, *embeddings):
     """The kernel's loss [rows] and its gradient coefficients: float64s,
     declared as pairs of uint32 (JAX has no float64 without jax_enable_x64;
-    the gradient handler checks their size)."""
+    the gradient handler checks their size). `embeddings`: a and b
+    [rows, D], or the stacked pairs [rows, 2, D]."""
     margin, distance, similar_label = options
-    rows = a.shape[0]
-    loss = jax.ShapeDtypeStruct((rows,), a.dtype)
+    rows, dtype = embeddings[0].shape[0], embeddings[0].dtype
     words = (rows, _kernels.row_coefficients[distance], 2)
     call = jax.ffi.ffi_call(
-        "fused_contrastive_embedding_loss_jax",
-        (loss, jax.ShapeDtypeStruct(words, jnp.uint32)),
+        _PAIR_TARGETS[len(embeddings)][0],
+        (jax.ShapeDtypeStruct((rows,), dtype), jax.ShapeDtypeStruct(words, jnp.uint32)),
         vmap_method="sequential",
     )
     return call(
         labels,
-        a,
-        b,
+        *embeddings,
         margin=np.float64(margin),
         distance=np.int32(_ATTRS["distance"][distance]),
         similar_label=np.int32(similar_label),
@@ -242,29 +271,29 @@ def _pairs_call(options, labels, a, b):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _pairs_loss(options, labels, a, b):
-    return _pairs_call(options, labels, a, b)[0]
+def _pairs_loss(options, labels, *embeddings):
+    return _pairs_call(options, labels, *embeddings)[0]
 
 
-def _pairs_forward(options, labels, a, b):
-    loss, coefficients = _pairs_call(options, labels, a, b)
-    return loss, (a, b, coefficients)
+def _pairs_forward(options, labels, *embeddings):
+    loss, coefficients = _pairs_call(options, labels, *embeddings)
+    return loss, (embeddings, coefficients)
 
 
 def _pairs_backward(options, residuals, upstream):
-    a, b, coefficients = residuals
-    grad = jax.ShapeDtypeStruct(a.shape, a.dtype)
+    embeddings, coefficients = residuals
     call = jax.ffi.ffi_call(
-        "fused_contrastive_embedding_loss_grad", (grad, grad), vmap_method="sequential"
+        _PAIR_TARGETS[len(embeddings)][1],
+        tuple(jax.ShapeDtypeStruct(e.shape, e.dtype) for e in embeddings),
+        vmap_method="sequential",
     )
-    grad_a, grad_b = call(
-        a,
-        b,
+    grads = call(
+        *embeddings,
         coefficients,
-        upstream.astype(a.dtype),
+        upstream.astype(embeddings[0].dtype),
         distance=np.int32(_ATTRS["distance"][options[1]]),
     )
-    return None, grad_a, grad_b
+    return (None, *grads)
 
 
 _pairs_loss.defvjp(_pairs_forward, _pairs_backward)

@@ -272,9 +272,8 @@ class ContrastiveLoss(ContrastiveLossMixin, keras.losses.Loss):
         fcj = jax_functions()
         if self.distance is None:
             return fcj.contrastive_loss(y_true, y_pred, self.margin, self.similar_label)
-        a, b = fcj.split_pairs(y_pred)
-        return fcj.contrastive_loss_from_embeddings(
-            y_true, a, b, self.margin, self.distance, self.similar_label
+        return fcj.contrastive_loss_from_pairs(
+            y_true, y_pred, self.margin, self.distance, self.similar_label
         )
 
     def _fused_reduction(self, y_true, y_pred, sample_weight):

@@ -5,7 +5,7 @@ host handlers), everything under jax.jit: each loss's values and gradients
 (jax.grad of the loss weighted by a random upstream), float32 without
 jax_enable_x64 (the labels' int32 halves) and float64 with it. The losses on
 distances match bit for bit (as in step 1); the losses from pair embeddings
-within EMBEDDING_ULPS (step 5); the in-batch losses, every distance,
+within EMBEDDING_ULPS (step 5), a and b apart and stacked [..., 2, D]; the in-batch losses, every distance,
 weighting and miner, some with references, within IN_BATCH_TOLERANCE (step 7). Needs only JAX (a
 CUDA build of jaxlib on the GPU machine): TensorFlow plays no part.
 --self-test runs the "GPU" side on JAX's CPU too."""
@@ -103,28 +103,42 @@ def compare_distances(jax, fcj, rng, devices):
 
 
 def compare_pairs(jax, fcj, rng, devices, dtype):
+    """Each case twice: a and b apart (contrastive_loss_from_embeddings), and
+    stacked [..., 2, D] (contrastive_loss_from_pairs, the stacked handlers)."""
     failures = cases = 0
     worst = 0.0
     for shape, distance in itertools.product(PAIR_SHAPES, ("euclidean", "cosine", "manhattan")):
         labels, a, b = host_embeddings(rng, shape, "int32", dtype, distance)
 
-        def fn(y, x, z, k=distance):
+        def apart(y, x, z, k=distance):
             return fcj.contrastive_loss_from_embeddings(y, x, z, MARGIN, k)
 
-        results = on_both(jax, fn, (labels, a, b), devices)
-        (want, want_grads), (got, grads) = (results[d.platform] for d in devices)
+        def stacked(y, pairs, k=distance):
+            return fcj.contrastive_loss_from_pairs(y, pairs, MARGIN, k)
+
         compute = compute_dtype(dtype)
         loss_scale, *grad_scales = rounding_scales(labels, a, b, distance, 1)
         upstream = np.random.default_rng(0).uniform(0.5, 2.0, shape[:-1])[..., None]
-        used = [tolerance_used(got, want, compute, dtype, loss_scale)] + [
-            tolerance_used(g, w, compute, dtype, upstream * s)
-            for g, w, s in zip(grads, want_grads, grad_scales)
-        ]
-        cases += 1
-        worst = max(worst, *used)
-        if max(used) > 1:
-            failures += 1
-            print(f"  JAX pairs mismatch: {shape} {distance} {dtype}: {max(used):.3g}", flush=True)
+        for layout, fn, args in (
+            ("apart", apart, (labels, a, b)),
+            ("stacked", stacked, (labels, np.stack([a, b], axis=-2))),
+        ):
+            results = on_both(jax, fn, args, devices)
+            (want, want_grads), (got, grads) = (results[d.platform] for d in devices)
+            if layout == "stacked":
+                want_grads, grads = ([g[0][..., 0, :], g[0][..., 1, :]] for g in (want_grads, grads))
+            used = [tolerance_used(got, want, compute, dtype, loss_scale)] + [
+                tolerance_used(g, w, compute, dtype, upstream * s)
+                for g, w, s in zip(grads, want_grads, grad_scales)
+            ]
+            cases += 1
+            worst = max(worst, *used)
+            if max(used) > 1:
+                failures += 1
+                print(
+                    f"  JAX pairs mismatch: {shape} {distance} {dtype} {layout}: {max(used):.3g}",
+                    flush=True,
+                )
     return cases, failures, worst
 
 

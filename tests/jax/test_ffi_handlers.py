@@ -54,6 +54,8 @@ def test_every_target_has_a_handler_capsule():
             "embedding_loss",
             "embedding_loss_jax",
             "embedding_loss_grad",
+            "embedding_pair_loss_jax",
+            "embedding_pair_loss_grad",
             "embedding_loss_reduced",
             "embedding_pair_loss_reduced",
             "in_batch_loss",
@@ -71,6 +73,8 @@ def test_every_target_has_a_handler_capsule():
             "loss",
             "embedding_loss_jax",
             "embedding_loss_grad",
+            "embedding_pair_loss_jax",
+            "embedding_pair_loss_grad",
             "in_batch_loss_jax",
             "in_batch_loss_grad_jax",
         )

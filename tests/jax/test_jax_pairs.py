@@ -91,6 +91,46 @@ def test_the_loss_from_embeddings_gives_the_tensorflow_functions_bits(rng, dista
         _assert_same_bits(got, want)
 
 
+@pytest.mark.parametrize("distance", ["euclidean", "cosine", "manhattan"])
+@pytest.mark.parametrize(
+    "rows, dtype",
+    [((37,), np.float32), ((6, 3), np.float32), ((0,), np.float32), ((9,), jnp.bfloat16)],
+)
+def test_the_loss_from_stacked_pairs_gives_the_tensorflow_functions_bits(
+    rng, distance, rows, dtype
+):
+    # The stacked handlers read the pairs and write their gradient in place:
+    # the bits of the loss from the two halves, and of their two gradients.
+    labels = rng.integers(0, 2, rows)
+    pairs = tf.cast(rng.normal(size=(*rows, 2, 5)), dtype).numpy()
+    pairs[..., :1, 1, :] = pairs[..., :1, 0, :]
+    upstream = rng.normal(size=rows).astype(np.float32)
+    options = dict(margin=1.5, distance=distance)
+    want_loss, (want_a, want_b) = _tf_loss_and_grads(
+        fc.contrastive_loss_from_embeddings,
+        labels,
+        [pairs[..., 0, :], pairs[..., 1, :]],
+        upstream,
+        **options,
+    )
+    loss, (grad,) = _jax_loss_and_grads(
+        fcj.contrastive_loss_from_pairs, labels, [pairs], upstream, **options
+    )
+    _assert_same_bits(loss, want_loss)
+    _assert_same_bits(grad, np.stack([want_a, want_b], axis=-2))
+
+
+def test_the_loss_from_stacked_pairs_under_vmap(rng):
+    labels = rng.integers(0, 2, (3, 10))
+    pairs = rng.normal(size=(3, 10, 2, 4)).astype(np.float32)
+    step = jax.value_and_grad(lambda y, p: fcj.contrastive_loss_from_pairs(y, p).sum(), 1)
+    losses, grads = jax.vmap(step)(labels, pairs)
+    for i in range(3):
+        loss, grad = step(labels[i], pairs[i])
+        _assert_same_bits(losses[i], loss)
+        _assert_same_bits(grads[i], grad)
+
+
 def test_a_trailing_unit_axis_is_aligned_as_in_tensorflow(rng):
     labels = rng.integers(0, 2, 8)
     d = rng.random((8, 1)).astype(np.float32)
@@ -172,6 +212,9 @@ def test_bad_inputs_raise_the_tensorflow_functions_errors():
         (lambda f: f.contrastive_loss_from_embeddings([0, 1], e, e), "without their last axis"),
         (lambda f: f.contrastive_loss_from_embeddings([], e[:0, :0], e[:0, :0]), "D >= 1"),
     ]
+    for pairs in (e, np.zeros((3, 2, 0), np.float32)):
+        with pytest.raises(ValueError, match=r"stacked on axis -2, shape \[\.\.\., 2, D\]"):
+            fcj.contrastive_loss_from_pairs([0, 1, 0], pairs)
     for call, match in shape_cases:
         with pytest.raises(ValueError, match=match):
             call(fcj)

@@ -43,8 +43,8 @@ def test_gpu_check_script_self_test():
     # Step 10: fused_contrastive.jax, JAX's CPU standing in for the GPU.
     for cases in (
         "distances float32: 24 cases",
-        "pairs float32: 12 cases",
-        "pairs float64: 12 cases",
+        "pairs float32: 24 cases",
+        "pairs float64: 24 cases",
         "in-batch float32: 90 cases",
         "in-batch float64: 90 cases",
     ):
