@@ -18,16 +18,28 @@ What is compared
               floor   `(a + b, a - b)` under jax.jit: what any fwd+bwd of
                       the pairs at least costs, reading a and b and writing
                       two new [B, D] arrays (the gradients), no loss.
+    Keras 3 on JAX, in a process of its own (keras_on_jax.py; Keras picks
+    its backend once per process), the classes as `fit` calls a loss: the
+    jitted value and gradient in y_pred of loss(y_true, y_pred):
+              fused   `InBatchContrastiveLoss()` on [B, D] (B = 4096), and
+                      `ContrastiveLoss(distance="euclidean")` on the stacked
+                      pairs [B, 2, D] a pair model outputs (B = 65,536);
+              plain   the same formulas in keras.ops, as a keras.losses.Loss.
     Timed as the references and miners sections (all cases of the section
     take turns in the same repetitions; median of 5 samples of at least
     20 ms, 3 with --quick).
 
 Targets
     in-batch fused >= 3x plain and within 1.2x of TF (fused <= 1.2 TF time);
-    pairs fused >= 1.5x plain.
+    pairs fused >= 1.5x plain. The Keras classes on JAX have none; their
+    ratios to plain are reported.
 """
 
+import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import tensorflow as tf
@@ -44,6 +56,7 @@ from pairs import MARGIN, make_embedding_inputs
 from references import timed
 
 SECTION = "jax"
+FUSED_PLAIN = ("fused", "plain")
 IN_BATCH_B = 4096
 PAIRS_B = 65536
 PAIRS_D = 128
@@ -123,10 +136,41 @@ def run_jax(settings):
         f"{format_ratio(speedup(seconds, 'pairs fused', 'pairs floor'))}",
         *(f"- {name}: {why}" for name, why in errors.items()),
     ]
+    keras_seconds, keras_lines = keras_on_jax(settings)
+    lines += keras_lines
     for line in lines:
         print(line, flush=True)
     rows = [row(name, seconds.get(name), errors.get(name, "")) for name in cases]
+    rows += [row(name, keras_seconds.get(name), "") for name in KERAS_CASES]
     return rows, lines
+
+
+KERAS_CASES = [f"keras {family} {impl}" for family in ("in-batch", "pairs") for impl in FUSED_PLAIN]
+
+
+def keras_on_jax(settings):
+    """keras_on_jax.py's timings {case: seconds} and the section's lines on them."""
+    script = Path(__file__).with_name("keras_on_jax.py")
+    result = subprocess.run(
+        [sys.executable, str(script), str(settings.repeats), str(settings.min_sample_s)],
+        capture_output=True,
+        text=True,
+        cwd=script.parent,
+    )
+    if result.returncode != 0:
+        return {}, ["", f"- Keras 3 on JAX: failed: {result.stderr.strip()[-500:]}"]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    lines = ["", "Keras 3 on JAX (`fit`'s jitted loss and gradient in y_pred):", ""]
+    for family, size in (("in-batch", IN_BATCH_B), ("pairs", PAIRS_B)):
+        fused, plain = (f"keras {family} {impl}" for impl in FUSED_PLAIN)
+        loss_gap = abs(out[f"{fused} loss"] - out[f"{plain} loss"]) / abs(out[f"{plain} loss"])
+        lines.append(
+            f"- {family} (B = {size:,}): fused {ms(out.get(fused))} ms, plain keras.ops "
+            f"{ms(out.get(plain))} ms, plain / fused {format_ratio(speedup(out, plain, fused))}; "
+            f"loss rel. diff. {loss_gap:.1e}"
+        )
+    lines += [f"- {name}: {why}" for name, why in out["errors"].items()]
+    return out, lines
 
 
 def speedup(seconds, slow, fast):
@@ -147,12 +191,13 @@ def ms(seconds):
 
 
 def row(name, seconds, note):
-    family, impl = name.split(" ", 1)
+    front_end = "keras" if name.startswith("keras ") else "jax"
+    family, impl = name.removeprefix("keras ").split(" ", 1)
     in_batch = family == "in-batch"
     if impl == "floor":
         note = note or "a + b, a - b"
     return Row(
-        f"jax {impl}" if impl != "TF" else "fused",
+        f"{front_end} {impl}" if impl != "TF" else "fused",
         "tf.function" if impl == "TF" else "jax.jit",
         "fwd+bwd",
         "mean",
