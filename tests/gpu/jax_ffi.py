@@ -4,10 +4,11 @@ check built (cc/ffi/gpu.cc), against the same functions on JAX's CPU (the
 host handlers), everything under jax.jit: each loss's values and gradients
 (jax.grad of the loss weighted by a random upstream), float32 without
 jax_enable_x64 (the labels' int32 halves) and float64 with it. The losses on
-distances match bit for bit (as in step 1); the losses from pair embeddings
-within EMBEDDING_ULPS (step 5), a and b apart and stacked [..., 2, D]; the in-batch losses, every distance,
-weighting and miner, some with references, within IN_BATCH_TOLERANCE (step 7). Needs only JAX (a
-CUDA build of jaxlib on the GPU machine): TensorFlow plays no part.
+distances match bit for bit (as in step 1); the losses from pair embeddings,
+a and b apart and stacked [..., 2, D], within EMBEDDING_ULPS (step 5); the
+in-batch losses, every distance, weighting and miner, some with references,
+within IN_BATCH_TOLERANCE (step 7). Needs only JAX (a CUDA build of jaxlib on
+the GPU machine): TensorFlow plays no part.
 --self-test runs the "GPU" side on JAX's CPU too."""
 
 import contextlib
@@ -126,7 +127,9 @@ def compare_pairs(jax, fcj, rng, devices, dtype):
             results = on_both(jax, fn, args, devices)
             (want, want_grads), (got, grads) = (results[d.platform] for d in devices)
             if layout == "stacked":
-                want_grads, grads = ([g[0][..., 0, :], g[0][..., 1, :]] for g in (want_grads, grads))
+                want_grads, grads = (
+                    [g[0][..., 0, :], g[0][..., 1, :]] for g in (want_grads, grads)
+                )
             used = [tolerance_used(got, want, compute, dtype, loss_scale)] + [
                 tolerance_used(g, w, compute, dtype, upstream * s)
                 for g, w, s in zip(grads, want_grads, grad_scales)
