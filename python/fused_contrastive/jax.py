@@ -77,6 +77,29 @@ def _checked(x, dtypes, what):
     return x
 
 
+def _ffi_call(target, results, vmap_method, *operands, **attrs):
+    """jax.ffi.ffi_call of `target` on `operands`, its results typed as
+    varying over every shard_map axis that an operand varies over, as any JAX
+    primitive's are. ffi_call's results carry no such type, and under
+    shard_map a custom_vjp's gradient would then not match its input's type."""
+    out = jax.ffi.ffi_call(target, results, vmap_method=vmap_method)(*operands, **attrs)
+    axes = set().union(*map(_varying_axes, operands))
+
+    def varying(result):
+        missing = tuple(sorted(axes - _varying_axes(result)))
+        return jax.lax.pcast(result, missing, to="varying") if missing else result
+
+    return jax.tree.map(varying, out)
+
+
+def _varying_axes(x):
+    """The shard_map axes x varies over: its type's manual_axis_type.varying
+    (jax 0.10; `vma` before), empty outside shard_map."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    return manual.varying if manual is not None else getattr(aval, "vma", frozenset())
+
+
 def contrastive_loss(y_true, y_pred, margin=1.0, similar_label=1):
     """Per-sample contrastive loss `y*d^2 + (1-y)*max(margin-d, 0)^2`: what
     fused_contrastive.contrastive_loss computes (see its docstring; the margin
@@ -117,11 +140,15 @@ def _distances_call(options, labels, distances):
     batches it as one call): the output and the residual of the VJP."""
     margin, similar_label = options
     out = jax.ShapeDtypeStruct(distances.shape, distances.dtype)
-    call = jax.ffi.ffi_call("fused_contrastive_loss", (out, out), vmap_method="broadcast_all")
-    loss, grad = call(
-        labels, distances, margin=np.float64(margin), similar_label=np.int32(similar_label)
+    return _ffi_call(
+        "fused_contrastive_loss",
+        (out, out),
+        "broadcast_all",
+        labels,
+        distances,
+        margin=np.float64(margin),
+        similar_label=np.int32(similar_label),
     )
-    return loss, grad
 
 
 def _distances_backward(options, grad, upstream):
@@ -256,12 +283,10 @@ def _pairs_call(options, labels, *embeddings):
     margin, distance, similar_label = options
     rows, dtype = embeddings[0].shape[0], embeddings[0].dtype
     words = (rows, _kernels.row_coefficients[distance], 2)
-    call = jax.ffi.ffi_call(
+    return _ffi_call(
         _PAIR_TARGETS[len(embeddings)][0],
         (jax.ShapeDtypeStruct((rows,), dtype), jax.ShapeDtypeStruct(words, jnp.uint32)),
-        vmap_method="sequential",
-    )
-    return call(
+        "sequential",
         labels,
         *embeddings,
         margin=np.float64(margin),
@@ -282,12 +307,10 @@ def _pairs_forward(options, labels, *embeddings):
 
 def _pairs_backward(options, residuals, upstream):
     embeddings, coefficients = residuals
-    call = jax.ffi.ffi_call(
+    grads = _ffi_call(
         _PAIR_TARGETS[len(embeddings)][1],
         tuple(jax.ShapeDtypeStruct(e.shape, e.dtype) for e in embeddings),
-        vmap_method="sequential",
-    )
-    grads = call(
+        "sequential",
         *embeddings,
         coefficients,
         upstream.astype(embeddings[0].dtype),
@@ -325,9 +348,16 @@ def in_batch_contrastive_loss(
         float32 or float64 (which needs jax_enable_x64).
       reference_labels, reference_embeddings: optional references [R] and
         [R, D], given together (embeddings cast to the embeddings' dtype).
-      gather_across_replicas: True raises NotImplementedError: tf.distribute's
-        gathering has no JAX counterpart here yet (a caller can gather the
-        other devices' rows itself and pass them as references).
+      gather_across_replicas: False, or the name (or tuple of names) of the
+        mapped axis of an enclosing `jax.shard_map` (or `pmap`): every
+        device's labels and embeddings are gathered along it, and each
+        local anchor pairs with every other row of the global batch, as the
+        TF function does across tf.distribute replicas. The loss of all
+        devices' anchors, and its gradient (all_gather's transpose sums each
+        row's gradients from every device), are the single-device loss and
+        gradient of the concatenated global batch. Every device's batch has
+        the same size (all_gather's rule). True raises a ValueError asking
+        for the axis name.
 
     Differentiable in `embeddings` and `reference_embeddings` (jax.grad,
     under jax.jit, and jax.vmap over a leading batch axis, one call per batch
@@ -341,14 +371,11 @@ def in_batch_contrastive_loss(
         *_options._check_miner(miner, miner_epsilon),
         _options._check_max_block_rows(max_block_rows) or 0,
     )
-    if gather_across_replicas:
-        raise NotImplementedError(
-            "in-batch contrastive loss: gather_across_replicas is tf.distribute's; under JAX, "
-            "gather the other devices' rows and pass them as reference_labels and "
-            "reference_embeddings"
-        )
+    axis = _replica_axis(gather_across_replicas)
     labels, embeddings = _batch(labels, embeddings)
-    rows = embeddings
+    partners = []  # (labels, rows) of the partners beyond the batch
+    if axis is not None:
+        partners.append(_other_devices_rows(axis, labels, embeddings))
     if reference_labels is not None or reference_embeddings is not None:
         if reference_labels is None or reference_embeddings is None:
             raise ValueError(
@@ -361,17 +388,45 @@ def in_batch_contrastive_loss(
                 "in-batch contrastive loss: reference_embeddings [R, D] must have the "
                 f"embeddings' D; got {references.shape} for embeddings {embeddings.shape}"
             )
-        if not (
-            jnp.issubdtype(labels.dtype, jnp.integer) and jnp.issubdtype(others.dtype, jnp.integer)
-        ):
+        partners.append((others, references))
+    rows = embeddings
+    if partners:
+        if not all(jnp.issubdtype(y.dtype, jnp.integer) for y, _ in [(labels, None), *partners]):
             # Compared by value, in the widest float: equal values stay equal.
             labels = labels.astype(jnp.float64 if jax.config.jax_enable_x64 else jnp.float32)
-        labels = jnp.concatenate([labels, others.astype(labels.dtype)])
-        rows = jnp.concatenate([embeddings, references.astype(embeddings.dtype)])
+        labels = jnp.concatenate([labels, *(y.astype(labels.dtype) for y, _ in partners)])
+        rows = jnp.concatenate([embeddings, *(e.astype(embeddings.dtype) for _, e in partners)])
     # 16-bit embeddings are computed in float32, as everywhere in the package.
     compute = rows.astype(jnp.float32) if rows.dtype.itemsize == 2 else rows
     loss = _in_batch(options, embeddings.shape[0], _class_ids(labels), compute)
     return loss.astype(embeddings.dtype)
+
+
+def _replica_axis(gather_across_replicas):
+    """The mapped axis name(s) to gather along, or None for False."""
+    if gather_across_replicas is False or gather_across_replicas is None:
+        return None
+    names = gather_across_replicas
+    if isinstance(names, str) or (
+        isinstance(names, tuple) and names and all(isinstance(n, str) for n in names)
+    ):
+        return names
+    raise ValueError(
+        "in-batch contrastive loss: under JAX, gather_across_replicas is False or the name of "
+        "the mapped axis to gather along (of an enclosing jax.shard_map or pmap), e.g. "
+        f"gather_across_replicas='batch'; got {gather_across_replicas!r}"
+    )
+
+
+def _other_devices_rows(axis, labels, embeddings):
+    """The labels [(N - 1) * B] and embeddings [(N - 1) * B, D] of the other
+    devices along `axis`, in device order after this one's: the references
+    that make this device's anchors pair with the whole global batch."""
+    gathered_labels = jax.lax.all_gather(labels, axis)
+    gathered = jax.lax.all_gather(embeddings, axis)
+    devices = gathered.shape[0]
+    others = (jax.lax.axis_index(axis) + jnp.arange(1, devices)) % devices
+    return gathered_labels[others].reshape(-1), gathered[others].reshape(-1, gathered.shape[-1])
 
 
 def _batch(labels, embeddings, prefix="", n="B"):
@@ -445,15 +500,19 @@ def _call(options, anchors, labels, embeddings, upstream=None):
         labels = jnp.stack([labels, labels >> 31], axis=1)
     loss = jax.ShapeDtypeStruct((rows,), dtype)
     if upstream is None:
-        call = jax.ffi.ffi_call(
-            "fused_contrastive_in_batch_loss_jax", loss, vmap_method="sequential"
+        return _ffi_call(
+            "fused_contrastive_in_batch_loss_jax", loss, "sequential", labels, embeddings, **attrs
         )
-        return call(labels, embeddings, **attrs)
     grad = jax.ShapeDtypeStruct(embeddings.shape, dtype)
-    call = jax.ffi.ffi_call(
-        "fused_contrastive_in_batch_loss_grad_jax", (grad, loss), vmap_method="sequential"
+    return _ffi_call(
+        "fused_contrastive_in_batch_loss_grad_jax",
+        (grad, loss),
+        "sequential",
+        labels,
+        embeddings,
+        upstream.astype(dtype),
+        **attrs,
     )
-    return call(labels, embeddings, upstream.astype(dtype), **attrs)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))

@@ -192,8 +192,84 @@ def test_bad_inputs_raise_clear_errors():
         fcj.in_batch_contrastive_loss(
             [0, 1, 0], e, reference_labels=[1, 2], reference_embeddings=e[:1]
         )
-    with pytest.raises(NotImplementedError, match="gather_across_replicas is tf.distribute's"):
+    with pytest.raises(ValueError, match="the name of the mapped axis to gather along"):
         fcj.in_batch_contrastive_loss([0, 1, 0], e, gather_across_replicas=True)
+    with pytest.raises(NameError, match="unbound axis name: batch"):
+        fcj.in_batch_contrastive_loss([0, 1, 0], e, gather_across_replicas="batch")
+
+
+# Four CPU devices (set before JAX starts, so in a process of its own): a
+# shard_map over them, each with its slice of the global batch and references,
+# against one device on the whole batch.
+GATHER_RUN = """
+import json
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+import fused_contrastive.jax as fcj
+
+mesh = jax.make_mesh((4,), ("batch",))
+rng = np.random.default_rng(3)
+labels = rng.integers(0, 5, 24).astype(np.int32)
+e = rng.normal(size=(24, 6)).astype(np.float32)
+ref_labels = rng.integers(0, 5, 7).astype(np.int32)
+refs = rng.normal(size=(7, 6)).astype(np.float32)
+out = {}
+for name, options in OPTIONS.items():
+    def per_anchor(y, x, r):
+        return fcj.in_batch_contrastive_loss(
+            y, x, reference_labels=ref_labels, reference_embeddings=r,
+            gather_across_replicas="batch", **options)
+
+    def global_mean(x, r):
+        # Each device's mean over its anchors, averaged over the devices.
+        local = jax.shard_map(
+            lambda y, x, r: jax.lax.pmean(jnp.mean(per_anchor(y, x, r)), "batch"),
+            mesh=mesh, in_specs=(P("batch"), P("batch"), P()), out_specs=P())
+        return local(labels_on, x, r)
+
+    shard = lambda v, spec: jax.device_put(v, NamedSharding(mesh, spec))
+    labels_on, e_on, refs_on = shard(labels, P("batch")), shard(e, P("batch")), shard(refs, P())
+    losses = jax.jit(jax.shard_map(per_anchor, mesh=mesh, in_specs=(P("batch"), P("batch"), P()),
+                                   out_specs=P("batch")))(labels_on, e_on, refs_on)
+    loss, (grad, ref_grad) = jax.jit(jax.value_and_grad(global_mean, (0, 1)))(e_on, refs_on)
+    def one_device(x, r):
+        return fcj.in_batch_contrastive_loss(
+            labels, x, reference_labels=ref_labels, reference_embeddings=r, **options)
+    want_loss, (want_grad, want_ref_grad) = jax.value_and_grad(
+        lambda x, r: jnp.mean(one_device(x, r)), (0, 1))(e, refs)
+    out[name] = [
+        np.asarray(v, np.float64).ravel().tolist()
+        for v in (losses, one_device(e, refs), loss, want_loss, grad, want_grad, ref_grad,
+                  want_ref_grad)
+    ]
+print(json.dumps(out))
+"""
+
+
+def test_gathered_across_a_shard_map_axis_is_the_global_batch_on_one_device():
+    options = {
+        "uniform": {},
+        "balanced-cosine": dict(pair_weighting="balanced", distance="cosine", margin=0.6),
+        "batch_hard": dict(miner="batch_hard", margin=1.5),
+    }
+    result = run_python(
+        f"OPTIONS = {options!r}\n" + GATHER_RUN,
+        XLA_FLAGS="--xla_force_host_platform_device_count=4",
+        JAX_PLATFORMS="cpu",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, values in out.items():
+        losses, want_losses, loss, want_loss, *grads = (np.array(v) for v in values)
+        assert losses.shape == (24,) and np.abs(want_losses).max() > 0
+        np.testing.assert_allclose(losses, want_losses, rtol=1e-5, err_msg=name)
+        np.testing.assert_allclose(loss, want_loss, rtol=1e-5, err_msg=name)
+        for got, want in zip(grads[::2], grads[1::2]):
+            assert np.abs(want).max() > 0
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7, err_msg=name)
 
 
 def test_float64_and_without_tensorflow():
