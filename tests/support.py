@@ -274,8 +274,8 @@ CORE_TESTS = [
 ]
 
 
-def run_core_tests_against(library, tmp_path):
-    """Runs the core tests in a fresh pytest process that loads `library`."""
+def run_core_tests_against(library, tmp_path, tests=tuple(CORE_TESTS)):
+    """Runs `tests` (the core tests) in a fresh pytest process that loads `library`."""
     env = {**os.environ, _library.LIBRARY_ENV: str(library)}
     return subprocess.run(
         [
@@ -287,7 +287,7 @@ def run_core_tests_against(library, tmp_path):
             "no:cacheprovider",
             "--rootdir",
             str(tmp_path),
-            *(str(TESTS / test) for test in CORE_TESTS),
+            *(str(TESTS / test) for test in tests),
         ],
         capture_output=True,
         text=True,

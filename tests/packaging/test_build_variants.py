@@ -131,7 +131,13 @@ def test_cpu_only_build_loads_and_passes_core_tests(tmp_path):
     )
     assert check.returncode == 0, check.stderr
     assert check.stdout.strip().endswith(str(out / "_fused_contrastive_ops.so"))
-    result = run_core_tests_against(out / "_fused_contrastive_ops.so", tmp_path)
+    # Bazel's CPU-only library runs every core test, built from the sources
+    # and with the flags of this configuration (test_bazel checks both), so
+    # here the library's own tests suffice: what CMake alone can break is
+    # whether this configuration builds, loads and computes.
+    result = run_core_tests_against(
+        out / "_fused_contrastive_ops.so", tmp_path, ["tf/test_library.py"]
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert " passed" in result.stdout and "failed" not in result.stdout
 

@@ -40,8 +40,13 @@ struct TypeTag {
 };
 
 // Calls f(TypeTag<T>{}) for the storage type of t; false if t has none.
+// Device code calls it too (LabelAs); nvcc's check of host-only callers is
+// off for it, since host code passes host-only lambdas.
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
 template <typename F>
-bool VisitDType(DType t, F&& f) {
+FC_HOST_DEVICE bool VisitDType(DType t, F&& f) {
   switch (t) {
     case DType::kBool: f(TypeTag<bool_t>{}); return true;
     case DType::kInt32: f(TypeTag<int32_t>{}); return true;
@@ -52,6 +57,18 @@ bool VisitDType(DType t, F&& f) {
     case DType::kFloat64: f(TypeTag<double>{}); return true;
   }
   return false;
+}
+
+// labels[i] of the run-time dtype `type`, as C: a kernel that reads its
+// labels through it is compiled once for every label dtype, not once each.
+template <typename C>
+FC_HOST_DEVICE C LabelAs(const void* labels, DType type, int64_t i) {
+  C value(0);
+  VisitDType(type, [&](auto tag) {
+    using L = typename decltype(tag)::type;
+    value = Convert<C>::from(static_cast<const L*>(labels)[i]);
+  });
+  return value;
 }
 
 template <typename F>

@@ -185,15 +185,16 @@ __device__ inline void RowGradient(const C* coef, const T* a, const T* b, int64_
                         });
 }
 
-template <Distance K, bool kVector, typename L, typename T>
-__global__ void EmbeddingLossKernel(const L* __restrict__ labels, const T* __restrict__ a,
-                                    const T* __restrict__ b, int64_t rows, int64_t dim,
-                                    int64_t stride, ComputeType<T> margin, int similar_label,
-                                    T* __restrict__ loss, double* __restrict__ coefficients) {
+template <Distance K, bool kVector, typename T>
+__global__ void EmbeddingLossKernel(const void* __restrict__ labels, DType label_type,
+                                    const T* __restrict__ a, const T* __restrict__ b, int64_t rows,
+                                    int64_t dim, int64_t stride, ComputeType<T> margin,
+                                    int similar_label, T* __restrict__ loss,
+                                    double* __restrict__ coefficients) {
   using C = ComputeType<T>;
   constexpr int kCoefficients = NumRowCoefficients(K);
   ForEachRow(rows, [&](int64_t r) {
-    const C label = Convert<C>::from(labels[r]);
+    const C label = LabelAs<C>(labels, label_type, r);
     C sums[kMaxRowValues] = {}, coef[kMaxRowValues] = {}, row_loss;
     const int64_t offset = r * stride;
     RowSums<K, kVector>(a + offset, b + offset, dim, sums);
@@ -228,11 +229,11 @@ __global__ void EmbeddingGradKernel(const T* a, const T* b, int64_t rows, int64_
 // Per-row loss times weight summed in double: per warp over its rows, then
 // over the block (BlockSum, so blockDim.x is kReduceThreads), one sum per
 // block for FinishLossKernel.
-template <Distance K, bool kVector, typename L, typename T>
-__global__ void EmbeddingReducedKernel(const L* __restrict__ labels, const T* a, const T* b,
-                                       const T* __restrict__ weights, bool scalar_weight,
-                                       int64_t rows, int64_t dim, int64_t stride,
-                                       ComputeType<T> margin, int similar_label,
+template <Distance K, bool kVector, typename T>
+__global__ void EmbeddingReducedKernel(const void* __restrict__ labels, DType label_type,
+                                       const T* a, const T* b, const T* __restrict__ weights,
+                                       bool scalar_weight, int64_t rows, int64_t dim,
+                                       int64_t stride, ComputeType<T> margin, int similar_label,
                                        const double* scale, T* grad_a, T* grad_b,
                                        double* block_sums) {
   using C = ComputeType<T>;
@@ -241,7 +242,7 @@ __global__ void EmbeddingReducedKernel(const L* __restrict__ labels, const T* a,
   const C scalar = scalar_weight ? Convert<C>::from(weights[0]) : C(0);
   double sum = 0;
   ForEachRow(rows, [&](int64_t r) {
-    const C label = Convert<C>::from(labels[r]);
+    const C label = LabelAs<C>(labels, label_type, r);
     C sums[kMaxRowValues] = {}, coef[kMaxRowValues] = {}, row_loss;
     const int64_t offset = r * stride;
     RowSums<K, kVector>(a + offset, b + offset, dim, sums);
@@ -281,21 +282,34 @@ void VisitChunkAccess(int64_t dim, int64_t stride, std::initializer_list<const v
   }
 }
 
+// Calls f(TypeTag<T>, DistanceTag<K>) for a supported embedding dtype and
+// distance; false when there is none, or when the labels' dtype is none.
+// The kernels read labels of any dtype (LabelAs): templates on the label
+// dtype too made this file take 7x as long to compile.
+template <typename F>
+bool VisitGpuKernel(DType label_type, DType embedding_type, Distance distance, F&& f) {
+  bool distance_ok = false;
+  const bool types_ok =
+      VisitDType(label_type, [](auto) {}) && VisitDistanceDType(embedding_type, [&](auto t) {
+        distance_ok = VisitDistance(distance, [&](auto k) { f(t, k); });
+      });
+  return types_ok && distance_ok;
+}
+
 }  // namespace
 
 GpuStatus EmbeddingLossGpu(const EmbeddingInputs& in, void* loss, double* coefficients,
                            void* stream) {
   if (in.rows == 0) return GpuStatus{};
-  const bool supported = VisitEmbeddingKernel(
-      in.label_type, in.embedding_type, in.distance, [&](auto l_tag, auto t_tag, auto k_tag) {
-        using L = typename decltype(l_tag)::type;
+  const bool supported =
+      VisitGpuKernel(in.label_type, in.embedding_type, in.distance, [&](auto t_tag, auto k_tag) {
         using T = typename decltype(t_tag)::type;
         constexpr Distance K = decltype(k_tag)::value;
         VisitChunkAccess<T>(in.dim, in.row_stride, {in.a, in.b}, [&](auto vector) {
           EmbeddingLossKernel<K, decltype(vector)::value>
               <<<RowBlocks(in.rows, kThreadsPerBlock, kMaxBlocks), kThreadsPerBlock, 0,
                  static_cast<cudaStream_t>(stream)>>>(
-                  static_cast<const L*>(in.labels), static_cast<const T*>(in.a),
+                  in.labels, in.label_type, static_cast<const T*>(in.a),
                   static_cast<const T*>(in.b), in.rows, in.dim, in.row_stride,
                   static_cast<ComputeType<T>>(in.margin), in.similar_label, static_cast<T*>(loss),
                   coefficients);
@@ -307,22 +321,21 @@ GpuStatus EmbeddingLossGpu(const EmbeddingInputs& in, void* loss, double* coeffi
 
 GpuStatus EmbeddingGradGpu(const EmbeddingGradArgs& g, void* stream) {
   if (g.rows == 0) return GpuStatus{};
-  bool distance_ok = false;
-  const bool type_ok = VisitDistanceDType(g.type, [&](auto t_tag) {
-    distance_ok = VisitDistance(g.distance, [&](auto k_tag) {
-      using T = typename decltype(t_tag)::type;
-      constexpr Distance K = decltype(k_tag)::value;
-      VisitChunkAccess<T>(g.dim, g.row_stride, {g.a, g.b, g.grad_a, g.grad_b}, [&](auto vector) {
-        EmbeddingGradKernel<K, decltype(vector)::value>
-            <<<RowBlocks(g.rows, kThreadsPerBlock, kMaxBlocks), kThreadsPerBlock, 0,
-               static_cast<cudaStream_t>(stream)>>>(
-                static_cast<const T*>(g.a), static_cast<const T*>(g.b), g.rows, g.dim, g.row_stride,
-                g.coefficients, static_cast<const T*>(g.upstream), g.scalar_upstream,
-                static_cast<T*>(g.grad_a), static_cast<T*>(g.grad_b));
+  // No labels here: any label dtype passes the check.
+  const bool supported =
+      VisitGpuKernel(DType::kBool, g.type, g.distance, [&](auto t_tag, auto k_tag) {
+        using T = typename decltype(t_tag)::type;
+        constexpr Distance K = decltype(k_tag)::value;
+        VisitChunkAccess<T>(g.dim, g.row_stride, {g.a, g.b, g.grad_a, g.grad_b}, [&](auto vector) {
+          EmbeddingGradKernel<K, decltype(vector)::value>
+              <<<RowBlocks(g.rows, kThreadsPerBlock, kMaxBlocks), kThreadsPerBlock, 0,
+                 static_cast<cudaStream_t>(stream)>>>(
+                  static_cast<const T*>(g.a), static_cast<const T*>(g.b), g.rows, g.dim,
+                  g.row_stride, g.coefficients, static_cast<const T*>(g.upstream),
+                  g.scalar_upstream, static_cast<T*>(g.grad_a), static_cast<T*>(g.grad_b));
+        });
       });
-    });
-  });
-  if (!type_ok || !distance_ok) return GpuStatus{"unsupported dtype or distance"};
+  if (!supported) return GpuStatus{"unsupported dtype or distance"};
   return LastError();
 }
 
@@ -337,9 +350,8 @@ GpuStatus EmbeddingLossReducedGpu(const ReducedEmbeddingArgs& args, void* worksp
   const ReductionArgs& reduction = args.reduction;
   double* scale = reduction.reduction_scale;
   auto s = static_cast<cudaStream_t>(stream);
-  const bool supported = VisitEmbeddingKernel(
-      in.label_type, in.embedding_type, in.distance, [&](auto l_tag, auto t_tag, auto k_tag) {
-        using L = typename decltype(l_tag)::type;
+  const bool supported =
+      VisitGpuKernel(in.label_type, in.embedding_type, in.distance, [&](auto t_tag, auto k_tag) {
         using T = typename decltype(t_tag)::type;
         constexpr Distance K = decltype(k_tag)::value;
         const auto* w = static_cast<const T*>(reduction.weights);
@@ -347,7 +359,7 @@ GpuStatus EmbeddingLossReducedGpu(const ReducedEmbeddingArgs& args, void* worksp
         VisitChunkAccess<T>(
             in.dim, in.row_stride, {in.a, in.b, args.grad_a, args.grad_b}, [&](auto vector) {
               EmbeddingReducedKernel<K, decltype(vector)::value><<<blocks, kReduceThreads, 0, s>>>(
-                  static_cast<const L*>(in.labels), static_cast<const T*>(in.a),
+                  in.labels, in.label_type, static_cast<const T*>(in.a),
                   static_cast<const T*>(in.b), w, reduction.scalar_weight, in.rows, in.dim,
                   in.row_stride, static_cast<ComputeType<T>>(in.margin), in.similar_label, scale,
                   static_cast<T*>(args.grad_a), static_cast<T*>(args.grad_b), loss_sums);
