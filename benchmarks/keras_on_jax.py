@@ -3,7 +3,8 @@ per process: the Keras 3 classes under KERAS_BACKEND=jax, called as `fit`
 calls a loss (jax.jit of the value and gradient in y_pred of
 loss(y_true, y_pred), Keras' default reduction), against the same formulas
 written with keras.ops in a keras.losses.Loss (what a user writes without us).
-Prints one JSON line: {case: median seconds, "errors": {case: why}}.
+Prints one JSON line: {case: median seconds, "<case> cpu ms": [user, kernel]
+per call, "errors": {case: why}}.
 
     KERAS_BACKEND=jax python benchmarks/keras_on_jax.py REPEATS MIN_SAMPLE_S
 """
@@ -84,7 +85,9 @@ def main(repeats, min_sample_s):
         out[f"{name} loss"] = float(value)
         calls.append(call)
         names.append(name)
-    out.update(zip(names, time_interleaved(calls, repeats, min_sample_s)))
+    cpu_ms = []
+    out.update(zip(names, time_interleaved(calls, repeats, min_sample_s, cpu_ms)))
+    out.update({f"{name} cpu ms": user_kernel for name, user_kernel in zip(names, cpu_ms)})
     print(json.dumps(out))
 
 

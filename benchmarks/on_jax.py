@@ -167,10 +167,16 @@ def keras_on_jax(settings):
         lines.append(
             f"- {family} (B = {size:,}): fused {ms(out.get(fused))} ms, plain keras.ops "
             f"{ms(out.get(plain))} ms, plain / fused {format_ratio(speedup(out, plain, fused))}; "
-            f"loss rel. diff. {loss_gap:.1e}"
+            f"loss rel. diff. {loss_gap:.1e}; CPU ms per call, user + kernel (page faults on "
+            f"fresh memory are kernel time): fused {cpu(out.get(f'{fused} cpu ms'))}, "
+            f"plain {cpu(out.get(f'{plain} cpu ms'))}"
         )
     lines += [f"- {name}: {why}" for name, why in out["errors"].items()]
     return out, lines
+
+
+def cpu(user_kernel):
+    return "n/a" if user_kernel is None else " + ".join(f"{t:.1f}" for t in user_kernel)
 
 
 def speedup(seconds, slow, fast):
