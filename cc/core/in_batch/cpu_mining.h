@@ -267,14 +267,17 @@ void OfferColumnValues(const T* tile, const int32_t* class_i, const int32_t* cla
   for (int64_t r = 0; r < ni; ++r) {
     const T* d = tile + r * nj;
     const int32_t ci = class_i[r];
-    // As in OfferRow's loop.
+    // As in OfferRow's loop, on copies: std::max of two array elements
+    // returns a reference to one, a branch that left this loop scalar
+    // (GCC 12: "control flow in loop").
 #pragma omp simd
     for (int64_t c = 0; c < nj; ++c) {
       const T positive = class_j[c] == ci ? T(1) : T(0);
       const T x = d[c];
       const T nan = x != x ? T(1) : T(0);
-      largest[c] = std::max(largest[c], positive != T(0) ? x : -inf);
-      smallest[c] = std::min(smallest[c], positive != T(0) ? inf : x);
+      const T largest_c = largest[c], smallest_c = smallest[c];
+      largest[c] = std::max(largest_c, positive != T(0) ? x : -inf);
+      smallest[c] = std::min(smallest_c, positive != T(0) ? inf : x);
       nan_positive[c] += nan * positive;
       nan_negative[c] += nan * (T(1) - positive);
     }
