@@ -427,7 +427,9 @@ class InBatchContrastiveLoss(InBatchLossMixin, keras.losses.Loss):
         if options.gather_across_replicas or options.memory_size:
             raise NotImplementedError(
                 f"{type(self).__name__}: gather_across_replicas and memory_size need Keras' "
-                "TensorFlow backend so far; on JAX, pass neither (in a jax.shard_map, "
+                "TensorFlow backend so far; on JAX, pass neither (under "
+                "keras.distribution.DataParallel each anchor already pairs with the whole "
+                "global batch; in a jax.shard_map, "
                 "fused_contrastive.jax.in_batch_contrastive_loss gathers along a mapped axis: "
                 "gather_across_replicas='<axis name>')"
             )

@@ -127,3 +127,62 @@ def test_what_jax_cannot_do_yet_raises_a_clear_error(runs):
         "gather_across_replicas and memory_size need Keras' TensorFlow backend"
         in (on_jax["gather"])
     )
+
+
+DATA_PARALLEL = """
+import json
+
+import jax
+import keras
+import numpy as np
+
+import fused_contrastive as fc
+
+rng = np.random.default_rng(0)
+x = rng.normal(size=(64, 8)).astype("float32")
+y = rng.integers(0, 4, 64)
+
+
+def fit(distribution):
+    keras.distribution.set_distribution(distribution)
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)])
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss=fc.InBatchContrastiveLoss(margin=1.0))
+    history = model.fit(x, y, batch_size=64, epochs=2, verbose=0, shuffle=False)
+    return history.history["loss"], model.get_weights()[0], model
+
+
+one_losses, one_kernel, _ = fit(None)
+both_losses, both_kernel, model = fit(keras.distribution.DataParallel(devices=jax.devices()))
+# Each half of the batch alone: what a loss per replica would give.
+embeddings = np.asarray(keras.Sequential([keras.Input((8,)), keras.layers.Dense(4)]).predict(x))
+loss = fc.InBatchContrastiveLoss(margin=1.0)
+halves = [float(loss(y[s], embeddings[s])) for s in (slice(0, 32), slice(32, 64))]
+print(json.dumps({
+    "devices": len(jax.devices()),
+    "kernel_devices": len(model.layers[0].kernel.value.sharding.device_set),
+    "one": one_losses, "both": both_losses,
+    "kernel_gap": float(np.abs(one_kernel - both_kernel).max()),
+    "global": float(loss(y, embeddings)), "halves": halves,
+}))
+"""
+
+
+def test_data_parallel_fit_on_jax_devices_trains_on_the_global_batch():
+    # keras.distribution.DataParallel shards the batch over the devices, and
+    # jax.jit compiles one program for the global batch: XLA replicates the
+    # kernels' custom call, so each anchor pairs with the whole global batch
+    # (what gather_across_replicas=True does on TensorFlow), with no option.
+    result = run_python(
+        DATA_PARALLEL,
+        KERAS_BACKEND="jax",
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 2 and out["kernel_devices"] == 2
+    np.testing.assert_allclose(out["both"], out["one"], rtol=1e-5)
+    assert out["one"][0] != out["one"][1] and out["kernel_gap"] < 1e-5
+    # The per-half losses differ from the global one: the test tells them apart.
+    assert abs(np.mean(out["halves"]) - out["global"]) > 1e-3 * abs(out["global"])
