@@ -119,40 +119,36 @@ bool EmbeddingLossCpu(const EmbeddingInputs& in, void* loss, double* coefficient
 }
 
 bool EmbeddingGradCpu(const EmbeddingGradArgs& g, const ParallelFor& parallel_for) {
-  bool distance_ok = false;
-  const bool type_ok = VisitDistanceDType(g.type, [&](auto t_tag) {
-    distance_ok = VisitDistance(g.distance, [&](auto k_tag) {
-      using T = typename decltype(t_tag)::type;
-      using C = ComputeType<T>;
-      constexpr Distance K = decltype(k_tag)::value;
-      constexpr int kCoefficients = NumRowCoefficients(K);
-      const auto* a = static_cast<const T*>(g.a);
-      const auto* b = static_cast<const T*>(g.b);
-      const auto* upstream = static_cast<const T*>(g.upstream);
-      auto* grad_a = static_cast<T*>(g.grad_a);
-      auto* grad_b = static_cast<T*>(g.grad_b);
-      const double* coefficients = g.coefficients;
-      const bool scalar_upstream = g.scalar_upstream;
-      const int64_t dim = g.dim;
-      const int64_t stride = g.row_stride;
-      const ElementCost cost =
-          RowCost<T>(dim, sizeof(T) + 8.0 * kCoefficients, 2.0 * dim * sizeof(T));
-      parallel_for(g.rows, cost, [=](int64_t begin, int64_t end) {
-        for (int64_t r = begin; r < end; ++r) {
-          const double u = Convert<double>::from(upstream[scalar_upstream ? 0 : r]);
-          RowValues<C> coef = {};
-          for (int j = 0; j < kCoefficients; ++j) {
-            // Only the coefficients scale with the upstream gradient, not cosine's scales.
-            const double c = coefficients[r * kCoefficients + j];
-            coef[j] = static_cast<C>(j < NumRowSums(K) ? c * u : c);
-          }
-          RowGradient<K>(coef, a + r * stride, b + r * stride, dim, grad_a + r * stride,
-                         grad_b + r * stride);
+  return VisitEmbeddingTypeAndDistance(g.type, g.distance, [&](auto t_tag, auto k_tag) {
+    using T = typename decltype(t_tag)::type;
+    using C = ComputeType<T>;
+    constexpr Distance K = decltype(k_tag)::value;
+    constexpr int kCoefficients = NumRowCoefficients(K);
+    const auto* a = static_cast<const T*>(g.a);
+    const auto* b = static_cast<const T*>(g.b);
+    const auto* upstream = static_cast<const T*>(g.upstream);
+    auto* grad_a = static_cast<T*>(g.grad_a);
+    auto* grad_b = static_cast<T*>(g.grad_b);
+    const double* coefficients = g.coefficients;
+    const bool scalar_upstream = g.scalar_upstream;
+    const int64_t dim = g.dim;
+    const int64_t stride = g.row_stride;
+    const ElementCost cost =
+        RowCost<T>(dim, sizeof(T) + 8.0 * kCoefficients, 2.0 * dim * sizeof(T));
+    parallel_for(g.rows, cost, [=](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        const double u = Convert<double>::from(upstream[scalar_upstream ? 0 : r]);
+        RowValues<C> coef = {};
+        for (int j = 0; j < kCoefficients; ++j) {
+          // Only the coefficients scale with the upstream gradient, not cosine's scales.
+          const double c = coefficients[r * kCoefficients + j];
+          coef[j] = static_cast<C>(j < NumRowSums(K) ? c * u : c);
         }
-      });
+        RowGradient<K>(coef, a + r * stride, b + r * stride, dim, grad_a + r * stride,
+                       grad_b + r * stride);
+      }
     });
   });
-  return type_ok && distance_ok;
 }
 
 bool EmbeddingLossReducedCpu(const ReducedEmbeddingArgs& args, const ParallelFor& parallel_for) {

@@ -282,18 +282,11 @@ void VisitChunkAccess(int64_t dim, int64_t stride, std::initializer_list<const v
   }
 }
 
-// Calls f(TypeTag<T>, DistanceTag<K>) for a supported embedding dtype and
-// distance; false when there is none, or when the labels' dtype is none.
-// The kernels read labels of any dtype (LabelAs): templates on the label
-// dtype too made this file take 7x as long to compile.
-template <typename F>
-bool VisitGpuKernel(DType label_type, DType embedding_type, Distance distance, F&& f) {
-  bool distance_ok = false;
-  const bool types_ok =
-      VisitDType(label_type, [](auto) {}) && VisitDistanceDType(embedding_type, [&](auto t) {
-        distance_ok = VisitDistance(distance, [&](auto k) { f(t, k); });
-      });
-  return types_ok && distance_ok;
+// Whether the labels' dtype is one of ours: the kernels read labels of any
+// of them (LabelAs), so that templates on it too do not make this file take
+// 7x as long to compile.
+bool LabelDTypeOk(DType label_type) {
+  return VisitDType(label_type, [](auto) {});
 }
 
 }  // namespace
@@ -302,7 +295,8 @@ GpuStatus EmbeddingLossGpu(const EmbeddingInputs& in, void* loss, double* coeffi
                            void* stream) {
   if (in.rows == 0) return GpuStatus{};
   const bool supported =
-      VisitGpuKernel(in.label_type, in.embedding_type, in.distance, [&](auto t_tag, auto k_tag) {
+      LabelDTypeOk(in.label_type) &&
+      VisitEmbeddingTypeAndDistance(in.embedding_type, in.distance, [&](auto t_tag, auto k_tag) {
         using T = typename decltype(t_tag)::type;
         constexpr Distance K = decltype(k_tag)::value;
         VisitChunkAccess<T>(in.dim, in.row_stride, {in.a, in.b}, [&](auto vector) {
@@ -321,9 +315,8 @@ GpuStatus EmbeddingLossGpu(const EmbeddingInputs& in, void* loss, double* coeffi
 
 GpuStatus EmbeddingGradGpu(const EmbeddingGradArgs& g, void* stream) {
   if (g.rows == 0) return GpuStatus{};
-  // No labels here: any label dtype passes the check.
   const bool supported =
-      VisitGpuKernel(DType::kBool, g.type, g.distance, [&](auto t_tag, auto k_tag) {
+      VisitEmbeddingTypeAndDistance(g.type, g.distance, [&](auto t_tag, auto k_tag) {
         using T = typename decltype(t_tag)::type;
         constexpr Distance K = decltype(k_tag)::value;
         VisitChunkAccess<T>(g.dim, g.row_stride, {g.a, g.b, g.grad_a, g.grad_b}, [&](auto vector) {
@@ -351,7 +344,8 @@ GpuStatus EmbeddingLossReducedGpu(const ReducedEmbeddingArgs& args, void* worksp
   double* scale = reduction.reduction_scale;
   auto s = static_cast<cudaStream_t>(stream);
   const bool supported =
-      VisitGpuKernel(in.label_type, in.embedding_type, in.distance, [&](auto t_tag, auto k_tag) {
+      LabelDTypeOk(in.label_type) &&
+      VisitEmbeddingTypeAndDistance(in.embedding_type, in.distance, [&](auto t_tag, auto k_tag) {
         using T = typename decltype(t_tag)::type;
         constexpr Distance K = decltype(k_tag)::value;
         const auto* w = static_cast<const T*>(reduction.weights);

@@ -85,15 +85,28 @@ struct ReducedEmbeddingArgs {
 };
 bool EmbeddingLossReducedCpu(const ReducedEmbeddingArgs& args, const ParallelFor& parallel_for);
 
+// Calls f(TypeTag<T>, DistanceTag<K>) for a supported embedding dtype and
+// distance; false when there is none. The gradients need no labels, and the
+// GPU kernels read theirs at run time (LabelAs).
+template <typename F>
+bool VisitEmbeddingTypeAndDistance(DType embedding_type, Distance distance, F&& f) {
+  bool distance_ok = false;
+  const bool type_ok = VisitDistanceDType(embedding_type, [&](auto t) {
+    distance_ok = VisitDistance(distance, [&](auto k) { f(t, k); });
+  });
+  return type_ok && distance_ok;
+}
+
 // Calls f(TypeTag<L>, TypeTag<T>, DistanceTag<K>) for a supported label and
 // embedding dtype pair and distance; false when there is none.
 template <typename F>
 bool VisitEmbeddingKernel(DType label_type, DType embedding_type, Distance distance, F&& f) {
-  bool distance_ok = false;
-  const bool types_ok = VisitLabelAndDistance(label_type, embedding_type, [&](auto l, auto t) {
-    distance_ok = VisitDistance(distance, [&](auto k) { f(l, t, k); });
+  bool supported = false;
+  const bool label_ok = VisitDType(label_type, [&](auto l) {
+    supported = VisitEmbeddingTypeAndDistance(embedding_type, distance,
+                                              [&](auto t, auto k) { f(l, t, k); });
   });
-  return types_ok && distance_ok;
+  return label_ok && supported;
 }
 
 // The same three computations on device pointers (coefficients, upstream,
