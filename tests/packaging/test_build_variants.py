@@ -1,4 +1,4 @@
-"""The CMake build (CMakeLists.txt): CUDA kernels, device code, a CPU-only build's core tests."""
+"""The CMake build (CMakeLists.txt): CUDA kernels, device code, a CPU-only build's library tests."""
 
 import json
 import os
@@ -80,10 +80,10 @@ def test_device_code_matches_the_recorded_architectures():
     assert "sm_90.ptx" in ptx  # compute_90 PTX for GPUs newer than sm_90
 
 
-def test_cpu_only_build_loads_and_passes_core_tests(tmp_path):
+def test_cpu_only_build_loads_and_passes_the_library_tests(tmp_path):
     out = tmp_path / "out"
     # Debug (-O0, no LTO) builds in half the time of Release (129 s against
-    # 261 s on two cores) and runs the core tests as fast: what this checks
+    # 261 s on two cores) and ran the core tests as fast: what this checks
     # is the CPU-only configuration. The install builds Release.
     subprocess.run(
         [
