@@ -316,8 +316,11 @@ void RegisterInBatch(py::module_& m) {
         "begin..end-1 are anchors, the others below `used` (default: all rows) partners (loss 0, "
         "gradient from their pairs with anchors, 0 from row `grad` on), the rest unused (loss "
         "and gradient 0). miner: None, 'batch_hard' or 'multi_similarity' (with miner_epsilon).");
-  m.def("in_batch_cpu_isa", &InBatchCpuIsa,
-        "The instruction set the in-batch CPU kernel runs with here: 'avx2' or 'generic'.");
+  m.def(
+      "in_batch_cpu_isa", &InBatchCpuIsa,
+      "The instruction set the in-batch CPU kernel runs with here: 'avx512', 'avx2' or 'generic'.");
+  m.def("in_batch_cpu_builds", &InBatchCpuBuilds,
+        "The in-batch CPU kernel's builds this CPU can run, best first.");
 #if FC_WITH_CUDA
   m.def("in_batch_workspace_bytes", &InBatchWorkspaceBytes, py::arg("rows"),
         py::arg("dtype") = "float32", py::arg("max_block_rows") = 0, py::arg("dim") = 0,

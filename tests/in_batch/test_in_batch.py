@@ -269,27 +269,38 @@ def test_deterministic_and_independent_of_threads_and_blocks(rng):
     np.testing.assert_allclose(small_blocks[1], grad, rtol=1e-4, atol=1e-6)
 
 
-def test_generic_cpu_build_matches(rng, tmp_path):
-    labels, e = batch(rng, 50)
-    want_loss, want_grad = numpy_in_batch(labels, e, upstream=np.ones(50))
+def test_the_best_cpu_build_runs_by_default():
+    builds = _kernels.in_batch_cpu_builds()
+    assert builds[-1] == "generic"
+    assert _kernels.in_batch_cpu_isa() == builds[0]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_every_cpu_build_this_cpu_runs_matches(rng, tmp_path, dtype):
+    # FUSED_CONTRASTIVE_CPU_ISA caps the build, so each one gets checked here,
+    # not only the best, which every other test runs.
+    labels, e = batch(rng, 70, dim=37)
+    want_loss, want_grad = numpy_in_batch(labels, e, upstream=np.ones(70))
     np.save(tmp_path / "in.npy", np.concatenate([labels[:, None], e], axis=1))
-    result = run_python(
-        f"""
-        import numpy as np
-        from fused_contrastive import _kernels
-        data = np.load({str(tmp_path / "in.npy")!r})
-        loss, grad = _kernels.in_batch_loss_cpu(data[:, 0].astype(np.int64), data[:, 1:],
-                                                np.ones(len(data)))
-        print(_kernels.in_batch_cpu_isa())
-        np.save({str(tmp_path / "out.npy")!r}, np.concatenate([loss[:, None], grad], 1))
-        """,
-        FUSED_CONTRASTIVE_CPU_ISA="generic",
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split()[-1] == "generic"
-    out = np.load(tmp_path / "out.npy")
-    assert_close(out[:, 0], want_loss, "float64", "generic loss")
-    assert_close(out[:, 1:], want_grad, "float64", "generic gradient")
+    for build in _kernels.in_batch_cpu_builds():
+        result = run_python(
+            f"""
+            import numpy as np
+            from fused_contrastive import _kernels
+            data = np.load({str(tmp_path / "in.npy")!r})
+            loss, grad = _kernels.in_batch_loss_cpu(data[:, 0].astype(np.int64),
+                                                    data[:, 1:].astype({dtype!r}),
+                                                    np.ones(len(data), {dtype!r}))
+            print(_kernels.in_batch_cpu_isa())
+            np.save({str(tmp_path / "out.npy")!r}, np.concatenate([loss[:, None], grad], 1))
+            """,
+            FUSED_CONTRASTIVE_CPU_ISA=build,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.stdout.split()[-1] == build
+        out = np.load(tmp_path / "out.npy")
+        assert_close(out[:, 0], want_loss, dtype, f"{build} loss")
+        assert_close(out[:, 1:], want_grad, dtype, f"{build} gradient")
 
 
 def test_second_order_through_nested_tapes_matches_the_reference(rng):

@@ -2,6 +2,7 @@
 // CPU can run.
 #include <cstdlib>
 #include <cstring>
+#include <iterator>
 #include <type_traits>
 
 #include <vector>
@@ -13,33 +14,68 @@ namespace fused_contrastive {
 namespace generic {
 bool InBatchLoss(const InBatchArgs& args, const ParallelFor& parallel_for);
 }
-#if FC_IN_BATCH_AVX2
+#if FC_IN_BATCH_X86
 namespace avx2 {
+bool InBatchLoss(const InBatchArgs& args, const ParallelFor& parallel_for);
+}
+namespace avx512 {
 bool InBatchLoss(const InBatchArgs& args, const ParallelFor& parallel_for);
 }
 #endif
 
 namespace {
 
-bool UseAvx2() {
-#if FC_IN_BATCH_AVX2
-  const char* forced = std::getenv("FUSED_CONTRASTIVE_CPU_ISA");
-  if (forced != nullptr && std::strcmp(forced, "generic") == 0) return false;
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
+struct Build {
+  const char* name;
+  bool (*supported)();
+  bool (*loss)(const InBatchArgs&, const ParallelFor&);
+};
+
+// Best first; each build's instruction sets are its compile flags'.
+constexpr Build kBuilds[] = {
+#if FC_IN_BATCH_X86
+    {"avx512",
+     [] {
+       return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+              __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
+              __builtin_cpu_supports("fma");
+     },
+     avx512::InBatchLoss},
+    {"avx2", [] { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); },
+     avx2::InBatchLoss},
 #endif
+    {"generic", [] { return true; }, generic::InBatchLoss},
+};
+
+// The best build this CPU runs, no better than FUSED_CONTRASTIVE_CPU_ISA
+// names (a cap, so that a test or a user can rule a build out).
+const Build& Chosen() {
+  static const Build& chosen = [&]() -> const Build& {
+    const char* cap = std::getenv("FUSED_CONTRASTIVE_CPU_ISA");
+    bool allowed = cap == nullptr;
+    for (const Build& build : kBuilds) {
+      allowed = allowed || std::strcmp(cap, build.name) == 0;
+      if (allowed && build.supported()) return build;
+    }
+    return kBuilds[std::size(kBuilds) - 1];
+  }();
+  return chosen;
 }
 
 }  // namespace
 
-const char* InBatchCpuIsa() { return UseAvx2() ? "avx2" : "generic"; }
+const char* InBatchCpuIsa() { return Chosen().name; }
+
+std::vector<const char*> InBatchCpuBuilds() {
+  std::vector<const char*> names;
+  for (const Build& build : kBuilds) {
+    if (build.supported()) names.push_back(build.name);
+  }
+  return names;
+}
 
 bool InBatchLossCpu(const InBatchArgs& args, const ParallelFor& parallel_for) {
-#if FC_IN_BATCH_AVX2
-  if (UseAvx2()) return avx2::InBatchLoss(args, parallel_for);
-#endif
-  return generic::InBatchLoss(args, parallel_for);
+  return Chosen().loss(args, parallel_for);
 }
 
 bool InBatchLossReducedCpu(const InBatchReducedArgs& args, const ParallelFor& parallel_for) {

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <vector>
 
 #include "core/common/dtypes.h"
 #include "core/common/formula.h"
@@ -119,10 +120,14 @@ struct InBatchReducedArgs {
 };
 bool InBatchLossReducedCpu(const InBatchReducedArgs& args, const ParallelFor& parallel_for);
 
-// The instruction set the CPU kernel runs with on this machine: "avx2" (with
-// FMA) when the CPU has it, else "generic". FUSED_CONTRASTIVE_CPU_ISA=generic
-// forces the generic build (to test it, or to rule it out).
+// The instruction set the CPU kernel runs with on this machine: "avx512"
+// (F, VL, DQ, BW, with FMA), else "avx2" (with FMA), else "generic", the
+// first this CPU has. FUSED_CONTRASTIVE_CPU_ISA=avx2 or =generic caps the
+// choice at that build (to test it, or to rule a better one out); a name
+// that is none of these gives the generic build.
 const char* InBatchCpuIsa();
+// The builds this CPU can run, best first (InBatchCpuIsa's candidates).
+std::vector<const char*> InBatchCpuBuilds();
 
 // --- CUDA ----------------------------------------------------------------------
 // A matrix product the caller supplies, enqueued on the kernel's stream:
