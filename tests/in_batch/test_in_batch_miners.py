@@ -160,6 +160,30 @@ def test_a_nan_row_keeps_the_loss_nan(miner, jit):
 
 
 @pytest.mark.parametrize("miner", MINERS)
+def test_a_nan_row_in_tiles_of_two_blocks_keeps_the_loss_nan(rng, miner):
+    # Blocks of 1 to 3 rows: the NaN row meets the others in tiles of two
+    # blocks, as a tile's row and as its column, before and after finite
+    # distances in the order the tile's passes read them.
+    labels = np.array([0, 1, 0, 1, 2, 0, 2, 1])
+    e = rng.normal(size=(8, 5))
+    e[5, 2] = np.nan
+    for max_block_rows in (1, 2, 3):
+        loss, _ = _kernels.in_batch_loss_cpu(
+            labels,
+            e,
+            np.ones(8),
+            MARGIN,
+            POSITIVE_MARGIN,
+            "euclidean",
+            "uniform",
+            max_block_rows,
+            miner=miner,
+            miner_epsilon=EPSILON,
+        )
+        assert np.isnan(loss).all(), (max_block_rows, loss)
+
+
+@pytest.mark.parametrize("miner", MINERS)
 @pytest.mark.parametrize("weighting", PAIR_WEIGHTINGS)
 def test_with_references(rng, miner, weighting):
     labels, e = batch(rng, 9, duplicates=False)

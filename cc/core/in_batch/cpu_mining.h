@@ -257,35 +257,34 @@ void OfferColumnValues(const T* tile, const int32_t* class_i, const int32_t* cla
                        int64_t ni, int64_t j0, int64_t nj, MinerStats<T>* stats) {
   const T inf = std::numeric_limits<T>::infinity();
   thread_local std::vector<T> columns;
-  columns.assign(4 * nj, T(0));
+  columns.resize(2 * nj);
   T* largest = columns.data();
   T* smallest = columns.data() + nj;
-  T* nan_positive = columns.data() + 2 * nj;
-  T* nan_negative = columns.data() + 3 * nj;
   std::fill_n(largest, nj, -inf);
   std::fill_n(smallest, nj, inf);
   for (int64_t r = 0; r < ni; ++r) {
     const T* d = tile + r * nj;
     const int32_t ci = class_i[r];
-    // As in OfferRow's loop, on copies: std::max of two array elements
-    // returns a reference to one, a branch that left this loop scalar
-    // (GCC 12: "control flow in loop").
+    // A NaN is taken and then kept (no comparison with it is true), so the
+    // extremes carry NaN without counters of their own: two arrays read and
+    // written per row, not four. On copies, as in OfferRow's loop: std::max
+    // of two array elements returns a reference to one, a branch that left
+    // this loop scalar (GCC 12: "control flow in loop").
 #pragma omp simd
     for (int64_t c = 0; c < nj; ++c) {
       const T positive = class_j[c] == ci ? T(1) : T(0);
       const T x = d[c];
       const T nan = x != x ? T(1) : T(0);
       const T largest_c = largest[c], smallest_c = smallest[c];
-      largest[c] = std::max(largest_c, positive != T(0) ? x : -inf);
-      smallest[c] = std::min(smallest_c, positive != T(0) ? inf : x);
-      nan_positive[c] += nan * positive;
-      nan_negative[c] += nan * (T(1) - positive);
+      const T take_largest = positive * std::max(nan, x > largest_c ? T(1) : T(0));
+      const T take_smallest = (T(1) - positive) * std::max(nan, x < smallest_c ? T(1) : T(0));
+      largest[c] = take_largest != T(0) ? x : largest_c;
+      smallest[c] = take_smallest != T(0) ? x : smallest_c;
     }
   }
-  const T nan = std::numeric_limits<T>::quiet_NaN();
   for (int64_t c = 0; c < nj; ++c) {
-    stats->Offer(true, j0 + c, nan_positive[c] != T(0) ? nan : largest[c], i0);
-    stats->Offer(false, j0 + c, nan_negative[c] != T(0) ? nan : smallest[c], i0);
+    stats->Offer(true, j0 + c, largest[c], i0);
+    stats->Offer(false, j0 + c, smallest[c], i0);
   }
 }
 
