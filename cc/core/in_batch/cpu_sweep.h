@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <numeric>
 #include <type_traits>
 #include <utility>
@@ -89,6 +90,7 @@ class Sweep {
         given_counts_(counts),
         stats_(stats),
         collecting_(role != Role::kLoss),
+        negatives_in_pass_(role == Role::kMultiSimilarityFirst),
         counting_(!kGrad && CountsPairs(args) && role != Role::kStats),
         count_active_(args.weighting == PairWeighting::kActive ? T(1) : T(0)),
         epsilon_(static_cast<T>(args.miner_epsilon)) {
@@ -263,16 +265,24 @@ class Sweep {
     const int64_t j0 = bj.first, nj = bj.count;
     thread_local std::vector<T> scratch;
     thread_local std::vector<T> columns;
+    thread_local std::vector<T> hardest_negatives;  // the rows', then the columns'
     scratch.resize(ni * nj);
     // The two count arrays only where this sweep counts.
     columns.assign((counting_ ? 5 : 3) * nj, T(0));
+    if (negatives_in_pass_) {
+      hardest_negatives.assign(ni + nj, std::numeric_limits<T>::infinity());
+    }
+    bool exact_rows = false;  // then Offer reads the tile (ExactRow finds no extremes)
     Rows<T> s(scratch.data(), ni, nj);
     const ConstRows<T> ei(e_ + i0 * dim_, ni, dim_);
     const ConstRows<T> ej(e_ + j0 * dim_, nj, dim_);
     s.noalias() = ei * ej.transpose();
-    Columns columns_of_tile{columns.data(), columns.data() + nj, columns.data() + 2 * nj,
+    Columns columns_of_tile{columns.data(),
+                            columns.data() + nj,
+                            columns.data() + 2 * nj,
                             counting_ ? columns.data() + 3 * nj : nullptr,
-                            counting_ ? columns.data() + 4 * nj : nullptr};
+                            counting_ ? columns.data() + 4 * nj : nullptr,
+                            negatives_in_pass_ ? hardest_negatives.data() + ni : nullptr};
     int64_t active = 0;  // nonzero entries of M
     // batch_hard runs no sweep after the statistics (BatchHardLoss).
     const auto rows = [&](auto miner) {
@@ -282,7 +292,15 @@ class Sweep {
         T* row = scratch.data() + r * nj;
         if (K == Distance::kEuclidean && RowCancels(row, i, kDiagonal ? r : -1, j0, nj)) {
           active += ExactRow<kDiagonal, M>(row, i, j0, nj, columns_of_tile);
+          exact_rows = true;
         } else if (!kGrad && counting_) {
+          if constexpr (!kGrad && M == Miner::kMultiSimilarity) {
+            if (negatives_in_pass_) {
+              active += FastRow<kDiagonal, true, M, true>(row, i, j0, nj, columns_of_tile,
+                                                          &hardest_negatives[r]);
+              continue;
+            }
+          }
           active += FastRow<kDiagonal, !kGrad, M>(row, i, j0, nj, columns_of_tile);
         } else {
           active += FastRow<kDiagonal, false, M>(row, i, j0, nj, columns_of_tile);
@@ -305,7 +323,16 @@ class Sweep {
         }
       }
     }
-    if (collecting_) Offer<kDiagonal>(scratch.data(), i0, ni, j0, nj);
+    if (negatives_in_pass_ && !exact_rows) {
+      for (int64_t r = 0; r < ni; ++r) collected_.Offer(false, i0 + r, hardest_negatives[r], j0);
+      if (!kDiagonal && IsAnchor(j0)) {
+        for (int64_t c = 0; c < nj; ++c) {
+          collected_.Offer(false, j0 + c, hardest_negatives[ni + c], i0);
+        }
+      }
+    } else if (collecting_) {
+      Offer<kDiagonal>(scratch.data(), i0, ni, j0, nj);
+    }
     if constexpr (kGrad) {
       // The hinge leaves most pairs without gradient once negatives are beyond
       // the margin (a trained model, well-separated classes): when at most a
@@ -414,6 +441,7 @@ class Sweep {
   // blocks): terms, q's part, and with counting_ the counted pairs.
   struct Columns {
     T *positive, *negative, *diagonal, *positive_counted, *negative_counted;
+    T* hardest_negative;  // kNegatives: the smallest negative d so far, NaN kept
   };
 
   // A pair's terms for row i's sums and for column j's (they differ only
@@ -478,12 +506,19 @@ class Sweep {
   }
 
   // FastRow and ExactRow return the row's number of nonzero M entries.
-  // kCount: the sweep counts pairs (counting_); M: the miner.
-  template <bool kDiagonal, bool kCount, Miner M>
-  int64_t FastRow(T* row, int64_t i, int64_t j0, int64_t nj, const Columns& columns) {
+  // kCount: the sweep counts pairs (counting_); M: the miner; kNegatives:
+  // the row's smallest negative d (NaN if one is NaN) to *hardest_negative,
+  // and the columns' into columns.hardest_negative (negatives_in_pass_).
+  template <bool kDiagonal, bool kCount, Miner M, bool kNegatives = false>
+  int64_t FastRow(T* row, int64_t i, int64_t j0, int64_t nj, const Columns& columns,
+                  T* hardest_negative = nullptr) {
     const int64_t self = kDiagonal ? i - j0 : -1;
     T positive = 0, negative = 0, diagonal = 0, positive_counted = 0, negative_counted = 0;
-    int active = 0;
+    // Of T, as every other value of the loop: an int count beside double
+    // values left the loop scalar in the AVX-512 build (GCC 12: "multiple
+    // types in double reduction"). Exact: a tile row has far fewer than 2^24
+    // columns.
+    T active = 0;
     const T stat_i = stat_[i];
     const T* stat_j = stat_.data() + j0;
     const int32_t class_i = classes_[i];
@@ -502,15 +537,30 @@ class Sweep {
     T* const column_diagonal = columns.diagonal;
     T* const column_positive_counted = columns.positive_counted;
     T* const column_negative_counted = columns.negative_counted;
+    T* const column_hardest_negative = columns.hardest_negative;
+    const T inf = std::numeric_limits<T>::infinity();
+    T smallest_negative = inf, nan_negatives = 0;
 #pragma omp simd reduction(+ : positive, negative, diagonal, positive_counted, negative_counted, \
-                               active)
+                               active, nan_negatives) reduction(min : smallest_negative)
     for (int64_t c = 0; c < nj; ++c) {
       const T s = row[c];
       const T d = pair_distance<K>(s, stat_i, stat_j[c]);
       const T valid = c == self ? T(0) : T(1);
+      const T same_class = class_j[c] == class_i ? valid : T(0);
       T kp, kn, kcp, kcn;
-      PairMasks<M>(miner, i, j0 + c, valid, class_j[c] == class_i ? valid : T(0), d, &kp, &kn, &kcp,
-                   &kcn);
+      PairMasks<M>(miner, i, j0 + c, valid, same_class, d, &kp, &kn, &kcp, &kcn);
+      if constexpr (kNegatives) {
+        // As OfferRow and OfferColumnValues, on the values this pass has.
+        const T is_negative = valid - same_class;
+        const T nan = d != d ? T(1) : T(0);
+        smallest_negative = std::min(smallest_negative, is_negative != T(0) ? d : inf);
+        nan_negatives += nan * is_negative;
+        if (!kDiagonal) {
+          const T hardest_c = column_hardest_negative[c];
+          const T take = is_negative * std::max(nan, d < hardest_c ? T(1) : T(0));
+          column_hardest_negative[c] = take != T(0) ? d : hardest_c;
+        }
+      }
       T pc = 0, nc = 0;
       if constexpr (kGrad) {
         pc = kp * pc_i + kcp * pc_j[c];
@@ -536,10 +586,14 @@ class Sweep {
       }
       // Without a gradient the row keeps the distances (for Offer).
       row[c] = kGrad ? m : d;
-      active += m != T(0) ? 1 : 0;
+      active += m != T(0) ? T(1) : T(0);
+    }
+    if constexpr (kNegatives) {
+      *hardest_negative =
+          nan_negatives != T(0) ? std::numeric_limits<T>::quiet_NaN() : smallest_negative;
     }
     AddRow(i, positive, negative, diagonal, positive_counted, negative_counted);
-    return active;
+    return static_cast<int64_t>(active);
   }
 
   // The row of a tile with a pair whose Gram distance cancels: such pairs get
@@ -667,6 +721,10 @@ class Sweep {
   MinerStats<T> own_;  // RunMultiSimilarityFirst's
   const MinerStats<T>* stats_;
   const bool collecting_;
+  // The keeping and counting pass finds the hardest negatives too
+  // (multi_similarity's first sweep, which needs no hardest positives from
+  // the tiles): the tile is not read again by Offer.
+  const bool negatives_in_pass_;
   const bool counting_;
   const T count_active_;  // 1 for "active", else 0 (counted_pair)
   const T epsilon_;
