@@ -1,6 +1,7 @@
-// The CPU in-batch kernel's blocks of rows, its schedule of block pairs and
-// its per-row preparations (cpu_sweep.h), in the namespace of the
-// instruction set the including file is built for. Not a public header.
+// The CPU in-batch kernel's blocks of rows, its schedule of block pairs, its
+// per-row preparations and the products of a class's rows (cpu_sweep.h), in
+// the namespace of the instruction set the including file is built for. Not
+// a public header.
 #pragma once
 
 #include <algorithm>
@@ -10,6 +11,8 @@
 #include <utility>
 #include <vector>
 
+#include <Eigen/Core>
+
 #include "core/common/parallel.h"
 #include "core/in_batch/kernels.h"
 #include "core/in_batch/math.h"
@@ -17,6 +20,13 @@
 namespace fused_contrastive {
 namespace FC_IN_BATCH_ISA {
 namespace {
+
+template <typename T>
+using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
+template <typename T>
+using ConstRows = Eigen::Map<const RowMatrix<T>>;
+template <typename T>
+using Rows = Eigen::Map<RowMatrix<T>>;
 
 // Rows per block: large enough for the GEMMs to run near peak (measured with
 // Eigen on AVX2: 128×128×128 products reach about 70% of the core's peak),
@@ -195,6 +205,48 @@ inline ClassRows RowsByClass(const std::vector<int32_t>& classes) {
     out.order[next[classes[i]]++] = i;
   }
   return out;
+}
+
+// f(i, j, s) for each row i with is_anchor(i) and each other row j of its
+// class, s = e_i·e_j, in increasing row order: one product per block of a
+// class's anchors (at most 128) against the class's rows, the blocks in
+// parallel.
+template <typename T, typename IsAnchor, typename F>
+void ForEachClassPair(const ClassRows& by_class, const std::vector<int32_t>& classes, const T* e,
+                      int64_t dim, const ParallelFor& parallel_for, IsAnchor&& is_anchor, F&& f) {
+  std::vector<std::pair<int64_t, int64_t>> blocks;  // ranges of `anchors`
+  std::vector<int64_t> anchors;                     // by_class.order without partners
+  for (size_t k = 0; k + 1 < by_class.start.size(); ++k) {
+    const int64_t first = anchors.size();
+    for (int64_t p = by_class.start[k]; p < by_class.start[k + 1]; ++p) {
+      if (is_anchor(by_class.order[p])) anchors.push_back(by_class.order[p]);
+    }
+    for (int64_t a = first; a < static_cast<int64_t>(anchors.size()); a += 128) {
+      blocks.push_back({a, std::min<int64_t>(a + 128, anchors.size())});
+    }
+  }
+  const ElementCost cost{128.0 * dim * sizeof(T), 0, 2.0 * 128 * 128 * dim};
+  parallel_for(blocks.size(), cost, [&](int64_t first, int64_t last) {
+    thread_local RowMatrix<T> a, p, s;
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t na = blocks[b].second - blocks[b].first;
+      const int32_t k = classes[anchors[blocks[b].first]];
+      const int64_t* members = by_class.order.data() + by_class.start[k];
+      const int64_t np = by_class.start[k + 1] - by_class.start[k];
+      a.resize(na, dim);
+      p.resize(np, dim);
+      for (int64_t r = 0; r < na; ++r)
+        a.row(r) = ConstRows<T>(e + anchors[blocks[b].first + r] * dim, 1, dim);
+      for (int64_t r = 0; r < np; ++r) p.row(r) = ConstRows<T>(e + members[r] * dim, 1, dim);
+      s.noalias() = a * p.transpose();
+      for (int64_t r = 0; r < na; ++r) {
+        const int64_t i = anchors[blocks[b].first + r];
+        for (int64_t c = 0; c < np; ++c) {
+          if (members[c] != i) f(i, members[c], s(r, c));
+        }
+      }
+    }
+  });
 }
 
 // Rows of extreme scale, divided by 2^k for the cosine distance

@@ -1,7 +1,8 @@
 // The CPU kernel's entry point (kernels.h's InBatchLossCpu, per instruction
 // set): which sweeps of cpu_sweep.h run, in order, for the weighting and
 // the miner. Compiled once per instruction set (cpu_generic.cc,
-// cpu_avx2.cc) inside the namespace FC_IN_BATCH_ISA. Not a public header.
+// cpu_avx2.cc, cpu_avx512.cc) inside the namespace FC_IN_BATCH_ISA. Not a
+// public header.
 #include <algorithm>
 
 #include "core/in_batch/cpu_sweep.h"

@@ -303,6 +303,20 @@ T MinerKeeps(MinerView<T> v, int64_t i, bool positive, T d) {
   }
 }
 
+// The masks of rows i and j at distance d (valid 0 for a row with itself,
+// positive 1 for equal labels), row i's then column j's, with miner M's
+// choices (without a miner both orders have the pair's own masks, and the
+// sums are today's bits: 1·x is exact).
+template <Miner M, typename T>
+void PairMasks(MinerView<T> v, int64_t i, int64_t j, T valid, T positive, T d, T* kp, T* kn, T* kcp,
+               T* kcn) {
+  const T negative = valid - positive;
+  *kp = positive * MinerKeeps<M>(v, i, true, d);
+  *kn = negative * MinerKeeps<M>(v, i, false, d);
+  *kcp = positive * MinerKeeps<M>(v, j, true, d);
+  *kcn = negative * MinerKeeps<M>(v, j, false, d);
+}
+
 }  // namespace
 }  // namespace FC_IN_BATCH_ISA
 }  // namespace fused_contrastive

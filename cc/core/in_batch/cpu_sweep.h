@@ -1,5 +1,5 @@
 // The CPU kernel of the in-batch loss, compiled once per instruction set
-// (cpu_generic.cc, cpu_avx2.cc) inside the namespace
+// (cpu_generic.cc, cpu_avx2.cc, cpu_avx512.cc) inside the namespace
 // FC_IN_BATCH_ISA; cpu.cc picks one at run time. Not a public header.
 //
 // The sweep: rows are cut into blocks of R; every unordered pair of blocks
@@ -28,8 +28,6 @@
 #include <utility>
 #include <vector>
 
-#include <Eigen/Core>
-
 #include "core/in_batch/cpu_blocks.h"
 #include "core/in_batch/cpu_mining.h"
 #include "core/in_batch/kernels.h"
@@ -37,13 +35,6 @@
 namespace fused_contrastive {
 namespace FC_IN_BATCH_ISA {
 namespace {
-
-template <typename T>
-using RowMatrix = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-template <typename T>
-using ConstRows = Eigen::Map<const RowMatrix<T>>;
-template <typename T>
-using Rows = Eigen::Map<RowMatrix<T>>;
 
 // What a sweep does besides its loss or gradient: kStats only collects the
 // miner's statistics; kMultiSimilarityFirst is multi_similarity's forward
@@ -377,44 +368,15 @@ class Sweep {
   }
 
   // f(i, d) for each anchor i and each other row of its class, d their
-  // distance, in increasing row order: one product per block of a class's
-  // anchors (at most 128) against the class's rows, the blocks in parallel.
+  // distance, in increasing row order (ForEachClassPair).
   template <typename F>
   void ForEachPositivePair(const ClassRows& by_class, F&& f) {
-    std::vector<std::pair<int64_t, int64_t>> blocks;  // ranges of by_class.order
-    std::vector<int64_t> anchors;                     // by_class.order without partners
-    for (size_t k = 0; k + 1 < by_class.start.size(); ++k) {
-      const int64_t first = anchors.size();
-      for (int64_t p = by_class.start[k]; p < by_class.start[k + 1]; ++p) {
-        if (IsAnchor(by_class.order[p])) anchors.push_back(by_class.order[p]);
-      }
-      for (int64_t a = first; a < static_cast<int64_t>(anchors.size()); a += 128) {
-        blocks.push_back({a, std::min<int64_t>(a + 128, anchors.size())});
-      }
-    }
-    const ElementCost cost{128.0 * dim_ * sizeof(T), 0, 2.0 * 128 * 128 * dim_};
-    parallel_for_(blocks.size(), cost, [&](int64_t first, int64_t last) {
-      thread_local RowMatrix<T> a, p, s;
-      for (int64_t b = first; b < last; ++b) {
-        const int64_t na = blocks[b].second - blocks[b].first;
-        const int32_t k = classes_[anchors[blocks[b].first]];
-        const int64_t* members = by_class.order.data() + by_class.start[k];
-        const int64_t np = by_class.start[k + 1] - by_class.start[k];
-        a.resize(na, dim_);
-        p.resize(np, dim_);
-        for (int64_t r = 0; r < na; ++r)
-          a.row(r) = ConstRows<T>(e_ + anchors[blocks[b].first + r] * dim_, 1, dim_);
-        for (int64_t r = 0; r < np; ++r) p.row(r) = ConstRows<T>(e_ + members[r] * dim_, 1, dim_);
-        s.noalias() = a * p.transpose();
-        for (int64_t r = 0; r < na; ++r) {
-          const int64_t i = anchors[blocks[b].first + r];
-          for (int64_t c = 0; c < np; ++c) {
-            bool exact;
-            if (members[c] != i) f(i, ExactPathDistance(i, members[c], s(r, c), &exact));
-          }
-        }
-      }
-    });
+    ForEachClassPair<T>(
+        by_class, classes_, e_, dim_, parallel_for_, [&](int64_t i) { return IsAnchor(i); },
+        [&](int64_t i, int64_t j, T s) {
+          bool exact;
+          f(i, ExactPathDistance(i, j, s, &exact));
+        });
   }
 
   // A statistics sweep's tile, its rows' distances in `tile`: each anchor
@@ -477,20 +439,6 @@ class Sweep {
     } else {
       *m = *diagonal = T(0);
     }
-  }
-
-  // The masks of rows i and j at distance d (valid 0 for a row with itself,
-  // positive 1 for equal labels), row i's then column j's, with miner M's
-  // choices (without a miner both orders have the pair's own masks, and the
-  // sums are today's bits: 1·x is exact).
-  template <Miner M>
-  static void PairMasks(MinerView<T> v, int64_t i, int64_t j, T valid, T positive, T d, T* kp,
-                        T* kn, T* kcp, T* kcn) {
-    const T negative = valid - positive;
-    *kp = positive * MinerKeeps<M>(v, i, true, d);
-    *kn = negative * MinerKeeps<M>(v, i, false, d);
-    *kcp = positive * MinerKeeps<M>(v, j, true, d);
-    *kcn = negative * MinerKeeps<M>(v, j, false, d);
   }
 
   // A pair's counted_pair()s (masks, then terms) in its column's counts (a
