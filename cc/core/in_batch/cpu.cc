@@ -38,7 +38,7 @@ constexpr Build kBuilds[] = {
      [] {
        return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
               __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw") &&
-              __builtin_cpu_supports("fma");
+              __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
      },
      avx512::InBatchLoss},
     {"avx2", [] { return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"); },
@@ -50,7 +50,7 @@ constexpr Build kBuilds[] = {
 // The best build this CPU runs, no better than FUSED_CONTRASTIVE_CPU_ISA
 // names (a cap, so that a test or a user can rule a build out).
 const Build& Chosen() {
-  static const Build& chosen = [&]() -> const Build& {
+  static const Build& chosen = []() -> const Build& {
     const char* cap = std::getenv("FUSED_CONTRASTIVE_CPU_ISA");
     bool allowed = cap == nullptr;
     for (const Build& build : kBuilds) {

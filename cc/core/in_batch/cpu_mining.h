@@ -250,6 +250,19 @@ MinerView<T> ViewOf(const MinerStats<T>* stats, T epsilon) {
   return {stats->positive_d.data(), stats->negative_d.data(), epsilon};
 }
 
+// A running extreme after offering x, a pair of the side wanted when mask is
+// 1: x when it is harder (larger for kLargest, else smaller) or NaN. A NaN,
+// once taken, stays (no comparison with it is true), so the extreme carries
+// NaN without a counter of its own. Values, not references: std::max of two
+// array elements returns a reference to one, a branch that left the callers'
+// loops scalar (GCC 12: "control flow in loop").
+template <bool kLargest, typename T>
+T HarderValue(T best, T x, T mask) {
+  const T nan = x != x ? T(1) : T(0);
+  const T harder = (kLargest ? x > best : x < best) ? T(1) : T(0);
+  return mask * std::max(nan, harder) != T(0) ? x : best;
+}
+
 // OfferColumns for the values only (values_only of OfferRow): each column's
 // largest positive and smallest negative distance, NaN when one is NaN.
 template <typename T>
@@ -265,21 +278,12 @@ void OfferColumnValues(const T* tile, const int32_t* class_i, const int32_t* cla
   for (int64_t r = 0; r < ni; ++r) {
     const T* d = tile + r * nj;
     const int32_t ci = class_i[r];
-    // A NaN is taken and then kept (no comparison with it is true), so the
-    // extremes carry NaN without counters of their own: two arrays read and
-    // written per row, not four. On copies, as in OfferRow's loop: std::max
-    // of two array elements returns a reference to one, a branch that left
-    // this loop scalar (GCC 12: "control flow in loop").
+    // Two arrays read and written per row (HarderValue keeps NaN).
 #pragma omp simd
     for (int64_t c = 0; c < nj; ++c) {
       const T positive = class_j[c] == ci ? T(1) : T(0);
-      const T x = d[c];
-      const T nan = x != x ? T(1) : T(0);
-      const T largest_c = largest[c], smallest_c = smallest[c];
-      const T take_largest = positive * std::max(nan, x > largest_c ? T(1) : T(0));
-      const T take_smallest = (T(1) - positive) * std::max(nan, x < smallest_c ? T(1) : T(0));
-      largest[c] = take_largest != T(0) ? x : largest_c;
-      smallest[c] = take_smallest != T(0) ? x : smallest_c;
+      largest[c] = HarderValue<true>(largest[c], d[c], positive);
+      smallest[c] = HarderValue<false>(smallest[c], d[c], T(1) - positive);
     }
   }
   for (int64_t c = 0; c < nj; ++c) {

@@ -504,9 +504,8 @@ class Sweep {
         smallest_negative = std::min(smallest_negative, is_negative != T(0) ? d : inf);
         nan_negatives += nan * is_negative;
         if (!kDiagonal) {
-          const T hardest_c = column_hardest_negative[c];
-          const T take = is_negative * std::max(nan, d < hardest_c ? T(1) : T(0));
-          column_hardest_negative[c] = take != T(0) ? d : hardest_c;
+          column_hardest_negative[c] =
+              HarderValue<false>(column_hardest_negative[c], d, is_negative);
         }
       }
       T pc = 0, nc = 0;
