@@ -160,11 +160,13 @@ def test_a_nan_row_keeps_the_loss_nan(miner, jit):
 
 
 @pytest.mark.parametrize("miner", MINERS)
-def test_a_nan_row_in_tiles_of_two_blocks_keeps_the_loss_nan(rng, miner):
+@pytest.mark.parametrize("labels", [[0, 1, 0, 1, 2, 0, 2, 1], [0, 1, 2, 3, 4, 0, 5, 6]])
+def test_a_nan_row_in_tiles_of_two_blocks_keeps_the_loss_nan(rng, miner, labels):
     # Blocks of 1 to 3 rows: the NaN row meets the others in tiles of two
     # blocks, as a tile's row and as its column, before and after finite
-    # distances in the order the tile's passes read them.
-    labels = np.array([0, 1, 0, 1, 2, 0, 2, 1])
+    # distances in the order the tile's passes read them. The second labels
+    # have few positive pairs (multi_similarity's RunMultiSimilarityFirst).
+    labels = np.array(labels)
     e = rng.normal(size=(8, 5))
     e[5, 2] = np.nan
     for max_block_rows in (1, 2, 3):
@@ -181,6 +183,51 @@ def test_a_nan_row_in_tiles_of_two_blocks_keeps_the_loss_nan(rng, miner):
             miner_epsilon=EPSILON,
         )
         assert np.isnan(loss).all(), (max_block_rows, loss)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("weighting", PAIR_WEIGHTINGS)
+def test_multi_similarity_with_few_positives_and_exact_rows(rng, dtype, weighting):
+    # Few positive pairs (RunMultiSimilarityFirst: the first sweep keeps no
+    # positive and finds the hardest negatives as it goes). Rows 3 and 14
+    # copy rows 2 and 5 in classes of their own, each with one positive 0.02
+    # away: each anchor's hardest negative is its copy at d = 0, a Gram
+    # distance that cancels (ExactRow), and keeps that positive, which the
+    # next negative, far away, would drop. In blocks of 4, row 3 finds it as
+    # a row of a diagonal tile, row 14 as a column of a tile of two blocks.
+    labels, e = batch(rng, 37, duplicates=False)
+    labels = np.arange(37) % 30
+    for copy, of, label, positive in ((3, 2, 31, 25), (14, 5, 32, 20)):
+        e[copy], labels[copy] = e[of], label
+        step = rng.normal(size=e.shape[1])
+        e[positive], labels[positive] = e[of] + 0.02 * step / np.linalg.norm(step), label
+    upstream = rng.normal(size=37)
+    want_loss, want_grad = numpy_in_batch(
+        labels,
+        e,
+        MARGIN,
+        POSITIVE_MARGIN,
+        "euclidean",
+        weighting,
+        upstream,
+        "multi_similarity",
+        EPSILON,
+    )
+    for max_block_rows in (0, 4):
+        loss, grad = _kernels.in_batch_loss_cpu(
+            labels,
+            e.astype(dtype),
+            upstream.astype(dtype),
+            MARGIN,
+            POSITIVE_MARGIN,
+            "euclidean",
+            weighting,
+            max_block_rows,
+            miner="multi_similarity",
+            miner_epsilon=EPSILON,
+        )
+        assert_close(loss, want_loss, dtype, f"loss, blocks {max_block_rows}")
+        assert_close(grad, want_grad, dtype, f"gradient, blocks {max_block_rows}")
 
 
 @pytest.mark.parametrize("miner", MINERS)

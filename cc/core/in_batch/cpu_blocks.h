@@ -125,6 +125,20 @@ T Dot(const T* a, const T* b, int64_t dim) {
   return sum;
 }
 
+// Whether any pair in a tile's row (products `row`, the row's squared norm
+// norm2_i, the columns' norm2_j; column `self` is the row itself, or −1)
+// needs the exact path: its Gram distance cancels.
+template <typename T>
+bool RowCancels(const T* row, T norm2_i, const T* norm2_j, int64_t self, int64_t nj) {
+  int cancels = 0;
+#pragma omp simd reduction(| : cancels)
+  for (int64_t c = 0; c < nj; ++c) {
+    cancels |= c != self && gram_distance_cancels(euclidean_squared(row[c], norm2_i, norm2_j[c]),
+                                                  norm2_i, norm2_j[c]);
+  }
+  return cancels != 0;
+}
+
 // Calls tile(bi, bj, diagonal, column_grad) for every tile of the sweep
 // over anchors [begin, end) of `rows` rows (partners from grad_rows on need
 // no gradient), cost(bi, bj) its ElementCost, in the schedule of

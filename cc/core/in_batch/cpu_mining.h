@@ -310,14 +310,15 @@ T MinerKeeps(MinerView<T> v, int64_t i, bool positive, T d) {
 // The masks of rows i and j at distance d (valid 0 for a row with itself,
 // positive 1 for equal labels), row i's then column j's, with miner M's
 // choices (without a miner both orders have the pair's own masks, and the
-// sums are today's bits: 1·x is exact).
-template <Miner M, typename T>
+// sums are today's bits: 1·x is exact). kNegativesOnly: every positive mask
+// is 0, known to the compiler, which then drops the positives' work.
+template <Miner M, bool kNegativesOnly = false, typename T>
 void PairMasks(MinerView<T> v, int64_t i, int64_t j, T valid, T positive, T d, T* kp, T* kn, T* kcp,
                T* kcn) {
   const T negative = valid - positive;
-  *kp = positive * MinerKeeps<M>(v, i, true, d);
+  *kp = kNegativesOnly ? T(0) : positive * MinerKeeps<M>(v, i, true, d);
   *kn = negative * MinerKeeps<M>(v, i, false, d);
-  *kcp = positive * MinerKeeps<M>(v, j, true, d);
+  *kcp = kNegativesOnly ? T(0) : positive * MinerKeeps<M>(v, j, true, d);
   *kcn = negative * MinerKeeps<M>(v, j, false, d);
 }
 

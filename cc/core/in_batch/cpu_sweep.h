@@ -113,8 +113,7 @@ class Sweep {
   // 16th of the pairs; each anchor's rows of its class): the hardest
   // positives straight from those rows first, so that the sweep keeps its
   // negatives as it goes (d < hardest positive + epsilon) and finds the
-  // hardest negatives; its FastRow drops every positive (hardest negative
-  // +inf; a NaN positive counts twice, its anchor's loss is NaN anyway).
+  // hardest negatives; its rows keep no positive (kNegatives).
   // Then the kept positives (d > hardest negative − epsilon) from the rows
   // of each class, and Finish: the loss and the counts of three sweeps in
   // two passes over the class rows and one sweep. Distances of the class
@@ -263,7 +262,6 @@ class Sweep {
     if (negatives_in_pass_) {
       hardest_negatives.assign(ni + nj, std::numeric_limits<T>::infinity());
     }
-    bool exact_rows = false;  // then Offer reads the tile (ExactRow finds no extremes)
     Rows<T> s(scratch.data(), ni, nj);
     const ConstRows<T> ei(e_ + i0 * dim_, ni, dim_);
     const ConstRows<T> ej(e_ + j0 * dim_, nj, dim_);
@@ -281,17 +279,20 @@ class Sweep {
       for (int64_t r = 0; r < ni; ++r) {
         const int64_t i = i0 + r;
         T* row = scratch.data() + r * nj;
-        if (K == Distance::kEuclidean && RowCancels(row, i, kDiagonal ? r : -1, j0, nj)) {
-          active += ExactRow<kDiagonal, M>(row, i, j0, nj, columns_of_tile);
-          exact_rows = true;
-        } else if (!kGrad && counting_) {
-          if constexpr (!kGrad && M == Miner::kMultiSimilarity) {
-            if (negatives_in_pass_) {
-              active += FastRow<kDiagonal, true, M, true>(row, i, j0, nj, columns_of_tile,
-                                                          &hardest_negatives[r]);
-              continue;
-            }
+        const bool exact = K == Distance::kEuclidean &&
+                           RowCancels(row, norm2_[i], norm2_.data() + j0, kDiagonal ? r : -1, nj);
+        if constexpr (!kGrad && M == Miner::kMultiSimilarity) {
+          if (negatives_in_pass_) {
+            T* hardest = &hardest_negatives[r];
+            active +=
+                exact ? ExactRow<kDiagonal, M, true>(row, i, j0, nj, columns_of_tile, hardest)
+                      : FastRow<kDiagonal, true, M, true>(row, i, j0, nj, columns_of_tile, hardest);
+            continue;
           }
+        }
+        if (exact) {
+          active += ExactRow<kDiagonal, M>(row, i, j0, nj, columns_of_tile);
+        } else if (!kGrad && counting_) {
           active += FastRow<kDiagonal, !kGrad, M>(row, i, j0, nj, columns_of_tile);
         } else {
           active += FastRow<kDiagonal, false, M>(row, i, j0, nj, columns_of_tile);
@@ -314,7 +315,7 @@ class Sweep {
         }
       }
     }
-    if (negatives_in_pass_ && !exact_rows) {
+    if (negatives_in_pass_) {
       for (int64_t r = 0; r < ni; ++r) collected_.Offer(false, i0 + r, hardest_negatives[r], j0);
       if (!kDiagonal && IsAnchor(j0)) {
         for (int64_t c = 0; c < nj; ++c) {
@@ -340,20 +341,6 @@ class Sweep {
         }
       }
     }
-  }
-
-  // Whether any pair of row i (column `self` of the tile, or none) with the
-  // tile's columns needs the exact path.
-  bool RowCancels(const T* row, int64_t i, int64_t self, int64_t j0, int64_t nj) const {
-    const T ni = norm2_[i];
-    const T* nj_norm2 = norm2_.data() + j0;
-    int cancels = 0;
-#pragma omp simd reduction(| : cancels)
-    for (int64_t c = 0; c < nj; ++c) {
-      cancels |= c != self &&
-                 gram_distance_cancels(euclidean_squared(row[c], ni, nj_norm2[c]), ni, nj_norm2[c]);
-    }
-    return cancels != 0;
   }
 
   // The distance of rows i and j from their Gram entry s, or from e_i − e_j
@@ -447,16 +434,23 @@ class Sweep {
   // 4.7x the plain forward sweep's time, cosine, B = 4096, D = 128; 1.06x
   // with values). The row's counts are the loop's reductions, inline: a
   // pointer to a reduction variable stops the vectorisation too.
+  // kPositives false: the positives' count is left alone (no positive is
+  // kept), one stream less in the tile loop.
+  template <bool kPositives = true>
   static void CountColumn(T active, T positive_mask, T negative_mask, T positive, T negative,
                           T* positive_counted, T* negative_counted) {
-    *positive_counted += counted_pair(active, positive_mask, positive);
+    if constexpr (kPositives) *positive_counted += counted_pair(active, positive_mask, positive);
     *negative_counted += counted_pair(active, negative_mask, negative);
   }
 
   // FastRow and ExactRow return the row's number of nonzero M entries.
-  // kCount: the sweep counts pairs (counting_); M: the miner; kNegatives:
-  // the row's smallest negative d (NaN if one is NaN) to *hardest_negative,
-  // and the columns' into columns.hardest_negative (negatives_in_pass_).
+  // kCount: the sweep counts pairs (counting_); M: the miner; kNegatives
+  // (negatives_in_pass_): no positive is kept (RunMultiSimilarityFirst takes
+  // them from the class rows), the row's smallest negative d (NaN if one is
+  // NaN) goes to *hardest_negative and the columns' to
+  // columns.hardest_negative, and no distance is kept in the tile (nothing
+  // reads it again). The loop's streams are what its sums need: the first
+  // sweep's pass took 2.6x the unmined forward pass with all of them.
   template <bool kDiagonal, bool kCount, Miner M, bool kNegatives = false>
   int64_t FastRow(T* row, int64_t i, int64_t j0, int64_t nj, const Columns& columns,
                   T* hardest_negative = nullptr) {
@@ -496,7 +490,7 @@ class Sweep {
       const T valid = c == self ? T(0) : T(1);
       const T same_class = class_j[c] == class_i ? valid : T(0);
       T kp, kn, kcp, kcn;
-      PairMasks<M>(miner, i, j0 + c, valid, same_class, d, &kp, &kn, &kcp, &kcn);
+      PairMasks<M, kNegatives>(miner, i, j0 + c, valid, same_class, d, &kp, &kn, &kcp, &kcn);
       if constexpr (kNegatives) {
         // As OfferRow and OfferColumnValues, on the values this pass has.
         const T is_negative = valid - same_class;
@@ -517,23 +511,26 @@ class Sweep {
       PairValues(kp, kn, kcp, kcn, s, d, pc, nc, stat_i, stat_j[c], &tp, &tn, &tcp, &tcn, &m, &q);
       positive += tp;
       negative += tn;
-      diagonal += q;
       if (!kDiagonal) {
-        column_positive[c] += tcp;
+        if constexpr (!kNegatives) column_positive[c] += tcp;
         column_negative[c] += tcn;
-        column_diagonal[c] += q;
       }
       if constexpr (kCount) {
         positive_counted += counted_pair(count_active, kp, tp);
         negative_counted += counted_pair(count_active, kn, tn);
         if (!kDiagonal) {
-          CountColumn(count_active, kcp, kcn, tcp, tcn, column_positive_counted + c,
-                      column_negative_counted + c);
+          CountColumn<!kNegatives>(count_active, kcp, kcn, tcp, tcn, column_positive_counted + c,
+                                   column_negative_counted + c);
         }
       }
-      // Without a gradient the row keeps the distances (for Offer).
-      row[c] = kGrad ? m : d;
-      active += m != T(0) ? T(1) : T(0);
+      if constexpr (kGrad) {
+        diagonal += q;
+        if (!kDiagonal) column_diagonal[c] += q;
+        row[c] = m;
+        active += m != T(0) ? T(1) : T(0);
+      } else if constexpr (!kNegatives) {
+        row[c] = d;  // for Offer
+      }
     }
     if constexpr (kNegatives) {
       *hardest_negative =
@@ -546,9 +543,11 @@ class Sweep {
   // The row of a tile with a pair whose Gram distance cancels: such pairs get
   // d from e_i − e_j, and their gradient directly, (A/d)·(e_i − e_j) to row
   // i (and its opposite to row j when the tile stands for both orders).
-  template <bool kDiagonal, Miner M>
-  int64_t ExactRow(T* row, int64_t i, int64_t j0, int64_t nj, const Columns& columns) {
+  template <bool kDiagonal, Miner M, bool kNegatives = false>
+  int64_t ExactRow(T* row, int64_t i, int64_t j0, int64_t nj, const Columns& columns,
+                   T* hardest_negative = nullptr) {
     T positive = 0, negative = 0, diagonal = 0, positive_counted = 0, negative_counted = 0;
+    T smallest_negative = std::numeric_limits<T>::infinity();
     int64_t active = 0;
     const T* ei = e_ + i * dim_;
     const T count_active = count_active_;
@@ -559,9 +558,17 @@ class Sweep {
       if (j == i) continue;
       bool exact;
       const T d = ExactPathDistance(i, j, s, &exact);
+      const T same_class = classes_[i] == classes_[j] ? T(1) : T(0);
       T kp, kn, kcp, kcn;
-      PairMasks<M>(ViewOf(stats_, epsilon_), i, j, T(1), classes_[i] == classes_[j] ? T(1) : T(0),
-                   d, &kp, &kn, &kcp, &kcn);
+      PairMasks<M, kNegatives>(ViewOf(stats_, epsilon_), i, j, T(1), same_class, d, &kp, &kn, &kcp,
+                               &kcn);
+      if constexpr (kNegatives) {
+        smallest_negative = HarderValue<false>(smallest_negative, d, T(1) - same_class);
+        if (!kDiagonal) {
+          columns.hardest_negative[c] =
+              HarderValue<false>(columns.hardest_negative[c], d, T(1) - same_class);
+        }
+      }
       const T pc = kGrad ? kp * positive_coefficient_[i] + kcp * positive_coefficient_[j] : T(0);
       const T nc = kGrad ? kn * negative_coefficient_[i] + kcn * negative_coefficient_[j] : T(0);
       T tp, tn, tcp, tcn, m, q;
@@ -600,6 +607,7 @@ class Sweep {
         if (!kDiagonal) gj[k] -= step;
       }
     }
+    if constexpr (kNegatives) *hardest_negative = smallest_negative;
     AddRow(i, positive, negative, diagonal, positive_counted, negative_counted);
     return active;
   }
