@@ -47,6 +47,10 @@ enum class Role { kLoss, kStats, kMultiSimilarityFirst };
 // them as given (its pair coefficients need every row's weights).
 struct PairCounts {
   std::vector<double> positive, negative;
+  // 1 for rows with a pair on the exact path (ExactRow): the gradient sweep,
+  // over the same tiles and products, checks only these (RowCancels). Empty:
+  // every row.
+  std::vector<uint8_t> exact;
 };
 
 template <typename T, Distance K, bool kGrad>
@@ -88,6 +92,7 @@ class Sweep {
     if (counting_) {
       counts_.positive.assign(rows_, 0.0);
       counts_.negative.assign(rows_, 0.0);
+      counts_.exact.assign(rows_, 0);
     }
     if (collecting_) collected_ = MinerStats<T>(rows_);
   }
@@ -241,6 +246,11 @@ class Sweep {
 
   bool IsAnchor(int64_t i) const { return i >= anchor_begin_ && i < anchor_end_; }
 
+  // Whether row i may have a pair on the exact path (PairCounts::exact).
+  bool MayCancel(int64_t i) const {
+    return given_counts_ == nullptr || given_counts_->exact.empty() || given_counts_->exact[i];
+  }
+
   ElementCost TileCost(Block bi, Block bj) const {
     return {(bi.count + bj.count) * dim_ * sizeof(T) + 0.0, 0,
             (kGrad ? 6.0 : 2.0) * bi.count * bj.count * dim_};
@@ -279,7 +289,7 @@ class Sweep {
       for (int64_t r = 0; r < ni; ++r) {
         const int64_t i = i0 + r;
         T* row = scratch.data() + r * nj;
-        const bool exact = K == Distance::kEuclidean &&
+        const bool exact = K == Distance::kEuclidean && MayCancel(i) &&
                            RowCancels(row, norm2_[i], norm2_.data() + j0, kDiagonal ? r : -1, nj);
         if constexpr (!kGrad && M == Miner::kMultiSimilarity) {
           if (negatives_in_pass_) {
@@ -326,10 +336,9 @@ class Sweep {
       Offer<kDiagonal>(scratch.data(), i0, ni, j0, nj);
     }
     if constexpr (kGrad) {
-      // The hinge leaves most pairs without gradient once negatives are beyond
-      // the margin (a trained model, well-separated classes): when at most a
-      // quarter of M is nonzero, adding those pairs' rows one by one beats the
-      // dense products (measured break-even near a third on AVX2).
+      // The hinge leaves most pairs without gradient once negatives are past the margin (a
+      // trained model): when at most a quarter of M is nonzero, adding those pairs' rows one
+      // by one beats the dense products (measured break-even near a third on AVX2).
       if (4 * active <= ni * nj) {
         SparseGradient<kDiagonal>(scratch.data(), i0, ni, j0, nj, column_grad);
       } else {
@@ -456,10 +465,9 @@ class Sweep {
                   T* hardest_negative = nullptr) {
     const int64_t self = kDiagonal ? i - j0 : -1;
     T positive = 0, negative = 0, diagonal = 0, positive_counted = 0, negative_counted = 0;
-    // Of T, as every other value of the loop: an int count beside double
-    // values left the loop scalar in the AVX-512 build (GCC 12: "multiple
-    // types in double reduction"). Exact: a tile row has far fewer than 2^24
-    // columns.
+    // Of T, as every other value of the loop (exact below 2^24 columns): an
+    // int count beside double values left the loop scalar in the AVX-512
+    // build (GCC 12: "multiple types in double reduction").
     T active = 0;
     const T stat_i = stat_[i];
     const T* stat_j = stat_.data() + j0;
@@ -558,6 +566,7 @@ class Sweep {
       if (j == i) continue;
       bool exact;
       const T d = ExactPathDistance(i, j, s, &exact);
+      if (exact && counting_) counts_.exact[i] = counts_.exact[j] = 1;
       const T same_class = classes_[i] == classes_[j] ? T(1) : T(0);
       T kp, kn, kcp, kcn;
       PairMasks<M, kNegatives>(ViewOf(stats_, epsilon_), i, j, T(1), same_class, d, &kp, &kn, &kcp,
